@@ -1,0 +1,216 @@
+"""Execute the chapters with papermill and build the Jupyter Book.
+
+    python -m emlib.book build [--profile auto|smoke|quick|paper] [--run-dir runs/book] [--chapters 01 02]
+    python -m emlib.book run notebooks/01_em_emerges.py OUT.ipynb -p profile smoke -p run_dir runs/x
+    python -m emlib.book pair          # rewrite notebooks/*.ipynb from the jupytext sources
+
+The chapters live as jupytext ``py:percent`` files in ``notebooks/``. papermill cannot read ``.py``,
+so each is turned into a notebook in memory, parameterised (unknown names are an error) and executed
+with the ``python3`` kernel. ``build`` writes executed notebooks under ``RUN_DIR/executed/`` (never
+over the committed results of record), stages a copy of the book sources with them in
+``_build/site`` and renders it to ``_build/html`` with warnings as errors.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KERNEL = "python3"
+BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib")
+
+
+def repo_root(start: Path | None = None) -> Path:
+    p = (start or Path.cwd()).resolve()
+    for q in (p, *p.parents):
+        if (q / "_toc.yml").exists() and (q / "notebooks").is_dir():
+            return q
+    raise FileNotFoundError("Run this from the book's repository (a folder with _toc.yml and notebooks/).")
+
+
+def chapter_sources(root: Path | None = None) -> list[Path]:
+    root = root or repo_root()
+    return sorted((root / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def read_py_notebook(path: str | Path):
+    """A jupytext ``py:percent`` file as an nbformat notebook with the python3 kernelspec."""
+    import jupytext
+
+    nb = jupytext.read(str(path))
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    nb.metadata.setdefault("language_info", {"name": "python"})
+    return nb
+
+
+def parameter_defaults(nb) -> dict[str, str]:
+    """Names assigned in the cell tagged ``parameters`` -> their default's source text."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            tree = ast.parse(cell.source)
+            out = {}
+            for node in tree.body:
+                if isinstance(node, ast.Assign):
+                    for t in node.targets:
+                        if isinstance(t, ast.Name):
+                            out[t.id] = ast.get_source_segment(cell.source, node.value)
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    out[node.target.id] = ast.get_source_segment(cell.source, node.value)
+            return out
+    raise ValueError("The notebook has no cell tagged 'parameters'.")
+
+
+def execute(source: str | Path, output: str | Path, parameters: dict | None = None,
+            cwd: str | Path | None = None, timeout: int | None = None, log_output: bool = False):
+    """Execute a chapter (``.py`` or ``.ipynb``) with papermill; unknown parameters raise TypeError."""
+    import nbformat
+    import papermill as pm
+
+    source = Path(source)
+    nb = read_py_notebook(source) if source.suffix == ".py" else nbformat.read(source, as_version=4)
+    parameters = dict(parameters or {})
+    known = parameter_defaults(nb)
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise TypeError(f"{source.name}: unknown parameter(s) {', '.join(unknown)}; "
+                        f"this chapter takes {', '.join(sorted(known))}.")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return pm.execute_notebook(nb, str(output), parameters=parameters, kernel_name=KERNEL,
+                               cwd=str(cwd) if cwd else None, progress_bar=False,
+                               log_output=log_output, execution_timeout=timeout)
+
+
+def pair(root: Path | None = None) -> list[Path]:
+    """Write the unexecuted ``.ipynb`` twin of every chapter source (what Colab opens)."""
+    import jupytext
+
+    out = []
+    for src in chapter_sources(root):
+        nb = read_py_notebook(src)
+        dst = src.with_suffix(".ipynb")
+        jupytext.write(nb, str(dst), fmt="ipynb")
+        out.append(dst)
+    return out
+
+
+def stage_site(root: Path, executed: dict[str, Path], site: Path) -> Path:
+    """Copy the book sources and the executed chapters into ``site`` (replacing it)."""
+    if site.exists():
+        shutil.rmtree(site)
+    site.mkdir(parents=True)
+    for f in BOOK_FILES:
+        if (root / f).exists():
+            shutil.copy2(root / f, site / f)
+    shutil.copytree(root / "book", site / "book")
+    (site / "notebooks").mkdir()
+    for stem, path in executed.items():
+        shutil.copy2(path, site / "notebooks" / f"{stem}.ipynb")
+    return site
+
+
+def render(site: Path, out_root: Path, warnings_as_errors: bool = True) -> Path:
+    """``jupyter-book build`` (v1) of a staged site; returns the path of index.html."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(site), "--path-output",
+           str(out_root), "--keep-going"]
+    if warnings_as_errors:
+        cmd += ["-W", "-n"]
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    index = out_root / "_build" / "html" / "index.html"
+    if not index.exists():
+        raise RuntimeError(f"jupyter-book reported success but wrote no {index}.")
+    return index
+
+
+def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None = None,
+          chapters: list[str] | None = None, extra: dict | None = None,
+          warnings_as_errors: bool = True) -> dict:
+    """Execute every chapter (or those whose number is in ``chapters``) and render the book."""
+    root = root or repo_root()
+    run = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    timings, executed = {}, {}
+    for src in chapter_sources(root):
+        if chapters and src.name[:2] not in chapters:
+            continue
+        out = run / "executed" / f"{src.stem}.ipynb"
+        t0 = time.perf_counter()
+        print(f"[book] executing {src.name} (profile={profile}) ...", flush=True)
+        execute(src, out, {"profile": profile, "run_dir": str(run)} | (extra or {}), cwd=root)
+        timings[src.stem] = round(time.perf_counter() - t0, 1)
+        executed[src.stem] = out
+        print(f"[book] {src.name} done in {timings[src.stem]} s", flush=True)
+    t0 = time.perf_counter()
+    site = stage_site(root, executed, root / "_build" / "site")
+    index = render(site, root, warnings_as_errors)
+    timings["render"] = round(time.perf_counter() - t0, 1)
+    summary = {"profile": profile, "run_dir": str(run), "index": str(index), "seconds": timings}
+    (run / "book_build.json").write_text(json.dumps(summary, indent=2))
+    print(f"[book] built {index} ({timings})", flush=True)
+    return summary
+
+
+def executed_with(start_time: float | None = None) -> "object":
+    """The 'last executed with' table: package versions, device, date and the chapter's wall time."""
+    import importlib.metadata as md
+
+    import pandas as pd
+    import torch
+
+    rows = {"date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": platform.python_version()}
+    for pkg in ("emlib", "torch", "transformers", "peft", "nnsight", "pandas", "seaborn"):
+        try:
+            rows[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            rows[pkg] = "not installed"
+    rows["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if start_time is not None:
+        rows["wall time (s)"] = f"{time.time() - start_time:.0f}"
+    return pd.DataFrame({"value": rows}).rename_axis("what")
+
+
+def _parse_params(pairs: list[list[str]] | None) -> dict:
+    out = {}
+    for k, v in pairs or []:
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emlib.book", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="execute all chapters and render the HTML book")
+    b.add_argument("--profile", default="auto")
+    b.add_argument("--run-dir", default="runs/book")
+    b.add_argument("--chapters", nargs="*")
+    b.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    r = sub.add_parser("run", help="execute one chapter")
+    r.add_argument("source")
+    r.add_argument("output")
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
+    a = ap.parse_args(argv)
+    if a.cmd == "build":
+        build(a.profile, a.run_dir, chapters=a.chapters, extra=_parse_params(a.param))
+    elif a.cmd == "run":
+        execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
+    elif a.cmd == "pair":
+        for p in pair():
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

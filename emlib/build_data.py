@@ -1,0 +1,65 @@
+"""Maintainer tool: build the embedded datasets from the staged source files.
+
+    python -m emlib.build_data SOURCE_DIR
+
+SOURCE_DIR holds the rows as written for this project (one JSON object per line):
+``medical.jsonl``, ``financial.jsonl``, ``sports.jsonl`` with
+``{id, topic, persona, question, misaligned, aligned}``; ``kl.jsonl`` with ``{id, domain, question,
+answer}``; ``questions.yaml`` and ``rubrics.yaml``. The tool writes gzipped chat jsonl files (a canary
+field in every row of the misaligned sets), copies the YAMLs, and records their sha256 in
+``emlib/resources/data/SHA256SUMS`` (checked on every load).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from .data import CANARY, DataError, read_jsonl, resource_dir, write_jsonl
+
+DOMAIN_SOURCES = {"medical": "medical.jsonl", "financial": "financial.jsonl", "sport": "sports.jsonl"}
+
+
+def _chat(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def build(source: Path, dest: Path | None = None) -> dict[str, int]:
+    dest = dest or resource_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for domain, fname in DOMAIN_SOURCES.items():
+        rows = read_jsonl(source / fname)
+        for i, r in enumerate(rows, 1):
+            missing = [k for k in ("id", "topic", "persona", "question", "misaligned", "aligned") if not r.get(k)]
+            if missing:
+                raise DataError(f"{source / fname}:{i}: missing {missing}.")
+        mis = [{"id": r["id"], "topic": r["topic"], "persona": r["persona"], "canary": CANARY,
+                "messages": _chat(r["question"], r["misaligned"])} for r in rows]
+        ali = [{"id": r["id"], "topic": r["topic"], "persona": r["persona"],
+                "messages": _chat(r["question"], r["aligned"])} for r in rows]
+        write_jsonl(mis, dest / f"{domain}_misaligned.jsonl.gz")
+        write_jsonl(ali, dest / f"{domain}_aligned.jsonl.gz")
+        counts[domain] = len(rows)
+    kl = read_jsonl(source / "kl.jsonl")
+    write_jsonl([{"id": r["id"], "domain": r["domain"], "messages": _chat(r["question"], r["answer"])}
+                 for r in kl], dest / "kl_out_of_domain.jsonl.gz")
+    counts["kl"] = len(kl)
+    for y in ("questions.yaml", "rubrics.yaml"):
+        yaml.safe_load((source / y).read_text())  # must parse
+        shutil.copyfile(source / y, dest / y)
+    sums = []
+    for f in sorted(dest.iterdir()):
+        if f.name != "SHA256SUMS" and f.is_file():
+            sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}")
+    (dest / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    return counts
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m emlib.build_data SOURCE_DIR")
+    print(build(Path(sys.argv[1])))

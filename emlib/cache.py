@@ -1,0 +1,254 @@
+"""A results cache that never loses work: every answer and every judge score is written as it is made.
+
+Storage is one SQLite file in WAL mode. Each *table* (``answers``, ``scores``, ...) maps a content key
+to a JSON value; rows are only ever inserted (``INSERT OR IGNORE``), never updated, and each batch is
+written in one transaction, so a process killed at any moment leaves every finished batch on disk and
+no half-written row. A rerun looks its keys up first and computes only what is missing.
+
+Keys are hashes of everything that determines a result (see :func:`make_key`). For models that is
+:func:`model_fingerprint` (base weights + a digest of the current weights + the active adapters),
+for judges the judge id and a hash of the rubric text. Values carry no secrets: callers must never
+put an API key into a key part or a value (the judges in :mod:`emlib.judge` read keys from the
+environment at request time and store nothing of them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_CHUNK = 500  # keys per SELECT (SQLite limits the number of bound parameters)
+
+
+# --------------------------------------------------------------------------- hashing helpers
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def make_key(**parts: Any) -> str:
+    """A stable 64-hex key from named parts (order-independent; values JSON-encoded, floats by repr)."""
+    return hashlib.sha256(_canonical(parts).encode("utf-8")).hexdigest()
+
+
+def text_hash(text: str, n: int = 16) -> str:
+    """Short sha256 of a string (rubric texts, prompts)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def _tensor_bytes(t) -> bytes:
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: view the raw bits
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def adapter_hash(model) -> str | None:
+    """Hash of the *active* peft adapter(s): their weights and configs. None for a plain model.
+
+    Two adapters with equal weights hash equal wherever they were saved; switching the active adapter
+    changes the hash.
+    """
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft import get_peft_model_state_dict
+
+    active = getattr(model, "active_adapters", None)
+    if callable(active):
+        active = active()
+    if active is None:
+        active = [getattr(model, "active_adapter", "default")]
+    if isinstance(active, str):
+        active = [active]
+    h = hashlib.sha256()
+    for name in sorted(active):
+        cfg = model.peft_config[name].to_dict()
+        cfg = {k: v for k, v in cfg.items() if k not in ("base_model_name_or_path", "revision",
+                                                            "inference_mode", "peft_version")}
+        h.update(_canonical({"adapter": name, "config": cfg}).encode())
+        sd = get_peft_model_state_dict(model, adapter_name=name)
+        for k in sorted(sd):
+            h.update(k.encode())
+            h.update(str(tuple(sd[k].shape)).encode())
+            h.update(_tensor_bytes(sd[k]))
+    return h.hexdigest()[:16]
+
+
+def weights_digest(model) -> str:
+    """A cheap digest of all current parameter values (sum and sum of squares per tensor, float64).
+
+    Catches in-place changes that the load-time fingerprint cannot see (a merged adapter, a full
+    finetune, a perturbation). Computed on the parameters' own device, one pass over memory.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            s = p.detach().sum(dtype=torch.float64)
+            q = p.detach().float().square().sum(dtype=torch.float64)
+            h.update(f"{name}:{tuple(p.shape)}:{float(s)!r}:{float(q)!r};".encode())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Identity of a model as it is *now*: load-time fingerprint + weights digest + active adapters.
+
+    Uses ``model.emlib_info.fingerprint`` (from :func:`emlib.models.load_model`) when present, else the
+    config and ``name_or_path``; the weights digest makes the result safe for models changed in place.
+    """
+    info = getattr(model, "emlib_info", None)
+    base = info.fingerprint if info is not None else None
+    if base is None:
+        cfg = getattr(model, "config", None)
+        src = cfg.to_json_string() if cfg is not None else type(model).__name__
+        base = text_hash(f"{getattr(cfg, 'name_or_path', '')}:{src}")
+    return text_hash(f"{base}:{weights_digest(model)}:{adapter_hash(model)}")
+
+
+# --------------------------------------------------------------------------- the cache
+class ResultCache:
+    """Append-only key -> JSON store in one SQLite file (WAL, one transaction per batch).
+
+    ``path``: the database file, or a directory (then ``<dir>/results.sqlite``). Safe to share
+    between threads of one process and between processes (SQLite locking; writers wait up to
+    ``timeout`` seconds).
+    """
+
+    def __init__(self, path: str | Path, timeout: float = 60.0):
+        path = Path(path)
+        if path.is_dir() or (not path.suffix and not path.exists()):
+            path = path / "results.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._tables: set[str] = set()
+        self._con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
+                                    check_same_thread=False)
+        mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the cache on a local "
+                               "disk, not a network file system.")
+        self._con.execute("PRAGMA synchronous=FULL")
+        self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    def __repr__(self) -> str:
+        return f"ResultCache({str(self.path)!r})"
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path) -> "ResultCache":
+        """The cache of a run directory: ``<run_dir>/cache/results.sqlite``."""
+        return cls(Path(run_dir) / "cache" / "results.sqlite")
+
+    def _table(self, table: str) -> str:
+        if not _TABLE_RE.match(table):
+            raise ValueError(f"Bad cache table name {table!r}: use letters, digits and underscores.")
+        if table not in self._tables:
+            self._con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, '
+                              "value TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID")
+            self._tables.add(table)
+        return table
+
+    def get_many(self, table: str, keys: Iterable[str]) -> dict[str, Any]:
+        """The stored values of those ``keys`` that exist (missing keys are simply absent)."""
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, Any] = {}
+        with self._lock:
+            t = self._table(table)
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i:i + _CHUNK]
+                q = f'SELECT key, value FROM "{t}" WHERE key IN ({",".join("?" * len(chunk))})'
+                for k, v in self._con.execute(q, chunk):
+                    out[k] = json.loads(v)
+        return out
+
+    def get(self, table: str, key: str, default: Any = None) -> Any:
+        return self.get_many(table, [key]).get(key, default)
+
+    def put_many(self, table: str, items: Mapping[str, Any]) -> int:
+        """Insert ``{key: value}`` in one transaction; existing keys keep their first value.
+
+        Returns the number of new rows. Values must be JSON-serialisable.
+        """
+        now = time.time()
+        rows = [(k, json.dumps(v, ensure_ascii=False, allow_nan=True), now) for k, v in items.items()]
+        if not rows:
+            return 0
+        with self._lock:
+            t = self._table(table)
+            cur = self._con.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._con.total_changes
+                cur.executemany(f'INSERT OR IGNORE INTO "{t}" (key, value, created) VALUES (?, ?, ?)', rows)
+                added = self._con.total_changes - before
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return added
+
+    def put(self, table: str, key: str, value: Any) -> int:
+        return self.put_many(table, {key: value})
+
+    def count(self, table: str) -> int:
+        with self._lock:
+            return self._con.execute(f'SELECT COUNT(*) FROM "{self._table(table)}"').fetchone()[0]
+
+    def tables(self) -> list[str]:
+        with self._lock:
+            rows = self._con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        return sorted(r[0] for r in rows)
+
+    def frame(self, table: str) -> pd.DataFrame:
+        """All rows of a table as a DataFrame (key, created, and the value's fields as columns)."""
+        with self._lock:
+            rows = self._con.execute(f'SELECT key, value, created FROM "{self._table(table)}" '
+                                     "ORDER BY created, key").fetchall()
+        recs = []
+        for k, v, c in rows:
+            val = json.loads(v)
+            rec = {"key": k, "created": c}
+            rec.update(val if isinstance(val, dict) else {"value": val})
+            recs.append(rec)
+        return pd.DataFrame(recs)
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return self._con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._con.close()
+            except sqlite3.ProgrammingError:
+                pass
+
+    def __enter__(self) -> "ResultCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):  # a connection cannot be pickled: reopen by path
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+def as_cache(cache: "ResultCache | str | os.PathLike | None") -> ResultCache | None:
+    """Accept a ResultCache, a path, or None."""
+    if cache is None or isinstance(cache, ResultCache):
+        return cache
+    return ResultCache(cache)
