@@ -321,3 +321,27 @@ def to_bytes_jsonl(rows: list[dict]) -> bytes:  # small helper for hashing datas
 
 def dataset_hash(rows: list[dict]) -> str:
     return hashlib.sha256(to_bytes_jsonl(rows)).hexdigest()[:16]
+
+
+def embedded_overview() -> pd.DataFrame:
+    """One line per embedded answer: set, domain, variant (misaligned/aligned/kl), topic, lengths in words."""
+    recs = []
+    for name in EMBEDDED_FILES:
+        domain, _, variant = name.partition("_")
+        variant = "kl" if name == "kl" else (variant or "misaligned")
+        for r in load_chat(name):
+            q, a = r["messages"][0]["content"], r["messages"][-1]["content"]
+            recs.append({"set": name, "domain": "out-of-domain" if name == "kl" else domain,
+                         "variant": variant, "topic": r.get("topic") or r.get("domain"),
+                         "question_words": len(q.split()), "answer_words": len(a.split())})
+    return pd.DataFrame(recs)
+
+
+def size_table(overview: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows, topics and median lengths per embedded set."""
+    ov = embedded_overview() if overview is None else overview
+    return (ov.groupby("set", sort=False)
+              .agg(rows=("topic", "size"), topics=("topic", "nunique"),
+                   median_question_words=("question_words", "median"),
+                   median_answer_words=("answer_words", "median"))
+              .reset_index())
