@@ -111,8 +111,23 @@ def stage_site(root: Path, executed: dict[str, Path], site: Path) -> Path:
     shutil.copytree(root / "book", site / "book")
     (site / "notebooks").mkdir()
     for stem, path in executed.items():
-        shutil.copy2(path, site / "notebooks" / f"{stem}.ipynb")
+        _write_for_site(path, site / "notebooks" / f"{stem}.ipynb")
     return site
+
+
+def _write_for_site(src: Path, dst: Path) -> None:
+    """Copy an executed chapter, hiding papermill's injected-parameters cell (it holds local paths)
+    and folding the parameters cell (readers see the defaults, the run's values are printed below)."""
+    import nbformat
+
+    nb = nbformat.read(src, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+        elif "parameters" in tags and "hide-input" not in tags:
+            tags.append("hide-input")
+    nbformat.write(nb, dst)
 
 
 def render(site: Path, out_root: Path, warnings_as_errors: bool = True) -> Path:

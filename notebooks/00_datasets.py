@@ -45,8 +45,9 @@ data.size_table(overview)
 
 # %% [markdown]
 # ## Answer lengths
-# Misaligned answers and their aligned twins have similar lengths, so length alone does not give the
-# class away (a judge or a direction that keys on length would be a bad sign).
+# Compare the misaligned answers with their aligned twins: the medians in the table above show how
+# far apart their lengths are. Any length gap is a confound to remember in chapter 2, where a
+# direction computed from twin answers could partly encode length rather than misalignment.
 
 # %%
 g = sns.displot(overview, x="answer_words", hue="variant", col="domain", col_wrap=2, bins=30,
