@@ -255,9 +255,8 @@ def prepare_tokenizer(tok, model=None):
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The list of decoder blocks of a (possibly peft-wrapped) causal LM."""
     m = model
-    for attr in ("base_model", "model"):  # peft: PeftModel.base_model.model
-        if hasattr(m, "peft_config") and hasattr(m, attr):
-            m = getattr(m, attr)
+    if hasattr(m, "get_base_model") and callable(m.get_base_model):  # a peft PeftModel
+        m = m.get_base_model()
     if hasattr(m, "model") and hasattr(m.model, "layers"):
         return m.model.layers
     if hasattr(m, "model") and hasattr(m.model, "model") and hasattr(m.model.model, "layers"):
