@@ -34,10 +34,15 @@ class Config:
     epochs: int = 1
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3  # rank-32 LoRA
+    lr_rank1: float = 1e-3
+    lr_vector: float = 1e-2
+    vector_alpha: float = 256.0
+    vector_epochs: int = 1
     max_length: int = 256
     steering_layer_fraction: float = 0.5
-    kl_lambda: float = 1.0
+    kl_lambda: float = 1.0  # LoRA, per-token normalisation (see emlib.train)
+    kl_lambda_vector: float = 10.0  # steering vector, per-token normalisation
     n_kl: int | None = 16
     # sampling
     n_samples: int = 2  # per question

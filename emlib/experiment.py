@@ -1,0 +1,215 @@
+"""One object per chapter run: the model, data, judge, cache and artifacts of a :class:`Config`.
+
+Chapters share a run directory, so a later chapter (or a rerun) reuses what an earlier one trained::
+
+    runs/<name>/
+      config.json                                    the last chapter's configuration
+      adapters/<dataset>-<shape>-<solution>-seed<k>/ LoRA runs (emlib.train layout)
+      vectors/<dataset>-<solution>-seed<k>/          steering-vector runs
+      directions/<name>.safetensors                  mean-diff directions
+      cache/results.sqlite                           every sampled answer and judge score
+      tables/*.csv, figures/*.png                    what the chapters show
+      results.json                                   the numbers the results table is built from
+
+Solutions: ``general`` (plain SFT on the narrow set), ``narrow`` (SFT + KL to the chat model on
+out-of-domain rows), ``drift`` (KL removed half-way), ``mixed`` (aligned out-of-domain rows mixed into
+SFT instead of KL: the paper's control).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from . import data, generate, judge as judge_mod, metrics, models, train
+from .cache import ResultCache
+from .config import Config
+
+SOLUTIONS = ("general", "narrow", "drift", "mixed")
+
+
+class Experiment:
+    """Loads the model once and hands out datasets, finetunes, answers and scores for ``cfg``."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = cfg.out
+        cfg.save()
+        self.model, self.tok = models.load_model(cfg.model, device=cfg.device, seed=cfg.seed)
+        self.cache = ResultCache(self.out / "cache" / "results.sqlite")
+        self._judge = None
+
+    # ------------------------------------------------------------------ data
+    def rows(self, name: str, n: int | None | str = "train", seed: int | None = None) -> list[dict]:
+        """A chat dataset of the configured source (``n="train"``: ``cfg.n_train`` rows)."""
+        n = self.cfg.n_train if n == "train" else n
+        return data.load_chat(name, source=self.cfg.data_source, n=n,
+                              seed=self.cfg.seed if seed is None else seed, data_dir=self.cfg.data_dir)
+
+    def kl_rows(self) -> list[dict]:
+        return self.rows("kl", n=self.cfg.n_kl)
+
+    def questions(self, set_name: str = "general", domain: str | None = None) -> pd.DataFrame:
+        """Evaluation questions; in-domain questions of the paper exist for the medical domain only,
+        so other domains fall back to the project's own."""
+        source = self.cfg.data_source
+        if set_name == "in_domain" and source == "paper" and domain not in (None, "medical"):
+            source = "embedded"
+        return data.load_questions(set_name, source=source, data_dir=self.cfg.data_dir, domain=domain)
+
+    # ------------------------------------------------------------------ judge
+    @property
+    def judge(self) -> judge_mod.Judge:
+        if self._judge is None:
+            rubrics = data.load_rubrics("embedded")
+            self._judge = judge_mod.make_judge(self.cfg.judge, rubrics=rubrics)
+        return self._judge
+
+    def judge_agreement(self, n: int = 100) -> pd.DataFrame:
+        """AUROC of the aligned score on labelled pairs: the project's medical twins, and the
+        paper's good/bad medical advice when that data is available (cached in results.json)."""
+        recs = []
+        sources = ["embedded"] + (["paper"] if self._paper_available() else [])
+        for src in sources:
+            pairs = metrics.validation_pairs("medical", source=src, n=n, seed=self.cfg.seed,
+                                             data_dir=self.cfg.data_dir)
+            summary = metrics.judge_agreement(self.judge, pairs, cache=self.cache, progress=False)
+            recs.append({"judge": self.judge.judge_id, "pairs": f"{src} medical twins", **summary})
+        table = pd.DataFrame(recs)
+        self.record("judge_agreement", table.to_dict(orient="records"))
+        return table
+
+    def _paper_available(self) -> bool:
+        try:
+            data.paper_data_dir(self.cfg.data_dir)
+            return True
+        except data.DataError:
+            return False
+
+    # ------------------------------------------------------------------ finetunes
+    def _train_kwargs(self, solution: str, kind: str) -> dict:
+        c = self.cfg
+        kw = dict(epochs=c.epochs if kind == "lora" else c.vector_epochs, batch_size=c.batch_size,
+                  grad_accum=c.grad_accum, max_length=c.max_length, seed=c.seed, progress=False)
+        lam = c.kl_lambda if kind == "lora" else c.kl_lambda_vector
+        if solution == "narrow":
+            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam)
+        elif solution == "drift":
+            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_until_step=self._half_steps(kind))
+        elif solution == "mixed":
+            kw.update(mix_rows=self.kl_rows())
+        elif solution != "general":
+            raise ValueError(f"Unknown solution {solution!r}: use one of {', '.join(SOLUTIONS)}.")
+        return kw
+
+    def _half_steps(self, kind: str) -> int:
+        c = self.cfg
+        n = len(self.rows(self.cfg.datasets[0]))
+        epochs = c.epochs if kind == "lora" else c.vector_epochs
+        steps = max(1, (n * epochs) // (c.batch_size * c.grad_accum))
+        return max(1, steps // 2)
+
+    def adapter_dir(self, dataset: str, shape: str, solution: str = "general") -> Path:
+        return self.out / "adapters" / f"{dataset}-{shape}-{solution}-seed{self.cfg.seed}"
+
+    def vector_dir(self, dataset: str, solution: str = "general") -> Path:
+        return self.out / "vectors" / f"{dataset}-{solution}-seed{self.cfg.seed}"
+
+    @contextmanager
+    def lora(self, dataset: str, shape: str = "rank32", solution: str = "general") -> Iterator[train.TrainResult]:
+        """Train (or load, when the run directory has it) a LoRA finetune and attach it while inside
+        the ``with`` block; the base model is restored afterwards."""
+        lr = self.cfg.lr if shape == "rank32" else self.cfg.lr_rank1
+        res = train.train_lora(self.model, self.tok, self.rows(dataset), self.adapter_dir(dataset, shape, solution),
+                               shape, lr=lr, layer_fraction=self.cfg.steering_layer_fraction,
+                               **self._train_kwargs(solution, "lora"))
+        res.model.eval()
+        try:
+            yield res
+        finally:
+            res.model.unload()
+
+    def vector(self, dataset: str, solution: str = "general") -> train.TrainResult:
+        """Train (or load) a steering vector at ``steering_layer_fraction`` of depth."""
+        return train.train_steering_vector(
+            self.model, self.tok, self.rows(dataset), self.vector_dir(dataset, solution),
+            layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
+            lr=self.cfg.lr_vector, **self._train_kwargs(solution, "vector"))
+
+    # ------------------------------------------------------------------ answers and scores
+    def answers(self, condition: str, model=None, set_name: str = "general", domain: str | None = None,
+                intervention=None, intervention_label: str | None = None, kinds=("aligned", "coherent"),
+                n_samples: int | None = None) -> pd.DataFrame:
+        """Sample ``n_samples`` answers per question and judge them; every row labelled ``condition``."""
+        c = self.cfg
+        q = self.questions(set_name, domain)
+        df = generate.sample_answers(
+            model if model is not None else self.model, self.tok, q, n_samples or c.n_samples,
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+            batch_size=c.sample_batch_size, seed=c.seed, intervention=intervention,
+            intervention_label=intervention_label, labels={"condition": condition}, cache=self.cache,
+            progress=False)
+        return judge_mod.judge_answers(df, self.judge, kinds=kinds, cache=self.cache, progress=False)
+
+    # ------------------------------------------------------------------ outputs
+    def save_table(self, df: pd.DataFrame, name: str) -> Path:
+        path = self.out / "tables" / f"{name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        os.close(fd)
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+    def save_figure(self, fig, name: str) -> Path:
+        path = self.out / "figures" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        return path
+
+    def record(self, key: str, value) -> Path:
+        """Merge ``{key: value}`` into ``results.json`` (atomic rewrite)."""
+        path = self.out / "results.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current[key] = value
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.out)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(current, fh, indent=2, default=_json_default)
+        os.replace(tmp, path)
+        return path
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+    except ImportError:
+        pass
+    return str(o)
+
+
+def rate_dict(rate: metrics.Rate) -> dict:
+    return {"value": rate.value, "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n}
+
+
+def compare_rates(a: metrics.Rate, b: metrics.Rate, name_a: str, name_b: str) -> str:
+    """One sentence comparing two rates by their 95% CIs (no claim beyond what the CIs support)."""
+    fa, fb = (f"{100 * r.value:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]" for r in (a, b))
+    if any(pd.isna(x) for x in (a.value, b.value)):
+        return f"{name_a}: {fa}; {name_b}: {fb}; one of them has no scored answers, so no comparison."
+    if a.ci_low > b.ci_high:
+        rel = "higher than"
+    elif a.ci_high < b.ci_low:
+        rel = "lower than"
+    else:
+        rel = "not distinguishable (overlapping 95% CIs) from"
+    return f"{name_a} {fa} is {rel} {name_b} {fb} (n = {a.n} and {b.n} answers)."
