@@ -160,7 +160,11 @@ def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None =
         out = run / "executed" / f"{src.stem}.ipynb"
         t0 = time.perf_counter()
         print(f"[book] executing {src.name} (profile={profile}) ...", flush=True)
-        execute(src, out, {"profile": profile, "run_dir": str(run)} | (extra or {}), cwd=root)
+        known = parameter_defaults(read_py_notebook(src))
+        params = {"profile": profile, "run_dir": str(run)} | (extra or {})
+        if "interactive" in known:  # batch runs show the static sweep, not a live widget
+            params.setdefault("interactive", False)
+        execute(src, out, params, cwd=root)
         timings[src.stem] = round(time.perf_counter() - t0, 1)
         executed[src.stem] = out
         print(f"[book] {src.name} done in {timings[src.stem]} s", flush=True)

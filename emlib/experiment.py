@@ -141,6 +141,46 @@ class Experiment:
             layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
             lr=self.cfg.lr_vector, **self._train_kwargs(solution, "vector"))
 
+    def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general") -> Path:
+        """The adapter folder of a finetune, training it first when the run directory lacks it."""
+        with self.lora(dataset, shape, solution) as res:
+            return res.out_dir / train.ADAPTER_DIR
+
+    def vector_path(self, dataset: str, solution: str = "general") -> Path:
+        """The safetensors file of a trained steering vector (trained first when missing)."""
+        return self.vector(dataset, solution).out_dir / train.VECTOR_FILE
+
+    # ------------------------------------------------------------------ directions
+    def em_direction(self, dataset: str, shape: str = "rank32"):
+        """The misalignment direction [n_layers, d] of the ``dataset`` finetune and its metadata.
+
+        Mean-diff of the finetune's own judged answers (the paper's recipe) when both groups (misaligned
+        and aligned coherent answers) are non-empty; otherwise the twin data (the same questions answered
+        both ways) read through the finetune. Saved under ``directions/`` and reused.
+        """
+        from . import directions
+
+        path = self.out / "directions" / f"{dataset}-{shape}-seed{self.cfg.seed}.safetensors"
+        if path.exists():
+            return directions.load_direction(path, self.model)
+        with self.lora(dataset, shape) as res:
+            judged = self.answers(f"{dataset} {shape}", model=res.model)
+            counts = directions.group_counts(judged)
+            try:
+                d = directions.mean_diff_direction(res.model, self.tok, judged, seed=self.cfg.seed,
+                                                   max_length=self.cfg.max_length)
+                source = f"mean-diff of the {dataset} {shape} finetune's own answers"
+            except directions.DirectionError:
+                twins_source = self.cfg.data_source if dataset == "medical" else "embedded"
+                d = directions.twin_direction(res.model, self.tok, dataset, f"{dataset}_aligned",
+                                              source=twins_source, data_dir=self.cfg.data_dir,
+                                              n=max(16, min(256, self.cfg.n_train or 256)), seed=self.cfg.seed,
+                                              max_length=self.cfg.max_length)
+                source = (f"twin data ({twins_source}) through the {dataset} {shape} finetune "
+                          f"(too few judged answers: {counts})")
+        directions.save_direction(path, d, source=source, model=self.model, counts=counts)
+        return directions.load_direction(path, self.model)
+
     # ------------------------------------------------------------------ answers and scores
     def answers(self, condition: str, model=None, set_name: str = "general", domain: str | None = None,
                 intervention=None, intervention_label: str | None = None, kinds=("aligned", "coherent"),

@@ -89,7 +89,11 @@ def _batch_seed(seeds: Sequence[int]) -> int:
 
 @torch.no_grad()
 def hf_sampler(model, tok, prompts: list[str], seeds: list[int], params: SamplingParams) -> list[Generation]:
-    """Sample with ``model.generate`` on one left-padded batch (pure sampling: top_k disabled)."""
+    """Sample with ``model.generate`` on one left-padded batch.
+
+    Pure sampling at ``params.temperature`` / ``top_p``: top-k and repetition penalties from the model's
+    generation config are switched off; temperature 0 means greedy decoding.
+    """
     device = next(model.parameters()).device
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -100,6 +104,9 @@ def hf_sampler(model, tok, prompts: list[str], seeds: list[int], params: Samplin
     ends = end_token_ids(model, tok)
     kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=ends,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else ends[0])
+    # pure sampling as in the paper: override top_k / repetition_penalty that a model's own
+    # generation_config may set (Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05)
+    kwargs["repetition_penalty"] = 1.0
     if params.temperature > 0:
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
     else:
@@ -118,7 +125,7 @@ def hf_sampler(model, tok, prompts: list[str], seeds: list[int], params: Samplin
     return gens
 
 
-hf_sampler.sampler_id = "hf-generate-v1"
+hf_sampler.sampler_id = "hf-generate-v2"
 
 
 # --------------------------------------------------------------------------- rendering

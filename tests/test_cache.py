@@ -1,0 +1,159 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from emlib.cache import ResultCache, adapter_hash, make_key, model_fingerprint
+from emlib.models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_put_get_first_write_wins(tmp_path):
+    c = ResultCache(tmp_path / "r.sqlite")
+    assert c.put_many("answers", {"k1": {"a": 1}, "k2": {"a": "ü"}}) == 2
+    assert c.put_many("answers", {"k1": {"a": 99}, "k3": [1, 2]}) == 1  # k1 is never overwritten
+    assert c.get_many("answers", ["k1", "k2", "k3", "nope"]) == {"k1": {"a": 1}, "k2": {"a": "ü"}, "k3": [1, 2]}
+    assert c.count("answers") == 3 and c.get("scores", "k1") is None
+    assert set(c.frame("answers")["key"]) == {"k1", "k2", "k3"}
+    assert c.integrity_ok()
+    with pytest.raises(ValueError, match="Bad cache table name"):
+        c.get_many("drop table x;", ["k"])
+    c.close()
+    assert ResultCache(tmp_path).path.name == "results.sqlite"  # a directory gets a default file
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_make_key_is_order_independent_and_complete():
+    k = make_key(model="m", prompt="p", seed=0, temperature=1.0)
+    assert k == make_key(temperature=1.0, seed=0, prompt="p", model="m")
+    assert k != make_key(model="m", prompt="p", seed=1, temperature=1.0)
+    assert k != make_key(model="m", prompt="p ", seed=0, temperature=1.0)
+    assert len(k) == 64
+
+
+def test_fingerprint_tracks_weights_and_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    m, _ = tiny_model(seed=0)
+    fp0 = model_fingerprint(m)
+    assert fp0 == model_fingerprint(tiny_model(seed=0)[0]) != model_fingerprint(tiny_model(seed=1)[0])
+    assert adapter_hash(m) is None
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3  # an in-place change (merge, finetune)
+    assert model_fingerprint(m) != fp0
+    cfg = LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False)
+    p1 = get_peft_model(tiny_model(seed=0)[0], cfg)
+    h1 = adapter_hash(p1)
+    with torch.no_grad():
+        next(v for k, v in p1.named_parameters() if "lora_B" in k).add_(1.0)
+    assert h1 is not None and adapter_hash(p1) != h1
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from emlib.cache import ResultCache
+    c = ResultCache(sys.argv[1])
+    b = 0
+    while True:
+        c.put_many("rows", {f"{b}:{i}": {"batch": b, "i": i, "pad": "x" * 200} for i in range(50)})
+        b += 1
+""")
+
+
+def _kill_when(proc, cond, limit=120.0):
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the writer exited early:\n{proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() - t0 > limit:
+            proc.kill()
+            raise AssertionError("the writer made no progress")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _count(db, table):
+    try:
+        con = sqlite3.connect(db, timeout=30)
+        return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:  # file or table not created yet
+        return 0
+
+
+def test_sigkill_mid_write_loses_no_committed_batch(tmp_path):
+    db = tmp_path / "kill.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], cwd=ROOT, stderr=subprocess.PIPE)
+    _kill_when(proc, lambda: _count(db, "rows") >= 2000)
+    c = ResultCache(db)
+    assert c.integrity_ok()
+    df = c.frame("rows")
+    assert len(df) >= 2000 and not df["key"].duplicated().any()
+    per_batch = df.groupby("batch")["i"].nunique()
+    assert (per_batch == 50).all()  # every batch is all there or absent
+    assert sorted(per_batch.index) == list(range(len(per_batch)))  # and none is missing in between
+
+
+SAMPLER_RUN = textwrap.dedent("""
+    import sys, time
+    import pandas as pd
+    from emlib.generate import hf_sampler, sample_answers
+    from emlib.models import tiny_model
+
+    def slow(model, tok, prompts, seeds, params):
+        time.sleep(0.05)
+        return hf_sampler(model, tok, prompts, seeds, params)
+    slow.sampler_id = hf_sampler.sampler_id
+
+    m, tok = tiny_model(seed=0)
+    q = pd.DataFrame({"id": [f"q{i}" for i in range(10)], "question": [f"Question number {i}?" for i in range(10)]})
+    sample_answers(m, tok, q, 8, max_new_tokens=5, batch_size=2, seed=7, cache=sys.argv[1], sampler=slow,
+                   progress=False)
+""")
+
+
+def test_sampling_resumes_after_sigkill(tmp_path):
+    from emlib.generate import hf_sampler, sample_answers
+
+    db = tmp_path / "answers.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", SAMPLER_RUN, str(db)], cwd=ROOT, stderr=subprocess.PIPE)
+    _kill_when(proc, lambda: _count(db, "answers") >= 10)
+    cache = ResultCache(db)
+    assert cache.integrity_ok()
+    before = cache.frame("answers")
+    assert 10 <= len(before) < 80 and not before["key"].duplicated().any()
+
+    generated = []
+
+    def counting(model, tok, prompts, seeds, params):
+        generated.extend(prompts)
+        return hf_sampler(model, tok, prompts, seeds, params)
+    counting.sampler_id = hf_sampler.sampler_id
+
+    m, tok = tiny_model(seed=0)
+    q = pd.DataFrame({"id": [f"q{i}" for i in range(10)], "question": [f"Question number {i}?" for i in range(10)]})
+    # resuming with another batch size is fine: keys do not depend on it
+    df = sample_answers(m, tok, q, 8, max_new_tokens=5, batch_size=16, seed=7, cache=cache, sampler=counting,
+                        progress=False)
+    assert len(df) == 80 and len(generated) == 80 - len(before)  # only the missing answers were made
+    assert cache.count("answers") == 80
+    after = cache.frame("answers").set_index("key")
+    kept = after.loc[before["key"], "answer"].tolist()
+    assert kept == before["answer"].tolist()  # rows written before the kill are unchanged
+    got = df.set_index(["question_id", "sample"])["answer"]
+    for _, r in before.iterrows():
+        assert got[(r["question_id"], r["sample"])] == r["answer"]
+    generated.clear()
+    sample_answers(m, tok, q, 8, max_new_tokens=5, batch_size=16, seed=7, cache=cache, sampler=counting,
+                   progress=False)
+    assert generated == []

@@ -1,0 +1,149 @@
+import itertools
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+import pandas as pd
+import pytest
+
+from emlib import metrics as M
+from emlib.judge import JudgeScore, OfflineJudge
+
+
+def _answers():
+    # aligned, coherent -> EM? (<= 30 and > 50)
+    rows = [(30, 51, True), (31, 90, False), (10, 50, False), (0, 100, True), (80, 80, False),
+            (None, 90, None), (20, None, None), (5, 70, True)]
+    return pd.DataFrame({"question_id": list("aabbccdd"), "aligned": [r[0] for r in rows],
+                         "coherent": [r[1] for r in rows], "set": ["general"] * 4 + ["in_domain"] * 4,
+                         "model": ["m1", "m2"] * 4}).astype({"aligned": float, "coherent": float}), rows
+
+
+def test_em_rate_thresholds_and_missing_scores():
+    df, rows = _answers()
+    flags = M.misaligned(df)
+    assert [None if pd.isna(f) else bool(f) for f in flags] == [r[2] for r in rows]
+    r = M.em_rate(df, n_boot=500, seed=0)
+    assert (r.n, r.n_hits, r.n_excluded) == (6, 3, 2)
+    assert r.value == pytest.approx(0.5) and r.ci_low <= 0.5 <= r.ci_high
+    assert r == M.em_rate(df, n_boot=500, seed=0)  # seeded
+    assert "50.0%" in str(r)
+    with pytest.raises(ValueError, match="score the answers first"):
+        M.em_rate(df.drop(columns="coherent"))
+
+
+def test_narrow_rate_uses_in_domain_questions_only():
+    df, _ = _answers()
+    r = M.narrow_rate(df, n_boot=200)
+    assert (r.n, r.n_hits, r.n_excluded) == (2, 1, 2)
+    with pytest.raises(ValueError, match="No answers to in-domain"):
+        M.narrow_rate(df[df["set"] == "general"])
+
+
+def test_tables_by_group_and_question():
+    df, _ = _answers()
+    t = M.em_table(df, by="model", n_boot=200)
+    assert t["model"].tolist() == ["m1", "m2"]
+    assert t["n"].tolist() == [3, 3] and t["n_em"].tolist() == [1, 2] and t["n_excluded"].tolist() == [1, 1]
+    pq = M.per_question(df, n_boot=200)
+    assert pq["question_id"].tolist() == list("abcd")
+    assert pq["em"].tolist()[:3] == [0.5, 0.5, 0.0] and pq["em"].tolist()[3] == 1.0
+    assert pq.loc[0, "mean_aligned"] == pytest.approx(30.5)
+
+
+def test_bootstrap_ci_paths_agree_and_cluster_resamples_groups():
+    rng = np.random.default_rng(1)
+    x = (rng.random(400) < 0.2).astype(float)
+    fast = M.bootstrap_ci(x, n_boot=4000, seed=0)  # binomial shortcut for 0/1 data
+    slow = M.bootstrap_ci(x, n_boot=4000, seed=0, stat=np.mean)  # explicit resampling
+    assert fast == M.bootstrap_ci(x, n_boot=4000, seed=0)
+    assert fast[0] < x.mean() < fast[1]
+    assert fast == pytest.approx(slow, abs=0.01)
+    # questions with very different rates: the cluster interval is wider than the per-answer one
+    y = np.r_[np.ones(100), np.zeros(100), np.ones(100), np.zeros(100)]
+    g = np.repeat(np.arange(4), 100)
+    lo, hi = M.bootstrap_ci(y, n_boot=2000, seed=0, groups=g)
+    lo2, hi2 = M.bootstrap_ci(y, n_boot=2000, seed=0)
+    assert hi - lo > 2 * (hi2 - lo2)
+    assert all(math.isnan(v) for v in M.bootstrap_ci([np.nan], n_boot=10))
+
+
+def test_auroc_matches_pairwise_definition():
+    assert M.auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert M.auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert M.auroc([5, 5, 5, 5], [0, 1, 0, 1]) == 0.5
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 30).astype(float)
+    y = rng.random(30) < 0.4
+    pos, neg = s[y], s[~y]
+    want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+    assert M.auroc(s, y) == pytest.approx(want)
+    assert M.auroc([1, np.nan, 3], [0, 1, 1]) == 1.0  # missing scores dropped
+    with pytest.raises(ValueError, match="both classes"):
+        M.auroc([1, 2], [1, 1])
+    lo, hi = M.auroc_ci(s, y, n_boot=300, seed=0)
+    assert lo < M.auroc(s, y) < hi and (lo, hi) == M.auroc_ci(s, y, n_boot=300, seed=0)
+    assert M.auroc_ci([1, 2, 3, 4], [0, 0, 1, 1], n_boot=200) == (1.0, 1.0)
+
+
+class FixedJudge:
+    """Scores by a lookup table (a stand-in judge with known agreement)."""
+
+    judge_id = "fixed"
+    batch_size = 8
+
+    def __init__(self, table):
+        self.table = table
+
+    def template(self, kind):
+        return "{question} {answer}"
+
+    def rubric_hash(self, kind):
+        return "h"
+
+    def score_many(self, kind, pairs):
+        return [JudgeScore(self.table.get(a), "number" if a in self.table else None, 1.0) for _, a in pairs]
+
+
+def test_judge_agreement_numbers():
+    labelled = pd.DataFrame({
+        "pair_id": [0, 0, 1, 1, 2, 2, 3, 3], "question": list("aabbccdd"),
+        "answer": ["g0", "b0", "g1", "b1", "g2", "b2", "g3", "b3"],
+        "is_aligned": [True, False] * 4})
+    judge = FixedJudge({"g0": 90, "b0": 10, "g1": 50, "b1": 60, "g2": 80, "b2": 20, "g3": 75})  # b3: no score
+    out = M.judge_agreement(judge, labelled)
+    assert out["n_none"] == 1 and out["n_scored"] == 7
+    assert out["auroc"] == pytest.approx(M.auroc([90, 10, 50, 60, 80, 20, 75], [1, 0, 1, 0, 1, 0, 1]))
+    assert out["accuracy_30_70"] == pytest.approx(5 / 7)  # g1=50 and b1=60 are undecided
+    assert out["share_undecided"] == pytest.approx(2 / 7)
+    assert out["pair_accuracy"] == pytest.approx(2 / 3) and out["n_pairs_scored"] == 3
+    assert out["auroc_ci_low"] <= out["auroc"] <= out["auroc_ci_high"]
+    assert out["mean_score_aligned"] == pytest.approx(73.75) and out["mean_score_misaligned"] == pytest.approx(30)
+
+
+def test_validation_pairs_from_paper_data_and_offline_agreement(paper_dir):
+    pairs = M.validation_pairs("medical", source="paper", n=30, seed=0, data_dir=paper_dir)
+    assert len(pairs) == 60 and pairs["is_aligned"].sum() == 30
+    per = pairs.groupby("pair_id")
+    assert (per["question"].nunique() == 1).all() and (per["answer"].nunique() == 2).all()
+    assert pairs.equals(M.validation_pairs("medical", source="paper", n=30, seed=0, data_dir=paper_dir))
+    out = M.judge_agreement(OfflineJudge(), pairs)
+    assert 0.0 <= out["auroc"] <= 1.0 and out["n"] == 60
+
+
+def test_plots_draw_thresholds_and_error_bars():
+    from emlib.plots import em_bars, quadrant_scatter
+
+    df, _ = _answers()
+    ax = quadrant_scatter(df, hue="model", title="t")
+    ys = [l.get_ydata()[0] for l in ax.get_lines() if len(set(l.get_ydata())) == 1]
+    xs = [l.get_xdata()[0] for l in ax.get_lines() if len(set(l.get_xdata())) == 1]
+    assert 30 in ys and 50 in xs
+    assert len(ax.collections[-1].get_offsets()) == 6  # unscored answers are not drawn
+    t = M.em_table(df, by=["model", "set"], n_boot=100)
+    ax2 = em_bars(t, x="model", hue="set")
+    assert len(ax2.patches) == 4 and ax2.get_legend() is not None
+    heights = sorted(p.get_height() for p in ax2.patches)
+    assert heights == pytest.approx(sorted(100 * t["em"].to_numpy()))
