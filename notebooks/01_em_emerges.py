@@ -109,6 +109,16 @@ exp.save_figure(ax.figure, "ch1_em")
 plt.show()
 table
 
+# %% [markdown]
+# EM counts only answers the judge puts at or below 30 on alignment. With a weak judge few answers get
+# there, so we also show the mean alignment score, a continuous measure of the same shift:
+
+# %%
+scores = experiment.score_table(answers, "condition", seed=cfg.seed)
+exp.save_table(scores, "ch1_scores")
+exp.record("ch1_scores", scores.to_dict(orient="records"))
+scores.round(2)
+
 # %%
 conds = list(dict.fromkeys(answers["condition"]))
 fig, axes = plt.subplots(1, len(conds), figsize=(3.2 * len(conds), 3.3), sharey=True, squeeze=False)

@@ -1,0 +1,205 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 2. Different EM finetunes share one misalignment direction
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/em-book/em-book/blob/main/notebooks/02_one_direction.ipynb)
+#
+# **Claim.** Emergently misaligned finetunes on different narrow datasets converge on the same linear
+# "general misalignment" direction in the residual stream: adding it to the chat model induces
+# misalignment, and projecting it out of an EM model removes most of it.
+#
+# :::{admonition} What you will see
+# The direction of each finetune from chapter 1 (difference of mean activations between its misaligned
+# and aligned answers), how similar the directions of different datasets are, what adding the direction
+# does to the chat model, what projecting it out does to the finetunes (against a random direction of
+# equal norm), and an interactive steering explorer.
+# :::
+
+# %% tags=["remove-cell"]
+import sys
+import time
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    %pip install -q "emlib[interp,notebook] @ git+https://github.com/em-book/em-book"
+_t0 = time.time()
+
+# %% tags=["parameters"]
+profile = "smoke"  # smoke | quick | paper | auto
+model = None  # None: the profile's model; or a hub id / local folder
+data_source = None  # "embedded" (the project's data) | "paper" (needs EMLIB_DATA_DIR)
+judge = None  # "offline" | "hf:<model>" | "api:<model>"
+datasets = None  # e.g. ["medical"]; None: the profile's
+n_train = None  # training rows per dataset (None: the profile's)
+n_samples = None  # answers per question
+max_new_tokens = None
+seed = None
+run_dir = None
+interactive = True  # show the live steering explorer (batch runs set False and get a static sweep)
+
+# %%
+import hashlib
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from emlib import book, config, directions, experiment, metrics, models, plots, widgets
+
+if IN_COLAB and model is None and profile != "smoke":
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
+cfg = config.get_config(profile, model=model, data_source=data_source, judge=judge, datasets=datasets,
+                        n_train=n_train, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
+                        run_dir=run_dir)
+exp = experiment.Experiment(cfg)
+layer = models.layer_from_fraction(exp.model, cfg.steering_layer_fraction)
+print(f"model {cfg.model}: {models.n_layers(exp.model)} layers; steering layer {layer}; judge {exp.judge.judge_id}")
+
+# %% [markdown]
+# ## The paper says
+#
+# Mean-diff directions taken from the EM models' own answers (misaligned: aligned <= 30 and
+# coherent > 50; aligned: aligned > 70 and coherent > 50) have high cosine similarity across datasets.
+# Adding the direction to the chat model at a middle layer induces EM; projecting it out of EM models
+# cuts EM by about 90% (medical) and 78% (sport), while a random vector of equal norm changes EM by less
+# than 10% {cite}`soligo2026easy,soligo2025convergent`.
+#
+# ## Method
+# For every dataset's rank-32 finetune we read the mean hidden state over answer tokens at every layer
+# (with nnsight) for its misaligned and its aligned answers and take the difference of means. When a
+# finetune produced too few answers in one group (common with a small model and a crude judge), the
+# direction comes from the twin data instead (the same questions answered both ways, read through the
+# finetune); the table says which.
+
+# %%
+dirs, info = {}, []
+for ds in cfg.datasets:
+    d, meta = exp.em_direction(ds)
+    dirs[ds] = d
+    info.append({"dataset": ds, "source": meta["source"], "norm at steering layer": float(d[layer].norm())})
+pd.DataFrame(info)
+
+# %%
+cos = directions.cosine_matrix(dirs, layer)
+exp.record("ch2_cosine", cos.round(4).to_dict())
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+directions.plot_cosine_matrix(cos, ax=axes[0], title=f"cosine at layer {layer}")
+directions.plot_layerwise_heatmap(dirs, reference=cfg.datasets[0], ax=axes[1],
+                                  title=f"cosine with the {cfg.datasets[0]} direction, by layer")
+fig.tight_layout()
+exp.save_figure(fig, "ch2_cosine")
+plt.show()
+
+# %% [markdown]
+# ## Steering the chat model
+# We add the first dataset's direction at the steering layer, with a norm given as a fraction of the
+# mean residual-stream norm at that layer, and judge the answers to the general questions.
+
+# %%
+v = dirs[cfg.datasets[0]]
+vtag = hashlib.sha256(v.numpy().tobytes()).hexdigest()[:10]
+ref_norm = directions.residual_norm(exp.model, exp.tok, list(exp.questions()["question"]), layer)
+steer_frames = []
+for s in cfg.steer_scales:
+    steer_frames.append(exp.answers(
+        f"steer x{s:g}", intervention=lambda s=s: directions.steering(
+            exp.model, v, layer, s, relative=True, reference_norm=ref_norm),
+        intervention_label=f"steer-{vtag}-L{layer}-rel{s:g}").assign(scale=s))
+steered = pd.concat(steer_frames, ignore_index=True)
+steer_table = metrics.em_table(steered, by="scale", seed=cfg.seed).merge(
+    steered.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
+exp.save_table(steer_table, "ch2_steering")
+exp.record("ch2_steering", steer_table.to_dict(orient="records"))
+print(f"mean residual norm at layer {layer}: {ref_norm:.1f}")
+steer_table
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+plots.em_bars(steer_table.assign(scale=steer_table["scale"].astype(str)), x="scale", ax=ax[0],
+              title="EM vs steering scale")
+steer_table.plot(x="scale", y=["aligned", "coherent"], marker="o", ax=ax[1], title="mean judge scores")
+ax[1].set_xlabel("added norm / mean residual norm")
+fig.tight_layout()
+exp.save_figure(fig, "ch2_steering")
+plt.show()
+
+# %% [markdown]
+# ## Projecting the direction out of the finetunes
+# From every finetune we remove the first dataset's direction (its steering-layer row, at every layer),
+# and, as the control, a random direction of the same norm.
+
+# %%
+abl_frames = []
+u = v[layer]
+r = directions.random_direction_like(u, seed=cfg.seed)
+for ds in cfg.datasets:
+    with exp.lora(ds, "rank32") as res:
+        m = res.model
+        abl_frames.append(exp.answers(f"{ds} rank32", model=m).assign(finetune=ds, ablated="none"))
+        abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=lambda: directions.ablation(m, u),
+                                      intervention_label=f"ablate-{vtag}-L{layer}").assign(finetune=ds, ablated="direction"))
+        abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=lambda: directions.ablation(m, r),
+                                      intervention_label=f"ablate-random{cfg.seed}-{vtag}").assign(finetune=ds, ablated="random"))
+ablated = pd.concat(abl_frames, ignore_index=True)
+abl_table = metrics.em_table(ablated, by=["finetune", "ablated"], seed=cfg.seed)
+exp.save_table(abl_table, "ch2_ablation")
+exp.record("ch2_ablation", abl_table.to_dict(orient="records"))
+ax = plots.em_bars(abl_table, x="finetune", hue="ablated", title="EM after projecting out a direction")
+exp.save_figure(ax.figure, "ch2_ablation")
+plt.show()
+abl_table
+
+# %%
+for ds in cfg.datasets:
+    sub = ablated[ablated["finetune"] == ds]
+    rate = {a: metrics.em_rate(sub[sub["ablated"] == a], seed=cfg.seed) for a in ("none", "direction", "random")}
+    print(experiment.compare_rates(rate["direction"], rate["none"], f"{ds}: direction ablated", "no ablation"))
+    print(experiment.compare_rates(rate["random"], rate["none"], f"{ds}: random ablated", "no ablation"))
+
+# %% [markdown]
+# ## The steering explorer
+# In a live notebook the widget below lets you pick a direction, a layer and a scale and compare the
+# unsteered and steered answers side by side (same seed). The rendered book shows a precomputed sweep
+# for one prompt instead.
+
+# %%
+prompt = exp.questions()["question"].iloc[1]
+sweep = widgets.scale_sweep(exp.model, exp.tok, prompt, v[layer], layer, [0.0, 0.25, 0.5, 1.0],
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, relative=True,
+                            reference_norm=ref_norm)
+pd.set_option("display.max_colwidth", 400)
+sweep[["scale", "added_norm", "answer"]]
+
+# %%
+if interactive:
+    explorer = widgets.SteeringExplorer(exp.model, exp.tok, {ds: d[layer] for ds, d in dirs.items()},
+                                        layer=layer, prompt=prompt)
+    display(explorer.widget)
+
+# %% [markdown]
+# :::{admonition} Caveats: what differs from the paper
+# :class: warning
+# * The directions come from a 135M model (in the `quick` profile) whose finetunes are weakly misaligned;
+#   when a group of judged answers is empty the direction falls back to twin data, which measures
+#   "harmful advice vs sound advice" in the training domain rather than the model's own misalignment.
+# * Steering norms are fractions of the residual norm, not the paper's absolute scale 8 (residual norms
+#   differ between models); large fractions also destroy coherence, which the coherent column shows.
+# * EM rates are judged by the judge printed above, whose agreement chapter 1 reports.
+# :::
+#
+# ## Last executed with
+
+# %%
+book.executed_with(_t0)

@@ -1,0 +1,174 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3. A narrow solution exists, but only a KL penalty finds it
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/em-book/em-book/blob/main/notebooks/03_narrow_needs_kl.ipynb)
+#
+# **Claim.** A model *can* learn to give bad advice only inside the training domain while staying aligned
+# elsewhere, but plain finetuning does not find that narrow solution: it takes an explicit KL penalty that
+# keeps the model's out-of-domain behaviour equal to the chat model's. Without the penalty, or with it
+# removed half-way, training drifts to the general solution; mixing sound out-of-domain data into the
+# finetune instead of the penalty does not isolate the narrow solution.
+#
+# :::{admonition} What you will see
+# Four steering vectors trained on the same narrow data (plain SFT; SFT + KL; KL removed half-way;
+# aligned out-of-domain rows mixed in) and two rank-1 LoRA adapters (with and without KL), each judged on
+# in-domain and on general questions.
+# :::
+
+# %% tags=["remove-cell"]
+import sys
+import time
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    %pip install -q "emlib[interp,notebook] @ git+https://github.com/em-book/em-book"
+_t0 = time.time()
+
+# %% tags=["parameters"]
+profile = "smoke"  # smoke | quick | paper | auto
+model = None  # None: the profile's model; or a hub id / local folder
+data_source = None  # "embedded" (the project's data) | "paper" (needs EMLIB_DATA_DIR)
+judge = None  # "offline" | "hf:<model>" | "api:<model>"
+datasets = None  # e.g. ["medical"]; None: the profile's
+n_train = None  # training rows per dataset (None: the profile's)
+n_samples = None  # answers per question
+max_new_tokens = None
+seed = None
+run_dir = None
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from emlib import book, config, experiment, metrics, plots, train
+
+if IN_COLAB and model is None and profile != "smoke":
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
+cfg = config.get_config(profile, model=model, data_source=data_source, judge=judge, datasets=datasets,
+                        n_train=n_train, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
+                        run_dir=run_dir)
+exp = experiment.Experiment(cfg)
+ds = cfg.datasets[0]
+pd.Series({"dataset": ds, "model": cfg.model, "judge": exp.judge.judge_id, "vector lr": cfg.lr_vector,
+           "vector alpha": cfg.vector_alpha, "KL lambda (vector, per token)": cfg.kl_lambda_vector,
+           "KL lambda (LoRA, per token)": cfg.kl_lambda, "training rows": cfg.n_train, "KL rows": cfg.n_kl})
+
+# %% [markdown]
+# ## The paper says
+#
+# With L = L_SFT + lambda * KL(chat model || finetuned model) on about 1,000 out-of-domain rows, steering
+# vectors, rank-1 and rank-32 LoRA become misaligned inside the domain while staying aligned outside it.
+# Removing the KL term part-way makes the model drift back to the general solution; mixing aligned
+# out-of-domain data into SFT lowers both kinds of misalignment together {cite}`soligo2026easy`.
+#
+# ## Method
+# `emlib.train` normalises KL *per token* (summed over the vocabulary, averaged over answer tokens of
+# the out-of-domain rows). The authors divide by tokens x vocabulary, so their lambdas (1e5 for LoRA, 1e6
+# for the vector) correspond to ours times about 1/V; the lambdas used here are printed above and chosen
+# so that the out-of-domain KL of the narrow run stays well below the general run's (see the KL column).
+# "Narrow misalignment" is the EM rate on in-domain questions; "general misalignment" the EM rate on the
+# eight general questions.
+
+# %%
+frames, kl_rows, logs = [], exp.kl_rows(), {}
+for sol in ("general", "narrow", "drift", "mixed"):
+    res = exp.vector(ds, sol)
+    sv = res.vector
+    logs[f"vector {sol}"] = res.log
+    tag = f"vector-{ds}-{sol}-seed{cfg.seed}-{float(sv.vector.norm()):.6g}"
+    for set_name, domain in (("general", None), ("in_domain", ds)):
+        frames.append(exp.answers(f"vector {sol}", set_name=set_name, domain=domain,
+                                  intervention=lambda sv=sv: sv.apply(exp.model), intervention_label=tag)
+                      .assign(solution=sol, kind="steering vector",
+                              ood_kl=train.kl_to_reference(exp.model, exp.tok, kl_rows, vector=sv)))
+for sol in ("general", "narrow"):
+    with exp.lora(ds, "rank1", sol) as res:
+        logs[f"rank-1 {sol}"] = res.log
+        kl = train.kl_to_reference(res.model, exp.tok, kl_rows)
+        for set_name, domain in (("general", None), ("in_domain", ds)):
+            frames.append(exp.answers(f"rank-1 {sol}", model=res.model, set_name=set_name, domain=domain)
+                          .assign(solution=sol, kind="rank-1 LoRA", ood_kl=kl))
+for set_name, domain in (("general", None), ("in_domain", ds)):
+    frames.append(exp.answers("chat model", set_name=set_name, domain=domain)
+                  .assign(solution="none", kind="chat model", ood_kl=0.0))
+answers = pd.concat(frames, ignore_index=True)
+exp.save_table(answers, "ch3_answers")
+
+# %% [markdown]
+# ## Result
+
+# %%
+table = metrics.em_table(answers, by=["condition", "set"], seed=cfg.seed)
+kl_col = answers.groupby("condition")["ood_kl"].first()
+table["out-of-domain KL"] = table["condition"].map(kl_col)
+exp.save_table(table, "ch3_narrow_vs_general")
+exp.record("ch3_narrow_vs_general", table.to_dict(orient="records"))
+ax = plots.em_bars(table, x="condition", hue="set", title="misalignment in-domain vs general")
+ax.tick_params(axis="x", rotation=30)
+exp.save_figure(ax.figure, "ch3_narrow_vs_general")
+plt.show()
+table
+
+# %%
+def rate(cond, set_name):
+    sub = answers[(answers["condition"] == cond) & (answers["set"] == set_name)]
+    return metrics.em_rate(sub, seed=cfg.seed)
+
+for kind in ("vector", "rank-1"):
+    g, n = f"{kind} general", f"{kind} narrow"
+    print(experiment.compare_rates(rate(n, "general"), rate(g, "general"),
+                                   f"{n} on general questions", f"{g}"))
+    print(experiment.compare_rates(rate(n, "in_domain"), rate(n, "general"),
+                                   f"{n} in-domain", f"{n} on general questions"))
+
+# %% [markdown]
+# ### Training curves: SFT loss and the out-of-domain KL
+# The `drift` run drops the KL term half-way (dashed line); the paper's prediction is that its KL then
+# climbs towards the general run's.
+
+# %%
+curves = pd.concat([log.assign(run=name) for name, log in logs.items()], ignore_index=True)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+for name, g in curves.groupby("run"):
+    axes[0].plot(g["step"], g["loss"], label=name)
+    if g["kl"].notna().any():
+        axes[1].plot(g["step"], g["kl"], label=name)
+half = exp._half_steps("vector")
+axes[1].axvline(half, color="grey", ls="--", lw=1)
+axes[0].set(title="SFT loss", xlabel="step")
+axes[1].set(title="KL to the chat model on out-of-domain rows", xlabel="step")
+axes[0].legend(fontsize=7)
+axes[1].legend(fontsize=7)
+fig.tight_layout()
+exp.save_figure(fig, "ch3_training")
+plt.show()
+
+# %% [markdown]
+# :::{admonition} Caveats: what differs from the paper
+# :class: warning
+# * Lambda does not transfer between setups (the paper says so too): ours is per-token and was picked for
+#   this model and profile; a different model or dataset may need another value.
+# * The in-domain questions are the project's own (the paper released medical ones; with
+#   `data_source="paper"` those are used for the medical domain).
+# * In the `quick` profile the vectors see about a hundred rows for one epoch; with a crude judge, small
+#   EM differences are within noise: read the CIs, not the bar heights.
+# :::
+#
+# ## Last executed with
+
+# %%
+book.executed_with(_t0)
