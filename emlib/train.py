@@ -33,7 +33,8 @@ Steps, checkpoints, resume
 --------------------------
 An optimizer step consumes ``batch_size * grad_accum`` rows; the SFT loss of a step is the token-weighted
 mean over all its answer tokens; AdamW, weight decay 0.01, linear schedule with ``warmup_steps`` (5),
-gradient clipping at ``max_grad_norm`` (1.0, the Hugging Face Trainer default). The row order of every
+gradient clipping at ``max_grad_norm`` (1.0, the Hugging Face Trainer default); as in transformers, the
+first step of a warmup runs at lr 0. The row order of every
 epoch and the KL batches are a function of ``seed`` and the step alone, so a run restarted with the same
 arguments and ``out_dir`` resumes from the last checkpoint (trainable weights + optimizer + scheduler + RNG
 state + log, written atomically every ``checkpoint_every`` steps) and ends with the same weights as an
@@ -707,24 +708,22 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
                 batch = collate([enc[i] for i in idx], pad, device)
                 in_tokens += int(batch["attention_mask"].sum())
                 with job.current():
-                    s, _ = token_losses(model, batch)
-                loss = s / max(n_tok, 1)
+                    s, _ = token_losses(model, batch)  # summed over the micro-batch's answer tokens
                 if not math.isfinite(float(s.detach())):
                     raise _diverged("SFT loss", float(s.detach()), step, epoch, args, out_dir)
-                if kl_enc is not None:
+                (s / max(n_tok, 1)).backward()  # token-weighted mean over the whole step
+                sft_sum += float(s.detach())
+                if kl_enc is not None:  # separate backward: only one graph in memory at a time
                     kb = collate([kl_enc[i] for i in plan.kl_rows(m)], pad, device)
                     with contextlib.nullcontext() if kl_on else torch.no_grad():
                         ks, kc = _batch_kl(model, kb, job.current, job.reference)
-                    kl_mean = ks / kc.clamp_min(1)
+                        kl_mean = ks / kc.clamp_min(1)
                     kl_val = float(kl_mean.detach())
                     if not math.isfinite(kl_val):
                         raise _diverged("KL term", kl_val, step, epoch, args, out_dir)
                     kl_vals.append(kl_val)
                     if kl_on:
-                        loss = loss + args.kl_lambda * kl_mean / len(micro)
-                if loss.requires_grad:
-                    loss.backward()
-                sft_sum += float(s.detach())
+                        (args.kl_lambda * kl_mean / len(micro)).backward()
             clip = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(grad_norm):
