@@ -34,6 +34,7 @@ class Config:
     epochs: int = 1
     batch_size: int = 2
     grad_accum: int = 1
+    warmup_steps: int = 1
     lr: float = 1e-3  # rank-32 LoRA
     lr_rank1: float = 1e-3
     lr_vector: float = 1e-2
@@ -79,16 +80,16 @@ class Config:
 
 _SMOKE = Config()
 _QUICK = Config(
-    profile="quick", model="embedded", run_dir="runs/quick-smollm2", n_train=128, epochs=2,
-    batch_size=8, lr=5e-4, lr_rank1=1e-4, lr_vector=1e-3, vector_epochs=2, max_length=256, n_kl=64,
-    kl_lambda=2.0, kl_lambda_vector=20.0, n_samples=6, max_new_tokens=64, sample_batch_size=48,
-    n_loss_rows=32, norm_grid=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
-    eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), n_perturb_seeds=5, n_docs=8, doc_tokens=128,
-    steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
+    profile="quick", model="embedded", run_dir="runs/quick-smollm2", datasets=("medical", "financial"),
+    n_train=64, epochs=1, batch_size=8, warmup_steps=1, lr=1e-3, lr_rank1=1e-3, lr_vector=1e-3,
+    vector_epochs=1, max_length=256, n_kl=32, kl_lambda=2.0, kl_lambda_vector=20.0, n_samples=6,
+    max_new_tokens=64, sample_batch_size=48, n_loss_rows=16,
+    norm_grid=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
+    n_perturb_seeds=3, n_docs=8, doc_tokens=128, steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
 )
 _PAPER = Config(
     profile="paper", model="embedded", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
-    epochs=1, batch_size=16, grad_accum=1, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
+    epochs=1, batch_size=16, grad_accum=1, warmup_steps=5, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
     max_length=512, n_kl=1000, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
     max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
     norm_grid=tuple(round(0.2 * i, 2) for i in range(0, 11)),

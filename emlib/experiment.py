@@ -95,7 +95,8 @@ class Experiment:
     def _train_kwargs(self, solution: str, kind: str) -> dict:
         c = self.cfg
         kw = dict(epochs=c.epochs if kind == "lora" else c.vector_epochs, batch_size=c.batch_size,
-                  grad_accum=c.grad_accum, max_length=c.max_length, seed=c.seed, progress=False)
+                  grad_accum=c.grad_accum, warmup_steps=c.warmup_steps, max_length=c.max_length,
+                  seed=c.seed, progress=False)
         lam = c.kl_lambda if kind == "lora" else c.kl_lambda_vector
         if solution == "narrow":
             kw.update(kl_rows=self.kl_rows(), kl_lambda=lam)
