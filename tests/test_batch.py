@@ -1,0 +1,241 @@
+"""Sweeps over chapters: grid expansion, a 2x2 grid through a process pool, a failing combination,
+resume after a SIGKILL, the same grid on a local Ray instance, and one real chapter (smoke)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from emlib import batch
+
+FAKE = '''# %% [markdown]
+# # A throwaway chapter
+
+# %% tags=["parameters"]
+a = 1
+b = "x"
+fail_on = ""
+delay = 0.0
+log = ""
+run_dir = None
+
+# %%
+import json, os, time
+if log:
+    with open(log, "a") as fh:
+        fh.write(json.dumps({"a": a, "b": b, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
+time.sleep(delay)
+print("started", a, b)
+
+# %%
+if f"{a}{b}" == fail_on:
+    raise ValueError(f"boom at a={a} b={b}")
+
+# %%
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "results.json"), "w") as fh:
+    json.dump({"score": a * 10 + (b == "y"), "info": {"half": a / 2, "name": b},
+               "rows": [{"condition": "c1", "em": a / 10}, {"condition": "c2", "em": a / 5}]}, fh)
+'''
+
+OTHER = '''# %% tags=["parameters"]
+a = 1
+c = 0
+interactive = True
+run_dir = None
+
+# %%
+print(a + c)
+'''
+
+
+@pytest.fixture()
+def chapter(tmp_path) -> Path:
+    path = tmp_path / "fake.py"
+    path.write_text(FAKE)
+    return path
+
+
+def grid_2x2(chapter: Path, log: Path, **fixed) -> dict:
+    return {"chapters": [str(chapter)], "parameters": {"a": [1, 2], "b": ["x", "y"], "log": str(log), **fixed}}
+
+
+def calls(log: Path) -> list[tuple]:
+    return [(d["a"], d["b"]) for d in map(json.loads, log.read_text().splitlines())] if log.exists() else []
+
+
+# ------------------------------------------------------------------------------------ no execution
+def test_expand_products_fixed_values_and_explicit_combinations():
+    grid = {"chapters": ["x.py"],
+            "parameters": {"profile": "smoke", "seed": [0, 1], "datasets": [["medical"], ["sport", "kl"]]},
+            "combinations": [{"n_train": 4, "lr": 0.1}, {"n_train": 8}]}
+    combos = batch.expand(grid)
+    assert len(combos) == 2 * 2 * 2
+    assert all(c["profile"] == "smoke" for c in combos)
+    assert {tuple(c["datasets"]) for c in combos} == {("medical",), ("sport", "kl")}
+    assert sum(c.get("lr") == 0.1 for c in combos) == 4 and sum("lr" not in c for c in combos) == 4
+    assert list(combos[0])[:3] == ["profile", "seed", "datasets"]  # the grid's order
+    assert len(batch.expand({"chapters": [1], "parameters": {"seed": [0, 0, 1]}})) == 2  # duplicates dropped
+    with pytest.raises(ValueError, match="both an axis"):
+        batch.expand({"chapters": [1], "parameters": {"seed": [0, 1]}, "combinations": [{"seed": 3}]})
+    with pytest.raises(ValueError, match="Unknown grid key"):
+        batch.check_grid({"chapters": [1], "params": {}})
+    with pytest.raises(ValueError, match="no chapters"):
+        batch.check_grid({"parameters": {"seed": 1}})
+
+
+def test_plan_folders_keys_and_per_chapter_parameters(tmp_path, chapter, root):
+    other = tmp_path / "other.py"
+    other.write_text(OTHER)
+    out = tmp_path / "out"
+    grid = {"chapters": [str(chapter), str(other)], "parameters": {"a": [1, 2], "b": ["x", "y"]}}
+    jobs = batch.plan(grid, out)
+    fake = [j for j in jobs if j.chapter == "fake"]
+    oth = [j for j in jobs if j.chapter == "other"]
+    assert len(fake) == 4 and len(oth) == 2  # 'other' takes no b: its duplicates collapse
+    assert all("b" not in j.params and j.params["interactive"] is False for j in oth)
+    assert all("interactive" not in j.params for j in fake)
+    assert Path(fake[0].folder).parent == out / "fake" and Path(fake[0].folder).name.startswith("a=1_b=x-")
+    assert all(j.params["run_dir"] == str(Path(j.folder) / "run") for j in jobs)
+    assert len({j.folder for j in jobs}) == len(jobs)
+    # folders are found again by key even when the grid (and so the readable name) changes
+    Path(fake[0].folder).mkdir(parents=True)
+    again = batch.plan({"chapters": [str(chapter)], "parameters": {"a": [1], "b": "x"}}, out)
+    assert again[0].key == fake[0].key and again[0].folder == fake[0].folder
+    templated = batch.plan({"chapters": [str(chapter)], "cwd": str(tmp_path),
+                            "parameters": {"a": [1, 2], "run_dir": "shared/{chapter}-a{a}"}}, out)
+    assert [j.params["run_dir"] for j in templated] == [str(tmp_path / "shared" / f"fake-a{i}") for i in (1, 2)]
+    with pytest.raises(TypeError, match="taken by none"):
+        batch.plan({"chapters": [str(chapter)], "parameters": {"aa": [1, 2]}}, out)
+    assert batch.resolve_chapter("01", root=root).name.startswith("01_")
+    assert batch.resolve_chapter(1, root=root) == batch.resolve_chapter("01", root=root)
+    with pytest.raises(FileNotFoundError, match="No chapter numbered"):
+        batch.resolve_chapter("99", root=root)
+
+
+def test_results_are_flattened_to_labelled_scalars(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"score": 3, "ok": True, "note": "text is left out", "nested": {"x": 0.5, "nan": float("nan")},
+         "ch1_em": [{"condition": "chat model", "em": 0.0, "n": 16},
+                    {"condition": "medical rank1", "em": 0.25, "n": 16}],
+         "curve": [1.0, 2.0]}))
+    flat = batch.read_results(tmp_path)
+    assert flat == {"score": 3, "ok": True, "nested.x": 0.5, "ch1_em[chat model].em": 0.0, "ch1_em[chat model].n": 16,
+                    "ch1_em[medical rank1].em": 0.25, "ch1_em[medical rank1].n": 16, "curve[0]": 1.0, "curve[1]": 2.0}
+    assert batch.read_results(tmp_path, ["ch1_em*.em"]) == {"ch1_em[chat model].em": 0.0,
+                                                            "ch1_em[medical rank1].em": 0.25}
+    assert len(batch.read_results(tmp_path, limit=2)) == 2
+    assert batch.read_results(tmp_path / "missing") == {}
+
+
+def test_worker_plan_one_process_per_gpu_or_core():
+    assert batch.worker_plan(10, gpus=["0", "1", "2"], cores=16) == (3, ["0", "1", "2"], None)
+    assert batch.worker_plan(2, gpus=["0", "1", "2"], cores=16) == (2, ["0", "1"], None)
+    assert batch.worker_plan(10, workers=4, gpus=["0", "1"], cores=16)[1] == ["0", "1", "0", "1"]
+    assert batch.worker_plan(10, gpus=[], cores=4) == (4, [None] * 4, 1)
+    assert batch.worker_plan(10, workers=8, gpus=[], cores=4)[0] == 4  # capped at the cores
+    assert batch.worker_plan(10, workers=2, gpus=[], cores=8) == (2, [None, None], 4)
+    assert batch.worker_plan(1, gpus=[], cores=8)[0] == 1
+
+
+# --------------------------------------------------------------------------------------- execution
+def test_grid_runs_in_a_pool_reports_a_failure_and_reruns_only_what_is_unfinished(tmp_path, chapter):
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    grid = grid_2x2(chapter, log, fail_on="2y")
+    index = batch.run_grid(grid, out=out, gpus=["0", "1"])  # two workers, one "GPU" each
+    assert len(index) == 4 and set(index.columns) >= {"chapter", "a", "b", "log", "fail_on", "status", "wall_s",
+                                                      "folder", "notebook", "run_dir", "error", "traceback"}
+    by = index.set_index(["a", "b"])
+    assert by.loc[(2, "y"), "status"] == "failed" and (by.drop((2, "y"))["status"] == "ok").all()
+    assert by.loc[(1, "y"), "result.score"] == 11 and by.loc[(2, "x"), "result.rows[c2].em"] == pytest.approx(0.4)
+    failed = by.loc[(2, "y")]
+    assert failed["error"] == "ValueError: boom at a=2 b=y"
+    assert "raise ValueError" in failed["traceback"] and "\x1b[" not in failed["traceback"]
+    nb = nbformat.read(failed["notebook"], as_version=4)  # the partially executed notebook is kept
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "error" and o["ename"] == "ValueError" for o in outputs)
+    assert any("started 2 y" in o.get("text", "") for o in outputs)
+    bad_cell = [c for c in nb.cells if c.get("execution_count") == failed["error_cell"]]
+    assert len(bad_cell) == 1 and bad_cell[0].source.startswith('if f"{a}{b}"')
+    assert f"Cell In[{failed['error_cell']}]" in failed["traceback"]
+    assert not (Path(failed["folder"]) / "done.json").exists() and (Path(failed["folder"]) / "failed.json").exists()
+    for folder in by.drop((2, "y"))["folder"]:
+        assert json.loads((Path(folder) / "done.json").read_text())["status"] == "ok"
+    assert sorted(calls(log)) == [(1, "x"), (1, "y"), (2, "x"), (2, "y")]
+    cuda = [json.loads(line)["cuda"] for line in log.read_text().splitlines()]
+    assert set(cuda) <= {"0", "1"}  # each worker process saw its own device only
+
+    loaded = batch.load_index(out)
+    assert list(loaded["status"]) == list(index["status"]) and loaded["a"].tolist() == index["a"].tolist()
+    assert (out / "index.csv").exists()
+
+    # rerun: finished ones are skipped (their results kept), the failed one is tried again
+    again = batch.run_grid(grid, out=out, workers=1)
+    by2 = again.set_index(["a", "b"])
+    assert by2.loc[(2, "y"), "status"] == "failed" and (by2.drop((2, "y"))["status"] == "skipped").all()
+    assert by2.loc[(1, "y"), "result.score"] == 11
+    assert sorted(calls(log)) == [(1, "x"), (1, "y"), (2, "x"), (2, "y"), (2, "y")]
+
+
+def test_killed_run_resumes_without_redoing_finished_combinations(tmp_path, chapter):
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(json.dumps(grid_2x2(chapter, log, delay=1.0)))  # JSON is YAML
+    proc = subprocess.Popen([sys.executable, "-m", "emlib.batch", str(grid_file), "--out", str(out), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("fake/*/done.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.parent.name for p in out.glob("fake/*/done.json")}
+    assert 1 <= len(finished) < 4, finished
+    before = calls(log)
+    index = batch.run_grid(str(grid_file), out=out, workers=2)
+    assert set(index.loc[index["status"] == "skipped", "folder"].map(lambda f: Path(f).name)) == finished
+    assert (index.loc[~index["folder"].map(lambda f: Path(f).name).isin(finished), "status"] == "ok").all()
+    rerun = calls(log)[len(before):]
+    done_params = {(int(r.a), r.b) for r in index.itertuples() if r.status == "skipped"}
+    assert not done_params & set(rerun)  # nothing finished was executed again
+    assert sorted(rerun) == sorted({(1, "x"), (1, "y"), (2, "x"), (2, "y")} - done_params)
+
+
+def test_the_same_grid_runs_on_a_local_ray_instance(tmp_path, chapter):
+    ray = pytest.importorskip("ray")
+    log = tmp_path / "calls.log"
+    grid = grid_2x2(chapter, log, fail_on="1x")
+    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
+             logging_level="WARNING")
+    try:
+        assert ray.cluster_resources().get("CPU") == 2
+        index = batch.run_grid(grid, out=tmp_path / "out", ray="local")
+    finally:
+        ray.shutdown()
+    by = index.set_index(["a", "b"])
+    assert by.loc[(1, "x"), "status"] == "failed" and "boom at a=1 b=x" in by.loc[(1, "x"), "traceback"]
+    assert (by.drop((1, "x"))["status"] == "ok").all()
+    assert by.loc[(2, "y"), "result.score"] == 21 and by.loc[(2, "x"), "result.info.half"] == 1.0
+    assert sorted(calls(log)) == [(1, "x"), (1, "y"), (2, "x"), (2, "y")]
+    assert batch.load_index(tmp_path / "out")["status"].tolist() == index["status"].tolist()
+
+
+@pytest.mark.slow
+def test_a_real_chapter_runs_as_a_one_point_grid(tmp_path, root):
+    grid = {"chapters": ["01"], "results": ["ch1_em*.em", "judge_agreement*.auroc"],
+            "parameters": {"profile": "smoke", "datasets": [["medical"]], "n_samples": 1, "n_train": 4,
+                           "max_new_tokens": 8, "seed": [0]}}
+    index = batch.run_grid(grid, out=tmp_path / "out", workers=1)
+    row = index.iloc[0]
+    assert row["status"] == "ok", row["traceback"]
+    assert row["chapter"] == "01_em_emerges" and row["datasets"] == '["medical"]'
+    assert Path(row["run_dir"]).parent == Path(row["folder"]) and (Path(row["run_dir"]) / "results.json").exists()
+    assert 0.0 <= row["result.ch1_em[medical rank1].em"] <= 1.0
+    auroc = [c for c in index.columns if c.startswith("result.judge_agreement") and c.endswith(".auroc")]
+    assert len(auroc) == 1 and 0.0 <= row[auroc[0]] <= 1.0
