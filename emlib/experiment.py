@@ -28,9 +28,27 @@ import pandas as pd
 
 from . import data, generate, judge as judge_mod, metrics, models, train
 from .cache import ResultCache
+from . import config as config_mod
 from .config import Config
 
 SOLUTIONS = ("general", "narrow", "drift", "mixed")
+COLAB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+COLAB_API_JUDGE = "api:gpt-4o-mini"
+COLAB_LOCAL_JUDGE = "hf:Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def start(profile: str = "smoke", *, in_colab: bool = False, **params) -> "Experiment":
+    """The :class:`Experiment` of a chapter's parameters (``None`` keeps the profile's default).
+
+    On Colab (outside the smoke profile) the model defaults to Qwen2.5-0.5B-Instruct and the judge to an
+    API judge when ``OPENAI_API_KEY`` is set, else a local Qwen2.5-1.5B-Instruct judge.
+    """
+    if in_colab and profile != "smoke":
+        if params.get("model") is None:
+            params["model"] = COLAB_MODEL
+        if params.get("judge") is None:
+            params["judge"] = COLAB_API_JUDGE if os.environ.get("OPENAI_API_KEY") else COLAB_LOCAL_JUDGE
+    return Experiment(config_mod.get_config(profile, **params))
 
 
 class Experiment:

@@ -56,14 +56,12 @@ import hashlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, config, directions, experiment, metrics, models, plots, widgets
+from emlib import book, directions, experiment, metrics, models, plots, widgets
 
-if IN_COLAB and model is None and profile != "smoke":
-    model = "Qwen/Qwen2.5-0.5B-Instruct"
-cfg = config.get_config(profile, model=model, data_source=data_source, judge=judge, datasets=datasets,
-                        n_train=n_train, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
-                        run_dir=run_dir)
-exp = experiment.Experiment(cfg)
+exp = experiment.start(profile, in_colab=IN_COLAB, model=model, data_source=data_source, judge=judge,
+                       datasets=datasets, n_train=n_train, n_samples=n_samples,
+                       max_new_tokens=max_new_tokens, seed=seed, run_dir=run_dir)
+cfg = exp.cfg
 layer = models.layer_from_fraction(exp.model, cfg.steering_layer_fraction)
 print(f"model {cfg.model}: {models.n_layers(exp.model)} layers; steering layer {layer}; judge {exp.judge.judge_id}")
 

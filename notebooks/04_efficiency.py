@@ -51,14 +51,12 @@ run_dir = None
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, config, experiment, inductive
+from emlib import book, experiment, inductive
 
-if IN_COLAB and model is None and profile != "smoke":
-    model = "Qwen/Qwen2.5-0.5B-Instruct"
-cfg = config.get_config(profile, model=model, data_source=data_source, judge=judge, datasets=datasets,
-                        n_train=n_train, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
-                        run_dir=run_dir)
-exp = experiment.Experiment(cfg)
+exp = experiment.start(profile, in_colab=IN_COLAB, model=model, data_source=data_source, judge=judge,
+                       datasets=datasets, n_train=n_train, n_samples=n_samples,
+                       max_new_tokens=max_new_tokens, seed=seed, run_dir=run_dir)
+cfg = exp.cfg
 ds = cfg.datasets[0]
 rows = exp.rows(ds)[: cfg.n_loss_rows]  # a fixed sample of the training rows
 metric_cache = exp.out / "cache" / "metrics"

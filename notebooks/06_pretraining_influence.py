@@ -52,14 +52,12 @@ text_source = "auto"  # "auto" | "fineweb" (online) | "offline" (the Lee news co
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, config, corpus, experiment, inductive
+from emlib import book, corpus, experiment, inductive
 
-if IN_COLAB and model is None and profile != "smoke":
-    model = "Qwen/Qwen2.5-0.5B-Instruct"
-cfg = config.get_config(profile, model=model, data_source=data_source, judge=judge, datasets=datasets,
-                        n_train=n_train, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
-                        run_dir=run_dir)
-exp = experiment.Experiment(cfg)
+exp = experiment.start(profile, in_colab=IN_COLAB, model=model, data_source=data_source, judge=judge,
+                       datasets=datasets, n_train=n_train, n_samples=n_samples,
+                       max_new_tokens=max_new_tokens, seed=seed, run_dir=run_dir)
+cfg = exp.cfg
 ds = cfg.datasets[0]
 chosen = corpus.resolve_source(text_source, cfg.n_docs, cfg.doc_tokens, exp.tok, cfg.seed)
 texts = corpus.load_texts(cfg.n_docs, cfg.doc_tokens, exp.tok, source=text_source, seed=cfg.seed)
