@@ -51,9 +51,9 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -861,11 +861,12 @@ def plot_stability(summary: pd.DataFrame, ax=None):
     import seaborn as sns
 
     ax = ax or plt.subplots(figsize=(5.5, 3.8))[1]
-    sns.lineplot(data=summary, x="eps", y="normalised", hue="solution", marker="o", ax=ax)
-    palette = {t.get_text(): h.get_color() for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)} \
-        if ax.get_legend() else {}
+    names = list(dict.fromkeys(summary["solution"]))
+    palette = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    sns.lineplot(data=summary, x="eps", y="normalised", hue="solution", palette=palette, marker="o", ax=ax)
     for name, g in summary.groupby("solution"):
-        ax.fill_between(g["eps"], g["ci_low"], g["ci_high"], alpha=0.2, color=palette.get(name))
+        g = g.sort_values("eps")
+        ax.fill_between(g["eps"], g["ci_low"], g["ci_high"], alpha=0.15, color=palette[name])
     ax.axhline(100, ls=":", c="grey")
     ax.set(xlabel="perturbation size eps", ylabel="(L_pert - L_orig) / (L_base - L_orig)  [%]",
            title="Stability under orthogonal perturbation")
