@@ -81,24 +81,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write rows atomically (temp file + rename); gzip when the name ends in .gz."""
+def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically (a temp file in the same folder, then ``os.replace``);
+    on any error the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     os.close(fd)
     try:
-        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        if str(path).endswith(".gz"):
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-                gz.write(payload)
-        else:
-            Path(tmp).write_bytes(payload)
+        Path(tmp).write_bytes(payload)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Write rows atomically; gzip (reproducibly: no timestamp, no file name) when the name ends in .gz."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, mtime=0)
+    return atomic_write_bytes(path, payload)
 
 
 def validate_chat(row: dict, where: str = "row") -> dict:

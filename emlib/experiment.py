@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -217,13 +216,8 @@ class Experiment:
 
     # ------------------------------------------------------------------ outputs
     def save_table(self, df: pd.DataFrame, name: str) -> Path:
-        path = self.out / "tables" / f"{name}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        os.close(fd)
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        return path
+        return data.atomic_write_bytes(self.out / "tables" / f"{name}.csv",
+                                       df.to_csv(index=False).encode("utf-8"))
 
     def save_figure(self, fig, name: str) -> Path:
         path = self.out / "figures" / f"{name}.png"
@@ -236,11 +230,7 @@ class Experiment:
         path = self.out / "results.json"
         current = json.loads(path.read_text()) if path.exists() else {}
         current[key] = value
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.out)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(current, fh, indent=2, default=_json_default)
-        os.replace(tmp, path)
-        return path
+        return data.atomic_write_bytes(path, json.dumps(current, indent=2, default=_json_default).encode("utf-8"))
 
 
 def _json_default(o):

@@ -65,7 +65,7 @@ import pandas as pd
 import torch
 
 from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
-from .data import DataError, dataset_hash
+from .data import DataError, atomic_write_bytes, dataset_hash
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
 
@@ -469,20 +469,8 @@ class _Plan:
         return out
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        Path(tmp).write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_log(log: pd.DataFrame, out_dir: Path) -> None:
-    _atomic_write_bytes(out_dir / f"{LOG_NAME}.csv", log.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / f"{LOG_NAME}.csv", log.to_csv(index=False).encode())
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=out_dir)
     os.close(fd)
     try:
@@ -780,7 +768,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     meta = json.loads(json.dumps(meta, default=str))
     job.save_result(out_dir, meta)
     _write_log(log, out_dir)
-    _atomic_write_bytes(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
     if not keep_checkpoints:
         shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
     vec = _current_vector(job)
