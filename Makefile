@@ -10,7 +10,7 @@ PROFILE ?= auto
 # where `make book` writes executed notebooks, adapters and caches (never the committed results)
 RUN_DIR ?= runs/book
 
-.PHONY: test book venv pair constraints clean
+.PHONY: test book site results venv pair constraints clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,17 @@ test: $(STAMP)
 
 book: $(STAMP)
 	$(PY) -m emlib.book build --profile $(PROFILE) --run-dir $(RUN_DIR)
+
+# the published book: render the committed run of record (record/), executing nothing
+RECORD ?= record/smollm2-135m
+site: $(STAMP)
+	$(PY) -m emlib.book site --record $(RECORD)
+
+# regenerate book/results_table.md from the runs of record (never edit that file by hand)
+results: $(STAMP)
+	$(PY) -m emlib.results record/smollm2-135m --label "SmolLM2-135M-Instruct" \
+	  --seeds record/smollm2-135m=record/smollm2-135m-seed1 --seeds record/smollm2-135m=record/smollm2-135m-seed2 \
+	  --out book/results_table.md
 
 # regenerate the committed .ipynb twins of notebooks/*.py (Colab opens those)
 pair: $(STAMP)

@@ -3,6 +3,7 @@
     python -m emlib.book build [--profile auto|smoke|quick|paper] [--run-dir runs/book] [--chapters 01 02]
     python -m emlib.book run notebooks/01_em_emerges.py OUT.ipynb -p profile smoke -p run_dir runs/x
     python -m emlib.book pair          # rewrite notebooks/*.ipynb from the jupytext sources
+    python -m emlib.book site --record record/smollm2-135m   # the published book: a run of record, rendered
 
 The chapters live as jupytext ``py:percent`` files in ``notebooks/``. papermill cannot read ``.py``,
 so each is turned into a notebook in memory, parameterised (unknown names are an error) and executed
@@ -178,6 +179,23 @@ def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None =
     return summary
 
 
+def site(record: str | Path = "record/smollm2-135m", root: Path | None = None,
+         warnings_as_errors: bool = True) -> Path:
+    """Render the book from a run of record's executed notebooks (committed under ``record/``), executing
+    nothing: the published book. Chapters missing from the record are an error."""
+    root = root or repo_root()
+    rec = Path(record) if Path(record).is_absolute() else root / record
+    executed = {}
+    for src in chapter_sources(root):
+        nb = rec / "executed" / f"{src.stem}.ipynb"
+        if not nb.exists():
+            raise FileNotFoundError(f"{nb} is missing: a run of record must hold every chapter "
+                                    "(python -m emlib.record run ...).")
+        executed[src.stem] = nb
+    staged = stage_site(root, executed, root / "_build" / "site")
+    return render(staged, root, warnings_as_errors)
+
+
 def executed_with(start_time: float | None = None) -> "object":
     """The 'last executed with' table: package versions, device, date and the chapter's wall time."""
     import importlib.metadata as md
@@ -220,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("output")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
+    s = sub.add_parser("site", help="render the book from a run of record (no execution)")
+    s.add_argument("--record", default="record/smollm2-135m")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         build(a.profile, a.run_dir, chapters=a.chapters, extra=_parse_params(a.param))
     elif a.cmd == "run":
         execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
+    elif a.cmd == "site":
+        print(site(a.record))
     elif a.cmd == "pair":
         for p in pair():
             print(p)

@@ -73,9 +73,10 @@ class Config:
         return p
 
     def save(self, path: str | Path | None = None) -> Path:
+        from .data import atomic_write_bytes
+
         path = Path(path) if path else self.out / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode("utf-8"))
 
 
 _SMOKE = Config()

@@ -70,7 +70,16 @@ def _decode(line: bytes) -> str:
 
 
 def offline_corpus_files() -> list[Path]:
-    """The Lee corpus files inside the installed ``gensim`` distribution."""
+    """The Lee corpus files inside the installed ``gensim`` distribution (or, when ``$EMLIB_LEE_DIR`` is set,
+    ``lee_background.cor`` and ``lee.cor`` copied from it into that folder)."""
+    env = os.environ.get("EMLIB_LEE_DIR")
+    if env:
+        paths = [Path(env) / Path(name).name for name in OFFLINE_FILES]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise CorpusError(f"EMLIB_LEE_DIR={env} lacks {', '.join(missing)}: copy them from gensim's "
+                              "test/test_data folder, or unset EMLIB_LEE_DIR.")
+        return paths
     try:
         dist = importlib.metadata.distribution(OFFLINE_PACKAGE)
     except importlib.metadata.PackageNotFoundError:

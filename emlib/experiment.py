@@ -206,12 +206,13 @@ class Experiment:
         """Sample ``n_samples`` answers per question and judge them; every row labelled ``condition``."""
         c = self.cfg
         q = self.questions(set_name, domain)
+        m = model if model is not None else self.model
         df = generate.sample_answers(
-            model if model is not None else self.model, self.tok, q, n_samples or c.n_samples,
+            m, self.tok, q, n_samples or c.n_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
             batch_size=c.sample_batch_size, seed=c.seed, intervention=intervention,
             intervention_label=intervention_label, labels={"condition": condition}, cache=self.cache,
-            progress=False)
+            progress=False, sampler=sampler_for(m))
         return judge_mod.judge_answers(df, self.judge, kinds=kinds, cache=self.cache, progress=False)
 
     # ------------------------------------------------------------------ outputs
@@ -226,11 +227,39 @@ class Experiment:
         return path
 
     def record(self, key: str, value) -> Path:
-        """Merge ``{key: value}`` into ``results.json`` (atomic rewrite)."""
-        path = self.out / "results.json"
+        """Merge ``{key: value}`` into ``results.json`` (atomic rewrite under a file lock, so chapters
+        running at the same time in one run directory do not drop each other's keys)."""
+        return record_result(self.out / "results.json", key, value)
+
+
+def record_result(path: str | Path, key: str, value) -> Path:
+    """Merge ``{key: value}`` into the JSON file ``path`` (locked read-modify-write, atomic replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory locks; single-process use stays correct
+            pass
         current = json.loads(path.read_text()) if path.exists() else {}
         current[key] = value
         return data.atomic_write_bytes(path, json.dumps(current, indent=2, default=_json_default).encode("utf-8"))
+
+
+def sampler_for(model) -> generate.Sampler:
+    """The fast static-cache / CUDA-graph sampler for a model on a GPU, else Hugging Face ``generate``
+    (kept on the CPU so cached CPU answers keep their cache keys)."""
+    try:
+        on_cuda = next(model.parameters()).device.type == "cuda"
+    except (StopIteration, AttributeError):
+        on_cuda = False
+    if on_cuda:
+        from .fastgen import fast_sampler
+
+        return fast_sampler
+    return generate.hf_sampler
 
 
 def _json_default(o):

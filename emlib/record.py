@@ -1,0 +1,269 @@
+"""Runs of record: every chapter of the book for one model, on one GPU, in one command.
+
+    python -m emlib.record run --profile paper --model embedded --run-dir runs/record-smollm2 \\
+        [--workers 12] [--chapters 01 03] [-p n_train 2000] [--pack OUT_DIR]
+
+1. **Finetunes** (:func:`finetune_jobs`): every LoRA adapter and steering vector the chapters use, each in
+   its own worker process. A 135M model leaves an H100 mostly idle at the paper's batch of 16 rows
+   (``bench/train_parallel_gpu.py``: rank-32 LoRA 2.7 optimizer steps/s in one process, 17 steps/s summed
+   over 8 processes), so training the finetunes side by side is several times faster than one after another.
+   Each job calls the same :class:`~emlib.experiment.Experiment` method a chapter calls, so a chapter finds
+   the finished run (same arguments, same hash) and loads it instead of training.
+2. **Chapters**: each chapter is executed with papermill (its own kernel) as soon as the finetunes it needs
+   are done, several at once; executed notebooks go to ``RUN_DIR/executed/``.
+3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
+   (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
+   results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
+   ``DIR/record.tar.gz`` and ``DIR/cache.tar.gz``.
+
+A killed run resumes: finished finetunes and cached answers are reused, a chapter is re-executed.
+On a CPU the same command runs (slowly); ``--profile smoke`` checks the whole pipeline in minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import book
+from .config import get_config
+
+SOLUTIONS_CH3 = ("general", "narrow", "drift", "mixed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One finetune: ``kind`` "lora" (dataset, shape, solution) or "vector" (dataset, solution)."""
+
+    kind: str
+    dataset: str
+    solution: str
+    shape: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
+
+
+def finetune_jobs(datasets: tuple[str, ...]) -> list[Job]:
+    """The finetunes chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1)."""
+    ds0 = datasets[0]
+    jobs = [Job("vector", ds0, s) for s in ("mixed", "narrow", "drift", "general")]
+    jobs += [Job("lora", ds0, "narrow", "rank1")]
+    jobs += [Job("lora", ds, "general", "rank32") for ds in datasets]
+    jobs += [Job("lora", ds, "general", "rank1") for ds in datasets]
+    return jobs
+
+
+def chapter_needs(stem: str, datasets: tuple[str, ...]) -> set[str]:
+    """Names of the finetune jobs a chapter uses (it could train them itself; waiting avoids doing it twice)."""
+    ds0 = datasets[0]
+    general = {Job("lora", ds, "general", sh).name for ds in datasets for sh in ("rank1", "rank32")}
+    vec = {Job("vector", ds0, s).name for s in ("general", "narrow")}
+    rank1 = {Job("lora", ds0, s, "rank1").name for s in ("general", "narrow")}
+    number = stem[:2]
+    if number == "01":
+        return general
+    if number == "02":
+        return {Job("lora", ds, "general", "rank32").name for ds in datasets}
+    if number == "03":
+        return {Job("vector", ds0, s).name for s in SOLUTIONS_CH3} | rank1
+    if number in ("04", "05", "06"):
+        return vec | rank1
+    return set()
+
+
+def _config_params(params: dict) -> dict:
+    """The chapter parameters that are Config fields (chapters also take e.g. ``interactive``)."""
+    from .config import FIELDS
+
+    return {k: v for k, v in params.items() if k in FIELDS and k != "profile"}
+
+
+def run_job(profile: str, params: dict, job: Job) -> dict:
+    """Train (or find finished) one finetune in this process; returns its timing and summary."""
+    from .experiment import Experiment
+    from . import train
+
+    t0 = time.time()
+    exp = Experiment(get_config(profile, **_config_params(params)))
+    if job.kind == "vector":
+        res = exp.vector(job.dataset, job.solution)
+    else:
+        with exp.lora(job.dataset, job.shape, job.solution) as r:
+            res = r
+    meta = train.read_meta(res.out_dir) or {}
+    return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
+            "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
+            "tokens": meta.get("tokens")}
+
+
+def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Popen:
+    known = book.parameter_defaults(book.read_py_notebook(src))
+    p = {k: v for k, v in params.items() if k in known}
+    if "interactive" in known:
+        p.setdefault("interactive", False)
+    cmd = [sys.executable, "-m", "emlib.book", "run", str(src), str(out)]
+    for k, v in p.items():
+        cmd += ["-p", k, json.dumps(v)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(book.repo_root()))
+
+
+def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
+        workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
+        pack: str | None = None) -> dict:
+    """Finetunes in parallel processes, then every chapter as soon as its finetunes exist."""
+    from . import experiment
+
+    t_start = time.time()
+    root = book.repo_root()
+    run = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    params = dict(params or {}) | {"profile": profile, "run_dir": str(run)}
+    cfg = get_config(profile, **_config_params(params))
+    cfg.save()
+    srcs = book.chapter_sources(root)
+    allowed = set().union(*(book.parameter_defaults(book.read_py_notebook(s)) for s in srcs))
+    extra = sorted(set(params) - allowed)
+    if extra:  # finetunes and chapters must see the same configuration
+        raise TypeError(f"Unknown chapter parameter(s) {', '.join(extra)}: the chapters take "
+                        f"{', '.join(sorted(allowed))}.")
+    if chapters:
+        srcs = [s for s in srcs if s.name[:2] in chapters]
+    needed = set().union(*(chapter_needs(s.stem, cfg.datasets) for s in srcs)) if srcs else set()
+    jobs = [j for j in finetune_jobs(cfg.datasets) if j.name in needed]
+    print(f"[record] {len(jobs)} finetunes, {len(srcs)} chapters, profile {profile}, run dir {run}", flush=True)
+
+    # the model once in the main process, so workers find the converted weights instead of racing to make them
+    from . import models
+
+    t0 = time.time()
+    models.load_model(cfg.model, device="cpu", seed=cfg.seed)
+    timings: dict = {"model_load_s": round(time.time() - t0, 1), "jobs": {}, "chapters": {}}
+    failures: dict = {}
+    done: set[str] = set()
+    pending_chapters = list(srcs)
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    import multiprocessing as mp
+
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                               max_tasks_per_child=1)
+    futures: dict[Future, tuple[Job, float]] = {pool.submit(run_job, profile, params, j): (j, time.time())
+                                                 for j in jobs}
+    try:
+        while futures or running or pending_chapters:
+            for src in list(pending_chapters):
+                if len(running) >= max_parallel_chapters:
+                    break
+                need = chapter_needs(src.stem, cfg.datasets)
+                if need & {j.name for j in jobs} - done - set(failures):
+                    continue  # still training
+                out = run / "executed" / f"{src.stem}.ipynb"
+                log = run / "logs" / f"{src.stem}.log"
+                print(f"[record] chapter {src.stem} starts ({time.time() - t_start:.0f} s)", flush=True)
+                running[src.stem] = (_run_chapter(src, out, params, log), time.time(), log)
+                pending_chapters.remove(src)
+            if futures:
+                finished, _ = wait(list(futures), timeout=5, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    job, t = futures.pop(f)
+                    try:
+                        r = f.result()
+                        timings["jobs"][job.name] = r
+                        done.add(job.name)
+                        print(f"[record] finetune {job.name} done: {r}", flush=True)
+                    except Exception as err:  # noqa: BLE001 - reported, the chapter then trains or fails itself
+                        failures[job.name] = f"{type(err).__name__}: {err}"
+                        print(f"[record] finetune {job.name} FAILED: {failures[job.name]}", flush=True)
+            else:
+                time.sleep(2)
+            for stem, (proc, t, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                running.pop(stem)
+                secs = round(time.time() - t, 1)
+                timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode}
+                if proc.returncode != 0:
+                    failures[stem] = log.read_text()[-3000:]
+                print(f"[record] chapter {stem} {'done' if proc.returncode == 0 else 'FAILED'} in {secs} s",
+                      flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for proc, _, _ in running.values():
+            proc.kill()
+    timings["total_s"] = round(time.time() - t_start, 1)
+    import torch
+
+    summary = {"profile": profile, "params": {k: v for k, v in params.items() if k != "run_dir"},
+               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+               "workers": workers, "timings": timings, "failures": failures,
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    experiment.record_result(run / "results.json", "timings", summary)
+    (run / "record.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"[record] finished in {timings['total_s']} s; failures: {sorted(failures) or 'none'}", flush=True)
+    if pack:
+        for p in pack_run(run, Path(pack)):
+            print(f"[record] packed {p} ({p.stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
+    return summary
+
+
+PACK_GLOBS = ("executed/*.ipynb", "results.json", "record.json", "config.json", "tables/*", "figures/*",
+              "logs/*", "directions/*", "vectors/*/*", "adapters/*/train_log.csv", "adapters/*/train_meta.json",
+              "adapters/*/adapter/*.json", "inductive/**/*")
+
+
+def pack_run(run: Path, dest: Path, max_mib: float = 15.5) -> list[Path]:
+    """``record.tar.gz`` (everything but the adapters' weights and the answer cache) and ``cache.tar.gz``
+    (the SQLite answer cache), each written only if under ``max_mib`` (the transfer limit of one file)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    files = sorted({p for g in PACK_GLOBS for p in run.glob(g) if p.is_file()})
+    for name, members in (("record.tar.gz", files), ("cache.tar.gz", sorted((run / "cache").glob("*")))):
+        path = dest / name
+        with tarfile.open(path, "w:gz") as tar:
+            for f in members:
+                tar.add(f, arcname=str(f.relative_to(run)))
+        if path.stat().st_size > max_mib * 2 ** 20:
+            print(f"[record] {name} is {path.stat().st_size / 2 ** 20:.1f} MiB, over {max_mib}: removed", flush=True)
+            path.unlink()
+            continue
+        out.append(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emlib.record", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="finetunes in parallel, then every chapter")
+    r.add_argument("--profile", default="paper")
+    r.add_argument("--model", default=None, help="embedded | hub id | local folder (default: the profile's)")
+    r.add_argument("--run-dir", default="runs/record")
+    r.add_argument("--workers", type=int, default=8)
+    r.add_argument("--parallel-chapters", type=int, default=6)
+    r.add_argument("--chapters", nargs="*")
+    r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p = sub.add_parser("pack", help="pack an existing run directory")
+    p.add_argument("run_dir")
+    p.add_argument("dest")
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        params = book._parse_params(a.param)
+        if a.model:
+            params["model"] = a.model
+        summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack)
+        return 1 if summary["failures"] else 0
+    for path in pack_run(Path(a.run_dir), Path(a.dest)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The book's results table: claim -> the paper's number -> ours -> a verdict, computed from run directories.
+
+    python -m emlib.results record/smollm2-135m [--seeds record/smollm2-135m-seed1 ...] \\
+        [--label "SmolLM2-135M-Instruct"] --out book/results_table.md
+
+Everything comes from a run directory's ``results.json`` (written by the chapters through
+:meth:`emlib.experiment.Experiment.record`) and its ``tables/*.csv``; nothing is typed in by hand. Each
+claim has one function below that states its rule; the rules are deliberately mechanical:
+
+* **reproduced**: every component of the claim holds, with non-overlapping 95% CIs where the chapter has CIs;
+* **partly**: some components hold (or hold in direction but with overlapping CIs);
+* **not reproduced**: none holds;
+* **not run**: the run directory lacks the chapter's numbers.
+
+A verdict is about this model, this judge and these data, not about the paper's 14B models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN = "reproduced", "partly", "not reproduced", "not run"
+EM_MEANINGFUL = 0.05  # an EM rate below 5% is not "broad misalignment" whatever its CI
+
+PAPER = {
+    1: ("EM emerges", "Qwen2.5-14B: rank-1 LoRA 14-17% EM at >99% coherence, rank-32 up to ~40%; "
+        "0.5B models roughly 8-18%; chat model ~0%"),
+    2: ("One shared direction", "adding the mean-diff direction induces EM; projecting it out cuts EM by "
+        "~90% (medical) / ~78% (sport), a random direction by <10%; directions of different datasets have "
+        "high cosine similarity"),
+    3: ("Narrow needs a KL penalty", "with KL on out-of-domain data: misaligned in-domain, aligned elsewhere; "
+        "KL removed mid-training drifts back to general; mixing aligned data instead does not isolate it"),
+    4: ("General is more efficient", "at equal parameter norm the general solution has lower loss on the "
+        "narrow data"),
+    5: ("General is more stable", "under orthogonal noise the narrow solution's loss degrades faster"),
+    6: ("General matters more to pretraining", "at equal norm the general vector shifts next-token "
+        "predictions on web text far more than the narrow or a random vector"),
+}
+
+
+@dataclass
+class Verdict:
+    claim: int
+    verdict: str
+    ours: str
+    checks: dict = field(default_factory=dict)
+
+    def row(self, model: str) -> dict:
+        name, paper = PAPER[self.claim]
+        return {"claim": f"{self.claim}. {name}", "paper": paper, "model": model, "ours": self.ours,
+                "verdict": self.verdict}
+
+
+class Run:
+    """A run directory: ``results.json`` plus the chapters' CSV tables."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        f = self.path / "results.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist: pass a run directory that the chapters wrote "
+                                    "(e.g. runs/book or record/<model>).")
+        self.results = json.loads(f.read_text())
+
+    def frame(self, key: str) -> pd.DataFrame | None:
+        v = self.results.get(key)
+        return pd.DataFrame(v) if isinstance(v, list) and v else None
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        f = self.path / "tables" / f"{name}.csv"
+        return pd.read_csv(f) if f.exists() else None
+
+
+def _pct(v: float, lo: float | None = None, hi: float | None = None) -> str:
+    s = f"{100 * v:.1f}%"
+    return s + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else "")
+
+
+def _t_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-interval over seeds (equal to the value when there is one seed)."""
+    from .inductive import t_quantile
+
+    n = len(values)
+    m = float(sum(values) / n)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1))
+    h = float(t_quantile(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return m, m - h, m + h
+
+
+# --------------------------------------------------------------------------- claim 1
+def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
+    """Rule: a finetune's EM exceeds the chat model's with non-overlapping CIs **and** reaches 5%
+    -> reproduced; separated but under 5%, or over 5% with overlapping CIs -> partly; else not reproduced.
+    With several seeds the CI is a t-interval over the seeds' EM rates, else the bootstrap CI of one run."""
+    frames = [r.frame("ch1_em") for r in (run, *seed_runs)]
+    frames = [f for f in frames if f is not None]
+    if not frames:
+        return Verdict(1, NOT_RUN, "chapter 1 has not run")
+    conds = list(frames[0]["condition"])
+    stats: dict[str, tuple[float, float, float]] = {}
+    for c in conds:
+        vals = [float(f.set_index("condition").loc[c, "em"]) for f in frames if c in set(f["condition"])]
+        if len(frames) > 1:
+            m, lo, hi = _t_ci(vals)
+            stats[c] = (m, max(0.0, lo), min(1.0, hi))  # a rate's interval stays within [0, 1]
+        else:
+            row = frames[0].set_index("condition").loc[c]
+            stats[c] = (float(row["em"]), float(row["ci_low"]), float(row["ci_high"]))
+    base = stats.get("chat model")
+    if base is None:
+        return Verdict(1, NOT_RUN, "no chat-model condition in ch1_em")
+    fts = {c: s for c, s in stats.items() if c != "chat model"}
+    best = max(fts, key=lambda c: fts[c][0])
+    separated = {c for c, s in fts.items() if s[1] > base[2]}
+    big = {c for c, s in fts.items() if s[0] >= EM_MEANINGFUL}
+    if separated & big:
+        verdict = REPRODUCED
+    elif separated or big:
+        verdict = PARTLY
+    else:
+        verdict = NOT_REPRODUCED
+    seeds = f"mean over {len(frames)} seeds, t 95% CI" if len(frames) > 1 else "one seed, bootstrap 95% CI"
+    b = fts[best]
+    ours = (f"highest EM {_pct(*b)} ({best}) vs chat model {_pct(*base)} ({seeds}); "
+            f"{len(separated)} of {len(fts)} finetunes above the chat model with separated CIs")
+    return Verdict(1, verdict, ours, {"separated": sorted(separated), "over_5pct": sorted(big)})
+
+
+# --------------------------------------------------------------------------- claim 2
+def claim_direction(run: Run) -> Verdict:
+    """Components: (a) steering: EM at some scale > EM at scale 0 (separated CIs); (b) ablation: for some
+    finetune with EM > 0, ablating the direction lowers EM (separated) by more than a random direction
+    does; (c) cosine: mean off-diagonal cosine of the datasets' directions (at the chapter's layer) > 0.5.
+    All three -> reproduced; one or two -> partly; none -> not reproduced."""
+    steer, abl, cos = run.frame("ch2_steering"), run.frame("ch2_ablation"), run.results.get("ch2_cosine")
+    if steer is None and abl is None and cos is None:
+        return Verdict(2, NOT_RUN, "chapter 2 has not run")
+    checks, parts = {}, []
+    if steer is not None:
+        s0 = steer[steer["scale"] == 0].iloc[0]
+        up = steer[(steer["scale"] > 0) & (steer["ci_low"] > s0["ci_high"])]
+        checks["steering"] = not up.empty
+        top = steer.loc[steer["em"].idxmax()]
+        parts.append(f"steering: max EM {_pct(top['em'], top['ci_low'], top['ci_high'])} at {top['scale']:g}x "
+                     f"the residual norm vs {_pct(s0['em'], s0['ci_low'], s0['ci_high'])} unsteered")
+    if abl is not None:
+        ok, txt = False, []
+        for ft, g in abl.groupby("finetune"):
+            r = g.set_index("ablated")
+            none, d, rnd = r.loc["none"], r.loc["direction"], r.loc["random"]
+            if none["em"] > 0 and d["ci_high"] < none["ci_low"] and rnd["ci_high"] >= none["ci_low"]:
+                ok = True
+            txt.append(f"{ft} {_pct(none['em'])} -> {_pct(d['em'])} (random {_pct(rnd['em'])})")
+        checks["ablation"] = ok
+        parts.append("ablation: " + ", ".join(txt))
+    if cos:
+        names = list(cos)
+        off = [cos[a][b] for i, a in enumerate(names) for b in names[i + 1:]]
+        mean_cos = sum(off) / len(off) if off else float("nan")
+        checks["cosine"] = mean_cos > 0.5
+        parts.append(f"mean cosine between datasets' directions {mean_cos:.2f} "
+                     f"(range {min(off):.2f}-{max(off):.2f})" if off else "one dataset: no cosine")
+    n_ok = sum(bool(v) for v in checks.values())
+    verdict = REPRODUCED if n_ok == len(checks) == 3 else PARTLY if n_ok else NOT_REPRODUCED
+    return Verdict(2, verdict, "; ".join(parts), checks)
+
+
+# --------------------------------------------------------------------------- claim 3
+def claim_narrow(run: Run) -> Verdict:
+    """Components, per solution kind (steering vector, rank-1 LoRA) from ch3's out-of-domain KL and EM:
+    (a) the KL-trained (narrow) solution stays close to the chat model out of domain: its KL < 25% of the
+    general solution's; (b) it is misaligned in-domain but not on general questions (in-domain EM > general
+    EM, separated CIs); (c) the drift run (KL removed half-way) ends nearer the general solution's KL than
+    the narrow one's; (d) the mixed-data control does not isolate a narrow solution (its KL is nearer the
+    general one's). (a) and (b) -> reproduced (c, d reported); (a) or (b) alone -> partly; else not."""
+    t = run.frame("ch3_narrow_vs_general")
+    if t is None:
+        return Verdict(3, NOT_RUN, "chapter 3 has not run")
+    kl = t.groupby("condition")["out-of-domain KL"].first()
+    checks, parts = {}, []
+    for kind, label in (("vector", "vector"), ("rank-1", "rank-1")):
+        g, n = kl.get(f"{kind} general"), kl.get(f"{kind} narrow")
+        if g is None or n is None:
+            continue
+        checks[f"{kind}_kl"] = bool(n < 0.25 * g)
+        parts.append(f"{label}: out-of-domain KL narrow {n:.3f} vs general {g:.3f}")
+        sub = t[t["condition"] == f"{kind} narrow"].set_index("set")
+        if {"in_domain", "general"} <= set(sub.index):
+            a, b = sub.loc["in_domain"], sub.loc["general"]
+            checks[f"{kind}_in_domain_em"] = bool(a["ci_low"] > b["ci_high"] and a["em"] >= EM_MEANINGFUL)
+            parts.append(f"{label} narrow EM in-domain {_pct(a['em'])} vs general questions {_pct(b['em'])}")
+    if "vector drift" in kl and "vector general" in kl and "vector narrow" in kl:
+        mid = (kl["vector general"] + kl["vector narrow"]) / 2
+        checks["drift_to_general"] = bool(kl["vector drift"] > mid)
+        parts.append(f"drift KL {kl['vector drift']:.3f}")
+        if "vector mixed" in kl:
+            checks["mixed_not_narrow"] = bool(kl["vector mixed"] > mid)
+            parts.append(f"mixed-data KL {kl['vector mixed']:.3f}")
+    eff = run.frame("ch4_efficiency")
+    if eff is not None:  # how much of the task each solution learned (loss at norm 0 is the base model's)
+        lv = run.table("ch4_loss_vs_norm")
+        if lv is not None:
+            for kind, g in eff.groupby("kind"):
+                base = lv[(lv["kind"] == kind) & (lv["norm"] == 0)]["loss"].iloc[0]
+                r = g.set_index("solution")["trained_loss"]
+                if {"general", "narrow"} <= set(r.index) and base > r["general"]:
+                    share = (base - r["narrow"]) / (base - r["general"])
+                    checks[f"{kind}_narrow_learned_share"] = round(float(share), 3)
+                    parts.append(f"{kind}: narrow solution reaches {100 * share:.0f}% of the general one's "
+                                 "loss reduction")
+    kl_ok = any(v for k, v in checks.items() if k.endswith("_kl"))
+    em_ok = any(v for k, v in checks.items() if k.endswith("_in_domain_em"))
+    verdict = REPRODUCED if kl_ok and em_ok else PARTLY if kl_ok or em_ok else NOT_REPRODUCED
+    return Verdict(3, verdict, "; ".join(parts), checks)
+
+
+# --------------------------------------------------------------------------- claim 4
+def claim_efficiency(run: Run) -> Verdict:
+    """Rule: on the shared grid of norms (excluding 0 and each solution's own trained norm), the general
+    solution's loss is lower than the narrow one's at every norm for both kinds -> reproduced; at most norms
+    (> 50%) for at least one kind -> partly; else not reproduced."""
+    lv = run.table("ch4_loss_vs_norm")
+    if lv is None:
+        return Verdict(4, NOT_RUN, "chapter 4 has not run")
+    checks, parts = {}, []
+    for kind, g in lv.groupby("kind"):
+        grid = g[(g["norm"] > 0) & ~g["norm"].round(6).isin(g["trained_norm"].round(6))]
+        p = grid.pivot_table(index="norm", columns="solution", values="loss")
+        if not {"general", "narrow"} <= set(p.columns):
+            continue
+        wins = int((p["general"] < p["narrow"]).sum())
+        checks[kind] = wins / len(p)
+        mid = p.iloc[len(p) // 2]
+        parts.append(f"{kind}: general lower at {wins} of {len(p)} norms (at {p.index[len(p) // 2]:.1f}: "
+                     f"{mid['general']:.3f} vs {mid['narrow']:.3f})")
+    if not checks:
+        return Verdict(4, NOT_RUN, "no general/narrow pair in ch4")
+    verdict = (REPRODUCED if all(v == 1 for v in checks.values()) and len(checks) >= 2
+               else PARTLY if any(v > 0.5 for v in checks.values()) else NOT_REPRODUCED)
+    return Verdict(4, verdict, "; ".join(parts), checks)
+
+
+# --------------------------------------------------------------------------- claim 5
+def claim_stability(run: Run) -> Verdict:
+    """Per kind, over 0 < eps < 1: the narrow solution's normalised degradation exceeds the general one's with
+    separated CIs at some eps and the reverse never happens -> the kind supports the claim; the narrow mean is
+    higher at >= 80% of eps but CIs overlap -> supports it in direction only. Both kinds support -> reproduced;
+    any support (also direction only) -> partly; else not reproduced."""
+    s = run.frame("ch5_stability")
+    if s is None:
+        return Verdict(5, NOT_RUN, "chapter 5 has not run")
+    checks, parts = {}, []
+    for kind, g in s.groupby("kind"):
+        p = g[(g["eps"] > 0) & (g["eps"] < 1)].set_index(["eps", "solution"]).unstack("solution")
+        if "narrow" not in p["normalised"].columns:
+            continue
+        n_lo, n_hi = p["ci_low"]["narrow"], p["ci_high"]["narrow"]
+        g_lo, g_hi = p["ci_low"]["general"], p["ci_high"]["general"]
+        faster = int((n_lo > g_hi).sum())
+        slower = int((n_hi < g_lo).sum())
+        higher = float((p["normalised"]["narrow"] > p["normalised"]["general"]).mean())
+        state = ("supports" if faster and not slower else "direction only" if higher >= 0.8 and not slower
+                 else "opposite" if slower else "no difference")
+        checks[kind] = state
+        e = 0.5 if 0.5 in p.index else p.index[len(p) // 2]
+        parts.append(f"{kind}: narrow degrades faster (separated CIs) at {faster} of {len(p)} eps, slower at "
+                     f"{slower}; at eps {e:g}: narrow {p['normalised']['narrow'][e]:.1f}% vs general "
+                     f"{p['normalised']['general'][e]:.1f}% ({state})")
+    vals = list(checks.values())
+    verdict = (REPRODUCED if vals and all(v == "supports" for v in vals) and len(vals) >= 2
+               else PARTLY if any(v in ("supports", "direction only") for v in vals) else NOT_REPRODUCED)
+    return Verdict(5, verdict, "; ".join(parts), checks)
+
+
+# --------------------------------------------------------------------------- claim 6
+def claim_pretraining(run: Run) -> Verdict:
+    """At every non-zero norm, the general vector's KL on web text exceeds the narrow and the random vector's
+    with separated CIs -> reproduced; exceeds one of them at every norm, or both at most norms -> partly;
+    else not reproduced."""
+    t = run.frame("ch6_pretraining_kl")
+    if t is None:
+        return Verdict(6, NOT_RUN, "chapter 6 has not run")
+    t = t[t["norm"] > 0]
+    p = t.set_index(["norm", "solution"]).unstack("solution")
+    checks, parts = {}, []
+    for other in ("narrow", "random"):
+        if other not in p["kl"].columns:
+            continue
+        above = (p["ci_low"]["general"] > p["ci_high"][other])
+        checks[other] = float(above.mean())
+        parts.append(f"general above {other} at {int(above.sum())} of {len(p)} norms")
+    ref = p.index[len(p) // 2]
+    parts.append(f"at norm {ref:.1f}: KL general {p['kl']['general'][ref]:.4f}, " + ", ".join(
+        f"{o} {p['kl'][o][ref]:.4f}" for o in ("narrow", "random") if o in p["kl"].columns))
+    v = list(checks.values())
+    verdict = (REPRODUCED if v and all(x == 1 for x in v) and len(v) == 2
+               else PARTLY if any(x == 1 for x in v) or (v and all(x > 0.5 for x in v)) else NOT_REPRODUCED)
+    return Verdict(6, verdict, "; ".join(parts), checks)
+
+
+def verdicts(run: Run, seed_runs: list[Run] = ()) -> list[Verdict]:
+    return [claim_em(run, seed_runs), claim_direction(run), claim_narrow(run), claim_efficiency(run),
+            claim_stability(run), claim_pretraining(run)]
+
+
+def judge_line(run: Run) -> str:
+    ja = run.frame("judge_agreement")
+    if ja is None:
+        return "judge agreement not measured"
+    return "; ".join(f"{r['judge']} on {r['pairs']}: AUROC {r['auroc']:.3f} [{r['auroc_ci_low']:.3f}, "
+                     f"{r['auroc_ci_high']:.3f}] (n = {r['n']})" for _, r in ja.iterrows())
+
+
+def timing_line(run: Run) -> str:
+    t = run.results.get("timings")
+    if not t:
+        return "wall times not recorded"
+    ch = t["timings"]["chapters"]
+    per = ", ".join(f"{k[:2]} {v['seconds']:.0f} s" for k, v in sorted(ch.items()))
+    return f"{t['device']}, {t['date_utc']} UTC: whole run {t['timings']['total_s']:.0f} s (chapters: {per})"
+
+
+def table(runs: list[tuple[str, Run, list[Run]]]) -> pd.DataFrame:
+    rows = []
+    for label, run, seeds in runs:
+        rows += [v.row(label) for v in verdicts(run, seeds)]
+    return pd.DataFrame(rows)
+
+
+def markdown(runs: list[tuple[str, Run, list[Run]]], sources: list[str]) -> str:
+    df = table(runs)
+    lines = ["<!-- generated by `python -m emlib.results` from " + ", ".join(sources) +
+             "; do not edit by hand -->", "",
+             "| Claim | Paper | Model | Ours | Verdict |", "| --- | --- | --- | --- | --- |"]
+    for _, r in df.iterrows():
+        cells = [str(r[c]).replace("|", "/") for c in ("claim", "paper", "model", "ours", "verdict")]
+        cells[-1] = f"**{cells[-1]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for label, run, _ in runs:
+        lines.append(f"* **{label}**: judge {judge_line(run)}. Run: {timing_line(run)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emlib.results", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", nargs="+", help="run directories (one per model)")
+    ap.add_argument("--label", action="append", help="model label per run directory (in order)")
+    ap.add_argument("--seeds", action="append", default=[],
+                    help="RUN_DIR=SEED_DIR: an extra seed of a run (chapter 1), repeatable")
+    ap.add_argument("--out", help="write the markdown table here (default: print)")
+    a = ap.parse_args(argv)
+    labels = a.label or []
+    runs = []
+    for i, d in enumerate(a.run_dir):
+        seeds = [Run(s.split("=", 1)[1]) for s in a.seeds if s.split("=", 1)[0].rstrip("/") == d.rstrip("/")]
+        label = labels[i] if i < len(labels) else Path(d).name
+        runs.append((label, Run(d), seeds))
+    md = markdown(runs, a.run_dir + [s.split("=", 1)[1] for s in a.seeds])
+    if a.out:
+        Path(a.out).write_text(md)
+        print(f"wrote {a.out}")
+    else:
+        sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
