@@ -1,0 +1,181 @@
+"""Runs of record (emlib.record), the generated results table (emlib.results) and the published site."""
+import json
+import multiprocessing as mp
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from emlib import book, experiment, record, results
+
+RECORD_ARGS = ["record/smollm2-135m", "--label", "SmolLM2-135M-Instruct",
+               "--seeds", "record/smollm2-135m=record/smollm2-135m-seed1",
+               "--seeds", "record/smollm2-135m=record/smollm2-135m-seed2"]
+
+
+# --------------------------------------------------------------------------- the committed record
+def test_results_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
+    """book/results_table.md is exactly what emlib.results computes from record/ (no hand edits)."""
+    monkeypatch.chdir(root)
+    out = tmp_path / "table.md"
+    results.main(RECORD_ARGS + ["--out", str(out)])
+    assert out.read_text() == (root / "book" / "results_table.md").read_text()
+
+
+def test_record_holds_every_chapter_executed_on_a_gpu(root):
+    rec = root / "record" / "smollm2-135m"
+    meta = json.loads((rec / "record.json").read_text())
+    assert meta["profile"] == "paper" and not meta["failures"]
+    assert "H100" in meta["device"]
+    for src in book.chapter_sources(root):
+        nb = json.loads((rec / "executed" / f"{src.stem}.ipynb").read_text())
+        errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, src.stem
+    cfg = json.loads((rec / "config.json").read_text())
+    assert cfg["data_source"] == "paper" and cfg["n_train"] is None and cfg["n_samples"] == 50
+
+
+def test_published_site_renders_from_the_record(root):
+    index = book.site("record/smollm2-135m", root=root)
+    html = (index.parent / "book" / "results.html").read_text()
+    assert "not reproduced" in html and "SmolLM2-135M-Instruct" in html
+    ch1 = (index.parent / "notebooks" / "01_em_emerges.html").read_text()
+    assert "<img" in ch1 and "H100" in ch1
+
+
+# --------------------------------------------------------------------------- verdict rules
+def _run(tmp_path: Path, name: str, res: dict, tables: dict | None = None) -> results.Run:
+    d = tmp_path / name
+    (d / "tables").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(res))
+    for t, df in (tables or {}).items():
+        df.to_csv(d / "tables" / f"{t}.csv", index=False)
+    return results.Run(d)
+
+
+def _em(cond, em, lo, hi, n=400):
+    return {"condition": cond, "em": em, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def test_claim_em_rules(tmp_path):
+    strong = _run(tmp_path, "a", {"ch1_em": [_em("chat model", 0.0, 0.0, 0.01), _em("medical rank1", 0.15, 0.12, 0.19)]})
+    assert results.claim_em(strong).verdict == results.REPRODUCED
+    weak = _run(tmp_path, "b", {"ch1_em": [_em("chat model", 0.0, 0.0, 0.01), _em("medical rank1", 0.03, 0.015, 0.045)]})
+    assert results.claim_em(weak).verdict == results.PARTLY  # separated but under 5%
+    none = _run(tmp_path, "c", {"ch1_em": [_em("chat model", 0.01, 0.0, 0.02), _em("medical rank1", 0.01, 0.0, 0.02)]})
+    assert results.claim_em(none).verdict == results.NOT_REPRODUCED
+    assert results.claim_em(_run(tmp_path, "d", {})).verdict == results.NOT_RUN
+    # seeds: a t-interval over the seeds' rates replaces the bootstrap CI
+    seeds = [_run(tmp_path, f"s{i}", {"ch1_em": [_em("chat model", 0.0, 0, 0), _em("medical rank1", v, 0, 1)]})
+             for i, v in enumerate((0.10, 0.11, 0.12))]
+    v = results.claim_em(seeds[0], seeds[1:])
+    assert v.verdict == results.REPRODUCED and "mean over 3 seeds" in v.ours
+
+
+def test_claim_efficiency_and_stability_rules(tmp_path):
+    norms = [0.0, 1.0, 2.0, 3.0]
+    rows = [{"solution": s, "kind": "steering vector", "norm": n, "loss": 3 - (0.3 if s == "general" else 0.1) * n,
+             "trained_norm": 9.0} for s in ("general", "narrow") for n in norms]
+    lv = pd.DataFrame(rows)
+    assert results.claim_efficiency(_run(tmp_path, "e", {}, {"ch4_loss_vs_norm": lv})).verdict == results.PARTLY
+    lv2 = pd.concat([lv, lv.assign(kind="rank-1 LoRA")])
+    assert results.claim_efficiency(_run(tmp_path, "f", {}, {"ch4_loss_vs_norm": lv2})).verdict == results.REPRODUCED
+    flipped = lv2.assign(solution=lv2["solution"].map({"general": "narrow", "narrow": "general"}))
+    assert results.claim_efficiency(_run(tmp_path, "g", {}, {"ch4_loss_vs_norm": flipped})).verdict == \
+        results.NOT_REPRODUCED
+
+    def curve(kind, gap):
+        return [{"solution": s, "kind": kind, "eps": e, "normalised": 10 * e + (gap if s == "narrow" else 0),
+                 "ci_low": 10 * e + (gap if s == "narrow" else 0) - 1,
+                 "ci_high": 10 * e + (gap if s == "narrow" else 0) + 1}
+                for s in ("general", "narrow") for e in (0.0, 0.2, 0.5, 0.8, 1.0)]
+
+    both = _run(tmp_path, "h", {"ch5_stability": curve("steering vector", 5) + curve("rank-1 LoRA", 5)})
+    assert results.claim_stability(both).verdict == results.REPRODUCED
+    opposite = _run(tmp_path, "i", {"ch5_stability": curve("steering vector", -5)})
+    assert results.claim_stability(opposite).verdict == results.NOT_REPRODUCED
+
+
+def test_claim_pretraining_and_direction_rules(tmp_path):
+    def kl(gen, nar, rnd):
+        return [{"solution": s, "norm": n, "kl": k * n, "ci_low": k * n - 0.001, "ci_high": k * n + 0.001}
+                for s, k in (("general", gen), ("narrow", nar), ("random", rnd)) for n in (0.0, 1.0, 2.0)]
+
+    assert results.claim_pretraining(_run(tmp_path, "j", {"ch6_pretraining_kl": kl(0.1, 0.05, 0.05)})).verdict == \
+        results.REPRODUCED
+    assert results.claim_pretraining(_run(tmp_path, "k", {"ch6_pretraining_kl": kl(0.1, 0.05, 0.2)})).verdict == \
+        results.PARTLY
+    steer = [{"scale": 0.0, "em": 0.0, "ci_low": 0.0, "ci_high": 0.01},
+             {"scale": 1.0, "em": 0.3, "ci_low": 0.25, "ci_high": 0.35}]
+    abl = [{"finetune": "medical", "ablated": a, "em": e, "ci_low": lo, "ci_high": hi}
+           for a, e, lo, hi in (("none", 0.2, 0.16, 0.24), ("direction", 0.02, 0.0, 0.04), ("random", 0.19, 0.15, 0.23))]
+    cos = {"medical": {"medical": 1.0, "sport": 0.8}, "sport": {"medical": 0.8, "sport": 1.0}}
+    full = _run(tmp_path, "l", {"ch2_steering": steer, "ch2_ablation": abl, "ch2_cosine": cos})
+    assert results.claim_direction(full).verdict == results.REPRODUCED
+    low_cos = {"medical": {"medical": 1.0, "sport": 0.1}, "sport": {"medical": 0.1, "sport": 1.0}}
+    assert results.claim_direction(_run(tmp_path, "m", {"ch2_steering": steer, "ch2_ablation": abl,
+                                                          "ch2_cosine": low_cos})).verdict == results.PARTLY
+
+
+def test_results_cli_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        results.main([str(tmp_path / "nope")])
+
+
+# --------------------------------------------------------------------------- the runner
+def test_every_chapter_need_is_a_planned_finetune():
+    ds = ("medical", "financial", "sport")
+    names = {j.name for j in record.finetune_jobs(ds)}
+    for stem in ("00_datasets", "01_x", "02_x", "03_x", "04_x", "05_x", "06_x"):
+        assert record.chapter_needs(stem, ds) <= names
+    assert len(names) == len(record.finetune_jobs(ds))  # no job twice
+
+
+def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
+    """The whole runner on the CPU: finetunes in 2 worker processes, chapter 4 once they exist, the pack."""
+    run_dir = tmp_path / "rec"
+    summary = record.run("smoke", str(run_dir), workers=2, chapters=["04"], pack=str(tmp_path / "pack"))
+    assert summary["failures"] == {}
+    assert set(summary["timings"]["jobs"]) == record.chapter_needs("04_efficiency", ("medical", "financial", "sport"))
+    assert (run_dir / "executed" / "04_efficiency.ipynb").exists()
+    res = json.loads((run_dir / "results.json").read_text())
+    assert "ch4_efficiency" in res and res["timings"]["timings"]["chapters"]["04_efficiency"]["returncode"] == 0
+    with tarfile.open(tmp_path / "pack" / "record.tar.gz") as tar:
+        names = tar.getnames()
+    assert "executed/04_efficiency.ipynb" in names and "results.json" in names
+    with pytest.raises(TypeError, match="Unknown chapter parameter"):
+        record.run("smoke", str(run_dir), params={"kl_lambda": 3.0}, chapters=["04"])
+
+
+def _write_key(path: str, i: int) -> None:
+    experiment.record_result(path, f"k{i}", i)
+
+
+def test_record_result_keeps_every_key_under_concurrent_writers(tmp_path):
+    path = str(tmp_path / "results.json")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_key, args=(path, i)) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert json.loads(Path(path).read_text()) == {f"k{i}": i for i in range(6)}
+
+
+# --------------------------------------------------------------------------- offline overrides
+def test_env_overrides_for_machines_without_pip(tmp_path, monkeypatch, tiny):
+    from emlib import corpus, generate, models
+
+    monkeypatch.setenv("EMLIB_EMBEDDED_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="EMLIB_EMBEDDED_GGUF"):
+        models.embedded_gguf_path()
+    monkeypatch.setenv("EMLIB_LEE_DIR", str(tmp_path))
+    with pytest.raises(corpus.CorpusError, match="EMLIB_LEE_DIR"):
+        corpus.offline_corpus_files()
+    for name in ("lee_background.cor", "lee.cor"):
+        (tmp_path / name).write_text("first article\nsecond article\n")
+    assert corpus.offline_documents() == ["first article", "second article"] * 2
+    model, _ = tiny
+    assert experiment.sampler_for(model) is generate.hf_sampler  # the fast sampler only on CUDA
