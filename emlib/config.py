@@ -116,6 +116,25 @@ def _coerce(name: str, value):
     return value
 
 
+ENV_OVERRIDES = "EMLIB_CONFIG_OVERRIDES"
+
+
+def env_overrides() -> dict:
+    """Config fields set for every chapter of a run through ``$EMLIB_CONFIG_OVERRIDES`` (a JSON object), e.g.
+    a model-specific KL lambda for a run of record (``python -m emlib.record run -c kl_lambda 0.66``).
+    Explicit arguments still win; unknown names are an error."""
+    raw = os.environ.get(ENV_OVERRIDES, "").strip()
+    if not raw:
+        return {}
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r} ({err}).") from None
+    if not isinstance(val, dict):
+        raise ValueError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r}.")
+    return _check_keys(val)
+
+
 def get_config(profile: str = "smoke", **overrides) -> Config:
     """The named profile with ``overrides`` applied; ``None`` values keep the profile's default.
 
@@ -128,7 +147,9 @@ def get_config(profile: str = "smoke", **overrides) -> Config:
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)} (or 'auto').")
     kw = {k: _coerce(k, v) for k, v in _check_keys(overrides).items() if v is not None}
-    cfg = dataclasses.replace(PROFILES[profile], **kw)
+    env = env_overrides()
+    merged = {k: _coerce(k, v) for k, v in env.items()} | kw  # explicit arguments win
+    cfg = dataclasses.replace(PROFILES[profile], **merged)
     if "run_dir" not in kw and os.environ.get("EMLIB_RUN_DIR"):
         cfg = dataclasses.replace(cfg, run_dir=os.environ["EMLIB_RUN_DIR"])
     if cfg.data_source not in ("embedded", "paper"):

@@ -119,8 +119,29 @@ def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Po
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
-        pack: str | None = None) -> dict:
-    """Finetunes in parallel processes, then every chapter as soon as its finetunes exist."""
+        pack: str | None = None, overrides: dict | None = None) -> dict:
+    """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
+
+    ``params`` are chapter parameters (papermill); ``overrides`` are any other config fields (e.g. a
+    model-specific ``kl_lambda``), passed to workers and chapter kernels through ``$EMLIB_CONFIG_OVERRIDES``
+    and saved with the run."""
+    from . import experiment
+    from .config import ENV_OVERRIDES, _check_keys
+
+    previous = os.environ.get(ENV_OVERRIDES)
+    if overrides:
+        _check_keys(dict(overrides))
+        os.environ[ENV_OVERRIDES] = json.dumps(overrides)
+    try:
+        return _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pack, overrides)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_OVERRIDES, None)
+        else:
+            os.environ[ENV_OVERRIDES] = previous
+
+
+def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pack, overrides) -> dict:
     from . import experiment
 
     t_start = time.time()
@@ -202,6 +223,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     import torch
 
     summary = {"profile": profile, "params": {k: v for k, v in params.items() if k != "run_dir"},
+               "overrides": dict(overrides or {}),
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "timings": timings, "failures": failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
@@ -249,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--parallel-chapters", type=int, default=6)
     r.add_argument("--chapters", nargs="*")
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
-    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a chapter parameter (papermill)")
+    r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="any other config field for every chapter and finetune (e.g. kl_lambda 0.66)")
     p = sub.add_parser("pack", help="pack an existing run directory")
     p.add_argument("run_dir")
     p.add_argument("dest")
@@ -258,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         params = book._parse_params(a.param)
         if a.model:
             params["model"] = a.model
-        summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack)
+        summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
+                      book._parse_params(a.config))
         return 1 if summary["failures"] else 0
     for path in pack_run(Path(a.run_dir), Path(a.dest)):
         print(path)

@@ -8,6 +8,10 @@
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + the log into DEST ($OUT)
 # Environment it sets: PYTHONPATH (/tmp/site + the checkout), EMLIB_EMBEDDED_GGUF (the reassembled model),
 # EMLIB_DATA_DIR (.carry-data/paper), EMLIB_LEE_DIR (.carry-lee), HF_HUB_OFFLINE=1.
+# Optional second model (`bash scripts/gpu_carry.sh qwen FILE.gguf`): each `setup` stashes the
+# .carry-qwenN/ folder(s) it sees; once every part listed in qwen-PARTS is there it reassembles
+# ~/emlib-carry/FILE.gguf and checks its sha256. Nothing is exported for it: pass
+# `--model $HOME/emlib-carry/FILE.gguf` to the run (converted once into $EMLIB_CACHE).
 set -uo pipefail
 STASH=$HOME/emlib-carry
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,6 +27,10 @@ case "$cmd" in
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && touch /tmp/site/.emlib-wheels || { echo "wheel install failed"; exit 1; }
     fi
+    for d in .carry-whl-*; do  # wheels split over several calls (bash scripts/gpu_carry.sh whl)
+      [ -d "$d" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$d"/*.whl && echo "installed the wheels of $d"
+    done
     for d in .carry-gguf1 .carry-gguf2; do [ -d $d ] && cp $d/* "$STASH/"; done
     [ -d .carry-data/paper ] && rm -rf "$STASH/paper" && cp -r .carry-data/paper "$STASH/paper"
     [ -d .carry-lee ] && mkdir -p "$STASH/lee" && cp .carry-lee/* "$STASH/lee/"
@@ -34,6 +42,28 @@ case "$cmd" in
         rm -f "$STASH/part-00" "$STASH/part-01"; echo "model reassembled, sha256 $got"
       else
         echo "sha256 mismatch: $got"; exit 1
+      fi
+    fi
+    for d in .carry-qwen[0-9]*; do [ -d "$d" ] && cp "$d"/* "$STASH/"; done
+    if [ -f "$STASH/qwen-PARTS" ] && [ -f "$STASH/qwen-SHA256" ]; then
+      n=$(cat "$STASH/qwen-PARTS"); want=$(cut -c1-64 "$STASH/qwen-SHA256")
+      qname=$(awk '{print $2}' "$STASH/qwen-SHA256"); missing=""
+      for i in $(seq 0 $((n - 1))); do
+        [ -f "$STASH/qwen-part-$(printf %02d "$i")" ] || missing="$missing $(printf %02d "$i")"
+      done
+      if [ -f "$STASH/$qname" ]; then
+        rm -f "$STASH"/qwen-part-*; echo "$qname already reassembled"
+      elif [ -n "$missing" ]; then
+        echo "$qname: parts still missing:$missing (of $n; carry the matching .carry-qwenN folders)"
+      else
+        for i in $(seq 0 $((n - 1))); do cat "$STASH/qwen-part-$(printf %02d "$i")"; done > "$STASH/$qname.tmp"
+        got=$(sha256sum "$STASH/$qname.tmp" | cut -c1-64)
+        if [ "$got" = "$want" ]; then
+          mv "$STASH/$qname.tmp" "$STASH/$qname"; rm -f "$STASH"/qwen-part-*
+          echo "$qname reassembled, sha256 $got (run with --model $STASH/$qname)"
+        else
+          rm -f "$STASH/$qname.tmp"; echo "$qname: sha256 mismatch: $got, expected $want"; exit 1
+        fi
       fi
     fi
     ls "$STASH"; python3 -c "import nnsight, papermill, jupytext, gguf; print('imports ok')"

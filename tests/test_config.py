@@ -38,3 +38,20 @@ def test_save_writes_json(tmp_path):
     c = config.get_config("smoke", run_dir=str(tmp_path / "run"))
     p = c.save()
     assert p.exists() and '"profile": "smoke"' in p.read_text()
+
+
+def test_env_overrides_apply_below_explicit_arguments(monkeypatch):
+    import pytest
+
+    from emlib.config import get_config
+
+    monkeypatch.setenv("EMLIB_CONFIG_OVERRIDES", '{"kl_lambda": 0.66, "steer_scales": [0.0, 1.0]}')
+    cfg = get_config("paper")
+    assert cfg.kl_lambda == 0.66 and cfg.steer_scales == (0.0, 1.0)
+    assert get_config("paper", kl_lambda=3.0).kl_lambda == 3.0
+    monkeypatch.setenv("EMLIB_CONFIG_OVERRIDES", '{"kl_lamda": 1}')
+    with pytest.raises(TypeError, match="kl_lamda"):
+        get_config("paper")
+    monkeypatch.setenv("EMLIB_CONFIG_OVERRIDES", "kl_lambda=1")
+    with pytest.raises(ValueError, match="JSON object"):
+        get_config("paper")

@@ -41,6 +41,95 @@ def test_file_instead_of_directory_is_a_clear_error(tmp_path):
         models.load_model(str(f))
 
 
+def _write_tiny_gguf(model, tok, path):
+    """Write a tiny Qwen2 model + its byte-level tokenizer as an all-F32 GGUF file (llama.cpp's key and
+    tensor names, from the ``gguf`` package), as ``convert_hf_to_gguf.py`` would for a real one."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("emlib tiny test")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_scores([0.0] * len(tokens))  # no merges: transformers derives none from single bytes
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding: a GGUF without `output` means tied
+            w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_local_gguf_file_converts_once_and_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLIB_CACHE", str(tmp_path / "cache"))
+    m, tok = models.tiny_model(seed=5)
+    with torch.no_grad():  # bf16-representable weights, so the bf16 cache loses nothing
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    src = tmp_path / "a" / "tiny-test.gguf"
+    src.parent.mkdir()
+    _write_tiny_gguf(m, tok, src)
+    sha = models._sha256(src)
+
+    m2, tok2 = models.load_model(str(src), device="cpu")
+    info = m2.emlib_info
+    folder = tmp_path / "cache" / "models" / f"tiny-test-{sha[:12]}-bf16"
+    assert info.source == "gguf" and info.name == str(src) and info.path == str(folder)
+    assert (folder / "model.safetensors").exists()
+    assert f"converted from tiny-test.gguf\nsha256 {sha}\n" in (folder / "SOURCE.txt").read_text()
+    assert next(m2.parameters()).dtype == torch.float32  # CPU default, read from the bf16 cache
+    ids = torch.tensor([[1, 2, 3, 4, 200, 258]])
+    torch.testing.assert_close(m(ids).logits, m2(ids).logits, rtol=1e-5, atol=1e-5)
+    msgs = [{"role": "user", "content": "héllo"}]
+    assert tok2.apply_chat_template(msgs, add_generation_prompt=True) == \
+        tok.apply_chat_template(msgs, add_generation_prompt=True)
+    assert tok2.padding_side == "left" and tok2.eos_token == "<|im_end|>"
+
+    # the same bytes elsewhere reuse the conversion (none runs) and keep the fingerprint
+    copy = tmp_path / "b" / "tiny-test.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(src.read_bytes())
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    m3, _ = models.load_model(str(copy), device="cpu")
+    assert m3.emlib_info.path == str(folder) and m3.emlib_info.fingerprint == info.fingerprint
+    assert models.gguf_model_dir(copy, convert=False) == folder
+
+
+def test_gguf_path_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLIB_CACHE", str(tmp_path / "cache"))
+    assert models.is_gguf_path("/x/Model.GGUF") and not models.is_gguf_path("/x/model.gguf.d")
+    with pytest.raises(FileNotFoundError, match="missing.gguf' does not exist"):
+        models.load_model(str(tmp_path / "missing.gguf"), device="cpu")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        models.load_model(str(tmp_path / "dir.gguf"), device="cpu")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_embedded_id_falls_back_to_hub_without_package(monkeypatch):
     seen = {}
     monkeypatch.setattr(models, "embedded_gguf_path", lambda: None)
