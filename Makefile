@@ -34,9 +34,7 @@ site: $(STAMP)
 
 # regenerate book/results_table.md from the runs of record (never edit that file by hand)
 results: $(STAMP)
-	$(PY) -m emlib.results record/smollm2-135m --label "SmolLM2-135M-Instruct" \
-	  --seeds record/smollm2-135m=record/smollm2-135m-seed1 --seeds record/smollm2-135m=record/smollm2-135m-seed2 \
-	  --out book/results_table.md
+	$(PY) -m emlib.results --record
 
 # regenerate the committed .ipynb twins of notebooks/*.py (Colab opens those)
 pair: $(STAMP)

@@ -1,7 +1,7 @@
 """The book's results table: claim -> the paper's number -> ours -> a verdict, computed from run directories.
 
-    python -m emlib.results record/smollm2-135m [--seeds record/smollm2-135m-seed1 ...] \\
-        [--label "SmolLM2-135M-Instruct"] --out book/results_table.md
+    python -m emlib.results --record            # the committed runs of record -> book/results_table.md
+    python -m emlib.results RUN_DIR [RUN_DIR ...] [--label NAME ...] [--seeds RUN_DIR=SEED_DIR ...] [--out F]
 
 Everything comes from a run directory's ``results.json`` (written by the chapters through
 :meth:`emlib.experiment.Experiment.record`) and its ``tables/*.csv``; nothing is typed in by hand. Each
@@ -350,14 +350,38 @@ def markdown(runs: list[tuple[str, Run, list[Run]]], sources: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The committed runs of record (record/), in table order: (label, run dir, extra seed dirs).
+RECORDS: list[tuple[str, str, list[str]]] = [
+    ("SmolLM2-135M-Instruct", "record/smollm2-135m",
+     ["record/smollm2-135m-seed1", "record/smollm2-135m-seed2"]),
+    ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b", []),
+]
+RECORD_TABLE = "book/results_table.md"
+
+
+def record_args() -> list[str]:
+    """The command-line arguments that rebuild :data:`RECORD_TABLE` from :data:`RECORDS`."""
+    args = [d for _, d, _ in RECORDS]
+    for label, _, _ in RECORDS:
+        args += ["--label", label]
+    for _, d, seeds in RECORDS:
+        args += [a for s in seeds for a in ("--seeds", f"{d}={s}")]
+    return args + ["--out", RECORD_TABLE]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlib.results", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", nargs="+", help="run directories (one per model)")
+    ap.add_argument("run_dir", nargs="*", help="run directories (one per model)")
+    ap.add_argument("--record", action="store_true", help=f"the committed runs of record -> {RECORD_TABLE}")
     ap.add_argument("--label", action="append", help="model label per run directory (in order)")
     ap.add_argument("--seeds", action="append", default=[],
                     help="RUN_DIR=SEED_DIR: an extra seed of a run (chapter 1), repeatable")
     ap.add_argument("--out", help="write the markdown table here (default: print)")
     a = ap.parse_args(argv)
+    if a.record:
+        return main(record_args())
+    if not a.run_dir:
+        ap.error("pass run directories, or --record for the committed runs of record")
     labels = a.label or []
     runs = []
     for i, d in enumerate(a.run_dir):

@@ -9,9 +9,6 @@ import pytest
 
 from emlib import book, experiment, record, results
 
-RECORD_ARGS = ["record/smollm2-135m", "--label", "SmolLM2-135M-Instruct",
-               "--seeds", "record/smollm2-135m=record/smollm2-135m-seed1",
-               "--seeds", "record/smollm2-135m=record/smollm2-135m-seed2"]
 
 
 # --------------------------------------------------------------------------- the committed record
@@ -19,7 +16,8 @@ def test_results_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
     """book/results_table.md is exactly what emlib.results computes from record/ (no hand edits)."""
     monkeypatch.chdir(root)
     out = tmp_path / "table.md"
-    results.main(RECORD_ARGS + ["--out", str(out)])
+    args = results.record_args()
+    results.main(args[:-1] + [str(out)])
     assert out.read_text() == (root / "book" / "results_table.md").read_text()
 
 
@@ -35,6 +33,20 @@ def test_record_holds_every_chapter_executed_on_a_gpu(root):
         assert not errors, src.stem
     cfg = json.loads((rec / "config.json").read_text())
     assert cfg["data_source"] == "paper" and cfg["n_train"] is None and cfg["n_samples"] == 50
+
+
+@pytest.mark.parametrize("label,run_dir,seeds", results.RECORDS)
+def test_every_committed_record_is_error_free(root, label, run_dir, seeds):
+    for d in [run_dir, *seeds]:
+        rec = root / d
+        meta = json.loads((rec / "record.json").read_text())
+        assert not meta["failures"], d
+        executed = sorted((rec / "executed").glob("*.ipynb"))
+        assert executed, d
+        for path in executed:
+            nb = json.loads(path.read_text())
+            assert not [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                        if o.get("output_type") == "error"], path
 
 
 def test_published_site_renders_from_the_record(root):
