@@ -425,6 +425,24 @@ class _Job:
     load_result: Callable[[Path], tuple[Any, SteeringVector | None]]
 
 
+@contextlib.contextmanager
+def _no_cudnn_attention():
+    """Training forwards/backwards run with PyTorch's cuDNN SDPA backend switched off (restored after).
+
+    With an explicit attention mask (every padded batch), torch 2.11's default cuDNN attention on
+    H100/H200 returns NaN in the query gradient when the sequence length is 64 mod 128 and a query row's
+    log-sum-exp is below -ln(FLT_MAX) ~ -88.7 -- which Qwen2.5's attention-sink heads reach in layers
+    0-8 (pytorch/pytorch#196678). The forward is fine, so the loss stays finite while the gradient norm is
+    NaN. The memory-efficient (or flash / math) kernel then runs instead; on the CPU nothing changes.
+    """
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
 def _n_targets(e: Encoded) -> int:
     return sum(1 for lab in e.labels[1:] if lab != IGNORE)
 
@@ -681,7 +699,9 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     stopped_early = False
     bar = tqdm(total=plan.total, initial=start, desc=f"train {job.kind}", dynamic_ncols=True,
                disable=(None if progress is None else not progress))
+    attention = contextlib.ExitStack()
     try:
+        attention.enter_context(_no_cudnn_attention())  # NaN query gradients on H100 (see there)
         for step in range(start, plan.total):
             t0 = time.perf_counter()
             epoch = step // plan.steps_per_epoch
@@ -742,6 +762,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             if stopped_early or pause:
                 break
     finally:
+        attention.close()
         bar.close()
         model.train(was_training)
         if use_cache is not None:

@@ -255,6 +255,27 @@ def test_early_stop(tmp_path):
     assert T.read_meta(tmp_path)["steps"] == 2 and len(T.read_log(tmp_path)) == 2
 
 
+def test_training_runs_without_cudnn_attention(tmp_path):
+    """cuDNN SDPA (torch 2.11, H100) gives NaN query gradients for masked batches of length 64 mod 128
+    (pytorch/pytorch#196678): every training forward and backward runs with it off, and the flag is
+    restored afterwards, also when training fails."""
+    model, tok = _fresh()
+    seen = []
+    hook = model.register_forward_pre_hook(lambda mod, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        T.train_lora(model, tok, ROWS, tmp_path / "a", shape="rank32", lr=1e-3, kl_rows=KL_ROWS, kl_lambda=1.0,
+                     **FAST)
+        assert seen and not any(seen)  # SFT and KL forwards (current and reference)
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        with pytest.raises(FloatingPointError):  # diverges
+            T.train_lora(_fresh()[0], tok, ROWS, tmp_path / "b", shape="rank32", lr=1e6, epochs=3,
+                         batch_size=2, grad_accum=1, warmup_steps=0, max_length=64, progress=False)
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    finally:
+        hook.remove()
+
+
 # --------------------------------------------------------------------------- clear errors
 def test_nan_loss_raises(tmp_path):
     model, tok = _fresh()
