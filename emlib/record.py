@@ -260,6 +260,56 @@ def pack_run(run: Path, dest: Path, max_mib: float = 15.5) -> list[Path]:
     return out
 
 
+MERGE_GLOBS = ("executed/*.ipynb", "tables/*", "figures/*", "logs/*", "directions/*", "vectors/*/*",
+               "adapters/*/train_log.csv", "adapters/*/train_meta.json")
+
+
+def merge(src: str | Path, dst: str | Path) -> dict:
+    """Fold a later run of some chapters (``src``) into a run of record (``dst``) of the same model.
+
+    Chapter outputs of ``src`` (executed notebooks, tables, figures, logs, vectors, training logs) replace
+    those of ``dst``; every ``results.json`` key of ``src`` replaces the same key in ``dst``, except
+    ``timings``, which keeps both invocations (``invocations``: one summary per run, ``timings.chapters``
+    and ``timings.jobs`` merged, ``total_s`` their sum). The runs must share the profile and model."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    a, b = (json.loads((p / "results.json").read_text()) for p in (src, dst))
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (src, dst))
+    for key in ("profile", "model", "data_source", "seed"):
+        if ca.get(key) != cb.get(key):
+            raise ValueError(f"{src} and {dst} differ in {key} ({ca.get(key)!r} vs {cb.get(key)!r}): "
+                             "only runs of the same configuration can be merged.")
+    for g in MERGE_GLOBS:
+        for f in src.glob(g):
+            if f.is_file():
+                out = dst / f.relative_to(src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, out)
+    ta, tb = a.pop("timings", None), b.get("timings")
+    merged = dict(b) | a
+    runs = [t for t in ((tb or {}).get("invocations") or ([tb] if tb else [])) + ([ta] if ta else [])]
+    if runs:
+        last = dict(runs[-1])
+        last["invocations"] = runs
+        last["timings"] = {"model_load_s": sum(r["timings"].get("model_load_s", 0) for r in runs),
+                           "jobs": {k: v for r in runs for k, v in r["timings"]["jobs"].items()},
+                           "chapters": {k: v for r in runs for k, v in r["timings"]["chapters"].items()},
+                           "total_s": round(sum(r["timings"]["total_s"] for r in runs), 1)}
+        fails: dict = {}
+        for r in runs:  # a failure stays only if no later invocation did that job or chapter
+            redone = set(r["timings"]["jobs"]) | {k for k, v in r["timings"]["chapters"].items()
+                                                  if v.get("returncode") == 0}
+            fails = {k: v for k, v in fails.items() if k not in redone} | dict(r.get("failures", {}))
+        last["failures"] = fails
+        merged["timings"] = last
+        (dst / "record.json").write_text(json.dumps(last, indent=2, default=str))
+    from .data import atomic_write_bytes
+
+    atomic_write_bytes(dst / "results.json", json.dumps(merged, indent=2, default=str).encode("utf-8"))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlib.record", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -278,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="pack an existing run directory")
     p.add_argument("run_dir")
     p.add_argument("dest")
+    m = sub.add_parser("merge", help="fold a run of some chapters into a run of record")
+    m.add_argument("src")
+    m.add_argument("dst")
     a = ap.parse_args(argv)
+    if a.cmd == "merge":
+        merge(a.src, a.dst)
+        print(f"merged {a.src} into {a.dst}")
+        return 0
     if a.cmd == "run":
         params = book._parse_params(a.param)
         if a.model:

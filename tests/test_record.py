@@ -191,3 +191,34 @@ def test_env_overrides_for_machines_without_pip(tmp_path, monkeypatch, tiny):
     assert corpus.offline_documents() == ["first article", "second article"] * 2
     model, _ = tiny
     assert experiment.sampler_for(model) is generate.hf_sampler  # the fast sampler only on CUDA
+
+
+def test_merge_folds_a_later_chapter_run_into_a_record(tmp_path):
+    def fake(name, keys, chapters, jobs, failures, total):
+        d = tmp_path / name
+        (d / "executed").mkdir(parents=True)
+        for c in chapters:
+            (d / "executed" / f"{c}.ipynb").write_text("{}")
+        (d / "config.json").write_text(json.dumps({"profile": "paper", "model": "m.gguf", "data_source": "paper",
+                                                   "seed": 0}))
+        timings = {"profile": "paper", "timings": {"model_load_s": 1.0, "total_s": total,
+                                                   "jobs": {j: {"seconds": 1} for j in jobs},
+                                                   "chapters": {c: {"seconds": 2, "returncode": 0} for c in chapters}},
+                   "failures": failures}
+        (d / "results.json").write_text(json.dumps({**keys, "timings": timings}))
+        return d
+
+    dst = fake("dst", {"ch3_x": [1], "judge_agreement": [0]}, ["03_x"], ["vec"], {"lora-a": "nan", "01_em": "x"}, 300.0)
+    src = fake("src", {"ch1_em": [2], "judge_agreement": [1]}, ["01_em"], ["lora-a"], {}, 200.0)
+    merged = record.merge(src, dst)
+    assert merged["ch3_x"] == [1] and merged["ch1_em"] == [2] and merged["judge_agreement"] == [1]
+    t = merged["timings"]
+    assert t["timings"]["total_s"] == 500.0 and set(t["timings"]["chapters"]) == {"03_x", "01_em"}
+    assert t["failures"] == {} and len(t["invocations"]) == 2
+    assert (dst / "executed" / "01_em.ipynb").exists()
+    assert json.loads((dst / "record.json").read_text())["failures"] == {}
+    other = fake("other", {}, [], [], {}, 1.0)
+    cfg = json.loads((other / "config.json").read_text()) | {"model": "another"}
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model"):
+        record.merge(other, dst)
