@@ -149,8 +149,11 @@ def claim_direction(run: Run) -> Verdict:
         up = steer[(steer["scale"] > 0) & (steer["ci_low"] > s0["ci_high"])]
         checks["steering"] = not up.empty
         top = steer.loc[steer["em"].idxmax()]
-        parts.append(f"steering: max EM {_pct(top['em'], top['ci_low'], top['ci_high'])} at {top['scale']:g}x "
-                     f"the residual norm vs {_pct(s0['em'], s0['ci_low'], s0['ci_high'])} unsteered")
+        if top["em"] > 0:
+            parts.append(f"steering: max EM {_pct(top['em'], top['ci_low'], top['ci_high'])} at {top['scale']:g}x "
+                         f"the residual norm vs {_pct(s0['em'], s0['ci_low'], s0['ci_high'])} unsteered")
+        else:
+            parts.append(f"steering: 0% EM at every scale up to {steer['scale'].max():g}x the residual norm")
     if abl is not None:
         ok, txt = False, []
         for ft, g in abl.groupby("finetune"):
@@ -167,7 +170,7 @@ def claim_direction(run: Run) -> Verdict:
         mean_cos = sum(off) / len(off) if off else float("nan")
         checks["cosine"] = mean_cos > 0.5
         parts.append(f"mean cosine between datasets' directions {mean_cos:.2f} "
-                     f"(range {min(off):.2f}-{max(off):.2f})" if off else "one dataset: no cosine")
+                     f"(from {min(off):.2f} to {max(off):.2f})" if off else "one dataset: no cosine")
     n_ok = sum(bool(v) for v in checks.values())
     verdict = REPRODUCED if n_ok == len(checks) == 3 else PARTLY if n_ok else NOT_REPRODUCED
     return Verdict(2, verdict, "; ".join(parts), checks)
