@@ -9,8 +9,11 @@
    over 8 processes), so training the finetunes side by side is several times faster than one after another.
    Each job calls the same :class:`~emlib.experiment.Experiment` method a chapter calls, so a chapter finds
    the finished run (same arguments, same hash) and loads it instead of training.
+   A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
+   80 GB) is retried once, alone, after the others have ended.
 2. **Chapters**: each chapter is executed with papermill (its own kernel) as soon as the finetunes it needs
-   are done, several at once; executed notebooks go to ``RUN_DIR/executed/``.
+   are done, several at once; executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
+   failed is not run (it would train the finetune itself, racing the other chapters that need it).
 3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
    (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
    results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
@@ -78,6 +81,12 @@ def chapter_needs(stem: str, datasets: tuple[str, ...]) -> set[str]:
     if number in ("04", "05", "06"):
         return vec | rank1
     return set()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error (also as re-raised across a process pool, or cuBLAS failing to allocate)."""
+    text = f"{type(err).__name__}: {err}"
+    return "OutOfMemoryError" in text or "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
 
 
 def _config_params(params: dict) -> dict:
@@ -170,6 +179,9 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     timings: dict = {"model_load_s": round(time.time() - t0, 1), "jobs": {}, "chapters": {}}
     failures: dict = {}
     done: set[str] = set()
+    job_failed: set[str] = set()  # final failures (an out-of-memory failure is retried once, alone)
+    retry: list[Job] = []
+    retried: set[str] = set()
     pending_chapters = list(srcs)
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     import multiprocessing as mp
@@ -179,12 +191,22 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     futures: dict[Future, tuple[Job, float]] = {pool.submit(run_job, profile, params, j): (j, time.time())
                                                  for j in jobs}
     try:
-        while futures or running or pending_chapters:
+        while futures or running or pending_chapters or retry:
+            if not futures and retry:  # every other finetune has ended: retry one out-of-memory job alone
+                job = retry.pop(0)
+                retried.add(job.name)
+                print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
+                futures[pool.submit(run_job, profile, params, job)] = (job, time.time())
             for src in list(pending_chapters):
                 if len(running) >= max_parallel_chapters:
                     break
-                need = chapter_needs(src.stem, cfg.datasets)
-                if need & {j.name for j in jobs} - done - set(failures):
+                need = chapter_needs(src.stem, cfg.datasets) & {j.name for j in jobs}
+                if need & job_failed:  # never let a chapter train a failed finetune itself (runs would race)
+                    failures[src.stem] = f"not run: finetune(s) {', '.join(sorted(need & job_failed))} failed"
+                    print(f"[record] chapter {src.stem} NOT RUN: {failures[src.stem]}", flush=True)
+                    pending_chapters.remove(src)
+                    continue
+                if need - done:
                     continue  # still training
                 out = run / "executed" / f"{src.stem}.ipynb"
                 log = run / "logs" / f"{src.stem}.log"
@@ -199,10 +221,16 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
                         r = f.result()
                         timings["jobs"][job.name] = r
                         done.add(job.name)
+                        failures.pop(job.name, None)
                         print(f"[record] finetune {job.name} done: {r}", flush=True)
-                    except Exception as err:  # noqa: BLE001 - reported, the chapter then trains or fails itself
+                    except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
                         failures[job.name] = f"{type(err).__name__}: {err}"
-                        print(f"[record] finetune {job.name} FAILED: {failures[job.name]}", flush=True)
+                        if is_out_of_memory(err) and job.name not in retried:
+                            retry.append(job)
+                            print(f"[record] finetune {job.name} ran out of memory: retried later", flush=True)
+                        else:
+                            job_failed.add(job.name)
+                            print(f"[record] finetune {job.name} FAILED: {failures[job.name]}", flush=True)
             else:
                 time.sleep(2)
             for stem, (proc, t, log) in list(running.items()):

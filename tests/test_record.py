@@ -222,3 +222,16 @@ def test_merge_folds_a_later_chapter_run_into_a_record(tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model"):
         record.merge(other, dst)
+
+
+def test_failed_finetunes_stop_their_chapters_and_oom_is_recognised(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLIB_DATA_DIR", str(tmp_path / "no-data"))  # every finetune fails: no paper data
+    summary = record.run("smoke", str(tmp_path / "rec"), params={"data_source": "paper"}, workers=2,
+                         chapters=["04"])
+    assert summary["failures"]["04_efficiency"].startswith("not run: finetune(s)")
+    assert not (tmp_path / "rec" / "executed" / "04_efficiency.ipynb").exists()
+    import torch
+
+    assert record.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24 MiB"))
+    assert record.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not record.is_out_of_memory(FloatingPointError("The gradient norm is nan"))
