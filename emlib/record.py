@@ -123,7 +123,8 @@ def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Po
     for k, v in p.items():
         cmd += ["-p", k, json.dumps(v)]
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(book.repo_root()))
+    with open(log, "w") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(book.repo_root()))
 
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
@@ -134,7 +135,6 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     ``params`` are chapter parameters (papermill); ``overrides`` are any other config fields (e.g. a
     model-specific ``kl_lambda``), passed to workers and chapter kernels through ``$EMLIB_CONFIG_OVERRIDES``
     and saved with the run."""
-    from . import experiment
     from .config import ENV_OVERRIDES, _check_keys
 
     previous = os.environ.get(ENV_OVERRIDES)

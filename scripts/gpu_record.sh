@@ -69,10 +69,7 @@ case "$cmd" in
     ls "$STASH"; python3 -c "import nnsight, papermill, jupytext, gguf; print('imports ok')"
     ;;
   start)
-    name=$1; shift
-    [ -f "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf" ] && export EMLIB_EMBEDDED_GGUF=$STASH/SmolLM2-135M-Instruct.Q4_1.gguf
-    [ -d "$STASH/paper" ] && export EMLIB_DATA_DIR=$STASH/paper
-    [ -d "$STASH/lee" ] && export EMLIB_LEE_DIR=$STASH/lee
+    name=$1; shift  # the environment above (model, data, corpus) is inherited by the run
     setsid nohup python3 -m emlib.record run "$@" > "$HOME/record-$name.log" 2>&1 < /dev/null &
     echo "started $name (pid $!)"
     ;;
