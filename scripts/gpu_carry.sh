@@ -9,7 +9,7 @@
 #
 # Optional second model (a local GGUF, e.g. Qwen2.5-Coder-0.5B-Instruct Q4_K_M, never a default):
 #   bash scripts/gpu_carry.sh qwen /path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-# splits the file into equal parts of at most 58 MiB, one per folder .carry-qwen1/, .carry-qwen2/, ...
+# splits the file into equal parts that fit beside the working tree (64 MiB a call), one per folder .carry-qwen1/, .carry-qwen2/, ...
 # (carry ONE folder per device call, with `bash scripts/gpu_record.sh setup`; the last call's setup
 # reassembles ~/emlib-carry/<file>.gguf). Each folder also holds qwen-SHA256 ("<sha256>  <file name>")
 # and qwen-PARTS (how many parts there are), so any call can tell what is still missing.
@@ -29,9 +29,13 @@ fi
 if [ "${1:-}" = qwen ]; then
   src=${2:?usage: bash scripts/gpu_carry.sh qwen /path/to/model.gguf}
   [ -f "$src" ] || { echo "no such file: $src"; exit 1; }
-  max=$((58 * 1024 * 1024))
+  # every call carries the whole working tree too (tracked + untracked-not-ignored files, 64 MiB in all):
+  # size the parts to what is left, with 1.5 MiB to spare for commits made before the calls
+  tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  max=$(( 64 * 1024 * 1024 - tree - 3 * 1024 * 1024 / 2 ))
+  [ "$max" -gt $((8 * 1024 * 1024)) ] || { echo "the working tree ($tree bytes) leaves no room for model parts"; exit 1; }
   size=$(stat -c %s "$src")
-  n=$(( (size + max - 1) / max ))             # fewest parts that fit 58 MiB ...
+  n=$(( (size + max - 1) / max ))             # fewest parts that fit ...
   chunk=$(( (size + n - 1) / n ))             # ... of (nearly) equal size
   rm -rf .carry-qwen[0-9]* .carry-qwen-split
   mkdir .carry-qwen-split
