@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--quick", action="store_true", help="skip emlib.train and the ablations")
+    ap.add_argument("--big-steps", action="store_true",
+                    help="only the baselines and optimizer steps of 1024-2048 rows (how far step size carries)")
     a = ap.parse_args()
     global DEVICE, SMOKE
     if a.cpu_smoke:
@@ -171,7 +173,7 @@ def main() -> None:
     n = 3 if SMOKE else 20
     report("plain_16x256_fixed", plain_loop(model, rows, pad, 16, n, 3, fixed_len=256))
     report("plain_16_rows", plain_loop(model, rows, pad, 16, 3 if SMOKE else 10, 3))
-    if not a.quick:
+    if not (a.quick or a.big_steps):
         try:
             report("emlib_train_2x8", emlib_train_run(model, tok, rows[:400], 3 if SMOKE else 4))
         except Exception as err:  # the reference loop is someone else's and may be mid-change
@@ -185,6 +187,10 @@ def main() -> None:
                ("fast_512_rows_4micro", 512, 20480, 8, {})]
     if a.quick:
         configs = [c for c in configs if c[4] == {} and c[0] != "fast_512_rows_4micro"]
+    if a.big_steps:  # micro-batches of ~1.5x / 2x the 512-row one (peak ~70 / ~94 GB; OOM is recorded)
+        configs = [("fast_1024_rows_2micro", 1024, big, 8, {}), ("fast_2048_rows_4micro", 2048, big, 6, {}),
+                   ("fast_1536_rows_2micro", 1536, big * 3 // 2, 6, {}),
+                   ("fast_2048_rows_2micro", 2048, big * 2, 6, {})]
     for name, rps, mt, steps, kw in configs:
         try:
             report(name, fast_run(model, rows, tok, rps, mt, 6 if SMOKE else steps, **kw))

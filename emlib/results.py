@@ -8,6 +8,9 @@ Everything comes from a run directory's ``results.json`` (written by the chapter
 claim has one function below that states its rule; the rules are deliberately mechanical:
 
 * **reproduced**: every component of the claim holds, with non-overlapping 95% CIs where the chapter has CIs;
+  an EM rate's interval is never taken narrower than the Wilson score interval of its counts (a percentile
+  bootstrap gives [0, 0] for 0 of 400 answers, and a t-interval over seeds that all saw 1 of 400 has width
+  0), and over several seeds it also covers the Wilson interval of the pooled counts;
 * **partly**: some components hold (or hold in direction but with overlapping CIs);
 * **not reproduced**: none holds;
 * **not run**: the run directory lacks the chapter's numbers.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +82,32 @@ class Run:
         return pd.read_csv(f) if f.exists() else None
 
 
+def wilson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials ((nan, nan) when n is 0 or unknown)."""
+    if not n or n != n or k != k:
+        return float("nan"), float("nan")
+    z = {0.95: 1.959964, 0.99: 2.575829, 0.9: 1.644854}[level]
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _counts(row) -> tuple[float, float]:
+    """(EM answers, judged answers) of a table row: ``n_em`` if present, else ``em`` x ``n``."""
+    n = float(row["n"]) if "n" in row and row["n"] == row["n"] else float("nan")
+    k = float(row["n_em"]) if "n_em" in row and row["n_em"] == row["n_em"] else round(float(row["em"]) * n) \
+        if n == n else float("nan")
+    return k, n
+
+
+def rate_ci(row) -> tuple[float, float, float]:
+    """(em, low, high) of a table row, the interval widened to cover the Wilson interval of its counts."""
+    em, lo, hi = float(row["em"]), float(row["ci_low"]), float(row["ci_high"])
+    wl, wh = wilson(*_counts(row))
+    return (em, lo, hi) if wl != wl else (em, min(lo, wl), max(hi, wh))
+
+
 def _pct(v: float, lo: float | None = None, hi: float | None = None) -> str:
     s = f"{100 * v:.1f}%"
     return s + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else "")
@@ -94,14 +124,19 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
         return Verdict(1, NOT_RUN, "chapter 1 has not run")
     conds = list(frames[0]["condition"])
     stats: dict[str, tuple[float, float, float]] = {}
+    pooled: dict[str, tuple[float, float]] = {}
     for c in conds:
-        vals = [float(f.set_index("condition").loc[c, "em"]) for f in frames if c in set(f["condition"])]
+        rows = [f.set_index("condition").loc[c] for f in frames if c in set(f["condition"])]
+        counts = [_counts(r) for r in rows]
+        pooled[c] = (sum(k for k, _ in counts), sum(n for _, n in counts))
         if len(frames) > 1:
-            m, lo, hi = mean_ci(vals, ci="t")
+            m, lo, hi = mean_ci([float(r["em"]) for r in rows], ci="t")
+            wl, wh = wilson(*pooled[c])
+            if wl == wl:
+                lo, hi = min(lo, wl), max(hi, wh)
             stats[c] = (m, max(0.0, lo), min(1.0, hi))  # a rate's interval stays within [0, 1]
         else:
-            row = frames[0].set_index("condition").loc[c]
-            stats[c] = (float(row["em"]), float(row["ci_low"]), float(row["ci_high"]))
+            stats[c] = rate_ci(rows[0])
     base = stats.get("chat model")
     if base is None:
         return Verdict(1, NOT_RUN, "no chat-model condition in ch1_em")
@@ -115,10 +150,14 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
         verdict = PARTLY
     else:
         verdict = NOT_REPRODUCED
-    seeds = f"mean over {len(frames)} seeds, t 95% CI" if len(frames) > 1 else "one seed, bootstrap 95% CI"
+    seeds = (f"mean over {len(frames)} seeds, t 95% CI widened to the pooled Wilson interval" if len(frames) > 1
+             else "one seed, bootstrap 95% CI widened to the Wilson interval")
     b = fts[best]
     ours = (f"highest EM {_pct(*b)} ({best}) vs chat model {_pct(*base)} ({seeds}); "
             f"{len(separated)} of {len(fts)} finetunes above the chat model with separated CIs")
+    (kb, nb), (kc, nc) = pooled[best], pooled["chat model"]
+    if len(frames) > 1 and nb == nb and nc == nc:
+        ours += f"; pooled answers: {best} {kb:.0f} of {nb:.0f} EM, chat model {kc:.0f} of {nc:.0f}"
     return Verdict(1, verdict, ours, {"separated": sorted(separated), "over_5pct": sorted(big)})
 
 
@@ -133,23 +172,23 @@ def claim_direction(run: Run) -> Verdict:
         return Verdict(2, NOT_RUN, "chapter 2 has not run")
     checks, parts = {}, []
     if steer is not None:
-        s0 = steer[steer["scale"] == 0].iloc[0]
-        up = steer[(steer["scale"] > 0) & (steer["ci_low"] > s0["ci_high"])]
-        checks["steering"] = not up.empty
-        top = steer.loc[steer["em"].idxmax()]
-        if top["em"] > 0:
-            parts.append(f"steering: max EM {_pct(top['em'], top['ci_low'], top['ci_high'])} at {top['scale']:g}x "
-                         f"the residual norm vs {_pct(s0['em'], s0['ci_low'], s0['ci_high'])} unsteered")
+        ci = {i: rate_ci(r) for i, r in steer.iterrows()}
+        i0 = steer.index[steer["scale"] == 0][0]
+        checks["steering"] = any(steer.loc[i, "scale"] > 0 and ci[i][1] > ci[i0][2] for i in ci)
+        top = steer["em"].idxmax()
+        if steer.loc[top, "em"] > 0:
+            parts.append(f"steering: max EM {_pct(*ci[top])} at {steer.loc[top, 'scale']:g}x "
+                         f"the residual norm vs {_pct(*ci[i0])} unsteered")
         else:
             parts.append(f"steering: 0% EM at every scale up to {steer['scale'].max():g}x the residual norm")
     if abl is not None:
         ok, txt = False, []
         for ft, g in abl.groupby("finetune"):
             r = g.set_index("ablated")
-            none, d, rnd = r.loc["none"], r.loc["direction"], r.loc["random"]
-            if none["em"] > 0 and d["ci_high"] < none["ci_low"] and rnd["ci_high"] >= none["ci_low"]:
+            none, d, rnd = (rate_ci(r.loc[a]) for a in ("none", "direction", "random"))
+            if none[0] > 0 and d[2] < none[1] and rnd[2] >= none[1]:
                 ok = True
-            txt.append(f"{ft} {_pct(none['em'])} -> {_pct(d['em'])} (random {_pct(rnd['em'])})")
+            txt.append(f"{ft} {_pct(none[0])} -> {_pct(d[0])} (random {_pct(rnd[0])})")
         checks["ablation"] = ok
         parts.append("ablation: " + ", ".join(txt))
     if cos:
@@ -185,9 +224,9 @@ def claim_narrow(run: Run) -> Verdict:
         parts.append(f"{label}: out-of-domain KL narrow {n:.3f} vs general {g:.3f}")
         sub = t[t["condition"] == f"{kind} narrow"].set_index("set")
         if {"in_domain", "general"} <= set(sub.index):
-            a, b = sub.loc["in_domain"], sub.loc["general"]
-            checks[f"{kind}_in_domain_em"] = bool(a["ci_low"] > b["ci_high"] and a["em"] >= EM_MEANINGFUL)
-            parts.append(f"{label} narrow EM in-domain {_pct(a['em'])} vs general questions {_pct(b['em'])}")
+            a, b = rate_ci(sub.loc["in_domain"]), rate_ci(sub.loc["general"])
+            checks[f"{kind}_in_domain_em"] = bool(a[1] > b[2] and a[0] >= EM_MEANINGFUL)
+            parts.append(f"{label} narrow EM in-domain {_pct(a[0])} vs general questions {_pct(b[0])}")
     if "vector drift" in kl and "vector general" in kl and "vector narrow" in kl:
         mid = (kl["vector general"] + kl["vector narrow"]) / 2
         checks["drift_to_general"] = bool(kl["vector drift"] > mid)
@@ -316,7 +355,13 @@ def timing_line(run: Run) -> str:
         return "wall times not recorded"
     ch = t["timings"]["chapters"]
     per = ", ".join(f"{k[:2]} {v['seconds']:.0f} s" for k, v in sorted(ch.items()))
-    return f"{t['device']}, {t['date_utc']} UTC: whole run {t['timings']['total_s']:.0f} s (chapters: {per})"
+    inv = t.get("invocations") or []
+    if len(inv) > 1:  # chapters run by separate `emlib.record run` calls (folded in with `merge`)
+        each = " + ".join(f"{r['timings']['total_s']:.0f} s" for r in inv)
+        whole = f"{len(inv)} runs, {t['timings']['total_s']:.0f} s in all ({each})"
+    else:
+        whole = f"whole run {t['timings']['total_s']:.0f} s"
+    return f"{t['device']}, {t['date_utc']} UTC: {whole} (chapters: {per})"
 
 
 def table(runs: list[tuple[str, Run, list[Run]]]) -> pd.DataFrame:
@@ -345,7 +390,8 @@ def markdown(runs: list[tuple[str, Run, list[Run]]], sources: list[str]) -> str:
 RECORDS: list[tuple[str, str, list[str]]] = [
     ("SmolLM2-135M-Instruct", "record/smollm2-135m",
      ["record/smollm2-135m-seed1", "record/smollm2-135m-seed2"]),
-    ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b", []),
+    ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b",
+     ["record/qwen2.5-coder-0.5b-seed1", "record/qwen2.5-coder-0.5b-seed2"]),
 ]
 RECORD_TABLE = "book/results_table.md"
 

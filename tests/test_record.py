@@ -86,6 +86,24 @@ def test_claim_em_rules(tmp_path):
     assert v.verdict == results.REPRODUCED and "mean over 3 seeds" in v.ours
 
 
+def test_rate_intervals_never_narrower_than_wilson(tmp_path):
+    # a percentile bootstrap gives [0, 0] for 0 of 400: the rule widens it to the Wilson interval
+    assert results.wilson(0, 400)[1] > 0.009 and results.wilson(400, 400)[0] < 0.991
+    lo, hi = results.wilson(17, 1199)
+    assert lo < 17 / 1199 < hi
+    # 1 of 400 EM in every seed vs 0 of 400 for the chat model: the t-interval over the seeds has width 0,
+    # but the pooled counts (3 of 1200 vs 0 of 1200) do not separate the two
+    seeds = [_run(tmp_path, f"w{i}", {"ch1_em": [_em("chat model", 0.0, 0, 0), _em("sport rank32", 0.0025, 0, 0.0075)]})
+             for i in range(3)]
+    v = results.claim_em(seeds[0], seeds[1:])
+    assert v.verdict == results.NOT_REPRODUCED and "3 of 1200" in v.ours
+    # one run: 2 of 400 vs 0 of 400 is not separated either, 40 of 400 vs 0 of 400 is
+    one = _run(tmp_path, "w9", {"ch1_em": [_em("chat model", 0.0, 0.0, 0.0), _em("medical rank1", 0.005, 0.0025, 0.01)]})
+    assert results.claim_em(one).verdict == results.NOT_REPRODUCED
+    big = _run(tmp_path, "w8", {"ch1_em": [_em("chat model", 0.0, 0.0, 0.0), _em("medical rank1", 0.1, 0.07, 0.13)]})
+    assert results.claim_em(big).verdict == results.REPRODUCED
+
+
 def test_claim_efficiency_and_stability_rules(tmp_path):
     norms = [0.0, 1.0, 2.0, 3.0]
     rows = [{"solution": s, "kind": "steering vector", "norm": n, "loss": 3 - (0.3 if s == "general" else 0.1) * n,
