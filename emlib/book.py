@@ -180,10 +180,28 @@ def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None =
 
 
 def site(record: str | Path = "record/smollm2-135m", root: Path | None = None,
-         warnings_as_errors: bool = True) -> Path:
+         warnings_as_errors: bool = True, others: list[tuple[str, str | Path]] | None = None) -> Path:
     """Render the book from a run of record's executed notebooks (committed under ``record/``), executing
-    nothing: the published book. Chapters missing from the record are an error."""
+    nothing: the published book. Chapters missing from the record are an error.
+
+    ``others``: (label, run dir) of further models' runs of record, each shown as an extra part of the
+    book ("Second model: LABEL") with its executed chapters; default: the other models of
+    :data:`emlib.results.RECORDS`. Pass ``[]`` for the main record alone."""
     root = root or repo_root()
+    executed = _record_chapters(root, record)
+    if others is None:
+        from .results import RECORDS
+
+        main = (Path(record) if Path(record).is_absolute() else root / record).resolve()
+        others = [(label, d) for label, d, _ in RECORDS if (root / d).resolve() != main and (root / d).is_dir()]
+    staged = stage_site(root, executed, root / "_build" / "site")
+    for label, d in others:
+        chapters = {k: v for k, v in _record_chapters(root, d).items() if not k.startswith("00")}
+        _stage_second_model(staged, label, Path(d).name, chapters)
+    return render(staged, root, warnings_as_errors)
+
+
+def _record_chapters(root: Path, record: str | Path) -> dict[str, Path]:
     rec = Path(record) if Path(record).is_absolute() else root / record
     executed = {}
     for src in chapter_sources(root):
@@ -192,8 +210,35 @@ def site(record: str | Path = "record/smollm2-135m", root: Path | None = None,
             raise FileNotFoundError(f"{nb} is missing: a run of record must hold every chapter "
                                     "(python -m emlib.record run ...).")
         executed[src.stem] = nb
-    staged = stage_site(root, executed, root / "_build" / "site")
-    return render(staged, root, warnings_as_errors)
+    return executed
+
+
+def _stage_second_model(site: Path, label: str, name: str, executed: dict[str, Path]) -> None:
+    """Add another model's executed chapters to a staged site as a part of its own (a folder one level
+    deep, so the chapters' relative links such as ``../book/results`` still resolve)."""
+    import re
+
+    import nbformat
+    import yaml
+
+    slug = "model_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # no dots in a document name
+    (site / slug).mkdir()
+    files = []
+    for stem, path in executed.items():
+        dst = site / slug / f"{stem}.ipynb"
+        _write_for_site(path, dst)
+        nb = nbformat.read(dst, as_version=4)
+        note = nbformat.v4.new_markdown_cell(
+            f"```{{note}}\nThis page is the run of record of **{label}**: the same chapter as in the main "
+            "part of the book, executed on that model (see the results page for its verdicts).\n```")
+        first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+        nb.cells.insert(first + 1, note)
+        nbformat.write(nb, dst)
+        files.append({"file": f"{slug}/{stem}"})
+    toc_path = site / "_toc.yml"
+    toc = yaml.safe_load(toc_path.read_text())
+    toc["parts"].append({"caption": f"Second model: {label}", "chapters": files})
+    toc_path.write_text(yaml.safe_dump(toc, sort_keys=False))
 
 
 def executed_with(start_time: float | None = None) -> "object":
@@ -240,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
     s = sub.add_parser("site", help="render the book from a run of record (no execution)")
     s.add_argument("--record", default="record/smollm2-135m")
+    s.add_argument("--main-only", action="store_true", help="leave out the other models' runs of record")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         build(a.profile, a.run_dir, chapters=a.chapters, extra=_parse_params(a.param))
     elif a.cmd == "run":
         execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
     elif a.cmd == "site":
-        print(site(a.record))
+        print(site(a.record, others=[] if a.main_only else None))
     elif a.cmd == "pair":
         for p in pair():
             print(p)

@@ -55,6 +55,11 @@ def test_published_site_renders_from_the_record(root):
     assert "not reproduced" in html and "SmolLM2-135M-Instruct" in html
     ch1 = (index.parent / "notebooks" / "01_em_emerges.html").read_text()
     assert "<img" in ch1 and "H100" in ch1
+    # the other models' runs of record are a part of their own, chapters 1-6
+    qwen = index.parent / "model_qwen2_5_coder_0_5b"
+    assert sorted(p.name for p in qwen.glob("0*.html"))[0] == "01_em_emerges.html"
+    q1 = (qwen / "01_em_emerges.html").read_text()
+    assert "Qwen2.5-Coder-0.5B" in q1 and "<img" in q1 and "Second model" in html
 
 
 # --------------------------------------------------------------------------- verdict rules
