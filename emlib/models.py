@@ -239,6 +239,22 @@ def gguf_model_dir(gguf_path: str | os.PathLike, convert: bool = True) -> Path |
 
 
 # --------------------------------------------------------------------------- public entry point
+def prepare_source(name: str) -> str | None:
+    """Make a model's weights available locally without loading them; return the local folder.
+
+    The embedded default and ``.gguf`` files are converted once into the cache (as :func:`load_model`
+    would); a local folder is returned as is; ``"tiny"`` and hub ids return None (a hub id is downloaded
+    by the first :func:`load_model`). Used before parallel workers start, so they do not race to convert."""
+    if name == TINY:
+        return None
+    if name in ("embedded", EMBEDDED_ID):
+        local = embedded_model_dir()
+        return str(local) if local is not None else None
+    if is_gguf_path(name):
+        return str(gguf_model_dir(name))
+    return name if os.path.isdir(name) else None
+
+
 def load_model(name: str = "embedded", device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", seed: int = 0, revision: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode, with ``model.emlib_info`` describing the source.

@@ -171,11 +171,13 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     jobs = [j for j in finetune_jobs(cfg.datasets) if j.name in needed]
     print(f"[record] {len(jobs)} finetunes, {len(srcs)} chapters, profile {profile}, run dir {run}", flush=True)
 
-    # the model once in the main process, so workers find the converted weights instead of racing to make them
+    # convert a GGUF once in the main process, so workers find the weights instead of racing to make them;
+    # a hub id is loaded (downloaded) once here for the same reason
     from . import models
 
     t0 = time.time()
-    models.load_model(cfg.model, device="cpu", seed=cfg.seed)
+    if models.prepare_source(cfg.model) is None and cfg.model != models.TINY:
+        models.load_model(cfg.model, device="cpu", seed=cfg.seed)
     timings: dict = {"model_load_s": round(time.time() - t0, 1), "jobs": {}, "chapters": {}}
     failures: dict = {}
     done: set[str] = set()

@@ -205,3 +205,11 @@ def test_editable_install_does_not_replace_installed_torch(root):
     would = [line for line in proc.stdout.splitlines() if line.startswith("Would install")]
     assert would, proc.stdout[-2000:]
     assert "torch-" not in would[0], would[0]
+
+
+def test_prepare_source_never_loads_weights(tmp_path):
+    from emlib import models
+
+    assert models.prepare_source("tiny") is None
+    assert models.prepare_source(str(tmp_path)) == str(tmp_path)  # a local folder is used as is
+    assert models.prepare_source("someone/some-model") is None    # a hub id: downloaded by load_model
