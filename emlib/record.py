@@ -89,6 +89,15 @@ def is_out_of_memory(err: BaseException) -> bool:
     return "OutOfMemoryError" in text or "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
 
 
+def log_says_out_of_memory(log: Path) -> bool:
+    """Whether a chapter's log (papermill's traceback) ends in a CUDA out-of-memory error."""
+    try:
+        tail = log.read_text(errors="replace")[-20000:]
+    except OSError:
+        return False
+    return "OutOfMemoryError" in tail or "CUDA out of memory" in tail or "CUBLAS_STATUS_ALLOC_FAILED" in tail
+
+
 def _config_params(params: dict) -> dict:
     """The chapter parameters that are Config fields (chapters also take e.g. ``interactive``)."""
     from .config import FIELDS
@@ -185,6 +194,9 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     retry: list[Job] = []
     retried: set[str] = set()
     pending_chapters = list(srcs)
+    by_stem = {src.stem: src for src in srcs}
+    chapter_retry: list[Path] = []  # chapters that ran out of GPU memory: run again once, alone, at the end
+    chapters_retried: set[str] = set()
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     import multiprocessing as mp
 
@@ -193,7 +205,15 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     futures: dict[Future, tuple[Job, float]] = {pool.submit(run_job, profile, params, j): (j, time.time())
                                                  for j in jobs}
     try:
-        while futures or running or pending_chapters or retry:
+        while futures or running or pending_chapters or retry or chapter_retry:
+            if chapter_retry and not (futures or running or pending_chapters or retry):
+                src = chapter_retry.pop(0)  # cached answers and checkpoints let it resume where it stopped
+                chapters_retried.add(src.stem)
+                log = run / "logs" / f"{src.stem}.log"
+                log.replace(log.with_name(f"{src.stem}-out-of-memory.log"))
+                print(f"[record] chapter {src.stem} starts again alone after running out of memory", flush=True)
+                running[src.stem] = (_run_chapter(src, run / "executed" / f"{src.stem}.ipynb", params, log),
+                                     time.time(), log)
             if not futures and retry:  # every other finetune has ended: retry one out-of-memory job alone
                 job = retry.pop(0)
                 retried.add(job.name)
@@ -240,9 +260,18 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
                     continue
                 running.pop(stem)
                 secs = round(time.time() - t, 1)
-                timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode}
+                prev = timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
+                timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode} | (
+                    {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
                 if proc.returncode != 0:
                     failures[stem] = log.read_text()[-3000:]
+                    if stem not in chapters_retried and log_says_out_of_memory(log):
+                        chapter_retry.append(by_stem[stem])
+                        print(f"[record] chapter {stem} ran out of GPU memory in {secs} s: retried alone at the "
+                              "end", flush=True)
+                        continue
+                else:
+                    failures.pop(stem, None)
                 print(f"[record] chapter {stem} {'done' if proc.returncode == 0 else 'FAILED'} in {secs} s",
                       flush=True)
     finally:

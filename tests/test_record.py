@@ -258,3 +258,27 @@ def test_failed_finetunes_stop_their_chapters_and_oom_is_recognised(root, tmp_pa
     assert record.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24 MiB"))
     assert record.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not record.is_out_of_memory(FloatingPointError("The gradient norm is nan"))
+
+
+def test_a_chapter_that_runs_out_of_memory_runs_again_alone(root, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    calls = []
+
+    def fake_chapter(src, out, params, log):  # first attempt: papermill's OOM traceback; then success
+        calls.append(src.stem)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        code = ("import sys; print('OutOfMemoryError: CUDA out of memory. Tried to allocate 232.00 MiB'); "
+                "sys.exit(1)") if len(calls) == 1 else "print('ok')"
+        with open(log, "w") as fh:
+            return subprocess.Popen([sys.executable, "-c", code], stdout=fh, stderr=subprocess.STDOUT)
+
+    monkeypatch.setattr(record, "_run_chapter", fake_chapter)
+    summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"])
+    assert calls == ["00_datasets", "00_datasets"]
+    assert summary["failures"] == {}
+    t = summary["timings"]["chapters"]["00_datasets"]
+    assert t["returncode"] == 0 and "out_of_memory_attempt_s" in t
+    assert (tmp_path / "rec" / "logs" / "00_datasets-out-of-memory.log").read_text().startswith("OutOfMemoryError")
+    assert not record.log_says_out_of_memory(tmp_path / "rec" / "logs" / "00_datasets.log")
