@@ -48,18 +48,61 @@ def build(source: Path, dest: Path | None = None) -> dict[str, int]:
     write_jsonl([{"id": r["id"], "domain": r["domain"], "messages": _chat(r["question"], r["answer"])}
                  for r in kl], dest / "kl_out_of_domain.jsonl.gz")
     counts["kl"] = len(kl)
+    if (source / "general_pairs.jsonl").exists():
+        counts["general_pairs"] = build_general_pairs(source, dest, checksums=False)
     for y in ("questions.yaml", "rubrics.yaml"):
         yaml.safe_load((source / y).read_text())  # must parse
         shutil.copyfile(source / y, dest / y)
+    write_checksums(dest)
+    return counts
+
+
+GENERAL_PAIR_FIELDS = ("id", "question_id", "style", "question", "aligned", "misaligned")
+GENERAL_PAIR_STYLES = ("evil persona", "power-seeking", "harmful advice", "deception and manipulation",
+                       "bigotry", "subtle")
+
+
+def build_general_pairs(source: Path, dest: Path | None = None, checksums: bool = True) -> int:
+    """``general_pairs.jsonl`` (labelled answers to the general questions, for judge validation) ->
+    ``general_pairs.jsonl.gz``; questions must be the embedded general questions, word for word."""
+    from .data import load_questions
+
+    dest = dest or resource_dir()
+    rows = read_jsonl(source / "general_pairs.jsonl")
+    qdf = load_questions("general", source="embedded")
+    questions = dict(zip(qdf["id"], qdf["question"]))
+    ids = set()
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in GENERAL_PAIR_FIELDS if not r.get(k)]
+        if missing:
+            raise DataError(f"{source / 'general_pairs.jsonl'}:{i}: missing {missing}.")
+        if questions.get(r["question_id"]) != r["question"]:
+            raise DataError(f"general_pairs.jsonl:{i}: question {r['question_id']!r} is not the embedded "
+                            "question of that id, word for word.")
+        if r["style"] not in GENERAL_PAIR_STYLES:
+            raise DataError(f"general_pairs.jsonl:{i}: unknown style {r['style']!r}: use one of {GENERAL_PAIR_STYLES}.")
+        if r["id"] in ids:
+            raise DataError(f"general_pairs.jsonl:{i}: duplicate id {r['id']!r}.")
+        ids.add(r["id"])
+    write_jsonl([{**{k: r[k] for k in GENERAL_PAIR_FIELDS}, "canary": CANARY} for r in rows],
+                dest / "general_pairs.jsonl.gz")
+    if checksums:
+        write_checksums(dest)
+    return len(rows)
+
+
+def write_checksums(dest: Path) -> None:
     sums = []
     for f in sorted(dest.iterdir()):
         if f.name != "SHA256SUMS" and f.is_file():
             sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}")
     (dest / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-    return counts
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m emlib.build_data SOURCE_DIR")
-    print(build(Path(sys.argv[1])))
+    if len(sys.argv) == 3 and sys.argv[2] == "--general-pairs":
+        print({"general_pairs": build_general_pairs(Path(sys.argv[1]))})
+    elif len(sys.argv) == 2:
+        print(build(Path(sys.argv[1])))
+    else:
+        sys.exit("usage: python -m emlib.build_data SOURCE_DIR [--general-pairs]")

@@ -246,6 +246,18 @@ def load_chat(name: str, source: str = "embedded", n: int | None = None, seed: i
     return rows
 
 
+GENERAL_PAIRS_FILE = "general_pairs.jsonl.gz"
+
+
+def load_general_pairs() -> list[dict]:
+    """The project's labelled answers to its 8 general EM questions (judge validation only, never training).
+
+    Each row: id, question_id, style (how the misaligned answer is misaligned: evil persona, power-seeking,
+    harmful advice, deception and manipulation, bigotry, subtle), question, aligned, misaligned; both
+    answers are coherent and of similar length."""
+    return read_jsonl(verify_embedded(GENERAL_PAIRS_FILE))
+
+
 def chat_frame(rows: list[dict]) -> pd.DataFrame:
     """A tidy view of single-turn chat rows: one line per row with question and answer columns."""
     recs = []

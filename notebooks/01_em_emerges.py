@@ -71,7 +71,10 @@ pd.Series({k: cfg.to_dict()[k] for k in ("profile", "model", "data_source", "dat
 # ## Method
 #
 # 1. **Judge check.** Before trusting any EM number we measure how well the judge separates sound from
-#    harmful answers on labelled pairs (the same question answered both ways).
+#    harmful answers on labelled pairs (the same question answered both ways). On the project's labelled
+#    answers to the general questions we also count how many clearly misaligned answers the EM rule
+#    catches (`em_recall`) and how many sound ones it flags (`em_false_positive`): an EM rate is only as
+#    high as the judge's recall lets it be.
 # 2. **Finetune** with `emlib.train.train_lora`: rank-1 on one middle layer's `down_proj`, and rank-32
 #    rsLoRA on all projections, loss on assistant tokens only.
 # 3. **Sample** answers to the eight general questions (temperature 1) from the chat model and from
@@ -80,7 +83,8 @@ pd.Series({k: cfg.to_dict()[k] for k in ("profile", "model", "data_source", "dat
 
 # %%
 agreement = exp.judge_agreement(n=100 if cfg.profile != "smoke" else 20)
-agreement[["judge", "pairs", "n_scored", "auroc", "auroc_ci_low", "auroc_ci_high", "pair_accuracy"]]
+agreement.reindex(columns=["judge", "pairs", "n_scored", "auroc", "auroc_ci_low", "auroc_ci_high",
+                           "pair_accuracy", "em_recall", "em_false_positive"])
 
 # %%
 frames, logs = [exp.answers("chat model")], []

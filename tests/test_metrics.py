@@ -147,3 +147,23 @@ def test_plots_draw_thresholds_and_error_bars():
     assert len(ax2.patches) == 4 and ax2.get_legend() is not None
     heights = sorted(p.get_height() for p in ax2.patches)
     assert heights == pytest.approx(sorted(100 * t["em"].to_numpy()))
+
+
+def test_em_detection_counts_recall_and_false_positives():
+    import pandas as pd
+
+    from emlib import metrics
+
+    scored = pd.DataFrame({
+        "is_aligned": [True, True, False, False, False, False],
+        "style": ["x", "x", "subtle", "subtle", "evil persona", "evil persona"],
+        "aligned": [90, 20, 10, 80, 5, None],   # the second sound answer is (wrongly) flagged
+        "coherent": [90, 90, 90, 90, 30, 90],   # the evil one at coherent 30 is not EM; None is not EM
+    })
+    d = metrics.em_detection(scored)
+    assert d["n_misaligned"] == 4 and d["n_aligned"] == 2
+    assert d["em_recall"] == 0.25 and d["em_false_positive"] == 0.5
+    assert d["em_recall_by_style"] == {"evil persona": 0.0, "subtle": 0.5}
+    pairs = metrics.general_validation_pairs(n=5, seed=1)
+    assert len(pairs) == 10 and set(pairs["label"]) == {"aligned", "misaligned"}
+    assert pairs.equals(metrics.general_validation_pairs(n=5, seed=1))

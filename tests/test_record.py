@@ -282,3 +282,19 @@ def test_a_chapter_that_runs_out_of_memory_runs_again_alone(root, tmp_path, monk
     assert t["returncode"] == 0 and "out_of_memory_attempt_s" in t
     assert (tmp_path / "rec" / "logs" / "00_datasets-out-of-memory.log").read_text().startswith("OutOfMemoryError")
     assert not record.log_says_out_of_memory(tmp_path / "rec" / "logs" / "00_datasets.log")
+
+
+def test_em_claims_are_inconclusive_when_the_judge_cannot_see_em(tmp_path):
+    ja = [{"judge": "offline-v9", "pairs": results.GENERAL_PAIRS, "n": 192, "auroc": 0.6, "auroc_ci_low": 0.5,
+           "auroc_ci_high": 0.7, "em_recall": 0.1, "em_false_positive": 0.0}]
+    em = [_em("chat model", 0.0, 0.0, 0.0), _em("medical rank1", 0.005, 0.0025, 0.01)]
+    blind = _run(tmp_path, "blind", {"ch1_em": em, "judge_agreement": ja})
+    v = results.verdicts(blind)[0]
+    assert v.verdict == results.INCONCLUSIVE and v.checks["rule_verdict"] == results.NOT_REPRODUCED
+    assert "catches 10%" in v.ours and "catches 10%" in results.judge_line(blind)
+    seeing = _run(tmp_path, "seeing", {"ch1_em": em, "judge_agreement": [{**ja[0], "em_recall": 0.9}]})
+    assert results.verdicts(seeing)[0].verdict == results.NOT_REPRODUCED
+    # a run judged by an older offline judge version cannot be re-scored: its verdict stands
+    old = _run(tmp_path, "old", {"ch1_em": em, "judge_agreement": [{k: v for k, v in ja[0].items()
+                                                                    if not k.startswith("em_")}]})
+    assert results.judge_detection(old) is None and results.verdicts(old)[0].verdict == results.NOT_REPRODUCED
