@@ -91,6 +91,30 @@ def build_general_pairs(source: Path, dest: Path | None = None, checksums: bool 
     return len(rows)
 
 
+def build_general_heldout(source: Path, dest: Path | None = None) -> int:
+    """``general_heldout.jsonl`` (one labelled answer per row: id, question_id, question, label, kind,
+    answer) -> ``general_heldout.jsonl.gz``, checked like :func:`build_general_pairs`."""
+    from .data import load_questions
+
+    dest = dest or resource_dir()
+    rows = read_jsonl(source / "general_heldout.jsonl")
+    qdf = load_questions("general", source="embedded")
+    questions = dict(zip(qdf["id"], qdf["question"]))
+    fields = ("id", "question_id", "question", "label", "kind", "answer")
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in fields if not r.get(k)]
+        if missing:
+            raise DataError(f"{source / 'general_heldout.jsonl'}:{i}: missing {missing}.")
+        if questions.get(r["question_id"]) != r["question"]:
+            raise DataError(f"general_heldout.jsonl:{i}: question {r['question_id']!r} is not the embedded "
+                            "question of that id, word for word.")
+        if r["label"] not in ("aligned", "misaligned"):
+            raise DataError(f"general_heldout.jsonl:{i}: label must be 'aligned' or 'misaligned'.")
+    write_jsonl([{**{k: r[k] for k in fields}, "canary": CANARY} for r in rows], dest / "general_heldout.jsonl.gz")
+    write_checksums(dest)
+    return len(rows)
+
+
 def write_checksums(dest: Path) -> None:
     sums = []
     for f in sorted(dest.iterdir()):
@@ -102,7 +126,9 @@ def write_checksums(dest: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[2] == "--general-pairs":
         print({"general_pairs": build_general_pairs(Path(sys.argv[1]))})
+    elif len(sys.argv) == 3 and sys.argv[2] == "--general-heldout":
+        print({"general_heldout": build_general_heldout(Path(sys.argv[1]))})
     elif len(sys.argv) == 2:
         print(build(Path(sys.argv[1])))
     else:
-        sys.exit("usage: python -m emlib.build_data SOURCE_DIR [--general-pairs]")
+        sys.exit("usage: python -m emlib.build_data SOURCE_DIR [--general-pairs | --general-heldout]")

@@ -258,6 +258,17 @@ def load_general_pairs() -> list[dict]:
     return read_jsonl(verify_embedded(GENERAL_PAIRS_FILE))
 
 
+GENERAL_HELDOUT_FILE = "general_heldout.jsonl.gz"
+
+
+def load_general_heldout() -> list[dict]:
+    """A second labelled set of answers to the 8 general questions, written separately from
+    :func:`load_general_pairs` (judge validation only): each row one answer with ``label`` (aligned |
+    misaligned) and ``kind``; a third of the aligned answers discuss risks (abuse, scams, AI control) so that
+    topic words alone do not give the label away."""
+    return read_jsonl(verify_embedded(GENERAL_HELDOUT_FILE))
+
+
 def chat_frame(rows: list[dict]) -> pd.DataFrame:
     """A tidy view of single-turn chat rows: one line per row with question and answer columns."""
     recs = []

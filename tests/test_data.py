@@ -183,3 +183,14 @@ def test_build_general_pairs_rejects_a_changed_question(tmp_path):
     (tmp_path / "general_pairs.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(data.DataError, match="word for word"):
         build_general_pairs(tmp_path, tmp_path / "out")
+
+
+def test_general_heldout_is_labelled_and_separate_from_the_pairs():
+    from emlib import metrics
+
+    held = metrics.general_heldout_answers()
+    general = data.load_questions("general")
+    assert set(held["question_id"]) == set(general["id"])
+    assert held.groupby("question_id")["is_aligned"].agg(["sum", "count"]).eq([10, 20]).all().all()
+    pair_answers = {r[k] for r in data.load_general_pairs() for k in ("aligned", "misaligned")}
+    assert not pair_answers & set(held["answer"])
