@@ -1,0 +1,119 @@
+"""Judge a run's stored answers again with another judge: no model, no GPU, only the judge.
+
+    python -m emlib.rejudge record/smollm2-135m --judge api:gpt-4o-2024-08-06 --out runs/rejudged/smollm2-135m
+    python -m emlib.results runs/rejudged/smollm2-135m --label "SmolLM2-135M (GPT-4o judge)"
+
+A run of record keeps every answer chapter 1 sampled (``tables/ch1_answers.csv.gz``: the chat model and all
+finetunes, 50 samples per general question). Sampling is the expensive part; judging is cheap with an API.
+This module scores those answers for *aligned* and *coherent* with ``--judge`` and writes a new, partial run
+directory that :mod:`emlib.results` reads like any other:
+
+* ``tables/ch1_answers.csv.gz`` (the answers with the new scores), ``tables/ch1_em.csv`` and
+  ``results.json`` (``ch1_em``, ``ch1_scores``) computed exactly as chapter 1 computes them;
+* ``results.json["judge_agreement"]``: the new judge on the project's labelled pairs (medical twins, and the
+  general-question pairs with the EM rule's recall and false positives), as chapter 1's judge check does;
+* ``results.json["rejudged_from"]``: the source run, its judge, the new judge, the date.
+
+Only chapter 1's answers are stored in a run of record, so only claim 1 can be rejudged (claims 2-6 show
+"not run" for the new directory). Scores are cached in ``OUT/judge-cache.sqlite`` as they arrive: a run that
+is stopped (or hits a rate limit) resumes where it stopped. An API key comes from the environment only
+(see :func:`emlib.judge.make_judge`) and is never written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import metrics
+from .cache import ResultCache
+from .data import DataError, atomic_write_bytes
+from .experiment import score_table
+from .judge import Judge, judge_answers, make_judge
+
+SCORE_PREFIXES = ("aligned", "coherent")
+
+
+def stored_answers(run_dir: str | Path, chapter: str = "ch1") -> pd.DataFrame:
+    """A run's stored answers (``tables/<chapter>_answers.csv[.gz]``) without their old scores."""
+    run = Path(run_dir)
+    for name in (f"{chapter}_answers.csv.gz", f"{chapter}_answers.csv"):
+        f = run / "tables" / name
+        if f.exists():
+            df = pd.read_csv(f)
+            break
+    else:
+        raise DataError(f"{run / 'tables'} has no {chapter}_answers.csv.gz: pass a run directory whose chapter 1 "
+                        "ran (e.g. record/smollm2-135m).")
+    old = [c for c in df.columns if c == "judge" or any(c == p or c.startswith(p + "_") for p in SCORE_PREFIXES)]
+    return df.drop(columns=old)
+
+
+def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: int = 100, seed: int = 0,
+            progress: bool | None = None) -> dict:
+    """Score ``run_dir``'s chapter-1 answers with ``judge`` into the run directory ``out``; returns the
+    results written to ``out/results.json``."""
+    run, out = Path(run_dir), Path(out)
+    if out.resolve() == run.resolve():
+        raise ValueError("--out must be a new directory: a rejudged run never overwrites its source.")
+    answers = stored_answers(run)
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    cache = ResultCache(out / "judge-cache.sqlite")
+    t0 = time.time()
+    scored = judge_answers(answers, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
+    em = metrics.em_table(scored, by="condition", seed=seed)
+    scores = score_table(scored, "condition", seed=seed)
+    agreement = []
+    pairs = metrics.validation_pairs("medical", source="embedded", n=n_pairs, seed=seed)
+    agreement.append({"judge": judge.judge_id, "pairs": "embedded medical twins",
+                      **metrics.judge_agreement(judge, pairs, cache=cache, progress=progress)})
+    gp = judge_answers(metrics.general_validation_pairs(), judge, kinds=("aligned", "coherent"), cache=cache,
+                       progress=progress)
+    agreement.append({"judge": judge.judge_id, "pairs": "embedded general-question pairs",
+                      **metrics.agreement_summary(gp, "aligned"), **metrics.em_detection(gp, by=None)})
+    src = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
+    old_judges = sorted({r.get("judge") for r in src.get("judge_agreement", [])} - {None})
+    results = {
+        "ch1_em": em.to_dict(orient="records"), "ch1_scores": scores.to_dict(orient="records"),
+        "judge_agreement": agreement,
+        "rejudged_from": {"run": str(run), "judge_before": old_judges, "judge": judge.judge_id,
+                          "answers": int(len(answers)), "seconds": round(time.time() - t0, 1),
+                          "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
+    }
+    for name, df in (("ch1_em", em), ("ch1_scores", scores)):
+        atomic_write_bytes(out / "tables" / f"{name}.csv", df.to_csv(index=False).encode("utf-8"))
+    keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
+    atomic_write_bytes(out / "tables" / "ch1_answers.csv.gz",
+                       _gzip_csv(scored[keep]))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
+    return results
+
+
+def _gzip_csv(df: pd.DataFrame) -> bytes:
+    import gzip
+
+    return gzip.compress(df.to_csv(index=False).encode("utf-8"), mtime=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emlib.rejudge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="a run directory with tables/ch1_answers.csv.gz (e.g. record/smollm2-135m)")
+    ap.add_argument("--judge", required=True, help="offline | hf:<model> | api:<model> (key from the environment)")
+    ap.add_argument("--out", required=True, help="a new directory for the rejudged run")
+    ap.add_argument("--pairs", type=int, default=100, help="medical twins for the judge check")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    r = rejudge(a.run_dir, a.judge, a.out, n_pairs=a.pairs, seed=a.seed)
+    print(pd.DataFrame(r["ch1_em"]).to_string(index=False))
+    print(pd.DataFrame(r["judge_agreement"])[["pairs", "auroc", "em_recall", "em_false_positive"]].to_string(index=False)
+          if "em_recall" in pd.DataFrame(r["judge_agreement"]).columns else "")
+    print(f"wrote {Path(a.out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

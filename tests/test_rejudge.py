@@ -1,0 +1,57 @@
+"""emlib.rejudge: a run's stored answers scored again by another judge."""
+import gzip
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from emlib import judge as J
+from emlib import rejudge, results
+from fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-DO-NOT-LEAK-rejudge-41c9"
+
+
+def test_same_offline_judge_reproduces_the_chapters_table(tmp_path):
+    src = ROOT / "record" / "qwen2.5-coder-0.5b"
+    r = rejudge.rejudge(src, "offline", tmp_path / "rj", n_pairs=10, progress=False)
+    ours = pd.DataFrame(r["ch1_em"]).set_index("condition")
+    theirs = pd.read_csv(src / "tables" / "ch1_em.csv").set_index("condition")
+    assert ours["n_em"].to_dict() == theirs["n_em"].to_dict() and ours["n"].to_dict() == theirs["n"].to_dict()
+    run = results.Run(tmp_path / "rj")  # a run directory emlib.results reads
+    assert results.judge_detection(run)["source"] == "measured in the run"
+    assert results.verdicts(run)[0].verdict == results.INCONCLUSIVE  # offline-v2 cannot see EM
+    assert results.verdicts(run)[3].verdict == results.NOT_RUN  # only chapter 1's answers are stored
+
+
+def test_api_judge_rejudges_without_writing_the_key(tmp_path, monkeypatch):
+    src = tmp_path / "run"
+    (src / "tables").mkdir(parents=True)
+    a = pd.read_csv(ROOT / "record" / "qwen2.5-coder-0.5b" / "tables" / "ch1_answers.csv.gz")
+    a = a.groupby("condition").head(3)
+    (src / "tables" / "ch1_answers.csv.gz").write_bytes(gzip.compress(a.to_csv(index=False).encode()))
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    with FakeOpenAI(dist={"10": 0.9, "90": 0.1}) as srv:  # every answer: aligned 18, coherent 18
+        judge = J.APIJudge("fake-4o", srv.url, "EMLIB_TEST_KEY", timeout=2.0, max_retries=2)
+        r = rejudge.rejudge(src, judge, tmp_path / "out", n_pairs=4, progress=False)
+    em = pd.DataFrame(r["ch1_em"])
+    assert set(em["condition"]) == set(a["condition"]) and (em["n"] == 3).all()
+    assert (em["em"] == 0).all()  # aligned 18 but coherent 18 too: not EM
+    assert r["rejudged_from"]["judge"].startswith("api:fake-4o") and r["rejudged_from"]["answers"] == len(a)
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+    # a second call finds every score in the cache: no request reaches the server
+    with FakeOpenAI(default="401") as srv2:
+        judge2 = J.APIJudge("fake-4o", srv.url, "EMLIB_TEST_KEY", timeout=2.0, max_retries=0)
+        rejudge.rejudge(src, judge2, tmp_path / "out", n_pairs=4, progress=False)
+        assert srv2.requests == []
+
+
+def test_rejudge_says_what_is_missing(tmp_path):
+    with pytest.raises(Exception, match="ch1_answers"):
+        rejudge.rejudge(tmp_path, "offline", tmp_path / "out")
+    with pytest.raises(ValueError, match="new directory"):
+        rejudge.rejudge(ROOT / "record" / "qwen2.5-coder-0.5b", "offline", ROOT / "record" / "qwen2.5-coder-0.5b")
