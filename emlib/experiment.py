@@ -226,8 +226,14 @@ class Experiment:
 
     # ------------------------------------------------------------------ outputs
     def save_table(self, df: pd.DataFrame, name: str) -> Path:
-        return data.atomic_write_bytes(self.out / "tables" / f"{name}.csv",
-                                       df.to_csv(index=False).encode("utf-8"))
+        """``tables/<name>.csv``; answer tables (``*_answers``, every sampled answer with its scores, kept so
+        a run can be judged again with ``emlib.rejudge``) are gzipped reproducibly: ``<name>.csv.gz``."""
+        payload = df.to_csv(index=False).encode("utf-8")
+        if name.endswith("_answers"):
+            import gzip
+
+            return data.atomic_write_bytes(self.out / "tables" / f"{name}.csv.gz", gzip.compress(payload, mtime=0))
+        return data.atomic_write_bytes(self.out / "tables" / f"{name}.csv", payload)
 
     def save_figure(self, fig, name: str) -> Path:
         path = self.out / "figures" / f"{name}.png"

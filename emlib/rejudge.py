@@ -14,8 +14,9 @@ directory that :mod:`emlib.results` reads like any other:
   general-question pairs with the EM rule's recall and false positives), as chapter 1's judge check does;
 * ``results.json["rejudged_from"]``: the source run, its judge, the new judge, the date.
 
-Only chapter 1's answers are stored in a run of record, so only claim 1 can be rejudged (claims 2-6 show
-"not run" for the new directory). Scores are cached in ``OUT/judge-cache.sqlite`` as they arrive: a run that
+Chapter 1's answers are stored in every run of record, chapter 2's (steering and ablation) in runs made
+after 2026-11-26; the committed runs of record predate that, so for them only claim 1 can be rejudged
+(claims 2-6 show "not run" for the new directory). Scores are cached in ``OUT/judge-cache.sqlite`` as they arrive: a run that
 is stopped (or hits a rate limit) resumes where it stopped. An API key comes from the environment only
 (see :func:`emlib.judge.make_judge`) and is never written.
 """
@@ -38,7 +39,8 @@ SCORE_PREFIXES = ("aligned", "coherent")
 
 
 def stored_answers(run_dir: str | Path, chapter: str = "ch1") -> pd.DataFrame:
-    """A run's stored answers (``tables/<chapter>_answers.csv[.gz]``) without their old scores."""
+    """A run's stored answers (``tables/<chapter>_answers.csv[.gz]``, e.g. ``ch1``, ``ch2_steering``) without
+    their old scores."""
     run = Path(run_dir)
     for name in (f"{chapter}_answers.csv.gz", f"{chapter}_answers.csv"):
         f = run / "tables" / name
@@ -76,15 +78,31 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     agreement.append({"judge": judge.judge_id, "pairs": "embedded general-question pairs",
                       **metrics.agreement_summary(gp, "aligned"), **metrics.em_detection(gp, by=None)})
     src = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
+    extra = {}  # chapter 2 stores its answers since session 3: steering and ablation can be rejudged too
+    for name, by in (("ch2_steering", ["scale"]), ("ch2_ablation", ["finetune", "ablated"])):
+        try:
+            ans = stored_answers(run, name)
+        except DataError:
+            continue
+        sc = judge_answers(ans, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
+        tab = metrics.em_table(sc, by=by if len(by) > 1 else by[0], seed=seed)
+        if name == "ch2_steering":
+            tab = tab.merge(sc.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
+        extra[name] = tab
+    if extra and "ch2_cosine" in src:
+        extra_json = {"ch2_cosine": src["ch2_cosine"]}  # geometry of the directions: no judge involved
+    else:
+        extra_json = {}
     old_judges = sorted({r.get("judge") for r in src.get("judge_agreement", [])} - {None})
     results = {
         "ch1_em": em.to_dict(orient="records"), "ch1_scores": scores.to_dict(orient="records"),
         "judge_agreement": agreement,
+        **{k: v.to_dict(orient="records") for k, v in extra.items()}, **extra_json,
         "rejudged_from": {"run": str(run), "judge_before": old_judges, "judge": judge.judge_id,
                           "answers": int(len(answers)), "seconds": round(time.time() - t0, 1),
                           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
     }
-    for name, df in (("ch1_em", em), ("ch1_scores", scores)):
+    for name, df in (("ch1_em", em), ("ch1_scores", scores), *extra.items()):
         atomic_write_bytes(out / "tables" / f"{name}.csv", df.to_csv(index=False).encode("utf-8"))
     keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
     atomic_write_bytes(out / "tables" / "ch1_answers.csv.gz",

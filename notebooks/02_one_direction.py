@@ -119,6 +119,7 @@ steered = pd.concat(steer_frames, ignore_index=True)
 steer_table = metrics.em_table(steered, by="scale", seed=cfg.seed).merge(
     steered.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
 exp.save_table(steer_table, "ch2_steering")
+exp.save_table(steered, "ch2_steering_answers")  # every answer, so the run can be judged again
 exp.record("ch2_steering", steer_table.to_dict(orient="records"))
 print(f"mean residual norm at layer {layer}: {ref_norm:.1f}")
 steer_table
@@ -153,6 +154,7 @@ for ds in cfg.datasets:
 ablated = pd.concat(abl_frames, ignore_index=True)
 abl_table = metrics.em_table(ablated, by=["finetune", "ablated"], seed=cfg.seed)
 exp.save_table(abl_table, "ch2_ablation")
+exp.save_table(ablated, "ch2_ablation_answers")
 exp.record("ch2_ablation", abl_table.to_dict(orient="records"))
 ax = plots.em_bars(abl_table, x="finetune", hue="ablated", title="EM after projecting out a direction")
 exp.save_figure(ax.figure, "ch2_ablation")

@@ -55,3 +55,20 @@ def test_rejudge_says_what_is_missing(tmp_path):
         rejudge.rejudge(tmp_path, "offline", tmp_path / "out")
     with pytest.raises(ValueError, match="new directory"):
         rejudge.rejudge(ROOT / "record" / "qwen2.5-coder-0.5b", "offline", ROOT / "record" / "qwen2.5-coder-0.5b")
+
+
+def test_chapter_two_answers_are_rejudged_when_stored(tmp_path):
+    src = tmp_path / "run"
+    (src / "tables").mkdir(parents=True)
+    a = pd.read_csv(ROOT / "record" / "qwen2.5-coder-0.5b" / "tables" / "ch1_answers.csv.gz").head(40)
+    (src / "tables" / "ch1_answers.csv.gz").write_bytes(gzip.compress(a.to_csv(index=False).encode()))
+    steer = a.assign(scale=[0.0, 0.5] * 20)
+    abl = a.assign(finetune="medical", ablated=["none", "direction", "random", "none"] * 10)
+    steer.to_csv(src / "tables" / "ch2_steering_answers.csv", index=False)
+    abl.to_csv(src / "tables" / "ch2_ablation_answers.csv", index=False)
+    (src / "results.json").write_text(json.dumps({"ch2_cosine": {"medical": {"medical": 1.0}}}))
+    r = rejudge.rejudge(src, "offline", tmp_path / "out", n_pairs=4, progress=False)
+    assert [row["scale"] for row in r["ch2_steering"]] == [0.0, 0.5] and "aligned" in r["ch2_steering"][0]
+    assert {row["ablated"] for row in r["ch2_ablation"]} == {"none", "direction", "random"}
+    assert r["ch2_cosine"] == {"medical": {"medical": 1.0}}
+    assert results.claim_direction(results.Run(tmp_path / "out")).verdict != results.NOT_RUN
