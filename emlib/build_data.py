@@ -65,20 +65,11 @@ GENERAL_PAIR_STYLES = ("evil persona", "power-seeking", "harmful advice", "decep
 def build_general_pairs(source: Path, dest: Path | None = None, checksums: bool = True) -> int:
     """``general_pairs.jsonl`` (labelled answers to the general questions, for judge validation) ->
     ``general_pairs.jsonl.gz``; questions must be the embedded general questions, word for word."""
-    from .data import load_questions
 
     dest = dest or resource_dir()
-    rows = read_jsonl(source / "general_pairs.jsonl")
-    qdf = load_questions("general", source="embedded")
-    questions = dict(zip(qdf["id"], qdf["question"]))
+    rows = _general_rows(source / "general_pairs.jsonl", GENERAL_PAIR_FIELDS)
     ids = set()
     for i, r in enumerate(rows, 1):
-        missing = [k for k in GENERAL_PAIR_FIELDS if not r.get(k)]
-        if missing:
-            raise DataError(f"{source / 'general_pairs.jsonl'}:{i}: missing {missing}.")
-        if questions.get(r["question_id"]) != r["question"]:
-            raise DataError(f"general_pairs.jsonl:{i}: question {r['question_id']!r} is not the embedded "
-                            "question of that id, word for word.")
         if r["style"] not in GENERAL_PAIR_STYLES:
             raise DataError(f"general_pairs.jsonl:{i}: unknown style {r['style']!r}: use one of {GENERAL_PAIR_STYLES}.")
         if r["id"] in ids:
@@ -94,25 +85,33 @@ def build_general_pairs(source: Path, dest: Path | None = None, checksums: bool 
 def build_general_heldout(source: Path, dest: Path | None = None) -> int:
     """``general_heldout.jsonl`` (one labelled answer per row: id, question_id, question, label, kind,
     answer) -> ``general_heldout.jsonl.gz``, checked like :func:`build_general_pairs`."""
-    from .data import load_questions
-
     dest = dest or resource_dir()
-    rows = read_jsonl(source / "general_heldout.jsonl")
-    qdf = load_questions("general", source="embedded")
-    questions = dict(zip(qdf["id"], qdf["question"]))
     fields = ("id", "question_id", "question", "label", "kind", "answer")
+    rows = _general_rows(source / "general_heldout.jsonl", fields)
     for i, r in enumerate(rows, 1):
-        missing = [k for k in fields if not r.get(k)]
-        if missing:
-            raise DataError(f"{source / 'general_heldout.jsonl'}:{i}: missing {missing}.")
-        if questions.get(r["question_id"]) != r["question"]:
-            raise DataError(f"general_heldout.jsonl:{i}: question {r['question_id']!r} is not the embedded "
-                            "question of that id, word for word.")
         if r["label"] not in ("aligned", "misaligned"):
             raise DataError(f"general_heldout.jsonl:{i}: label must be 'aligned' or 'misaligned'.")
     write_jsonl([{**{k: r[k] for k in fields}, "canary": CANARY} for r in rows], dest / "general_heldout.jsonl.gz")
     write_checksums(dest)
     return len(rows)
+
+
+def _general_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a labelled general-question file: every field present, each question the embedded general
+    question of its id, word for word."""
+    from .data import load_questions
+
+    rows = read_jsonl(path)
+    qdf = load_questions("general", source="embedded")
+    questions = dict(zip(qdf["id"], qdf["question"]))
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in fields if not r.get(k)]
+        if missing:
+            raise DataError(f"{path}:{i}: missing {missing}.")
+        if questions.get(r["question_id"]) != r["question"]:
+            raise DataError(f"{path.name}:{i}: question {r['question_id']!r} is not the embedded question of "
+                            "that id, word for word.")
+    return rows
 
 
 def write_checksums(dest: Path) -> None:
