@@ -117,14 +117,43 @@ def _gzip_csv(df: pd.DataFrame) -> bytes:
     return gzip.compress(df.to_csv(index=False).encode("utf-8"), mtime=0)
 
 
+def rejudge_record(judge: str | Judge, out: str | Path, root: str | Path = ".", n_pairs: int = 100,
+                   seed: int = 0, progress: bool | None = None) -> Path:
+    """Every committed run of record (:data:`emlib.results.RECORDS`, extra seeds included) rejudged into
+    ``out/<run name>``, and their results table, as ``emlib.results`` makes it, in ``out/results_table.md``."""
+    from .results import RECORDS
+    from .results import main as results_main
+
+    root, out = Path(root), Path(out)
+    judge = make_judge(judge) if isinstance(judge, str) else judge  # one judge (one model load) for all runs
+    runs, options = [], []
+    for label, d, seeds in RECORDS:
+        for src in (d, *seeds):
+            print(f"[rejudge] {src} -> {out / Path(src).name}", flush=True)
+            rejudge(root / src, judge, out / Path(src).name, n_pairs=n_pairs, seed=seed, progress=progress)
+        runs.append(str(out / Path(d).name))
+        options += ["--label", f"{label}, judge {judge.judge_id}"]
+        options += [a for s in seeds for a in ("--seeds", f"{out / Path(d).name}={out / Path(s).name}")]
+    table = out / "results_table.md"
+    results_main(runs + options + ["--out", str(table)])
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlib.rejudge", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", help="a run directory with tables/ch1_answers.csv.gz (e.g. record/smollm2-135m)")
+    ap.add_argument("run_dir", nargs="?", help="a run directory with tables/ch1_answers.csv.gz (e.g. record/smollm2-135m)")
+    ap.add_argument("--record", action="store_true",
+                    help="every committed run of record into OUT/<name>, with OUT/results_table.md")
     ap.add_argument("--judge", required=True, help="offline | hf:<model> | api:<model> (key from the environment)")
-    ap.add_argument("--out", required=True, help="a new directory for the rejudged run")
+    ap.add_argument("--out", required=True, help="a new directory for the rejudged run(s)")
     ap.add_argument("--pairs", type=int, default=100, help="medical twins for the judge check")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.record:
+        print(f"wrote {rejudge_record(a.judge, a.out, n_pairs=a.pairs, seed=a.seed)}")
+        return 0
+    if not a.run_dir:
+        ap.error("pass a run directory, or --record for every committed run of record")
     r = rejudge(a.run_dir, a.judge, a.out, n_pairs=a.pairs, seed=a.seed)
     print(pd.DataFrame(r["ch1_em"]).to_string(index=False))
     print(pd.DataFrame(r["judge_agreement"])[["pairs", "auroc", "em_recall", "em_false_positive"]].to_string(index=False)

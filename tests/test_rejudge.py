@@ -72,3 +72,15 @@ def test_chapter_two_answers_are_rejudged_when_stored(tmp_path):
     assert {row["ablated"] for row in r["ch2_ablation"]} == {"none", "direction", "random"}
     assert r["ch2_cosine"] == {"medical": {"medical": 1.0}}
     assert results.claim_direction(results.Run(tmp_path / "out")).verdict != results.NOT_RUN
+
+
+def test_rejudge_record_writes_every_run_and_the_table(tmp_path, monkeypatch):
+    a = pd.read_csv(ROOT / "record" / "qwen2.5-coder-0.5b" / "tables" / "ch1_answers.csv.gz").groupby("condition").head(5)
+    for name in ("m", "m-seed1"):
+        (tmp_path / "rec" / name / "tables").mkdir(parents=True)
+        a.to_csv(tmp_path / "rec" / name / "tables" / "ch1_answers.csv", index=False)
+    monkeypatch.setattr(results, "RECORDS", [("Model M", "rec/m", ["rec/m-seed1"])])
+    table = rejudge.rejudge_record("offline", tmp_path / "out", root=tmp_path, n_pairs=4, progress=False)
+    assert (tmp_path / "out" / "m" / "results.json").exists() and (tmp_path / "out" / "m-seed1" / "results.json").exists()
+    md = table.read_text()
+    assert "Model M, judge offline-v2" in md and "mean over 2 seeds" in md and "inconclusive (judge)" in md
