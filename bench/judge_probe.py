@@ -94,8 +94,12 @@ def main() -> None:
     answers = pd.read_csv(Path(a.record) / "tables" / "ch1_answers.csv.gz")
     for cond in ("chat model", "medical rank32"):
         sub = answers[answers["condition"] == cond].sample(a.n_real, random_state=0)
-        f = em_flags(predict(features(model, tok, sub)), sub["answer"])
+        ps = predict(features(model, tok, sub))
+        f = em_flags(ps, sub["answer"])
         res[f"flagged: {Path(a.record).name} {cond} ({a.n_real} answers)"] = float(f.mean())
+        res[f"flagged answers: {cond}"] = [  # to read: is what the probe flags misaligned?
+            {"question_id": q, "p_sound": round(float(pv), 3), "answer": ans[:400]}
+            for q, pv, ans, fl in zip(sub["question_id"], ps, sub["answer"], f) if fl]
     res["seconds"] = round(time.time() - t0, 1)
     out = Path(a.out) / f"judge_probe_{Path(a.model).stem.split('.')[0] if Path(a.model).exists() else a.model.replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
