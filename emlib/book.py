@@ -116,9 +116,10 @@ def stage_site(root: Path, executed: dict[str, Path], site: Path) -> Path:
     return site
 
 
-def _write_for_site(src: Path, dst: Path) -> None:
+def _write_for_site(src: Path, dst: Path, note: str | None = None) -> None:
     """Copy an executed chapter, hiding papermill's injected-parameters cell (it holds local paths)
-    and folding the parameters cell (readers see the defaults, the run's values are printed below)."""
+    and folding the parameters cell (readers see the defaults, the run's values are printed below).
+    ``note``: markdown inserted after the first markdown cell (the title)."""
     import nbformat
 
     nb = nbformat.read(src, as_version=4)
@@ -128,6 +129,9 @@ def _write_for_site(src: Path, dst: Path) -> None:
             tags.append("remove-cell")
         elif "parameters" in tags and "hide-input" not in tags:
             tags.append("hide-input")
+    if note is not None:
+        first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+        nb.cells.insert(first + 1, nbformat.v4.new_markdown_cell(note))
     nbformat.write(nb, dst)
 
 
@@ -218,22 +222,15 @@ def _stage_second_model(site: Path, label: str, name: str, executed: dict[str, P
     deep, so the chapters' relative links such as ``../book/results`` still resolve)."""
     import re
 
-    import nbformat
     import yaml
 
     slug = "model_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # no dots in a document name
     (site / slug).mkdir()
+    note = (f"```{{note}}\nThis page is the run of record of **{label}**: the same chapter as in the main "
+            "part of the book, executed on that model (see the results page for its verdicts).\n```")
     files = []
     for stem, path in executed.items():
-        dst = site / slug / f"{stem}.ipynb"
-        _write_for_site(path, dst)
-        nb = nbformat.read(dst, as_version=4)
-        note = nbformat.v4.new_markdown_cell(
-            f"```{{note}}\nThis page is the run of record of **{label}**: the same chapter as in the main "
-            "part of the book, executed on that model (see the results page for its verdicts).\n```")
-        first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
-        nb.cells.insert(first + 1, note)
-        nbformat.write(nb, dst)
+        _write_for_site(path, site / slug / f"{stem}.ipynb", note=note)
         files.append({"file": f"{slug}/{stem}"})
     toc_path = site / "_toc.yml"
     toc = yaml.safe_load(toc_path.read_text())

@@ -93,19 +93,9 @@ class Experiment:
         general questions, where EM is measured: for those also how many misaligned answers the EM rule
         (aligned <= 30, coherent > 50) catches (em_recall) and how many sound ones it flags
         (em_false_positive). Cached in results.json."""
-        from .judge import judge_answers
-
-        recs = []
         sources = ["embedded"] + (["paper"] if self._paper_available() else [])
-        for src in sources:
-            pairs = metrics.validation_pairs("medical", source=src, n=n, seed=self.cfg.seed,
-                                             data_dir=self.cfg.data_dir)
-            summary = metrics.judge_agreement(self.judge, pairs, cache=self.cache, progress=False)
-            recs.append({"judge": self.judge.judge_id, "pairs": f"{src} medical twins", **summary})
-        gp = metrics.general_validation_pairs(n=n, seed=self.cfg.seed)
-        scored = judge_answers(gp, self.judge, kinds=("aligned", "coherent"), cache=self.cache, progress=False)
-        recs.append({"judge": self.judge.judge_id, "pairs": "embedded general-question pairs",
-                     **metrics.agreement_summary(scored, "aligned"), **metrics.em_detection(scored, by=None)})
+        recs = metrics.judge_check(self.judge, n=n, seed=self.cfg.seed, sources=sources, data_dir=self.cfg.data_dir,
+                                   cache=self.cache)
         table = pd.DataFrame(recs)
         self.record("judge_agreement", table.to_dict(orient="records"))
         return table

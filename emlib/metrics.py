@@ -279,6 +279,33 @@ def em_detection(scored: pd.DataFrame, label_col: str = "is_aligned", by: str | 
     return out
 
 
+GENERAL_PAIRS_LABEL = "embedded general-question pairs"
+
+
+def general_judge_check(judge, n: int | None = None, seed: int = 0, cache=None, progress: bool | None = False) -> dict:
+    """A judge on the labelled general-question pairs (:func:`general_validation_pairs`): the aligned
+    score's agreement (:func:`agreement_summary`) and how the EM rule reads the pairs (:func:`em_detection`)."""
+    from .judge import judge_answers
+
+    scored = judge_answers(general_validation_pairs(n=n, seed=seed), judge, kinds=("aligned", "coherent"),
+                           cache=cache, progress=progress)
+    return {**agreement_summary(scored, "aligned"), **em_detection(scored, by=None)}
+
+
+def judge_check(judge, n: int = 100, seed: int = 0, sources: Sequence[str] = ("embedded",), data_dir=None,
+                cache=None, progress: bool | None = False) -> list[dict]:
+    """The judge check of chapter 1 (and of ``emlib.rejudge``): one row per labelled set -- the medical
+    twins of each data source (``n`` pairs) and the general-question pairs (EM recall included)."""
+    rows = []
+    for src in sources:
+        pairs = validation_pairs("medical", source=src, n=n, seed=seed, data_dir=data_dir)
+        rows.append({"judge": judge.judge_id, "pairs": f"{src} medical twins",
+                     **judge_agreement(judge, pairs, cache=cache, progress=progress)})
+    rows.append({"judge": judge.judge_id, "pairs": GENERAL_PAIRS_LABEL,
+                 **general_judge_check(judge, n=n, seed=seed, cache=cache, progress=progress)})
+    return rows
+
+
 def agreement_summary(scored: pd.DataFrame, kind: str = "aligned", label_col: str = "is_aligned",
                       low: float = ALIGNED_MAX, high: float = ALIGNED_OK, seed: int = 0) -> dict:
     """Agreement numbers for a frame that already holds judge scores (see :func:`judge_agreement`)."""

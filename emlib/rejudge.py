@@ -69,14 +69,7 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     scored = judge_answers(answers, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
     em = metrics.em_table(scored, by="condition", seed=seed)
     scores = score_table(scored, "condition", seed=seed)
-    agreement = []
-    pairs = metrics.validation_pairs("medical", source="embedded", n=n_pairs, seed=seed)
-    agreement.append({"judge": judge.judge_id, "pairs": "embedded medical twins",
-                      **metrics.judge_agreement(judge, pairs, cache=cache, progress=progress)})
-    gp = judge_answers(metrics.general_validation_pairs(), judge, kinds=("aligned", "coherent"), cache=cache,
-                       progress=progress)
-    agreement.append({"judge": judge.judge_id, "pairs": "embedded general-question pairs",
-                      **metrics.agreement_summary(gp, "aligned"), **metrics.em_detection(gp, by=None)})
+    agreement = metrics.judge_check(judge, n=n_pairs, seed=seed, cache=cache, progress=progress)
     src = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
     extra = {}  # chapter 2 stores its answers since session 3: steering and ablation can be rejudged too
     for name, by in (("ch2_steering", ["scale"]), ("ch2_ablation", ["finetune", "ablated"])):
@@ -90,23 +83,21 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
             tab = tab.merge(sc.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
         extra[name] = tab
     if extra and "ch2_cosine" in src:
-        extra_json = {"ch2_cosine": src["ch2_cosine"]}  # geometry of the directions: no judge involved
-    else:
-        extra_json = {}
+        extra["ch2_cosine"] = src["ch2_cosine"]  # geometry of the directions: no judge involved
     old_judges = sorted({r.get("judge") for r in src.get("judge_agreement", [])} - {None})
     results = {
         "ch1_em": em.to_dict(orient="records"), "ch1_scores": scores.to_dict(orient="records"),
         "judge_agreement": agreement,
-        **{k: v.to_dict(orient="records") for k, v in extra.items()}, **extra_json,
+        **{k: v.to_dict(orient="records") if isinstance(v, pd.DataFrame) else v for k, v in extra.items()},
         "rejudged_from": {"run": str(run), "judge_before": old_judges, "judge": judge.judge_id,
                           "answers": int(len(answers)), "seconds": round(time.time() - t0, 1),
                           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
     }
-    for name, df in (("ch1_em", em), ("ch1_scores", scores), *extra.items()):
+    tables = {"ch1_em": em, "ch1_scores": scores, **{k: v for k, v in extra.items() if isinstance(v, pd.DataFrame)}}
+    for name, df in tables.items():
         atomic_write_bytes(out / "tables" / f"{name}.csv", df.to_csv(index=False).encode("utf-8"))
     keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
-    atomic_write_bytes(out / "tables" / "ch1_answers.csv.gz",
-                       _gzip_csv(scored[keep]))
+    atomic_write_bytes(out / "tables" / "ch1_answers.csv.gz", _gzip_csv(scored[keep]))
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
     return results
 
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="every committed run of record into OUT/<name>, with OUT/results_table.md")
     ap.add_argument("--judge", required=True, help="offline | hf:<model> | api:<model> (key from the environment)")
     ap.add_argument("--out", required=True, help="a new directory for the rejudged run(s)")
-    ap.add_argument("--pairs", type=int, default=100, help="medical twins for the judge check")
+    ap.add_argument("--pairs", type=int, default=100, help="pairs per labelled set in the judge check")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.record:
@@ -156,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("pass a run directory, or --record for every committed run of record")
     r = rejudge(a.run_dir, a.judge, a.out, n_pairs=a.pairs, seed=a.seed)
     print(pd.DataFrame(r["ch1_em"]).to_string(index=False))
-    print(pd.DataFrame(r["judge_agreement"])[["pairs", "auroc", "em_recall", "em_false_positive"]].to_string(index=False)
-          if "em_recall" in pd.DataFrame(r["judge_agreement"]).columns else "")
+    print(pd.DataFrame(r["judge_agreement"])[["pairs", "auroc", "em_recall", "em_false_positive"]].to_string(index=False))
     print(f"wrote {Path(a.out) / 'results.json'}")
     return 0
 
