@@ -135,12 +135,25 @@ class ResultCache:
         self._tables: set[str] = set()
         self._con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
                                     check_same_thread=False)
-        mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = self._wal(timeout)
         if str(mode).lower() != "wal":
             raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the cache on a local "
                                "disk, not a network file system.")
         self._con.execute("PRAGMA synchronous=FULL")
         self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    def _wal(self, timeout: float) -> str:
+        """Switch to WAL. SQLite answers "database is locked" at once, without its busy handler, when
+        another process is switching the same new file at the same moment (two workers opening a run's
+        cache together): retry until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"ResultCache({str(self.path)!r})"

@@ -157,3 +157,26 @@ def test_sampling_resumes_after_sigkill(tmp_path):
     sample_answers(m, tok, q, 8, max_new_tokens=5, batch_size=16, seed=7, cache=cache, sampler=counting,
                    progress=False)
     assert generated == []
+
+
+def test_many_processes_open_a_new_cache_at_once(tmp_path):
+    """Workers of a run open its (new) cache together; none may fail with "database is locked"."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as m, ctx.Pool(8) as pool:
+        barrier = m.Barrier(8)
+        for attempt in range(8):  # each round: a fresh file, 8 processes released by one barrier
+            path = str(tmp_path / f"c{attempt}.sqlite")
+            got = pool.map(_open_and_write, [(path, i, barrier) for i in range(8)], chunksize=1)
+            assert got == list(range(8))
+
+
+def _open_and_write(arg):
+    from emlib.cache import ResultCache
+
+    path, i, barrier = arg
+    barrier.wait()
+    c = ResultCache(path)
+    c.put_many("t", {f"k{i}": i})
+    return c.get_many("t", [f"k{i}"])[f"k{i}"]
