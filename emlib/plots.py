@@ -80,3 +80,65 @@ def em_bars(table: pd.DataFrame, x: str, *, y: str = "em", hue: str | None = Non
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_judge_calibration(per_file: pd.DataFrame, ax=None, *, judge: str = "judge", min_rows: int = 20,
+                           figsize_per_panel: tuple[float, float] = (4.2, 4.2), title: str | None = None):
+    """Predicted vs reference EM rate per file (:func:`emlib.judge_eval.per_file_em`), in percent, with the
+    diagonal and a +-2-point band (issue 16's per-file target).
+
+    One panel per value of the ``judge`` column when ``ax`` is None (returns the array of Axes); on a given
+    ``ax`` all judges share it with one hue each (returns that Axes). Point size grows with the file's
+    reference-scored rows; curated files (which over-sample EM) are drawn as crosses and, like files with
+    fewer than ``min_rows`` scored rows, left out of the mean error written in each panel.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = per_file.copy()
+    if judge not in data.columns:
+        data[judge] = "judge"
+    data["ref %"] = 100.0 * data["ref_em"].astype(float)
+    data["pred %"] = 100.0 * data["pred_em"].astype(float)
+    data["curated"] = data["curated"].astype(bool) if "curated" in data else False
+    data["file type"] = np.where(data["curated"], "curated", "base rate")
+    data = data.dropna(subset=["ref %", "pred %"])
+    judges = list(dict.fromkeys(data[judge]))
+    top = max(10.0, float(np.nanmax(data[["ref %", "pred %"]].to_numpy())) * 1.05) if len(data) else 100.0
+    single = ax is not None
+    if single:
+        axes = [ax] * max(1, len(judges))
+    else:
+        n = max(1, len(judges))
+        fig, grid = plt.subplots(1, n, figsize=(figsize_per_panel[0] * n, figsize_per_panel[1]), squeeze=False,
+                                 sharex=True, sharey=True)
+        axes = list(grid[0])
+    colors = sns.color_palette(n_colors=max(1, len(judges)))
+    for j, (name, a) in enumerate(zip(judges, axes)):
+        sub = data[data[judge] == name]
+        for kind, marker in (("base rate", "o"), ("curated", "X")):
+            part = sub[sub["file type"] == kind]
+            if part.empty:
+                continue
+            sizes = 12 + 40 * np.sqrt(part["n_ref"].astype(float) / max(1.0, float(data["n_ref"].max())))
+            a.scatter(part["ref %"], part["pred %"], s=sizes, marker=marker, alpha=0.6, edgecolor="none",
+                      color=colors[j], label=f"{name}" + (" (curated)" if kind == "curated" else ""))
+        used = sub[(~sub["curated"]) & (sub["n_ref"] >= min_rows)]
+        err = float((used["pred %"] - used["ref %"]).abs().mean()) if len(used) else float("nan")
+        if not single:
+            a.set_title(f"{name}: mean |error| {err:.1f} pts ({len(used)} files)", fontsize=9)
+    for a in dict.fromkeys(axes):
+        a.plot([0, top], [0, top], color="grey", lw=1, ls="--")
+        a.fill_between([0, top], [-2, top - 2], [2, top + 2], color="grey", alpha=0.12, lw=0)
+        a.set(xlim=(-1, top), ylim=(-1, top), xlabel="reference EM rate per file (%)",
+              ylabel="predicted EM rate per file (%)")
+        a.set_aspect("equal", adjustable="box")
+    if single:
+        axes[0].legend(fontsize=8, title=judge)
+        if title:
+            axes[0].set_title(title)
+        return axes[0]
+    if title:
+        axes[0].figure.suptitle(title)
+    axes[0].figure.tight_layout()
+    return np.asarray(axes)
