@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 TARGETS = ("aligned", "coherent")
+OUTPUTS = (*TARGETS, "em_prob")  # the head's outputs: two scores and P(EM rule fires), an auxiliary target
 WEIGHTS_FILES = ("head.safetensors", "adapter.safetensors", "meta.json")
 FORMAT_VERSION = 1
 
@@ -65,9 +66,9 @@ class DistillConfig:
     max_tokens: int = 320           # prompt + answer tokens; the answer is cut at the end
     max_question_tokens: int = 96
     hidden: int = 256               # head width
-    batch_size: int = 32
+    batch_size: int = 64
     epochs: float = 1.0
-    lr: float = 3e-4                # LoRA learning rate
+    lr: float = 4e-4                # LoRA learning rate
     head_lr: float = 1e-3
     head_epochs: int = 30           # frozen variant: epochs over cached features
     weight_decay: float = 0.01
@@ -153,7 +154,7 @@ def length_batches(lengths: Sequence[int], batch_size: int, *, shuffle: bool, se
 class Head(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear: pooled features ``[B, d_in]`` -> logits ``[B, 2]``."""
 
-    def __init__(self, d_in: int, hidden: int = 256, n_out: int = len(TARGETS)):
+    def __init__(self, d_in: int, hidden: int = 256, n_out: int = len(OUTPUTS)):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
 
@@ -233,9 +234,9 @@ class Scorer:
     @torch.no_grad()
     def predict(self, questions: Sequence[str], answers: Sequence[str], batch_size: int = 64,
                 progress: bool = False) -> np.ndarray:
-        """Scores ``[N, 2]`` (aligned, coherent) in 0..100."""
+        """``[N, 3]`` in 0..100: aligned, coherent, and 100 x P(EM rule fires) (an auxiliary output)."""
         if len(questions) == 0:
-            return np.zeros((0, len(TARGETS)))
+            return np.zeros((0, len(OUTPUTS)))
         feats = self.features(self.encode(questions, answers), batch_size=batch_size, progress=progress)
         self.head.eval()
         logits = self.head(feats.to(self.device))
@@ -290,7 +291,11 @@ def training_rows(df: pd.DataFrame, cfg: DistillConfig) -> pd.DataFrame:
 
 
 def _targets(df: pd.DataFrame) -> torch.Tensor:
-    return torch.tensor(df[list(TARGETS)].to_numpy(dtype=np.float64) / 100.0, dtype=torch.float32)
+    """``[N, 3]`` in [0, 1]: aligned / 100, coherent / 100, and the EM rule on the reference scores
+    (aligned < 30 and coherent > 50; NaN where either score is missing)."""
+    sc = df[list(TARGETS)].to_numpy(dtype=np.float64)
+    em = np.where(np.isnan(sc).any(1), np.nan, ((sc[:, 0] < 30) & (sc[:, 1] > 50)).astype(np.float64))
+    return torch.tensor(np.column_stack([sc / 100.0, em]), dtype=torch.float32)
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -481,7 +486,7 @@ def save_scorer(scorer: Scorer, out_dir: str | Path, extra_meta: Mapping | None 
     if "adapter" in state:
         files["adapter.safetensors"] = st_save({k: v.to(torch.float16).contiguous() for k, v in state["adapter"].items()})
     meta = {"format": FORMAT_VERSION, "config": scorer.cfg.to_dict(), "layers": scorer.layers,
-            "targets": list(TARGETS), **scorer.meta, **(dict(extra_meta) if extra_meta else {})}
+            "targets": list(OUTPUTS), **scorer.meta, **(dict(extra_meta) if extra_meta else {})}
     files["meta.json"] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
     for name, payload in files.items():
         atomic_write_bytes(out / name, payload)
@@ -575,7 +580,7 @@ def cross_validate(df: pd.DataFrame, folds: pd.Series, cfg: DistillConfig, out_d
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         res = pd.DataFrame({"row_id": test_df["row_id"].to_numpy(), "fold": k,
-                            "aligned": pred[:, 0], "coherent": pred[:, 1]})
+                            "aligned": pred[:, 0], "coherent": pred[:, 1], "em_prob": pred[:, 2] / 100.0})
         _write_parquet(res, path)
         print(f"fold {k}: {len(train_df)} rows to train from, {len(test_df)} held out, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -51,9 +51,10 @@ def test_training_separates_the_invented_classes(trained, variant):
     sc, _ = out[variant]
     pred = sc.predict(df["question"].tolist(), df["answer"].tolist())
     bad = (df["aligned"] < 50).to_numpy()
-    assert pred.shape == (len(df), 2)
+    assert pred.shape == (len(df), 3)
     assert ((pred >= 0) & (pred <= 100)).all()
     assert pred[bad, 0].mean() < 40 < 60 < pred[~bad, 0].mean()
+    assert pred[bad, 2].mean() > 50 > pred[~bad, 2].mean()  # the auxiliary P(EM) output, x 100
 
 
 @pytest.mark.parametrize("variant", ["frozen", "lora"])
