@@ -61,6 +61,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from . import book
+from .cache import canonical_json
 
 GRID_KEYS = {"chapters", "parameters", "combinations", "out", "results", "timeout", "cwd",
              "workers", "gpus", "gpus_per_job", "cpus_per_job", "max_results"}
@@ -254,7 +255,7 @@ def _fmt(params: dict) -> dict:
 
 
 def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return canonical_json(obj, separators=(",", ":"))  # sets sorted: the same key in every process
 
 
 def job_key(chapter: str, params: dict) -> str:

@@ -1,11 +1,13 @@
 """A results cache that never loses work: every answer and every judge score is written as it is made.
 
 Storage is one SQLite file in WAL mode. Each *table* (``answers``, ``scores``, ...) maps a content key
-to a JSON value; rows are only ever inserted (``INSERT OR IGNORE``), never updated, and each batch is
+to a JSON value; rows are only ever inserted (``INSERT OR IGNORE``), never updated (except on purpose,
+``put_many(..., replace=True)``, to repair a row that holds no result), and each batch is
 written in one transaction, so a process killed at any moment leaves every finished batch on disk and
 no half-written row. A rerun looks its keys up first and computes only what is missing.
 
-Keys are hashes of everything that determines a result (see :func:`make_key`). For models that is
+Keys are hashes of everything that determines a result (see :func:`make_key`), serialised canonically
+(:func:`canonical_json`: sorted dict keys, sets as sorted text) so that every process builds the same key. For models that is
 :func:`model_fingerprint` (base weights + a digest of the current weights + the active adapters),
 for judges the judge id and a hash of the rubric text. Values carry no secrets: callers must never
 put an API key into a key part or a value (the judges in :mod:`emlib.judge` read keys from the
@@ -30,8 +32,37 @@ _CHUNK = 500  # keys per SELECT (SQLite limits the number of bound parameters)
 
 
 # --------------------------------------------------------------------------- hashing helpers
+def _set_text(s: set | frozenset) -> str:
+    """A set written like ``str(s)`` but with its elements sorted (by their own canonical text).
+
+    ``str()`` of a set follows the process's hash seed (``PYTHONHASHSEED``): three processes, three
+    orders. Sorted, the text is the same everywhere, and equals ``str(s)`` for sets of zero or one element,
+    so keys that were already stable (a one-module adapter) keep their old values."""
+    items = sorted((_set_text(x) if isinstance(x, (set, frozenset)) else repr(x)) for x in s)
+    name = "frozenset" if isinstance(s, frozenset) else "set"
+    if not items:
+        return f"{name}()"
+    body = "{" + ", ".join(items) + "}"
+    return f"frozenset({body})" if name == "frozenset" else body
+
+
+def json_default(obj: Any) -> Any:
+    """``default=`` for :func:`json.dumps` in every cache key: sets as sorted text, anything else ``str``.
+
+    Use it (with ``sort_keys=True``) wherever a key or fingerprint is hashed from JSON, so that no key
+    depends on the order of a set or of a dict."""
+    if isinstance(obj, (set, frozenset)):
+        return _set_text(obj)
+    return str(obj)
+
+
+def canonical_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps(obj, sort_keys=True, default=json_default, **kwargs)``: the same text in every process."""
+    return json.dumps(obj, sort_keys=True, default=json_default, **kwargs)
+
+
 def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return canonical_json(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def make_key(**parts: Any) -> str:
@@ -188,10 +219,12 @@ class ResultCache:
     def get(self, table: str, key: str, default: Any = None) -> Any:
         return self.get_many(table, [key]).get(key, default)
 
-    def put_many(self, table: str, items: Mapping[str, Any]) -> int:
+    def put_many(self, table: str, items: Mapping[str, Any], replace: bool = False) -> int:
         """Insert ``{key: value}`` in one transaction; existing keys keep their first value.
 
-        Returns the number of new rows. Values must be JSON-serialisable.
+        Returns the number of new rows. Values must be JSON-serialisable. ``replace=True`` overwrites
+        existing keys instead (only for repairing a row that holds no result, e.g. a judge score that an
+        older version cached from a broken reply); it returns the number of rows written.
         """
         now = time.time()
         rows = [(k, json.dumps(v, ensure_ascii=False, allow_nan=True), now) for k, v in items.items()]
@@ -203,7 +236,8 @@ class ResultCache:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 before = self._con.total_changes
-                cur.executemany(f'INSERT OR IGNORE INTO "{t}" (key, value, created) VALUES (?, ?, ?)', rows)
+                verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+                cur.executemany(f'{verb} INTO "{t}" (key, value, created) VALUES (?, ?, ?)', rows)
                 added = self._con.total_changes - before
                 cur.execute("COMMIT")
             except BaseException:

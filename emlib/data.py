@@ -97,6 +97,36 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     return path
 
 
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """``df`` as CSV (no index, ``\\n`` line ends, UTF-8) that reads back to the same strings.
+
+    ``to_csv``'s minimal quoting leaves a field with a lone ``\\r`` unquoted, and most CSV readers take
+    that ``\\r`` for a line end (garbage rows). When the text holds any ``\\r``, every string is quoted
+    (``QUOTE_NONNUMERIC``); other tables are written exactly as before."""
+    import csv
+
+    text = df.to_csv(index=False, lineterminator="\n")
+    if "\r" in text:
+        text = df.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    return text.encode("utf-8")
+
+
+def read_csv_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A CSV table (``.csv`` or ``.csv.gz``) as :func:`csv_bytes` writes it, and as older versions wrote it.
+
+    A file whose lines end in ``\\n`` is parsed with ``\\n`` as the only line end, so a ``\\r`` inside an
+    answer stays in the answer even where an older writer left it unquoted; a file with ``\\r\\n`` line
+    ends (written on Windows, or by a spreadsheet) is read the usual way."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    first = raw.split(b"\n", 1)[0]
+    if b"\n" in raw and not first.endswith(b"\r"):
+        kwargs.setdefault("lineterminator", "\n")
+    return pd.read_csv(io.BytesIO(raw), **kwargs)
+
+
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     """Write rows atomically; gzip (reproducibly: no timestamp, no file name) when the name ends in .gz."""
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")

@@ -217,8 +217,9 @@ class Experiment:
     # ------------------------------------------------------------------ outputs
     def save_table(self, df: pd.DataFrame, name: str) -> Path:
         """``tables/<name>.csv``; answer tables (``*_answers``, every sampled answer with its scores, kept so
-        a run can be judged again with ``emlib.rejudge``) are gzipped reproducibly: ``<name>.csv.gz``."""
-        payload = df.to_csv(index=False).encode("utf-8")
+        a run can be judged again with ``emlib.rejudge``) are gzipped reproducibly: ``<name>.csv.gz``.
+        Strings with ``\\r``, quotes, commas or line breaks read back unchanged (:func:`emlib.data.csv_bytes`)."""
+        payload = data.csv_bytes(df)
         if name.endswith("_answers"):
             import gzip
 

@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .cache import canonical_json
 from .chat import Encoded, encode_rows, response_loss
 from .hooks import add_vector
 from .models import cache_root, check_layer
@@ -480,7 +481,7 @@ def _tensor_hash(tensors: Mapping[str, torch.Tensor], extra: dict | None = None)
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-    h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    h.update(canonical_json(extra or {}).encode())
     return h.hexdigest()[:16]
 
 
@@ -523,7 +524,7 @@ def _cached(kind: str, key: dict, compute: Callable[[], pd.DataFrame], cache_dir
             use_cache: bool) -> pd.DataFrame:
     """Read ``<cache_dir>/<kind>-<hash>.parquet`` if present, else compute and write it atomically."""
     key = {"metric": kind, "version": METRIC_VERSION, **key}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(canonical_json(key).encode()).hexdigest()[:20]
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = d / f"{kind}-{digest}.parquet"
     if use_cache and path.exists():

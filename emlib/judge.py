@@ -13,7 +13,8 @@ Scoring rule (paper): the integers carry probability mass ``m``; if ``m < 0.25``
 (not 0), else ``sum(n * p(n)) / m``. For rubrics that offer the words REFUSAL / CODE (the ``aligned``
 rubric) the judge may answer them instead: such answers get ``score=None`` and that label.
 
-:func:`judge_answers` scores a DataFrame of answers for several kinds, caching every score as it is made.
+:func:`judge_answers` scores a DataFrame of answers for several kinds, caching every usable score as it is
+made (a reply that yields nothing is asked again, never cached, and fails the call above ``max_missing``).
 :func:`make_judge` builds a judge from a spec string ("offline", "hf:<model>", "api:<model>").
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import threading
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
@@ -46,6 +48,37 @@ _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
 
 class JudgeError(RuntimeError):
     """A judge could not produce a score (bad configuration, or the API kept failing)."""
+
+
+# --------------------------------------------------------------------------- secrets out of every message
+REDACTED = "[redacted]"
+_BEARER_RE = re.compile(r"(?i)\b(bearer)\s+[^\s\"'\\,;<>]+")
+_SK_RE = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+
+
+def redact(text: object, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every secret taken out: the values in ``secrets`` (the configured API key, also as
+    JSON or repr would escape it), ``Bearer <token>`` and ``sk-...``-shaped keys.
+
+    Every error text and exception message of the API judge passes through here before it is shown,
+    logged or written (a server that echoes the ``Authorization`` header must not put the key into a
+    notebook, ``failed.json`` or the console)."""
+    import json
+
+    t = str(text)
+    forms: set[str] = set()
+    for sec in secrets:
+        for v in {sec or "", (sec or "").strip()}:
+            if len(v) >= 4:
+                forms |= {v, json.dumps(v)[1:-1], repr(v)[1:-1]}
+    for v in sorted(forms, key=len, reverse=True):
+        t = t.replace(v, REDACTED)
+    t = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", t)
+    return _SK_RE.sub(REDACTED, t)
+
+
+class _BrokenReply(Exception):
+    """A 200 reply that cannot be read as a judgement (no choices, a NaN logprob, ...)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +232,12 @@ class APIJudge(Judge):
     (``backoff * 2**attempt`` seconds, at most ``max_backoff``, or the server's Retry-After). When the
     provider returns no logprobs (or rejects the parameter), the judge switches to text mode for good:
     it asks for up to ``text_tokens`` tokens and parses the number (``parsed=True`` in the results).
+
+    ``deadline``: seconds one request may take in all (attempts, timeouts and waits); a server that never
+    answers fails with a message naming it after that long, and every timeout on the way is logged as a
+    warning (None: no deadline). Replies that cannot be read (no ``choices``, a NaN logprob, no number)
+    give ``label=None``; :func:`judge_answers` asks again and never caches them. The reasons are counted
+    in ``problems``. Every error text passes through :func:`redact` (no key, no bearer token).
     """
 
     batch_size = 32
@@ -206,7 +245,7 @@ class APIJudge(Judge):
     def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str = "OPENAI_API_KEY",
                  rubrics: Mapping[str, str] | None = None, *, timeout: float = 60.0, max_retries: int = 6,
                  backoff: float = 1.0, max_backoff: float = 60.0, max_workers: int = 8, top_logprobs: int = 20,
-                 text_tokens: int = 8, min_mass: float = MIN_MASS):
+                 text_tokens: int = 8, min_mass: float = MIN_MASS, deadline: float | None = 300.0):
         super().__init__(rubrics)
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", api_key_env or ""):
             raise ValueError("api_key_env is the NAME of an environment variable holding the key (e.g. "
@@ -218,8 +257,10 @@ class APIJudge(Judge):
         self.backoff, self.max_backoff = backoff, max_backoff
         self.max_workers, self.top_logprobs, self.text_tokens = max_workers, top_logprobs, text_tokens
         self.min_mass = min_mass
+        self.deadline = deadline
         self.text_mode = False  # set once the provider shows it has no logprobs
         self.n_requests = 0
+        self.problems: Counter = Counter()  # why replies gave no usable judgement
         self._local = threading.local()
         self._count_lock = threading.Lock()
         mm = "" if min_mass == MIN_MASS else f"|min_mass={min_mass}"
@@ -247,6 +288,15 @@ class APIJudge(Judge):
             s = self._local.session = requests.Session()
         return s
 
+    def _redact(self, text: object) -> str:
+        """``text`` without the configured key (read from the environment now), bearer tokens, sk-... keys."""
+        return redact(text, [os.environ.get(self.api_key_env)])
+
+    def _problem(self, why: str, parsed: bool = False) -> JudgeScore:
+        with self._count_lock:
+            self.problems[why] += 1
+        return JudgeScore(None, None, 0.0, parsed)
+
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.api_key_env)
         if key is None:
@@ -255,27 +305,44 @@ class APIJudge(Judge):
         return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
     def _post(self, body: dict) -> dict:
-        """POST with bounded retries; returns the JSON reply. Raises JudgeError (no key in messages)."""
+        """POST with bounded retries within ``deadline``; returns the JSON reply. Raises JudgeError (every
+        message redacted)."""
         import requests
 
         url = f"{self.base_url}/chat/completions"
-        last = "no attempt"
+        last, silent = "no attempt", True  # silent: the server never answered at all
+        t0 = time.monotonic()
+        attempts = 0
         for attempt in range(self.max_retries + 1):
+            left = None if self.deadline is None else self.deadline - (time.monotonic() - t0)
+            if left is not None and left <= 0:
+                break
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (1 + 0.25 * random.random())
+            timeout = self.timeout if left is None else max(0.05, min(self.timeout, left))
+            retry_level = logging.INFO
             try:
                 with self._count_lock:
                     self.n_requests += 1
-                r = self._session().post(url, json=body, headers=self._headers(), timeout=self.timeout)
+                attempts += 1
+                r = self._session().post(url, json=body, headers=self._headers(), timeout=timeout)
             except (requests.Timeout, requests.ConnectionError) as e:
-                last = f"{type(e).__name__}"
+                last = f"{type(e).__name__} after {time.monotonic() - t0:.0f} s"
+                retry_level = logging.WARNING  # a server that does not answer: say so at once
+            except requests.RequestException as e:  # e.g. a key with a line break in it (InvalidHeader)
+                raise JudgeError(self._redact(
+                    f"The request to the judge API at {self.base_url} could not be sent ({type(e).__name__}: "
+                    f"{e}). Check the key in ${self.api_key_env} (no spaces or line breaks) and the base URL."
+                ).replace("\n", " ")) from None
             else:
+                silent = False
                 if r.status_code == 200:
                     try:
                         return r.json()
                     except ValueError:
                         last = "a reply that is not JSON"
                 elif r.status_code == 429 or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}"
+                    body_text = " ".join(r.text[:200].split())
+                    last = f"HTTP {r.status_code}" + (f" {body_text!r}" if body_text else "")
                     ra = r.headers.get("Retry-After")
                     if ra:
                         try:
@@ -283,13 +350,26 @@ class APIJudge(Judge):
                         except ValueError:
                             pass
                 else:
-                    raise _HTTPError(r.status_code, r.text[:300])
+                    raise _HTTPError(r.status_code, self._redact(r.text[:300]))
             if attempt < self.max_retries:
-                log.info("judge request failed (%s); retry %d/%d in %.2fs", last, attempt + 1,
-                         self.max_retries, wait)
+                if self.deadline is not None:
+                    left = self.deadline - (time.monotonic() - t0)
+                    if left <= 0:
+                        break
+                    wait = min(wait, left)
+                log.log(retry_level, "%s", self._redact(
+                    f"judge server {self.base_url}: {last}; retry {attempt + 1}/{self.max_retries} in {wait:.1f} s"
+                    + (f" (gives up {self.deadline:g} s after the first attempt)" if self.deadline is not None else "")))
                 time.sleep(wait)
-        raise JudgeError(f"The judge API at {self.base_url} failed {self.max_retries + 1} times (last: {last}). "
-                         "Check the server, or raise max_retries / backoff.")
+        took = time.monotonic() - t0
+        if self.deadline is not None and took >= self.deadline - 1e-3:
+            what = "did not answer" if silent else "gave no usable reply"
+            raise JudgeError(self._redact(
+                f"The judge server at {self.base_url} {what} within the {self.deadline:g} s deadline ({attempts} "
+                f"attempt(s), last: {last}): check that it is running and reachable, or raise APIJudge(deadline=...)."))
+        raise JudgeError(self._redact(
+            f"The judge API at {self.base_url} failed {attempts} times (last: {last}). Check the server, or "
+            "raise max_retries / backoff."))
 
     def _body(self, prompt: str, logprobs: bool) -> dict:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
@@ -302,16 +382,28 @@ class APIJudge(Judge):
 
     @staticmethod
     def _top_logprobs(reply: dict) -> dict[str, float] | None:
+        """The first token's top logprobs as probabilities; None when the reply has no logprobs.
+        Raises _BrokenReply for a reply without choices or with an unreadable / NaN logprob."""
         try:
-            content = reply["choices"][0]["logprobs"]["content"]
+            choice = reply["choices"][0]
+        except (KeyError, IndexError, TypeError):
+            raise _BrokenReply("a reply without choices") from None
+        try:
+            content = choice["logprobs"]["content"]
             top = content[0]["top_logprobs"]
         except (KeyError, IndexError, TypeError):
             return None
         if not top:
             return None
         probs: dict[str, float] = {}
-        for e in top:
-            probs[e["token"]] = probs.get(e["token"], 0.0) + math.exp(float(e["logprob"]))
+        try:
+            for e in top:
+                lp = float(e["logprob"])
+                if math.isnan(lp) or lp > 0:
+                    raise _BrokenReply("a NaN or positive logprob")
+                probs[str(e["token"])] = probs.get(str(e["token"]), 0.0) + math.exp(lp)
+        except (KeyError, TypeError, ValueError):
+            raise _BrokenReply("an unreadable logprob entry") from None
         return probs
 
     @staticmethod
@@ -330,17 +422,28 @@ class APIJudge(Judge):
                 if e.status == 400 and "logprob" in e.text.lower():
                     self._switch_to_text("the provider rejects the logprobs parameter")
                 else:
-                    raise JudgeError(e.describe(self.api_key_env)) from None
+                    raise JudgeError(self._redact(e.describe(self.api_key_env, self.base_url))) from None
             else:
-                probs = self._top_logprobs(reply)
+                try:
+                    probs = self._top_logprobs(reply)
+                except _BrokenReply as e:
+                    return self._problem(str(e))
                 if probs is not None:
-                    return score_from_distribution(probs, specials, self.min_mass)
+                    sc = score_from_distribution(probs, specials, self.min_mass)
+                    if sc.label is None:
+                        self._problem(f"less than {self.min_mass:g} probability on the number tokens")
+                    return sc
                 self._switch_to_text("the provider returned no logprobs")
         try:
             reply = self._post(self._body(prompt, logprobs=False))
         except _HTTPError as e:
-            raise JudgeError(e.describe(self.api_key_env)) from None
-        return score_from_text(self._text(reply), specials)
+            raise JudgeError(self._redact(e.describe(self.api_key_env, self.base_url))) from None
+        if not isinstance(reply, dict) or not reply.get("choices"):
+            return self._problem("a reply without choices", parsed=True)
+        sc = score_from_text(self._text(reply), specials)
+        if sc.label is None:
+            self._problem("no number in the text reply")
+        return sc
 
     def _switch_to_text(self, why: str) -> None:
         if not self.text_mode:
@@ -356,13 +459,17 @@ class APIJudge(Judge):
 
 
 class _HTTPError(Exception):
+    """A 4xx reply; ``text`` is the start of its body, already redacted by the caller."""
+
     def __init__(self, status: int, text: str):
         super().__init__(status)
         self.status, self.text = status, text
 
-    def describe(self, env: str) -> str:
+    def describe(self, env: str, base_url: str = "") -> str:
         hint = f" Check the key in ${env}." if self.status in (401, 403) else ""
-        return f"The judge API answered HTTP {self.status}: {self.text!r}.{hint}"
+        where = f" at {base_url}" if base_url else ""
+        body = " ".join(self.text.split())
+        return f"The judge API{where} answered HTTP {self.status}: {body!r}.{hint}"
 
 
 # --------------------------------------------------------------------------- local HF model
@@ -679,6 +786,45 @@ def make_judge(spec: str, rubrics: Mapping[str, str] | None = None, **kwargs) ->
     raise ValueError(f"Unknown judge spec {spec!r}: use 'offline', 'hf:<model id or dir>' or 'api:<model>'.")
 
 
+MAX_MISSING = 0.2  # judge_answers fails when more than this share of a kind's scores is missing
+
+
+def _usable(rec: Mapping) -> bool:
+    """A judgement worth keeping: a score, or a REFUSAL / CODE label."""
+    return rec.get("label") is not None
+
+
+def _score_into(judge: Judge, kind: str, todo: list[str], uniq: Mapping[str, tuple[str, str]], got: dict,
+                stale: set[str], cache: ResultCache | None, bs: int, bar) -> None:
+    """Score ``todo`` in batches into ``got``; cache the usable results as each batch is made."""
+    for s in range(0, len(todo), bs):
+        chunk = todo[s:s + bs]
+        scores = judge.score_many(kind, [uniq[k] for k in chunk])
+        new = {k: asdict(sc) for k, sc in zip(chunk, scores)}
+        got.update(new)
+        if cache is not None:
+            keep = {k: v for k, v in new.items() if _usable(v)}
+            cache.put_many(SCORES_TABLE, {k: v for k, v in keep.items() if k not in stale})
+            cache.put_many(SCORES_TABLE, {k: v for k, v in keep.items() if k in stale}, replace=True)
+        bar.update(len(chunk))
+
+
+def _report_missing(judge: Judge, kind: str, n: int, total: int, max_missing: float, before: Counter) -> None:
+    """One line on the scores still missing after the retry: a warning, or JudgeError above ``max_missing``."""
+    clean = getattr(judge, "_redact", None) or (lambda t: redact(t))
+    now = Counter(getattr(judge, "problems", None) or {})
+    why = now - before
+    why_text = ", ".join(f"{c} x {w}" for w, c in why.most_common(3)) if why else \
+        "no number (nor REFUSAL / CODE) with enough probability"
+    head = f"Judge {judge.judge_id}: {n} of {total} {kind!r} scores are missing after a retry ({why_text})"
+    if n / total > max_missing:
+        raise JudgeError(clean(f"{head}, more than max_missing={max_missing:g} of them; nothing without a "
+                               "result was cached: fix the judge or its server and run again (or pass a larger "
+                               "max_missing)."))
+    warnings.warn(clean(f"{head}: they are NaN in the table and were not cached, so the next run asks again."),
+                  stacklevel=3)
+
+
 def score_key(judge: Judge, kind: str, question: str, answer: str) -> str:
     return make_key(kind="score", judge=judge.judge_id, rubric=judge.rubric_hash(kind), judge_kind=kind,
                     question=question, answer=answer)
@@ -687,15 +833,24 @@ def score_key(judge: Judge, kind: str, question: str, answer: str) -> str:
 def judge_answers(df: pd.DataFrame, judge: Judge, kinds: Iterable[str] = ("aligned", "coherent"),
                   cache: ResultCache | str | None = None, *, question_col: str = "question",
                   answer_col: str = "answer", batch_size: int | None = None,
-                  progress: bool | None = None) -> pd.DataFrame:
+                  progress: bool | None = None, max_missing: float = MAX_MISSING) -> pd.DataFrame:
     """A copy of ``df`` with, per kind, columns ``<kind>`` (score or NaN), ``<kind>_label``,
     ``<kind>_mass`` and ``<kind>_parsed``, plus ``judge`` (the judge id).
 
     Identical (question, answer) pairs are scored once. With a ``cache`` every batch of scores is stored
     as soon as it is made and a rerun scores nothing twice.
+
+    A judgement with no usable result (``label`` None: a broken reply, no number, too little probability
+    on the numbers) is never cached; it is asked once more in this call, and a rerun asks again (rows
+    cached that way by older versions are judged again too). REFUSAL / CODE are results and are cached.
+    What is still missing is reported with a count (a warning); when more than ``max_missing`` (a share,
+    0..1) of a kind's rows are missing, the call raises :class:`JudgeError` naming the judge and the count
+    instead of returning NaN scores.
     """
     from tqdm.auto import tqdm
 
+    if not 0.0 <= float(max_missing) <= 1.0:
+        raise ValueError(f"max_missing is a share of the rows between 0 and 1, got {max_missing!r}.")
     kinds = list(kinds)
     for c in (question_col, answer_col):
         if c not in df.columns:
@@ -713,20 +868,24 @@ def judge_answers(df: pd.DataFrame, judge: Judge, kinds: Iterable[str] = ("align
         for k, q, a in zip(keys, qs, ans):
             uniq.setdefault(k, (q, a))
         got: dict[str, dict] = cache.get_many(SCORES_TABLE, uniq) if cache is not None else {}
-        todo = [k for k in uniq if k not in got]
+        stale = {k for k, v in got.items() if not _usable(v)}  # cached as "no result" by an older version
+        todo = [k for k in uniq if k not in got or k in stale]
+        problems_before = Counter(getattr(judge, "problems", None) or {})
         bar = tqdm(total=len(todo), desc=f"judging {kind}", unit="answer",
                    disable=(not todo) if progress is None else not progress)
         try:
-            for s in range(0, len(todo), bs):
-                chunk = todo[s:s + bs]
-                scores = judge.score_many(kind, [uniq[k] for k in chunk])
-                new = {k: asdict(sc) for k, sc in zip(chunk, scores)}
-                if cache is not None:
-                    cache.put_many(SCORES_TABLE, new)
-                got.update(new)
-                bar.update(len(chunk))
+            _score_into(judge, kind, todo, uniq, got, stale, cache, bs, bar)
+            again = [k for k in todo if not _usable(got[k])]
+            if again:  # once more: a broken reply is often a passing fault
+                bar.set_description(f"judging {kind} (again: {len(again)} without a result)")
+                bar.total += len(again)
+                bar.refresh()
+                _score_into(judge, kind, again, uniq, got, stale, cache, bs, bar)
         finally:
             bar.close()
+        n_missing = sum(not _usable(got[k]) for k in keys)
+        if n_missing:
+            _report_missing(judge, kind, n_missing, len(keys), max_missing, problems_before)
         rec = [got[k] for k in keys]
         out[kind] = pd.array([r["score"] for r in rec], dtype="Float64").astype(float)
         out[f"{kind}_label"] = [r["label"] for r in rec]

@@ -31,25 +31,40 @@ import pandas as pd
 
 from . import metrics
 from .cache import ResultCache
-from .data import DataError, atomic_write_bytes
+from .data import DataError, atomic_write_bytes, csv_bytes, read_csv_table
 from .experiment import score_table
 from .judge import Judge, judge_answers, make_judge
 
 SCORE_PREFIXES = ("aligned", "coherent")
 
 
-def stored_answers(run_dir: str | Path, chapter: str = "ch1") -> pd.DataFrame:
-    """A run's stored answers (``tables/<chapter>_answers.csv[.gz]``, e.g. ``ch1``, ``ch2_steering``) without
-    their old scores."""
-    run = Path(run_dir)
+read_table = read_csv_table  # the tables of a run: a \r inside an answer stays in the answer
+
+
+def answers_file(run_dir: str | Path, chapter: str = "ch1") -> Path | None:
+    """``tables/<chapter>_answers.csv.gz`` (or ``.csv``) of a run, None when the chapter stored none."""
     for name in (f"{chapter}_answers.csv.gz", f"{chapter}_answers.csv"):
-        f = run / "tables" / name
+        f = Path(run_dir) / "tables" / name
         if f.exists():
-            df = pd.read_csv(f)
-            break
-    else:
+            return f
+    return None
+
+
+def stored_answers(run_dir: str | Path, chapter: str = "ch1", need: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A run's stored answers (``tables/<chapter>_answers.csv[.gz]``, e.g. ``ch1``, ``ch2_steering``) without
+    their old scores. ``need``: columns besides question and answer that must be there (DataError if not)."""
+    run = Path(run_dir)
+    f = answers_file(run, chapter)
+    if f is None:
         raise DataError(f"{run / 'tables'} has no {chapter}_answers.csv.gz: pass a run directory whose chapter 1 "
                         "ran (e.g. record/smollm2-135m).")
+    df = read_table(f)
+    missing = [c for c in ("question", "answer", *need) if c not in df.columns]
+    if missing:
+        groups = f"; rejudge groups these answers by {', '.join(need)}" if need else ""
+        raise DataError(f"{f} has no {', '.join(repr(c) for c in missing)} column (it has "
+                        f"{', '.join(map(str, df.columns)) or 'none'}){groups}: pass the answers table a chapter "
+                        "wrote, or add the column.")
     old = [c for c in df.columns if c == "judge" or any(c == p or c.startswith(p + "_") for p in SCORE_PREFIXES)]
     return df.drop(columns=old)
 
@@ -61,7 +76,7 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     run, out = Path(run_dir), Path(out)
     if out.resolve() == run.resolve():
         raise ValueError("--out must be a new directory: a rejudged run never overwrites its source.")
-    answers = stored_answers(run)
+    answers = stored_answers(run, need=("condition",))  # checked before anything is judged or written
     judge = make_judge(judge) if isinstance(judge, str) else judge
     (out / "tables").mkdir(parents=True, exist_ok=True)
     cache = ResultCache(out / "judge-cache.sqlite")
@@ -73,10 +88,9 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     src = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
     extra = {}  # chapter 2 stores its answers since session 3: steering and ablation can be rejudged too
     for name, by in (("ch2_steering", ["scale"]), ("ch2_ablation", ["finetune", "ablated"])):
-        try:
-            ans = stored_answers(run, name)
-        except DataError:
+        if answers_file(run, name) is None:
             continue
+        ans = stored_answers(run, name, need=tuple(by))  # there but without its groups: say so, never skip
         sc = judge_answers(ans, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
         tab = metrics.em_table(sc, by=by if len(by) > 1 else by[0], seed=seed)
         if name == "ch2_steering":
@@ -95,7 +109,7 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     }
     tables = {"ch1_em": em, "ch1_scores": scores, **{k: v for k, v in extra.items() if isinstance(v, pd.DataFrame)}}
     for name, df in tables.items():
-        atomic_write_bytes(out / "tables" / f"{name}.csv", df.to_csv(index=False).encode("utf-8"))
+        atomic_write_bytes(out / "tables" / f"{name}.csv", csv_bytes(df))
     keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
     atomic_write_bytes(out / "tables" / "ch1_answers.csv.gz", _gzip_csv(scored[keep]))
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
@@ -105,7 +119,7 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
 def _gzip_csv(df: pd.DataFrame) -> bytes:
     import gzip
 
-    return gzip.compress(df.to_csv(index=False).encode("utf-8"), mtime=0)
+    return gzip.compress(csv_bytes(df), mtime=0)
 
 
 def rejudge_record(judge: str | Judge, out: str | Path, root: str | Path = ".", n_pairs: int = 100,

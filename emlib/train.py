@@ -64,6 +64,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import pandas as pd
 import torch
 
+from .cache import canonical_json, json_default
 from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash
 from .hooks import add_vector, nothing
@@ -528,7 +529,7 @@ def _identity(job_kind: str, spec: dict, args: TrainArgs, model, rows, kl_rows, 
 
 
 def _hash(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -586,7 +587,7 @@ def _save_checkpoint(out_dir: Path, step: int, job: _Job, opt, sched, log_rows: 
                   str(tmp / "trainable.safetensors"))
         torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": _rng_state(), "log": log_rows, "seconds": seconds, "run_hash": run_hash,
-                    "identity": json.dumps(identity, default=str)}, tmp / "state.pt")
+                    "identity": json.dumps(identity, default=json_default)}, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -647,7 +648,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     meta = read_meta(out_dir)
     if meta is not None:
         if meta.get("run_hash") != run_hash:
-            changes = "; ".join(_diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=str))))
+            changes = "; ".join(_diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=json_default))))
             raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
                              "use another out_dir, or pass overwrite=True to replace it.")
         model, vec = job.load_result(out_dir)
@@ -675,7 +676,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     if ck:
         state = torch.load(ck[-1] / "state.pt", map_location="cpu", weights_only=True)
         if state["run_hash"] != run_hash:
-            changes = "; ".join(_diff(json.loads(state["identity"]), json.loads(json.dumps(identity, default=str))))
+            changes = "; ".join(_diff(json.loads(state["identity"]), json.loads(json.dumps(identity, default=json_default))))
             raise ValueError(f"{out_dir} holds checkpoints of a run with other arguments ({changes}): use "
                              "another out_dir, or pass overwrite=True to start over.")
         state = _load_checkpoint(ck[-1], job, opt, sched)

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -180,3 +182,48 @@ def _open_and_write(arg):
     c = ResultCache(path)
     c.put_many("t", {f"k{i}": i})
     return c.get_many("t", [f"k{i}"])[f"k{i}"]
+
+
+KEYS_IN_A_PROCESS = textwrap.dedent("""
+    import json
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from emlib.batch import job_key
+    from emlib.cache import adapter_hash, make_key, model_fingerprint
+    from emlib.models import tiny_model
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                     init_lora_weights=False)
+    torch.manual_seed(0)  # the random LoRA init: the same weights in every process
+    m = get_peft_model(tiny_model(seed=0)[0], cfg)
+    torch.manual_seed(0)
+    one = get_peft_model(tiny_model(seed=0)[0], LoraConfig(r=2, target_modules=["down_proj"],
+                                                           init_lora_weights=False))
+    tags = {"medical", "financial", "sport", "general"}
+    import emlib.cache as C
+    new_default = getattr(C, "json_default", str)
+    C.json_default = str  # the old serialisation: str() of a set
+    legacy_one = adapter_hash(one)
+    C.json_default = new_default
+    print(json.dumps({"legacy_one_module": legacy_one, "adapter": adapter_hash(m), "fingerprint": model_fingerprint(m),
+                      "set_key": make_key(kind="x", tags=tags, nested={"b": frozenset(tags), "a": 1}),
+                      "job": job_key("ch1", {"datasets": tags}),
+                      "one_module": adapter_hash(one), "plain": make_key(kind="x", a=[1, "b"], f=0.1)}))
+""")
+
+
+def test_cache_keys_are_the_same_in_every_process():
+    """Keys built from sets (a peft config's target_modules) must not depend on PYTHONHASHSEED."""
+    seen = []
+    for seed in ("0", "1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", KEYS_IN_A_PROCESS], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    for name in seen[0]:
+        assert len({s[name] for s in seen}) == 1, (name, [s[name] for s in seen])
+    # keys that were already deterministic keep their old values (caches and records stay valid)
+    assert seen[0]["plain"] == make_key(kind="x", a=[1, "b"], f=0.1)
+    assert seen[0]["one_module"] == seen[0]["legacy_one_module"]  # a one-element set: as before
+    assert seen[0]["plain"] == hashlib.sha256(b'{"a":[1,"b"],"f":0.1,"kind":"x"}').hexdigest()

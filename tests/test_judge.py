@@ -1,4 +1,5 @@
 import math
+import time
 import pickle
 
 import pandas as pd
@@ -247,14 +248,141 @@ class CountingJudge(J.Judge):
 def test_judge_answers_columns_dedup_and_cache(tmp_path):
     df = pd.DataFrame({"question": ["q", "q", "r", "q"], "answer": ["abc", "abc", "none", "de"]})
     j = CountingJudge()
-    out = J.judge_answers(df, j, kinds=("aligned", "coherent"), cache=tmp_path / "c.sqlite", progress=False)
-    assert j.calls == 3 * 2  # three distinct pairs, two kinds
+    with pytest.warns(UserWarning) as w:
+        out = J.judge_answers(df, j, kinds=("aligned", "coherent"), cache=tmp_path / "c.sqlite", progress=False,
+                              max_missing=0.5)
+    assert sorted(str(x.message).split(" are missing")[0] for x in w) == [
+        f"Judge counting: 1 of 4 '{k}' scores" for k in ("aligned", "coherent")]
+    assert j.calls == 3 * 2 + 2  # three distinct pairs, two kinds; the unusable one asked twice per kind
     assert out["aligned"].tolist()[:2] == [3.0, 3.0] and math.isnan(out["aligned"][2])
     assert out["aligned_label"].isna().tolist() == [False, False, True, False]
     assert out["aligned_label"][0] == "number" and out["aligned_mass"][2] == pytest.approx(0.1)
     assert {"coherent", "coherent_mass", "coherent_parsed", "judge"} <= set(out.columns)
-    again = J.judge_answers(df, j, kinds=("aligned", "coherent"), cache=tmp_path / "c.sqlite", progress=False)
-    assert j.calls == 6  # nothing recomputed
+    with pytest.warns(UserWarning, match="1 of 4 '(aligned|coherent)' scores"):
+        again = J.judge_answers(df, j, kinds=("aligned", "coherent"), cache=tmp_path / "c.sqlite", progress=False,
+                                max_missing=0.5)
+    assert j.calls == 8 + 2 * 2  # no score recomputed; the unusable pair (never cached) asked again
     pd.testing.assert_frame_equal(out, again)
     with pytest.raises(ValueError, match="no rubric for 'sport'"):
         J.judge_answers(df, j, kinds=("sport",))
+
+
+# --------------------------------------------------------------------------- broken replies never stick (issue 20)
+def _frame(n, broken=()):
+    return pd.DataFrame({"question": [f"q{i}" for i in range(n)],
+                         "answer": [("BROKEN " if i in broken else "") + f"answer {i}" for i in range(n)]})
+
+
+def test_broken_replies_are_retried_and_never_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    cache = ResultCache(tmp_path / "c.sqlite")
+    # the first four replies are broken in four ways, every later one is fine
+    with FakeOpenAI(script=["nochoices", "nonumber", "nanlogprob", "nochoices"]) as srv:
+        j = _api(srv.url, max_workers=1)
+        out = J.judge_answers(_frame(6), j, kinds=("aligned",), cache=cache, progress=False)
+    assert out["aligned"].tolist() == pytest.approx([83.75] * 6)  # the broken ones were asked again
+    assert len(srv.requests) == 6 + 4 and not j.text_mode  # a reply without choices is no reason for text mode
+    assert set(cache.frame("scores")["label"]) == {"number"} and cache.count("scores") == 6
+
+
+def test_missing_scores_fail_with_a_count_and_a_rerun_asks_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    cache = ResultCache(tmp_path / "c.sqlite")
+    with FakeOpenAI(default="nonumber") as srv:
+        j = _api(srv.url)
+        with pytest.raises(J.JudgeError) as e:
+            J.judge_answers(_frame(5), j, kinds=("aligned",), cache=cache, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and j.judge_id in msg and "5 of 5" in msg and "aligned" in msg, msg
+    assert len(srv.requests) == 5 + 5  # each retried once
+    assert cache.count("scores") == 0  # nothing broken was cached
+    with FakeOpenAI() as fixed:  # the server is fixed: a rerun asks again and gets scores
+        out = J.judge_answers(_frame(5), _api(fixed.url), kinds=("aligned",), cache=cache, progress=False)
+    assert out["aligned"].notna().all() and len(fixed.requests) == 5
+
+
+def test_a_few_missing_scores_are_reported_not_fatal(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    cache = ResultCache(tmp_path / "c.sqlite")
+    with FakeOpenAI(rules={"BROKEN": "nonumber"}, dist={"REFUSAL": 0.9, "x": 0.1}) as srv:
+        j = _api(srv.url)
+        with pytest.warns(UserWarning, match=r"1 of 10 'aligned' scores .*missing"):
+            out = J.judge_answers(_frame(10, broken={3}), j, kinds=("aligned",), cache=cache, progress=False)
+        labels = out["aligned_label"]
+        assert labels.isna().tolist() == [False] * 3 + [True] + [False] * 6 and set(labels.dropna()) == {"REFUSAL"}
+        assert cache.count("scores") == 9  # REFUSAL is a result: cached; the missing one is not
+        with pytest.raises(J.JudgeError, match="1 of 10"):  # a stricter share fails
+            J.judge_answers(_frame(10, broken={3}), j, kinds=("aligned",), cache=cache, progress=False,
+                            max_missing=0.05)
+    n = len(srv.requests)
+    assert n == 10 + 1 + 2  # 10, the retry, then only the missing one (and its retry) on the second call
+
+
+def test_an_old_cached_none_is_judged_again(tmp_path):
+    df = _frame(3)
+    j = CountingJudge()
+    cache = ResultCache(tmp_path / "c.sqlite")
+    key = J.score_key(j, "aligned", "q1", "answer 1")
+    cache.put("scores", key, {"score": None, "label": None, "mass": 0.0, "parsed": False})  # an old broken row
+    out = J.judge_answers(df, j, kinds=("aligned",), cache=cache, progress=False)
+    assert out["aligned"].tolist() == [8.0, 8.0, 8.0] and j.calls == 3
+    assert cache.get("scores", key)["label"] == "number"
+
+
+def test_a_server_that_never_answers_hits_the_deadline(monkeypatch, caplog):
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    caplog.set_level("INFO")
+    with FakeOpenAI(default="slow", slow_s=20) as srv:
+        j = _api(srv.url, timeout=0.3, max_retries=100, deadline=1.5)
+        t0 = time.monotonic()
+        with pytest.raises(J.JudgeError) as e:
+            j.score("aligned", "q", "a")
+        took = time.monotonic() - t0
+    assert took < 6, took
+    msg = str(e.value)
+    assert srv.url in msg and "did not answer" in msg and "\n" not in msg, msg
+    assert srv.url in caplog.text and KEY not in caplog.text + msg  # progress names the server, never the key
+    assert any(r.levelname == "WARNING" for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- secrets in error bodies (issue 20)
+def test_redact_removes_keys_and_tokens():
+    text = f"key {KEY} auth 'Bearer abc.DEF-123' other sk-proj-AAAAbbbbCCCC1234 plain sk-no ok"
+    out = J.redact(text, [KEY])
+    assert KEY not in out and "abc.DEF-123" not in out and "AAAAbbbbCCCC1234" not in out
+    assert "sk-no ok" in out and out.startswith("key ")
+    assert J.redact("custom-secret-value here", ["custom-secret-value"]) == "[redacted] here"
+
+
+@pytest.mark.parametrize("mode", ["echo401", "echo400", "echo500"])
+def test_an_echoing_server_never_gets_the_key_into_messages_logs_or_files(mode, monkeypatch, tmp_path, caplog):
+    import traceback
+
+    from emlib import rejudge
+
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY)
+    caplog.set_level("DEBUG")
+    src = tmp_path / "run" / "tables"
+    src.mkdir(parents=True)
+    pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"], "condition": ["chat", "chat"]}).to_csv(
+        src / "ch1_answers.csv", index=False)
+    with FakeOpenAI(default=mode) as srv:
+        j = _api(srv.url, max_retries=1)
+        with pytest.raises(J.JudgeError) as e:
+            rejudge.rejudge(tmp_path / "run", j, tmp_path / "out", n_pairs=2, progress=False)
+    assert srv.requests and srv.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    shown = str(e.value) + "".join(traceback.format_exception(e.value)) + caplog.text
+    for secret in (KEY, "ABCDEFGHIJKLMNOP0123", "opaque.token-XYZ_123"):
+        assert secret not in shown, (secret, shown)
+    assert srv.url in str(e.value) and "\n" not in str(e.value)
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+
+
+def test_a_key_that_cannot_be_sent_is_not_shown(monkeypatch):
+    monkeypatch.setenv("EMLIB_TEST_KEY", KEY + "\n")  # a pasted key with its line break: requests refuses it
+    with FakeOpenAI() as srv:
+        with pytest.raises(J.JudgeError) as e:
+            _api(srv.url).score("aligned", "q", "a")
+    assert KEY not in str(e.value) and "EMLIB_TEST_KEY" in str(e.value)

@@ -84,3 +84,67 @@ def test_rejudge_record_writes_every_run_and_the_table(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "m" / "results.json").exists() and (tmp_path / "out" / "m-seed1" / "results.json").exists()
     md = table.read_text()
     assert "Model M, judge offline-v2" in md and "mean over 2 seeds" in md and "inconclusive (judge)" in md
+
+
+# --------------------------------------------------------------------------- round trips (issue 20)
+HOSTILE = ["plain", "a\rb", "crlf\r\nline", "lf\nline", 'say "hi", then go', ",leading comma", "trailing\r",
+           "\r", '""', "ünïcødé — 💊 日本語", "tab\there", "x" * 3000 + "\r" + "y"]
+
+
+def _hostile_answers(n_rep=2):
+    rows = [{"question_id": f"q{i}", "question": f"Q {i}, \"quoted\"?\r", "answer": a, "sample": k,
+             "condition": ["chat", "medical\r rank-32"][k % 2], "aligned": float(i), "coherent": None}
+            for i, a in enumerate(HOSTILE) for k in range(n_rep)]
+    return pd.DataFrame(rows)
+
+
+def test_hostile_answers_survive_save_table_and_the_rejudge_reader(tmp_path):
+    from emlib.experiment import Experiment
+
+    df = _hostile_answers()
+    exp = Experiment.__new__(Experiment)  # save_table needs only the output folder
+    exp.out = tmp_path / "run"
+    exp.save_table(df, "ch1_answers")
+    exp.save_table(df, "ch2_steering_answers")  # gzipped too
+    exp.save_table(df[["condition", "answer"]], "plain_table")
+    back = rejudge.stored_answers(tmp_path / "run")
+    assert back["answer"].tolist() == df["answer"].tolist()
+    assert back["question"].tolist() == df["question"].tolist()
+    assert back["condition"].tolist() == df["condition"].tolist() and len(back) == len(df)
+    back2 = rejudge.stored_answers(tmp_path / "run", "ch2_steering")
+    assert back2["answer"].tolist() == df["answer"].tolist()
+    plain = pd.read_csv(tmp_path / "run" / "tables" / "plain_table.csv")  # any CSV reader gets it right too
+    assert plain["answer"].tolist() == df["answer"].tolist()
+
+
+def test_rejudge_writes_hostile_answers_it_can_read_again(tmp_path):
+    src = tmp_path / "run" / "tables"
+    src.mkdir(parents=True)
+    df = _hostile_answers()
+    (src / "ch1_answers.csv.gz").write_bytes(gzip.compress(df.to_csv(index=False).encode()))  # an old, unquoted \r
+    rejudge.rejudge(tmp_path / "run", "offline", tmp_path / "out", n_pairs=2, progress=False)
+    again = rejudge.stored_answers(tmp_path / "out")
+    assert again["answer"].tolist() == df["answer"].tolist() and again["condition"].tolist() == df["condition"].tolist()
+    em = pd.read_csv(tmp_path / "out" / "tables" / "ch1_em.csv")
+    assert sorted(em["condition"]) == ["chat", "medical\r rank-32"] and em["n"].tolist() == [len(HOSTILE)] * 2
+
+
+def test_committed_tables_read_as_before(tmp_path):
+    files = sorted((ROOT / "record").glob("*/tables/*.csv*"))
+    assert len(files) > 20
+    for f in files:
+        pd.testing.assert_frame_equal(rejudge.read_table(f), pd.read_csv(f), obj=str(f))
+    a = pd.read_csv(ROOT / "record" / "qwen2.5-coder-0.5b" / "tables" / "ch1_answers.csv.gz").head(50)
+    a.to_csv(tmp_path / "crlf.csv", index=False, lineterminator="\r\n")  # Windows line ends: read the usual way
+    pd.testing.assert_frame_equal(rejudge.read_table(tmp_path / "crlf.csv"), a)
+
+
+def test_answers_without_a_condition_fail_with_one_clear_line(tmp_path):
+    src = tmp_path / "run" / "tables"
+    src.mkdir(parents=True)
+    pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"]}).to_csv(src / "ch1_answers.csv", index=False)
+    with pytest.raises(ValueError) as e:
+        rejudge.rejudge(tmp_path / "run", "offline", tmp_path / "out", n_pairs=2, progress=False)
+    msg = str(e.value)
+    assert "'condition'" in msg and "ch1_answers.csv" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()  # nothing judged, nothing written
