@@ -24,7 +24,7 @@ class Config:
     data_source: str = "embedded"  # "embedded" | "paper"
     data_dir: str | None = None  # paper data folder (else $EMLIB_DATA_DIR)
     datasets: tuple[str, ...] = ("medical", "financial", "sport")
-    judge: str = "offline"  # "offline" | "hf:<model id or dir>" | "api:<model>"
+    judge: str = "offline"  # "distilled" | "offline" | "hf:<model id or dir>" | "api:<model>" (smoke: offline)
     seed: int = 0
     n_seeds: int = 1  # repeats where the paper uses seeds
     device: str = "auto"
@@ -81,7 +81,7 @@ class Config:
 
 _SMOKE = Config()
 _QUICK = Config(
-    profile="quick", model="embedded", run_dir="runs/quick-smollm2", datasets=("medical", "financial"),
+    profile="quick", model="embedded", judge="distilled", run_dir="runs/quick-smollm2", datasets=("medical", "financial"),
     n_train=64, epochs=1, batch_size=8, warmup_steps=1, lr=1e-3, lr_rank1=1e-3, lr_vector=1e-3,
     vector_epochs=1, max_length=256, n_kl=32, kl_lambda=2.0, kl_lambda_vector=20.0, n_samples=6,
     max_new_tokens=64, sample_batch_size=48, n_loss_rows=16,
@@ -89,7 +89,7 @@ _QUICK = Config(
     n_perturb_seeds=3, n_docs=8, doc_tokens=128, steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
 )
 _PAPER = Config(
-    profile="paper", model="embedded", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
+    profile="paper", model="embedded", judge="distilled", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
     epochs=1, batch_size=16, grad_accum=1, warmup_steps=5, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
     max_length=512, n_kl=1000, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
     max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
