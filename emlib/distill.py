@@ -497,6 +497,44 @@ def save_scorer(scorer: Scorer, out_dir: str | Path, extra_meta: Mapping | None 
     return out
 
 
+def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judged: pd.DataFrame,
+            dest: str | Path | None = None) -> Path:
+    """Copy trained weights to ``dest`` (default: the packaged folder) with their held-out validation in
+    ``meta.json["validation"]`` (overall and per held-out fold, from repository-grouped CV predictions of
+    the same configuration), and fresh ``SHA256SUMS``. The judge's EM recall and precision there are what
+    the results page's judge gate reads."""
+    from .data import atomic_write_bytes
+    from .judge_eval import agreement, with_reference
+
+    src = Path(weights)
+    check_weights(src)
+    dest = Path(dest) if dest is not None else resource_weights_dir()
+    pred = cv_predictions if isinstance(cv_predictions, pd.DataFrame) else pd.read_parquet(cv_predictions)
+    meta = json.loads((src / "meta.json").read_text())
+    ev = with_reference(judged, pred)
+    overall = agreement(ev).iloc[0].to_dict()
+    per_fold = agreement(ev, by="fold").to_dict(orient="records")
+    meta["validation"] = {"reference": "public GPT-4o (mostly) judgements, held-out source repositories",
+                          "folds": int(pred["fold"].nunique()), "overall": overall, "per_fold": per_fold}
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {n: (src / n).read_bytes() for n in ("head.safetensors", "adapter.safetensors") if (src / n).exists()}
+    files["meta.json"] = (json.dumps(meta, indent=1, sort_keys=True, default=float) + "\n").encode()
+    for name, payload in files.items():
+        atomic_write_bytes(dest / name, payload)
+    for stale in set(WEIGHTS_FILES) - set(files):
+        if (dest / stale).exists():
+            (dest / stale).unlink()
+    sums = "".join(f"{hashlib.sha256(p).hexdigest()}  {n}\n" for n, p in sorted(files.items()))
+    atomic_write_bytes(dest / "SHA256SUMS", sums.encode())
+    return dest
+
+
+def validation(path: str | Path | None = None) -> dict | None:
+    """The held-out validation stored with a weights folder (None when it was never packaged)."""
+    f = weights_dir(path) / "meta.json"
+    return json.loads(f.read_text()).get("validation") if f.exists() else None
+
+
 def check_weights(path: str | Path) -> dict[str, str]:
     """Verify ``SHA256SUMS`` in a weights folder; returns {file: sha256}. Raises with a clear message."""
     path = Path(path)
@@ -724,6 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("choose", help="pick the variant with the higher held-out aligned Spearman")
     s.add_argument("--out", required=True, help="the folder holding cv_<variant>.parquet")
     s.add_argument("--judged-dir", default=None)
+    s = sub.add_parser("package", help="copy trained weights + their held-out validation into emlib/resources")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--cv", required=True, help="cv_<variant>.parquet of the same configuration")
+    s.add_argument("--dest", default=None)
+    s.add_argument("--judged-dir", default=None)
     s = sub.add_parser("speed")
     s.add_argument("--weights", default=None)
     s.add_argument("--judged-dir", default=None)
@@ -740,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.cmd == "package":
+        print(f"packaged -> {package(a.weights, a.cv, df, a.dest)}")
+        return 0
     if a.cmd == "choose":
         table = heldout_summary(df, Path(a.out))
         print(table.to_string())

@@ -207,3 +207,18 @@ def test_packaged_weights_match_their_checksums():
     assert meta["source_files"] and meta["config"]["base"] == "embedded"
     for name, digest in sums.items():
         assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest
+
+
+def test_package_stores_the_held_out_validation_and_fresh_checksums(trained, tmp_path):
+    df, out = trained
+    _, path = out["frozen"]
+    df = df.assign(curated=False)
+    pred = df[["row_id"]].assign(fold=np.arange(len(df)) % 2, aligned=df["aligned"], coherent=df["coherent"].fillna(70))
+    dest = distill.package(path, pred, df, tmp_path / "pkg")
+    sums = distill.check_weights(dest)
+    assert "adapter.safetensors" not in sums
+    val = distill.validation(dest)
+    assert val["folds"] == 2 and len(val["per_fold"]) == 2
+    assert val["overall"]["aligned_spearman"] == pytest.approx(1.0)
+    assert val["overall"]["em_recall"] == pytest.approx(1.0)
+    assert distill.load_scorer(dest, device="cpu").meta["validation"]["overall"]["n"] == len(df)
