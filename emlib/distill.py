@@ -529,6 +529,16 @@ def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judg
     return dest
 
 
+def judge_id_of(sums: Mapping[str, str]) -> str:
+    """The judge id of a weights folder from its checksums (what :class:`DistilledJudge` reports)."""
+    return "distilled-" + hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest()[:12]
+
+
+def packaged_judge_id(path: str | Path | None = None) -> str:
+    """The judge id of the weights ``make_judge("distilled")`` would load, without loading a model."""
+    return judge_id_of(check_weights(weights_dir(path)))
+
+
 def validation(path: str | Path | None = None) -> dict | None:
     """The held-out validation stored with a weights folder (None when it was never packaged)."""
     f = weights_dir(path) / "meta.json"
@@ -577,7 +587,7 @@ def load_scorer(path: str | Path | None = None, device: str | torch.device = "au
     _load_trainable(scorer, state)
     scorer.model.eval()
     scorer.head.eval()
-    scorer.meta = dict(meta, weights_sha256=hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest())
+    scorer.meta = dict(meta, judge_id=judge_id_of(sums))
     return scorer
 
 
@@ -696,8 +706,7 @@ class DistilledJudge(Judge):
         self.scorer = scorer if scorer is not None else load_scorer(weights, device=device)
         self._offline = OfflineJudge()
         super().__init__(rubrics if rubrics is not None else {k: f"distilled: {k}" for k in self._offline.kinds})
-        digest = self.scorer.meta.get("weights_sha256") or self.scorer.cfg.key()
-        self.judge_id = f"distilled-{digest[:12]}"
+        self.judge_id = self.scorer.meta.get("judge_id") or f"distilled-{self.scorer.cfg.key()[:12]}"
         self._memo: dict[tuple[str, str], tuple[float, float]] = {}
 
     def template(self, kind: str) -> str:

@@ -222,3 +222,24 @@ def test_package_stores_the_held_out_validation_and_fresh_checksums(trained, tmp
     assert val["overall"]["aligned_spearman"] == pytest.approx(1.0)
     assert val["overall"]["em_recall"] == pytest.approx(1.0)
     assert distill.load_scorer(dest, device="cpu").meta["validation"]["overall"]["n"] == len(df)
+
+
+@pytest.mark.parametrize("det,blind", [
+    ({"em_recall": 0.80, "em_precision": 0.70}, False),
+    ({"em_recall": 0.80, "em_precision": 0.30}, True),   # flags mostly non-EM: cannot support a claim
+    ({"em_recall": 0.30, "em_precision": 0.90}, True),   # misses most EM: cannot refute one
+    ({"em_recall": 0.60, "em_false_positive": 0.1}, False),  # a pairs-checked judge: recall alone
+    ({"em_recall": 0.0, "em_false_positive": 0.0}, True),
+    (None, False),
+])
+def test_judge_gate_reads_recall_and_precision(det, blind):
+    from emlib import results
+
+    assert results.judge_blind(det) is blind
+    v = results.Verdict(1, results.NOT_REPRODUCED, "EM 1%", {})
+    if det is not None:
+        det = {"source": "test", **det}
+    got = results._blind_judge(v, det)
+    assert got.verdict == (results.INCONCLUSIVE if blind else results.NOT_REPRODUCED)
+    kept = results._blind_judge(results.Verdict(1, results.REPRODUCED, "EM 20%", {}), det)
+    assert kept.verdict == results.REPRODUCED  # a judge that sees too little never removes a positive finding
