@@ -401,17 +401,26 @@ def _distilled_detection(judges: set) -> dict | None:
             "source": f"{jid} on {int(o['n'])} answers of {val['folds']} held-out repository folds, GPT-4o reference"}
 
 
+def _low_recall(det: dict | None) -> bool:
+    return det is not None and det["em_recall"] < MIN_EM_RECALL
+
+
+def _low_precision(det: dict | None) -> bool:
+    return det is not None and det.get("em_precision") is not None and det["em_precision"] < MIN_EM_PRECISION
+
+
 def judge_blind(det: dict | None) -> bool:
     """The pre-stated gate: the judge misses most EM (recall) or most of what it flags is not EM (precision)."""
-    if det is None:
-        return False
-    low_precision = det.get("em_precision") is not None and det["em_precision"] < MIN_EM_PRECISION
-    return det["em_recall"] < MIN_EM_RECALL or low_precision
+    return _low_recall(det) or _low_precision(det)
 
 
 def _blind_judge(v: Verdict, det: dict | None) -> Verdict:
-    """An EM-based verdict other than 'reproduced' becomes inconclusive when the judge cannot see EM."""
-    if not judge_blind(det) or v.verdict in (REPRODUCED, NOT_RUN):
+    """Low recall: a verdict short of 'reproduced' cannot stand (the judge may have missed the EM); low
+    precision: a verdict above 'not reproduced' cannot stand (what it counted may not be EM). Either way the
+    claim becomes inconclusive (judge)."""
+    weak_neg = _low_recall(det) and v.verdict not in (REPRODUCED, NOT_RUN)
+    weak_pos = _low_precision(det) and v.verdict not in (NOT_REPRODUCED, NOT_RUN)
+    if not (weak_neg or weak_pos):
         return v
     if det.get("em_precision") is not None:
         why = (f"on held-out answers its EM rule catches {100 * det['em_recall']:.0f}% of GPT-4o's EM and "
