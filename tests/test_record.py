@@ -21,6 +21,18 @@ def test_results_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
     assert out.read_text() == (root / "book" / "results_table.md").read_text()
 
 
+def test_rejudged_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
+    """book/results_table_distilled.md (claims 1-2 judged again by the distilled judge) likewise."""
+    monkeypatch.chdir(root)
+    args = results.rejudged_args(root)
+    if args is None:
+        pytest.fail(f"{results.REJUDGED_DIR} is missing: the runs of record have not been rejudged")
+    out = tmp_path / "table.md"
+    results.main(args[:-1] + [str(out)])
+    assert out.read_text() == (root / results.REJUDGED_TABLE).read_text()
+    assert "distilled-" in out.read_text()
+
+
 def test_record_holds_every_chapter_executed_on_a_gpu(root):
     rec = root / "record" / "smollm2-135m"
     meta = json.loads((rec / "record.json").read_text())
@@ -298,3 +310,63 @@ def test_em_claims_are_inconclusive_when_the_judge_cannot_see_em(tmp_path):
     old = _run(tmp_path, "old", {"ch1_em": em, "judge_agreement": [{k: v for k, v in ja[0].items()
                                                                     if not k.startswith("em_")}]})
     assert results.judge_detection(old) is None and results.verdicts(old)[0].verdict == results.NOT_REPRODUCED
+
+
+# ------------------------------------------------------------------------------ a killed parent
+HELD_CHAPTER = '''# %% tags=["parameters"]
+flag = ""
+
+# %%
+import time
+open(flag, "w").close()
+time.sleep(600)
+'''
+
+PARENT = '''
+import sys, time
+from pathlib import Path
+from emlib import record
+
+tmp = Path(sys.argv[1])
+pool = record._pool(1)
+pool.submit(time.sleep, 600)  # a finetune that runs for ever
+record._run_chapter(tmp / "held.py", tmp / "held.ipynb", {"flag": str(tmp / "kernel-started")}, tmp / "held.log")
+time.sleep(600)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_record_workers_and_chapters_die_with_their_parent(tmp_path):
+    """SIGKILL the parent of a run of record alone: its finetune worker and its chapter process (and that
+    chapter's kernel) stop too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from emlib import lifeline
+
+    (tmp_path / "held.py").write_text(HELD_CHAPTER)
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (
+                (tmp_path / "kernel-started").exists()
+                and any("spawn_main" in p["cmd"] for p in lifeline.descendants(proc.pid))):
+            time.sleep(0.05)
+        assert (tmp_path / "kernel-started").exists(), (tmp_path / "held.log").read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 60
+        while lifeline.session_tree(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        survivors = lifeline.session_tree(proc.pid)
+        assert not survivors, "outlived the killed run: " + "; ".join(p["cmd"][:100] for p in survivors)
+    finally:
+        for p in lifeline.session_tree(proc.pid):
+            try:
+                os.kill(p["pid"], signal.SIGKILL)
+            except OSError:
+                pass
