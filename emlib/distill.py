@@ -529,14 +529,20 @@ def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judg
     return dest
 
 
-def judge_id_of(sums: Mapping[str, str]) -> str:
-    """The judge id of a weights folder from its checksums (what :class:`DistilledJudge` reports)."""
-    return "distilled-" + hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest()[:12]
+def judge_id_of(sums: Mapping[str, str], cfg: DistillConfig) -> str:
+    """The judge id of a weights folder (what :class:`DistilledJudge` reports, and what its cache keys use):
+    a digest of the weight files and the configuration, not of ``meta.json`` (packaging adds the
+    validation there without changing a single score)."""
+    weights = sorted(v for k, v in sums.items() if k.endswith(".safetensors"))
+    return "distilled-" + hashlib.sha256(("".join(weights) + cfg.key()).encode()).hexdigest()[:12]
 
 
 def packaged_judge_id(path: str | Path | None = None) -> str:
     """The judge id of the weights ``make_judge("distilled")`` would load, without loading a model."""
-    return judge_id_of(check_weights(weights_dir(path)))
+    p = weights_dir(path)
+    sums = check_weights(p)
+    cfg = DistillConfig.from_dict(json.loads((p / "meta.json").read_text())["config"])
+    return judge_id_of(sums, cfg)
 
 
 def validation(path: str | Path | None = None) -> dict | None:
@@ -587,7 +593,7 @@ def load_scorer(path: str | Path | None = None, device: str | torch.device = "au
     _load_trainable(scorer, state)
     scorer.model.eval()
     scorer.head.eval()
-    scorer.meta = dict(meta, judge_id=judge_id_of(sums))
+    scorer.meta = dict(meta, judge_id=judge_id_of(sums, cfg))
     return scorer
 
 

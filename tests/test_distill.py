@@ -222,6 +222,9 @@ def test_package_stores_the_held_out_validation_and_fresh_checksums(trained, tmp
     assert val["overall"]["aligned_spearman"] == pytest.approx(1.0)
     assert val["overall"]["em_recall"] == pytest.approx(1.0)
     assert distill.load_scorer(dest, device="cpu").meta["validation"]["overall"]["n"] == len(df)
+    # packaging changes meta.json, not the scores: the judge id (and so every cache key) stays the same
+    assert distill.packaged_judge_id(dest) == distill.packaged_judge_id(path)
+    assert make_judge(f"distilled:{dest}", device="cpu").judge_id == distill.packaged_judge_id(path)
 
 
 @pytest.mark.parametrize("det,blind", [
