@@ -24,6 +24,7 @@ Layout of ``out``::
         run/                       the combination's run_dir (unless the grid sets run_dir)
         done.json                  finished marker, written atomically after success only
         failed.json                the last failure (error, failing cell, traceback)
+        .lock                      held (flock) while a process runs the combination
     <out>/index.parquet, index.csv one row per combination: load with ``load_index(out)``
 
 A rerun skips combinations with a ``done.json`` (status ``skipped``) and retries failed or unfinished
@@ -34,10 +35,15 @@ chapters take is passed to those only.
 Backends: in-process (one worker), a process pool (``--workers N``; on a GPU machine one worker per
 GPU with ``CUDA_VISIBLE_DEVICES`` set per worker) or Ray tasks (``--ray``; ``num_gpus`` per task
 when the cluster has GPUs, ``num_cpus`` otherwise). Ray is optional and imported only when asked for.
+
+A killed sweep leaves nothing running: local workers die with their parent (:mod:`emlib.lifeline`), and
+their kernels with them, so none goes on with queued combinations; a restart finds the combinations that
+were running unfinished and runs them again. One process at a time runs a combination (``.lock``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -60,12 +66,12 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from . import book
+from . import book, lifeline
 from .cache import canonical_json
 
 GRID_KEYS = {"chapters", "parameters", "combinations", "out", "results", "timeout", "cwd",
              "workers", "gpus", "gpus_per_job", "cpus_per_job", "max_results"}
-DONE, FAILED, PARAMS = "done.json", "failed.json", "params.json"
+DONE, FAILED, PARAMS, LOCK = "done.json", "failed.json", "params.json", ".lock"
 STATUSES = ("ok", "failed", "skipped", "pending")
 MAX_RESULTS = 40  # results.json leaves per row when the grid names no patterns
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -297,6 +303,41 @@ def run_job(job: Job | dict) -> dict:
         job = Job(**job)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with _job_lock(folder) as waited:
+        if waited:  # another process ran this combination meanwhile: keep what it finished
+            row = finished_row(job)
+            if row is not None:
+                return row
+        return _run_job_locked(job, folder)
+
+
+@contextlib.contextmanager
+def _job_lock(folder: Path):
+    """Hold ``<folder>/.lock`` while a combination runs, so that no two processes (two sweeps over one
+    ``out``, a restart and a dying worker of the killed run) execute it at once. Yields whether it had to
+    wait for another holder. An exclusive ``flock``: the system drops it when its holder dies, so a killed
+    run leaves no stale lock. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(folder / LOCK, "a") as fh:
+        waited = False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            print(f"[batch] {folder.name}: another process is running this combination; waiting for it",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_job_locked(job: Job, folder: Path) -> dict:
     _atomic_json(folder / PARAMS, {"chapter": job.chapter, "source": job.source, "key": job.key,
                                    "params": job.params})
     if job.params.get("run_dir"):
@@ -448,7 +489,8 @@ def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None 
     return n, [None] * n, max(1, cores // n)
 
 
-def _init_worker(slots, threads: int | None) -> None:
+def _init_worker(slots, threads: int | None, parent: int | None = None) -> None:
+    lifeline.die_with_parent(parent)  # a killed sweep leaves no worker running its queued jobs
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -467,7 +509,8 @@ def _run_local(jobs: list[Job], workers: int, gpu_of: list[str | None], threads:
     slots = ctx.Queue()
     for g in gpu_of:
         slots.put(g)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(slots, threads, os.getpid()))
     try:
         futures = {pool.submit(run_job, asdict(job)): job for job in jobs}
         for fut in as_completed(futures):

@@ -20,6 +20,7 @@
    ``DIR/record.tar.gz`` and ``DIR/cache.tar.gz``.
 
 A killed run resumes: finished finetunes and cached answers are reused, a chapter is re-executed.
+Workers and chapter processes die with the run (:mod:`emlib.lifeline`): a restart never races a leftover.
 On a CPU the same command runs (slowly); ``--profile smoke`` checks the whole pipeline in minutes.
 """
 from __future__ import annotations
@@ -128,12 +129,24 @@ def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Po
     p = {k: v for k, v in params.items() if k in known}
     if "interactive" in known:
         p.setdefault("interactive", False)
-    cmd = [sys.executable, "-m", "emlib.book", "run", str(src), str(out)]
+    # through emlib.lifeline: the chapter (and its kernel) stops when this process dies
+    cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", str(src), str(out)]
     for k, v in p.items():
         cmd += ["-p", k, json.dumps(v)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(book.repo_root()))
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """The finetune workers: one fresh process per job, each stopping when this process dies."""
+    import multiprocessing as mp
+
+    from . import lifeline
+
+    return ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                               max_tasks_per_child=1, initializer=lifeline.die_with_parent,
+                               initargs=(os.getpid(),))
 
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
@@ -198,10 +211,7 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     chapter_retry: list[Path] = []  # chapters that ran out of GPU memory: run again once, alone, at the end
     chapters_retried: set[str] = set()
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
-    import multiprocessing as mp
-
-    pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
-                               max_tasks_per_child=1)
+    pool = _pool(workers)
     futures: dict[Future, tuple[Job, float]] = {pool.submit(run_job, profile, params, j): (j, time.time())
                                                  for j in jobs}
     try:

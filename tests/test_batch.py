@@ -240,3 +240,120 @@ def test_a_real_chapter_runs_as_a_one_point_grid(tmp_path, root):
     auroc = [c for c in index.columns if c.startswith("result.judge_agreement") and c.endswith(".auroc")]
     assert len(auroc) >= 2 and all(0.0 <= row[c] <= 1.0 for c in auroc)  # medical twins + general pairs
     assert any("general" in c for c in auroc)
+
+
+# ------------------------------------------------------------------------------ a killed parent
+HELD = '''# %% tags=["parameters"]
+a = 1
+hold = ""
+log = ""
+run_dir = None
+
+# %%
+import json, os, time
+def note(event):
+    with open(log, "a") as fh:
+        fh.write(json.dumps({"a": a, "event": event, "pid": os.getpid()}) + "\\n")
+note("start")
+while a > 1 and os.path.exists(hold):  # every job but a=1 waits while the hold file exists
+    time.sleep(0.05)
+
+# %%
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "results.json"), "w") as fh:
+    json.dump({"score": a * 10}, fh)
+note("end")
+'''
+
+
+def events(log: Path, kind: str) -> list[int]:
+    return [d["a"] for d in map(json.loads, log.read_text().splitlines()) if d["event"] == kind] if log.exists() else []
+
+
+def _describe(procs: list[dict]) -> str:
+    return "; ".join(f"pid {p['pid']} (parent {p['ppid']}): {p['cmd'][:100]}" for p in procs)
+
+
+def _kill_all(procs: list[dict]) -> None:
+    for p in procs:
+        try:
+            os.kill(p["pid"], signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_workers_die_with_a_killed_sweep_and_a_restart_finds_an_honest_index(tmp_path):
+    """SIGKILL the sweep's parent alone (not its process group): no worker or kernel may live on, the jobs
+    that were running are pending, a restart runs each unfinished job once and keeps the finished one."""
+    from emlib import lifeline
+
+    chapter, log, out, hold = tmp_path / "held.py", tmp_path / "events.log", tmp_path / "out", tmp_path / "hold"
+    chapter.write_text(HELD)
+    hold.write_text("")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(json.dumps({"chapters": [str(chapter)],
+                                     "parameters": {"a": [1, 2, 3, 4], "hold": str(hold), "log": str(log)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "emlib.batch", str(grid_file), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sid = proc.pid  # the sweep's session: its workers keep it after the parent dies
+
+    def done() -> set[int]:
+        return {json.loads(p.read_text())["params"]["a"] for p in out.glob("held/*/done.json")}
+
+    try:
+        deadline = time.time() + 180  # a=1 finishes; a held job is running (it cannot finish while `hold` exists)
+        while not (1 in done() and set(events(log, "start")) - {1}) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        running = set(events(log, "start")) - {1}
+        assert 1 in done() and running, f"the sweep did not get going: {events(log, 'start')}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 60
+        while lifeline.session_tree(sid) and time.time() < deadline:
+            time.sleep(0.1)
+        survivors = lifeline.session_tree(sid)
+        assert not survivors, f"{len(survivors)} process(es) outlived the killed sweep: {_describe(survivors)}"
+    finally:
+        _kill_all(lifeline.session_tree(sid))
+    assert done() == {1}  # nothing finished after the parent died
+    killed = batch.load_index(out).set_index("a")
+    assert set(killed["status"]) <= {"ok", "pending"} and (killed.loc[sorted(running), "status"] == "pending").all()
+    assert events(log, "end") == [1]
+
+    hold.unlink()
+    index = batch.run_grid(str(grid_file), out=out, workers=2).set_index("a")
+    assert index.loc[1, "status"] == "skipped" and (index.loc[[2, 3, 4], "status"] == "ok").all()
+    assert index["result.score"].tolist() == [10, 20, 30, 40]
+    assert sorted(events(log, "end")) == [1, 2, 3, 4]  # each job ran to completion once
+    assert events(log, "start").count(1) == 1
+    assert batch.load_index(out)["status"].tolist() == index["status"].tolist()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the per-combination lock is an flock (POSIX)")
+def test_a_combination_runs_in_one_process_at_a_time(tmp_path, chapter, capsys):
+    """While another process holds a combination's lock, run_job waits; if the other finished it, the
+    finished row is kept and the notebook is not executed a second time."""
+    import threading
+
+    log = tmp_path / "calls.log"
+    (job,) = batch.plan({"chapters": [str(chapter)], "parameters": {"a": 1, "b": "x", "log": str(log)}},
+                        tmp_path / "out")
+    folder = Path(job.folder)
+    folder.mkdir(parents=True)
+    result, err = {}, ""
+    with batch._job_lock(folder) as waited:  # "another process" holds the combination
+        assert not waited
+        worker = threading.Thread(target=lambda: result.update(batch.run_job(job)))
+        worker.start()
+        deadline = time.time() + 60
+        while "waiting for it" not in err and time.time() < deadline:
+            err += capsys.readouterr().err
+            time.sleep(0.02)
+        assert "another process is running this combination" in err
+        batch._atomic_json(folder / batch.DONE, {**batch._base_row(job), "status": "ok", "finished": "by the other"})
+    worker.join(120)
+    assert result["status"] == "skipped" and result["finished"] == "by the other"
+    assert calls(log) == []  # not executed here
+    again = batch.run_job(job)  # an unheld lock is taken at once: the combination runs (as with --force)
+    assert again["status"] == "ok" and calls(log) == [(1, "x")]
