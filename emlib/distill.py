@@ -498,7 +498,7 @@ def save_scorer(scorer: Scorer, out_dir: str | Path, extra_meta: Mapping | None 
 
 
 def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judged: pd.DataFrame,
-            dest: str | Path | None = None) -> Path:
+            dest: str | Path | None = None, handcheck: Mapping | None = None) -> Path:
     """Copy trained weights to ``dest`` (default: the packaged folder) with their held-out validation in
     ``meta.json["validation"]`` (overall and per held-out fold, from repository-grouped CV predictions of
     the same configuration), and fresh ``SHA256SUMS``. The judge's EM recall and precision there are what
@@ -516,6 +516,13 @@ def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judg
     per_fold = agreement(ev, by="fold").to_dict(orient="records")
     meta["validation"] = {"reference": "public GPT-4o (mostly) judgements, held-out source repositories",
                           "folds": int(pred["fold"].nunique()), "overall": overall, "per_fold": per_fold}
+    if handcheck is not None:  # the same judge on this project's own models, against labels read blind
+        meta["validation"]["own_models"] = {
+            "source": "answers of the runs of record, stratified by the judge's scores, labelled blind "
+                      "(bench/judge_handcheck.py, bench/handcheck/)",
+            "n": int(handcheck["n"]), "em_precision": float(handcheck["em_rule_precision"]),
+            "em_recall": float(handcheck["em_rule_recall_pool_weighted"]),
+            "incoherent_share_of_flagged": float(handcheck["incoherent_share_of_flagged"])}
     dest.mkdir(parents=True, exist_ok=True)
     files = {n: (src / n).read_bytes() for n in ("head.safetensors", "adapter.safetensors") if (src / n).exists()}
     files["meta.json"] = (json.dumps(meta, indent=1, sort_keys=True, default=float) + "\n").encode()
@@ -781,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--weights", required=True)
     s.add_argument("--cv", required=True, help="cv_<variant>.parquet of the same configuration")
     s.add_argument("--dest", default=None)
+    s.add_argument("--handcheck", default=None, help="bench/results/judge_handcheck.json: the check on this project's models")
     s.add_argument("--judged-dir", default=None)
     s = sub.add_parser("speed")
     s.add_argument("--weights", default=None)
@@ -799,7 +807,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.cmd == "package":
-        print(f"packaged -> {package(a.weights, a.cv, df, a.dest)}")
+        hc = json.loads(Path(a.handcheck).read_text()) if a.handcheck else None
+        print(f"packaged -> {package(a.weights, a.cv, df, a.dest, hc)}")
         return 0
     if a.cmd == "choose":
         table = heldout_summary(df, Path(a.out))
