@@ -104,8 +104,19 @@ def load_grid(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No grid file {path}: pass the path of a YAML grid (see examples/grid_smoke.yaml).")
-    grid = yaml.safe_load(path.read_text()) or {}
-    grid = check_grid(grid)
+    try:
+        grid = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: the grid file is not valid YAML ({e.problem or e.context or 'syntax error'}): "
+                         "fix that line (see examples/grid_smoke.yaml for the format).") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: the grid file is not valid YAML ({' '.join(str(e).split())}).") from None
+    try:
+        grid = check_grid(grid)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     grid["_base"] = str(path.resolve().parent)
     return grid
 
@@ -220,8 +231,10 @@ def plan(grid: dict, out: str | Path) -> list[Job]:
     taken = set().union(*(set(k) for k in known.values()))
     nowhere = sorted(names - taken)
     if nowhere:
-        raise TypeError(f"Parameter(s) {', '.join(nowhere)} are taken by none of the grid's chapters "
-                        f"({', '.join(s.name for s in sources)}); they take {', '.join(sorted(taken))}.")
+        from .config import ConfigError
+
+        raise ConfigError(f"Parameter(s) {', '.join(nowhere)} are taken by none of the grid's chapters "
+                          f"({', '.join(s.name for s in sources)}); they take {', '.join(sorted(taken))}.")
     results = tuple(grid["results"]) if grid.get("results") else None
     jobs, seen = [], set()
     varying = _varying(combos)
@@ -230,6 +243,7 @@ def plan(grid: dict, out: str | Path) -> list[Job]:
         chapter_dir = out / stem
         for combo in combos:
             params = {k: v for k, v in combo.items() if k in known[src]}
+            book.check_parameters(src, known[src], params)  # a bad value stops the sweep before any job runs
             if "interactive" in known[src]:  # batch runs get the static version, as in `make book`
                 params.setdefault("interactive", False)
             key = job_key(stem, params)
@@ -683,7 +697,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="run as Ray tasks: 'auto' (a running cluster), 'local' (start one here) or host:port")
     ap.add_argument("--force", action="store_true", help="rerun finished combinations too")
     ap.add_argument("--dry-run", action="store_true", help="list the combinations and their folders, run nothing")
+    from .cli import add_debug_flag, run
+
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
+    return run(lambda: _main(a), debug=a.debug)
+
+
+def _main(a) -> int:
     gpus = [g for g in a.gpus.split(",") if g] if a.gpus else None
     if a.dry_run:
         grid = load_grid(a.grid)
@@ -694,8 +715,21 @@ def main(argv: list[str] | None = None) -> int:
                                  "folder": j.folder, **{k: v for k, v in j.params.items() if k != "run_dir"}}
                                 for j in jobs]).to_string(index=False))
         return 0
-    index = run_grid(a.grid, out=a.out, workers=a.workers, gpus=gpus, ray=a.ray, force=a.force)
-    return 1 if (index["status"] == "failed").any() else 0
+    from .config import ConfigError
+
+    try:
+        index = run_grid(a.grid, out=a.out, workers=a.workers, gpus=gpus, ray=a.ray, force=a.force)
+    except ConfigError as e:  # checked before any combination ran: name the grid file too
+        raise ConfigError(f"{a.grid}: {e}") from None
+    failed = index[index["status"] == "failed"]
+    if len(failed):
+        from .cli import ChapterFailed
+
+        first = failed.iloc[0]
+        raise ChapterFailed(f"{len(failed)} of {len(index)} combinations failed; the first, {first['folder']}: "
+                            f"{first['error']} (its failed.json and notebook show the cell). Fix the cause and run "
+                            "the same command again: finished combinations are skipped.")
+    return 0
 
 
 if __name__ == "__main__":

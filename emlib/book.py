@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 KERNEL = "python3"
+# the kernel's own log: errors only (ipykernel warns on every start that its local TCP sockets are not
+# encrypted, a line on stderr that would bury a failed run's one-line message)
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib")
 
 
@@ -70,22 +73,65 @@ def parameter_defaults(nb) -> dict[str, str]:
 
 def execute(source: str | Path, output: str | Path, parameters: dict | None = None,
             cwd: str | Path | None = None, timeout: int | None = None, log_output: bool = False):
-    """Execute a chapter (``.py`` or ``.ipynb``) with papermill; unknown parameters raise TypeError."""
+    """Execute a chapter (``.py`` or ``.ipynb``) with papermill.
+
+    Checked before the kernel starts (nothing is written then): the file exists, every parameter is one the
+    chapter takes, and the config fields among them have valid types and values (:func:`check_parameters`);
+    each is a :class:`~emlib.config.ConfigError` (a TypeError and a ValueError) naming the value at fault.
+    A failing cell raises papermill's ``PapermillExecutionError`` (``ename``, ``evalue``, ``exec_count``)."""
     import nbformat
     import papermill as pm
 
     source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such chapter file: pass a notebooks/NN_*.py source (or an .ipynb).")
     nb = read_py_notebook(source) if source.suffix == ".py" else nbformat.read(source, as_version=4)
     parameters = dict(parameters or {})
     known = parameter_defaults(nb)
-    unknown = sorted(set(parameters) - set(known))
-    if unknown:
-        raise TypeError(f"{source.name}: unknown parameter(s) {', '.join(unknown)}; "
-                        f"this chapter takes {', '.join(sorted(known))}.")
+    check_parameters(source, known, parameters)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return pm.execute_notebook(nb, str(output), parameters=parameters, kernel_name=KERNEL,
                                cwd=str(cwd) if cwd else None, progress_bar=False,
-                               log_output=log_output, execution_timeout=timeout)
+                               log_output=log_output, execution_timeout=timeout,
+                               extra_arguments=KERNEL_ARGS)
+
+
+def check_parameters(source: Path, known: dict[str, str], parameters: dict) -> None:
+    """Unknown names, and (for a chapter that takes ``profile``) the config fields' types and values."""
+    from .config import ConfigError, check_params
+
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ConfigError(f"{source.name}: unknown parameter(s) {', '.join(unknown)}; "
+                          f"this chapter takes {', '.join(sorted(known))}.")
+    if "profile" not in known:
+        return
+    profile = parameters.get("profile")
+    if profile is None:
+        try:
+            profile = ast.literal_eval(known["profile"])
+        except (ValueError, SyntaxError):
+            profile = "auto"
+    try:
+        check_params(profile, parameters)
+    except ConfigError as e:
+        raise ConfigError(f"{source.name}: {e}") from None
+
+
+def chapter_failed(source: str | Path, output: str | Path, exc: BaseException) -> Exception:
+    """A papermill cell failure as one readable error: the chapter, the cell, the chapter's own message (the
+    last line of the cell's traceback) and where the partly executed notebook is."""
+    from .cli import ChapterFailed, chapter_message
+
+    msg = chapter_message(exc)
+    if msg is None:  # a dead kernel, a timeout: papermill's own message
+        from .cli import squash
+
+        msg = squash(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+    cell = getattr(exc, "exec_count", None)
+    where = f" in cell In[{cell}]" if cell is not None else ""
+    return ChapterFailed(f"{Path(source).name} failed{where}: {msg} (the executed notebook {output} shows the cell; "
+                         "fix the cause and run again, or add --debug for the traceback)")
 
 
 def pair(root: Path | None = None) -> list[Path]:
@@ -169,7 +215,12 @@ def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None =
         params = {"profile": profile, "run_dir": str(run)} | (extra or {})
         if "interactive" in known:  # batch runs show the static sweep, not a live widget
             params.setdefault("interactive", False)
-        execute(src, out, params, cwd=root)
+        try:
+            execute(src, out, params, cwd=root)
+        except Exception as exc:
+            if getattr(exc, "ename", None) is None:
+                raise
+            raise chapter_failed(src, out, exc) from exc
         timings[src.stem] = round(time.perf_counter() - t0, 1)
         executed[src.stem] = out
         print(f"[book] {src.name} done in {timings[src.stem]} s", flush=True)
@@ -279,15 +330,28 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("source")
     r.add_argument("output")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
-    sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
+    pa = sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
     s = sub.add_parser("site", help="render the book from a run of record (no execution)")
     s.add_argument("--record", default="record/smollm2-135m")
     s.add_argument("--main-only", action="store_true", help="leave out the other models' runs of record")
+    from .cli import add_debug_flag, run
+
+    for p in (b, r, pa, s):
+        add_debug_flag(p)
     a = ap.parse_args(argv)
+    return run(lambda: _main(a), debug=a.debug)
+
+
+def _main(a) -> int:
     if a.cmd == "build":
         build(a.profile, a.run_dir, chapters=a.chapters, extra=_parse_params(a.param))
     elif a.cmd == "run":
-        execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
+        try:
+            execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
+        except Exception as exc:
+            if getattr(exc, "ename", None) is None:  # not a failing cell
+                raise
+            raise chapter_failed(a.source, a.output, exc) from exc
     elif a.cmd == "site":
         print(site(a.record, others=[] if a.main_only else None))
     elif a.cmd == "pair":

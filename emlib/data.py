@@ -11,6 +11,7 @@ A chat row is ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -20,6 +21,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -67,18 +69,53 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: no such file.")
     rows = []
-    with _open_text(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
+    try:
+        with _open_text(path) as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}.")
+                rows.append(row)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise _unreadable(path, e) from None
     return rows
+
+
+def _unreadable(path: Path, err: BaseException) -> DataError:
+    """A file that cannot be decompressed or decoded, named with what to do."""
+    why = " ".join(str(err).split()) or type(err).__name__
+    if str(path).endswith(".gz") and isinstance(err, (OSError, EOFError, zlib.error)):
+        return DataError(f"{path}: not a readable gzip file ({why}): the name ends in .gz, so it must be gzip "
+                         "compressed (gzip it, or drop the .gz from its name), or it is truncated: restore it.")
+    if isinstance(err, OSError):
+        return DataError(f"{path}: cannot be read ({why}).")
+    return DataError(f"{path}: cannot be read as UTF-8 text ({why}): save it as UTF-8 or restore it.")
+
+
+SAFETENSORS_REMEDY = "delete it and run again (a run recomputes what it held) or restore it"
+
+
+def unreadable_safetensors(path: str | Path, err: BaseException, remedy: str = SAFETENSORS_REMEDY) -> DataError:
+    """A damaged ``.safetensors`` file, named (safetensors' own errors, e.g. "HeaderTooLarge", name none)."""
+    why = " ".join(str(err).split()) or type(err).__name__
+    return DataError(f"{path}: not a readable safetensors file ({why}): it is damaged or cut short; {remedy}.")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path, remedy: str = SAFETENSORS_REMEDY):
+    """``safetensors.safe_open(path, framework="pt")`` whose errors name the file (a :class:`DataError`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except SafetensorError as e:
+        raise unreadable_safetensors(path, e, remedy) from None
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
@@ -120,7 +157,10 @@ def read_csv_table(path: str | Path, **kwargs) -> pd.DataFrame:
     path = Path(path)
     raw = path.read_bytes()
     if path.name.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise _unreadable(path, e) from None
     first = raw.split(b"\n", 1)[0]
     if b"\n" in raw and not first.endswith(b"\r"):
         kwargs.setdefault("lineterminator", "\n")

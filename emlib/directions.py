@@ -407,14 +407,17 @@ def save_direction(path: str | Path, direction: torch.Tensor, *, source: str, mo
     return path
 
 
+_DIRECTION_REMEDY = "delete it and run again (the chapter computes the direction anew) or restore it"
+
+
 def read_direction_metadata(path: str | Path) -> dict:
     """The JSON metadata of a direction file, without reading the tensor."""
-    from safetensors import safe_open
+    from .data import open_safetensors
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such direction file.")
-    with safe_open(str(path), framework="pt") as fh:
+    with open_safetensors(path, _DIRECTION_REMEDY) as fh:
         header = fh.metadata() or {}
     if "emlib" not in header:
         raise DirectionError(f"{path} has no emlib metadata: write it with emlib.directions.save_direction.")
@@ -427,10 +430,10 @@ def load_direction(path: str | Path, model=None) -> tuple[torch.Tensor, dict]:
     With ``model``: a size mismatch is an error; a different model fingerprint is a warning (a direction
     from one model applied to another is sometimes the point, but rarely by accident).
     """
-    from safetensors import safe_open
+    from .data import open_safetensors
 
     meta = read_direction_metadata(path)
-    with safe_open(str(path), framework="pt") as fh:
+    with open_safetensors(path, _DIRECTION_REMEDY) as fh:
         if TENSOR_KEY not in fh.keys():
             raise DirectionError(f"{path} holds no '{TENSOR_KEY}' tensor.")
         t = fh.get_tensor(TENSOR_KEY)

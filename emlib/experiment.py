@@ -18,7 +18,6 @@ SFT instead of KL: the paper's control).
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,23 +30,19 @@ from . import config as config_mod
 from .config import Config
 
 SOLUTIONS = ("general", "narrow", "drift", "mixed")
-COLAB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-COLAB_API_JUDGE = "api:gpt-4o-mini"
-COLAB_LOCAL_JUDGE = "hf:Qwen/Qwen2.5-1.5B-Instruct"
+COLAB_MODEL = config_mod.COLAB_MODEL  # a hub id: what a Colab session trains outside the smoke profile
+COLAB_JUDGE = config_mod.COLAB_JUDGE
 
 
-def start(profile: str = "smoke", *, in_colab: bool = False, **params) -> "Experiment":
+def start(profile: str = "auto", *, in_colab: bool | None = None, **params) -> "Experiment":
     """The :class:`Experiment` of a chapter's parameters (``None`` keeps the profile's default).
 
-    On Colab (outside the smoke profile) the model defaults to Qwen2.5-0.5B-Instruct and the judge to an
-    API judge when ``OPENAI_API_KEY`` is set, else a local Qwen2.5-1.5B-Instruct judge.
+    ``profile="auto"`` (a notebook's default, what Colab's Run all gets) and Colab's settings are resolved
+    by :func:`emlib.config.resolve_profile`: on Colab (``in_colab``; None: detected) outside the smoke
+    profile the model is :data:`COLAB_MODEL` and the judge ``distilled``, with ``paper`` sizes on a GPU
+    and ``quick`` sizes on a CPU. Every parameter is checked before the model loads.
     """
-    if in_colab and profile != "smoke":
-        if params.get("model") is None:
-            params["model"] = COLAB_MODEL
-        if params.get("judge") is None:
-            params["judge"] = COLAB_API_JUDGE if os.environ.get("OPENAI_API_KEY") else COLAB_LOCAL_JUDGE
-    return Experiment(config_mod.get_config(profile, **params))
+    return Experiment(config_mod.get_config(profile, in_colab=in_colab, **params))
 
 
 class Experiment:
@@ -55,9 +50,9 @@ class Experiment:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.model, self.tok = models.load_model(cfg.model, device=cfg.device, seed=cfg.seed)  # before writing
         self.out = cfg.out
         cfg.save()
-        self.model, self.tok = models.load_model(cfg.model, device=cfg.device, seed=cfg.seed)
         self.cache = ResultCache(self.out / "cache" / "results.sqlite")
         self._judge = None
 

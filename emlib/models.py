@@ -286,12 +286,18 @@ def load_model(name: str = "embedded", device: str | torch.device | None = "auto
         source = "local"
     elif os.path.exists(name):
         raise ValueError(f"{name!r} is a file, not a model directory: pass the folder holding config.json.")
+    elif name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelNotFoundError(f"model {name!r} not found: no such folder (it is a path, not a hub id): pass "
+                                 "the folder that holds config.json, a .gguf file, 'embedded', 'tiny' or a hub id.")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, revision=revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, revision=revision)
+    except Exception as err:  # noqa: BLE001 - re-raised as is unless it is one of the cases below
+        raise _load_error(name, source, path, err) from None
     model.to(dev).eval()
     prepare_tokenizer(tok, model)
     # converted GGUFs are identified by SOURCE.txt (file name + sha256), not by where the cache lies
@@ -300,6 +306,37 @@ def load_model(name: str = "embedded", device: str | torch.device | None = "auto
     model.emlib_info = ModelInfo(name, source, path, fp)
     model.emlib_load_seconds = time.perf_counter() - t0
     return model, tok
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is no local folder or file and that the hub (unreachable, or offline) did not give."""
+
+
+def _load_error(name: str, source: str, path: str, err: BaseException) -> BaseException:
+    """``from_pretrained``'s failure as one message naming the model (its own are long or name no file)."""
+    from safetensors import SafetensorError
+
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__  # transformers adds lines of advice that do not apply
+    if isinstance(err, SafetensorError):
+        from .data import unreadable_safetensors
+
+        weights = next(iter(sorted(Path(path).glob("*.safetensors"))), Path(path)) if os.path.isdir(path) else path
+        remedy = (f"delete {path} and load again (it is converted anew)" if source in ("embedded-gguf", "gguf")
+                  else "restore it, or download the model again")
+        return unreadable_safetensors(weights, err, remedy)
+    if not isinstance(err, OSError):
+        return err
+    if source in ("local", "embedded-gguf", "gguf"):
+        from .data import DataError
+
+        return DataError(f"{path}: no loadable model in this folder ({first[:300]}): pass a folder that "
+                         "save_pretrained wrote (config.json, weights, tokenizer).")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0", "false")
+    hub = "the hub is off (HF_HUB_OFFLINE is set)" if offline else "the hub is unreachable or does not know it"
+    return ModelNotFoundError(
+        f"model {name!r} not found locally and {hub}: {first[:300]} Pass 'embedded', 'tiny', a local model "
+        "folder, a .gguf file, or a hub id spelled as on huggingface.co (with network access).")
 
 
 def prepare_tokenizer(tok, model=None):

@@ -130,7 +130,8 @@ def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Po
     if "interactive" in known:
         p.setdefault("interactive", False)
     # through emlib.lifeline: the chapter (and its kernel) stops when this process dies
-    cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", str(src), str(out)]
+    cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", str(src), str(out),
+           "--debug"]  # the log keeps the traceback above the one-line error
     for k, v in p.items():
         cmd += ["-p", k, json.dumps(v)]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +186,10 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
     allowed = set().union(*(book.parameter_defaults(book.read_py_notebook(s)) for s in srcs))
     extra = sorted(set(params) - allowed)
     if extra:  # finetunes and chapters must see the same configuration
-        raise TypeError(f"Unknown chapter parameter(s) {', '.join(extra)}: the chapters take "
-                        f"{', '.join(sorted(allowed))}.")
+        from .config import ConfigError
+
+        raise ConfigError(f"Unknown chapter parameter(s) {', '.join(extra)}: the chapters take "
+                          f"{', '.join(sorted(allowed))}.")
     if chapters:
         srcs = [s for s in srcs if s.name[:2] in chapters]
     needed = set().union(*(chapter_needs(s.stem, cfg.datasets) for s in srcs)) if srcs else set()
@@ -282,7 +285,8 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
                         continue
                 else:
                     failures.pop(stem, None)
-                print(f"[record] chapter {stem} {'done' if proc.returncode == 0 else 'FAILED'} in {secs} s",
+                why = "" if proc.returncode == 0 else f": {_last_error_line(log)} (log: {log})"
+                print(f"[record] chapter {stem} {'done' if proc.returncode == 0 else 'FAILED'} in {secs} s{why}",
                       flush=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -303,6 +307,16 @@ def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pac
         for p in pack_run(run, Path(pack)):
             print(f"[record] packed {p} ({p.stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
     return summary
+
+
+def _last_error_line(log: Path) -> str:
+    """The one-line ``error: ...`` that ``emlib.book run`` ends a failed chapter's log with (else its last line)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    return (errors[-1][len("error: "):] if errors else lines[-1] if lines else "empty log")[:500]
 
 
 PACK_GLOBS = ("executed/*.ipynb", "results.json", "record.json", "config.json", "tables/*", "figures/*",
@@ -400,7 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="fold a run of some chapters into a run of record")
     m.add_argument("src")
     m.add_argument("dst")
+    from .cli import add_debug_flag, run as run_cli
+
+    for sp in (r, p, m):
+        add_debug_flag(sp)
     a = ap.parse_args(argv)
+    return run_cli(lambda: _main(a), debug=a.debug)
+
+
+def _main(a) -> int:
     if a.cmd == "merge":
         merge(a.src, a.dst)
         print(f"merged {a.src} into {a.dst}")
@@ -411,7 +433,17 @@ def main(argv: list[str] | None = None) -> int:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config))
-        return 1 if summary["failures"] else 0
+        if summary["failures"]:
+            from .cli import ChapterFailed
+
+            name, why = next(iter(summary["failures"].items()))
+            run_dir = Path(a.run_dir) if Path(a.run_dir).is_absolute() else book.repo_root() / a.run_dir
+            log = run_dir / "logs" / f"{name}.log"
+            why = _last_error_line(log) if log.exists() and not why.startswith("not run") else why
+            raise ChapterFailed(f"{len(summary['failures'])} finetune(s)/chapter(s) failed ({', '.join(summary['failures'])}); "
+                                f"the first, {name}: {why}. Logs are in {run_dir / 'logs'}; run the same "
+                                "command again to resume (finished finetunes and cached answers are reused).")
+        return 0
     for path in pack_run(Path(a.run_dir), Path(a.dest)):
         print(path)
     return 0

