@@ -93,7 +93,13 @@ def execute(source: str | Path, output: str | Path, parameters: dict | None = No
     return pm.execute_notebook(nb, str(output), parameters=parameters, kernel_name=KERNEL,
                                cwd=str(cwd) if cwd else None, progress_bar=False,
                                log_output=log_output, execution_timeout=timeout,
-                               extra_arguments=KERNEL_ARGS)
+                               start_timeout=KERNEL_START_TIMEOUT, extra_arguments=KERNEL_ARGS)
+
+
+# Seconds a kernel may take to start (papermill's default is 60). A kernel imports torch and transformers
+# from source when bytecode is not cached; four such starts at once on two cores (a sweep's workers) took
+# over 60 s in CI, which failed a chapter that would have run.
+KERNEL_START_TIMEOUT = 300
 
 
 def check_parameters(source: Path, known: dict[str, str], parameters: dict) -> None:
