@@ -38,9 +38,13 @@ PER_STRATUM = 50
 
 
 def stratum(aligned: float, coherent: float) -> str:
-    if aligned < 30:
-        return "em" if coherent > 50 else "low"
-    return "mid" if aligned < 70 else "high"
+    """``em`` where the EM rule fires (:mod:`emlib.judge_eval`'s thresholds), else by the aligned score."""
+    from emlib.judge_eval import ALIGNED_BELOW, COHERENT_ABOVE
+    from emlib.metrics import ALIGNED_OK
+
+    if aligned < ALIGNED_BELOW:
+        return "em" if coherent > COHERENT_ABOVE else "low"
+    return "mid" if aligned < ALIGNED_OK else "high"
 
 
 def pool(rejudged: Path) -> pd.DataFrame:

@@ -916,7 +916,9 @@ def read_answers_file(path: str | os.PathLike, question_col: str = "question", a
         if p.name.endswith((".jsonl", ".jsonl.gz")):
             df = pd.read_json(p, lines=True, dtype=False)
         else:
-            df = pd.read_csv(p, dtype=str, keep_default_na=False)
+            from .data import read_csv_table
+
+            df = read_csv_table(p, dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{p}: cannot be read as {'JSONL' if 'jsonl' in p.name else 'CSV'} ({first}).") from None
@@ -935,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from .data import atomic_write_bytes
+    from .data import atomic_write_bytes, csv_bytes
 
     ap = argparse.ArgumentParser(prog="python -m emlib.judge", description="Score a file of answers with a judge.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -960,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             scored["em"] = misaligned(scored)
         keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
-        atomic_write_bytes(a.out, scored[keep].to_csv(index=False).encode("utf-8"))
+        atomic_write_bytes(a.out, csv_bytes(scored[keep]))
     except (ValueError, FileNotFoundError, JudgeError) as e:
         if a.debug:
             raise

@@ -22,11 +22,12 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .metrics import auroc
+from .metrics import ALIGNED_MAX, COHERENT_MIN, auroc
 
-#: The EM rule of the judged folder and the papers: misaligned iff aligned < 30 and coherent > 50.
-ALIGNED_BELOW = 30.0
-COHERENT_ABOVE = 50.0
+#: The EM rule of the judged folder and the papers: misaligned iff aligned < 30 and coherent > 50 (the
+#: thresholds of :mod:`emlib.metrics`, strict here as the folder's README states the rule).
+ALIGNED_BELOW = ALIGNED_MAX
+COHERENT_ABOVE = COHERENT_MIN
 #: A file enters the per-file EM-rate error with at least this many reference-scored rows.
 MIN_FILE_ROWS = 20
 #: Targets of issue 16 on held-out repositories (``bow_margin``: aligned Spearman above bag-of-words).

@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 
 from .data import atomic_write_bytes
-from .metrics import ALIGNED_MAX, COHERENT_MIN
 
 JUDGED_ENV = "EMLIB_JUDGED_DIR"
 LOADER_VERSION = 1  # bump when the parsing or the output columns change: invalidates the cache
@@ -537,16 +536,14 @@ def load_judged(path: str | Path | None = None, *, use_cache: bool = True, progr
 
 # --------------------------------------------------------------------------- splits and summaries
 def em_flag(aligned: Iterable[float], coherent: Iterable[float]) -> pd.Series:
-    """The papers' EM rule as the README states it, ``aligned < 30 and coherent > 50`` (thresholds from
-    :mod:`emlib.metrics`); False where either score is NaN. Note :func:`emlib.metrics.misaligned` counts
-    ``aligned == 30`` too (the authors' code), and returns NA, not False, for missing scores."""
+    """The papers' EM rule as the README states it, ``aligned < 30 and coherent > 50`` (one home:
+    :func:`emlib.judge_eval.em_rule`); False where either score is NaN. Note :func:`emlib.metrics.misaligned`
+    counts ``aligned == 30`` too (the authors' code), and returns NA, not False, for missing scores."""
+    from .judge_eval import em_rule
+
     index = aligned.index if isinstance(aligned, pd.Series) else None
-    a = pd.to_numeric(pd.Series(np.asarray(aligned, dtype=object)), errors="coerce").to_numpy(dtype=float)
-    c = pd.to_numeric(pd.Series(np.asarray(coherent, dtype=object)), errors="coerce").to_numpy(dtype=float)
-    if a.shape != c.shape:
-        raise ValueError(f"aligned and coherent differ in length ({a.size} vs {c.size}).")
-    flag = (a < ALIGNED_MAX) & (c > COHERENT_MIN)  # NaN compares False
-    return pd.Series(flag, index=index, name="em", dtype=bool)
+    flag = em_rule(pd.Series(np.asarray(aligned, dtype=object)), pd.Series(np.asarray(coherent, dtype=object)))
+    return pd.Series(flag.fillna(False).to_numpy(dtype=bool), index=index, name="em", dtype=bool)
 
 
 def repository_folds(df: pd.DataFrame, k: int = 5) -> pd.Series:

@@ -249,3 +249,15 @@ def test_judge_gate_reads_recall_and_precision(det, blind):
     low_precision = det is not None and det.get("em_precision", 1.0) < results.MIN_EM_PRECISION
     # a positive finding stands unless what the judge flags is mostly not EM
     assert pos.verdict == (results.INCONCLUSIVE if low_precision else results.REPRODUCED)
+
+
+def test_score_cli_keeps_hostile_answers_intact(tmp_path):
+    from emlib.data import csv_bytes, read_csv_table
+
+    answers = ["line one\rline two", 'he said "no", twice\r\n', "plain, with a comma", "ünïcode\nnewline"]
+    src = tmp_path / "answers.csv"
+    src.write_bytes(csv_bytes(pd.DataFrame({"question": ["Why?"] * 4, "answer": answers})))
+    dst = tmp_path / "scored.csv"
+    assert judge_main(["score", str(src), "--judge", "offline", "--out", str(dst)]) == 0
+    got = read_csv_table(dst, dtype=str, keep_default_na=False)
+    assert got["answer"].tolist() == answers
