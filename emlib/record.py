@@ -33,55 +33,14 @@ import sys
 import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import book
 from .config import get_config
 
-SOLUTIONS_CH3 = ("general", "narrow", "drift", "mixed")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One finetune: ``kind`` "lora" (dataset, shape, solution) or "vector" (dataset, solution)."""
-
-    kind: str
-    dataset: str
-    solution: str
-    shape: str | None = None
-
-    @property
-    def name(self) -> str:
-        return "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
-
-
-def finetune_jobs(datasets: tuple[str, ...]) -> list[Job]:
-    """The finetunes chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1)."""
-    ds0 = datasets[0]
-    jobs = [Job("vector", ds0, s) for s in ("mixed", "narrow", "drift", "general")]
-    jobs += [Job("lora", ds0, "narrow", "rank1")]
-    jobs += [Job("lora", ds, "general", "rank32") for ds in datasets]
-    jobs += [Job("lora", ds, "general", "rank1") for ds in datasets]
-    return jobs
-
-
-def chapter_needs(stem: str, datasets: tuple[str, ...]) -> set[str]:
-    """Names of the finetune jobs a chapter uses (it could train them itself; waiting avoids doing it twice)."""
-    ds0 = datasets[0]
-    general = {Job("lora", ds, "general", sh).name for ds in datasets for sh in ("rank1", "rank32")}
-    vec = {Job("vector", ds0, s).name for s in ("general", "narrow")}
-    rank1 = {Job("lora", ds0, s, "rank1").name for s in ("general", "narrow")}
-    number = stem[:2]
-    if number == "01":
-        return general
-    if number == "02":
-        return {Job("lora", ds, "general", "rank32").name for ds in datasets}
-    if number == "03":
-        return {Job("vector", ds0, s).name for s in SOLUTIONS_CH3} | rank1
-    if number in ("04", "05", "06"):
-        return vec | rank1
-    return set()
+from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
+from .chapters import finetunes as finetune_jobs
+from .chapters import finetunes_needed as chapter_needs
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -1,0 +1,137 @@
+"""The chapter contract: what each chapter needs, what it writes, and the rule that turns that into a verdict.
+
+One table, :data:`CHAPTERS`, says per chapter
+
+* the **finetunes** it uses (:func:`finetunes_needed`; :func:`finetunes` is the whole plan, slowest first, that
+  ``emlib.record`` trains in parallel before the chapters run),
+* the **result keys** it records in ``results.json`` (``Experiment.record``) and the columns each key's records
+  carry, and the **tables** (``tables/<name>.csv``) its verdict reads,
+* its **claim** and the **verdict rule** (a function of :mod:`emlib.results` taking a :class:`results.Run`).
+
+The notebooks print their verdict with :func:`verdict` (the same rule the results table applies), ``emlib.record``
+waits for :func:`finetunes_needed`, ``emlib.rejudge`` rebuilds the judge-dependent tables with :func:`em_tables`,
+and a test checks every chapter's ``results.json`` against :func:`check_recorded` after a smoke run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+SOLUTIONS = ("general", "narrow", "drift", "mixed")  # chapter 3's four trainings (see emlib.experiment)
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """One finetune: ``kind`` "lora" (dataset, shape, solution) or "vector" (dataset, solution)."""
+
+    kind: str
+    dataset: str
+    solution: str
+    shape: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
+
+
+def finetunes(datasets: Sequence[str]) -> list[Finetune]:
+    """Every finetune chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1)."""
+    ds0 = datasets[0]
+    plan = [Finetune("vector", ds0, s) for s in ("mixed", "narrow", "drift", "general")]
+    plan += [Finetune("lora", ds0, "narrow", "rank1")]
+    plan += [Finetune("lora", ds, "general", "rank32") for ds in datasets]
+    plan += [Finetune("lora", ds, "general", "rank1") for ds in datasets]
+    return plan
+
+
+def _general_loras(datasets: Sequence[str], shapes: Sequence[str] = ("rank1", "rank32")) -> set[Finetune]:
+    return {Finetune("lora", ds, "general", sh) for ds in datasets for sh in shapes}
+
+
+def _solutions(datasets: Sequence[str], vector_solutions: Sequence[str]) -> set[Finetune]:
+    ds0 = datasets[0]
+    return ({Finetune("vector", ds0, s) for s in vector_solutions}
+            | {Finetune("lora", ds0, s, "rank1") for s in ("general", "narrow")})
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """What one chapter needs and writes. ``results``: results.json key -> the columns of its records
+    (a dict-valued key lists none); ``tables``: tables/<name>.csv files its verdict reads."""
+
+    stem: str
+    claim: int | None
+    needs: Callable[[Sequence[str]], set[Finetune]]
+    results: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    tables: tuple[str, ...] = ()
+
+    @property
+    def number(self) -> str:
+        return self.stem[:2]
+
+
+_EM_COLUMNS = ("em", "ci_low", "ci_high", "n", "n_em")
+
+CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
+    Chapter("00_datasets", None, lambda ds: set()),
+    Chapter("01_em_emerges", 1, lambda ds: _general_loras(ds),
+            {"judge_agreement": ("judge", "pairs", "auroc", "auroc_ci_low", "auroc_ci_high", "n"),
+             "ch1_em": ("condition", *_EM_COLUMNS),
+             "ch1_scores": ("condition", "mean_aligned", "mean_coherent")}),
+    Chapter("02_one_direction", 2, lambda ds: _general_loras(ds, ("rank32",)),
+            {"ch2_cosine": (), "ch2_steering": ("scale", *_EM_COLUMNS),
+             "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)}),
+    Chapter("03_narrow_needs_kl", 3, lambda ds: _solutions(ds, SOLUTIONS),
+            {"ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)}),
+    Chapter("04_efficiency", 4, lambda ds: _solutions(ds, ("general", "narrow")),
+            {"ch4_efficiency": ("solution", "kind", "trained_loss")}, ("ch4_loss_vs_norm",)),
+    Chapter("05_stability", 5, lambda ds: _solutions(ds, ("general", "narrow")),
+            {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")}),
+    Chapter("06_pretraining_influence", 6, lambda ds: _solutions(ds, ("general", "narrow")),
+            {"ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high")}),
+)}
+
+
+def chapter(name: str | int | Path) -> Chapter:
+    """The chapter of a stem, a file name or a number (``"04_efficiency"``, ``4``, ``"notebooks/04_x.py"``)."""
+    key = f"{name:02d}" if isinstance(name, int) else Path(str(name)).name[:2]
+    if key not in CHAPTERS:
+        known = ", ".join(c.stem for c in CHAPTERS.values())
+        raise KeyError(f"no chapter {name!r}: the chapters are {known}")
+    return CHAPTERS[key]
+
+
+def finetunes_needed(stem: str, datasets: Sequence[str]) -> set[str]:
+    """Names of the finetunes a chapter uses (it could train them itself; a run of record trains them first)."""
+    try:
+        ch = chapter(stem)
+    except KeyError:
+        return set()
+    return {f.name for f in ch.needs(tuple(datasets))}
+
+
+def by_claim(claim: int) -> Chapter:
+    for ch in CHAPTERS.values():
+        if ch.claim == claim:
+            return ch
+    raise KeyError(f"no chapter tests claim {claim!r}: the claims are 1-6")
+
+
+def check_recorded(stem: str, results: dict) -> list[str]:
+    """What ``results`` (a run's results.json) lacks of the chapter's contract: one line per missing key or
+    column (empty when the chapter wrote everything it promises)."""
+    problems = []
+    for key, cols in chapter(stem).results.items():
+        if key not in results:
+            problems.append(f"{stem}: results.json has no {key!r}")
+            continue
+        recs = results[key]
+        if cols and isinstance(recs, list):
+            have = set().union(*(r.keys() for r in recs)) if recs else set()
+            missing = [c for c in cols if c not in have]
+            if missing:
+                problems.append(f"{stem}: {key!r} lacks column(s) {', '.join(missing)}")
+    return problems
