@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .cache import ResultCache, as_cache, make_key, model_fingerprint, text_hash
+from ..cache import ResultCache, as_cache, make_key, model_fingerprint, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def fill_template(template: str, question: str, answer: str) -> str:
 
 def default_rubrics() -> dict[str, str]:
     """The project's embedded rubrics; the paper's when the embedded file is not there yet."""
-    from .data import DataError, load_rubrics
+    from ..data import DataError, load_rubrics
 
     try:
         return load_rubrics("embedded")
@@ -779,12 +779,12 @@ def make_judge(spec: str, rubrics: Mapping[str, str] | None = None, **kwargs) ->
     if spec == "offline":
         return OfflineJudge(rubrics)
     if spec == "distilled" or spec.startswith("distilled:"):
-        from .distill import DistilledJudge
+        from ..distill import DistilledJudge
 
         weights = spec.split(":", 1)[1] if ":" in spec else None
         return DistilledJudge(weights=weights or None, device=kwargs.pop("device", "auto"), rubrics=rubrics)
     if spec.startswith("hf:") and len(spec) > 3:
-        from .models import load_model
+        from ..models import load_model
 
         model, tok = load_model(spec[3:], device=kwargs.pop("device", "auto"), dtype=kwargs.pop("dtype", "auto"))
         return HFJudge(model, tok, rubrics, **kwargs)
@@ -916,7 +916,7 @@ def read_answers_file(path: str | os.PathLike, question_col: str = "question", a
         if p.name.endswith((".jsonl", ".jsonl.gz")):
             df = pd.read_json(p, lines=True, dtype=False)
         else:
-            from .data import read_csv_table
+            from ..data import read_csv_table
 
             df = read_csv_table(p, dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
@@ -937,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from .data import atomic_write_bytes, csv_bytes
+    from ..data import atomic_write_bytes, csv_bytes
 
     ap = argparse.ArgumentParser(prog="python -m emlib.judge", description="Score a file of answers with a judge.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -958,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scored = judge_answers(df, judge, kinds=a.kinds, cache=cache, question_col=a.question_col,
                                answer_col=a.answer_col, progress=True)
         if {"aligned", "coherent"} <= set(a.kinds):
-            from .metrics import misaligned
+            from ..metrics import misaligned
 
             scored["em"] = misaligned(scored)
         keep = [c for c in scored.columns if not c.endswith(("_mass", "_parsed"))]
