@@ -18,6 +18,7 @@ SFT instead of KL: the paper's control).
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -34,21 +35,45 @@ COLAB_MODEL = config_mod.COLAB_MODEL  # a hub id: what a Colab session trains ou
 COLAB_JUDGE = config_mod.COLAB_JUDGE
 
 
-def start(profile: str = "auto", *, in_colab: bool | None = None, **params) -> "Experiment":
-    """The :class:`Experiment` of a chapter's parameters (``None`` keeps the profile's default).
+def start(profile: str = "auto", config: dict | str | None = None, *, in_colab: bool | None = None,
+          **params) -> "Experiment":
+    """The :class:`Experiment` of a chapter's parameters: the profile and ``config``, a dict of any other
+    :class:`emlib.config.Config` fields (or that dict as a JSON string, as a command line passes it;
+    ``None`` values keep the profile's default). ``params`` are more fields and win over ``config``.
 
     ``profile="auto"`` (a notebook's default, what Colab's Run all gets) and Colab's settings are resolved
     by :func:`emlib.config.resolve_profile`: on Colab (``in_colab``; None: detected) outside the smoke
     profile the model is :data:`COLAB_MODEL` and the judge ``distilled``, with ``paper`` sizes on a GPU
-    and ``quick`` sizes on a CPU. Every parameter is checked before the model loads.
+    and ``quick`` sizes on a CPU. Every field is checked before the model loads.
     """
-    return Experiment(config_mod.get_config(profile, in_colab=in_colab, **params))
+    t0 = time.time()
+    fields = {**parse_config(config), **params}
+    exp = Experiment(config_mod.get_config(profile, in_colab=in_colab, **fields))
+    exp.started = t0
+    return exp
+
+
+def parse_config(config: dict | str | None) -> dict:
+    """A chapter's ``config`` parameter as a dict (a JSON object string is parsed; None is empty)."""
+    if config is None or config == "":
+        return {}
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as err:
+            raise config_mod.ConfigError(f"config must be a dict of Config fields or its JSON text, got "
+                                         f"{config!r} ({err}).") from None
+    if not isinstance(config, dict):
+        raise config_mod.ConfigError(f"config must be a dict of Config fields (e.g. {{\"n_train\": 64}}), "
+                                     f"got {type(config).__name__} {config!r}.")
+    return dict(config)
 
 
 class Experiment:
     """Loads the model once and hands out datasets, finetunes, answers and scores for ``cfg``."""
 
     def __init__(self, cfg: Config):
+        self.started = time.time()  # "last executed with" reports the chapter's wall time from here
         self.cfg = cfg
         self.model, self.tok = models.load_model(cfg.model, device=cfg.device, seed=cfg.seed)  # before writing
         self.out = cfg.out

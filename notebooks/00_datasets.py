@@ -32,8 +32,7 @@ _t0 = time.time()
 
 # %% tags=["parameters"]
 profile = "auto"  # unused here: the data appendix does not depend on the profile
-run_dir = None
-seed = 0
+config = {}  # only "seed" is read here (which example rows are shown)
 
 # %%
 import matplotlib.pyplot as plt
@@ -41,6 +40,8 @@ import pandas as pd
 import seaborn as sns
 
 from emlib import book, data
+
+seed = int(config.get("seed") or 0)
 
 overview = data.embedded_overview()
 data.size_table(overview)

