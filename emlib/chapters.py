@@ -67,6 +67,8 @@ class Chapter:
     needs: Callable[[Sequence[str]], set[Finetune]]
     results: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tables: tuple[str, ...] = ()
+    rule: str | None = None  # the verdict rule: a function of emlib.results taking a Run
+    judged: bool = False  # an EM-based claim: the judge gate (results.judge_blind) applies to its verdict
 
     @property
     def number(self) -> str:
@@ -80,19 +82,26 @@ CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
     Chapter("01_em_emerges", 1, lambda ds: _general_loras(ds),
             {"judge_agreement": ("judge", "pairs", "auroc", "auroc_ci_low", "auroc_ci_high", "n"),
              "ch1_em": ("condition", *_EM_COLUMNS),
-             "ch1_scores": ("condition", "mean_aligned", "mean_coherent")}),
+             "ch1_scores": ("condition", "mean_aligned", "mean_coherent")},
+            rule="claim_em", judged=True),
     Chapter("02_one_direction", 2, lambda ds: _general_loras(ds, ("rank32",)),
             {"ch2_cosine": (), "ch2_steering": ("scale", *_EM_COLUMNS),
-             "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)}),
+             "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)},
+            rule="claim_direction", judged=True),
     Chapter("03_narrow_needs_kl", 3, lambda ds: _solutions(ds, SOLUTIONS),
-            {"ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)}),
+            {"ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)},
+            rule="claim_narrow"),
     Chapter("04_efficiency", 4, lambda ds: _solutions(ds, ("general", "narrow")),
-            {"ch4_efficiency": ("solution", "kind", "trained_loss")}, ("ch4_loss_vs_norm",)),
+            {"ch4_efficiency": ("solution", "kind", "trained_loss")}, ("ch4_loss_vs_norm",),
+            rule="claim_efficiency"),
     Chapter("05_stability", 5, lambda ds: _solutions(ds, ("general", "narrow")),
-            {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")}),
+            {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")},
+            rule="claim_stability"),
     Chapter("06_pretraining_influence", 6, lambda ds: _solutions(ds, ("general", "narrow")),
-            {"ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high")}),
+            {"ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high")},
+            rule="claim_pretraining"),
 )}
+CLAIMS: tuple[int, ...] = tuple(c.claim for c in CHAPTERS.values() if c.claim is not None)
 
 
 def chapter(name: str | int | Path) -> Chapter:
@@ -135,3 +144,19 @@ def check_recorded(stem: str, results: dict) -> list[str]:
             if missing:
                 problems.append(f"{stem}: {key!r} lacks column(s) {', '.join(missing)}")
     return problems
+
+
+def verdict(claim: int, run, seed_runs: Sequence = ()):
+    """The verdict of ``claim`` on a run (a :class:`emlib.results.Run` or its directory): the chapter's rule,
+    gated by the judge's measured EM recall / precision for an EM-based claim. What the results table shows
+    and what a chapter prints."""
+    from . import results
+
+    def as_run(r):  # a directory, or a Run (also one of `python -m emlib.results`, a second module object)
+        return results.Run(r) if isinstance(r, (str, Path)) else r
+
+    run, seed_runs = as_run(run), [as_run(r) for r in seed_runs]
+    ch = by_claim(claim)
+    rule = getattr(results, ch.rule)
+    v = rule(run, seed_runs) if claim == 1 else rule(run)
+    return results.gate(v, run) if ch.judged else v

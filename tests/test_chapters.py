@@ -1,0 +1,113 @@
+"""The chapter contract (emlib.chapters): needs, recorded keys, and each verdict rule producing each verdict."""
+import json
+
+import pandas as pd
+import pytest
+
+from emlib import chapters, record, results
+
+DATASETS = ("medical", "financial", "sport")
+
+
+def _run(tmp_path, name, res, tables=None):
+    d = tmp_path / name
+    (d / "tables").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(res))
+    for t, df in (tables or {}).items():
+        df.to_csv(d / "tables" / f"{t}.csv", index=False)
+    return results.Run(d)
+
+
+def test_every_claim_chapter_needs_planned_finetunes():
+    planned = {f.name for f in chapters.finetunes(DATASETS)}
+    for ch in chapters.CHAPTERS.values():
+        need = chapters.finetunes_needed(ch.stem, DATASETS)
+        assert need <= planned, ch.stem
+        assert bool(need) == (ch.claim is not None), ch.stem  # every claim chapter trains something; 00 nothing
+    assert chapters.finetunes_needed("02_one_direction", DATASETS) == {
+        "lora-medical-rank32-general", "lora-financial-rank32-general", "lora-sport-rank32-general"}
+    assert chapters.finetunes_needed("03_narrow_needs_kl", ("medical",)) == {
+        "vector-medical-general", "vector-medical-narrow", "vector-medical-drift", "vector-medical-mixed",
+        "lora-medical-rank1-general", "lora-medical-rank1-narrow"}
+    # the run of record's planner is the contract's
+    assert record.chapter_needs("04_efficiency", DATASETS) == chapters.finetunes_needed("04_efficiency", DATASETS)
+    assert [f.name for f in chapters.finetunes(("medical",))][0] == "vector-medical-mixed"  # slowest first
+
+
+def test_chapter_lookup_and_its_error():
+    assert chapters.chapter(4).stem == "04_efficiency"
+    assert chapters.chapter("notebooks/06_pretraining_influence.py").claim == 6
+    assert chapters.by_claim(2).stem == "02_one_direction"
+    with pytest.raises(KeyError, match="the chapters are 00_datasets"):
+        chapters.chapter(9)
+    assert chapters.CLAIMS == (1, 2, 3, 4, 5, 6)
+
+
+@pytest.mark.parametrize("run_dir", ["record/smollm2-135m", "record/qwen2.5-coder-0.5b"])
+def test_committed_records_hold_what_each_chapter_promises(root, run_dir):
+    res = json.loads((root / run_dir / "results.json").read_text())
+    problems = [p for ch in chapters.CHAPTERS.values() if ch.results for p in chapters.check_recorded(ch.stem, res)]
+    assert problems == []
+    for ch in chapters.CHAPTERS.values():
+        for t in ch.tables:
+            assert (root / run_dir / "tables" / f"{t}.csv").exists(), (ch.stem, t)
+
+
+def test_check_recorded_names_a_missing_key_and_column():
+    res = {"ch4_efficiency": [{"solution": "general", "kind": "grid"}]}
+    assert chapters.check_recorded("04_efficiency", res) == ["04_efficiency: 'ch4_efficiency' lacks column(s) trained_loss"]
+    assert chapters.check_recorded("05_stability", {}) == ["05_stability: results.json has no 'ch5_stability'"]
+
+
+def test_verdicts_of_the_table_are_the_contracts(root):
+    run = results.Run(root / "record" / "smollm2-135m")
+    table = [v.verdict for v in results.verdicts(run)]
+    assert table == [chapters.verdict(c, root / "record" / "smollm2-135m").verdict for c in chapters.CLAIMS]
+    assert str(chapters.verdict(6, run)).startswith("Claim 6 (General matters more to pretraining), by the results")
+
+
+# ------------------------------------------------------------------ claim 3's rule, every verdict
+def _ch3(kl_general, kl_narrow, em_in, em_gen, drift=None, mixed=None):
+    def row(cond, set_name, em, kl):
+        return {"condition": cond, "set": set_name, "em": em, "ci_low": max(0.0, em - 0.02),
+                "ci_high": min(1.0, em + 0.02), "n": 400, "out-of-domain KL": kl}
+    rows = [row("vector general", s, 0.2, kl_general) for s in ("in_domain", "general")]
+    rows += [row("vector narrow", "in_domain", em_in, kl_narrow), row("vector narrow", "general", em_gen, kl_narrow)]
+    if drift is not None:
+        rows += [row("vector drift", "general", 0.1, drift)]
+    if mixed is not None:
+        rows += [row("vector mixed", "general", 0.1, mixed)]
+    return {"ch3_narrow_vs_general": rows}
+
+
+def test_claim_narrow_rule_gives_each_verdict(tmp_path):
+    v = results.claim_narrow(_run(tmp_path, "a", _ch3(1.0, 0.1, 0.30, 0.02, drift=0.8, mixed=0.9)))
+    assert v.verdict == results.REPRODUCED
+    assert v.checks == {"vector_kl": True, "vector_in_domain_em": True, "drift_to_general": True,
+                        "mixed_not_narrow": True}
+    # KL kept low, but the narrow solution is not misaligned in-domain more than on general questions
+    assert results.claim_narrow(_run(tmp_path, "b", _ch3(1.0, 0.1, 0.02, 0.02))).verdict == results.PARTLY
+    # in-domain EM, but the KL is not below a quarter of the general one's
+    assert results.claim_narrow(_run(tmp_path, "c", _ch3(1.0, 0.5, 0.30, 0.02))).verdict == results.PARTLY
+    assert results.claim_narrow(_run(tmp_path, "d", _ch3(1.0, 0.5, 0.02, 0.02))).verdict == results.NOT_REPRODUCED
+    assert results.claim_narrow(_run(tmp_path, "e", {})).verdict == results.NOT_RUN
+    # drift and mixing are reported, and they do not decide the verdict (issue 17 changes that)
+    v = results.claim_narrow(_run(tmp_path, "f", _ch3(1.0, 0.1, 0.30, 0.02, drift=0.2, mixed=0.2)))
+    assert v.verdict == results.REPRODUCED and v.checks["drift_to_general"] is False
+
+
+def test_an_em_claim_verdict_passes_the_judge_gate(tmp_path):
+    """chapters.verdict applies the gate to EM claims only: a judge with low recall voids a negative claim 1,
+    never claim 4."""
+    em = {"ch1_em": [{"condition": "chat model", "em": 0.0, "ci_low": 0.0, "ci_high": 0.01, "n": 400},
+                     {"condition": "medical rank1", "em": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 400}],
+          "judge_agreement": [{"judge": "some-judge", "pairs": results.GENERAL_PAIRS, "auroc": 0.9, "n": 50,
+                               "auroc_ci_low": 0.8, "auroc_ci_high": 1.0, "em_recall": 0.1,
+                               "em_false_positive": 0.0}]}
+    lv = pd.DataFrame({"kind": ["grid"] * 4, "solution": ["general", "narrow"] * 2, "norm": [1.0, 1.0, 2.0, 2.0],
+                       "trained_norm": [5.0] * 4, "loss": [1.0, 2.0, 1.0, 2.0]})
+    run = _run(tmp_path, "g", em, {"ch4_loss_vs_norm": lv})
+    assert results.claim_em(run).verdict == results.NOT_REPRODUCED
+    v1 = chapters.verdict(1, run)  # the judge catches 10% of EM: a negative verdict cannot stand
+    assert v1.verdict == results.INCONCLUSIVE and v1.checks["rule_verdict"] == results.NOT_REPRODUCED
+    assert chapters.verdict(4, run).verdict == results.claim_efficiency(run).verdict == results.PARTLY

@@ -1,0 +1,52 @@
+"""emlib.experiment: a chapter's run (config parameter, drift step, direction reuse, verdicts)."""
+import json
+
+import pytest
+
+from emlib import experiment, train
+from emlib.config import ConfigError
+
+
+@pytest.fixture()
+def exp(tmp_path):
+    return experiment.start("smoke", {"n_train": 100, "batch_size": 16, "vector_epochs": 2, "epochs": 3,
+                                      "run_dir": str(tmp_path / "run")}, in_colab=False)
+
+
+def test_config_parameter_is_a_dict_or_its_json_text(tmp_path):
+    e = experiment.start("smoke", json.dumps({"n_samples": 3, "run_dir": str(tmp_path / "r")}), in_colab=False,
+                         seed=4)
+    assert (e.cfg.n_samples, e.cfg.seed, e.cfg.profile) == (3, 4, "smoke")
+    assert e.started <= e.started + 0  # set at start
+    with pytest.raises(ConfigError, match="config must be a dict"):
+        experiment.start("smoke", [("n_samples", 3)], in_colab=False)
+    with pytest.raises(ConfigError, match="JSON text"):
+        experiment.start("smoke", "{n_samples: 3}", in_colab=False)
+    with pytest.raises(ConfigError, match="n_sample"):
+        experiment.start("smoke", {"n_sample": 3, "run_dir": str(tmp_path / "r")}, in_colab=False)
+
+
+def test_drift_step_is_half_of_the_steps_the_trainer_takes(exp):
+    """100 rows at batch 16 are 7 steps an epoch (a last, short batch counts); half-way through 2 vector
+    epochs is step 7, through 3 LoRA epochs step 10 (the old count rounded down: 12 // 2 = 6, 18 // 2 = 9)."""
+    plan = train._Plan(100, 0, train.TrainArgs(epochs=2, batch_size=16, grad_accum=1))
+    assert plan.total == train.total_steps(100, 2, 16) == 14
+    assert exp.drift_step("vector") == 7
+    assert exp.drift_step("lora") == 10
+    assert train.total_steps(100, 2, 16, grad_accum=3) == 2 * 3 and train.total_steps(100, 9, 16, max_steps=5) == 5
+
+
+def test_saved_direction_is_keyed_by_judge_and_sampling(tmp_path):
+    base = {"run_dir": str(tmp_path / "run")}
+    a = experiment.start("smoke", base, in_colab=False)._direction_key()
+    assert a == experiment.start("smoke", base, in_colab=False)._direction_key()
+    assert a != experiment.start("smoke", {**base, "n_samples": 7}, in_colab=False)._direction_key()
+    assert a != experiment.start("smoke", {**base, "judge": "distilled"}, in_colab=False)._direction_key()
+
+
+def test_verdict_of_a_run_reads_what_its_chapters_recorded(exp):
+    assert exp.verdict(4).verdict == "not run"
+    exp.record("ch1_em", [{"condition": "chat model", "em": 0.0, "ci_low": 0.0, "ci_high": 0.01, "n": 400},
+                          {"condition": "medical rank1", "em": 0.2, "ci_low": 0.15, "ci_high": 0.25, "n": 400}])
+    v = exp.verdict(1)
+    assert v.verdict == "reproduced" and "highest EM 20.0%" in v.ours
