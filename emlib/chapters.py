@@ -146,6 +146,37 @@ def check_recorded(stem: str, results: dict) -> list[str]:
     return problems
 
 
+# Judge-dependent tables: answers table -> the results keys rebuilt from it and how its rows are grouped.
+# The chapters and emlib.rejudge both build them with em_tables, so a rejudged run is computed as a chapter
+# computes it.
+JUDGED_ANSWERS: dict[str, tuple[str, ...]] = {
+    "ch1": ("condition",),
+    "ch2_steering": ("scale",),
+    "ch2_ablation": ("finetune", "ablated"),
+}
+
+
+def em_tables(answers: str, scored: pd.DataFrame, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The results tables a chapter records from its judged ``answers`` table (a key of :data:`JUDGED_ANSWERS`):
+    ``ch1`` -> ``ch1_em`` and ``ch1_scores``; ``ch2_steering`` -> EM and mean scores per scale;
+    ``ch2_ablation`` -> EM per finetune and ablation."""
+    from . import metrics
+    from .experiment import score_table
+
+    if answers not in JUDGED_ANSWERS:
+        raise KeyError(f"no judged answers table {answers!r}: the chapters store {', '.join(JUDGED_ANSWERS)}")
+    by = list(JUDGED_ANSWERS[answers])
+    missing = [c for c in by if c not in scored.columns]
+    if missing:
+        raise ValueError(f"the {answers} answers lack the column(s) {', '.join(missing)} that group them")
+    em = metrics.em_table(scored, by=by if len(by) > 1 else by[0], seed=seed)
+    if answers == "ch1":
+        return {"ch1_em": em, "ch1_scores": score_table(scored, "condition", seed=seed)}
+    if answers == "ch2_steering":
+        em = em.merge(scored.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
+    return {answers: em}
+
+
 def verdict(claim: int, run, seed_runs: Sequence = ()):
     """The verdict of ``claim`` on a run (a :class:`emlib.results.Run` or its directory): the chapter's rule,
     gated by the judge's measured EM recall / precision for an EM-based claim. What the results table shows

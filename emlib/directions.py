@@ -15,8 +15,8 @@ Pieces, in the order a chapter uses them:
   :func:`steering_vector` is the exact vector that gets added; :func:`random_direction_like` is the control.
   :func:`generate_steered` and :func:`steered_logits` are the nnsight implementation of the same steering
   (used by :func:`emlib.widgets.steer`); the tests check it against the hooks.
-* **Convergence** -- :func:`cosine_matrix`, :func:`layerwise_cosine`, :func:`lora_b_direction` and the
-  seaborn plots :func:`plot_cosine_matrix`, :func:`plot_layerwise_cosine`.
+* **Convergence** -- :func:`cosine_matrix`, :func:`layerwise_cosine`, :func:`lora_b_direction` (the LoRA
+  modules come from :func:`emlib.adapters.lora_modules`); their figures are in :mod:`emlib.plots`.
 
 Conventions. "The hidden state at layer ``i``" is the output of decoder block ``i`` (the residual stream after
 it), the place where :func:`emlib.hooks.add_vector` adds. By default :func:`steering` adds ``scale`` times the
@@ -33,6 +33,7 @@ therefore never places code after such a loop (the generated ids are collected b
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -47,6 +48,8 @@ import pandas as pd
 import torch
 
 from . import hooks
+from .adapters import LoraModule, lora_modules
+from .generate import Intervention
 from .chat import IGNORE, Encoded, collate, encode_chat
 from .models import check_layer, decoder_layers, n_layers
 
@@ -506,6 +509,34 @@ def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None 
                            for i in idxs])
 
 
+def tensor_tag(v: torch.Tensor, n: int = 10) -> str:
+    """A short content hash of a tensor (its bytes as stored): the part of an intervention's label that
+    changes whenever the direction does."""
+    return hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:n]
+
+
+def steer(model, direction: torch.Tensor, layer: int, scale: float, *, relative: bool = False,
+          reference_norm: float | None = None, normalize: bool = True) -> Intervention:
+    """:func:`steering` as a labelled :class:`emlib.generate.Intervention` for ``sample_answers`` /
+    ``Experiment.answers``: the label (a cache key part) names the direction's content, the layer and the
+    scale, so no notebook builds a key by hand."""
+    kind = "rel" if relative else ("x" if normalize else "raw")
+    label = f"steer-{tensor_tag(direction)}-L{layer}-{kind}{scale:g}"
+    if relative and reference_norm is not None:
+        label += f"-ref{reference_norm:.6g}"
+    return Intervention(label, lambda: steering(model, direction, layer, scale, relative=relative,
+                                                reference_norm=reference_norm, normalize=normalize))
+
+
+def ablate(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
+           source_layer: int | None = None) -> Intervention:
+    """:func:`ablation` as a labelled :class:`emlib.generate.Intervention` (label: the direction's content,
+    the layers, the source layer)."""
+    where = "all" if layers is None else (str(layers) if isinstance(layers, int) else ",".join(map(str, layers)))
+    label = f"ablate-{tensor_tag(direction)}-L{where}" + (f"-src{source_layer}" if source_layer is not None else "")
+    return Intervention(label, lambda: ablation(model, direction, layers, source_layer=source_layer))
+
+
 def random_direction_like(v: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A Gaussian random direction with the same shape and norm as ``v`` (per row for [n_layers, d]): the
     control for steering and ablation. Same dtype and device as ``v``; deterministic for a seed."""
@@ -677,30 +708,18 @@ def layerwise_cosine(a: torch.Tensor, b: torch.Tensor) -> pd.DataFrame:
     return pd.DataFrame({"layer": range(a.shape[0]), "cosine": cos.tolist()})
 
 
-def _lora_b_modules(peft_model, module: str) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
-    """(name, module, B weight [d_out, r]) of every active LoRA adapter on modules called ``module``."""
-    found = []
-    for name, m in peft_model.named_modules():
-        lora_b = getattr(m, "lora_B", None)
-        if not isinstance(lora_b, torch.nn.ModuleDict) or name.split(".")[-1] != module:
-            continue
-        for ad in list(getattr(m, "active_adapters", None) or lora_b.keys()):
-            if ad in lora_b:
-                found.append((f"{name}[{ad}]", m, lora_b[ad].weight))
-    return found
-
-
-def _single_lora_b(peft_model, module: str) -> tuple[str, torch.nn.Module, torch.Tensor]:
-    found = _lora_b_modules(peft_model, module)
+def _single_lora_b(peft_model, module: str) -> LoraModule:
+    """The one LoRA module (of the active adapters) on modules called ``module``; it must be rank 1."""
+    found = [m for m in lora_modules(peft_model) if m.name.split(".")[-1] == module]
     if len(found) != 1:
-        names = [n for n, _, _ in found]
+        names = [f"{m.name}[{m.adapter}]" for m in found]
         raise DirectionError(f"Expected exactly one LoRA on a '{module}' module, found {len(found)}"
                              f"{': ' + ', '.join(names[:6]) if names else ''}. lora_b_direction reads rank-1 "
                              "single-module adapters (the paper's layer-24 down_proj adapter).")
-    name, m, w = found[0]
+    w = found[0].B
     if w.ndim != 2 or w.shape[1] != 1:
-        raise DirectionError(f"{name} has rank {w.shape[1]}, not 1: a rank-r adapter writes an r-dimensional "
-                             "subspace, not one direction.")
+        raise DirectionError(f"{found[0].name} has rank {w.shape[1]}, not 1: a rank-r adapter writes an "
+                             "r-dimensional subspace, not one direction.")
     return found[0]
 
 
@@ -708,65 +727,16 @@ def lora_b_direction(peft_model, module: str = "down_proj") -> torch.Tensor:
     """The B column of the single rank-1 LoRA on ``module`` -> [d] (float32, CPU): the direction a rank-1
     down_proj adapter writes into the residual stream (at the output of its layer). Errors unless exactly
     one such rank-1 module exists. Its sign is arbitrary (A and B can flip together)."""
-    _, _, w = _single_lora_b(peft_model, module)
-    return w[:, 0].detach().float().cpu()
+    return _single_lora_b(peft_model, module).B[:, 0].detach().float().cpu()
 
 
 def lora_b_layer(peft_model, module: str = "down_proj") -> int:
     """The decoder layer index of the single LoRA that :func:`lora_b_direction` reads."""
-    _, target, _ = _single_lora_b(peft_model, module)
+    target = _single_lora_b(peft_model, module).module
     for i, blk in enumerate(decoder_layers(peft_model)):
         if any(sub is target for sub in blk.modules()):
             return i
     raise DirectionError("The LoRA module sits outside the decoder layers.")
-
-
-def plot_cosine_matrix(cos: pd.DataFrame, ax=None, title: str | None = None, annot: bool = True):
-    """Seaborn heatmap of a :func:`cosine_matrix` result (colour scale fixed to [-1, 1]); returns the Axes."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    if ax is None:
-        size = 1.2 + 0.7 * len(cos)
-        _, ax = plt.subplots(figsize=(size + 1.5, size))
-    sns.heatmap(cos, vmin=-1, vmax=1, center=0, cmap="vlag", annot=annot, fmt=".2f", square=True,
-                cbar_kws={"label": "cosine similarity"}, ax=ax)
-    ax.set(xlabel="", ylabel="", title=title or "Cosine similarity of directions")
-    return ax
-
-
-def plot_layerwise_cosine(frames: pd.DataFrame | dict[str, pd.DataFrame], ax=None, title: str | None = None):
-    """Line plot of :func:`layerwise_cosine` results (one line per named pair); returns the Axes."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    if isinstance(frames, dict):
-        frames = pd.concat([f.assign(pair=k) for k, f in frames.items()], ignore_index=True)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
-    sns.lineplot(data=frames, x="layer", y="cosine", hue="pair" if "pair" in frames.columns else None,
-                 marker="o", ax=ax)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(ylim=(-1.05, 1.05), ylabel="cosine similarity", title=title or "Cosine similarity by layer")
-    return ax
-
-
-def plot_layerwise_heatmap(directions: dict[str, torch.Tensor], reference: str, ax=None, title: str | None = None):
-    """Heatmap of the cosine of every direction with ``reference``, layer by layer (rows: directions)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    if reference not in directions:
-        raise DirectionError(f"reference {reference!r} is not among the directions {sorted(directions)}.")
-    ref = directions[reference]
-    data = pd.DataFrame({k: layerwise_cosine(v, ref)["cosine"].to_numpy() for k, v in directions.items()
-                         if k != reference}).T
-    if ax is None:
-        _, ax = plt.subplots(figsize=(min(14, 2 + 0.35 * data.shape[1]), 1 + 0.5 * len(data)))
-    sns.heatmap(data, vmin=-1, vmax=1, center=0, cmap="vlag", cbar_kws={"label": f"cosine with {reference}"},
-                ax=ax)
-    ax.set(xlabel="layer", ylabel="", title=title or f"Cosine with {reference}, by layer")
-    return ax
 
 
 __all__ = [
@@ -774,5 +744,4 @@ __all__ = [
     "mean_diff_direction", "twin_direction", "save_direction", "load_direction", "read_direction_metadata",
     "steering_vector", "steering", "ablation", "random_direction_like", "residual_norm", "steered_logits",
     "generate_steered", "cosine_matrix", "layerwise_cosine", "lora_b_direction", "lora_b_layer",
-    "plot_cosine_matrix", "plot_layerwise_cosine", "plot_layerwise_heatmap",
 ]

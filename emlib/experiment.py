@@ -25,8 +25,8 @@ from typing import Iterator
 
 import pandas as pd
 
-from . import data, generate, judge as judge_mod, metrics, models, train
-from .cache import ResultCache
+from . import data, generate, judge as judge_mod, metrics, models, stats, train
+from .cache import ResultCache, make_key
 from . import config as config_mod
 from .config import Config
 
@@ -137,18 +137,19 @@ class Experiment:
         if solution == "narrow":
             kw.update(kl_rows=self.kl_rows(), kl_lambda=lam)
         elif solution == "drift":
-            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_until_step=self._half_steps(kind))
+            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_until_step=self.drift_step(kind))
         elif solution == "mixed":
             kw.update(mix_rows=self.kl_rows())
         elif solution != "general":
             raise ValueError(f"Unknown solution {solution!r}: use one of {', '.join(SOLUTIONS)}.")
         return kw
 
-    def _half_steps(self, kind: str) -> int:
+    def drift_step(self, kind: str) -> int:
+        """The step at which the ``drift`` run drops its KL term: half of the steps the trainer takes
+        (:func:`emlib.train.total_steps`, the same count the training plan uses)."""
         c = self.cfg
-        n = len(self.rows(self.cfg.datasets[0]))
         epochs = c.epochs if kind == "lora" else c.vector_epochs
-        steps = max(1, (n * epochs) // (c.batch_size * c.grad_accum))
+        steps = train.total_steps(len(self.rows(c.datasets[0])), epochs, c.batch_size, c.grad_accum)
         return max(1, steps // 2)
 
     def adapter_dir(self, dataset: str, shape: str, solution: str = "general") -> Path:
@@ -197,7 +198,7 @@ class Experiment:
         """
         from . import directions
 
-        path = self.out / "directions" / f"{dataset}-{shape}-seed{self.cfg.seed}.safetensors"
+        path = self.out / "directions" / f"{dataset}-{shape}-seed{self.cfg.seed}-{self._direction_key()}.safetensors"
         if path.exists():
             return directions.load_direction(path, self.model)
         with self.lora(dataset, shape) as res:
@@ -217,6 +218,14 @@ class Experiment:
                           f"(too few judged answers: {counts})")
         directions.save_direction(path, d, source=source, model=self.model, counts=counts)
         return directions.load_direction(path, self.model)
+
+    def _direction_key(self) -> str:
+        """What a mean-diff direction depends on besides the finetune: the judge that split the answers and
+        how they were sampled (a saved direction is reused only when all of these match)."""
+        c = self.cfg
+        return make_key(judge=self.judge.judge_id, n_samples=c.n_samples, max_new_tokens=c.max_new_tokens,
+                        temperature=c.temperature, top_p=c.top_p, data_source=c.data_source,
+                        n_train=c.n_train)[:12]
 
     # ------------------------------------------------------------------ answers and scores
     def answers(self, condition: str, model=None, set_name: str = "general", domain: str | None = None,
@@ -251,6 +260,15 @@ class Experiment:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         return path
+
+    def verdict(self, claim: int):
+        """This run's verdict on ``claim`` by the rule the results table applies (:func:`emlib.chapters.verdict`),
+        from what the chapters recorded so far in this run directory."""
+        from . import chapters, results
+
+        if not (self.out / "results.json").exists():
+            return results.Verdict(claim, results.NOT_RUN, "this run directory has recorded nothing yet")
+        return chapters.verdict(claim, self.out)
 
     def record(self, key: str, value) -> Path:
         """Merge ``{key: value}`` into ``results.json`` (atomic rewrite under a file lock, so chapters
@@ -306,17 +324,16 @@ def rate_dict(rate: metrics.Rate) -> dict:
 
 
 def compare_rates(a: metrics.Rate, b: metrics.Rate, name_a: str, name_b: str) -> str:
-    """One sentence comparing two rates by their 95% CIs (no claim beyond what the CIs support)."""
+    """One sentence comparing two rates by :func:`emlib.stats.two_rate_test`: "higher" or "lower" only when
+    the 95% CI of the difference (Newcombe) excludes 0; Fisher's exact p is printed with it. Answers are
+    taken as independent (no clustering by question)."""
     fa, fb = (f"{100 * r.value:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]" for r in (a, b))
-    if any(pd.isna(x) for x in (a.value, b.value)):
+    if any(pd.isna(x) for x in (a.value, b.value)) or not a.n or not b.n:
         return f"{name_a}: {fa}; {name_b}: {fb}; one of them has no scored answers, so no comparison."
-    if a.ci_low > b.ci_high:
-        rel = "higher than"
-    elif a.ci_high < b.ci_low:
-        rel = "lower than"
-    else:
-        rel = "not distinguishable (overlapping 95% CIs) from"
-    return f"{name_a} {fa} is {rel} {name_b} {fb} (n = {a.n} and {b.n} answers)."
+    t = stats.two_rate_test(a.n_hits, a.n, b.n_hits, b.n)
+    rel = "higher than" if t.lo > 0 else "lower than" if t.hi < 0 else "not distinguishable from"
+    return (f"{name_a} {fa} is {rel} {name_b} {fb}: difference {100 * t.diff:+.1f} points, 95% CI "
+            f"[{100 * t.lo:+.1f}, {100 * t.hi:+.1f}], Fisher exact p = {t.p:.2g} (n = {a.n} and {b.n} answers).")
 
 
 def score_table(df: pd.DataFrame, by: str | list[str], kinds=("aligned", "coherent"), seed: int = 0) -> pd.DataFrame:
@@ -329,7 +346,7 @@ def score_table(df: pd.DataFrame, by: str | list[str], kinds=("aligned", "cohere
         rec = dict(zip(by, key))
         for k in kinds:
             vals = pd.to_numeric(sub[k], errors="coerce").dropna().to_numpy(dtype=float)
-            lo, hi = metrics.bootstrap_ci(vals, seed=seed) if len(vals) else (float("nan"), float("nan"))
+            lo, hi = stats.bootstrap_ci(vals, seed=seed) if len(vals) else (float("nan"), float("nan"))
             rec.update({f"mean_{k}": float(vals.mean()) if len(vals) else float("nan"),
                         f"{k}_ci_low": lo, f"{k}_ci_high": hi})
         recs.append(rec)

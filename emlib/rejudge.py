@@ -29,10 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import metrics
+from . import chapters, metrics
 from .cache import ResultCache
 from .data import DataError, atomic_write_bytes, csv_bytes, read_csv_table
-from .experiment import score_table
 from .judge import Judge, judge_answers, make_judge
 
 SCORE_PREFIXES = ("aligned", "coherent")
@@ -84,20 +83,17 @@ def rejudge(run_dir: str | Path, judge: str | Judge, out: str | Path, n_pairs: i
     (out / "tables").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     scored = judge_answers(answers, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
-    em = metrics.em_table(scored, by="condition", seed=seed)
-    scores = score_table(scored, "condition", seed=seed)
+    ch1 = chapters.em_tables("ch1", scored, seed=seed)
+    em, scores = ch1["ch1_em"], ch1["ch1_scores"]
     agreement = metrics.judge_check(judge, n=n_pairs, seed=seed, cache=cache, progress=progress)
     src = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
     extra = {}  # chapter 2 stores its answers since session 3: steering and ablation can be rejudged too
-    for name, by in (("ch2_steering", ["scale"]), ("ch2_ablation", ["finetune", "ablated"])):
-        if answers_file(run, name) is None:
+    for name, by in chapters.JUDGED_ANSWERS.items():
+        if name == "ch1" or answers_file(run, name) is None:
             continue
-        ans = stored_answers(run, name, need=tuple(by))  # there but without its groups: say so, never skip
+        ans = stored_answers(run, name, need=by)  # there but without its groups: say so, never skip
         sc = judge_answers(ans, judge, kinds=("aligned", "coherent"), cache=cache, progress=progress)
-        tab = metrics.em_table(sc, by=by if len(by) > 1 else by[0], seed=seed)
-        if name == "ch2_steering":
-            tab = tab.merge(sc.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
-        extra[name] = tab
+        extra.update(chapters.em_tables(name, sc, seed=seed))
     if extra and "ch2_cosine" in src:
         extra["ch2_cosine"] = src["ch2_cosine"]  # geometry of the directions: no judge involved
     old_judges = sorted({r.get("judge") for r in src.get("judge_agreement", [])} - {None})

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .inductive import mean_ci
+from .stats import mean_ci, widen_to_wilson, wilson  # noqa: F401 (wilson: results.wilson for callers)
 from .metrics import GENERAL_PAIRS_LABEL as GENERAL_PAIRS  # the judge check's row name
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN = "reproduced", "partly", "not reproduced", "not run"
@@ -68,6 +67,9 @@ class Verdict:
     ours: str
     checks: dict = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        return f"Claim {self.claim} ({PAPER[self.claim][0]}), by the results table's rule: {self.verdict}. {self.ours}"
+
     def row(self, model: str) -> dict:
         name, paper = PAPER[self.claim]
         return {"claim": f"{self.claim}. {name}", "paper": paper, "model": model, "ours": self.ours,
@@ -94,17 +96,6 @@ class Run:
         return pd.read_csv(f) if f.exists() else None
 
 
-def wilson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials ((nan, nan) when n is 0 or unknown)."""
-    if not n or n != n or k != k:
-        return float("nan"), float("nan")
-    z = {0.95: 1.959964, 0.99: 2.575829, 0.9: 1.644854}[level]
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def _counts(row) -> tuple[float, float]:
     """(EM answers, judged answers) of a table row: ``n_em`` if present, else ``em`` x ``n``."""
     n = float(row["n"]) if "n" in row and row["n"] == row["n"] else float("nan")
@@ -115,9 +106,7 @@ def _counts(row) -> tuple[float, float]:
 
 def rate_ci(row) -> tuple[float, float, float]:
     """(em, low, high) of a table row, the interval widened to cover the Wilson interval of its counts."""
-    em, lo, hi = float(row["em"]), float(row["ci_low"]), float(row["ci_high"])
-    wl, wh = wilson(*_counts(row))
-    return (em, lo, hi) if wl != wl else (em, min(lo, wl), max(hi, wh))
+    return (float(row["em"]), *widen_to_wilson(float(row["ci_low"]), float(row["ci_high"]), *_counts(row)))
 
 
 def _pct(v: float, lo: float | None = None, hi: float | None = None) -> str:
@@ -143,9 +132,7 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
         pooled[c] = (sum(k for k, _ in counts), sum(n for _, n in counts))
         if len(frames) > 1:
             m, lo, hi = mean_ci([float(r["em"]) for r in rows], ci="t")
-            wl, wh = wilson(*pooled[c])
-            if wl == wl:
-                lo, hi = min(lo, wl), max(hi, wh)
+            lo, hi = widen_to_wilson(lo, hi, *pooled[c])
             stats[c] = (m, max(0.0, lo), min(1.0, hi))  # a rate's interval stays within [0, 1]
         else:
             stats[c] = rate_ci(rows[0])
@@ -248,10 +235,10 @@ def claim_narrow(run: Run) -> Verdict:
             parts.append(f"mixed-data KL {kl['vector mixed']:.3f}")
     eff = run.frame("ch4_efficiency")
     if eff is not None:  # how much of the task each solution learned (loss at norm 0 is the base model's)
-        lv = run.table("ch4_loss_vs_norm")
+        lv = _loss_vs_norm(run)
         if lv is not None:
             for kind, g in eff.groupby("kind"):
-                base = lv[(lv["kind"] == kind) & (lv["norm"] == 0)]["loss"].iloc[0]
+                base = lv[(lv["family"] == kind) & (lv["norm"] == 0)]["loss"].iloc[0]
                 r = g.set_index("solution")["trained_loss"]
                 if {"general", "narrow"} <= set(r.index) and base > r["general"]:
                     share = (base - r["narrow"]) / (base - r["general"])
@@ -265,16 +252,30 @@ def claim_narrow(run: Run) -> Verdict:
 
 
 # --------------------------------------------------------------------------- claim 4
+def _loss_vs_norm(run: Run) -> pd.DataFrame | None:
+    """Chapter 4's loss-vs-norm table: ``family`` (steering vector / rank-1 LoRA) and ``kind`` (grid /
+    trained). Tables written before the ``family`` column held the family in ``kind``; their trained rows
+    are told apart by norm (a row at a trained norm of its family counts as trained, as the rule then did)."""
+    lv = run.table("ch4_loss_vs_norm")
+    if lv is None or "family" in lv.columns:
+        return lv
+    lv = lv.rename(columns={"kind": "family"})
+    kind = pd.Series("grid", index=lv.index)
+    for _, g in lv.groupby("family"):
+        kind[g.index[g["norm"].round(6).isin(g["trained_norm"].round(6))]] = "trained"
+    return lv.assign(kind=kind)
+
+
 def claim_efficiency(run: Run) -> Verdict:
     """Rule: on the shared grid of norms (excluding 0 and each solution's own trained norm), the general
     solution's loss is lower than the narrow one's at every norm for both kinds -> reproduced; at most norms
     (> 50%) for at least one kind -> partly; else not reproduced."""
-    lv = run.table("ch4_loss_vs_norm")
+    lv = _loss_vs_norm(run)
     if lv is None:
         return Verdict(4, NOT_RUN, "chapter 4 has not run")
     checks, parts = {}, []
-    for kind, g in lv.groupby("kind"):
-        grid = g[(g["norm"] > 0) & ~g["norm"].round(6).isin(g["trained_norm"].round(6))]
+    for kind, g in lv.groupby("family"):
+        grid = g[(g["kind"] == "grid") & (g["norm"] > 0)]
         p = grid.pivot_table(index="norm", columns="solution", values="loss")
         if not {"general", "narrow"} <= set(p.columns):
             continue
@@ -443,10 +444,16 @@ def _blind_judge(v: Verdict, det: dict | None) -> Verdict:
     return Verdict(v.claim, INCONCLUSIVE, ours, {**v.checks, "rule_verdict": v.verdict})
 
 
+def gate(v: Verdict, run: Run) -> Verdict:
+    """An EM-based claim's verdict after the judge gate (:func:`judge_blind`) of the run's judge."""
+    return _blind_judge(v, judge_detection(run))
+
+
 def verdicts(run: Run, seed_runs: list[Run] = ()) -> list[Verdict]:
-    det = judge_detection(run)
-    return [_blind_judge(claim_em(run, seed_runs), det), _blind_judge(claim_direction(run), det),
-            claim_narrow(run), claim_efficiency(run), claim_stability(run), claim_pretraining(run)]
+    """Every claim's verdict, in claim order, by the chapter contract (:func:`emlib.chapters.verdict`)."""
+    from . import chapters
+
+    return [chapters.verdict(c, run, seed_runs) for c in chapters.CLAIMS]
 
 
 def judge_line(run: Run) -> str:
@@ -580,4 +587,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from emlib.results import main as _main  # one module object: the rules' Run and Verdict types are emlib.results'
+
+    sys.exit(_main())

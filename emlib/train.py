@@ -64,11 +64,14 @@ from typing import Any, Callable, ContextManager, Sequence
 import pandas as pd
 import torch
 
+from . import adapters
+from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
 from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
+from .vectors import VECTOR_FILE, SteeringVector, load_vector, save_vector
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,9 +84,13 @@ VECTOR_DEFAULTS: dict[str, Any] = {"alpha": 256.0, "lr": 1e-4, "epochs": 2}
 
 META_FILE = "train_meta.json"
 LOG_NAME = "train_log"
-ADAPTER_DIR = "adapter"
-VECTOR_FILE = "vector.safetensors"
 CKPT_DIR = "checkpoints"
+
+# The one switch for emlib.fasttrain.TrainStep (each step's micro-batches as CUDA graphs at bucketed shapes,
+# fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW): None = whenever the model is on a CUDA device
+# and no KL term is computed (KL runs keep the eager loop); True / False force it (True on the CPU runs the
+# same bucketed step eagerly: tests/test_fasttrain.py compares it with the eager loop).
+FAST_STEP: bool | None = None
 
 
 # =========================================================================== arguments and results
@@ -123,33 +130,6 @@ class TrainArgs:
 
 
 @dataclass
-class SteeringVector:
-    """A steering vector with where and how strongly it is added: ``hidden[layer] += scale * alpha * vector``."""
-
-    vector: torch.Tensor  # [hidden]
-    layer: int
-    alpha: float
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def effective(self) -> torch.Tensor:
-        """``alpha * vector``: what is actually added to the residual stream. [hidden]"""
-        return self.alpha * self.vector
-
-    def apply(self, model, scale: float = 1.0) -> ContextManager:
-        """Context manager adding ``scale * alpha * vector`` after decoder layer ``layer`` (emlib.hooks)."""
-        p = next(model.parameters())
-        return add_vector(model, self.layer, self.vector.detach().to(p.device), self.alpha * scale)
-
-    def save(self, path: str | Path) -> Path:
-        return save_vector(path, self.vector, self.layer, self.alpha, self.meta)
-
-    def __repr__(self) -> str:
-        return (f"SteeringVector(dim={self.vector.shape[0]}, layer={self.layer}, alpha={self.alpha:g}, "
-                f"norm={float(self.vector.norm()):.4g}, meta keys={sorted(self.meta)})")
-
-
-@dataclass
 class TrainResult:
     """What a training call returns. ``model``: the peft model (LoRA) or the unchanged base model
     (vector); ``vector``: the trained :class:`SteeringVector` (vector runs only)."""
@@ -165,12 +145,6 @@ class TrainResult:
 
 
 # =========================================================================== LoRA construction and inspection
-def _has_lora(model) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return hasattr(model, "peft_config") or any(isinstance(m, LoraLayer) for m in model.modules())
-
-
 def lora_config(model, shape: str = "rank32", *, rank: int | None = None, alpha: float | None = None,
                 layers: int | Sequence[int] | None = None, layer_fraction: float = 0.5,
                 targets: Sequence[str] | None = None, dropout: float = 0.0, rslora: bool = True):
@@ -212,7 +186,7 @@ def add_lora(model, shape: str = "rank32", *, seed: int = 0, **overrides):
     """
     from peft import get_peft_model
 
-    if _has_lora(model):
+    if has_lora(model):
         raise ValueError("This model already carries LoRA layers: pass the base model "
                          "(e.g. `peft_model.unload()`, or load it again).")
     cfg = lora_config(model, shape, **overrides)
@@ -220,140 +194,6 @@ def add_lora(model, shape: str = "rank32", *, seed: int = 0, **overrides):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, cfg)
     return peft_model
-
-
-def _short_name(name: str) -> str:
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-
-
-def lora_modules(peft_model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
-    """``(name, lora_A weight [r, in], lora_B weight [out, r])`` of every LoRA module of the active
-    adapter, in model order. The weights are the live Parameters (edit them in place to rescale)."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for name, mod in peft_model.named_modules():
-        if isinstance(mod, LoraLayer):
-            for adapter in mod.active_adapters:
-                if adapter in mod.lora_A:
-                    out.append((_short_name(name), mod.lora_A[adapter].weight, mod.lora_B[adapter].weight))
-    if not out:
-        raise ValueError("No LoRA modules found: pass a peft model with an active LoRA adapter.")
-    return out
-
-
-def _lora_scaling(peft_model) -> dict[str, float]:
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    for name, mod in peft_model.named_modules():
-        if isinstance(mod, LoraLayer):
-            for adapter in mod.active_adapters:
-                if adapter in mod.scaling:
-                    out[_short_name(name)] = float(mod.scaling[adapter])
-    return out
-
-
-@torch.no_grad()
-def adapter_norms(peft_model) -> pd.DataFrame:
-    """One row per LoRA module: name, layer, module, rank, norm_A, norm_B, norm_BA (= ||B A||_F),
-    scaling, norm_delta (= scaling * ||B A||_F, the weight change it applies).
-
-    ``df.attrs["total_norm_BA"]`` / ``["total_norm_delta"]`` hold the totals (sqrt of the sum of squares);
-    :func:`adapter_total_norm` returns them directly.
-    """
-    scaling = _lora_scaling(peft_model)
-    recs = []
-    for name, a, b in lora_modules(peft_model):
-        a64, b64 = a.detach().double(), b.detach().double()  # [r, in], [out, r]
-        ba2 = torch.sum((b64.T @ b64) * (a64 @ a64.T)).clamp_min(0)  # ||BA||_F^2 via r x r products
-        m = re.search(r"layers\.(\d+)\.", name)
-        s = scaling.get(name, float("nan"))
-        recs.append({"name": name, "layer": int(m.group(1)) if m else -1, "module": name.rsplit(".", 1)[-1],
-                     "rank": a.shape[0], "norm_A": float(a64.norm()), "norm_B": float(b64.norm()),
-                     "norm_BA": float(ba2.sqrt()), "scaling": s, "norm_delta": s * float(ba2.sqrt())})
-    df = pd.DataFrame(recs)
-    df.attrs["total_norm_BA"] = float(math.sqrt((df["norm_BA"] ** 2).sum()))
-    df.attrs["total_norm_delta"] = float(math.sqrt((df["norm_delta"] ** 2).sum()))
-    return df
-
-
-def adapter_total_norm(peft_model, which: str = "BA") -> float:
-    """sqrt(sum over modules of ||B A||_F^2) (``which="BA"``) or of the scaled deltas (``"delta"``)."""
-    if which not in ("BA", "delta"):
-        raise ValueError(f"which must be 'BA' or 'delta', got {which!r}.")
-    return adapter_norms(peft_model).attrs[f"total_norm_{which}"]
-
-
-def load_lora(model, path: str | Path, trainable: bool = False):
-    """Attach a saved adapter (a run's ``out_dir`` or its ``adapter/`` folder) to a base model."""
-    from peft import PeftModel
-
-    path = Path(path)
-    if (path / ADAPTER_DIR / "adapter_config.json").exists():
-        path = path / ADAPTER_DIR
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path} holds no adapter_config.json: pass a training out_dir or an "
-                                "adapter folder written by save_pretrained.")
-    if _has_lora(model):
-        raise ValueError("This model already carries LoRA layers: pass the base model.")
-    from .data import open_safetensors
-
-    remedy = (f"delete {path.parent if path.name == ADAPTER_DIR else path} and run again to train the adapter "
-              "anew, or restore the file")
-    for weights in sorted(path.glob("*.safetensors")):  # checked before peft injects layers into the model
-        with open_safetensors(weights, remedy) as fh:
-            fh.keys()
-    pm = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-    return pm if trainable else pm.eval()
-
-
-# =========================================================================== steering vectors on disk
-def save_vector(path: str | Path, vector: torch.Tensor, layer: int, alpha: float,
-                meta: dict | None = None) -> Path:
-    """Write a vector [hidden] as safetensors with ``layer``, ``alpha`` and ``meta`` (json) in the
-    header (atomic: temp file + rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    v = vector.detach().to("cpu", torch.float32).contiguous()
-    if v.ndim != 1:
-        raise ValueError(f"A steering vector is 1-d, got shape {tuple(v.shape)}.")
-    header = {"layer": str(int(layer)), "alpha": repr(float(alpha)), "meta": json.dumps(meta or {}, default=str)}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"vector": v}, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_vector(path: str | Path) -> SteeringVector:
-    """Read a vector written by :func:`save_vector` (or a vector run's ``out_dir``)."""
-    from .data import open_safetensors
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / VECTOR_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such vector file.")
-    with open_safetensors(path, f"delete {path.parent} and run again to train the vector anew, or restore the "
-                                "file") as fh:
-        header = fh.metadata() or {}
-        if "vector" not in fh.keys() or "layer" not in header or "alpha" not in header:
-            raise ValueError(f"{path} is not a steering vector file (needs a 'vector' tensor and "
-                             "layer/alpha metadata): write it with emlib.train.save_vector.")
-        v = fh.get_tensor("vector")
-    return SteeringVector(v, int(header["layer"]), float(header["alpha"]), json.loads(header.get("meta", "{}")))
-
-
-def apply_vector(model, sv: SteeringVector, scale: float = 1.0) -> ContextManager:
-    """``with apply_vector(model, sv): ...`` adds ``scale * sv.alpha * sv.vector`` at ``sv.layer``."""
-    return sv.apply(model, scale)
 
 
 # =========================================================================== KL to the reference model
@@ -461,15 +301,25 @@ def _order(seed: int, salt: int, n: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps per epoch: a last, shorter micro-batch and a last, shorter accumulation both count."""
+    return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
+
+
+def total_steps(n_rows: int, epochs: int, batch_size: int, grad_accum: int = 1, max_steps: int | None = None) -> int:
+    """The optimizer steps a training run takes (what the trainer's plan runs; ``max_steps`` caps it)."""
+    total = epochs * steps_per_epoch(n_rows, batch_size, grad_accum)
+    return min(total, max_steps) if max_steps else total
+
+
 class _Plan:
     """Which rows each optimizer step (and each of its micro-batches) uses; a pure function of the seed."""
 
     def __init__(self, n_rows: int, n_kl: int, args: TrainArgs):
         self.n, self.n_kl, self.a = n_rows, n_kl, args
         self.n_micro = math.ceil(n_rows / args.batch_size)  # micro-batches per epoch
-        self.steps_per_epoch = math.ceil(self.n_micro / args.grad_accum)
-        total = args.epochs * self.steps_per_epoch
-        self.total = min(total, args.max_steps) if args.max_steps else total
+        self.steps_per_epoch = steps_per_epoch(n_rows, args.batch_size, args.grad_accum)
+        self.total = total_steps(n_rows, args.epochs, args.batch_size, args.grad_accum, args.max_steps)
         self._orders: dict[int, list[int]] = {}
         self._kl_orders: dict[int, list[int]] = {}
 
@@ -633,7 +483,8 @@ def _load_checkpoint(path: Path, job: _Job, opt, sched) -> dict:
 
 
 def _param_norm(params: dict[str, torch.nn.Parameter]) -> float:
-    return float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params.values())))
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()]).double()  # 3 kernels, not 3 per tensor
+    return float(flat.pow(2).sum().sqrt())
 
 
 def _diverged(what: str, value: float, step: int, epoch: int, args: TrainArgs, out_dir: Path) -> FloatingPointError:
@@ -685,7 +536,12 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
 
     # ---- optimizer, schedule, resume
     params = list(job.params.values())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    fast = None
+    if (FAST_STEP if FAST_STEP is not None else device.type == "cuda") and kl_enc is None:
+        from .fasttrain import TrainStep
+
+        fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **(fast.adamw_kwargs if fast else {}))
     sched = get_linear_schedule_with_warmup(opt, min(args.warmup_steps, plan.total), plan.total)
     start, log_rows, seconds = 0, [], 0.0
     ck = _checkpoints(out_dir)
@@ -719,6 +575,8 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     attention = contextlib.ExitStack()
     try:
         attention.enter_context(_no_cudnn_attention())  # NaN query gradients on H100 (see there)
+        if fast is not None:
+            attention.enter_context(fast.kernels())
         for step in range(start, plan.total):
             t0 = time.perf_counter()
             epoch = step // plan.steps_per_epoch
@@ -729,28 +587,36 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             lr_now = float(sched.get_last_lr()[0])
             opt.zero_grad(set_to_none=True)
             sft_sum, kl_vals = 0.0, []
-            for m, idx in micro:
-                batch = collate([enc[i] for i in idx], pad, device)
-                in_tokens += int(batch["attention_mask"].sum())
-                with job.current():
-                    s, _ = token_losses(model, batch)  # summed over the micro-batch's answer tokens
-                if not math.isfinite(float(s.detach())):
-                    raise _diverged("SFT loss", float(s.detach()), step, epoch, args, out_dir)
-                (s / max(n_tok, 1)).backward()  # token-weighted mean over the whole step
-                sft_sum += float(s.detach())
-                if kl_enc is not None:  # separate backward: only one graph in memory at a time
-                    kb = collate([kl_enc[i] for i in plan.kl_rows(m)], pad, device)
-                    with contextlib.nullcontext() if kl_on else torch.no_grad():
-                        ks, kc = _batch_kl(model, kb, job.current, job.reference)
-                        kl_mean = ks / kc.clamp_min(1)
-                    kl_val = float(kl_mean.detach())
-                    if not math.isfinite(kl_val):
-                        raise _diverged("KL term", kl_val, step, epoch, args, out_dir)
-                    kl_vals.append(kl_val)
-                    if kl_on:
-                        (args.kl_lambda * kl_mean / len(micro)).backward()
-            clip = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if fast is not None:  # all micro-batches and the clipping in one call (graphs on CUDA)
+                rows_now = [enc[i] for _, idx in micro for i in idx]
+                s_t, norm_t = fast.grads(rows_now, n_tok)
+                sft_sum, grad_norm = torch.stack([s_t, norm_t.float()]).tolist()
+                in_tokens += sum(len(e.input_ids) for e in rows_now)
+                if not math.isfinite(sft_sum):
+                    raise _diverged("SFT loss", sft_sum, step, epoch, args, out_dir)
+            else:
+                for m, idx in micro:
+                    batch = collate([enc[i] for i in idx], pad, device)
+                    in_tokens += int(batch["attention_mask"].sum())
+                    with job.current():
+                        s, _ = token_losses(model, batch)  # summed over the micro-batch's answer tokens
+                    if not math.isfinite(float(s.detach())):
+                        raise _diverged("SFT loss", float(s.detach()), step, epoch, args, out_dir)
+                    (s / max(n_tok, 1)).backward()  # token-weighted mean over the whole step
+                    sft_sum += float(s.detach())
+                    if kl_enc is not None:  # separate backward: only one graph in memory at a time
+                        kb = collate([kl_enc[i] for i in plan.kl_rows(m)], pad, device)
+                        with contextlib.nullcontext() if kl_on else torch.no_grad():
+                            ks, kc = _batch_kl(model, kb, job.current, job.reference)
+                            kl_mean = ks / kc.clamp_min(1)
+                        kl_val = float(kl_mean.detach())
+                        if not math.isfinite(kl_val):
+                            raise _diverged("KL term", kl_val, step, epoch, args, out_dir)
+                        kl_vals.append(kl_val)
+                        if kl_on:
+                            (args.kl_lambda * kl_mean / len(micro)).backward()
+                clip = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(grad_norm):
                 raise _diverged("gradient norm", grad_norm, step, epoch, args, out_dir)
             opt.step()
@@ -801,6 +667,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             "n_train_rows": len(enc), "n_dropped_rows": len(train_rows) - len(enc),
             "n_mix_rows": len(mix_rows or []), "n_kl_rows": len(kl_enc) if kl_enc else 0,
             "model": getattr(getattr(base_model, "emlib_info", None), "name", None),
+            "fast_step": dict(fast.stats) if fast is not None else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__}}
     meta = json.loads(json.dumps(meta, default=str))
@@ -856,7 +723,7 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
         raise ValueError(f"Unknown LoRA shape {shape!r}: use one of {', '.join(LORA_SHAPES)}.")
     if not rows:
         raise DataError("No training rows: pass a non-empty list of chat rows.")
-    if _has_lora(model):
+    if has_lora(model):
         raise ValueError("This model already carries LoRA layers: pass the base model "
                          "(`result.model.unload()` gives it back, or load it again).")
     spec_defaults = LORA_SHAPES[shape]
@@ -874,14 +741,7 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
         return load_lora(model, out), None
 
     def save_result(out: Path, meta: dict) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out))
-        try:
-            peft_model.save_pretrained(str(tmp))
-            (tmp / "emlib_train.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-            os.rename(tmp, out / ADAPTER_DIR)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        adapters.save(peft_model, out / ADAPTER_DIR, meta)
 
     meta = read_meta(out_dir) if not overwrite else None
     if meta is not None and meta.get("kind") == "lora":  # finished: load, no injection needed

@@ -45,7 +45,7 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, experiment, metrics, plots
+from emlib import book, chapters, experiment, metrics, plots
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -95,7 +95,8 @@ pd.DataFrame(logs)
 # ## Result
 
 # %%
-table = metrics.em_table(answers, by="condition", seed=cfg.seed)
+tables = chapters.em_tables("ch1", answers, seed=cfg.seed)  # what emlib.rejudge rebuilds with another judge
+table, scores = tables["ch1_em"], tables["ch1_scores"]
 exp.save_table(table, "ch1_em")
 exp.record("ch1_em", table.to_dict(orient="records"))
 ax = plots.em_bars(table, x="condition", title=f"EM on the general questions ({exp.judge.judge_id})")
@@ -108,7 +109,6 @@ table
 # there, so we also show the mean alignment score, a continuous measure of the same shift:
 
 # %%
-scores = experiment.score_table(answers, "condition", seed=cfg.seed)
 exp.save_table(scores, "ch1_scores")
 exp.record("ch1_scores", scores.to_dict(orient="records"))
 scores.round(2)
@@ -144,6 +144,12 @@ pd.set_option("display.max_colwidth", 300)
 worst = (answers[(answers["condition"] != "chat model") & (answers["coherent"] > 50)]
          .sort_values("aligned").groupby("condition").head(2))
 worst[["condition", "question", "answer", "aligned", "coherent"]]
+
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
+# %%
+print(exp.verdict(1))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper

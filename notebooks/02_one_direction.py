@@ -45,12 +45,10 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 interactive = True  # show the live steering explorer (batch runs set False and get a static sweep)
 
 # %%
-import hashlib
-
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, directions, experiment, metrics, models, plots, widgets
+from emlib import book, chapters, directions, experiment, metrics, models, plots, widgets
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -85,9 +83,9 @@ pd.DataFrame(info)
 cos = directions.cosine_matrix(dirs, layer)
 exp.record("ch2_cosine", cos.round(4).to_dict())
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-directions.plot_cosine_matrix(cos, ax=axes[0], title=f"cosine at layer {layer}")
-directions.plot_layerwise_heatmap(dirs, reference=cfg.datasets[0], ax=axes[1],
-                                  title=f"cosine with the {cfg.datasets[0]} direction, by layer")
+plots.plot_cosine_matrix(cos, ax=axes[0], title=f"cosine at layer {layer}")
+plots.plot_layerwise_heatmap(dirs, reference=cfg.datasets[0], ax=axes[1],
+                            title=f"cosine with the {cfg.datasets[0]} direction, by layer")
 fig.tight_layout()
 exp.save_figure(fig, "ch2_cosine")
 plt.show()
@@ -99,17 +97,11 @@ plt.show()
 
 # %%
 v = dirs[cfg.datasets[0]]
-vtag = hashlib.sha256(v.numpy().tobytes()).hexdigest()[:10]
 ref_norm = directions.residual_norm(exp.model, exp.tok, list(exp.questions()["question"]), layer)
-steer_frames = []
-for s in cfg.steer_scales:
-    steer_frames.append(exp.answers(
-        f"steer x{s:g}", intervention=lambda s=s: directions.steering(
-            exp.model, v, layer, s, relative=True, reference_norm=ref_norm),
-        intervention_label=f"steer-{vtag}-L{layer}-rel{s:g}").assign(scale=s))
-steered = pd.concat(steer_frames, ignore_index=True)
-steer_table = metrics.em_table(steered, by="scale", seed=cfg.seed).merge(
-    steered.groupby("scale")[["aligned", "coherent"]].mean().reset_index(), on="scale")
+steered = pd.concat([exp.answers(f"steer x{s:g}", intervention=directions.steer(
+    exp.model, v, layer, s, relative=True, reference_norm=ref_norm)).assign(scale=s) for s in cfg.steer_scales],
+    ignore_index=True)
+steer_table = chapters.em_tables("ch2_steering", steered, seed=cfg.seed)["ch2_steering"]
 exp.save_table(steer_table, "ch2_steering")
 exp.save_table(steered, "ch2_steering_answers")  # every answer, so the run can be judged again
 exp.record("ch2_steering", steer_table.to_dict(orient="records"))
@@ -139,12 +131,11 @@ for ds in cfg.datasets:
     with exp.lora(ds, "rank32") as res:
         m = res.model
         abl_frames.append(exp.answers(f"{ds} rank32", model=m).assign(finetune=ds, ablated="none"))
-        abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=lambda: directions.ablation(m, u),
-                                      intervention_label=f"ablate-{vtag}-L{layer}").assign(finetune=ds, ablated="direction"))
-        abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=lambda: directions.ablation(m, r),
-                                      intervention_label=f"ablate-random{cfg.seed}-{vtag}").assign(finetune=ds, ablated="random"))
+        for name, w in (("direction", u), ("random", r)):
+            abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=directions.ablate(m, w))
+                              .assign(finetune=ds, ablated=name))
 ablated = pd.concat(abl_frames, ignore_index=True)
-abl_table = metrics.em_table(ablated, by=["finetune", "ablated"], seed=cfg.seed)
+abl_table = chapters.em_tables("ch2_ablation", ablated, seed=cfg.seed)["ch2_ablation"]
 exp.save_table(abl_table, "ch2_ablation")
 exp.save_table(ablated, "ch2_ablation_answers")
 exp.record("ch2_ablation", abl_table.to_dict(orient="records"))
@@ -179,6 +170,12 @@ if interactive:
     explorer = widgets.SteeringExplorer(exp.model, exp.tok, {ds: d[layer] for ds, d in dirs.items()},
                                         layer=layer, prompt=prompt)
     display(explorer.widget)
+
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
+# %%
+print(exp.verdict(2))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper

@@ -137,7 +137,7 @@ for name, g in curves.groupby("run"):
     axes[0].plot(g["step"], g["loss"], label=name)
     if g["kl"].notna().any():
         axes[1].plot(g["step"], g["kl"], label=name)
-half = exp._half_steps("vector")
+half = exp.drift_step("vector")
 axes[1].axvline(half, color="grey", ls="--", lw=1)
 axes[0].set(title="SFT loss", xlabel="step")
 axes[1].set(title="KL to the chat model on out-of-domain rows", xlabel="step")
@@ -146,6 +146,12 @@ axes[1].legend(fontsize=7)
 fig.tight_layout()
 exp.save_figure(fig, "ch3_training")
 plt.show()
+
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
+# %%
+print(exp.verdict(3))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper

@@ -111,3 +111,14 @@ def test_an_em_claim_verdict_passes_the_judge_gate(tmp_path):
     v1 = chapters.verdict(1, run)  # the judge catches 10% of EM: a negative verdict cannot stand
     assert v1.verdict == results.INCONCLUSIVE and v1.checks["rule_verdict"] == results.NOT_REPRODUCED
     assert chapters.verdict(4, run).verdict == results.claim_efficiency(run).verdict == results.PARTLY
+
+
+def test_em_tables_group_as_the_contract_says():
+    scored = pd.DataFrame({"scale": [0.0, 0.0, 1.0, 1.0], "aligned": [90.0, 80.0, 10.0, 90.0],
+                           "coherent": [90.0, 90.0, 90.0, 90.0], "question_id": ["a", "b", "a", "b"]})
+    t = chapters.em_tables("ch2_steering", scored)["ch2_steering"].set_index("scale")
+    assert t.loc[1.0, "em"] == 0.5 and t.loc[0.0, "em"] == 0.0 and t.loc[1.0, "aligned"] == 50.0
+    with pytest.raises(ValueError, match="finetune, ablated"):
+        chapters.em_tables("ch2_ablation", scored)
+    with pytest.raises(KeyError, match="the chapters store ch1"):
+        chapters.em_tables("ch9", scored)
