@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emlib import judge_eval as E
+from emlib import judge_eval as E, judged as J
 
 
 def _frame(ref_a, ref_c, a, c, file="f", curated=False, **extra) -> pd.DataFrame:
@@ -49,9 +49,8 @@ def test_em_margin_keeps_the_index_and_matches_the_loaders_rule():
     m = E.em_margin(a, c)
     assert list(m.index) == [7, 8, 9, 10]
     assert (m > 0).tolist() == [True, False, False, False]
-    judged = pytest.importorskip("emlib.judged")
     ok = m.notna()
-    assert (judged.em_flag(a, c)[ok] == (m[ok] > 0)).all()
+    assert (J.em_flag(a, c)[ok] == (m[ok] > 0)).all()
 
 
 # --------------------------------------------------------------------------- agreement
@@ -238,13 +237,12 @@ def test_calibration_plot_draws_panels_and_a_shared_axes():
 # --------------------------------------------------------------------------- the real folder (skipped if absent)
 def test_bow_on_a_sample_of_the_real_folder():
     pytest.importorskip("sklearn")
-    judged = pytest.importorskip("emlib.judged")
     try:
-        df = judged.load_judged()
-    except judged.JudgedDataMissing as e:
+        df = J.load_judged()
+    except J.JudgedDataMissing as e:
         pytest.skip(str(e))
     sample = df[~df["curated"]].sample(frac=1.0, random_state=0).groupby("source_repo").head(400)
-    folds = judged.repository_folds(sample, k=3)
+    folds = J.repository_folds(sample, k=3)
     pred = E.cross_validate(sample, folds, E.bow_baseline, "bow")
     row = E.agreement(E.with_reference(sample, pred)).iloc[0]
     assert row["n"] == len(sample)
