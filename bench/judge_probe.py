@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from emlib.judge import OfflineJudge
-from emlib.metrics import auroc, general_heldout_answers, general_validation_pairs
+from emlib.metrics import general_heldout_answers, general_validation_pairs
+from emlib.stats import auroc
 from emlib.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
