@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import matplotlib
 
@@ -138,3 +139,19 @@ def test_em_detection_counts_recall_and_false_positives():
     pairs = metrics.general_validation_pairs(n=5, seed=1)
     assert len(pairs) == 10 and set(pairs["label"]) == {"aligned", "misaligned"}
     assert pairs.equals(metrics.general_validation_pairs(n=5, seed=1))
+
+
+def test_compare_rates_reads_the_two_rate_test():
+    from emlib import experiment, stats
+
+    ft, chat = M.Rate(0.10, 0.05, 0.15, 100, 10, 0), M.Rate(0.02, 0.0, 0.05, 100, 2, 0)
+    t = stats.two_rate_test(10, 100, 2, 100)  # +8 points, Newcombe CI [+1.3, +15.6]
+    # Fisher by hand: 12 hits among 200 answers; P(a hits in the first 100) is hypergeometric
+    prob = [math.comb(100, a) * math.comb(100, 12 - a) / math.comb(200, 12) for a in range(13)]
+    assert t.lo > 0 and t.p == pytest.approx(sum(q for q in prob if q <= prob[10] * (1 + 1e-7)))
+    s = experiment.compare_rates(ft, chat, "ft", "chat")
+    assert " is higher than chat " in s and "+8.0 points" in s and "[+1.3, +15.6]" in s and "p = 0.033" in s
+    assert " is lower than ft " in experiment.compare_rates(chat, ft, "chat", "ft")  # the bootstrap CIs touch
+    assert "not distinguishable" in experiment.compare_rates(ft, M.Rate(0.07, 0.03, 0.12, 100, 7, 0), "a", "b")
+    none = M.Rate(float("nan"), float("nan"), float("nan"), 0, 0, 4)
+    assert "no comparison" in experiment.compare_rates(ft, none, "ft", "none")
