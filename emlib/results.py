@@ -544,6 +544,23 @@ def rejudged_args(root: str | Path = ".") -> list[str] | None:
     return args + labels + seeds + ["--claims", *map(str, REJUDGED_CLAIMS), "--out", REJUDGED_TABLE]
 
 
+DEVIATIONS_TABLE = "book/deviations_table.md"
+
+
+def deviations_args() -> list[str]:
+    """Arguments of ``python -m emlib.deviations`` that rebuild :data:`DEVIATIONS_TABLE` from the runs of record."""
+    args = [d for _, d, _ in RECORDS]
+    for label, _, _ in RECORDS:
+        args += ["--label", label]
+    return args + ["--out", DEVIATIONS_TABLE]
+
+
+def deviations_main(argv: list[str]) -> int:
+    from .deviations import main as _main
+
+    return _main(argv)
+
+
 def record_args() -> list[str]:
     """The command-line arguments that rebuild :data:`RECORD_TABLE` from :data:`RECORDS`."""
     args = [d for _, d, _ in RECORDS]
@@ -567,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.record:
         rc = main(record_args())
         extra = rejudged_args()
-        return main(extra) if rc == 0 and extra is not None else rc
+        rc = main(extra) if rc == 0 and extra is not None else rc
+        return deviations_main(deviations_args()) if rc == 0 else rc
     if not a.run_dir:
         ap.error("pass run directories, or --record for the committed runs of record")
     labels = a.label or []
