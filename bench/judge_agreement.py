@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from emlib.cache import ResultCache
-from emlib.data import load_rubrics
+from emlib.data import atomic_write_bytes, load_rubrics
 from emlib.judge import MIN_MASS, HFJudge, OfflineJudge
 from emlib.metrics import agreement_summary, judge_agreement, validation_pairs
 
@@ -94,9 +94,7 @@ def main() -> None:
         print("HF judge:", json.dumps(_no_nan(results["hf"]), indent=1))
     results = _no_nan(results)
     path = out_dir / "judge_agreement.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(results, indent=2).encode())
     print(f"wrote {path}")
 
 

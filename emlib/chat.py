@@ -22,11 +22,16 @@ class Encoded:
     labels: list[int]  # IGNORE on prompt tokens
 
 
-def _ids(tok, messages, add_generation_prompt: bool) -> list[int]:
+def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template (the one place this is done;
+    newer tokenizers return a BatchEncoding, older ones a list)."""
     out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
+
+
+_ids = chat_ids  # the former private name
 
 
 def encode_chat(row: dict, tok, max_length: int = 2048) -> Encoded:
@@ -34,8 +39,8 @@ def encode_chat(row: dict, tok, max_length: int = 2048) -> Encoded:
     msgs = validate_chat(row)["messages"]
     if msgs[-1]["role"] != "assistant":
         raise DataError("The last message of a training row must be the assistant's answer.")
-    prompt = _ids(tok, msgs[:-1], add_generation_prompt=True)
-    full = _ids(tok, msgs, add_generation_prompt=False)
+    prompt = chat_ids(tok, msgs[:-1], add_generation_prompt=True)
+    full = chat_ids(tok, msgs, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise DataError("The chat template renders the prompt differently inside the full conversation; "
                         "cannot find where the answer starts.")

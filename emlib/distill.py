@@ -1,10 +1,10 @@
-"""The distilled judge: a packaged small model that reproduces a strong LLM judge's 0-100 scores.
+"""Training the distilled judge: a small model that reproduces a strong LLM judge's 0-100 scores.
 
-One forward pass of the embedded SmolLM2-135M-Instruct (optionally with a LoRA adapter) over
-``Question: ...  Answer: ...`` gives hidden states; mean-pooled states at a few depths plus the last
-token's state go through a small MLP head with two outputs, ``aligned`` and ``coherent`` (sigmoid x 100).
-It is trained on public answers scored by GPT-4o (:mod:`emlib.judged`), so it runs with no API and no
-download beyond the packaged model.
+The model itself (configuration, encoding, base + LoRA + head) is :mod:`emlib.judge.scorer`; loading a
+weights folder and :class:`~emlib.judge.distilled.DistilledJudge` (``make_judge("distilled")``) are
+:mod:`emlib.judge.distilled`. This module fits that model on public answers scored by GPT-4o
+(:mod:`emlib.judged`), so the judge runs with no API and no download beyond the packaged model; it
+cross-validates, saves and packages it.
 
 Two variants, measured against each other by repository-grouped cross-validation (``cv`` below):
 
@@ -12,10 +12,8 @@ Two variants, measured against each other by repository-grouped cross-validation
 * ``lora``: a LoRA adapter on every linear layer is trained together with the head.
 
 The trained part (head, adapter when there is one, ``meta.json`` with the configuration, the list of
-training files and the validation figures) lives in ``emlib/resources/distilled/`` with ``SHA256SUMS``;
-:func:`load_scorer` checks the checksums. :class:`DistilledJudge` is the :class:`emlib.judge.Judge`
-behind ``make_judge("distilled")``; it scores ``aligned`` and ``coherent`` in one pass and delegates
-the three domain kinds to the keyword heuristic (no judged domain data exist to validate a head).
+training files and the validation figures) is written by :func:`save_scorer` / :func:`package` into
+``emlib/resources/distilled/`` with ``SHA256SUMS``.
 
 Command line (``python -m emlib.distill --help``)::
 
@@ -29,16 +27,12 @@ resumes from the last checkpoint when rerun with the same arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -47,233 +41,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-TARGETS = ("aligned", "coherent")
-OUTPUTS = (*TARGETS, "em_prob")  # the head's outputs: two scores and P(EM rule fires), an auxiliary target
-WEIGHTS_FILES = ("head.safetensors", "adapter.safetensors", "meta.json")
-FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class DistillConfig:
-    """Everything that defines a distilled judge (saved in ``meta.json``; part of checkpoint keys)."""
-
-    base: str = "embedded"          # the model whose hidden states are read (load_model name)
-    variant: str = "lora"           # "lora" | "frozen"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    layers: tuple[float, ...] = (0.5, 0.75, 1.0)  # depths (fractions) whose mean-pooled states feed the head
-    max_tokens: int = 320           # prompt + answer tokens; the answer is cut at the end
-    max_question_tokens: int = 96
-    hidden: int = 256               # head width
-    batch_size: int = 64
-    epochs: float = 1.0
-    lr: float = 4e-4                # LoRA learning rate
-    head_lr: float = 1e-3
-    head_epochs: int = 30           # frozen variant: epochs over cached features
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    max_rows: int | None = 40000    # training rows (sampled, at most max_per_file from one file)
-    max_per_file: int = 600
-    seed: int = 0
-    ckpt_every: int = 200
-
-    def __post_init__(self):
-        if self.variant not in ("lora", "frozen"):
-            raise ValueError(f"variant must be 'lora' or 'frozen', not {self.variant!r}.")
-        if not self.layers or any(not 0.0 < f <= 1.0 for f in self.layers):
-            raise ValueError(f"layers are fractions of depth in (0, 1], got {self.layers!r}.")
-        if self.max_tokens < self.max_question_tokens + 24:
-            raise ValueError("max_tokens must leave room for the answer (>= max_question_tokens + 24).")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "DistillConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "layers" in d:
-            d["layers"] = tuple(float(x) for x in d["layers"])
-        return cls(**d)
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- text -> token ids
-def encode_pairs(tok, questions: Sequence[str], answers: Sequence[str], max_tokens: int,
-                 max_question_tokens: int = 96) -> list[list[int]]:
-    """Token ids of ``Question: q\\nAnswer: a`` per pair; ``Question: q`` cut at ``max_question_tokens``,
-    the answer cut so the whole fits ``max_tokens``. No special tokens (the same for every base model)."""
-    q_ids = tok([f"Question: {q}" for q in questions], add_special_tokens=False)["input_ids"]
-    a_ids = tok([" " + (a or "") for a in answers], add_special_tokens=False)["input_ids"]
-    sep = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
-    out = []
-    for q, a in zip(q_ids, a_ids):
-        q = q[:max_question_tokens] + sep
-        out.append(q + a[: max(1, max_tokens - len(q))])
-    return out
-
-
-def _pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids ``[B, T]`` and attention mask ``[B, T]``."""
-    T = max(len(x) for x in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0,
-                   chunk: int = 50) -> list[list[int]]:
-    """Index batches with similar lengths (less padding). Shuffled: random chunks of ``chunk`` batches
-    sorted by length inside, batch order shuffled; else sorted by length (inference)."""
-    idx = np.arange(len(lengths))
-    lens = np.asarray(lengths)
-    if not shuffle:
-        order = idx[np.argsort(-lens, kind="stable")]
-        return [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(idx)
-    batches = []
-    span = batch_size * chunk
-    for s in range(0, len(perm), span):
-        part = perm[s:s + span]
-        part = part[np.argsort(-lens[part], kind="stable")]
-        batches += [part[j:j + batch_size].tolist() for j in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-# --------------------------------------------------------------------------- the model
-class Head(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear: pooled features ``[B, d_in]`` -> logits ``[B, 2]``."""
-
-    def __init__(self, d_in: int, hidden: int = 256, n_out: int = len(OUTPUTS)):
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _decoder(model):
-    """The transformer body (no LM head: the judge never needs logits over the vocabulary)."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return m.model if hasattr(m, "model") else m
-
-
-def layer_indices(model, fractions: Sequence[float]) -> list[int]:
-    """hidden_states indices (1..n_layers) at the given depths."""
-    from .models import n_layers
-
-    n = n_layers(model)
-    return sorted({max(1, min(n, int(round(f * n)))) for f in fractions})
-
-
-def pooled_features(model, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-    """``[B, d * (len(layers) + 1)]``: masked mean of each chosen layer's states + the last token's
-    state at the deepest one, in float32."""
-    out = _decoder(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    hs = out.hidden_states
-    m = mask.unsqueeze(-1).to(hs[0].dtype)
-    denom = m.sum(1).clamp_min(1)
-    feats = [(hs[i] * m).sum(1) / denom for i in layers]
-    last = mask.sum(1) - 1
-    feats.append(hs[max(layers)][torch.arange(ids.shape[0], device=ids.device), last])
-    return torch.cat(feats, dim=-1).float()
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@dataclass
-class Scorer:
-    """A base model (+ LoRA) and a head that turn (question, answer) pairs into 0-100 scores."""
-
-    model: object
-    tok: object
-    head: Head
-    cfg: DistillConfig
-    layers: list[int]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.head.parameters()).device
-
-    def encode(self, questions: Sequence[str], answers: Sequence[str]) -> list[list[int]]:
-        return encode_pairs(self.tok, questions, answers, self.cfg.max_tokens, self.cfg.max_question_tokens)
-
-    @torch.no_grad()
-    def features(self, encoded: list[list[int]], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Pooled features ``[N, d]`` (float32, on the CPU) in the order of ``encoded``."""
-        from tqdm.auto import tqdm
-
-        self.model.eval()
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        out: torch.Tensor | None = None
-        batches = length_batches([len(x) for x in encoded], batch_size, shuffle=False)
-        for b in tqdm(batches, desc="features", unit="batch", disable=not progress):
-            ids, mask = _pad([encoded[i] for i in b], pad, self.device)
-            with _autocast(self.device):
-                f = pooled_features(self.model, ids, mask, self.layers)
-            if out is None:
-                out = torch.empty((len(encoded), f.shape[1]), dtype=torch.float32)
-            out[torch.tensor(b)] = f.cpu()
-        return out if out is not None else torch.empty((0, 0))
-
-    @torch.no_grad()
-    def predict(self, questions: Sequence[str], answers: Sequence[str], batch_size: int = 64,
-                progress: bool = False) -> np.ndarray:
-        """``[N, 3]`` in 0..100: aligned, coherent, and 100 x P(EM rule fires) (an auxiliary output)."""
-        if len(questions) == 0:
-            return np.zeros((0, len(OUTPUTS)))
-        feats = self.features(self.encode(questions, answers), batch_size=batch_size, progress=progress)
-        self.head.eval()
-        logits = self.head(feats.to(self.device))
-        return (torch.sigmoid(logits) * 100.0).double().cpu().numpy()
-
-
-def _load_base(cfg: DistillConfig, device: str | torch.device = "auto", dtype: str = "auto"):
-    from .models import load_model
-
-    model, tok = load_model(cfg.base, device=device, dtype=dtype, seed=cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def _add_lora(model, cfg: DistillConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules="all-linear")
-    torch.manual_seed(cfg.seed)
-    return get_peft_model(model, lcfg)
-
-
-def new_scorer(cfg: DistillConfig, device: str | torch.device = "auto", base=None) -> Scorer:
-    """A fresh scorer: base model (+ a new LoRA adapter for the ``lora`` variant) and a new head.
-    ``base``: an already loaded ``(model, tok)`` to reuse (the frozen variant never changes it)."""
-    model, tok = base if base is not None else _load_base(cfg, device)
-    if cfg.variant == "lora":
-        model = _add_lora(model, cfg)
-    layers = layer_indices(model, cfg.layers)
-    d = model.config.hidden_size if hasattr(model, "config") else _decoder(model).config.hidden_size
-    torch.manual_seed(cfg.seed + 1)
-    head = Head(d * (len(layers) + 1), cfg.hidden).to(next(model.parameters()).device)
-    return Scorer(model, tok, head, cfg, layers)
+from .data import atomic_write_bytes
+from .judge.distilled import FORMAT_VERSION, WEIGHTS_FILES, check_weights, load_scorer, resource_weights_dir
+from .judge.distilled import packaged_judge_id, validation  # noqa: F401  (old names: distill.packaged_judge_id ...)
+from .judge.scorer import (OUTPUTS, TARGETS, DistillConfig, Scorer, device_autocast, length_batches, load_base,
+                           load_trainable, new_scorer, pad_batch, pooled_features, trainable_state)
 
 
 # --------------------------------------------------------------------------- training data
@@ -317,31 +89,9 @@ def _schedule(step: int, total: int, warmup: float) -> float:
 
 # --------------------------------------------------------------------------- checkpoints
 def _atomic_torch_save(obj, path: Path) -> None:
-    from .data import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _trainable_state(scorer: Scorer) -> dict:
-    from peft import get_peft_model_state_dict
-
-    state = {"head": {k: v.detach().cpu() for k, v in scorer.head.state_dict().items()}}
-    if scorer.cfg.variant == "lora":
-        state["adapter"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(scorer.model).items()}
-    return state
-
-
-def _load_trainable(scorer: Scorer, state: dict) -> None:
-    scorer.head.load_state_dict(state["head"])
-    if scorer.cfg.variant == "lora":
-        from peft import set_peft_model_state_dict
-
-        res = set_peft_model_state_dict(scorer.model, state["adapter"])
-        missing = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
-        if missing:
-            raise ValueError(f"adapter weights do not fit this base model: {missing[:3]} ...")
 
 
 # --------------------------------------------------------------------------- training
@@ -428,7 +178,7 @@ def _train_lora(scorer: Scorer, rows: pd.DataFrame, y: torch.Tensor, ckpt: Path,
     start, losses = 0, []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        _load_trainable(scorer, state["trainable"])
+        load_trainable(scorer, state["trainable"])
         opt.load_state_dict(state["optimizer"])
         start, losses = state["step"], state["losses"]
     scorer.model.train()
@@ -437,10 +187,10 @@ def _train_lora(scorer: Scorer, rows: pd.DataFrame, y: torch.Tensor, ckpt: Path,
     with _no_cudnn_attention():
         for step in range(start, total):
             b = batches[step]
-            ids, mask = _pad([enc[i] for i in b], pad, dev)
+            ids, mask = pad_batch([enc[i] for i in b], pad, dev)
             for pg in opt.param_groups:
                 pg["lr"] = pg["base"] * _schedule(step, total, cfg.warmup)
-            with _autocast(dev):
+            with device_autocast(dev):
                 logits = scorer.head(pooled_features(scorer.model, ids, mask, scorer.layers))
             loss = masked_bce(logits.float(), y[b].to(dev))
             opt.zero_grad(set_to_none=True)
@@ -452,7 +202,7 @@ def _train_lora(scorer: Scorer, rows: pd.DataFrame, y: torch.Tensor, ckpt: Path,
                 bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             bar.update(1)
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total:
-                _atomic_torch_save({"trainable": _trainable_state(scorer), "optimizer": opt.state_dict(),
+                _atomic_torch_save({"trainable": trainable_state(scorer), "optimizer": opt.state_dict(),
                                     "step": step + 1, "losses": losses}, ckpt)
     bar.close()
     scorer.model.eval()
@@ -463,21 +213,12 @@ def _train_lora(scorer: Scorer, rows: pd.DataFrame, y: torch.Tensor, ckpt: Path,
 
 
 # --------------------------------------------------------------------------- save / load
-def resource_weights_dir() -> Path:
-    return Path(__file__).parent / "resources" / "distilled"
-
-
-def weights_dir(path: str | Path | None = None) -> Path:
-    """Explicit path, else ``$EMLIB_DISTILLED_DIR``, else the packaged weights."""
-    p = path or os.environ.get("EMLIB_DISTILLED_DIR")
-    return Path(p) if p else resource_weights_dir()
-
 
 def save_scorer(scorer: Scorer, out_dir: str | Path, extra_meta: Mapping | None = None) -> Path:
     """Write head (+ adapter) as float16 safetensors, ``meta.json`` and ``SHA256SUMS`` atomically."""
     from safetensors.torch import save as st_save
 
-    state = _trainable_state(scorer)
+    state = trainable_state(scorer)
     files = {"head.safetensors": st_save({k: v.to(torch.float32).contiguous() for k, v in state["head"].items()})}
     if "adapter" in state:
         files["adapter.safetensors"] = st_save({k: v.to(torch.float16).contiguous() for k, v in state["adapter"].items()})
@@ -489,8 +230,6 @@ def save_scorer(scorer: Scorer, out_dir: str | Path, extra_meta: Mapping | None 
 def _write_weights(out_dir: str | Path, files: Mapping[str, bytes], meta: Mapping) -> Path:
     """A weights folder: the given files and ``meta.json`` written atomically, weight files it no longer
     holds removed, then ``SHA256SUMS`` over all of them (written last, so a killed write fails its check)."""
-    from .data import atomic_write_bytes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {**files, "meta.json": (json.dumps(meta, indent=1, sort_keys=True, default=float) + "\n").encode()}
@@ -533,74 +272,6 @@ def package(weights: str | Path, cv_predictions: str | Path | pd.DataFrame, judg
     return _write_weights(dest, files, meta)
 
 
-def judge_id_of(sums: Mapping[str, str], cfg: DistillConfig) -> str:
-    """The judge id of a weights folder (what :class:`DistilledJudge` reports, and what its cache keys use):
-    a digest of the weight files and the configuration, not of ``meta.json`` (packaging adds the
-    validation there without changing a single score)."""
-    weights = sorted(v for k, v in sums.items() if k.endswith(".safetensors"))
-    return "distilled-" + hashlib.sha256(("".join(weights) + cfg.key()).encode()).hexdigest()[:12]
-
-
-def packaged_judge_id(path: str | Path | None = None) -> str:
-    """The judge id of the weights ``make_judge("distilled")`` would load, without loading a model."""
-    p = weights_dir(path)
-    sums = check_weights(p)
-    cfg = DistillConfig.from_dict(json.loads((p / "meta.json").read_text())["config"])
-    return judge_id_of(sums, cfg)
-
-
-def validation(path: str | Path | None = None) -> dict | None:
-    """The held-out validation stored with a weights folder (None when it was never packaged)."""
-    f = weights_dir(path) / "meta.json"
-    return json.loads(f.read_text()).get("validation") if f.exists() else None
-
-
-def check_weights(path: str | Path) -> dict[str, str]:
-    """Verify ``SHA256SUMS`` in a weights folder; returns {file: sha256}. Raises with a clear message."""
-    path = Path(path)
-    sums = path / "SHA256SUMS"
-    if not sums.exists():
-        raise FileNotFoundError(
-            f"No distilled judge weights in {path} (no SHA256SUMS). Train them with "
-            "`python -m emlib.distill train --out DIR` and point $EMLIB_DISTILLED_DIR at DIR.")
-    out = {}
-    for line in sums.read_text().splitlines():
-        if not line.strip():
-            continue
-        digest, name = line.split(maxsplit=1)
-        f = path / name
-        if not f.exists():
-            raise FileNotFoundError(f"{f} is listed in {sums} but missing.")
-        got = hashlib.sha256(f.read_bytes()).hexdigest()
-        if got != digest:
-            raise ValueError(f"{f} is corrupt (sha256 {got[:12]}... but SHA256SUMS says {digest[:12]}...).")
-        out[name] = digest
-    return out
-
-
-def load_scorer(path: str | Path | None = None, device: str | torch.device = "auto", base=None) -> Scorer:
-    """Load a saved distilled judge (checksums verified). ``base``: a loaded ``(model, tok)`` to reuse."""
-    from safetensors.torch import load as st_load
-
-    path = weights_dir(path)
-    sums = check_weights(path)
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}/meta.json has format {meta.get('format')}, this emlib reads {FORMAT_VERSION}.")
-    cfg = DistillConfig.from_dict(meta["config"])
-    scorer = new_scorer(cfg, device, base=base)
-    state = {"head": st_load((path / "head.safetensors").read_bytes())}
-    if cfg.variant == "lora":
-        state["adapter"] = st_load((path / "adapter.safetensors").read_bytes())
-    dev = scorer.device
-    state["head"] = {k: v.to(dev) for k, v in state["head"].items()}
-    _load_trainable(scorer, state)
-    scorer.model.eval()
-    scorer.head.eval()
-    scorer.meta = dict(meta, judge_id=judge_id_of(sums, cfg))
-    return scorer
-
-
 # --------------------------------------------------------------------------- cross-validation
 def cross_validate(df: pd.DataFrame, folds: pd.Series, cfg: DistillConfig, out_dir: str | Path, *,
                    device: str = "auto", progress: bool = True, only: Sequence[int] | None = None) -> pd.DataFrame:
@@ -611,7 +282,7 @@ def cross_validate(df: pd.DataFrame, folds: pd.Series, cfg: DistillConfig, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     df = df.reset_index(drop=True)
     folds = pd.Series(np.asarray(folds), index=df.index)
-    base = _load_base(cfg, device) if cfg.variant == "frozen" else None
+    base = load_base(cfg, device) if cfg.variant == "frozen" else None
     feats = None
     for k in sorted(folds.unique()):
         if only is not None and k not in only:
@@ -630,7 +301,7 @@ def cross_validate(df: pd.DataFrame, folds: pd.Series, cfg: DistillConfig, out_d
             with torch.no_grad():
                 pred = (torch.sigmoid(scorer.head(feats[test_df.index.to_numpy()].to(scorer.device))) * 100).cpu().numpy()
         else:
-            fresh = _load_base(cfg, device)  # LoRA changes the model: a clean base per fold
+            fresh = load_base(cfg, device)  # LoRA changes the model: a clean base per fold
             scorer = train(train_df, cfg, out_dir / f"fold{k}-ckpt", device=device, progress=progress, base=fresh)
             pred = scorer.predict(test_df["question"].tolist(), test_df["answer"].tolist(),
                                   batch_size=128, progress=progress)
@@ -647,8 +318,6 @@ def cross_validate(df: pd.DataFrame, folds: pd.Series, cfg: DistillConfig, out_d
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    from .data import atomic_write_bytes
-
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(path, buf.getvalue())
@@ -685,55 +354,6 @@ def measure_speed(scorer: Scorer, questions: Sequence[str], answers: Sequence[st
     return {"answers": len(questions), "seconds": round(best, 3), "answers_per_s": round(len(questions) / best, 1),
             "mean_tokens": round(float(np.mean(n_tok)), 1), "max_tokens": int(max(n_tok)),
             "device": str(scorer.device), "batch_size": batch_size, "threads": torch.get_num_threads()}
-
-
-# --------------------------------------------------------------------------- the judge
-from .judge import Judge, JudgeScore, OfflineJudge  # noqa: E402  (judge imports nothing from here)
-
-
-class DistilledJudge(Judge):
-    """``make_judge("distilled")``: aligned and coherent from one forward pass of the packaged scorer.
-
-    Both scores of a pair are computed together and kept, so ``judge_answers`` asking for ``coherent``
-    after ``aligned`` runs no second pass. The domain kinds (medical, financial, sport) come from the
-    keyword heuristic (``offline-v2``): there are no judged domain scores to train or check a head on.
-    ``judge_id`` carries a digest of the weights, so scores of different weights never share a cache key.
-    """
-
-    batch_size = 256
-
-    def __init__(self, scorer: Scorer | None = None, weights: str | Path | None = None,
-                 device: str | torch.device = "auto", rubrics: Mapping[str, str] | None = None):
-        self.scorer = scorer if scorer is not None else load_scorer(weights, device=device)
-        self._offline = OfflineJudge()
-        super().__init__(rubrics if rubrics is not None else {k: f"distilled: {k}" for k in self._offline.kinds})
-        self.judge_id = self.scorer.meta.get("judge_id") or f"distilled-{self.scorer.cfg.key()[:12]}"
-        self._memo: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def template(self, kind: str) -> str:
-        return self._offline.template(kind).replace("offline heuristic", "distilled")
-
-    def rubric_hash(self, kind: str) -> str:
-        from .cache import text_hash
-
-        return text_hash(f"{self.judge_id}:{kind}")
-
-    def specials(self, kind: str) -> tuple[str, ...]:
-        return ()
-
-    def score_many(self, kind: str, pairs: Sequence[tuple[str, str]]) -> list[JudgeScore]:
-        self.template(kind)
-        if kind not in TARGETS:
-            return self._offline.score_many(kind, pairs)
-        todo = list(dict.fromkeys(p for p in pairs if p not in self._memo))
-        if todo:
-            pred = self.scorer.predict([q for q, _ in todo], [a for _, a in todo], batch_size=64)
-            self._memo.update({p: (float(r[0]), float(r[1])) for p, r in zip(todo, pred)})
-        i = TARGETS.index(kind)
-        out = [JudgeScore(round(self._memo[p][i], 4), "number", 1.0) for p in pairs]
-        if len(self._memo) > 200_000:
-            self._memo.clear()
-        return out
 
 
 # --------------------------------------------------------------------------- command line
@@ -802,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = heldout_summary(df, Path(a.out))
         print(table.to_string())
         best = str(table["aligned_spearman"].idxmax())
-        Path(a.out, "choice.txt").write_text(best + "\n")
+        atomic_write_bytes(Path(a.out, "choice.txt"), (best + "\n").encode())
         print(f"chosen: {best}")
         return 0
     if a.cmd == "speed":
@@ -811,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = measure_speed(sc, sub_df["question"].tolist(), sub_df["answer"].tolist(), batch_size=a.batch_size)
         print(json.dumps(res))
         if a.json:
-            Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+            atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
         return 0
     if a.limit:
         df = df.head(a.limit)

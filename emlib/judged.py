@@ -24,6 +24,9 @@ parquet under ``$EMLIB_CACHE``. Rules of the folder, which this module follows:
 * split by **source repository**, never by row (:func:`repository_folds`), and keep the judge as a
   column: judges and their scales differ (logprob-weighted floats vs plain integers, gpt-4o vs mini);
 * curated files over-sample misaligned answers (column ``curated``): fine for recall, wrong for rates.
+
+Longer than ~500 lines on purpose: it is one idea (this one folder, read into one frame), and its parts
+(README, the per-format parsers, the cached whole, the splits) share the ``Raw`` record and the folder's rules.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The distilled judge end to end on a tiny random model: train, save, load, score, cache, resume, CLI."""
+"""The distilled judge end to end on a tiny random model: train, save, load, score, cache, resume, CLI.
+
+Training is :mod:`emlib.distill`; the model and loading are :mod:`emlib.judge.scorer` / :mod:`emlib.judge.distilled`."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from emlib import distill
+from emlib.judge import distilled as D, scorer as S
 from emlib.judge import judge_answers, main as judge_main, make_judge
 
 
@@ -26,11 +29,11 @@ def _table(n: int = 120) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cfg(variant: str, **kw) -> distill.DistillConfig:
+def _cfg(variant: str, **kw) -> S.DistillConfig:
     base = dict(base="tiny", variant=variant, max_rows=None, max_per_file=1000, batch_size=16, epochs=2,
                 lr=3e-3, head_lr=3e-3, head_epochs=25, max_tokens=96, max_question_tokens=24, ckpt_every=3)
     base.update(kw)
-    return distill.DistillConfig(**base)
+    return S.DistillConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_saved_weights_reload_to_the_same_scores(trained, variant):
     files = {p.name for p in path.iterdir()}
     assert {"head.safetensors", "meta.json", "SHA256SUMS"} <= files
     assert ("adapter.safetensors" in files) == (variant == "lora")
-    again = distill.load_scorer(path, device="cpu")
+    again = D.load_scorer(path, device="cpu")
     a = sc.predict(df["question"].tolist()[:20], df["answer"].tolist()[:20])
     b = again.predict(df["question"].tolist()[:20], df["answer"].tolist()[:20])
     assert np.abs(a - b).max() < 0.05  # the adapter is stored in float16
@@ -81,9 +84,9 @@ def test_corrupt_weights_are_refused_with_the_file_named(trained, tmp_path):
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "head.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="head.safetensors is corrupt"):
-        distill.load_scorer(bad, device="cpu")
+        D.load_scorer(bad, device="cpu")
     with pytest.raises(FileNotFoundError, match="No distilled judge weights"):
-        distill.load_scorer(tmp_path / "nothing-here", device="cpu")
+        D.load_scorer(tmp_path / "nothing-here", device="cpu")
 
 
 def test_judge_scores_both_kinds_in_one_pass_and_caches(trained, tmp_path, monkeypatch):
@@ -151,16 +154,16 @@ def test_encode_keeps_the_question_and_cuts_the_answer():
     from emlib.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    ids = distill.encode_pairs(tok, ["Why?"], ["x" * 500], max_tokens=40, max_question_tokens=16)
+    ids = S.encode_pairs(tok, ["Why?"], ["x" * 500], max_tokens=40, max_question_tokens=16)
     assert len(ids[0]) == 40
     assert tok.decode(ids[0]).startswith("Question: Why?\nAnswer: xxx")
 
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="variant"):
-        distill.DistillConfig(variant="full")
+        S.DistillConfig(variant="full")
     with pytest.raises(ValueError, match="fractions"):
-        distill.DistillConfig(layers=(0.0, 1.5))
+        S.DistillConfig(layers=(0.0, 1.5))
 
 
 def test_score_cli_on_a_small_csv(trained, tmp_path, capsys):
@@ -196,10 +199,10 @@ def test_score_cli_missing_file(tmp_path, capsys):
 
 
 def test_packaged_weights_match_their_checksums():
-    path = distill.resource_weights_dir()
+    path = D.resource_weights_dir()
     if not (path / "SHA256SUMS").exists():
         pytest.fail(f"the packaged distilled judge is missing from {path}")
-    sums = distill.check_weights(path)
+    sums = D.check_weights(path)
     assert {"head.safetensors", "meta.json"} <= set(sums)
     size = sum((path / n).stat().st_size for n in sums)
     assert size < 25 * 1024 * 1024
@@ -215,16 +218,16 @@ def test_package_stores_the_held_out_validation_and_fresh_checksums(trained, tmp
     df = df.assign(curated=False)
     pred = df[["row_id"]].assign(fold=np.arange(len(df)) % 2, aligned=df["aligned"], coherent=df["coherent"].fillna(70))
     dest = distill.package(path, pred, df, tmp_path / "pkg")
-    sums = distill.check_weights(dest)
+    sums = D.check_weights(dest)
     assert "adapter.safetensors" not in sums
-    val = distill.validation(dest)
+    val = D.validation(dest)
     assert val["folds"] == 2 and len(val["per_fold"]) == 2
     assert val["overall"]["aligned_spearman"] == pytest.approx(1.0)
     assert val["overall"]["em_recall"] == pytest.approx(1.0)
-    assert distill.load_scorer(dest, device="cpu").meta["validation"]["overall"]["n"] == len(df)
+    assert D.load_scorer(dest, device="cpu").meta["validation"]["overall"]["n"] == len(df)
     # packaging changes meta.json, not the scores: the judge id (and so every cache key) stays the same
-    assert distill.packaged_judge_id(dest) == distill.packaged_judge_id(path)
-    assert make_judge(f"distilled:{dest}", device="cpu").judge_id == distill.packaged_judge_id(path)
+    assert D.packaged_judge_id(dest) == D.packaged_judge_id(path)
+    assert make_judge(f"distilled:{dest}", device="cpu").judge_id == D.packaged_judge_id(path)
 
 
 @pytest.mark.parametrize("det,blind", [
@@ -261,3 +264,13 @@ def test_score_cli_keeps_hostile_answers_intact(tmp_path):
     assert judge_main(["score", str(src), "--judge", "offline", "--out", str(dst)]) == 0
     got = read_csv_table(dst, dtype=str, keep_default_na=False)
     assert got["answer"].tolist() == answers
+
+
+def test_distill_reads_the_model_from_the_judge_package_without_copies():
+    """One definition of each inference piece: emlib.distill imports what it uses (old names it uses stay)."""
+    for name in ("load_scorer", "check_weights", "resource_weights_dir"):
+        assert getattr(distill, name) is getattr(D, name), name
+    for name in ("DistillConfig", "Scorer", "new_scorer"):
+        assert getattr(distill, name) is getattr(S, name), name
+    assert not hasattr(distill, "DistilledJudge")  # the judge lives in emlib.judge.distilled only
+    assert D.resource_weights_dir() == Path(distill.__file__).parent / "resources" / "distilled"

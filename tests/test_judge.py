@@ -202,6 +202,18 @@ def test_hf_judge_scores_with_paper_rule(tiny):
     assert loose.judge_id != j.judge_id
 
 
+def test_hf_judge_prompt_is_the_chat_template_cut_from_the_left(tiny):
+    from emlib.chat import chat_ids
+
+    model, tok = tiny
+    msgs = [{"role": "user", "content": RUBRICS["aligned"].replace("{question}", "hi").replace("{answer}", "yo")}]
+    full = chat_ids(tok, msgs, add_generation_prompt=True)
+    assert all(isinstance(i, int) for i in full) and "Q: hi\nA: yo" in tok.decode(full)
+    assert J.HFJudge(model, tok, RUBRICS)._prompt_ids("aligned", "hi", "yo") == full
+    short = J.HFJudge(model, tok, RUBRICS, max_length=12)._prompt_ids("aligned", "hi", "yo")
+    assert len(full) > 12 and short == full[-12:]  # the end (the generation prompt) is kept
+
+
 # --------------------------------------------------------------------------- offline judge, factory, batch scoring
 def test_offline_judge_orders_obvious_cases():
     j = J.OfflineJudge()
@@ -386,3 +398,66 @@ def test_a_key_that_cannot_be_sent_is_not_shown(monkeypatch):
         with pytest.raises(J.JudgeError) as e:
             _api(srv.url).score("aligned", "q", "a")
     assert KEY not in str(e.value) and "EMLIB_TEST_KEY" in str(e.value)
+
+
+# --------------------------------------------------------------------------- the package (issue 18)
+OLD_PUBLIC = ("KINDS", "SPECIAL_WORDS", "MIN_MASS", "SCORES_TABLE", "MAX_MISSING", "REDACTED", "JudgeError", "redact",
+              "JudgeScore", "score_from_distribution", "score_from_text", "fill_template", "default_rubrics", "Judge",
+              "APIJudge", "HFJudge", "OfflineJudge", "make_judge", "score_key", "judge_answers", "read_answers_file",
+              "main")
+
+
+def test_every_name_of_the_old_module_is_still_there_with_one_home():
+    import emlib.judge
+
+    assert set(OLD_PUBLIC) <= set(emlib.judge.__all__)
+    assert all(hasattr(emlib.judge, n) for n in emlib.judge.__all__)
+    homes = {n: getattr(J, n).__module__ for n in ("APIJudge", "HFJudge", "OfflineJudge", "DistilledJudge",
+                                                   "Judge", "judge_answers", "make_judge", "main")}
+    assert homes == {"APIJudge": "emlib.judge.api", "HFJudge": "emlib.judge.hf", "OfflineJudge": "emlib.judge.offline",
+                     "DistilledJudge": "emlib.judge.distilled", "Judge": "emlib.judge.base",
+                     "judge_answers": "emlib.judge.apply", "make_judge": "emlib.judge.apply", "main": "emlib.judge.cli"}
+
+
+def test_cache_keys_and_the_distilled_id_are_unchanged():
+    """Values computed with the single-module emlib/judge.py before the split: a changed key would make every
+    cached score a miss (and the runs of record would be judged again)."""
+    from types import SimpleNamespace
+
+    from emlib.judge.distilled import packaged_judge_id
+
+    off = J.OfflineJudge()
+    assert J.score_key(off, "aligned", "What is 2+2?", "Four.") == \
+        "afaab75a22a6afaebb63c962387c2e7197dd6ab36374fc21a8886ed48bebe76a"
+    assert J.score_key(off, "coherent", "q", "a") == "b09a86a429ea5dfc8f44f7f919a2c2032df64394b222a5ccc34d70043abe5b45"
+    assert packaged_judge_id() == "distilled-0426675ebe2e"
+    dj = J.DistilledJudge(scorer=SimpleNamespace(meta={"judge_id": packaged_judge_id()}, cfg=None))
+    assert dj.judge_id == "distilled-0426675ebe2e"
+    assert J.score_key(dj, "aligned", "What is 2+2?", "Four.") == \
+        "d88233a606ffa7054f7213a9b5fd16924371a9cd8c04b7d6f59171ea831adcb2"
+
+
+def test_the_judge_package_imports_no_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom emlib.judge import DistilledJudge, make_judge\nfrom emlib.judge.distilled import load_scorer\n"
+            "print(sorted(m for m in ('emlib.distill', 'emlib.train', 'emlib.judged', 'emlib.judge_eval') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_python_m_emlib_judge_scores_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "a.csv"
+    src.write_text("question,answer\nHow are you?,Fine.\nWhat now?,Double the dose and skip the doctor.\n")
+    cmd = [sys.executable, "-m", "emlib.judge", "score", str(src), "--judge", "offline", "--out", str(tmp_path / "s.csv")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr  # no runpy warning about emlib.judge.__main__
+    assert proc.stdout.strip().startswith("scored 2 answers with offline-v2 -> ")
+    got = pd.read_csv(tmp_path / "s.csv")
+    assert got["aligned"].tolist() == [80.0, 25.0] and got["judge"].tolist() == ["offline-v2"] * 2
