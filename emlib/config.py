@@ -80,6 +80,11 @@ class Config:
     n_docs: int = 4
     doc_tokens: int = 64
     steer_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # added norm / mean residual norm
+    # evidence for the claims (issue 17): group sizes, null draws
+    direction_min_group: int = 2  # judged answers wanted in each group of a mean-diff direction (paper: 50)
+    direction_max_answers: int = 32  # cap on the answers sampled per finetune to reach it (then: twin data)
+    n_null_draws: int = 20  # label-shuffled directions (cosine null), random vectors (chapter 6's null)
+    n_random_directions: int = 2  # random directions ablated as the control of chapter 2
 
     def __post_init__(self):
         for name, value in _normalise(self).items():
@@ -116,7 +121,8 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # fields whose integers count something: at least 1 (None, where allowed, means "all rows")
 _AT_LEAST_1 = {"n_seeds", "epochs", "batch_size", "grad_accum", "vector_epochs", "max_length", "n_samples",
                "max_new_tokens", "sample_batch_size", "n_loss_rows", "n_perturb_seeds", "n_docs", "doc_tokens",
-               "n_train", "n_kl"}
+               "n_train", "n_kl", "direction_min_group", "direction_max_answers", "n_null_draws",
+               "n_random_directions"}
 _AT_LEAST_0 = {"seed", "warmup_steps"}
 _POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha"}
 _NON_NEGATIVE = {"kl_lambda", "kl_lambda_vector", "temperature"}
@@ -317,6 +323,7 @@ _QUICK = Config(
     max_new_tokens=64, sample_batch_size=48, n_loss_rows=16,
     norm_grid=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
     n_perturb_seeds=3, n_docs=8, doc_tokens=128, steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
+    direction_min_group=20, direction_max_answers=96, n_null_draws=100, n_random_directions=3,
 )
 _PAPER = Config(
     profile="paper", model="embedded", judge="distilled", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
@@ -326,6 +333,7 @@ _PAPER = Config(
     norm_grid=tuple(round(0.2 * i, 2) for i in range(0, 11)),
     eps_grid=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), n_perturb_seeds=10,
     n_docs=50, doc_tokens=512, steer_scales=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+    direction_min_group=50, direction_max_answers=2000, n_null_draws=200, n_random_directions=10,
 )
 PROFILES: dict[str, Config] = {"smoke": _SMOKE, "quick": _QUICK, "paper": _PAPER}
 FIELDS = {f.name for f in dataclasses.fields(Config)}

@@ -368,6 +368,68 @@ def twin_direction(model, tok, misaligned: str | list[dict] = "medical", aligned
     return answer_activations(model, tok, mis, **kw) - answer_activations(model, tok, ali, **kw)
 
 
+# =========================================================================== evidence: group sizes and nulls
+def judged_groups(judged: pd.DataFrame, **thresholds) -> tuple[list[dict], list[dict]]:
+    """The misaligned and aligned answers of :func:`split_judged` as chat rows (for :func:`group_activations`)."""
+    mis, ali = split_judged(judged, **thresholds)
+    return (_to_rows(mis) if len(mis) else []), (_to_rows(ali) if len(ali) else [])
+
+
+def twin_groups(misaligned: str = "medical", aligned: str = "medical_aligned", *, source: str = "embedded",
+                data_dir: str | Path | None = None, n: int | None = 256, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Twin data (the same questions answered both ways) as two groups of chat rows."""
+    return _load_twins(misaligned, aligned, source, data_dir, n, seed)
+
+
+def group_activations(model, tok, mis: list[dict], ali: list[dict], *, batch_size: int = 8,
+                      max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer mean activations of both groups at every layer: ([n_mis, L, d], [n_ali, L, d]). Their
+    difference of means is the group's direction; one layer's rows feed :func:`shuffled_directions`."""
+    if not mis or not ali:
+        raise DirectionError(f"Both groups need answers: {len(mis)} misaligned, {len(ali)} aligned.")
+    kw = dict(reduce="none", batch_size=batch_size, max_length=max_length)
+    return answer_activations(model, tok, mis, **kw), answer_activations(model, tok, ali, **kw)
+
+
+def shuffled_directions(acts_mis: torch.Tensor, acts_ali: torch.Tensor, n_draws: int = 100,
+                        seed: int = 0) -> torch.Tensor:
+    """Mean-difference directions of label-shuffled groups: the null of "the labels carry no direction".
+
+    ``acts_*``: [n_mis, d] and [n_ali, d] (one layer). Each draw permutes the pooled answers and splits them
+    into groups of the same sizes -> [n_draws, d]."""
+    if acts_mis.ndim != 2 or acts_ali.ndim != 2 or acts_mis.shape[1] != acts_ali.shape[1]:
+        raise DirectionError(f"shuffled_directions takes [n, d] activations of one layer, got "
+                             f"{tuple(acts_mis.shape)} and {tuple(acts_ali.shape)}.")
+    if n_draws < 1:
+        raise DirectionError(f"n_draws must be >= 1, got {n_draws}.")
+    pooled = torch.cat([acts_mis, acts_ali]).float()  # [n, d]
+    n_m, n = acts_mis.shape[0], pooled.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n_draws, pooled.shape[1])
+    for i in range(n_draws):
+        perm = torch.randperm(n, generator=g)
+        out[i] = pooled[perm[:n_m]].mean(0) - pooled[perm[n_m:]].mean(0)
+    return out
+
+
+def cosine_null_table(observed: dict[str, torch.Tensor], nulls: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """For every pair of datasets: the cosine of their directions ([d] each), where it falls among the cosines
+    of their label-shuffled directions ([n_draws, d] each, draw i against draw i), and the null's 95th percentile."""
+    from .stats import null_percentile
+
+    names = list(observed)
+    recs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            null = torch.nn.functional.cosine_similarity(nulls[a].float(), nulls[b].float(), dim=1)  # [n_draws]
+            cos = _cos(observed[a], observed[b])
+            draws = null.tolist()
+            recs.append({"pair": f"{a} / {b}", "cosine": cos, "null_mean": float(null.mean()),
+                         "null_p95": float(torch.quantile(null, 0.95)), "percentile": null_percentile(cos, draws),
+                         "n_draws": len(draws)})
+    return pd.DataFrame(recs)
+
+
 # =========================================================================== save / load
 def save_direction(path: str | Path, direction: torch.Tensor, *, source: str, model=None,
                    layers: Sequence[int] | None = None, counts: dict | None = None,

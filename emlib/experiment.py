@@ -189,35 +189,85 @@ class Experiment:
         return self.vector(dataset, solution).out_dir / train.VECTOR_FILE
 
     # ------------------------------------------------------------------ directions
+    def direction_answers(self, dataset: str, shape: str = "rank32", model=None) -> tuple[pd.DataFrame, int]:
+        """The finetune's judged answers to the general questions for its direction, and how many sampling
+        rounds produced them. Round 0 is chapter 1's sample (same seed, so it is read from the cache); each
+        further round samples ``n_samples`` more per question with seed ``seed + round`` until both groups
+        of :func:`emlib.directions.split_judged` hold ``direction_min_group`` answers or
+        ``direction_max_answers`` answers have been sampled."""
+        from . import directions
+
+        c = self.cfg
+        frames, rounds = [], 0
+        per_round = c.n_samples * len(self.questions())
+        while True:
+            frames.append(self.answers(f"{dataset} {shape}", model=model, seed=c.seed + rounds))
+            rounds += 1
+            judged = pd.concat(frames, ignore_index=True)
+            counts = directions.group_counts(judged)
+            enough = min(counts["n_misaligned"], counts["n_aligned"]) >= c.direction_min_group
+            if enough or len(judged) + per_round > c.direction_max_answers:
+                return judged, rounds
+
     def em_direction(self, dataset: str, shape: str = "rank32"):
         """The misalignment direction [n_layers, d] of the ``dataset`` finetune and its metadata.
 
         Mean-diff of the finetune's own judged answers (the paper's recipe) when both groups (misaligned
-        and aligned coherent answers) are non-empty; otherwise the twin data (the same questions answered
-        both ways) read through the finetune. Saved under ``directions/`` and reused.
+        and aligned coherent answers) reach ``direction_min_group`` answers within ``direction_max_answers``
+        sampled (:meth:`direction_answers`); otherwise the twin data (the same questions answered both ways)
+        read through the finetune, and the metadata's ``source`` says so. The per-answer activations of both
+        groups at the steering layer are saved next to it (:meth:`direction_groups`: the shuffled-label null).
+        Saved under ``directions/`` and reused while the judge and sampling settings are the same.
         """
         from . import directions
 
-        path = self.out / "directions" / f"{dataset}-{shape}-seed{self.cfg.seed}-{self._direction_key()}.safetensors"
-        if path.exists():
+        path = self._direction_path(dataset, shape)
+        if path.exists() and self._groups_path(path).exists():
             return directions.load_direction(path, self.model)
+        c = self.cfg
+        layer = models.layer_from_fraction(self.model, c.steering_layer_fraction)
         with self.lora(dataset, shape) as res:
-            judged = self.answers(f"{dataset} {shape}", model=res.model)
-            counts = directions.group_counts(judged)
-            try:
-                d = directions.mean_diff_direction(res.model, self.tok, judged, seed=self.cfg.seed,
-                                                   max_length=1024)
+            judged, rounds = self.direction_answers(dataset, shape, model=res.model)
+            counts = {**directions.group_counts(judged), "rounds": rounds}
+            if min(counts["n_misaligned"], counts["n_aligned"]) >= c.direction_min_group:
+                mis, ali = directions.judged_groups(judged)
                 source = f"mean-diff of the {dataset} {shape} finetune's own answers"
-            except directions.DirectionError:
-                twins_source = self.cfg.data_source if dataset == "medical" else "embedded"
-                d = directions.twin_direction(res.model, self.tok, dataset, f"{dataset}_aligned",
-                                              source=twins_source, data_dir=self.cfg.data_dir,
-                                              n=max(8, min(256, self.cfg.n_train or 256)), seed=self.cfg.seed,
-                                              max_length=1024)
-                source = (f"twin data ({twins_source}) through the {dataset} {shape} finetune "
-                          f"(too few judged answers: {counts})")
+            else:
+                twins_source = c.data_source if dataset == "medical" else "embedded"
+                mis, ali = directions.twin_groups(dataset, f"{dataset}_aligned", source=twins_source,
+                                                  data_dir=c.data_dir, n=max(8, min(256, c.n_train or 256)),
+                                                  seed=c.seed)
+                source = (f"fallback: twin data ({twins_source}) through the {dataset} {shape} finetune (judged "
+                          f"answers: {counts['n_misaligned']} misaligned, {counts['n_aligned']} aligned of "
+                          f"{counts['n_judged']} after {rounds} rounds; {c.direction_min_group} wanted per group)")
+            a_mis, a_ali = directions.group_activations(res.model, self.tok, mis, ali, max_length=1024)
+        d = a_mis.mean(0) - a_ali.mean(0)  # [L, d]
+        counts.update(group_misaligned=len(mis), group_aligned=len(ali), layer=layer)
+        self._save_groups(path, a_mis[:, layer], a_ali[:, layer])
         directions.save_direction(path, d, source=source, model=self.model, counts=counts)
         return directions.load_direction(path, self.model)
+
+    def direction_groups(self, dataset: str, shape: str = "rank32") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """The two groups' per-answer activations at the steering layer behind :meth:`em_direction`:
+        ([n_misaligned, d], [n_aligned, d])."""
+        from safetensors.torch import load_file
+
+        self.em_direction(dataset, shape)
+        t = load_file(str(self._groups_path(self._direction_path(dataset, shape))))
+        return t["misaligned"], t["aligned"]
+
+    def _direction_path(self, dataset: str, shape: str) -> Path:
+        return self.out / "directions" / f"{dataset}-{shape}-seed{self.cfg.seed}-{self._direction_key()}.safetensors"
+
+    @staticmethod
+    def _groups_path(path: Path) -> Path:
+        return path.with_name(path.stem + ".groups.safetensors")
+
+    def _save_groups(self, path: Path, mis, ali) -> None:
+        from safetensors.torch import save
+
+        data.atomic_write_bytes(self._groups_path(path), save({"misaligned": mis.contiguous(),
+                                                               "aligned": ali.contiguous()}))
 
     def _direction_key(self) -> str:
         """What a mean-diff direction depends on besides the finetune: the judge that split the answers and
@@ -230,15 +280,16 @@ class Experiment:
     # ------------------------------------------------------------------ answers and scores
     def answers(self, condition: str, model=None, set_name: str = "general", domain: str | None = None,
                 intervention=None, intervention_label: str | None = None, kinds=("aligned", "coherent"),
-                n_samples: int | None = None) -> pd.DataFrame:
-        """Sample ``n_samples`` answers per question and judge them; every row labelled ``condition``."""
+                n_samples: int | None = None, seed: int | None = None) -> pd.DataFrame:
+        """Sample ``n_samples`` answers per question and judge them; every row labelled ``condition``
+        (``seed``: the sampling seed, default the config's)."""
         c = self.cfg
         q = self.questions(set_name, domain)
         m = model if model is not None else self.model
         df = generate.sample_answers(
             m, self.tok, q, n_samples or c.n_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-            batch_size=c.sample_batch_size, seed=c.seed, intervention=intervention,
+            batch_size=c.sample_batch_size, seed=c.seed if seed is None else seed, intervention=intervention,
             intervention_label=intervention_label, labels={"condition": condition}, cache=self.cache,
             progress=False, sampler=sampler_for(m))
         return judge_mod.judge_answers(df, self.judge, kinds=kinds, cache=self.cache, progress=False)

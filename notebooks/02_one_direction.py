@@ -66,22 +66,38 @@ print(f"model {cfg.model}: {models.n_layers(exp.model)} layers; steering layer {
 #
 # ## Method
 # For every dataset's rank-32 finetune we read the mean hidden state over answer tokens at every layer
-# (with nnsight) for its misaligned and its aligned answers and take the difference of means. When a
-# finetune produced too few answers in one group (common with a small model and a crude judge), the
-# direction comes from the twin data instead (the same questions answered both ways, read through the
-# finetune); the table says which.
+# (with nnsight) for its misaligned and its aligned answers and take the difference of means. Each group
+# should hold at least `direction_min_group` answers (50 in the `paper` profile): chapter 1's answers are
+# used first, and more are sampled (new seeds, the same questions) until both groups are that large or
+# `direction_max_answers` answers have been judged. A finetune that still falls short gets its direction
+# from the twin data instead (the same questions answered both ways, read through the finetune); the table
+# below gives every group's size and names each fallback.
+#
+# **Nulls.** Two directions can look alike by chance when both groups are small. For each dataset we shuffle
+# the misaligned/aligned labels of the same answers (`n_null_draws` times, group sizes kept) and take the
+# cosine between the shuffled directions of two datasets, draw against draw: the observed cosine's percentile
+# in that null is reported. Ablation is compared with `n_random_directions` random directions of the same
+# norm, not one.
 
 # %%
 dirs, info = {}, []
 for ds in cfg.datasets:
     d, meta = exp.em_direction(ds)
     dirs[ds] = d
-    info.append({"dataset": ds, "source": meta["source"], "norm at steering layer": float(d[layer].norm())})
-pd.DataFrame(info)
+    info.append({"dataset": ds, **{k: meta["counts"].get(k) for k in ("n_judged", "n_misaligned", "n_aligned", "rounds")},
+                 "source": meta["source"], "norm at steering layer": float(d[layer].norm())})
+info = pd.DataFrame(info)
+exp.record("ch2_directions", info.to_dict(orient="records"))
+info
 
 # %%
 cos = directions.cosine_matrix(dirs, layer)
 exp.record("ch2_cosine", cos.round(4).to_dict())
+# the null: directions of the same answers with shuffled labels (same group sizes), draw i against draw i
+nulls = {ds: directions.shuffled_directions(*exp.direction_groups(ds), n_draws=cfg.n_null_draws, seed=cfg.seed)
+         for ds in cfg.datasets}
+cos_null = directions.cosine_null_table({ds: d[layer] for ds, d in dirs.items()}, nulls)
+exp.record("ch2_cosine_null", cos_null.to_dict(orient="records"))
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 plots.plot_cosine_matrix(cos, ax=axes[0], title=f"cosine at layer {layer}")
 plots.plot_layerwise_heatmap(dirs, reference=cfg.datasets[0], ax=axes[1],
@@ -89,6 +105,7 @@ plots.plot_layerwise_heatmap(dirs, reference=cfg.datasets[0], ax=axes[1],
 fig.tight_layout()
 exp.save_figure(fig, "ch2_cosine")
 plt.show()
+cos_null.round(3)
 
 # %% [markdown]
 # ## Steering the chat model
@@ -126,12 +143,12 @@ plt.show()
 # %%
 abl_frames = []
 u = v[layer]
-r = directions.random_direction_like(u, seed=cfg.seed)
+controls = {f"random-{k}": directions.random_direction_like(u, seed=cfg.seed + k) for k in range(cfg.n_random_directions)}
 for ds in cfg.datasets:
     with exp.lora(ds, "rank32") as res:
         m = res.model
         abl_frames.append(exp.answers(f"{ds} rank32", model=m).assign(finetune=ds, ablated="none"))
-        for name, w in (("direction", u), ("random", r)):
+        for name, w in {"direction": u, **controls}.items():
             abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=directions.ablate(m, w))
                               .assign(finetune=ds, ablated=name))
 ablated = pd.concat(abl_frames, ignore_index=True)
@@ -139,7 +156,12 @@ abl_table = chapters.em_tables("ch2_ablation", ablated, seed=cfg.seed)["ch2_abla
 exp.save_table(abl_table, "ch2_ablation")
 exp.save_table(ablated, "ch2_ablation_answers")
 exp.record("ch2_ablation", abl_table.to_dict(orient="records"))
-ax = plots.em_bars(abl_table, x="finetune", hue="ablated", title="EM after projecting out a direction")
+rnd = abl_table[abl_table["ablated"].str.startswith("random")].groupby("finetune")["em"]
+abl_show = pd.concat([abl_table[~abl_table["ablated"].str.startswith("random")],  # random: mean, bar = min..max
+                      pd.DataFrame({"ablated": "random", "em": rnd.mean(), "ci_low": rnd.min(), "ci_high": rnd.max()}
+                                   ).reset_index()], ignore_index=True)
+ax = plots.em_bars(abl_show, x="finetune", hue="ablated", title=f"EM after projecting out a direction "
+                   f"(random: mean and range of {cfg.n_random_directions})")
 exp.save_figure(ax.figure, "ch2_ablation")
 plt.show()
 abl_table
@@ -147,9 +169,11 @@ abl_table
 # %%
 for ds in cfg.datasets:
     sub = ablated[ablated["finetune"] == ds]
-    rate = {a: metrics.em_rate(sub[sub["ablated"] == a], seed=cfg.seed) for a in ("none", "direction", "random")}
+    rate = {a: metrics.em_rate(sub[sub["ablated"] == a], seed=cfg.seed) for a in ("none", "direction")}
     print(experiment.compare_rates(rate["direction"], rate["none"], f"{ds}: direction ablated", "no ablation"))
-    print(experiment.compare_rates(rate["random"], rate["none"], f"{ds}: random ablated", "no ablation"))
+    rnd = abl_table[(abl_table["finetune"] == ds) & abl_table["ablated"].str.startswith("random")]["em"]
+    print(f"{ds}: {len(rnd)} random directions ablated leave {100 * rnd.mean():.1f}% EM on average "
+          f"(from {100 * rnd.min():.1f}% to {100 * rnd.max():.1f}%)")
 
 # %% [markdown]
 # ## The steering explorer
@@ -181,8 +205,10 @@ print(exp.verdict(2))
 # :::{admonition} Caveats: what differs from the paper
 # :class: warning
 # * The directions come from a 135M model (in the `quick` profile) whose finetunes are weakly misaligned;
-#   when a group of judged answers is empty the direction falls back to twin data, which measures
-#   "harmful advice vs sound advice" in the training domain rather than the model's own misalignment.
+#   when a group of judged answers stays below its minimum size the direction falls back to twin data, which
+#   measures "harmful advice vs sound advice" in the training domain rather than the model's own
+#   misalignment. The judge decides the groups: on these small models much of what it calls misaligned is
+#   incoherent text ({doc}`../book/methods`), so the "misaligned" group is partly an "incoherent" group.
 # * Steering norms are fractions of the residual norm, not the paper's absolute scale 8 (residual norms
 #   differ between models); large fractions also destroy coherence, which the coherent column shows.
 # * EM rates are judged by the judge printed above, whose agreement chapter 1 reports.

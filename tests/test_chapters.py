@@ -122,3 +122,52 @@ def test_em_tables_group_as_the_contract_says():
         chapters.em_tables("ch2_ablation", scored)
     with pytest.raises(KeyError, match="the chapters store ch1"):
         chapters.em_tables("ch9", scored)
+
+
+# ------------------------------------------------------------------ claim 2's rule, every verdict
+def _rate(k, n=400, **extra):
+    from emlib.stats import wilson
+
+    lo, hi = wilson(k, n)
+    return {"em": k / n, "ci_low": lo, "ci_high": hi, "n": n, "n_em": k, **extra}
+
+
+def _ch2(steer_top=40, direction_em=4, random_em=(30, 35, 38), cosine=0.8, percentiles=(0.99, 0.99, 0.99)):
+    steer = [_rate(2, scale=0.0), _rate(10, scale=0.1), _rate(steer_top, scale=0.3)]
+    abl = []
+    for ft in ("medical", "sport"):
+        abl += [_rate(40, finetune=ft, ablated="none"), _rate(direction_em, finetune=ft, ablated="direction")]
+        abl += [_rate(k, finetune=ft, ablated=f"random-{i}") for i, k in enumerate(random_em)]
+    names = ("medical", "financial", "sport")
+    cos = {a: {b: (1.0 if a == b else cosine) for b in names} for a in names}
+    null = [{"pair": p, "cosine": cosine, "percentile": q, "n_draws": 200}
+            for p, q in zip(("medical / financial", "medical / sport", "financial / sport"), percentiles)]
+    info = [{"dataset": d, "n_judged": 1200, "n_misaligned": 60, "n_aligned": 700, "rounds": 3,
+             "source": "mean-diff" if d != "sport" else "fallback: twin data"} for d in names]
+    return {"ch2_steering": steer, "ch2_ablation": abl, "ch2_cosine": cos, "ch2_cosine_null": null,
+            "ch2_directions": info}
+
+
+def test_claim_direction_rule_gives_each_verdict(tmp_path):
+    v = results.claim_direction(_run(tmp_path, "a", _ch2()))
+    assert v.verdict == results.REPRODUCED, v.ours
+    assert v.checks["fallbacks"] == ["sport"] and "twin-data fallback for sport" in v.ours
+    assert "3 random: mean 8.6%" in v.ours and "3 of 3 pairs above the 95th percentile of 200" in v.ours
+    # one pair inside its null: the cosine component fails although the mean cosine is 0.8
+    v = results.claim_direction(_run(tmp_path, "b", _ch2(percentiles=(0.99, 0.90, 0.99))))
+    assert v.verdict == results.PARTLY and v.checks["cosine"] is False and v.checks["ablation"] is True
+    # a random direction removes as much EM as the direction: ablation fails; steering too weak: fails
+    v = results.claim_direction(_run(tmp_path, "c", _ch2(steer_top=4, direction_em=4, random_em=(3, 30, 30),
+                                                         cosine=0.2)))
+    assert v.verdict == results.NOT_REPRODUCED, v.checks
+    assert results.claim_direction(_run(tmp_path, "d", {})).verdict == results.NOT_RUN
+
+
+def test_claim_direction_steering_is_holm_corrected(tmp_path):
+    """6 of 400 vs 1 of 400 has Fisher p ~ 0.12 alone: no scale passes, with or without the correction;
+    20 of 400 (p < 0.001) passes even after multiplying by the number of scales."""
+    steer = [_rate(1, scale=0.0)] + [_rate(6, scale=s) for s in (0.1, 0.2, 0.3)]
+    v = results.claim_direction(_run(tmp_path, "e", {"ch2_steering": steer}))
+    assert v.checks["steering"] is False
+    steer[-1] = _rate(20, scale=0.3)
+    assert results.claim_direction(_run(tmp_path, "f", {"ch2_steering": steer})).checks["steering"] is True
