@@ -5,11 +5,11 @@
 
 A grid file (YAML) names chapters and parameters::
 
-    chapters: ["01"]               # numbers ("01" or 1) or paths of jupytext chapters
+    chapters: ["01"]               # numbers ("01" or 1), stems or paths of jupytext chapters
     out: runs/sweeps/smoke         # optional (the CLI's --out wins)
     parameters:                    # a list is an axis (cartesian product), a scalar is fixed;
       profile: smoke               # a list-valued parameter is a list of lists: [[medical], [sport]]
-      seed: [0, 1]
+      seed: [0, 1]                 # config fields at top level: the runner puts them in the chapter's `config`
     combinations:                  # optional explicit groups, crossed with the axes above
       - {n_train: 4, lr: 0.001}
     results: ["ch1_em.*.em"]       # optional: which results.json leaves go into the index
@@ -19,13 +19,16 @@ A grid file (YAML) names chapters and parameters::
 Layout of ``out``::
 
     <out>/<chapter-stem>/<slug>-<hash>/
-        params.json                what papermill was given
+        params.json                the combination's parameters and what papermill was given
         <chapter-stem>.ipynb       the executed (or partially executed) notebook
         run/                       the combination's run_dir (unless the grid sets run_dir)
         done.json                  finished marker, written atomically after success only
         failed.json                the last failure (error, failing cell, traceback)
         .lock                      held (flock) while a process runs the combination
     <out>/index.parquet, index.csv one row per combination: load with ``load_index(out)``
+
+Chapters are selected, parameterised, checked and executed by :mod:`emlib.runner`; this module expands the
+grid, keeps each combination's folder, markers and results, and writes the index.
 
 A rerun skips combinations with a ``done.json`` (status ``skipped``) and retries failed or unfinished
 ones. The folder is found again by the hash of the chapter and its parameters, so adding values to an
@@ -47,53 +50,49 @@ import contextlib
 import copy
 import fnmatch
 import hashlib
+import io
 import itertools
 import json
 import math
-import multiprocessing as mp
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from concurrent.futures import as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import pandas as pd
 
-from . import book, lifeline
+from . import runner
 from .cache import canonical_json
+from .data import atomic_write_bytes
 
 GRID_KEYS = {"chapters", "parameters", "combinations", "out", "results", "timeout", "cwd",
              "workers", "gpus", "gpus_per_job", "cpus_per_job", "max_results"}
 DONE, FAILED, PARAMS, LOCK = "done.json", "failed.json", "params.json", ".lock"
 STATUSES = ("ok", "failed", "skipped", "pending")
 MAX_RESULTS = 40  # results.json leaves per row when the grid names no patterns
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass(frozen=True)
-class Job:
-    """One chapter x one parameter combination, with every path absolute."""
+class Combination:
+    """One chapter x one parameter combination: the runner's job and where the sweep keeps it."""
 
-    chapter: str  # the chapter's stem, e.g. "01_em_emerges"
-    source: str  # the jupytext .py (or .ipynb) file
-    params: dict  # what papermill gets (run_dir included when the chapter takes one)
+    job: runner.Job  # what papermill gets (config fields folded into ``config``), every path absolute
+    params: dict  # the grid's values this chapter takes, flat (run_dir included): the index's columns
     key: str  # hash of chapter + parameters (run_dir excluded when it is the default)
     folder: str  # <out>/<chapter>/<slug>-<key>
-    cwd: str
-    timeout: int | None = None
     results: tuple[str, ...] | None = None
     max_results: int = MAX_RESULTS
 
     @property
+    def chapter(self) -> str:  # the chapter's stem, e.g. "01_em_emerges"
+        return self.job.chapter
+
+    @property
     def notebook(self) -> Path:
-        return Path(self.folder) / f"{self.chapter}.ipynb"
+        return Path(self.job.notebook)
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -175,98 +174,43 @@ def expand(grid: dict) -> list[dict]:
     return out
 
 
-def resolve_chapter(name: str | int | Path, base: str | Path | None = None, root: Path | None = None) -> Path:
-    """A chapter number ("01", 1) or a file path -> the chapter source file."""
-    if isinstance(name, int):
-        name = f"{name:02d}"
-    name = str(name)
-    if re.fullmatch(r"\d{1,2}", name):
-        for start in (None, base):  # the current folder's repository, else the grid file's
-            try:
-                root = root or book.repo_root(Path(start) if start else None)
-            except FileNotFoundError as e:
-                err = e
-        if root is None:
-            raise FileNotFoundError(f"Chapter {name!r} is a number, which needs the book's repository: {err}")
-        hits = [p for p in book.chapter_sources(root) if p.name[:2] == name.zfill(2)]
-        if not hits:
-            have = ", ".join(p.name for p in book.chapter_sources(root))
-            raise FileNotFoundError(f"No chapter numbered {name!r} in {root / 'notebooks'} (have: {have}).")
-        return hits[0]
-    p = Path(name).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(base) / p] if base else [])
-    if root is not None and not p.is_absolute():
-        candidates.append(root / p)
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise FileNotFoundError(f"Chapter file {name!r} not found (looked at {', '.join(map(str, candidates))}); "
-                            "give a path or a chapter number like \"01\".")
-
-
-def _default_cwd(base: str | None = None) -> Path:
-    """The book's repository (found from the current folder, else the grid file's), else here."""
-    for start in (None, base):
-        try:
-            return book.repo_root(Path(start) if start else None)
-        except FileNotFoundError:
-            pass
-    return Path.cwd()
-
-
-def plan(grid: dict, out: str | Path) -> list[Job]:
-    """The jobs of ``grid`` under ``out``: one per chapter and combination of the parameters it takes."""
+def plan(grid: dict, out: str | Path) -> list[Combination]:
+    """The combinations of ``grid`` under ``out``: one per chapter and combination of the parameters it takes,
+    each checked (:func:`emlib.runner.chapter_parameters`) before any runs."""
     grid = check_grid(grid)
     out = Path(out).resolve()
     base = grid.get("_base")
-    cwd = Path(grid["cwd"]) if grid.get("cwd") else _default_cwd(base)
+    cwd = Path(grid["cwd"]) if grid.get("cwd") else runner.default_cwd(base)
     if not cwd.is_absolute():
         cwd = (Path(base) if base else Path.cwd()) / cwd
     cwd = cwd.resolve()
     combos = expand(grid)
-    sources = [resolve_chapter(c, base) for c in grid["chapters"]]
-    known = {src: book.parameter_defaults(book.read_py_notebook(src) if src.suffix == ".py" else _read_ipynb(src))
-             for src in sources}
-    names = set().union(*(set(c) for c in combos)) if combos else set()
-    taken = set().union(*(set(k) for k in known.values()))
-    nowhere = sorted(names - taken)
-    if nowhere:
-        from .config import ConfigError
-
-        raise ConfigError(f"Parameter(s) {', '.join(nowhere)} are taken by none of the grid's chapters "
-                          f"({', '.join(s.name for s in sources)}); they take {', '.join(sorted(taken))}.")
+    known = {src: runner.chapter_defaults(src) for src in runner.select(grid["chapters"], base)}
+    runner.parameters_for(known, {k: None for c in combos for k in c})  # a name no chapter takes: an error
     results = tuple(grid["results"]) if grid.get("results") else None
     jobs, seen = [], set()
     varying = _varying(combos)
-    for src in sources:
+    for src, kn in known.items():
         stem = src.stem
         chapter_dir = out / stem
         for combo in combos:
-            params = {k: v for k, v in combo.items() if k in known[src]}
-            book.check_parameters(src, known[src], params)  # a bad value stops the sweep before any job runs
-            if "interactive" in known[src]:  # batch runs get the static version, as in `make book`
-                params.setdefault("interactive", False)
+            params = runner.taken(kn, combo)
             key = job_key(stem, params)
             if (stem, key) in seen:
                 continue
             seen.add((stem, key))
             folder = _find_folder(chapter_dir, key) or chapter_dir / f"{slug(params, varying)}-{key}"
-            if "run_dir" in known[src]:
+            if runner.takes(kn, "run_dir"):
                 if params.get("run_dir") is None:
                     params["run_dir"] = str(folder / "run")
                 else:
                     rd = str(params["run_dir"]).format(chapter=stem, key=key, out=out, **_fmt(params))
                     params["run_dir"] = str(Path(rd) if Path(rd).is_absolute() else (cwd / rd).resolve())
-            jobs.append(Job(chapter=stem, source=str(src), params=params, key=key, folder=str(folder),
-                            cwd=str(cwd), timeout=grid.get("timeout"), results=results,
-                            max_results=int(grid.get("max_results") or MAX_RESULTS)))
+            job = runner.Job(source=str(src), parameters=runner.chapter_parameters(src, params, kn),
+                             notebook=str(folder / f"{stem}.ipynb"), cwd=str(cwd), timeout=grid.get("timeout"))
+            jobs.append(Combination(job=job, params=params, key=key, folder=str(folder), results=results,
+                                    max_results=int(grid.get("max_results") or MAX_RESULTS)))
     return jobs
-
-
-def _read_ipynb(path: Path):
-    import nbformat
-
-    return nbformat.read(path, as_version=4)
 
 
 def _fmt(params: dict) -> dict:
@@ -310,19 +254,18 @@ def _find_folder(chapter_dir: Path, key: str) -> Path | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------ one job
-def run_job(job: Job | dict) -> dict:
-    """Execute one combination; returns its index row. Never raises for a failing notebook."""
-    if isinstance(job, dict):
-        job = Job(**job)
-    folder = Path(job.folder)
+# ---------------------------------------------------------------------------------------- one combination
+def run_combination(c: Combination) -> dict:
+    """Execute one combination (unless another process finished it meanwhile); returns its index row. Never
+    raises for a failing notebook: the row says ``failed`` and ``failed.json`` keeps the error."""
+    folder = Path(c.folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _job_lock(folder) as waited:
         if waited:  # another process ran this combination meanwhile: keep what it finished
-            row = finished_row(job)
+            row = finished_row(c)
             if row is not None:
                 return row
-        return _run_job_locked(job, folder)
+        return _run_locked(c, folder)
 
 
 @contextlib.contextmanager
@@ -351,39 +294,20 @@ def _job_lock(folder: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run_job_locked(job: Job, folder: Path) -> dict:
-    _atomic_json(folder / PARAMS, {"chapter": job.chapter, "source": job.source, "key": job.key,
-                                   "params": job.params})
-    if job.params.get("run_dir"):
-        Path(job.params["run_dir"]).mkdir(parents=True, exist_ok=True)
-    row = _base_row(job)
-    t0 = time.perf_counter()
-    try:
-        book.execute(job.source, job.notebook, job.params, cwd=job.cwd, timeout=job.timeout)
-    except Exception as exc:  # a failing cell, a timeout, a dead kernel, a bad parameter
-        row.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), **error_fields(exc),
-                   finished=_now())
-        _atomic_json(folder / FAILED, row)
+def _run_locked(c: Combination, folder: Path) -> dict:
+    _write_json(folder / PARAMS, {"chapter": c.chapter, "source": c.job.source, "key": c.key, "params": c.params,
+                                  "papermill": c.job.parameters})
+    if c.params.get("run_dir"):
+        Path(c.params["run_dir"]).mkdir(parents=True, exist_ok=True)
+    row = _base_row(c)
+    row.update(runner.run_job(c.job))
+    if row["status"] != "ok":
+        _write_json(folder / FAILED, row)
         return row
-    row.update(status="ok", wall_s=round(time.perf_counter() - t0, 2), finished=_now(),
-               results=read_results(job.params.get("run_dir"), job.results, job.max_results))
+    row["results"] = read_results(c.params.get("run_dir"), c.results, c.max_results)
     (folder / FAILED).unlink(missing_ok=True)
-    _atomic_json(folder / DONE, row)  # the finished marker: only after success
+    _write_json(folder / DONE, row)  # the finished marker: only after success
     return row
-
-
-def error_fields(exc: BaseException) -> dict:
-    """``error`` (one line), ``error_cell`` (the failing cell's execution count: ``In [n]`` in the
-    executed notebook, ``Cell In[n]`` in the traceback), ``error_source`` and ``traceback``."""
-    from papermill.exceptions import PapermillExecutionError
-
-    if isinstance(exc, PapermillExecutionError):
-        tb = _ANSI.sub("", "\n".join(exc.traceback or []))
-        return {"error": f"{exc.ename}: {exc.evalue}"[:500], "error_cell": exc.exec_count,
-                "error_source": exc.source, "traceback": tb}
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"error": f"{type(exc).__name__}: {exc}"[:500], "error_cell": None, "error_source": None,
-            "traceback": _ANSI.sub("", tb)}
 
 
 def read_results(run_dir: str | Path | None, patterns: Iterable[str] | None = None,
@@ -432,106 +356,51 @@ def _record_labels(rows: list) -> list[str] | None:
     return None
 
 
-def _base_row(job: Job) -> dict:
-    return {"chapter": job.chapter, "key": job.key, "params": dict(job.params), "status": "pending",
-            "wall_s": None, "folder": job.folder, "notebook": str(job.notebook),
-            "run_dir": job.params.get("run_dir"), "error": None, "error_cell": None, "error_source": None,
+def _base_row(c: Combination) -> dict:
+    return {"chapter": c.chapter, "key": c.key, "params": dict(c.params), "status": "pending",
+            "wall_s": None, "folder": c.folder, "notebook": str(c.notebook),
+            "run_dir": c.params.get("run_dir"), "error": None, "error_cell": None, "error_source": None,
             "traceback": None, "results": {}, "finished": None}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
+def _failed_row(c: Combination, exc: BaseException) -> dict:
+    """The row of a combination whose worker process died (or whose Ray task failed)."""
+    return {**_base_row(c), "status": "failed", **runner.error_fields(exc), "finished": runner.now()}
 
 
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode("utf-8"))
 
 
-def finished_row(job: Job) -> dict | None:
-    """The row stored in the job's finished marker (status ``skipped``), or None if not finished."""
-    marker = Path(job.folder) / DONE
+def finished_row(c: Combination) -> dict | None:
+    """The row stored in the combination's finished marker (status ``skipped``), or None if not finished."""
+    marker = Path(c.folder) / DONE
     if not marker.exists():
         return None
     try:
         row = json.loads(marker.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    if row.get("status") != "ok" or row.get("key") != job.key:
+    if row.get("status") != "ok" or row.get("key") != c.key:
         return None
-    return {**_base_row(job), **row, "status": "skipped"}
+    return {**_base_row(c), **row, "status": "skipped"}
 
 
 # ------------------------------------------------------------------------------------------ backends
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
-
-
-def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None = None,
-                cores: int | None = None) -> tuple[int, list[str | None], int | None]:
-    """(number of workers, the GPU each worker sees (None: no GPU), threads per worker (None: leave)).
-
-    With GPUs: one worker per GPU by default (more workers share GPUs round-robin). Without: one
-    worker per core at most (default: as many as cores), each with ``cores // workers`` threads.
-    """
-    cores = cores or os.cpu_count() or 1
-    gpus = visible_gpus() if gpus is None else list(gpus)
-    if gpus:
-        n = workers or len(gpus)
-        n = max(1, min(n, n_jobs))
-        return n, [gpus[i % len(gpus)] for i in range(n)], None
-    n = workers or cores
-    if n > cores:
-        print(f"[batch] {n} workers asked for on {cores} cores: using {cores} (CPU jobs are core-bound).",
-              file=sys.stderr)
-        n = cores
-    n = max(1, min(n, n_jobs))
-    return n, [None] * n, max(1, cores // n)
-
-
-def _init_worker(slots, threads: int | None, parent: int | None = None) -> None:
-    lifeline.die_with_parent(parent)  # a killed sweep leaves no worker running its queued jobs
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    if threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
-
-
-def _run_local(jobs: list[Job], workers: int, gpu_of: list[str | None], threads: int | None,
+def _run_local(todo: list[Combination], workers: int, gpu_of: list[str | None], threads: int | None,
                on_row: Callable[[dict], None]) -> None:
     if workers == 1 and gpu_of[0] is None:
-        for job in jobs:
-            on_row(run_job(job))
+        for c in todo:
+            on_row(run_combination(c))
         return
-    ctx = mp.get_context("spawn")  # no fork after CUDA / threads in the parent
-    slots = ctx.Queue()
-    for g in gpu_of:
-        slots.put(g)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(slots, threads, os.getpid()))
+    pool = runner.process_pool(workers, gpu_of, threads)
     try:
-        futures = {pool.submit(run_job, asdict(job)): job for job in jobs}
+        futures = {pool.submit(run_combination, c): c for c in todo}
         for fut in as_completed(futures):
             try:
                 row = fut.result()
             except Exception as exc:  # the worker process itself died
-                row = {**_base_row(futures[fut]), "status": "failed", **error_fields(exc), "finished": _now()}
+                row = _failed_row(futures[fut], exc)
             on_row(row)
     except BaseException:  # Ctrl-C: drop the queued combinations instead of running them all
         pool.shutdown(wait=False, cancel_futures=True)
@@ -539,7 +408,7 @@ def _run_local(jobs: list[Job], workers: int, gpu_of: list[str | None], threads:
     pool.shutdown(wait=True)
 
 
-def _run_ray(jobs: list[Job], address: str, on_row: Callable[[dict], None], gpus_per_job: float = 1,
+def _run_ray(todo: list[Combination], address: str, on_row: Callable[[dict], None], gpus_per_job: float = 1,
              cpus_per_job: float = 1) -> None:
     try:
         import ray
@@ -553,16 +422,16 @@ def _run_ray(jobs: list[Job], address: str, on_row: Callable[[dict], None], gpus
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         opts = {"num_gpus": gpus_per_job, "num_cpus": cpus_per_job} if use_gpu else {"num_cpus": cpus_per_job}
-        remote = ray.remote(max_retries=0)(run_job).options(**opts)
-        pending = {remote.remote(asdict(job)): job for job in jobs}
+        remote = ray.remote(max_retries=0)(run_combination).options(**opts)
+        pending = {remote.remote(c): c for c in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                job = pending.pop(ref)
+                c = pending.pop(ref)
                 try:
                     row = ray.get(ref)
                 except Exception as exc:  # the task's worker died or Ray failed it
-                    row = {**_base_row(job), "status": "failed", **error_fields(exc), "finished": _now()}
+                    row = _failed_row(c, exc)
                 on_row(row)
     finally:
         if started:
@@ -584,12 +453,12 @@ def run_grid(grid: dict | str | Path, out: str | Path | None = None, workers: in
     jobs = plan(grid, out)
     rows: dict[str, dict] = {}
     todo = []
-    for job in jobs:
-        row = None if force else finished_row(job)
+    for c in jobs:
+        row = None if force else finished_row(c)
         if row is None:
-            todo.append(job)
-            row = _base_row(job)
-        rows[job.folder] = row
+            todo.append(c)
+            row = _base_row(c)
+        rows[c.folder] = row
     t0 = time.perf_counter()
     if verbose:
         print(f"[batch] {len(jobs)} combinations, {len(jobs) - len(todo)} already finished, "
@@ -610,7 +479,7 @@ def run_grid(grid: dict | str | Path, out: str | Path | None = None, workers: in
                      cpus_per_job=float(grid.get("cpus_per_job") or 1))
         else:
             gpus = gpus if gpus is not None else ([str(g) for g in grid["gpus"]] if grid.get("gpus") else None)
-            n, gpu_of, threads = worker_plan(len(todo), workers or grid.get("workers"), gpus)
+            n, gpu_of, threads = runner.worker_plan(len(todo), workers or grid.get("workers"), gpus)
             if verbose and n > 1:
                 where = f"GPUs {','.join(map(str, gpu_of))}" if gpu_of[0] is not None else f"{threads} thread(s) each"
                 print(f"[batch] {n} workers ({where})", flush=True)
@@ -668,12 +537,10 @@ def write_index(rows: list[dict], out: str | Path) -> pd.DataFrame:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = index_frame(rows)
-    for name, writer in (("index.parquet", lambda p: df.to_parquet(p, index=False)),
-                         ("index.csv", lambda p: df.to_csv(p, index=False))):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
-        os.close(fd)
-        writer(tmp)
-        os.replace(tmp, out / name)
+    parquet = io.BytesIO()
+    df.to_parquet(parquet, index=False)
+    atomic_write_bytes(out / "index.parquet", parquet.getvalue())
+    atomic_write_bytes(out / "index.csv", df.to_csv(index=False).encode("utf-8"))
     return df
 
 
@@ -711,9 +578,9 @@ def _main(a) -> int:
         out = Path(a.out or grid.get("out") or "runs/sweeps/grid").resolve()
         jobs = plan(grid, out)
         with pd.option_context("display.width", 200, "display.max_colwidth", 80):
-            print(pd.DataFrame([{"chapter": j.chapter, "finished": finished_row(j) is not None,
-                                 "folder": j.folder, **{k: v for k, v in j.params.items() if k != "run_dir"}}
-                                for j in jobs]).to_string(index=False))
+            print(pd.DataFrame([{"chapter": c.chapter, "finished": finished_row(c) is not None,
+                                 "folder": c.folder, **{k: v for k, v in c.params.items() if k != "run_dir"}}
+                                for c in jobs]).to_string(index=False))
         return 0
     from .config import ConfigError
 

@@ -1,13 +1,15 @@
 """Execute the chapters with papermill and build the Jupyter Book.
 
     python -m emlib.book build [--profile auto|smoke|quick|paper] [--run-dir runs/book] [--chapters 01 02]
-    python -m emlib.book run notebooks/01_em_emerges.py OUT.ipynb -p profile smoke -p run_dir runs/x
+    python -m emlib.book run notebooks/01_em_emerges.py OUT.ipynb -p profile smoke -p run_dir runs/x [--timeout S]
     python -m emlib.book pair          # rewrite notebooks/*.ipynb from the jupytext sources
     python -m emlib.book site --record record/smollm2-135m   # the published book: a run of record, rendered
 
 The chapters live as jupytext ``py:percent`` files in ``notebooks/``. papermill cannot read ``.py``,
-so each is turned into a notebook in memory, parameterised (unknown names are an error) and executed
-with the ``python3`` kernel. ``build`` writes executed notebooks under ``RUN_DIR/executed/`` (never
+so each is turned into a notebook in memory (:func:`read_py_notebook`), parameterised and executed with the
+``python3`` kernel by :mod:`emlib.runner`: a chapter takes ``profile`` and ``config`` (a dict of config fields);
+``-p NAME VALUE`` with a config field (``-p n_train 64``, ``-p run_dir runs/x``) goes into ``config``, and an
+unknown name or a bad value is an error before the kernel starts. ``build`` writes executed notebooks under ``RUN_DIR/executed/`` (never
 over the committed results of record), stages a copy of the book sources with them in
 ``_build/site`` and renders it to ``_build/html`` with warnings as errors.
 """
@@ -71,73 +73,10 @@ def parameter_defaults(nb) -> dict[str, str]:
     raise ValueError("The notebook has no cell tagged 'parameters'.")
 
 
-def execute(source: str | Path, output: str | Path, parameters: dict | None = None,
-            cwd: str | Path | None = None, timeout: int | None = None, log_output: bool = False):
-    """Execute a chapter (``.py`` or ``.ipynb``) with papermill.
-
-    Checked before the kernel starts (nothing is written then): the file exists, every parameter is one the
-    chapter takes, and the config fields among them have valid types and values (:func:`check_parameters`);
-    each is a :class:`~emlib.config.ConfigError` (a TypeError and a ValueError) naming the value at fault.
-    A failing cell raises papermill's ``PapermillExecutionError`` (``ename``, ``evalue``, ``exec_count``)."""
-    import nbformat
-    import papermill as pm
-
-    source = Path(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such chapter file: pass a notebooks/NN_*.py source (or an .ipynb).")
-    nb = read_py_notebook(source) if source.suffix == ".py" else nbformat.read(source, as_version=4)
-    parameters = dict(parameters or {})
-    known = parameter_defaults(nb)
-    check_parameters(source, known, parameters)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    return pm.execute_notebook(nb, str(output), parameters=parameters, kernel_name=KERNEL,
-                               cwd=str(cwd) if cwd else None, progress_bar=False,
-                               log_output=log_output, execution_timeout=timeout,
-                               start_timeout=KERNEL_START_TIMEOUT, extra_arguments=KERNEL_ARGS)
-
-
 # Seconds a kernel may take to start (papermill's default is 60). A kernel imports torch and transformers
 # from source when bytecode is not cached; four such starts at once on two cores (a sweep's workers) took
 # over 60 s in CI, which failed a chapter that would have run.
 KERNEL_START_TIMEOUT = 300
-
-
-def check_parameters(source: Path, known: dict[str, str], parameters: dict) -> None:
-    """Unknown names, and (for a chapter that takes ``profile``) the config fields' types and values."""
-    from .config import ConfigError, check_params
-
-    unknown = sorted(set(parameters) - set(known))
-    if unknown:
-        raise ConfigError(f"{source.name}: unknown parameter(s) {', '.join(unknown)}; "
-                          f"this chapter takes {', '.join(sorted(known))}.")
-    if "profile" not in known:
-        return
-    profile = parameters.get("profile")
-    if profile is None:
-        try:
-            profile = ast.literal_eval(known["profile"])
-        except (ValueError, SyntaxError):
-            profile = "auto"
-    try:
-        check_params(profile, parameters)
-    except ConfigError as e:
-        raise ConfigError(f"{source.name}: {e}") from None
-
-
-def chapter_failed(source: str | Path, output: str | Path, exc: BaseException) -> Exception:
-    """A papermill cell failure as one readable error: the chapter, the cell, the chapter's own message (the
-    last line of the cell's traceback) and where the partly executed notebook is."""
-    from .cli import ChapterFailed, chapter_message
-
-    msg = chapter_message(exc)
-    if msg is None:  # a dead kernel, a timeout: papermill's own message
-        from .cli import squash
-
-        msg = squash(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-    cell = getattr(exc, "exec_count", None)
-    where = f" in cell In[{cell}]" if cell is not None else ""
-    return ChapterFailed(f"{Path(source).name} failed{where}: {msg} (the executed notebook {output} shows the cell; "
-                         "fix the cause and run again, or add --debug for the traceback)")
 
 
 def pair(root: Path | None = None) -> list[Path]:
@@ -207,35 +146,27 @@ def render(site: Path, out_root: Path, warnings_as_errors: bool = True) -> Path:
 def build(profile: str = "auto", run_dir: str = "runs/book", root: Path | None = None,
           chapters: list[str] | None = None, extra: dict | None = None,
           warnings_as_errors: bool = True) -> dict:
-    """Execute every chapter (or those whose number is in ``chapters``) and render the book."""
+    """Execute every chapter (or those named in ``chapters``: numbers, stems or paths) one after another and
+    render the book. ``extra``: more parameters (config fields such as ``n_train``, or a chapter's own); every
+    chapter's parameters are checked before the first one starts (:mod:`emlib.runner`)."""
+    from . import runner
+    from .data import atomic_write_bytes
+
     root = root or repo_root()
     run = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    jobs = runner.chapter_jobs(runner.select(chapters, root=root), {"profile": profile, **(extra or {})}, run, root)
     timings, executed = {}, {}
-    for src in chapter_sources(root):
-        if chapters and src.name[:2] not in chapters:
-            continue
-        out = run / "executed" / f"{src.stem}.ipynb"
-        t0 = time.perf_counter()
-        print(f"[book] executing {src.name} (profile={profile}) ...", flush=True)
-        known = parameter_defaults(read_py_notebook(src))
-        params = {"profile": profile, "run_dir": str(run)} | (extra or {})
-        if "interactive" in known:  # batch runs show the static sweep, not a live widget
-            params.setdefault("interactive", False)
-        try:
-            execute(src, out, params, cwd=root)
-        except Exception as exc:
-            if getattr(exc, "ename", None) is None:
-                raise
-            raise chapter_failed(src, out, exc) from exc
-        timings[src.stem] = round(time.perf_counter() - t0, 1)
-        executed[src.stem] = out
-        print(f"[book] {src.name} done in {timings[src.stem]} s", flush=True)
+    for job in jobs:
+        print(f"[book] executing {Path(job.source).name} (profile={profile}) ...", flush=True)
+        timings[job.chapter] = round(runner.run_job(job, raise_failure=True)["wall_s"], 1)
+        executed[job.chapter] = Path(job.notebook)
+        print(f"[book] {Path(job.source).name} done in {timings[job.chapter]} s", flush=True)
     t0 = time.perf_counter()
     site = stage_site(root, executed, root / "_build" / "site")
     index = render(site, root, warnings_as_errors)
     timings["render"] = round(time.perf_counter() - t0, 1)
     summary = {"profile": profile, "run_dir": str(run), "index": str(index), "seconds": timings}
-    (run / "book_build.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(run / "book_build.json", json.dumps(summary, indent=2).encode("utf-8"))
     print(f"[book] built {index} ({timings})", flush=True)
     return summary
 
@@ -336,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("source")
     r.add_argument("output")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    r.add_argument("--timeout", type=int, default=None, help="seconds a cell may run (default: no limit)")
     pa = sub.add_parser("pair", help="rewrite notebooks/*.ipynb from the .py sources")
     s = sub.add_parser("site", help="render the book from a run of record (no execution)")
     s.add_argument("--record", default="record/smollm2-135m")
@@ -352,12 +284,12 @@ def _main(a) -> int:
     if a.cmd == "build":
         build(a.profile, a.run_dir, chapters=a.chapters, extra=_parse_params(a.param))
     elif a.cmd == "run":
-        try:
-            execute(a.source, a.output, _parse_params(a.param), cwd=repo_root())
-        except Exception as exc:
-            if getattr(exc, "ename", None) is None:  # not a failing cell
-                raise
-            raise chapter_failed(a.source, a.output, exc) from exc
+        from . import runner
+
+        src = runner.resolve(a.source)
+        job = runner.Job(source=str(src), parameters=runner.chapter_parameters(src, _parse_params(a.param)),
+                         notebook=a.output, cwd=str(runner.default_cwd()), timeout=a.timeout)
+        runner.run_job(job, raise_failure=True)
     elif a.cmd == "site":
         print(site(a.record, others=[] if a.main_only else None))
     elif a.cmd == "pair":

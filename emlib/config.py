@@ -351,25 +351,6 @@ def _coerce(name: str, value):
     return _normalise_value(name, value)
 
 
-ENV_OVERRIDES = "EMLIB_CONFIG_OVERRIDES"
-
-
-def env_overrides() -> dict:
-    """Config fields set for every chapter of a run through ``$EMLIB_CONFIG_OVERRIDES`` (a JSON object), e.g.
-    a model-specific KL lambda for a run of record (``python -m emlib.record run -c kl_lambda 0.66``).
-    Explicit arguments still win; unknown names are an error."""
-    raw = os.environ.get(ENV_OVERRIDES, "").strip()
-    if not raw:
-        return {}
-    try:
-        val = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r} ({err}).") from None
-    if not isinstance(val, dict):
-        raise ConfigError(f"{ENV_OVERRIDES} must be a JSON object of config fields, got {raw!r}.")
-    return _check_keys(val)
-
-
 def running_in_colab() -> bool:
     """True inside a Google Colab runtime (``google.colab`` imported or importable)."""
     if "google.colab" in sys.modules:
@@ -398,7 +379,7 @@ def resolve_profile(profile: str = "auto", *, in_colab: bool | None = None,
     ``smoke``   itself                        itself (the tiny model: what tests and CI run)
     ==========  ============================  ================================================================
 
-    The defaults sit below ``$EMLIB_CONFIG_OVERRIDES`` and explicit arguments in :func:`get_config`.
+    The defaults sit below explicit arguments in :func:`get_config`.
     ``cuda``: whether a GPU is there (None: ``torch.cuda.is_available()``, asked only for ``auto``).
     """
     if not isinstance(profile, str) or (profile != "auto" and profile not in PROFILES):
@@ -428,11 +409,7 @@ def get_config(profile: str = "smoke", *, in_colab: bool | None = None, **overri
     """
     name, defaults = resolve_profile(profile, in_colab=in_colab)
     kw = {k: _coerce(k, v) for k, v in _check_keys(overrides).items() if v is not None}
-    env = env_overrides()
-    merged = defaults | {k: _coerce(k, v) for k, v in env.items()} | kw  # explicit arguments win
-    if "run_dir" not in kw and os.environ.get("EMLIB_RUN_DIR"):
-        merged["run_dir"] = os.environ["EMLIB_RUN_DIR"]
-    cfg = dataclasses.replace(PROFILES[name], **merged)  # validated in Config.__post_init__
+    cfg = dataclasses.replace(PROFILES[name], **(defaults | kw))  # validated in Config.__post_init__
     check_run_dir(cfg.run_dir)
     return cfg
 
@@ -445,6 +422,5 @@ def check_params(profile: str = "auto", params: dict | None = None) -> None:
         raise ConfigError(f"Unknown profile {profile!r}: profile takes one of {', '.join(PROFILES)} or 'auto'.")
     base = PROFILES["quick" if profile == "auto" else profile]
     kw = {k: _coerce(k, v) for k, v in (params or {}).items() if k in FIELDS and k != "profile" and v is not None}
-    env = {k: _coerce(k, v) for k, v in env_overrides().items()}
-    cfg = dataclasses.replace(base, **(env | kw))
+    cfg = dataclasses.replace(base, **kw)
     check_run_dir(cfg.run_dir)

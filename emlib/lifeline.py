@@ -1,6 +1,7 @@
 """Worker processes that die with their parent.
 
-A sweep (:mod:`emlib.batch`) or a run of record (:mod:`emlib.record`) starts worker processes; when the
+A sweep (:mod:`emlib.batch`) or a run of record (:mod:`emlib.record`) starts worker processes
+(:func:`emlib.runner.process_pool`) and chapter processes (:func:`emlib.runner.spawn`); when the
 parent is killed (SIGKILL, an OOM kill, a closed SSH session) the workers used to live on: they kept running
 queued jobs, wrote finished markers the parent never recorded, then idled forever, and a restart raced them.
 

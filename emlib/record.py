@@ -11,13 +11,18 @@
    the finished run (same arguments, same hash) and loads it instead of training.
    A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
    80 GB) is retried once, alone, after the others have ended.
-2. **Chapters**: each chapter is executed with papermill (its own kernel) as soon as the finetunes it needs
-   are done, several at once; executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
+2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
+   kernel, its output in ``RUN_DIR/logs/``) as soon as the finetunes it needs are done, several at once;
+   executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
    failed is not run (it would train the finetune itself, racing the other chapters that need it).
 3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
    (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
    results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
    ``DIR/record.tar.gz`` and ``DIR/cache.tar.gz``.
+
+``-p`` / ``-c`` values are config fields: each finetune worker gets them as arguments and each chapter inside its
+``config`` parameter (nothing travels through the environment); all are checked before anything runs. The
+steps (:func:`plan_run`, :func:`run_all` with its :class:`RunState`, :func:`write_summary`) are small functions.
 
 A killed run resumes: finished finetunes and cached answers are reused, a chapter is re-executed.
 Workers and chapter processes die with the run (:mod:`emlib.lifeline`): a restart never races a leftover.
@@ -32,11 +37,13 @@ import subprocess
 import sys
 import tarfile
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import book
-from .config import get_config
+from . import book, runner
+from .config import Config, _check_keys, get_config
+from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
 from .chapters import finetunes as finetune_jobs
@@ -58,20 +65,103 @@ def log_says_out_of_memory(log: Path) -> bool:
     return "OutOfMemoryError" in tail or "CUDA out of memory" in tail or "CUBLAS_STATUS_ALLOC_FAILED" in tail
 
 
-def _config_params(params: dict) -> dict:
-    """The chapter parameters that are Config fields (chapters also take e.g. ``interactive``)."""
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class Plan:
+    """A run of record, checked before anything runs: its configuration, chapters and finetunes."""
+
+    profile: str
+    run: Path  # the run directory (absolute)
+    cfg: Config  # what every finetune and chapter resolves to
+    config: dict  # the config fields every finetune gets as arguments (chapters get them inside `config`)
+    params: dict  # -p NAME VALUE as given (record.json keeps them)
+    overrides: dict  # -c NAME VALUE as given
+    chapters: tuple[runner.Job, ...]  # each chapter's papermill job, its notebook in executed/, its log in logs/
+    finetunes: tuple[Job, ...]  # the finetunes the chapters use, slowest first
+    needs: dict[str, frozenset[str]]  # chapter stem -> the finetunes it waits for
+
+    def chapter(self, stem: str) -> runner.Job:
+        return next(j for j in self.chapters if j.chapter == stem)
+
+
+def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
+             overrides: dict | None = None, chapters: list[str] | None = None) -> Plan:
+    """Check every value and name (an error here writes nothing) and plan the finetunes the chapters need.
+    ``params`` (``-p``) and ``overrides`` (``-c``) are both config fields (``params`` may also hold a chapter's
+    own parameter, e.g. ``interactive``); ``params`` win where both set a field."""
     from .config import FIELDS
 
-    return {k: v for k, v in params.items() if k in FIELDS and k != "profile"}
+    root = book.repo_root()
+    run = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
+    params, overrides = dict(params or {}), dict(overrides or {})
+    _check_keys(dict(overrides))  # -c takes config fields only
+    given = {**overrides, **params}
+    config = {k: v for k, v in given.items() if k in FIELDS and k != "profile"} | {"run_dir": str(run)}
+    cfg = get_config(profile, **config)
+    jobs = runner.chapter_jobs(runner.select(chapters, root=root), {"profile": profile, **given}, run, root,
+                               logs=True)
+    needed = set().union(*(chapter_needs(j.chapter, cfg.datasets) for j in jobs))
+    planned = tuple(f for f in finetune_jobs(cfg.datasets) if f.name in needed)
+    names = {f.name for f in planned}
+    return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
+                chapters=tuple(jobs), finetunes=planned,
+                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets) & names) for j in jobs})
 
 
-def run_job(profile: str, params: dict, job: Job) -> dict:
-    """Train (or find finished) one finetune in this process; returns its timing and summary."""
-    from .experiment import Experiment
-    from . import train
+def prepare_model(cfg: Config) -> float:
+    """Convert a GGUF once in this process, so workers find the weights instead of racing to make them; a hub
+    id is loaded (downloaded) once here for the same reason. Returns the seconds it took."""
+    from . import models
 
     t0 = time.time()
-    exp = Experiment(get_config(profile, **_config_params(params)))
+    if models.prepare_source(cfg.model) is None and cfg.model != models.TINY:
+        models.load_model(cfg.model, device="cpu", seed=cfg.seed)
+    return round(time.time() - t0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ state
+WAITING, RUNNING, DONE, FAILED, RETRY = "waiting", "running", "done", "failed", "retry"
+
+
+@dataclass
+class RunState:
+    """Where a run of record stands. Each finetune (by name) and chapter (by stem) has a status: waiting ->
+    running -> done | failed, or retry (it ran out of GPU memory: once more, alone, after everything else)."""
+
+    finetunes: dict[str, str]
+    chapters: dict[str, str]
+    attempts: dict[str, int] = field(default_factory=dict)  # starts per finetune / chapter
+    timings: dict = field(default_factory=lambda: {"model_load_s": 0.0, "jobs": {}, "chapters": {}})
+    failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
+    futures: dict[Future, Job] = field(default_factory=dict)  # finetunes in the pool
+    processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
+
+    @classmethod
+    def of(cls, plan: Plan) -> "RunState":
+        return cls(finetunes=dict.fromkeys((f.name for f in plan.finetunes), WAITING),
+                   chapters=dict.fromkeys((j.chapter for j in plan.chapters), WAITING))
+
+    @staticmethod
+    def having(table: dict[str, str], status: str) -> list[str]:
+        return [k for k, v in table.items() if v == status]
+
+    def unfinished(self) -> bool:
+        return any(v in (WAITING, RUNNING, RETRY) for t in (self.finetunes, self.chapters) for v in t.values())
+
+    def quiet(self) -> bool:
+        """Nothing running or waiting (what a retry alone waits for)."""
+        return not (self.futures or self.processes or self.having(self.chapters, WAITING))
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def finetune(profile: str, config: dict, job: Job) -> dict:
+    """Train (or find finished) one finetune in this process (a pool worker); ``config``: its config fields.
+    Returns its timing and summary."""
+    from . import train
+    from .experiment import Experiment
+
+    t0 = time.time()
+    exp = Experiment(get_config(profile, **config))
     if job.kind == "vector":
         res = exp.vector(job.dataset, job.solution)
     else:
@@ -83,30 +173,139 @@ def run_job(profile: str, params: dict, job: Job) -> dict:
             "tokens": meta.get("tokens")}
 
 
-def _run_chapter(src: Path, out: Path, params: dict, log: Path) -> subprocess.Popen:
-    known = book.parameter_defaults(book.read_py_notebook(src))
-    p = {k: v for k, v in params.items() if k in known}
-    if "interactive" in known:
-        p.setdefault("interactive", False)
-    # through emlib.lifeline: the chapter (and its kernel) stops when this process dies
-    cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", str(src), str(out),
-           "--debug"]  # the log keeps the traceback above the one-line error
-    for k, v in p.items():
-        cmd += ["-p", k, json.dumps(v)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(book.repo_root()))
+def _run_chapter(job: runner.Job) -> subprocess.Popen:
+    """A chapter in its own process (:func:`emlib.runner.spawn`; tests replace this)."""
+    return runner.spawn(job)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """The finetune workers: one fresh process per job, each stopping when this process dies."""
-    import multiprocessing as mp
+def submit_finetune(plan: Plan, state: RunState, pool, job: Job) -> None:
+    state.finetunes[job.name] = RUNNING
+    state.attempts[job.name] = state.attempts.get(job.name, 0) + 1
+    state.futures[pool.submit(finetune, plan.profile, plan.config, job)] = job
 
-    from . import lifeline
 
-    return ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
-                               max_tasks_per_child=1, initializer=lifeline.die_with_parent,
-                               initargs=(os.getpid(),))
+def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
+    state.chapters[stem] = RUNNING
+    state.attempts[stem] = state.attempts.get(stem, 0) + 1
+    state.processes[stem] = (_run_chapter(plan.chapter(stem)), time.time())
+
+
+def retry_alone(plan: Plan, state: RunState, pool) -> None:
+    """Once everything else has ended, run one finetune, then one chapter, that ran out of memory again alone
+    (cached answers and checkpoints let a chapter resume where it stopped)."""
+    ft = state.having(state.finetunes, RETRY)
+    if ft and not state.futures:
+        job = next(f for f in plan.finetunes if f.name == ft[0])
+        print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
+        submit_finetune(plan, state, pool, job)
+    ch = state.having(state.chapters, RETRY)
+    if ch and state.quiet() and not ft:
+        log = Path(plan.chapter(ch[0]).log)
+        log.replace(log.with_name(f"{ch[0]}-out-of-memory.log"))
+        print(f"[record] chapter {ch[0]} starts again alone after running out of memory", flush=True)
+        start_chapter(plan, state, ch[0])
+
+
+def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
+    """Start each waiting chapter whose finetunes are done (at most ``max_parallel`` at once); a chapter whose
+    finetune failed is not run (it would train the finetune itself, racing the other chapters that need it)."""
+    for stem in state.having(state.chapters, WAITING):
+        if len(state.processes) >= max_parallel:
+            return
+        failed = sorted(n for n in plan.needs[stem] if state.finetunes[n] == FAILED)
+        if failed:
+            state.chapters[stem] = FAILED
+            state.failures[stem] = f"not run: finetune(s) {', '.join(failed)} failed"
+            print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
+        elif all(state.finetunes[n] == DONE for n in plan.needs[stem]):
+            print(f"[record] chapter {stem} starts ({time.time() - t_start:.0f} s)", flush=True)
+            start_chapter(plan, state, stem)
+
+
+def collect_finetunes(state: RunState, timeout: float = 5) -> None:
+    """Wait up to ``timeout`` seconds for finetunes to end and record each (out of memory: retried later)."""
+    finished, _ = wait(list(state.futures), timeout=timeout, return_when=FIRST_COMPLETED)
+    for f in finished:
+        job = state.futures.pop(f)
+        try:
+            r = f.result()
+        except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
+            state.failures[job.name] = f"{type(err).__name__}: {err}"
+            if is_out_of_memory(err) and state.attempts[job.name] < 2:
+                state.finetunes[job.name] = RETRY
+                print(f"[record] finetune {job.name} ran out of memory: retried later", flush=True)
+            else:
+                state.finetunes[job.name] = FAILED
+                print(f"[record] finetune {job.name} FAILED: {state.failures[job.name]}", flush=True)
+            continue
+        state.finetunes[job.name] = DONE
+        state.timings["jobs"][job.name] = r
+        state.failures.pop(job.name, None)
+        print(f"[record] finetune {job.name} done: {r}", flush=True)
+
+
+def collect_chapters(plan: Plan, state: RunState) -> None:
+    """Record each chapter process that has ended: its wall time, and done, failed or (out of GPU memory, the
+    first time) retry."""
+    for stem, (proc, t) in list(state.processes.items()):
+        if proc.poll() is None:
+            continue
+        del state.processes[stem]
+        secs = round(time.time() - t, 1)
+        prev = state.timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
+        state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode} | (
+            {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
+        log = Path(plan.chapter(stem).log)
+        if proc.returncode == 0:
+            state.chapters[stem] = DONE
+            state.failures.pop(stem, None)
+            print(f"[record] chapter {stem} done in {secs} s", flush=True)
+            continue
+        state.failures[stem] = log.read_text()[-3000:]
+        if state.attempts[stem] < 2 and log_says_out_of_memory(log):
+            state.chapters[stem] = RETRY
+            print(f"[record] chapter {stem} ran out of GPU memory in {secs} s: retried alone at the end", flush=True)
+            continue
+        state.chapters[stem] = FAILED
+        print(f"[record] chapter {stem} FAILED in {secs} s: {_last_error_line(log)} (log: {log})", flush=True)
+
+
+def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int, t_start: float) -> None:
+    """Every finetune in a pool of fresh worker processes, each chapter as soon as its finetunes exist."""
+    pool = runner.process_pool(workers, one_job_each=True)  # a fresh process per finetune gives its GPU memory back
+    try:
+        for job in plan.finetunes:
+            submit_finetune(plan, state, pool, job)
+        while state.unfinished():
+            retry_alone(plan, state, pool)
+            start_ready_chapters(plan, state, max_parallel_chapters, t_start)
+            if state.futures:
+                collect_finetunes(state)
+            else:
+                time.sleep(2)
+            collect_chapters(plan, state)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for proc, _ in state.processes.values():
+            proc.kill()
+
+
+def write_summary(plan: Plan, state: RunState, workers: int, t_start: float) -> dict:
+    """``record.json`` and the ``timings`` key of ``results.json``: the configuration, the device, every
+    finetune's and chapter's wall time (``timings.chapters[stem].seconds``), the total and the failures."""
+    import torch
+
+    from . import experiment
+
+    state.timings["total_s"] = round(time.time() - t_start, 1)
+    summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
+               | {"profile": plan.profile}, "overrides": plan.overrides,
+               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+               "workers": workers, "timings": state.timings, "failures": state.failures,
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    experiment.record_result(plan.run / "results.json", "timings", summary)
+    atomic_write_bytes(plan.run / "record.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+    return summary
 
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
@@ -114,156 +313,22 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         pack: str | None = None, overrides: dict | None = None) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
-    ``params`` are chapter parameters (papermill); ``overrides`` are any other config fields (e.g. a
-    model-specific ``kl_lambda``), passed to workers and chapter kernels through ``$EMLIB_CONFIG_OVERRIDES``
-    and saved with the run."""
-    from .config import ENV_OVERRIDES, _check_keys
-
-    previous = os.environ.get(ENV_OVERRIDES)
-    if overrides:
-        _check_keys(dict(overrides))
-        os.environ[ENV_OVERRIDES] = json.dumps(overrides)
-    try:
-        return _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pack, overrides)
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_OVERRIDES, None)
-        else:
-            os.environ[ENV_OVERRIDES] = previous
-
-
-def _run(profile, run_dir, params, workers, chapters, max_parallel_chapters, pack, overrides) -> dict:
-    from . import experiment
-
+    ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
+    parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
+    ``record.json`` keeps both. Everything is checked before anything runs or is written."""
     t_start = time.time()
-    root = book.repo_root()
-    run = Path(run_dir) if Path(run_dir).is_absolute() else root / run_dir
-    params = dict(params or {}) | {"profile": profile, "run_dir": str(run)}
-    cfg = get_config(profile, **_config_params(params))
-    cfg.save()
-    srcs = book.chapter_sources(root)
-    allowed = set().union(*(book.parameter_defaults(book.read_py_notebook(s)) for s in srcs))
-    extra = sorted(set(params) - allowed)
-    if extra:  # finetunes and chapters must see the same configuration
-        from .config import ConfigError
-
-        raise ConfigError(f"Unknown chapter parameter(s) {', '.join(extra)}: the chapters take "
-                          f"{', '.join(sorted(allowed))}.")
-    if chapters:
-        srcs = [s for s in srcs if s.name[:2] in chapters]
-    needed = set().union(*(chapter_needs(s.stem, cfg.datasets) for s in srcs)) if srcs else set()
-    jobs = [j for j in finetune_jobs(cfg.datasets) if j.name in needed]
-    print(f"[record] {len(jobs)} finetunes, {len(srcs)} chapters, profile {profile}, run dir {run}", flush=True)
-
-    # convert a GGUF once in the main process, so workers find the weights instead of racing to make them;
-    # a hub id is loaded (downloaded) once here for the same reason
-    from . import models
-
-    t0 = time.time()
-    if models.prepare_source(cfg.model) is None and cfg.model != models.TINY:
-        models.load_model(cfg.model, device="cpu", seed=cfg.seed)
-    timings: dict = {"model_load_s": round(time.time() - t0, 1), "jobs": {}, "chapters": {}}
-    failures: dict = {}
-    done: set[str] = set()
-    job_failed: set[str] = set()  # final failures (an out-of-memory failure is retried once, alone)
-    retry: list[Job] = []
-    retried: set[str] = set()
-    pending_chapters = list(srcs)
-    by_stem = {src.stem: src for src in srcs}
-    chapter_retry: list[Path] = []  # chapters that ran out of GPU memory: run again once, alone, at the end
-    chapters_retried: set[str] = set()
-    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
-    pool = _pool(workers)
-    futures: dict[Future, tuple[Job, float]] = {pool.submit(run_job, profile, params, j): (j, time.time())
-                                                 for j in jobs}
-    try:
-        while futures or running or pending_chapters or retry or chapter_retry:
-            if chapter_retry and not (futures or running or pending_chapters or retry):
-                src = chapter_retry.pop(0)  # cached answers and checkpoints let it resume where it stopped
-                chapters_retried.add(src.stem)
-                log = run / "logs" / f"{src.stem}.log"
-                log.replace(log.with_name(f"{src.stem}-out-of-memory.log"))
-                print(f"[record] chapter {src.stem} starts again alone after running out of memory", flush=True)
-                running[src.stem] = (_run_chapter(src, run / "executed" / f"{src.stem}.ipynb", params, log),
-                                     time.time(), log)
-            if not futures and retry:  # every other finetune has ended: retry one out-of-memory job alone
-                job = retry.pop(0)
-                retried.add(job.name)
-                print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
-                futures[pool.submit(run_job, profile, params, job)] = (job, time.time())
-            for src in list(pending_chapters):
-                if len(running) >= max_parallel_chapters:
-                    break
-                need = chapter_needs(src.stem, cfg.datasets) & {j.name for j in jobs}
-                if need & job_failed:  # never let a chapter train a failed finetune itself (runs would race)
-                    failures[src.stem] = f"not run: finetune(s) {', '.join(sorted(need & job_failed))} failed"
-                    print(f"[record] chapter {src.stem} NOT RUN: {failures[src.stem]}", flush=True)
-                    pending_chapters.remove(src)
-                    continue
-                if need - done:
-                    continue  # still training
-                out = run / "executed" / f"{src.stem}.ipynb"
-                log = run / "logs" / f"{src.stem}.log"
-                print(f"[record] chapter {src.stem} starts ({time.time() - t_start:.0f} s)", flush=True)
-                running[src.stem] = (_run_chapter(src, out, params, log), time.time(), log)
-                pending_chapters.remove(src)
-            if futures:
-                finished, _ = wait(list(futures), timeout=5, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    job, t = futures.pop(f)
-                    try:
-                        r = f.result()
-                        timings["jobs"][job.name] = r
-                        done.add(job.name)
-                        failures.pop(job.name, None)
-                        print(f"[record] finetune {job.name} done: {r}", flush=True)
-                    except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
-                        failures[job.name] = f"{type(err).__name__}: {err}"
-                        if is_out_of_memory(err) and job.name not in retried:
-                            retry.append(job)
-                            print(f"[record] finetune {job.name} ran out of memory: retried later", flush=True)
-                        else:
-                            job_failed.add(job.name)
-                            print(f"[record] finetune {job.name} FAILED: {failures[job.name]}", flush=True)
-            else:
-                time.sleep(2)
-            for stem, (proc, t, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                running.pop(stem)
-                secs = round(time.time() - t, 1)
-                prev = timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
-                timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode} | (
-                    {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
-                if proc.returncode != 0:
-                    failures[stem] = log.read_text()[-3000:]
-                    if stem not in chapters_retried and log_says_out_of_memory(log):
-                        chapter_retry.append(by_stem[stem])
-                        print(f"[record] chapter {stem} ran out of GPU memory in {secs} s: retried alone at the "
-                              "end", flush=True)
-                        continue
-                else:
-                    failures.pop(stem, None)
-                why = "" if proc.returncode == 0 else f": {_last_error_line(log)} (log: {log})"
-                print(f"[record] chapter {stem} {'done' if proc.returncode == 0 else 'FAILED'} in {secs} s{why}",
-                      flush=True)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for proc, _, _ in running.values():
-            proc.kill()
-    timings["total_s"] = round(time.time() - t_start, 1)
-    import torch
-
-    summary = {"profile": profile, "params": {k: v for k, v in params.items() if k != "run_dir"},
-               "overrides": dict(overrides or {}),
-               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-               "workers": workers, "timings": timings, "failures": failures,
-               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    experiment.record_result(run / "results.json", "timings", summary)
-    (run / "record.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"[record] finished in {timings['total_s']} s; failures: {sorted(failures) or 'none'}", flush=True)
+    plan = plan_run(profile, run_dir, params, overrides, chapters)
+    plan.cfg.save()
+    print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
+          f"run dir {plan.run}", flush=True)
+    state = RunState.of(plan)
+    state.timings["model_load_s"] = prepare_model(plan.cfg)
+    run_all(plan, state, workers, max_parallel_chapters, t_start)
+    summary = write_summary(plan, state, workers, t_start)
+    print(f"[record] finished in {state.timings['total_s']} s; failures: {sorted(state.failures) or 'none'}",
+          flush=True)
     if pack:
-        for p in pack_run(run, Path(pack)):
+        for p in pack_run(plan.run, Path(pack)):
             print(f"[record] packed {p} ({p.stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
     return summary
 
@@ -345,9 +410,7 @@ def merge(src: str | Path, dst: str | Path) -> dict:
             fails = {k: v for k, v in fails.items() if k not in redone} | dict(r.get("failures", {}))
         last["failures"] = fails
         merged["timings"] = last
-        (dst / "record.json").write_text(json.dumps(last, indent=2, default=str))
-    from .data import atomic_write_bytes
-
+        atomic_write_bytes(dst / "record.json", json.dumps(last, indent=2, default=str).encode("utf-8"))
     atomic_write_bytes(dst / "results.json", json.dumps(merged, indent=2, default=str).encode("utf-8"))
     return merged
 

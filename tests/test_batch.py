@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emlib import batch
+from emlib import batch, runner
 
 FAKE = '''# %% [markdown]
 # # A throwaway chapter
@@ -112,10 +112,8 @@ def test_plan_folders_keys_and_per_chapter_parameters(tmp_path, chapter, root):
     assert [j.params["run_dir"] for j in templated] == [str(tmp_path / "shared" / f"fake-a{i}") for i in (1, 2)]
     with pytest.raises(TypeError, match="taken by none"):
         batch.plan({"chapters": [str(chapter)], "parameters": {"aa": [1, 2]}}, out)
-    assert batch.resolve_chapter("01", root=root).name.startswith("01_")
-    assert batch.resolve_chapter(1, root=root) == batch.resolve_chapter("01", root=root)
-    with pytest.raises(FileNotFoundError, match="No chapter numbered"):
-        batch.resolve_chapter("99", root=root)
+    assert runner.resolve("01", root=root).name.startswith("01_")
+    assert runner.resolve(1, root=root) == runner.resolve("01", root=root)
 
 
 def test_results_are_flattened_to_labelled_scalars(tmp_path):
@@ -134,13 +132,13 @@ def test_results_are_flattened_to_labelled_scalars(tmp_path):
 
 
 def test_worker_plan_one_process_per_gpu_or_core():
-    assert batch.worker_plan(10, gpus=["0", "1", "2"], cores=16) == (3, ["0", "1", "2"], None)
-    assert batch.worker_plan(2, gpus=["0", "1", "2"], cores=16) == (2, ["0", "1"], None)
-    assert batch.worker_plan(10, workers=4, gpus=["0", "1"], cores=16)[1] == ["0", "1", "0", "1"]
-    assert batch.worker_plan(10, gpus=[], cores=4) == (4, [None] * 4, 1)
-    assert batch.worker_plan(10, workers=8, gpus=[], cores=4)[0] == 4  # capped at the cores
-    assert batch.worker_plan(10, workers=2, gpus=[], cores=8) == (2, [None, None], 4)
-    assert batch.worker_plan(1, gpus=[], cores=8)[0] == 1
+    assert runner.worker_plan(10, gpus=["0", "1", "2"], cores=16) == (3, ["0", "1", "2"], None)
+    assert runner.worker_plan(2, gpus=["0", "1", "2"], cores=16) == (2, ["0", "1"], None)
+    assert runner.worker_plan(10, workers=4, gpus=["0", "1"], cores=16)[1] == ["0", "1", "0", "1"]
+    assert runner.worker_plan(10, gpus=[], cores=4) == (4, [None] * 4, 1)
+    assert runner.worker_plan(10, workers=8, gpus=[], cores=4)[0] == 4  # capped at the cores
+    assert runner.worker_plan(10, workers=2, gpus=[], cores=8) == (2, [None, None], 4)
+    assert runner.worker_plan(1, gpus=[], cores=8)[0] == 1
 
 
 # --------------------------------------------------------------------------------------- execution
@@ -332,7 +330,7 @@ def test_workers_die_with_a_killed_sweep_and_a_restart_finds_an_honest_index(tmp
 
 @pytest.mark.skipif(os.name != "posix", reason="the per-combination lock is an flock (POSIX)")
 def test_a_combination_runs_in_one_process_at_a_time(tmp_path, chapter, capsys):
-    """While another process holds a combination's lock, run_job waits; if the other finished it, the
+    """While another process holds a combination's lock, run_combination waits; if the other finished it, the
     finished row is kept and the notebook is not executed a second time."""
     import threading
 
@@ -344,16 +342,16 @@ def test_a_combination_runs_in_one_process_at_a_time(tmp_path, chapter, capsys):
     result, err = {}, ""
     with batch._job_lock(folder) as waited:  # "another process" holds the combination
         assert not waited
-        worker = threading.Thread(target=lambda: result.update(batch.run_job(job)))
+        worker = threading.Thread(target=lambda: result.update(batch.run_combination(job)))
         worker.start()
         deadline = time.time() + 60
         while "waiting for it" not in err and time.time() < deadline:
             err += capsys.readouterr().err
             time.sleep(0.02)
         assert "another process is running this combination" in err
-        batch._atomic_json(folder / batch.DONE, {**batch._base_row(job), "status": "ok", "finished": "by the other"})
+        batch._write_json(folder / batch.DONE, {**batch._base_row(job), "status": "ok", "finished": "by the other"})
     worker.join(120)
     assert result["status"] == "skipped" and result["finished"] == "by the other"
     assert calls(log) == []  # not executed here
-    again = batch.run_job(job)  # an unheld lock is taken at once: the combination runs (as with --force)
+    again = batch.run_combination(job)  # an unheld lock is taken at once: the combination runs (as with --force)
     assert again["status"] == "ok" and calls(log) == [(1, "x")]

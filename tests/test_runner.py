@@ -1,0 +1,101 @@
+"""The one runner (emlib.runner): chapter selection, parameters folded into `config` and checked before any
+kernel starts, a job executed by papermill (its wall time, a failure as fields and as one line)."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from emlib import runner
+from emlib.cli import ChapterFailed
+from emlib.config import ConfigError
+
+CHAPTER = '''# %% tags=["parameters"]
+profile = "auto"
+config = {}
+interactive = True
+
+# %%
+import json
+with open(config["run_dir"] + ".seen.json", "w") as fh:
+    json.dump({"profile": profile, "config": config, "interactive": interactive}, fh)
+
+# %%
+if config.get("seed") == 13:
+    raise ValueError(f"unlucky seed {config['seed']}")
+'''
+
+
+@pytest.fixture()
+def chapter(tmp_path) -> Path:
+    path = tmp_path / "07_synthetic.py"
+    path.write_text(CHAPTER)
+    return path
+
+
+def test_chapters_are_selected_by_number_stem_or_path_with_one_error(root, chapter):
+    every = runner.select(root=root)
+    assert [p.name[:2] for p in every] == sorted(p.name[:2] for p in every) and len(every) >= 7
+    first = every[1]  # 01_...
+    assert runner.resolve("01", root=root) == runner.resolve(1, root=root) == runner.resolve(first.stem, root=root) \
+        == first
+    assert runner.select(["03", 1, "03", str(chapter)], root=root) == [every[3], first, chapter.resolve()]
+    with pytest.raises(FileNotFoundError, match=r"No chapter '99' in .*the chapters are 00_datasets, 01_"):
+        runner.resolve("99", root=root)
+    with pytest.raises(FileNotFoundError, match="01_no_such_stem"):
+        runner.resolve("01_no_such_stem", root=root)
+    with pytest.raises(FileNotFoundError, match="nope.py: no such chapter file"):
+        runner.resolve(str(chapter.parent / "nope.py"))
+
+
+def test_config_fields_are_folded_into_config_and_checked_before_any_kernel(chapter, tmp_path):
+    got = runner.chapter_parameters(chapter, {"profile": "smoke", "n_train": 4, "datasets": ("medical",),
+                                              "run_dir": tmp_path / "run", "config": {"seed": 3, "n_train": 2}})
+    assert got == {"profile": "smoke", "config": {"seed": 3, "n_train": 4, "datasets": ["medical"],
+                                                  "run_dir": str(tmp_path / "run")}}  # top level wins over config
+    assert runner.taken(runner.chapter_defaults(chapter), {"seed": 1, "a": 2}) == {"seed": 1, "interactive": False}
+    with pytest.raises(ConfigError, match=r"07_synthetic.py: unknown parameter\(s\) nsamples; this chapter takes "
+                                          r"config, interactive, profile, and inside config any of"):
+        runner.chapter_parameters(chapter, {"nsamples": 2})
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) n_tran in config"):
+        runner.chapter_parameters(chapter, {"config": {"n_tran": 2}})
+    with pytest.raises(ConfigError, match="07_synthetic.py: n_train = 'abc' .* is not allowed"):
+        runner.chapter_parameters(chapter, {"profile": "smoke", "n_train": "abc"})
+    with pytest.raises(ConfigError, match="07_synthetic.py: .*Unknown profile 'smokey'"):
+        runner.chapter_parameters(chapter, {"profile": "smokey"})
+    with pytest.raises(ConfigError, match="kl_lamda are taken by none of the chapters"):
+        runner.parameters_for({chapter: runner.chapter_defaults(chapter)}, {"kl_lamda": 1})
+    jobs = runner.chapter_jobs([chapter], {"profile": "smoke", "seed": 2}, tmp_path / "run", tmp_path, logs=True)
+    assert jobs == [runner.Job(source=str(chapter), cwd=str(tmp_path), notebook=str(tmp_path / "run" / "executed" /
+                                                                                    "07_synthetic.ipynb"),
+                               parameters={"profile": "smoke", "interactive": False,
+                                           "config": {"seed": 2, "run_dir": str(tmp_path / "run")}},
+                               log=str(tmp_path / "run" / "logs" / "07_synthetic.log"))]
+    assert not (tmp_path / "run").exists()  # planning writes nothing
+
+
+def test_run_job_passes_config_to_the_kernel_and_reports_a_failure_in_one_line(chapter, tmp_path):
+    (ok,) = runner.chapter_jobs([chapter], {"profile": "smoke", "seed": 1, "n_train": 4}, tmp_path / "a", tmp_path)
+    row = runner.run_job(ok)
+    assert row["status"] == "ok" and row["wall_s"] > 0 and row["error"] is None
+    seen = json.loads((tmp_path / "a.seen.json").read_text())
+    assert seen == {"profile": "smoke", "config": {"seed": 1, "n_train": 4, "run_dir": str(tmp_path / "a")},
+                    "interactive": False}
+    assert Path(ok.notebook).exists()
+
+    (bad,) = runner.chapter_jobs([chapter], {"profile": "smoke", "seed": 13}, tmp_path / "b", tmp_path)
+    row = runner.run_job(bad)
+    assert row["status"] == "failed" and row["error"] == "ValueError: unlucky seed 13"
+    cell = [c for c in nbformat.read(bad.notebook, as_version=4).cells if c.get("execution_count") == row["error_cell"]]
+    assert len(cell) == 1 and cell[0].source.startswith("if config.get")
+    with pytest.raises(ChapterFailed) as err:
+        runner.run_job(bad, raise_failure=True)
+    msg = str(err.value)
+    assert msg.startswith(f"07_synthetic.py failed in cell In[{row['error_cell']}]: ValueError: unlucky seed 13 "
+                          f"(the executed notebook {bad.notebook} shows the cell")
+    assert "\n" not in msg and type(err.value.__cause__).__name__ == "PapermillExecutionError"
+
+
+def test_a_pool_of_gpu_workers_takes_no_fresh_process_per_job():
+    with pytest.raises(ValueError, match="one_job_each takes none"):
+        runner.process_pool(2, ["0", "1"], one_job_each=True)
