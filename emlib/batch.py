@@ -1,5 +1,8 @@
 """Parameter sweeps over chapters: every combination is one papermill run in its own folder.
 
+(About 600 lines, kept as one module: the grid file, each combination's folder and markers, the backends,
+the index and the command line are one idea, a sweep, and read top to bottom.)
+
     python -m emlib.batch examples/grid_smoke.yaml [--out DIR] [--workers N] [--gpus 0,1]
                                                    [--ray auto|local|ADDRESS] [--force] [--dry-run]
 

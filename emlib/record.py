@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--chapters", nargs="*")
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="a chapter parameter (papermill)")
+                   help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="any other config field for every chapter and finetune (e.g. kl_lambda 0.66)")
+                   help="a config field for every chapter and finetune (e.g. kl_lambda 0.66)")
     p = sub.add_parser("pack", help="pack an existing run directory")
     p.add_argument("run_dir")
     p.add_argument("dest")
