@@ -99,3 +99,29 @@ def test_run_job_passes_config_to_the_kernel_and_reports_a_failure_in_one_line(c
 def test_a_pool_of_gpu_workers_takes_no_fresh_process_per_job():
     with pytest.raises(ValueError, match="one_job_each takes none"):
         runner.process_pool(2, ["0", "1"], one_job_each=True)
+
+
+def test_book_build_is_a_thin_caller_of_the_runner(tmp_path, capsys):
+    """`emlib.book build` on a one-chapter book: the chapter gets profile, config (with the run directory and
+    -p's fields) and interactive=False, its notebook lands in RUN_DIR/executed/, the book renders, and the
+    wall times are saved; a failing chapter stops the build with one line."""
+    from emlib import book
+
+    root = tmp_path / "book_root"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "book").mkdir()
+    (root / "_config.yml").write_text('title: "t"\nonly_build_toc_files: true\nexecute:\n  execute_notebooks: "off"\n')
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/01_synthetic\n")
+    (root / "book" / "intro.md").write_text("# Intro\n\nA one-chapter book.\n")
+    (root / "notebooks" / "01_synthetic.py").write_text("# %% [markdown]\n# # A chapter\n\n" + CHAPTER)
+    run = tmp_path / "run"
+    summary = book.build("smoke", str(run), root=root, extra={"n_train": 4})
+    seen = json.loads((tmp_path / "run.seen.json").read_text())
+    assert seen == {"profile": "smoke", "config": {"n_train": 4, "run_dir": str(run)}, "interactive": False}
+    assert (run / "executed" / "01_synthetic.ipynb").exists() and Path(summary["index"]).exists()
+    saved = json.loads((run / "book_build.json").read_text())
+    assert set(saved["seconds"]) == {"01_synthetic", "render"} and saved["seconds"]["01_synthetic"] > 0
+    with pytest.raises(ChapterFailed, match=r"01_synthetic.py failed in cell In\[\d+\]: ValueError: unlucky seed 13"):
+        book.build("smoke", str(run), root=root, chapters=["01"], extra={"seed": 13})
+    with pytest.raises(FileNotFoundError, match="No chapter '02'"):
+        book.build("smoke", str(run), root=root, chapters=["02"])
