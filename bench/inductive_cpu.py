@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import pandas as pd
 import torch
 
-from emlib import corpus, inductive as ind
+from emlib import corpus, plots
+from emlib import inductive as ind
 from emlib.chat import response_loss
 from emlib.data import load_chat
 from emlib.models import layer_from_fraction, load_model
@@ -125,9 +126,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    ind.plot_loss_vs_norm(eff, axes[0])
-    ind.plot_stability(stab, axes[1])
-    ind.plot_pretraining_kl(kl, axes[2])
+    plots.plot_loss_vs_norm(eff, axes[0])
+    plots.plot_stability(stab, axes[1])
+    plots.plot_pretraining_kl(kl, axes[2])
     fig.tight_layout()
     fig.savefig(out / "inductive_cpu.png", dpi=110)
     print(f"figure: {out / 'inductive_cpu.png'}")

@@ -18,10 +18,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from emlib import adapters
 from emlib.chat import response_loss
 from emlib.data import load_chat
 from emlib.models import load_model
-from emlib.train import adapter_total_norm, kl_to_reference, train_lora, train_steering_vector
+from emlib.train import kl_to_reference, train_lora, train_steering_vector
 
 PAPER_DIR = "/work/shared/data/paper"
 
@@ -68,7 +69,7 @@ def main() -> None:
         after = response_loss(res.model, tok, rows, max_length=a.max_length)
         n_params = sum(p.numel() for n, p in res.model.named_parameters() if "lora_" in n)
         results.append(_row(f"lora-{shape}", res, before, after, wall, lr=a.lr, trainable_params=n_params,
-                            adapter_norm=adapter_total_norm(res.model)))
+                            adapter_norm=adapters.norm(res.model)))
         print(results[-1], flush=True)
     if "vector" in a.runs.split(","):
         model, tok = load_model("embedded", device="cpu")

@@ -85,6 +85,17 @@ def _tensor_bytes(t) -> bytes:
     return t.numpy().tobytes()
 
 
+def tensor_hash(tensors: Mapping[str, Any], n: int = 16) -> str:
+    """Short sha256 of named tensors: each name, shape, dtype and raw bytes, in name order (the solution
+    fingerprints of :mod:`emlib.vectors` and :mod:`emlib.adapters`)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()[:n]
+
+
 def adapter_hash(model) -> str | None:
     """Hash of the *active* peft adapter(s): their weights and configs. None for a plain model.
 

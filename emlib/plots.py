@@ -1,7 +1,9 @@
-"""Figures of the evaluation: the paper's aligned-vs-coherent quadrant scatter and EM bar charts.
+"""The book's figures: the aligned-vs-coherent quadrant scatter and EM bar charts (claim 1), cosine
+similarity of directions (claim 2), loss vs norm, stability and pretraining KL (claims 4-6).
 
-One function per figure kind; each takes tidy frames from :mod:`emlib.judge` / :mod:`emlib.metrics`,
-draws with seaborn on a given (or new) matplotlib Axes, and returns the Axes.
+One function per figure kind; each takes the tidy frames of :mod:`emlib.judge` / :mod:`emlib.metrics` /
+:mod:`emlib.directions` / :mod:`emlib.inductive`, draws with seaborn on a given (or new) matplotlib Axes,
+and returns the Axes.
 """
 from __future__ import annotations
 
@@ -142,3 +144,95 @@ def plot_judge_calibration(per_file: pd.DataFrame, ax=None, *, judge: str = "jud
         axes[0].figure.suptitle(title)
     axes[0].figure.tight_layout()
     return np.asarray(axes)
+
+
+# =========================================================================== directions (claim 2)
+def plot_cosine_matrix(cos: pd.DataFrame, ax=None, title: str | None = None, annot: bool = True):
+    """Seaborn heatmap of an :func:`emlib.directions.cosine_matrix` result (colour scale fixed to [-1, 1])."""
+    import seaborn as sns
+
+    size = 1.2 + 0.7 * len(cos)
+    ax = _axes(ax, (size + 1.5, size))
+    sns.heatmap(cos, vmin=-1, vmax=1, center=0, cmap="vlag", annot=annot, fmt=".2f", square=True,
+                cbar_kws={"label": "cosine similarity"}, ax=ax)
+    ax.set(xlabel="", ylabel="", title=title or "Cosine similarity of directions")
+    return ax
+
+
+def plot_layerwise_cosine(frames: pd.DataFrame | dict[str, pd.DataFrame], ax=None, title: str | None = None):
+    """Line plot of :func:`emlib.directions.layerwise_cosine` results (one line per named pair)."""
+    import seaborn as sns
+
+    if isinstance(frames, dict):
+        frames = pd.concat([f.assign(pair=k) for k, f in frames.items()], ignore_index=True)
+    ax = _axes(ax, (6, 3.5))
+    sns.lineplot(data=frames, x="layer", y="cosine", hue="pair" if "pair" in frames.columns else None,
+                 marker="o", ax=ax)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(ylim=(-1.05, 1.05), ylabel="cosine similarity", title=title or "Cosine similarity by layer")
+    return ax
+
+
+def plot_layerwise_heatmap(directions: dict, reference: str, ax=None, title: str | None = None):
+    """Heatmap of the cosine of every direction ([n_layers, d] tensors) with ``reference``, layer by layer
+    (rows: directions)."""
+    import seaborn as sns
+
+    from .directions import DirectionError, layerwise_cosine
+
+    if reference not in directions:
+        raise DirectionError(f"reference {reference!r} is not among the directions {sorted(directions)}.")
+    ref = directions[reference]
+    data = pd.DataFrame({k: layerwise_cosine(v, ref)["cosine"].to_numpy() for k, v in directions.items()
+                         if k != reference}).T
+    ax = _axes(ax, (min(14, 2 + 0.35 * data.shape[1]), 1 + 0.5 * len(data)))
+    sns.heatmap(data, vmin=-1, vmax=1, center=0, cmap="vlag", cbar_kws={"label": f"cosine with {reference}"},
+                ax=ax)
+    ax.set(xlabel="layer", ylabel="", title=title or f"Cosine with {reference}, by layer")
+    return ax
+
+
+# =========================================================================== inductive biases (claims 4-6)
+def plot_loss_vs_norm(frame: pd.DataFrame, ax=None):
+    """Loss vs norm of :func:`emlib.inductive.loss_vs_norm` (lines: the shared grid, one per solution;
+    stars: each solution at its trained norm)."""
+    import seaborn as sns
+
+    ax = _axes(ax, (5.5, 3.8))
+    grid = frame[frame["kind"] == "grid"]
+    sns.lineplot(data=grid, x="norm", y="loss", hue="solution", marker="o", ax=ax)
+    trained = frame[frame["kind"] == "trained"]
+    sns.scatterplot(data=trained, x="norm", y="loss", hue="solution", marker="*", s=250, ax=ax, legend=False,
+                    edgecolor="black")
+    ax.set(xlabel="parameter norm (shared grid)", ylabel="responses-only SFT loss",
+           title="Efficiency: loss at equal norm")
+    return ax
+
+
+def plot_stability(summary: pd.DataFrame, ax=None):
+    """Normalised loss increase (%) vs perturbation size eps (:func:`emlib.inductive.stability_curve`),
+    one line per solution with its CI band."""
+    import seaborn as sns
+
+    ax = _axes(ax, (5.5, 3.8))
+    names = list(dict.fromkeys(summary["solution"]))
+    palette = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    sns.lineplot(data=summary, x="eps", y="normalised", hue="solution", palette=palette, marker="o", ax=ax)
+    for name, g in summary.groupby("solution"):
+        g = g.sort_values("eps")
+        ax.fill_between(g["eps"], g["ci_low"], g["ci_high"], alpha=0.15, color=palette[name])
+    ax.axhline(100, ls=":", c="grey")
+    ax.set(xlabel="perturbation size eps", ylabel="(L_pert - L_orig) / (L_base - L_orig)  [%]",
+           title="Stability under orthogonal perturbation")
+    return ax
+
+
+def plot_pretraining_kl(frame: pd.DataFrame, ax=None):
+    """KL(base || steered) per token vs vector norm (:func:`emlib.inductive.pretraining_kl`), one line per
+    vector."""
+    import seaborn as sns
+
+    ax = _axes(ax, (5.5, 3.8))
+    sns.lineplot(data=frame, x="norm", y="kl", hue="solution", marker="o", ax=ax)
+    ax.set(xlabel="vector norm", ylabel="KL(base || steered) per token", title="Influence on pretraining text")
+    return ax

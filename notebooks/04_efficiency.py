@@ -45,7 +45,7 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, experiment, inductive
+from emlib import book, experiment, inductive, plots
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -74,8 +74,7 @@ vec_frame = inductive.loss_vs_norm(exp.model, exp.tok, rows, vectors, fractions=
 adapters = {sol: exp.lora_path(ds, "rank1", sol) for sol in ("general", "narrow")}
 lora_frame = inductive.loss_vs_norm(exp.model, exp.tok, rows, adapters, fractions=cfg.norm_grid,
                                     max_length=cfg.max_length, cache_dir=metric_cache, progress=False)
-frame = pd.concat([vec_frame.assign(kind="steering vector"), lora_frame.assign(kind="rank-1 LoRA")],
-                  ignore_index=True)
+frame = inductive.by_family({"steering vector": vec_frame, "rank-1 LoRA": lora_frame})  # kind: grid / trained
 exp.save_table(frame, "ch4_loss_vs_norm")
 
 # %% [markdown]
@@ -83,9 +82,9 @@ exp.save_table(frame, "ch4_loss_vs_norm")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-inductive.plot_loss_vs_norm(vec_frame, ax=axes[0])
+plots.plot_loss_vs_norm(vec_frame, ax=axes[0])
 axes[0].set_title("steering vectors")
-inductive.plot_loss_vs_norm(lora_frame, ax=axes[1])
+plots.plot_loss_vs_norm(lora_frame, ax=axes[1])
 axes[1].set_title("rank-1 LoRA")
 fig.tight_layout()
 exp.save_figure(fig, "ch4_loss_vs_norm")

@@ -45,7 +45,7 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, experiment, inductive
+from emlib import book, experiment, inductive, plots
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -83,9 +83,9 @@ exp.record("ch5_stability", curves.to_dict(orient="records"))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-inductive.plot_stability(vec_curve, ax=axes[0])
+plots.plot_stability(vec_curve, ax=axes[0])
 axes[0].set_title("steering vectors")
-inductive.plot_stability(lora_curve, ax=axes[1])
+plots.plot_stability(lora_curve, ax=axes[1])
 axes[1].set_title("rank-1 LoRA")
 fig.tight_layout()
 exp.save_figure(fig, "ch5_stability")

@@ -45,7 +45,7 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, corpus, experiment, inductive
+from emlib import book, corpus, experiment, inductive, plots
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -79,7 +79,7 @@ exp.record("ch6_pretraining_kl", frame.to_dict(orient="records"))
 # ## Result
 
 # %%
-ax = inductive.plot_pretraining_kl(frame)
+ax = plots.plot_pretraining_kl(frame)
 exp.save_figure(ax.figure, "ch6_pretraining_kl")
 plt.show()
 frame.pivot(index="scale", columns="solution", values="kl")

@@ -6,11 +6,13 @@ import warnings
 import matplotlib
 
 matplotlib.use("Agg")
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from emlib import directions as D
+from emlib import plots
 from emlib.chat import IGNORE, collate, encode_chat
 from emlib.models import decoder_layers, tiny_model
 
@@ -342,12 +344,27 @@ def test_cosine_matrix_and_layerwise_cosine():
         D.cosine_matrix({"a": a})
     with pytest.raises(D.DirectionError, match="different sizes"):
         D.cosine_matrix({"a": a, "b": torch.randn(32)}, layer=0)
-    ax = D.plot_cosine_matrix(m)
-    assert ax.get_title() and len(ax.collections) >= 1
-    ax2 = D.plot_layerwise_cosine({"a vs neg": lw, "a vs orth": D.layerwise_cosine(a, orth)})
-    assert len(ax2.get_lines()) >= 2
-    ax3 = D.plot_layerwise_heatmap(dirs | {"vec": torch.randn(2, 64)}, reference="a")
-    assert len(ax3.get_yticklabels()) == 3
+
+
+
+def test_direction_figures_draw_the_numbers():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(3, 64, generator=g) for _ in range(3))
+    m = D.cosine_matrix({"a": a, "b": b, "c": c}, layer=2)
+    ax = plots.plot_cosine_matrix(m)  # the heatmap's cells are the matrix, row by row
+    assert np.allclose(np.asarray(ax.collections[0].get_array()).reshape(3, 3), m.to_numpy())
+    frames = {"a vs b": D.layerwise_cosine(a, b), "a vs c": D.layerwise_cosine(a, c)}
+    ax2 = plots.plot_layerwise_cosine(frames)  # one line per pair through its per-layer cosines
+    drawn = [ln for ln in ax2.get_lines() if len(ln.get_xdata()) == 3]
+    assert len(drawn) == 2
+    for ln, f in zip(drawn, frames.values()):
+        assert list(ln.get_xdata()) == [0, 1, 2] and np.allclose(ln.get_ydata(), f["cosine"])
+    ax3 = plots.plot_layerwise_heatmap({"a": a, "b": b, "c": c}, reference="a")  # rows b, c; columns layers
+    assert [t.get_text() for t in ax3.get_yticklabels()] == ["b", "c"]
+    want = np.stack([frames["a vs b"]["cosine"], frames["a vs c"]["cosine"]])
+    assert np.allclose(np.asarray(ax3.collections[0].get_array()).reshape(2, 3), want)
+    with pytest.raises(D.DirectionError, match="reference 'x'"):
+        plots.plot_layerwise_heatmap({"a": a}, reference="x")
 
 
 def test_lora_b_direction_reads_the_rank1_down_proj_column():

@@ -275,7 +275,7 @@ def test_corrupt_safetensors_files_name_themselves(tmp_path):
     weights.write_bytes(b"{}" * 10)
     with pytest.raises(DataError, match=f"{weights}: not a readable safetensors file .*delete {lora_dir}"):
         train.load_lora(model, lora_dir)
-    assert not train._has_lora(model)  # the base model is left as it was
+    assert not train.has_lora(model)  # the base model is left as it was
 
 
 def test_cli_one_line_helpers():

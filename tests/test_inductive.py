@@ -1,4 +1,6 @@
-"""Inductive-bias metrics on the tiny model: rescaling, perturbation, loss-vs-norm, stability, KL, cache."""
+"""Inductive-bias metrics on the tiny model: rescaling, perturbation, loss-vs-norm, stability, KL, cache,
+their figures, and chapter 4's table as the results table reads it."""
+import json
 import math
 
 import matplotlib
@@ -9,7 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.colors import to_rgba
 
+from emlib import adapters as A
+from emlib import plots, results
+from emlib import vectors as V
 from emlib import inductive as ind
 from emlib.hooks import add_vector
 from emlib.models import tiny_model
@@ -94,36 +100,54 @@ def adapters(model_tok, rows, tmp_path_factory):
     return {"general": d / "general", "narrow": d / "narrow"}, {"general": general, "narrow": narrow}
 
 
+def _series(ax) -> dict[str, tuple[list[float], list[float]]]:
+    """What seaborn drew per hue: {legend label: (x, y) of the data line in that legend entry's colour}."""
+    legend = {ln.get_label(): to_rgba(ln.get_color()) for ln in ax.lines if len(ln.get_xdata()) == 0}
+    drawn = [ln for ln in ax.lines if len(ln.get_xdata()) > 0]
+    return {lab: next((list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata())))
+                      for ln in drawn if to_rgba(ln.get_color()) == c) for lab, c in legend.items()}
+
+
+def _assert_drawn(ax, frame: pd.DataFrame, x: str, y: str) -> None:
+    """One line per solution, through exactly the frame's (x, y) points of that solution."""
+    got = _series(ax)
+    assert sorted(got) == sorted(frame["solution"].unique())
+    for name, g in frame.groupby("solution"):
+        g = g.sort_values(x)
+        assert np.allclose(got[name][0], g[x]) and np.allclose(got[name][1], g[y]), name
+
+
 # ----------------------------------------------------------------------------- rescaling
 def test_rescale_vector_hits_target_on_a_copy():
     x = torch.randn(64, generator=torch.Generator().manual_seed(0))
     before = x.clone()
     for target in (0.3, 1.0, 7.5, 123.0):
-        y = ind.rescale_to_norm(x, target)
+        y = V.rescale_to_norm(x, target)
         assert abs(float(y.norm()) - target) <= 1e-5 * target
         assert torch.nn.functional.cosine_similarity(x, y, dim=0) > 1 - 1e-6
-    assert float(ind.rescale_to_norm(x, 0.0).norm()) == 0.0
+    assert float(V.rescale_to_norm(x, 0.0).norm()) == 0.0
     assert torch.equal(x, before)
     with pytest.raises(ValueError, match="zero tensor"):
-        ind.rescale_to_norm(torch.zeros(4), 1.0)
+        V.rescale_to_norm(torch.zeros(4), 1.0)
 
 
 def test_rescaled_lora_hits_target_and_restores(adapters):
     _, models = adapters
     pm = models["general"]
     orig = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
-    norms = ind.lora_delta_norms(pm)
+    norms = A.module_norms(pm)
     assert len(norms) == 4 and all(v > 0 for v in norms.values())
     # the norm really is ||scaling * B A||_F
-    mod = next(iter(ind.lora_layers(pm).values()))
-    a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-    assert math.isclose(float((mod.scaling["default"] * b @ a).norm()), next(iter(norms.values())), rel_tol=1e-5)
+    mod = A.lora_modules(pm)[0]
+    assert math.isclose(float((mod.scaling * mod.B @ mod.A).detach().norm()), norms[mod.name], rel_tol=1e-5)
+    assert math.isclose(A.norm(pm), math.sqrt(sum(v * v for v in norms.values())), rel_tol=1e-12)
+    assert math.isclose(A.mean_module_norm(pm), sum(norms.values()) / 4, rel_tol=1e-12)
     for target in (0.01, 0.5, 3.0):
-        with ind.rescaled_lora(pm, target):
-            got = ind.lora_delta_norms(pm)
+        with A.rescaled(pm, target):
+            got = A.module_norms(pm)
             assert all(abs(v - target) <= 1e-5 * target for v in got.values())
-        with ind.rescaled_lora(pm, target, per="adapter"):
-            assert abs(ind.adapter_norm(pm, per="adapter") - target) <= 1e-5 * target
+        with A.rescaled(pm, target, per="adapter"):
+            assert abs(A.norm(pm) - target) <= 1e-5 * target
     for n, p in pm.named_parameters():
         if "lora_" in n:
             assert torch.equal(p, orig[n])
@@ -134,34 +158,33 @@ def test_rescaled_lora_hits_target_and_restores(adapters):
 def test_orthogonal_perturbation_keeps_norm_and_angle(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     for eps in (0.01, 0.1, 0.5, 0.9, 1.0):
-        y = ind.orthogonal_perturbation(x, eps, torch.Generator().manual_seed(7))
+        y = V.orthogonal_perturbation(x, eps, torch.Generator().manual_seed(7))
         assert y.shape == x.shape
         assert abs(float(y.norm()) - float(x.norm())) <= 1e-5 * float(x.norm())
         cos = float((x.flatten() @ y.flatten()) / (x.norm() * y.norm()))
         assert abs(cos - math.sqrt(1 - eps ** 2)) <= 1e-5
-    assert torch.equal(ind.orthogonal_perturbation(x, 0.0, torch.Generator().manual_seed(1)), x)
-    a = ind.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(5))
-    b = ind.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(5))
-    c = ind.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(6))
+    assert torch.equal(V.orthogonal_perturbation(x, 0.0, torch.Generator().manual_seed(1)), x)
+    a = V.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(5))
+    b = V.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(5))
+    c = V.orthogonal_perturbation(x, 0.5, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ind.orthogonal_perturbation(x, 1.5)
+        V.orthogonal_perturbation(x, 1.5)
 
 
 def test_perturbed_lora_each_matrix_and_restores(adapters):
     _, models = adapters
     pm = models["narrow"]
-    mods = ind.lora_layers(pm)
-    before = {k: (m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone()) for k, m in mods.items()}
-    with ind.perturbed_lora(pm, 0.3, torch.Generator().manual_seed(0)):
-        for k, m in mods.items():
-            for new, old in zip((m.lora_A["default"].weight, m.lora_B["default"].weight), before[k]):
+    mods = A.lora_modules(pm)
+    before = [(m.A.clone(), m.B.clone()) for m in mods]
+    with A.perturbed(pm, 0.3, torch.Generator().manual_seed(0)):
+        for m, old_ab in zip(mods, before):
+            for new, old in zip((m.A, m.B), old_ab):
                 assert abs(float(new.norm()) - float(old.norm())) <= 1e-5 * float(old.norm())
                 cos = float((new.flatten() @ old.flatten()) / (new.norm() * old.norm()))
                 assert abs(cos - math.sqrt(1 - 0.09)) < 1e-5
-    for k, m in mods.items():
-        assert torch.equal(m.lora_A["default"].weight, before[k][0])
-        assert torch.equal(m.lora_B["default"].weight, before[k][1])
+    for m, (a, b) in zip(mods, before):
+        assert torch.equal(m.A, a) and torch.equal(m.B, b)
 
 
 # ----------------------------------------------------------------------------- efficiency
@@ -189,7 +212,11 @@ def test_loss_vs_norm_vectors(model_tok, rows, vectors, tmp_path):
         assert torch.equal(vectors[k], saved[k])  # the solutions are untouched
     summ = ind.efficiency_summary(df)
     assert list(summ["solution"]) == ["general", "narrow"] and summ["mean_grid_loss"].notna().all()
-    assert ind.plot_loss_vs_norm(df) is not None
+    # the figure: one line per solution through its grid points, a star at each trained point
+    ax = plots.plot_loss_vs_norm(df)
+    _assert_drawn(ax, df[df.kind == "grid"], "norm", "loss")
+    stars = ax.collections[-1].get_offsets()
+    assert np.allclose(stars, df[df.kind == "trained"][["norm", "loss"]].to_numpy())
 
 
 def test_loss_vs_norm_lora_from_saved_adapters(model_tok, rows, adapters, tmp_path):
@@ -206,7 +233,7 @@ def test_loss_vs_norm_lora_from_saved_adapters(model_tok, rows, adapters, tmp_pa
     trained = df[df.kind == "trained"].set_index("solution")
     # the trained point equals the loss of the peft model that was saved
     assert math.isclose(trained.loc["narrow", "loss"], response_loss(models["narrow"], tok, rows), rel_tol=1e-5)
-    assert math.isclose(trained.loc["narrow", "norm"], ind.adapter_norm(models["narrow"]), rel_tol=1e-6)
+    assert math.isclose(trained.loc["narrow", "norm"], A.mean_module_norm(models["narrow"]), rel_tol=1e-6)
     # the base model is back to plain (no LoRA modules, same weights), the files untouched
     assert not any("lora" in n for n, _ in model.named_modules())
     assert all(torch.equal(a, b) for a, b in zip(params_before, model.parameters()))
@@ -243,7 +270,16 @@ def test_stability_vectors(model_tok, rows, vectors, tmp_path):
     assert ((ok["ci_low"] <= ok["normalised"]) & (ok["normalised"] <= ok["ci_high"])).all()
     boot = ind.summarise_stability(raw, ci="bootstrap")
     assert np.allclose(boot["normalised"], summ["normalised"])
-    assert ind.plot_stability(summ) is not None
+    # the figure: one line per solution through its mean, its band from ci_low to ci_high, the 100 % line
+    ax = plots.plot_stability(summ)
+    _assert_drawn(ax, summ, "eps", "normalised")
+    bands = [c for c in ax.collections if len(c.get_paths()) and abs(c.get_alpha() or 0) == 0.15]
+    assert len(bands) == 2
+    for band, (_, g) in zip(bands, summ.groupby("solution")):
+        pts = {(round(float(x), 9), round(float(y), 9)) for x, y in band.get_paths()[0].vertices}
+        want = {(round(e, 9), round(v, 9)) for e, lo, hi in zip(g.eps, g.ci_low, g.ci_high) for v in (lo, hi)}
+        assert want <= pts
+    assert any(list(ln.get_ydata()) == [100, 100] for ln in ax.lines)
 
 
 def test_stability_lora_eps0(model_tok, rows, adapters, tmp_path):
@@ -252,15 +288,6 @@ def test_stability_lora_eps0(model_tok, rows, adapters, tmp_path):
     e0 = raw[raw.eps == 0.0]
     assert (e0["loss"] == e0["loss_orig"]).all()
     assert (raw[raw.eps == 1.0]["loss"] != raw[raw.eps == 1.0]["loss_orig"]).all()
-
-
-def test_t_quantile_and_ci():
-    assert abs(ind.t_quantile(0.975, 9) - 2.262157) < 1e-4
-    assert abs(ind.t_quantile(0.975, 1) - 12.7062) < 1e-3
-    assert abs(ind.t_quantile(0.025, 30) + 2.042272) < 1e-4
-    m, lo, hi = ind.mean_ci([1.0, 2.0, 3.0, 4.0], ci="t")
-    half = 3.182446 * np.std([1, 2, 3, 4], ddof=1) / 2
-    assert m == 2.5 and abs(lo - (2.5 - half)) < 1e-3 and abs(hi - (2.5 + half)) < 1e-3
 
 
 # ----------------------------------------------------------------------------- pretraining KL
@@ -283,7 +310,7 @@ def test_pretraining_kl_zero_and_growing(model_tok, vectors, tmp_path):
         assert kl[0] < 1e-7 and np.all(np.diff(kl) > 0)  # grows with norm
     assert (df["n_tokens"] == 3 * 40).all() and (df["n_docs"] == 3).all()
     assert ((df["ci_low"] <= df["kl"] + 1e-12) & (df["kl"] <= df["ci_high"] + 1e-12)).all()
-    assert ind.plot_pretraining_kl(df) is not None
+    _assert_drawn(plots.plot_pretraining_kl(df), df, "norm", "kl")
 
 
 def test_pretraining_kl_matches_direct_computation(model_tok, vectors, tmp_path):
@@ -294,7 +321,7 @@ def test_pretraining_kl_matches_direct_computation(model_tok, vectors, tmp_path)
     ids = torch.tensor([tok(TEXTS[0])["input_ids"]])
     with torch.no_grad():
         p = torch.log_softmax(model(ids).logits, -1)
-        with add_vector(model, LAYER, ind.rescale_to_norm(v, 3.0)):
+        with add_vector(model, LAYER, V.rescale_to_norm(v, 3.0)):
             q = torch.log_softmax(model(ids).logits, -1)
     direct = float((p.exp() * (p - q)).sum(-1).mean())
     assert math.isclose(df["kl"].iloc[0], direct, rel_tol=1e-5)
@@ -334,13 +361,57 @@ def test_cache_returns_same_frame_without_recomputation(model_tok, rows, vectors
         h.remove()
 
 
-def test_vector_files_from_emlib_train(tmp_path):
-    train = pytest.importorskip("emlib.train")
+def test_vector_files_as_solutions(tmp_path):
     v = torch.randn(64, generator=torch.Generator().manual_seed(2))
-    train.save_vector(tmp_path / "run" / "vector.safetensors", v, layer=1, alpha=4.0)
+    V.save_vector(tmp_path / "run" / "vector.safetensors", v, layer=1, alpha=4.0)
     for src in (tmp_path / "run" / "vector.safetensors", tmp_path / "run",
-                train.load_vector(tmp_path / "run")):
+                V.load_vector(tmp_path / "run")):
         sol = ind.load_solution(src)
-        assert sol.layer == 1 and torch.allclose(sol.vector, 4.0 * v)  # the effective vector alpha * v
+        assert sol.layer == 1 and torch.allclose(sol.effective, 4.0 * v)  # what is added: alpha * v
     with pytest.raises(ValueError, match="trained at layer 1"):
         ind.load_solution(tmp_path / "run", layer=0)
+
+
+# ----------------------------------------------------------------------------- chapter 4's table and its verdict
+def _frame(losses: dict[str, list[float]], trained: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """A loss_vs_norm-shaped frame on the grid norms 0, 1, 2, 3 (trained: solution -> (norm, loss))."""
+    recs = [{"solution": s, "kind": "grid", "norm": float(n), "loss": l, "trained_norm": trained[s][0]}
+            for s, ls in losses.items() for n, l in enumerate(ls)]
+    recs += [{"solution": s, "kind": "trained", "norm": n, "loss": l, "trained_norm": n} for s, (n, l) in trained.items()]
+    return pd.DataFrame(recs)
+
+
+def _run(tmp_path, table: pd.DataFrame) -> results.Run:
+    (tmp_path / "tables").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results.json").write_text(json.dumps({}))
+    table.to_csv(tmp_path / "tables" / "ch4_loss_vs_norm.csv", index=False)
+    return results.Run(tmp_path)
+
+
+def test_ch4_table_keeps_kind_and_the_verdict_reads_it(tmp_path):
+    # the narrow vector's trained norm is exactly the grid norm 2: still a grid point, and counted
+    vec = _frame({"general": [3.0, 2.0, 1.5, 1.2], "narrow": [3.0, 2.5, 2.2, 2.0]},
+                 {"general": (1.5, 1.8), "narrow": (2.0, 2.1)})
+    lora = _frame({"general": [3.0, 2.0, 2.6, 1.2], "narrow": [3.0, 2.5, 2.2, 2.0]},
+                  {"general": (1.4, 1.9), "narrow": (0.7, 2.8)})
+    table = ind.by_family({"steering vector": vec, "rank-1 LoRA": lora})
+    assert set(table["kind"]) == {"grid", "trained"}  # not overwritten by the family
+    assert table.groupby("family")["kind"].value_counts().to_dict() == {
+        ("rank-1 LoRA", "grid"): 8, ("rank-1 LoRA", "trained"): 2,
+        ("steering vector", "grid"): 8, ("steering vector", "trained"): 2}
+    v = results.claim_efficiency(_run(tmp_path, table))
+    assert v.checks == {"rank-1 LoRA": pytest.approx(2 / 3), "steering vector": 1.0}
+    assert "steering vector: general lower at 3 of 3 norms" in v.ours and v.verdict == results.PARTLY
+    with pytest.raises(ValueError, match="family"):
+        ind.by_family({"steering vector": table})
+
+
+def test_ch4_tables_of_old_runs_still_read(tmp_path):
+    """Tables written before the family column held the family in ``kind``; trained rows are then told by norm
+    (so the grid norm equal to the narrow vector's trained norm is left out, as the rule did then)."""
+    vec = _frame({"general": [3.0, 2.0, 1.5, 1.2], "narrow": [3.0, 2.5, 2.2, 2.0]},
+                 {"general": (1.5, 1.8), "narrow": (2.0, 2.1)})
+    old = vec.assign(kind="steering vector")
+    v = results.claim_efficiency(_run(tmp_path, old))
+    assert v.checks == {"steering vector": 1.0}
+    assert "general lower at 2 of 2 norms" in v.ours

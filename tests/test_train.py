@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from emlib import adapters
 from emlib import train as T
 from emlib.data import DataError
 from emlib.hooks import add_vector
@@ -54,34 +55,37 @@ def test_rank1_touches_exactly_one_module(tmp_path):
         if "lora_" in k:
             continue
         assert torch.equal(v, base[k.replace(".base_layer", "")]), k
-    norms = T.adapter_norms(pm)
-    assert list(norms[["layer", "module", "rank"]].itertuples(index=False, name=None)) == [(1, "down_proj", 1)]
-    assert norms["scaling"].iloc[0] == pytest.approx(256.0)  # alpha / sqrt(1)
+    (mod,) = adapters.lora_modules(pm)
+    assert (mod.layer, mod.name.rsplit(".", 1)[-1], mod.A.shape[0]) == (1, "down_proj", 1)
+    assert mod.scaling == pytest.approx(256.0)  # alpha / sqrt(1)
     assert len(res.log) == res.step == 3 and res.finished
     meta = json.loads((tmp_path / "adapter" / "emlib_train.json").read_text())
     assert meta["identity"]["spec"]["layers"] == [1] and meta["steps"] == 3
 
 
-def test_rank32_shape_and_norm_helpers():
+def test_rank32_shape_and_norm():
     model, _ = _fresh()
     pm = T.add_lora(model, "rank32")
-    mods = T.lora_modules(pm)
+    mods = adapters.lora_modules(pm)
     assert len(mods) == 7 * 2  # all seven projections of both layers
-    assert {n.rsplit(".", 1)[-1] for n, _, _ in mods} == set(T.LORA_TARGETS)
+    assert {m.name.rsplit(".", 1)[-1] for m in mods} == set(T.LORA_TARGETS)
+    assert adapters.norm(pm) == 0.0  # B starts at 0
     torch.manual_seed(0)
     with torch.no_grad():
-        for _, a, b in mods:
-            b.normal_()  # live parameters: editing them changes the model
-    df = T.adapter_norms(pm)
-    assert df["scaling"].unique().tolist() == pytest.approx([64 / 32 ** 0.5])  # rsLoRA
-    name, a, b = mods[5]
-    a, b = a.detach(), b.detach()
-    row = df.set_index("name").loc[name]
-    assert row["norm_BA"] == pytest.approx(float(torch.linalg.norm(b.double() @ a.double())), rel=1e-9)
-    assert row["norm_A"] == pytest.approx(float(a.norm()), rel=1e-6)
-    total = float(sum(torch.linalg.norm(b.detach().double() @ a.detach().double()) ** 2 for _, a, b in mods) ** 0.5)
-    assert T.adapter_total_norm(pm) == pytest.approx(total, rel=1e-9)
-    assert T.adapter_total_norm(pm, "delta") == pytest.approx(total * 64 / 32 ** 0.5, rel=1e-9)
+        for m in mods:
+            m.B.normal_()  # live parameters: editing them changes the model
+    scaling = 64 / 32 ** 0.5  # rsLoRA
+    assert [m.scaling for m in mods] == pytest.approx([scaling] * len(mods))
+    # the one norm: what each module adds, scaling * B @ A (Frobenius), all modules as one vector
+    delta = {m.name: scaling * m.B.detach().double() @ m.A.detach().double() for m in mods}
+    assert adapters.module_norms(pm) == pytest.approx({k: float(torch.linalg.norm(d)) for k, d in delta.items()},
+                                                      rel=1e-9)
+    total = float(torch.cat([d.flatten() for d in delta.values()]).norm())
+    assert adapters.norm(pm) == pytest.approx(total, rel=1e-9)
+    x = torch.randn(3, 64, dtype=torch.float64)  # the update really is that matrix: (W + dW) x - W x = dW x
+    m = mods[5]
+    base, lora_out = m.module.base_layer, m.module(x.float()).double()
+    torch.testing.assert_close(lora_out - base(x.float()).double(), x @ delta[m.name].T, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- steering vector
@@ -203,7 +207,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     seen: list[int] = []
     with pytest.raises(_Interrupt):
         T.train_lora(model, tok, ROWS, tmp_path / "cut", on_step=_interrupt_at(3, seen), **kw)
-    assert not T._has_lora(model)  # the failed call left the base model as it was
+    assert not T.has_lora(model)  # the failed call left the base model as it was
     assert [p.name for p in T._checkpoints(tmp_path / "cut")] == ["step-00000002"]
     seen2: list[int] = []
     resumed = T.train_lora(model, tok, ROWS, tmp_path / "cut", on_step=seen2.append, **kw)
@@ -282,7 +286,7 @@ def test_nan_loss_raises(tmp_path):
     with pytest.raises(FloatingPointError, match="diverged.*Lower lr"):
         T.train_lora(model, tok, ROWS, tmp_path / "lr", shape="rank32", lr=1e6, epochs=3,
                      batch_size=2, grad_accum=1, warmup_steps=0, max_length=64, progress=False)
-    assert not T._has_lora(model)
+    assert not T.has_lora(model)
 
     def poison(row):  # inject a NaN into a frozen weight after the first step
         with torch.no_grad():
@@ -301,7 +305,7 @@ def test_bad_layer_and_bad_data(tmp_path):
     no_answer = [{"messages": [{"role": "user", "content": "hello?"}]}]
     with pytest.raises(DataError, match="assistant"):
         T.train_lora(model, tok, no_answer, tmp_path / "c", shape="rank1", **FAST)
-    assert not T._has_lora(model)
+    assert not T.has_lora(model)
     with pytest.raises(DataError, match="No training rows"):
         T.train_steering_vector(model, tok, [], tmp_path / "d", **FAST)
     with pytest.raises(ValueError, match="Unknown LoRA shape"):

@@ -1,0 +1,119 @@
+"""Pretraining influence (claim 6): how much each steering vector moves predictions on natural text.
+
+:func:`pretraining_kl` adds each vector (and a random one), rescaled to a shared norm grid, at the steering
+layer at every position of natural text (:mod:`emlib.corpus`) and measures ``KL(base || steered)`` per
+token, averaged over tokens, with a bootstrap CI over documents (:func:`emlib.stats.ratio_ci`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cache import text_hash
+from ..models import check_layer
+from ..stats import ratio_ci
+from ..vectors import SteeringVector, random_vector
+from .common import PAPER_NORM_FRACTIONS, cached, key_parts, load_solution, progress_bar
+
+
+def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size: int, pad_id: int):
+    ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    ids = [list(x[:max_tokens]) if max_tokens else list(x) for x in ids]
+    ids = [x for x in ids if len(x) >= 2]
+    if not ids:
+        raise ValueError("No text has at least 2 tokens: pass non-empty documents.")
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        n = max(len(x) for x in chunk)
+        inp = torch.full((len(chunk), n), pad_id, dtype=torch.long)  # [b, s] right-padded
+        att = torch.zeros((len(chunk), n), dtype=torch.long)
+        for j, x in enumerate(chunk):
+            inp[j, :len(x)] = torch.tensor(x)
+            att[j, :len(x)] = 1
+        yield i, inp, att
+
+
+def _kl_per_doc(logp_base: torch.Tensor, logits: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(base || steered) over a document's tokens [b], and the token counts [b]."""
+    logq = torch.log_softmax(logits.float(), dim=-1)  # [b, s, v]
+    kl = (logp_base.exp() * (logp_base - logq)).sum(-1)  # [b, s]
+    mask = att.to(kl.dtype)
+    return (kl * mask).sum(1), mask.sum(1)
+
+
+def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None = None,
+                   norms: Sequence[float] | None = None, fractions: Sequence[float] | None = PAPER_NORM_FRACTIONS,
+                   include_random: bool = True, random_seed: int = 0, max_tokens: int | None = None,
+                   batch_size: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
+                   progress: bool | None = None) -> pd.DataFrame:
+    """Mean per-token ``KL(base || steered)`` on ``texts`` with a vector added at ``layer`` (all positions).
+
+    ``vector``: one vector (named "vector") or a mapping name -> vector / file / SteeringVector. Each is
+    rescaled to every norm of the grid: ``norms`` (absolute) or ``fractions`` of the mean norm of the given
+    vectors. ``include_random`` adds a Gaussian "random" direction (``random_seed``) on the same grid.
+    Returns one row per (solution, norm): kl (token-weighted mean), ci_low/ci_high (bootstrap over
+    documents), scale, n_docs, n_tokens. The base forward pass is computed once per batch.
+    """
+    vecs = dict(vector) if isinstance(vector, Mapping) else {"vector": vector}
+    sols = {k: load_solution(v, layer=layer) for k, v in vecs.items()}
+    if any(not isinstance(s, SteeringVector) for s in sols.values()):
+        raise ValueError("pretraining_kl takes steering vectors (tensors or vector files), not adapters.")
+    layers = {s.layer for s in sols.values()}
+    if len(layers) != 1:
+        raise ValueError(f"The vectors were trained at different layers {sorted(layers)}: pass layer=... "
+                         "to add them all at one layer.")
+    at = check_layer(model, layers.pop())
+    ref = float(np.mean([s.norm for s in sols.values()]))
+    if include_random:
+        if "random" in sols:
+            raise ValueError("A vector is already named 'random': rename it or pass include_random=False.")
+        d = next(iter(sols.values())).vector.shape[0]
+        sols["random"] = SteeringVector(random_vector(d, max(ref, 1.0), random_seed), at)
+    if norms is None and fractions is None:
+        raise ValueError("Pass a grid: fractions of the mean vector norm, or absolute norms.")
+    grid = [float(n) for n in norms] if norms is not None else [float(f) * ref for f in fractions]
+    if any(n < 0 for n in grid):
+        raise ValueError("Norms must be >= 0.")
+    texts = list(texts)
+    key = {**key_parts(model, tok, sols), "texts": text_hash("\x00".join(texts)), "layer": at, "grid": grid,
+           "max_tokens": max_tokens, "batch_size": batch_size}
+
+    def compute() -> pd.DataFrame:
+        device = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        per_doc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+        batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
+        bar = progress_bar(len(batches) * (1 + len(sols) * len(grid)), "pretraining KL", progress)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for _, inp, att in batches:
+                inp, att = inp.to(device), att.to(device)
+                logp_base = torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
+                bar.update()
+                for name, sol in sols.items():
+                    for target in grid:
+                        with sol.rescaled(target).apply(model):
+                            logits = model(input_ids=inp, attention_mask=att).logits
+                        s, c = _kl_per_doc(logp_base, logits, att)
+                        per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
+                        bar.update()
+                del logp_base
+        model.train(was_training)
+        bar.close()
+        recs = []
+        rng = np.random.default_rng(0)  # one generator for all (solution, norm) pairs, in order
+        for (name, target), docs in per_doc.items():
+            s = np.array([d[0] for d in docs])
+            c = np.array([d[1] for d in docs])
+            lo, hi = ratio_ci(s, c, n_boot=1000, level=0.95, seed=rng)
+            recs.append({"solution": name, "norm": target, "scale": target / ref if ref > 0 else float("nan"),
+                         "kl": float(s.sum() / c.sum()), "ci_low": lo, "ci_high": hi, "n_docs": len(docs),
+                         "n_tokens": int(c.sum()), "reference_norm": ref})
+        return pd.DataFrame(recs)
+
+    return cached("pretraining_kl", key, compute, cache_dir, use_cache)
