@@ -31,17 +31,26 @@ class Finetune:
     dataset: str
     solution: str
     shape: str | None = None
+    kl_scale: float = 1.0  # multiplier of the profile's KL lambda (chapter 3's sweep)
 
     @property
     def name(self) -> str:
-        return "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
+        base = "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
+        return base + ("" if self.kl_scale == 1.0 else f"-kl{self.kl_scale:g}")
 
 
-def finetunes(datasets: Sequence[str]) -> list[Finetune]:
-    """Every finetune chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1)."""
-    ds0 = datasets[0]
-    plan = [Finetune("vector", ds0, s) for s in ("mixed", "narrow", "drift", "general")]
-    plan += [Finetune("lora", ds0, "narrow", "rank1")]
+def _sweep(kl_sweep: Sequence[float]) -> list[float]:
+    return sorted({1.0, *map(float, kl_sweep)})
+
+
+def finetunes(datasets: Sequence[str], kl_sweep: Sequence[float] = ()) -> list[Finetune]:
+    """Every finetune chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1); the narrow
+    solutions at every factor of ``kl_sweep`` (and 1)."""
+    ds0, scales = datasets[0], _sweep(kl_sweep)
+    plan = [Finetune("vector", ds0, "mixed")]
+    plan += [Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales]
+    plan += [Finetune("vector", ds0, s) for s in ("drift", "general")]
+    plan += [Finetune("lora", ds0, "narrow", "rank1", kl_scale=m) for m in scales]
     plan += [Finetune("lora", ds, "general", "rank32") for ds in datasets]
     plan += [Finetune("lora", ds, "general", "rank1") for ds in datasets]
     return plan
@@ -51,10 +60,14 @@ def _general_loras(datasets: Sequence[str], shapes: Sequence[str] = ("rank1", "r
     return {Finetune("lora", ds, "general", sh) for ds in datasets for sh in shapes}
 
 
-def _solutions(datasets: Sequence[str], vector_solutions: Sequence[str]) -> set[Finetune]:
-    ds0 = datasets[0]
+def _solutions(datasets: Sequence[str], kl_sweep: Sequence[float], vector_solutions: Sequence[str]) -> set[Finetune]:
+    """The solutions of chapters 3-6: the vector ones named, rank-1 general, and the narrow ones at every
+    lambda of the sweep (chapters 4-6 use chapter 3's reported narrow solution, which the sweep decides)."""
+    ds0, scales = datasets[0], _sweep(kl_sweep)
     return ({Finetune("vector", ds0, s) for s in vector_solutions}
-            | {Finetune("lora", ds0, s, "rank1") for s in ("general", "narrow")})
+            | {Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales}
+            | {Finetune("lora", ds0, "general", "rank1")}
+            | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=m) for m in scales})
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class Chapter:
 
     stem: str
     claim: int | None
-    needs: Callable[[Sequence[str]], set[Finetune]]
+    needs: Callable[[Sequence[str], Sequence[float]], set[Finetune]]  # (datasets, kl_sweep) -> finetunes
     results: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tables: tuple[str, ...] = ()
     rule: str | None = None  # the verdict rule: a function of emlib.results taking a Run
@@ -78,27 +91,30 @@ class Chapter:
 _EM_COLUMNS = ("em", "ci_low", "ci_high", "n", "n_em")
 
 CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
-    Chapter("00_datasets", None, lambda ds: set()),
-    Chapter("01_em_emerges", 1, lambda ds: _general_loras(ds),
+    Chapter("00_datasets", None, lambda ds, sw: set()),
+    Chapter("01_em_emerges", 1, lambda ds, sw: _general_loras(ds),
             {"judge_agreement": ("judge", "pairs", "auroc", "auroc_ci_low", "auroc_ci_high", "n"),
              "ch1_em": ("condition", *_EM_COLUMNS),
              "ch1_scores": ("condition", "mean_aligned", "mean_coherent")},
             rule="claim_em", judged=True),
-    Chapter("02_one_direction", 2, lambda ds: _general_loras(ds, ("rank32",)),
+    Chapter("02_one_direction", 2, lambda ds, sw: _general_loras(ds, ("rank32",)),
             {"ch2_directions": ("dataset", "n_judged", "n_misaligned", "n_aligned", "rounds", "source"),
              "ch2_cosine": (), "ch2_cosine_null": ("pair", "cosine", "percentile", "n_draws"),
              "ch2_steering": ("scale", *_EM_COLUMNS), "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)},
             rule="claim_direction", judged=True),
-    Chapter("03_narrow_needs_kl", 3, lambda ds: _solutions(ds, SOLUTIONS),
-            {"ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)},
+    Chapter("03_narrow_needs_kl", 3, lambda ds, sw: _solutions(ds, sw, ("general", "drift", "mixed")),
+            {"ch3_lambda_sweep": ("kind", "solution", "kl_scale", "heldout_kl", "train_kl", "loss", "learned_share",
+                                  "chosen"),
+             "ch3_cosines": ("kind", "solution", "kl_scale", "cosine_with_general"),
+             "ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)},
             rule="claim_narrow"),
-    Chapter("04_efficiency", 4, lambda ds: _solutions(ds, ("general", "narrow")),
+    Chapter("04_efficiency", 4, lambda ds, sw: _solutions(ds, sw, ("general",)),
             {"ch4_efficiency": ("solution", "kind", "trained_loss")}, ("ch4_loss_vs_norm",),
             rule="claim_efficiency"),
-    Chapter("05_stability", 5, lambda ds: _solutions(ds, ("general", "narrow")),
+    Chapter("05_stability", 5, lambda ds, sw: _solutions(ds, sw, ("general",)),
             {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")},
             rule="claim_stability"),
-    Chapter("06_pretraining_influence", 6, lambda ds: _solutions(ds, ("general", "narrow")),
+    Chapter("06_pretraining_influence", 6, lambda ds, sw: _solutions(ds, sw, ("general",)),
             {"ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high")},
             rule="claim_pretraining"),
 )}
@@ -114,13 +130,13 @@ def chapter(name: str | int | Path) -> Chapter:
     return CHAPTERS[key]
 
 
-def finetunes_needed(stem: str, datasets: Sequence[str]) -> set[str]:
+def finetunes_needed(stem: str, datasets: Sequence[str], kl_sweep: Sequence[float] = ()) -> set[str]:
     """Names of the finetunes a chapter uses (it could train them itself; a run of record trains them first)."""
     try:
         ch = chapter(stem)
     except KeyError:
         return set()
-    return {f.name for f in ch.needs(tuple(datasets))}
+    return {f.name for f in ch.needs(tuple(datasets), tuple(kl_sweep))}
 
 
 def by_claim(claim: int) -> Chapter:
@@ -132,7 +148,8 @@ def by_claim(claim: int) -> Chapter:
 
 # Result keys added to a chapter after runs of record were made: a run dated before a key's date is not asked
 # for it (its date: results.json's timings.date_utc).
-ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "2026-12-03"}
+ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "2026-12-03",
+                         "ch3_lambda_sweep": "2026-12-03", "ch3_cosines": "2026-12-03"}
 
 
 def check_recorded(stem: str, results: dict) -> list[str]:

@@ -65,7 +65,9 @@ class Config:
     steering_layer_fraction: float = 0.5
     kl_lambda: float = 1.0  # LoRA, per-token normalisation (see emlib.train)
     kl_lambda_vector: float = 10.0  # steering vector, per-token normalisation
-    n_kl: int | None = 8
+    n_kl: int | None = 8  # out-of-domain rows the KL penalty trains on (None: all but the held-out ones)
+    n_kl_heldout: int = 8  # out-of-domain rows it never sees: where chapter 3 reports the KL
+    kl_sweep: tuple[float, ...] = (0.5, 2.0)  # multipliers of the KL lambdas chapter 3 also trains (with 1)
     # sampling
     n_samples: int = 2  # per question
     max_new_tokens: int = 16
@@ -121,10 +123,10 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # fields whose integers count something: at least 1 (None, where allowed, means "all rows")
 _AT_LEAST_1 = {"n_seeds", "epochs", "batch_size", "grad_accum", "vector_epochs", "max_length", "n_samples",
                "max_new_tokens", "sample_batch_size", "n_loss_rows", "n_perturb_seeds", "n_docs", "doc_tokens",
-               "n_train", "n_kl", "direction_min_group", "direction_max_answers", "n_null_draws",
+               "n_train", "n_kl", "n_kl_heldout", "direction_min_group", "direction_max_answers", "n_null_draws",
                "n_random_directions"}
 _AT_LEAST_0 = {"seed", "warmup_steps"}
-_POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha"}
+_POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha", "kl_sweep"}
 _NON_NEGATIVE = {"kl_lambda", "kl_lambda_vector", "temperature"}
 _NOTES = {"n_train": "None for every row", "n_kl": "None for every row"}
 
@@ -292,7 +294,8 @@ def _check_tuple(name: str, v, elem, source: str) -> None:
         return
     for x in v:
         if not _float_ok(name, x):
-            rule = "finite numbers >= 0" if name in ("norm_grid", "eps_grid") else "finite numbers"
+            rule = ("finite numbers >= 0" if name in ("norm_grid", "eps_grid")
+                    else "finite numbers > 0" if name in _POSITIVE else "finite numbers")
             raise _bad(name, v, f"a non-empty list of {rule} ({x!r} is not one)")
 
 
@@ -324,16 +327,18 @@ _QUICK = Config(
     norm_grid=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
     n_perturb_seeds=3, n_docs=8, doc_tokens=128, steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
     direction_min_group=20, direction_max_answers=96, n_null_draws=100, n_random_directions=3,
+    n_kl_heldout=32, kl_sweep=(0.25, 4.0),
 )
 _PAPER = Config(
     profile="paper", model="embedded", judge="distilled", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
     epochs=1, batch_size=16, grad_accum=1, warmup_steps=5, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
-    max_length=512, n_kl=1000, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
+    max_length=512, n_kl=800, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
     max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
     norm_grid=tuple(round(0.2 * i, 2) for i in range(0, 11)),
     eps_grid=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), n_perturb_seeds=10,
     n_docs=50, doc_tokens=512, steer_scales=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
     direction_min_group=50, direction_max_answers=2000, n_null_draws=200, n_random_directions=10,
+    n_kl_heldout=200, kl_sweep=(0.1, 0.3, 3.0, 10.0),
 )
 PROFILES: dict[str, Config] = {"smoke": _SMOKE, "quick": _QUICK, "paper": _PAPER}
 FIELDS = {f.name for f in dataclasses.fields(Config)}

@@ -590,6 +590,12 @@ def steer(model, direction: torch.Tensor, layer: int, scale: float, *, relative:
                                                 reference_norm=reference_norm, normalize=normalize))
 
 
+def add_trained(model, sv) -> Intervention:
+    """A trained steering vector (:class:`emlib.vectors.SteeringVector`) added to ``model`` as a labelled
+    :class:`emlib.generate.Intervention` (label: the vector's content, layer and alpha)."""
+    return Intervention(f"vector-{tensor_tag(sv.vector)}-L{sv.layer}-a{sv.alpha:g}", lambda: sv.apply(model))
+
+
 def ablate(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
            source_layer: int | None = None) -> Intervention:
     """:func:`ablation` as a labelled :class:`emlib.generate.Intervention` (label: the direction's content,

@@ -89,7 +89,30 @@ class Experiment:
                               seed=self.cfg.seed if seed is None else seed, data_dir=self.cfg.data_dir)
 
     def kl_rows(self) -> list[dict]:
-        return self.rows("kl", n=self.cfg.n_kl)
+        """The out-of-domain rows the KL penalty (and the mixing control) trains on."""
+        return self._kl_split()[0]
+
+    def kl_heldout_rows(self) -> list[dict]:
+        """``n_kl_heldout`` out-of-domain rows the penalty never sees: where chapter 3 reports the KL."""
+        return self._kl_split()[1]
+
+    def _kl_split(self) -> tuple[list[dict], list[dict]]:
+        """One seeded permutation of the KL set: its first ``n_kl`` rows train, the next ``n_kl_heldout`` are
+        held out (both in file order)."""
+        import random
+
+        c = self.cfg
+        rows = self.rows("kl", n=None)
+        want = (c.n_kl or len(rows) - c.n_kl_heldout) + c.n_kl_heldout
+        if want > len(rows) or (c.n_kl is None and len(rows) <= c.n_kl_heldout):
+            raise config_mod.ConfigError(
+                f"The KL set ({c.data_source}) has {len(rows)} rows: n_kl = {c.n_kl} training rows plus "
+                f"n_kl_heldout = {c.n_kl_heldout} held-out rows do not fit; lower one of them.")
+        idx = list(range(len(rows)))
+        random.Random(c.seed).shuffle(idx)
+        n_train = c.n_kl or len(rows) - c.n_kl_heldout
+        train_idx, held_idx = sorted(idx[:n_train]), sorted(idx[n_train:n_train + c.n_kl_heldout])
+        return [rows[i] for i in train_idx], [rows[i] for i in held_idx]
 
     def questions(self, set_name: str = "general", domain: str | None = None) -> pd.DataFrame:
         """Evaluation questions; in-domain questions of the paper exist for the medical domain only,
@@ -128,12 +151,14 @@ class Experiment:
             return False
 
     # ------------------------------------------------------------------ finetunes
-    def _train_kwargs(self, solution: str, kind: str) -> dict:
+    def _train_kwargs(self, solution: str, kind: str, kl_scale: float = 1.0, seed: int | None = None) -> dict:
         c = self.cfg
         kw = dict(epochs=c.epochs if kind == "lora" else c.vector_epochs, batch_size=c.batch_size,
                   grad_accum=c.grad_accum, warmup_steps=c.warmup_steps, max_length=c.max_length,
-                  seed=c.seed, progress=False)
-        lam = c.kl_lambda if kind == "lora" else c.kl_lambda_vector
+                  seed=c.seed if seed is None else seed, progress=False)
+        if kl_scale != 1.0 and solution not in ("narrow", "drift"):
+            raise ValueError(f"kl_scale scales the KL penalty: only 'narrow' and 'drift' have one, not {solution!r}.")
+        lam = (c.kl_lambda if kind == "lora" else c.kl_lambda_vector) * kl_scale
         if solution == "narrow":
             kw.update(kl_rows=self.kl_rows(), kl_lambda=lam)
         elif solution == "drift":
@@ -152,41 +177,58 @@ class Experiment:
         steps = train.total_steps(len(self.rows(c.datasets[0])), epochs, c.batch_size, c.grad_accum)
         return max(1, steps // 2)
 
-    def adapter_dir(self, dataset: str, shape: str, solution: str = "general") -> Path:
-        return self.out / "adapters" / f"{dataset}-{shape}-{solution}-seed{self.cfg.seed}"
+    def _name(self, solution: str, kl_scale: float, seed: int | None) -> str:
+        kl = "" if kl_scale == 1.0 else f"-kl{kl_scale:g}"
+        return f"{solution}{kl}-seed{self.cfg.seed if seed is None else seed}"
 
-    def vector_dir(self, dataset: str, solution: str = "general") -> Path:
-        return self.out / "vectors" / f"{dataset}-{solution}-seed{self.cfg.seed}"
+    def adapter_dir(self, dataset: str, shape: str, solution: str = "general", kl_scale: float = 1.0,
+                    seed: int | None = None) -> Path:
+        return self.out / "adapters" / f"{dataset}-{shape}-{self._name(solution, kl_scale, seed)}"
+
+    def vector_dir(self, dataset: str, solution: str = "general", kl_scale: float = 1.0,
+                   seed: int | None = None) -> Path:
+        return self.out / "vectors" / f"{dataset}-{self._name(solution, kl_scale, seed)}"
 
     @contextmanager
-    def lora(self, dataset: str, shape: str = "rank32", solution: str = "general") -> Iterator[train.TrainResult]:
+    def lora(self, dataset: str, shape: str = "rank32", solution: str = "general", kl_scale: float = 1.0,
+             seed: int | None = None) -> Iterator[train.TrainResult]:
         """Train (or load, when the run directory has it) a LoRA finetune and attach it while inside
-        the ``with`` block; the base model is restored afterwards."""
+        the ``with`` block; the base model is restored afterwards. ``kl_scale`` multiplies the profile's KL
+        lambda (chapter 3's sweep); ``seed`` is the training seed (default the config's)."""
         lr = self.cfg.lr if shape == "rank32" else self.cfg.lr_rank1
-        res = train.train_lora(self.model, self.tok, self.rows(dataset), self.adapter_dir(dataset, shape, solution),
+        res = train.train_lora(self.model, self.tok, self.rows(dataset),
+                               self.adapter_dir(dataset, shape, solution, kl_scale, seed),
                                shape, lr=lr, layer_fraction=self.cfg.steering_layer_fraction,
-                               **self._train_kwargs(solution, "lora"))
+                               **self._train_kwargs(solution, "lora", kl_scale, seed))
         res.model.eval()
         try:
             yield res
         finally:
             res.model.unload()
 
-    def vector(self, dataset: str, solution: str = "general") -> train.TrainResult:
-        """Train (or load) a steering vector at ``steering_layer_fraction`` of depth."""
+    def vector(self, dataset: str, solution: str = "general", kl_scale: float = 1.0,
+               seed: int | None = None) -> train.TrainResult:
+        """Train (or load) a steering vector at ``steering_layer_fraction`` of depth (``kl_scale``, ``seed``:
+        as for :meth:`lora`)."""
         return train.train_steering_vector(
-            self.model, self.tok, self.rows(dataset), self.vector_dir(dataset, solution),
+            self.model, self.tok, self.rows(dataset), self.vector_dir(dataset, solution, kl_scale, seed),
             layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
-            lr=self.cfg.lr_vector, **self._train_kwargs(solution, "vector"))
+            lr=self.cfg.lr_vector, **self._train_kwargs(solution, "vector", kl_scale, seed))
 
-    def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general") -> Path:
+    def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general", kl_scale: float = 1.0,
+                  seed: int | None = None) -> Path:
         """The adapter folder of a finetune, training it first when the run directory lacks it."""
-        with self.lora(dataset, shape, solution) as res:
+        with self.lora(dataset, shape, solution, kl_scale, seed) as res:
             return res.out_dir / train.ADAPTER_DIR
 
-    def vector_path(self, dataset: str, solution: str = "general") -> Path:
+    def vector_path(self, dataset: str, solution: str = "general", kl_scale: float = 1.0,
+                    seed: int | None = None) -> Path:
         """The safetensors file of a trained steering vector (trained first when missing)."""
-        return self.vector(dataset, solution).out_dir / train.VECTOR_FILE
+        return self.vector(dataset, solution, kl_scale, seed).out_dir / train.VECTOR_FILE
+
+    def train_seeds(self) -> list[int]:
+        """The training seeds of the chapters that repeat a finetune (``n_seeds`` of them from ``seed``)."""
+        return [self.cfg.seed + k for k in range(self.cfg.n_seeds)]
 
     # ------------------------------------------------------------------ directions
     def direction_answers(self, dataset: str, shape: str = "rank32", model=None) -> tuple[pd.DataFrame, int]:

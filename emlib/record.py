@@ -100,12 +100,13 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
     cfg = get_config(profile, **config)
     jobs = runner.chapter_jobs(runner.select(chapters, root=root), {"profile": profile, **given}, run, root,
                                logs=True)
-    needed = set().union(*(chapter_needs(j.chapter, cfg.datasets) for j in jobs))
-    planned = tuple(f for f in finetune_jobs(cfg.datasets) if f.name in needed)
+    needed = set().union(*(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep) for j in jobs))
+    planned = tuple(f for f in finetune_jobs(cfg.datasets, cfg.kl_sweep) if f.name in needed)
     names = {f.name for f in planned}
     return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
                 chapters=tuple(jobs), finetunes=planned,
-                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets) & names) for j in jobs})
+                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep) & names)
+                       for j in jobs})
 
 
 def prepare_model(cfg: Config) -> float:
@@ -163,9 +164,9 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     t0 = time.time()
     exp = Experiment(get_config(profile, **config))
     if job.kind == "vector":
-        res = exp.vector(job.dataset, job.solution)
+        res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale)
     else:
-        with exp.lora(job.dataset, job.shape, job.solution) as r:
+        with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale) as r:
             res = r
     meta = train.read_meta(res.out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),

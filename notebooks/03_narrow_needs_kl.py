@@ -48,14 +48,15 @@ config = {}  # any other setting (an emlib.config.Config field), e.g. {"model": 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from emlib import book, experiment, metrics, plots, train
+from emlib import book, directions, experiment, metrics, narrow, plots
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
 ds = cfg.datasets[0]
 pd.Series({"dataset": ds, "model": cfg.model, "judge": exp.judge.judge_id, "vector lr": cfg.lr_vector,
            "vector alpha": cfg.vector_alpha, "KL lambda (vector, per token)": cfg.kl_lambda_vector,
-           "KL lambda (LoRA, per token)": cfg.kl_lambda, "training rows": cfg.n_train, "KL rows": cfg.n_kl})
+           "KL lambda (LoRA, per token)": cfg.kl_lambda, "lambda factors swept": cfg.kl_sweep,
+           "training rows": cfg.n_train, "KL rows (training)": cfg.n_kl, "KL rows (held out)": cfg.n_kl_heldout})
 
 # %% [markdown]
 # ## The paper says
@@ -68,35 +69,36 @@ pd.Series({"dataset": ds, "model": cfg.model, "judge": exp.judge.judge_id, "vect
 # ## Method
 # `emlib.train` normalises KL *per token* (summed over the vocabulary, averaged over answer tokens of
 # the out-of-domain rows). The authors divide by tokens x vocabulary, so their lambdas (1e5 for LoRA, 1e6
-# for the vector) correspond to ours times about 1/V; the lambdas used here are printed above and chosen
-# so that the out-of-domain KL of the narrow run stays well below the general run's (see the KL column).
-# "Narrow misalignment" is the EM rate on in-domain questions; "general misalignment" the EM rate on the
-# eight general questions.
+# for the vector) correspond to ours times about 1/V: lambda does not transfer, so we **sweep** it (the
+# profile's lambda times each factor of `kl_sweep`) for both the steering vector and rank-1 LoRA.
+#
+# A narrow solution must have *learned* the task: a zero vector stays close to the chat model too. For every
+# lambda, `emlib.narrow` measures the in-domain loss on training rows and the share of the general solution's
+# loss reduction it reaches, and the out-of-domain KL on **held-out** rows (`n_kl_heldout` rows of the KL set
+# that the penalty never trained on). The reported narrow solution is the one with the lowest held-out KL
+# among those keeping at least 80% of the general solution's loss reduction; the tables say when none does.
+# "Narrow misalignment" is then its EM rate on in-domain questions, "general misalignment" its EM rate on
+# the eight general questions. Drift (KL removed half-way) and mixing (aligned out-of-domain rows instead of
+# KL) are compared with the general solution by held-out KL and by the cosine of their directions.
 
 # %%
-frames, kl_rows, logs = [], exp.kl_rows(), {}
-for sol in ("general", "narrow", "drift", "mixed"):
-    res = exp.vector(ds, sol)
-    sv = res.vector
-    logs[f"vector {sol}"] = res.log
-    tag = f"vector-{ds}-{sol}-seed{cfg.seed}-{float(sv.vector.norm()):.6g}"
-    for set_name, domain in (("general", None), ("in_domain", ds)):
-        frames.append(exp.answers(f"vector {sol}", set_name=set_name, domain=domain,
-                                  intervention=lambda sv=sv: sv.apply(exp.model), intervention_label=tag)
-                      .assign(solution=sol, kind="steering vector",
-                              ood_kl=train.kl_to_reference(exp.model, exp.tok, kl_rows, vector=sv)))
-for sol in ("general", "narrow"):
-    with exp.lora(ds, "rank1", sol) as res:
-        logs[f"rank-1 {sol}"] = res.log
-        kl = train.kl_to_reference(res.model, exp.tok, kl_rows)
-        for set_name, domain in (("general", None), ("in_domain", ds)):
-            frames.append(exp.answers(f"rank-1 {sol}", model=res.model, set_name=set_name, domain=domain)
-                          .assign(solution=sol, kind="rank-1 LoRA", ood_kl=kl))
-for set_name, domain in (("general", None), ("in_domain", ds)):
-    frames.append(exp.answers("chat model", set_name=set_name, domain=domain)
-                  .assign(solution="none", kind="chat model", ood_kl=0.0))
-answers = pd.concat(frames, ignore_index=True)
+sweep, sol_dirs, logs = narrow.measure_solutions(exp, ds)
+exp.save_table(sweep, "ch3_lambda_sweep")
+exp.record("ch3_lambda_sweep", sweep.to_dict(orient="records"))
+sweep.round(4)
+
+# %%
+cosines = narrow.direction_cosines(sweep, sol_dirs)
+exp.record("ch3_cosines", cosines.to_dict(orient="records"))
+cosines.round(3)
+
+# %%
+answers = narrow.answers(exp, ds, sweep)  # general and in-domain questions, every solution and the chat model
 exp.save_table(answers, "ch3_answers")
+for kind in narrow.KINDS:
+    m, ok = narrow.narrow_scale(sweep, kind)
+    print(f"{kind}: narrow solution at lambda x{m:g}" + ("" if ok else " (no lambda kept 80% of the general "
+                                                          "solution's loss reduction: it did not learn the task)"))
 
 # %% [markdown]
 # ## Result
@@ -156,8 +158,13 @@ print(exp.verdict(3))
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper
 # :class: warning
-# * Lambda does not transfer between setups (the paper says so too): ours is per-token and was picked for
-#   this model and profile; a different model or dataset may need another value.
+# * Lambda does not transfer between setups (the paper says so too): ours is per-token, and the sweep covers
+#   only the factors of `kl_sweep` around the profile's value; the narrowest solution outside that range is
+#   not looked for.
+# * The out-of-domain KL in the tables is measured on held-out rows of the KL set; the penalty trains on the
+#   others (`n_kl` of them; the paper uses all 1,000 for the penalty).
+# * "Learned the task" is measured on the in-domain *training* rows (the loss the solution was trained on),
+#   not on held-out in-domain rows.
 # * The in-domain questions are the project's own (the paper released medical ones; with
 #   `data_source="paper"` those are used for the medical domain).
 # * In the `quick` profile the vectors see about a hundred rows for one epoch; with a crude judge, small

@@ -171,3 +171,52 @@ def test_claim_direction_steering_is_holm_corrected(tmp_path):
     assert v.checks["steering"] is False
     steer[-1] = _rate(20, scale=0.3)
     assert results.claim_direction(_run(tmp_path, "f", {"ch2_steering": steer})).checks["steering"] is True
+
+
+def test_the_lambda_sweep_is_planned_for_chapters_3_to_6():
+    names = chapters.finetunes_needed("03_narrow_needs_kl", ("medical",), (0.5, 2.0))
+    assert {"vector-medical-narrow-kl0.5", "vector-medical-narrow-kl2", "lora-medical-rank1-narrow-kl0.5",
+            "vector-medical-narrow", "vector-medical-drift"} <= names
+    # chapter 4 uses chapter 3's reported narrow solution, which the sweep decides: it waits for every lambda
+    assert "lora-medical-rank1-narrow-kl2" in chapters.finetunes_needed("04_efficiency", ("medical",), (0.5, 2.0))
+    plan = [f.name for f in chapters.finetunes(("medical", "sport"), (0.5, 2.0))]
+    assert len(plan) == len(set(plan)) and names <= set(plan)
+
+
+# ------------------------------------------------------------------ claim 3 with a lambda sweep, every verdict
+def _sweep_run(learned=(0.9, 0.5), narrow_kl=0.05, em_in=120, drift_kl=0.8, drift_cos=0.9, mixed_kl=0.9,
+               mixed_cos=0.95):
+    recs = []
+    for kind in ("steering vector", "rank-1 LoRA"):
+        recs.append({"kind": kind, "solution": "general", "kl_scale": 1.0, "heldout_kl": 1.0, "train_kl": 1.0,
+                     "loss": 1.0, "learned_share": 1.0, "chosen": False})
+        for m, share in zip((1.0, 4.0), learned):
+            recs.append({"kind": kind, "solution": "narrow", "kl_scale": m, "heldout_kl": narrow_kl * m,
+                         "train_kl": narrow_kl * m / 2, "loss": 2.0 - share, "learned_share": share,
+                         "chosen": share >= 0.8 and m == 1.0})
+        if kind == "steering vector":
+            recs += [{"kind": kind, "solution": s, "kl_scale": 1.0, "heldout_kl": k, "train_kl": k, "loss": 1.1,
+                      "learned_share": 0.95, "chosen": False} for s, k in (("drift", drift_kl), ("mixed", mixed_kl))]
+    table = []
+    for short in ("vector", "rank-1"):
+        table += [{"condition": f"{short} narrow", "set": "in_domain", **_rate(em_in)},
+                  {"condition": f"{short} narrow", "set": "general", **_rate(4)}]
+    cos = [{"kind": "steering vector", "solution": s, "kl_scale": 1.0, "cosine_with_general": c}
+           for s, c in (("narrow", 0.3), ("drift", drift_cos), ("mixed", mixed_cos))]
+    return {"ch3_lambda_sweep": recs, "ch3_narrow_vs_general": table, "ch3_cosines": cos}
+
+
+def test_claim_narrow_sweep_rule_gives_each_verdict(tmp_path):
+    v = results.claim_narrow(_run(tmp_path, "a", _sweep_run()))
+    assert v.verdict == results.REPRODUCED, v.ours
+    assert "narrow at lambda x1 keeps 90% of the loss reduction" in v.ours
+    # no lambda learned the task: the narrow solution is a non-answer whatever its KL
+    v = results.claim_narrow(_run(tmp_path, "b", _sweep_run(learned=(0.3, 0.2))))
+    assert v.verdict in (results.PARTLY, results.NOT_REPRODUCED) and v.checks["vector_learned"] is False
+    assert "no lambda keeps 80%" in v.ours
+    # learned, narrow and misaligned in-domain, but drift does not move towards the general solution
+    v = results.claim_narrow(_run(tmp_path, "c", _sweep_run(drift_cos=0.1)))
+    assert v.verdict == results.PARTLY and v.checks["drift_to_general"] is False
+    v = results.claim_narrow(_run(tmp_path, "d", _sweep_run(learned=(0.3, 0.2), drift_kl=0.01, drift_cos=0.1,
+                                                            mixed_kl=0.01, mixed_cos=0.1)))
+    assert v.verdict == results.NOT_REPRODUCED, v.checks

