@@ -96,12 +96,11 @@ summary = pd.concat([inductive.efficiency_summary(vec_frame).assign(kind="steeri
 exp.record("ch4_efficiency", summary.to_dict(orient="records"))
 summary
 
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
 # %%
-for kind, f in (("steering vector", vec_frame), ("rank-1 LoRA", lora_frame)):
-    grid = f[(f["kind"] == "grid") & (f["norm"] > 0)].pivot(index="scale", columns="solution", values="loss")
-    lower = int((grid["general"] < grid["narrow"]).sum())
-    print(f"{kind}: the general solution has the lower loss at {lower} of {len(grid)} non-zero grid norms "
-          f"(mean loss general {grid['general'].mean():.4f}, narrow {grid['narrow'].mean():.4f}).")
+print(exp.verdict(4))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper

@@ -92,16 +92,11 @@ exp.save_figure(fig, "ch5_stability")
 plt.show()
 curves.pivot_table(index="eps", columns=["kind", "solution"], values="normalised").round(1)
 
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
 # %%
-for kind, c in (("steering vector", vec_curve), ("rank-1 LoRA", lora_curve)):
-    w = c[c["eps"] > 0].pivot(index="eps", columns="solution", values="normalised").dropna()
-    if w.empty:
-        print(f"{kind}: no eps with a defined normalised loss for both solutions (a solution that does not "
-              "lower the loss below the chat model's has no normalised loss).")
-        continue
-    more = int((w["general"] < w["narrow"]).sum())
-    print(f"{kind}: the general solution degrades less at {more} of {len(w)} eps values "
-          f"(mean normalised loss general {w['general'].mean():.1f}%, narrow {w['narrow'].mean():.1f}%).")
+print(exp.verdict(5))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper

@@ -84,12 +84,11 @@ exp.save_figure(ax.figure, "ch6_pretraining_kl")
 plt.show()
 frame.pivot(index="scale", columns="solution", values="kl")
 
+# %% [markdown]
+# The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
+
 # %%
-w = frame[frame["scale"] > 0].pivot(index="scale", columns="solution", values="kl")
-for other in ("narrow", "random"):
-    more = int((w["general"] > w[other]).sum())
-    print(f"general vs {other}: the general vector moves the predictions more at {more} of {len(w)} "
-          f"non-zero norms (mean KL {w['general'].mean():.4g} vs {w[other].mean():.4g}).")
+print(exp.verdict(6))
 
 # %% [markdown]
 # :::{admonition} Caveats: what differs from the paper
