@@ -115,7 +115,8 @@ CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
             {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")},
             rule="claim_stability"),
     Chapter("06_pretraining_influence", 6, lambda ds, sw: _solutions(ds, sw, ("general",)),
-            {"ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high")},
+            {"ch6_corpus": (), "ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high"),
+             "ch6_random_null": ("norm", "kl", "n_draws", "null_p95", "percentile")},
             rule="claim_pretraining"),
 )}
 CLAIMS: tuple[int, ...] = tuple(c.claim for c in CHAPTERS.values() if c.claim is not None)
@@ -149,7 +150,8 @@ def by_claim(claim: int) -> Chapter:
 # Result keys added to a chapter after runs of record were made: a run dated before a key's date is not asked
 # for it (its date: results.json's timings.date_utc).
 ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "2026-12-03",
-                         "ch3_lambda_sweep": "2026-12-03", "ch3_cosines": "2026-12-03"}
+                         "ch3_lambda_sweep": "2026-12-03", "ch3_cosines": "2026-12-03",
+                         "ch6_corpus": "2026-12-03", "ch6_random_null": "2026-12-03"}
 
 
 def check_recorded(stem: str, results: dict) -> list[str]:

@@ -54,6 +54,9 @@ OFFLINE_PACKAGE = "gensim"
 OFFLINE_VERSION = "4.4.0"
 OFFLINE_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor")
 SOURCES = ("auto", "fineweb", "offline")
+# What each source is, in the words the book and the results table use (never "web text" for the news corpus).
+SOURCE_NAMES = {"fineweb": "FineWeb sample-10BT (web text, as in the paper)",
+                "offline": "the Lee news corpus (ABC news articles of 2001-2002, not web text)"}
 HUB_HOST = "huggingface.co"
 
 

@@ -226,6 +226,18 @@ class Experiment:
         """The safetensors file of a trained steering vector (trained first when missing)."""
         return self.vector(dataset, solution, kl_scale, seed).out_dir / train.VECTOR_FILE
 
+    def narrow_scale(self, kind: str) -> float:
+        """The KL-lambda factor of chapter 3's reported narrow solution of ``kind`` ("steering vector" or
+        "rank-1 LoRA"), which chapters 4-6 compare with the general one: read from this run's recorded
+        ``ch3_lambda_sweep``, or measured now (:func:`emlib.narrow.measure_solutions`) when chapter 3 has not
+        run here. When no lambda learned the task, the profile's own lambda (factor 1)."""
+        from . import narrow
+
+        f = self.out / "results.json"
+        rec = json.loads(f.read_text()).get("ch3_lambda_sweep") if f.exists() else None
+        frame = pd.DataFrame(rec) if rec else narrow.measure_solutions(self, self.cfg.datasets[0])[0]
+        return narrow.narrow_scale(frame, kind)[0]
+
     def train_seeds(self) -> list[int]:
         """The training seeds of the chapters that repeat a finetune (``n_seeds`` of them from ``seed``)."""
         return [self.cfg.seed + k for k in range(self.cfg.n_seeds)]

@@ -52,6 +52,28 @@ def add_vector(model, layer: int, vector: torch.Tensor, scale: float | torch.Ten
 
 
 @contextmanager
+def add_rows(model, layer: int, vectors: torch.Tensor):
+    """While active, ``hidden[i] += vectors[i]`` at the output of decoder layer ``layer`` (all positions): one
+    vector per row of the batch, ``vectors`` [b, d] (many directions evaluated in one forward pass)."""
+    d = model.config.hidden_size if hasattr(model, "config") else None
+    if vectors.ndim != 2 or (d is not None and vectors.shape[1] != d):
+        raise ValueError(f"add_rows takes one vector per batch row, [b, {d}]; got {tuple(vectors.shape)}.")
+    block = decoder_layers(model)[check_layer(model, layer)]
+
+    def hook(_mod, _inp, output):
+        h = _hidden(output)
+        if h.shape[0] != vectors.shape[0]:
+            raise ValueError(f"add_rows got {vectors.shape[0]} vectors for a batch of {h.shape[0]} rows.")
+        return _replace(output, h + vectors[:, None, :].to(h.dtype))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def ablate_direction(model, vector: torch.Tensor, layers: int | Iterable[int] | None = None):
     """While active, remove the component along ``vector`` from the output of the given layers
     (``None``: every layer): ``h -= (h . v_hat) v_hat``."""

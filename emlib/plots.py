@@ -227,12 +227,16 @@ def plot_stability(summary: pd.DataFrame, ax=None):
     return ax
 
 
-def plot_pretraining_kl(frame: pd.DataFrame, ax=None):
+def plot_pretraining_kl(frame: pd.DataFrame, ax=None, null: pd.DataFrame | None = None):
     """KL(base || steered) per token vs vector norm (:func:`emlib.inductive.pretraining_kl`), one line per
-    vector."""
+    vector; with ``null`` (:func:`emlib.inductive.null_summary`) the random directions' 95th percentile, dashed."""
     import seaborn as sns
 
     ax = _axes(ax, (5.5, 3.8))
     sns.lineplot(data=frame, x="norm", y="kl", hue="solution", marker="o", ax=ax)
+    if null is not None and len(null):
+        ax.plot(null["norm"], null["null_p95"], color="black", ls="--", lw=1,
+                label=f"random: 95th percentile of {int(null['n_draws'].iloc[0])}")
+        ax.legend(fontsize=8)
     ax.set(xlabel="vector norm", ylabel="KL(base || steered) per token", title="Influence on pretraining text")
     return ax

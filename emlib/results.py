@@ -441,6 +441,46 @@ def claim_stability(run: Run) -> Verdict:
 
 # --------------------------------------------------------------------------- claim 6
 def claim_pretraining(run: Run) -> Verdict:
+    """Chapter 6's rule: :func:`claim_pretraining_null` for runs with the random-direction null (since
+    2026-12-03), else the older rule :func:`claim_pretraining_single`."""
+    if run.frame("ch6_random_null") is not None:
+        return claim_pretraining_null(run)
+    return claim_pretraining_single(run)
+
+
+def claim_pretraining_null(run: Run) -> Verdict:
+    """At every non-zero norm, the general vector's KL on the chapter's text is above the 95th percentile of
+    the random directions' (its null percentile >= 0.95) and above the narrow vector's with separated CIs ->
+    reproduced; one of the two at every norm, or both at more than half of the norms -> partly; else not
+    reproduced. The text's source is named (news is not web text)."""
+    null, t = run.frame("ch6_random_null"), run.frame("ch6_pretraining_kl")
+    corpus = run.results.get("ch6_corpus") or {}
+    t = t[t["norm"] > 0]
+    p = t.set_index(["norm", "solution"]).unstack("solution")
+    above_null = (null.set_index("norm")["percentile"] >= 0.95)
+    checks, parts = {}, []
+    checks["random"] = float(above_null.mean())
+    parts.append(f"general above the 95th percentile of {int(null['n_draws'].iloc[0])} random directions at "
+                 f"{int(above_null.sum())} of {len(above_null)} norms")
+    if "narrow" in p["kl"].columns:
+        above = (p["ci_low"]["general"] > p["ci_high"]["narrow"])
+        checks["narrow"] = float(above.mean())
+        parts.append(f"above the narrow vector (separated CIs) at {int(above.sum())} of {len(p)} norms")
+    ref = null["norm"].iloc[len(null) // 2]
+    r = null.set_index("norm").loc[ref]
+    parts.append(f"at norm {ref:.1f}: KL general {r['kl']:.4f}, random directions' mean {r['null_mean']:.4f}, "
+                 f"95th percentile {r['null_p95']:.4f}"
+                 + (f", narrow {p['kl']['narrow'][ref]:.4f}" if "narrow" in p["kl"].columns and ref in p.index else ""))
+    if corpus:
+        parts.append(f"text: {corpus.get('n_docs')} documents x {corpus.get('doc_tokens')} tokens of {corpus.get('name')}")
+    v = list(checks.values())
+    verdict = (REPRODUCED if len(v) == 2 and all(x == 1 for x in v)
+               else PARTLY if any(x == 1 for x in v) or (len(v) == 2 and all(x > 0.5 for x in v))
+               else NOT_REPRODUCED)
+    return Verdict(6, verdict, "; ".join(parts), checks)
+
+
+def claim_pretraining_single(run: Run) -> Verdict:
     """At every non-zero norm, the general vector's KL on web text exceeds the narrow and the random vector's
     with separated CIs -> reproduced; exceeds one of them at every norm, or both at most norms -> partly;
     else not reproduced."""

@@ -220,3 +220,28 @@ def test_claim_narrow_sweep_rule_gives_each_verdict(tmp_path):
     v = results.claim_narrow(_run(tmp_path, "d", _sweep_run(learned=(0.3, 0.2), drift_kl=0.01, drift_cos=0.1,
                                                             mixed_kl=0.01, mixed_cos=0.1)))
     assert v.verdict == results.NOT_REPRODUCED, v.checks
+
+
+# ------------------------------------------------------------------ claim 6 with the random null, every verdict
+def _ch6(percentiles=(0.99, 0.99, 0.99), narrow_gap=0.05):
+    norms = (1.0, 2.0, 3.0)
+    kl = [{"solution": s, "norm": n, "kl": k, "ci_low": k - 0.001, "ci_high": k + 0.001}
+          for n in (0.0, *norms) for s, k in (("general", 0.1 * n), ("narrow", 0.1 * n - narrow_gap * (n > 0)))]
+    null = [{"norm": n, "solution": "general", "kl": 0.1 * n, "n_draws": 200, "null_mean": 0.05 * n,
+             "null_p95": 0.08 * n, "null_max": 0.09 * n, "percentile": q} for n, q in zip(norms, percentiles)]
+    corpus = {"source": "offline", "name": "the Lee news corpus (ABC news articles of 2001-2002, not web text)",
+              "n_docs": 50, "doc_tokens": 512}
+    return {"ch6_pretraining_kl": kl, "ch6_random_null": null, "ch6_corpus": corpus}
+
+
+def test_claim_pretraining_null_rule_gives_each_verdict(tmp_path):
+    v = results.claim_pretraining(_run(tmp_path, "a", _ch6()))
+    assert v.verdict == results.REPRODUCED and "not web text" in v.ours and "200 random directions at 3 of 3" in v.ours
+    v = results.claim_pretraining(_run(tmp_path, "b", _ch6(percentiles=(0.99, 0.5, 0.99))))
+    assert v.verdict == results.PARTLY and v.checks == {"random": 2 / 3, "narrow": 1.0}
+    v = results.claim_pretraining(_run(tmp_path, "c", _ch6(percentiles=(0.5, 0.6, 0.99), narrow_gap=-0.05)))
+    assert v.verdict == results.NOT_REPRODUCED, v.checks
+    # an old record (one random vector, no null) keeps the old rule
+    old = [r for r in _ch6()["ch6_pretraining_kl"]] + [{"solution": "random", "norm": n, "kl": 0.0, "ci_low": 0.0,
+                                                          "ci_high": 0.001} for n in (0.0, 1.0, 2.0, 3.0)]
+    assert results.claim_pretraining(_run(tmp_path, "d", {"ch6_pretraining_kl": old})).verdict == results.REPRODUCED

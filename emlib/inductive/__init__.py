@@ -19,11 +19,11 @@ Norms are each solution type's one definition: ``||alpha * v||`` for a vector
 from .common import (PAPER_EPS_GRID, PAPER_NORM_FRACTIONS, Solution, as_solutions, default_cache_dir,
                      load_solution)
 from .efficiency import by_family, efficiency_summary, loss_vs_norm, reference_norm
-from .pretraining import pretraining_kl
+from .pretraining import null_summary, pretraining_kl, random_null_kl
 from .stability import stability_curve, stability_losses, summarise_stability
 
 __all__ = [
     "PAPER_EPS_GRID", "PAPER_NORM_FRACTIONS", "Solution", "as_solutions", "default_cache_dir", "load_solution",
-    "by_family", "efficiency_summary", "loss_vs_norm", "reference_norm", "pretraining_kl",
+    "by_family", "efficiency_summary", "loss_vs_norm", "reference_norm", "pretraining_kl", "random_null_kl", "null_summary",
     "stability_curve", "stability_losses", "summarise_stability",
 ]

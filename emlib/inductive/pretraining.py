@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ..cache import text_hash
+from ..hooks import add_rows
 from ..models import check_layer
 from ..stats import ratio_ci
 from ..vectors import SteeringVector, random_vector
@@ -117,3 +118,78 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
         return pd.DataFrame(recs)
 
     return cached("pretraining_kl", key, compute, cache_dir, use_cache)
+
+
+def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence[float], n_draws: int = 100,
+                   seed: int = 0, max_tokens: int | None = None, batch_size: int = 4, draws_per_pass: int = 16,
+                   cache_dir: str | Path | None = None, use_cache: bool = True,
+                   progress: bool | None = None) -> pd.DataFrame:
+    """The null of the pretraining metric: mean per-token ``KL(base || steered)`` on ``texts`` for ``n_draws``
+    Gaussian directions (draw ``k`` uses seed ``seed + 1 + k``; ``seed`` itself is :func:`pretraining_kl`'s one
+    "random" vector), each rescaled to every norm of ``norms``, added at ``layer``. ``draws_per_pass``
+    directions share one forward pass (the documents repeated, one direction per copy: :func:`emlib.hooks.add_rows`).
+    Returns one row per (draw, norm): kl (token-weighted mean over the documents)."""
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}.")
+    at = check_layer(model, layer)
+    grid = [float(n) for n in norms]
+    texts = list(texts)
+    key = {"model": key_parts(model, tok, {})["model"], "tok": key_parts(model, tok, {})["tok"],
+           "texts": text_hash("\x00".join(texts)), "layer": at, "grid": grid, "n_draws": n_draws, "seed": seed,
+           "max_tokens": max_tokens, "batch_size": batch_size}
+
+    def compute() -> pd.DataFrame:
+        device = next(model.parameters()).device
+        d = model.config.hidden_size
+        dirs = torch.stack([random_vector(d, 1.0, seed + 1 + k) for k in range(n_draws)])  # [K, d] unit
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        sums = torch.zeros(n_draws, len(grid), dtype=torch.float64)  # summed KL over every token
+        count = 0.0
+        batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
+        groups = [list(range(k, min(k + draws_per_pass, n_draws))) for k in range(0, n_draws, draws_per_pass)]
+        bar = progress_bar(len(batches) * len(groups) * len(grid), "random null KL", progress)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for _, inp, att in batches:
+                inp, att = inp.to(device), att.to(device)
+                logp_base = torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
+                count += float(att.sum())
+                b = inp.shape[0]
+                for g in groups:
+                    rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
+                    rep_base = logp_base.repeat(len(g), 1, 1)
+                    for j, target in enumerate(grid):
+                        vecs = (dirs[g] * target).to(device).repeat_interleave(b, 0)  # [G*b, d]
+                        with add_rows(model, at, vecs):
+                            logits = model(input_ids=rep_inp, attention_mask=rep_att).logits
+                        s, _ = _kl_per_doc(rep_base, logits, rep_att)  # [G*b]
+                        sums[g, j] += s.view(len(g), b).sum(1).double().cpu()
+                        bar.update()
+                del logp_base
+        model.train(was_training)
+        bar.close()
+        kl = (sums / count).numpy()
+        return pd.DataFrame([{"draw": k, "norm": n, "kl": float(kl[k, j])} for k in range(n_draws)
+                             for j, n in enumerate(grid)])
+
+    return cached("random_null_kl", key, compute, cache_dir, use_cache)
+
+
+def null_summary(frame: pd.DataFrame, null: pd.DataFrame, solution: str = "general") -> pd.DataFrame:
+    """Per non-zero norm: where ``solution``'s KL (a :func:`pretraining_kl` frame) falls among the random
+    directions' (a :func:`random_null_kl` frame): the null's mean and 95th percentile, and the percentile of
+    the solution's KL (:func:`emlib.stats.null_percentile`)."""
+    from ..stats import null_percentile
+
+    own = frame[frame["solution"] == solution].set_index("norm")["kl"]
+    recs = []
+    for norm, g in null[null["norm"] > 0].groupby("norm"):
+        match = own[np.isclose(own.index.to_numpy(dtype=float), norm)]
+        if match.empty:
+            continue
+        v = float(match.iloc[0])
+        recs.append({"norm": float(norm), "solution": solution, "kl": v, "n_draws": len(g),
+                     "null_mean": float(g["kl"].mean()), "null_p95": float(g["kl"].quantile(0.95)),
+                     "null_max": float(g["kl"].max()), "percentile": null_percentile(v, g["kl"].tolist())})
+    return pd.DataFrame(recs)
