@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import stats
+from . import stats as _stats
 from .stats import mean_ci, widen_to_wilson, wilson  # noqa: F401 (wilson: results.wilson for callers)
 from .metrics import GENERAL_PAIRS_LABEL as GENERAL_PAIRS  # the judge check's row name
 
@@ -105,6 +106,11 @@ def _counts(row) -> tuple[float, float]:
     return k, n
 
 
+def _whole(counts: tuple[float, float]) -> bool:
+    k, n = counts
+    return k == k and n == n and n >= 1 and float(k).is_integer() and float(n).is_integer()
+
+
 def _has_counts(row) -> bool:
     k, n = _counts(row)
     return k == k and n == n and n >= 1
@@ -148,6 +154,11 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
     fts = {c: s for c, s in stats.items() if c != "chat model"}
     best = max(fts, key=lambda c: fts[c][0])
     separated = {c for c, s in fts.items() if s[1] > base[2]}
+    counted = [c for c in fts if _whole(pooled[c]) and _whole(pooled["chat model"])]
+    if counted:  # "some finetune exceeds the chat model" is any of K: Holm over the finetunes (pooled counts)
+        tests = {c: _stats.two_rate_test(*pooled[c], *pooled["chat model"]) for c in counted}
+        adj = dict(zip(tests, _stats.holm([t.p for t in tests.values()])))
+        separated = {c for c in separated if c not in tests or (adj[c] < 0.05 and tests[c].diff > 0)}
     big = {c for c, s in fts.items() if s[0] >= EM_MEANINGFUL}
     if separated & big:
         verdict = REPRODUCED
@@ -159,7 +170,8 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
              else "one seed, bootstrap 95% CI widened to the Wilson interval")
     b = fts[best]
     ours = (f"highest EM {_pct(*b)} ({best}) vs chat model {_pct(*base)} ({seeds}); "
-            f"{len(separated)} of {len(fts)} finetunes above the chat model with separated CIs")
+            f"{len(separated)} of {len(fts)} finetunes above the chat model with separated CIs"
+            + (" and Holm-corrected Fisher p < 0.05" if counted else ""))
     (kb, nb), (kc, nc) = pooled[best], pooled["chat model"]
     if len(frames) > 1 and nb == nb and nc == nc:
         ours += f"; pooled answers: {best} {kb:.0f} of {nb:.0f} EM, chat model {kc:.0f} of {nc:.0f}"

@@ -245,3 +245,16 @@ def test_claim_pretraining_null_rule_gives_each_verdict(tmp_path):
     old = [r for r in _ch6()["ch6_pretraining_kl"]] + [{"solution": "random", "norm": n, "kl": 0.0, "ci_low": 0.0,
                                                           "ci_high": 0.001} for n in (0.0, 1.0, 2.0, 3.0)]
     assert results.claim_pretraining(_run(tmp_path, "d", {"ch6_pretraining_kl": old})).verdict == results.REPRODUCED
+
+
+def test_claim_em_is_holm_corrected_over_the_finetunes(tmp_path):
+    """11 of 400 vs 1 of 400: the Wilson intervals separate (Fisher p = 0.006); over 2 finetunes Holm keeps
+    them, over 20 it does not (0.006 x 20 > 0.05): "some finetune is above the chat model" is any of K."""
+    def run(name, k):
+        rows = [{"condition": "chat model", **_rate(1)}] + [{"condition": f"ft{i}", **_rate(11)} for i in range(k)]
+        return _run(tmp_path, name, {"ch1_em": rows})
+
+    two, twenty = results.claim_em(run("a", 2)), results.claim_em(run("b", 20))
+    assert len(two.checks["separated"]) == 2 and "Holm-corrected" in two.ours
+    assert twenty.checks["separated"] == [] and twenty.verdict == results.NOT_REPRODUCED  # 2.8%: under 5%, not separated
+    assert two.verdict == results.PARTLY  # separated but under 5%
