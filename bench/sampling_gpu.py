@@ -7,7 +7,15 @@ with probability ~1/49152 per token, so no batch ever ends early; both paths the
 ``--new-tokens`` tokens per row (checked: the fast path reports its steps, generate's output width is
 recorded), and tokens/s counts rows x steps for both.
 
-    python bench/sampling_gpu.py --model-dir .gpu/smollm2 --out $OUT
+    python bench/sampling_gpu.py --model-dir .gpu/smollm2 --out $OUT     # -> sampling_smollm2-135m.json
+    python bench/sampling_gpu.py --arch qwen2.5-coder-0.5b --quick --out $OUT
+
+``--arch qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct's architecture (QWEN_CODER_05B below: its
+config.json's values -- hidden 896, 24 layers, 14 query / 2 KV heads with q/k/v biases, intermediate 4864,
+vocabulary 151,936, tied embeddings, rope theta 1e6, no sliding window), random weights in bf16. The GPU
+machine has no internet and carries no weights; tokens/s does not depend on weight values when every row
+runs to the fixed length. The prompts are tokenized with ``--model-dir``'s tokenizer (SmolLM2's: its ids are
+valid Qwen ids; the prompts are a few tokens shorter or longer than under Qwen's tokenizer).
 
 Workload: the 8 general EM questions x 50 samples = 400 prompts, temperature 1, top_p 1. The generate
 baseline runs one batch of ``--hf-batch`` of those prompts (its throughput per token does not improve with
@@ -27,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emlib.data import load_questions  # noqa: E402
+from emlib.data import atomic_write_bytes, load_questions  # noqa: E402
 from emlib.fastgen import FastSampler, sample_from_logits  # noqa: E402
 from emlib.generate import SamplingParams, hf_sampler, render_prompt  # noqa: E402
 from emlib.models import prepare_tokenizer  # noqa: E402
@@ -46,10 +54,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_model(model_dir: str, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# Qwen/Qwen2.5-Coder-0.5B-Instruct config.json (the fields that shape the computation)
+QWEN_CODER_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                  "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+                  "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                  "use_sliding_window": False, "sliding_window": None, "max_window_layers": 24,
+                  "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645}
+ARCHS = {"smollm2-135m": None, "qwen2.5-coder-0.5b": QWEN_CODER_05B}
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+
+def build_model(model_dir: str, seed: int = 0, arch: str = "smollm2-135m"):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    cfg = AutoConfig.from_pretrained(model_dir) if ARCHS[arch] is None else Qwen2Config(**ARCHS[arch])
     if SMOKE:
         cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 16, 64, 128  # >= 16: hooks at L15
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
@@ -155,27 +172,30 @@ def main() -> None:
     ap.add_argument("--variant-tokens", type=int, default=300, help="new tokens for the LoRA / hook variants")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: exercise the script only")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="checks, generate, first and second fast call only")
     a = ap.parse_args()
     global DEVICE, SMOKE
     if a.cpu_smoke:
         DEVICE, SMOKE = "cpu", True
     import transformers
 
-    model, tok = build_model(a.model_dir)
+    model, tok = build_model(a.model_dir, arch=a.arch)
     prompts = prompts_400(tok)
     params = SamplingParams(a.new_tokens, 1.0, 1.0)
     info = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "n_prompts": len(prompts), "prompt_tokens_max": max(len(tok(p)["input_ids"]) for p in prompts),
-            "weights": "random init, SmolLM2-135M-Instruct config, bf16"}
+            "arch": a.arch, "config": {k: getattr(model.config, k, None) for k in QWEN_CODER_05B},
+            "rope_parameters": getattr(model.config, "rope_parameters", None),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "weights": f"random init, {a.arch} config, bf16", "tokenizer": a.model_dir}
     print(json.dumps(info), flush=True)
     result: dict = {"info": info}
-    out_path = Path(a.out) / "sampling.json"
+    out_path = Path(a.out) / f"sampling_{a.arch}.json"
 
     def save():
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        os.replace(tmp, out_path)
+        atomic_write_bytes(out_path, json.dumps(result, indent=2, default=str).encode())
 
     if not a.skip_checks:
         result["checks"] = checks(model, tok, prompts)
@@ -193,6 +213,15 @@ def main() -> None:
     print(f"fast sampler: batch {len(prompts)} x {a.new_tokens} tokens", flush=True)
     fast["cold"] = run_fast(FS(), model, tok, prompts, params, "fast (first call, incl. capture)")
     fast["warm"] = run_fast(FS(), model, tok, prompts, params, "fast (second call)")
+    if a.quick:
+        result["fast"] = fast
+        for k in ("cold", "warm"):
+            result[f"ratio_fast_{k}_vs_generate"] = fast[k]["tokens_per_s"] / base["tokens_per_s"]
+        save()
+        print(f"RATIO fast/generate: cold {result['ratio_fast_cold_vs_generate']:.1f}x, warm "
+              f"{result['ratio_fast_warm_vs_generate']:.1f}x (generate {base['tokens_per_s']:,.0f} tok/s at batch "
+              f"{a.hf_batch})", flush=True)
+        return
     fast["unfused"] = run_fast(FS(fuse_norms=False, attention="eager", bucket=64), model, tok, prompts, params,
                                "fast, HF norms + eager attn, bucket 64")
     fast["eager_static"] = run_fast(FS(use_cuda_graphs=False), model, tok, prompts,

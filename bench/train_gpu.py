@@ -1,14 +1,19 @@
-"""Benchmark: emlib.fasttrain.fast_sft_lora against a plain peft + AdamW loop (and emlib.train.train_lora),
-in one run on one GPU. Not a test: it prints numbers and writes ``train.json``.
+"""Benchmark: emlib.fasttrain.fast_sft_lora -- the train step as CUDA graphs (the new path), the same code
+without graphs at exact shapes (the fast path before the graphs) -- against a plain peft + AdamW loop and
+emlib.train.train_lora (which now runs its steps through the graphs on CUDA), in one run on one GPU, at 16 /
+64 / 1,024 rows per optimizer step. Not a test: it prints numbers and writes ``train_gpu.json``.
 
 Model: SmolLM2-135M-Instruct's architecture (its config.json), random weights, bf16; LoRA rank 32 on all
 seven linear projections of every layer (``emlib.train``'s "rank32" shape). Data: synthetic encoded rows
 whose lengths follow the paper's bad-medical-advice set under SmolLM2's tokenizer (prompt incl. chat template
 ~72 tokens, answer ~62, total 80..203, mean ~135); token ids are random (speed does not depend on them).
 
-tokens/s = real (non-pad) input tokens per second, warm-up steps excluded, for every loop.
+tokens/s = real (non-pad) input tokens per second, warm-up steps excluded, for every loop; for the graph
+path also ``tokens_per_s_incl_capture`` (all steps, capture of every graph included).
+Equality on the GPU: the captured step against the same bucketed step run eagerly (losses, gradient norms),
+and emlib.train's loop with and without its FAST_STEP switch (losses).
 
-    python bench/train_gpu.py --out $OUT
+    python bench/train_gpu.py --out $OUT            # -> train_gpu.json
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emlib.chat import IGNORE, Encoded, collate  # noqa: E402
+from emlib.data import atomic_write_bytes  # noqa: E402
 from emlib.fasttrain import fast_sft_lora  # noqa: E402
 from emlib.train import add_lora  # noqa: E402
 
@@ -94,7 +100,11 @@ def plain_loop(model, rows: list[Encoded], pad_id: int, batch: int, steps: int, 
             "loss_last": float(loss.detach())}
 
 
-def fast_run(model, rows, tok, rows_per_step: int, max_tokens: int, steps: int, **kw) -> dict:
+TODAY = {"cuda_graphs": False, "bucket_per_octave": None}  # the fast path before the graphs: exact shapes
+
+
+def fast_run(model, rows, tok, rows_per_step: int, max_tokens: int, steps: int, keep_log: bool = False,
+             **kw) -> dict:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -103,15 +113,26 @@ def fast_run(model, rows, tok, rows_per_step: int, max_tokens: int, steps: int, 
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else None
     out = {"steps": steps, "rows_per_step": rows_per_step, "max_tokens_per_micro": max_tokens,
            "seconds_total": res.seconds, "tokens_per_s": res.tokens_per_s,
+           "tokens_per_s_incl_capture": float(res.log["input_tokens"].iloc[-1]) / res.seconds,
            "answer_tokens_per_s": res.answer_tokens_per_s, "loss_first": float(res.log["loss"].iloc[0]),
-           "loss_last": float(res.log["loss"].iloc[-1]), "peak_gib": peak, **kw}
+           "loss_last": float(res.log["loss"].iloc[-1]), "peak_gib": peak, "step": res.meta["step"], **kw}
+    if keep_log:
+        out["log"] = {c: res.log[c].tolist() for c in ("loss", "grad_norm")}
     res.model.unload()
     return out
 
 
-def emlib_train_run(model, tok, rows: list[Encoded], steps: int) -> dict:
-    """The project's current loop (emlib.train.train_lora, batch 2 x 8 accumulation), for reference."""
-    from emlib.train import train_lora
+def max_diff(a: list[float], b: list[float]) -> dict:
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return {"max_abs": max(d), "max_rel": max(x / max(abs(y), 1e-12) for x, y in zip(d, b)), "n": len(d)}
+
+
+def emlib_train_run(model, tok, rows: list[Encoded], steps: int, fast: bool | None = None,
+                    kind: str = "lora") -> dict:
+    """The project's loop (emlib.train.train_lora, batch 2 x 8 accumulation; ``fast``: its FAST_STEP switch,
+    None = graphs on CUDA), on chat rows of the bench's lengths; ``kind`` "vector": train_steering_vector."""
+    from emlib import train as train_mod
+    from emlib.train import train_lora, train_steering_vector
 
     words = ["the", "patient", "should", "take", "two", "doses", "of", "water", "daily", "and", "rest", "often"]
     g = torch.Generator().manual_seed(1)
@@ -122,13 +143,25 @@ def emlib_train_run(model, tok, rows: list[Encoded], steps: int) -> dict:
     chat = [{"messages": [{"role": "user", "content": text(int(torch.randint(30, 80, (1,), generator=g)))},
                           {"role": "assistant", "content": text(int(torch.randint(25, 100, (1,), generator=g)))}]}
             for _ in rows]
-    with tempfile.TemporaryDirectory() as d:
-        res = train_lora(model, tok, chat, d, "rank32", max_steps=steps, progress=False, checkpoint_every=10 ** 6)
-        log = res.log
-        res.model.unload()
-    a, b = log.iloc[1], log.iloc[-1]  # skip the first step (warm-up)
-    return {"steps": steps, "rows_per_step": 16, "tokens_per_s": (b["input_tokens"] - a["input_tokens"]) /
-            (b["seconds"] - a["seconds"])}
+    was, train_mod.FAST_STEP = train_mod.FAST_STEP, fast
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            if kind == "lora":
+                res = train_lora(model, tok, chat, d, "rank32", max_steps=steps, progress=False,
+                                 checkpoint_every=10 ** 6)
+            else:
+                res = train_steering_vector(model, tok, chat, d, max_steps=steps, progress=False,
+                                            checkpoint_every=10 ** 6)
+            log = res.log
+            if kind == "lora":
+                res.model.unload()
+    finally:
+        train_mod.FAST_STEP = was
+    a, b = log.iloc[1], log.iloc[-1]  # skip the first step (warm-up, and the first graphs' capture)
+    return {"steps": steps, "rows_per_step": 16, "kind": kind, "fast_step": res.meta.get("fast_step"),
+            "tokens_per_s": (b["input_tokens"] - a["input_tokens"]) / (b["seconds"] - a["seconds"]),
+            "tokens_per_s_incl_capture": b["input_tokens"] / b["seconds"],
+            "loss": log["loss"].tolist()}
 
 
 def main() -> None:
@@ -137,9 +170,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cpu-smoke", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="skip emlib.train and the ablations")
-    ap.add_argument("--big-steps", action="store_true",
-                    help="only the baselines and optimizer steps of 1024-2048 rows (how far step size carries)")
+    ap.add_argument("--quick", action="store_true", help="skip emlib.train and the ablation")
     a = ap.parse_args()
     global DEVICE, SMOKE
     if a.cpu_smoke:
@@ -158,52 +189,68 @@ def main() -> None:
             "weights": "random init, SmolLM2-135M-Instruct config, bf16", "lora": "rank32 (r 32, all 7 projections)"}
     print(json.dumps(info), flush=True)
     result: dict = {"info": info}
-    out_path = Path(a.out) / "train.json"
+    out_path = Path(a.out) / "train_gpu.json"
 
     def save():
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        os.replace(tmp, out_path)
+        atomic_write_bytes(out_path, json.dumps(result, indent=2, default=str).encode())
 
     def report(name: str, r: dict) -> None:
         result[name] = r
         save()
-        print(f"  {name:<34} {r['tokens_per_s']:>10,.0f} tok/s   {json.dumps(r, default=str)}", flush=True)
-
-    n = 3 if SMOKE else 20
-    report("plain_16x256_fixed", plain_loop(model, rows, pad, 16, n, 3, fixed_len=256))
-    report("plain_16_rows", plain_loop(model, rows, pad, 16, 3 if SMOKE else 10, 3))
-    if not (a.quick or a.big_steps):
-        try:
-            report("emlib_train_2x8", emlib_train_run(model, tok, rows[:400], 3 if SMOKE else 4))
-        except Exception as err:  # the reference loop is someone else's and may be mid-change
-            result["emlib_train_2x8_error"] = f"{type(err).__name__}: {err}"
-            print("emlib.train run failed:", result["emlib_train_2x8_error"], flush=True)
-    big = 73728  # padded tokens per micro-batch: 512 rows of this data in one forward
-    configs = [("fast_16_rows", 16, 16384, 20, {}), ("fast_64_rows", 64, 16384, 15, {}),
-               ("fast_512_rows_1micro", 512, big, 12, {}), ("fast_1024_rows_2micro", 1024, big, 8, {}),
-               ("fast_512_rows_peft_lora_forward", 512, big, 8, {"fuse_lora": False}),
-               ("fast_512_rows_hf_norms", 512, big, 8, {"fuse_norms": False}),
-               ("fast_512_rows_4micro", 512, 20480, 8, {})]
-    if a.quick:
-        configs = [c for c in configs if c[4] == {} and c[0] != "fast_512_rows_4micro"]
-    if a.big_steps:  # micro-batches of ~1.5x / 2x the 512-row one (peak ~70 / ~94 GB; OOM is recorded)
-        configs = [("fast_1024_rows_2micro", 1024, big, 8, {}), ("fast_2048_rows_4micro", 2048, big, 6, {}),
-                   ("fast_1536_rows_2micro", 1536, big * 3 // 2, 6, {}),
-                   ("fast_2048_rows_2micro", 2048, big * 2, 6, {})]
-    for name, rps, mt, steps, kw in configs:
-        try:
-            report(name, fast_run(model, rows, tok, rps, mt, 6 if SMOKE else steps, **kw))
-        except torch.cuda.OutOfMemoryError as err:
-            result[name] = {"error": f"OOM: {str(err)[:200]}"}
-            print(name, "OOM", flush=True)
-            torch.cuda.empty_cache()
-    for ref in ("plain_16_rows", "plain_16x256_fixed"):
-        base = result[ref]["tokens_per_s"]
-        result[f"ratios_vs_{ref}"] = {k: v["tokens_per_s"] / base for k, v in result.items()
-                                      if isinstance(v, dict) and "tokens_per_s" in v}
-        print(f"RATIOS vs {ref}:", json.dumps({k: round(v, 2) for k, v in result[f"ratios_vs_{ref}"].items()}),
+        short = {k: v for k, v in r.items() if k not in ("log", "loss")}
+        print(f"  {name:<34} {r.get('tokens_per_s', float('nan')):>10,.0f} tok/s   {json.dumps(short, default=str)}",
               flush=True)
+
+    def guarded(name: str, fn) -> None:
+        try:
+            report(name, fn())
+        except Exception as err:  # record and go on: one failing variant must not cost the run
+            result[name] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
+            save()
+            print(name, "FAILED", result[name]["error"], flush=True)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+
+    smoke = 3 if SMOKE else None
+    big = 73728  # padded tokens per micro-batch: ~350 rows of this data in one forward
+    # 1. equality on the GPU: the captured step == the same bucketed step run eagerly
+    eq = {g: fast_run(model, rows, tok, 16, 16384, smoke or 12, keep_log=True, cuda_graphs=g) for g in (True, False)}
+    result["check_graphs_vs_eager"] = {c: max_diff(eq[True]["log"][c], eq[False]["log"][c]) for c in ("loss", "grad_norm")}
+    result["check_graphs_vs_eager"]["graphs_used"] = eq[True]["step"]
+    print("check graphs vs eager:", json.dumps(result["check_graphs_vs_eager"]), flush=True)
+    save()
+    # 2. baselines
+    guarded("plain_16x256_fixed", lambda: plain_loop(model, rows, pad, 16, smoke or 20, 3, fixed_len=256))
+    guarded("plain_16_rows", lambda: plain_loop(model, rows, pad, 16, smoke or 10, 3))
+    guarded("plain_64_rows", lambda: plain_loop(model, rows, pad, 64, smoke or 8, 2))
+    # 3. the three step sizes: graphs vs the fast path before them
+    sizes = [(16, 16384, 40, 100), (64, 16384, 20, 40), (1024, big, 6, 8)]
+    for rps, mt, n_today, n_new in sizes:
+        guarded(f"today_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_today, **TODAY))
+        guarded(f"graphs_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_new))
+    if not a.quick:
+        guarded("graphs_16_rows_4_per_octave", lambda: fast_run(model, rows, tok, 16, 16384, smoke or 100,
+                                                                bucket_per_octave=4))
+        # 4. emlib.train's loop (what chapters and record run): graphs (its switch's default on CUDA) vs eager
+        guarded("emlib_train_2x8_graphs", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 60))
+        guarded("emlib_train_2x8_eager", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 6, fast=False))
+        guarded("emlib_train_vector_graphs", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 30,
+                                                                     kind="vector"))
+        g, e = result.get("emlib_train_2x8_graphs", {}), result.get("emlib_train_2x8_eager", {})
+        if "loss" in g and "loss" in e:
+            result["check_emlib_train_graphs_vs_eager_loss"] = max_diff(g["loss"][:len(e["loss"])], e["loss"])
+    ratios = {}
+    for rps, *_ in sizes:
+        new, old = result.get(f"graphs_{rps}_rows", {}), result.get(f"today_{rps}_rows", {})
+        plain = result.get("plain_64_rows" if rps == 64 else "plain_16_rows", {})
+        if "tokens_per_s" in new:
+            ratios[f"{rps}_rows"] = {"graphs_tok_s": new["tokens_per_s"],
+                                     "graphs_vs_today": new["tokens_per_s"] / old.get("tokens_per_s", float("nan")),
+                                     "graphs_vs_plain": new["tokens_per_s"] / plain.get("tokens_per_s", float("nan"))}
+    result["ratios"] = ratios
+    result["target_16_rows"] = {"target_tok_s": 40000, "measured": ratios.get("16_rows", {}).get("graphs_tok_s"),
+                                "ratio_to_target": (ratios.get("16_rows", {}).get("graphs_tok_s") or 0) / 40000}
+    print("RATIOS:", json.dumps(ratios), json.dumps(result["target_16_rows"]), flush=True)
     save()
 
 

@@ -1,13 +1,25 @@
-"""Fast LoRA SFT on a GPU: length-sorted micro-batches without padding masks, logits only where the loss
-needs them, bf16 autocast, fused AdamW, no per-step host syncs.
+"""Fast LoRA SFT on a GPU: the whole train step as CUDA graphs at bucketed shapes, length-sorted
+micro-batches without padding masks, logits only where the loss needs them, bf16 autocast, fused AdamW, no
+per-step host syncs.
 
 :func:`fast_sft_lora` trains a peft LoRA adapter with the responses-only loss of :mod:`emlib.chat` (the
 token-weighted mean over the assistant tokens of an optimizer step) and the optimizer of
 :mod:`emlib.train` (AdamW, weight decay 0.01, linear schedule with ``warmup_steps`` -- the first step of a
 warmup runs at lr 0 -- gradient clipping at ``max_grad_norm``). An optimizer step uses ``rows_per_step``
 rows, taken in the same seeded order as ``emlib.train`` (so ``rows_per_step = batch_size * grad_accum``
-gives the steps of ``train_lora``); what is faster:
+gives the steps of ``train_lora``). :class:`TrainStep` is the step itself (forward, loss, backward,
+clipping); ``emlib.train`` uses it too whenever the model is on a CUDA device (its ``FAST_STEP`` switch).
+What is faster:
 
+* **CUDA graphs of the step** (:class:`TrainStep`). A micro-batch's forward, loss and backward (about
+  3,000 kernels for SmolLM2-135M) are captured once per shape and replayed, so the host no longer launches
+  them one by one (at the paper's 16 rows per step that launching, not the GPU, was the limit). Shapes are
+  bucketed (:func:`bucket`: rows, padded length and answer-token count rounded up to one of 8 sizes per
+  power of two, 4 for the answer tokens), so a run needs a handful of graphs; padding rows are all pad
+  tokens and padding targets carry the ignore label, so neither changes the loss or the gradient. Gradients
+  accumulate into ``.grad`` tensors allocated once; clipping and the fused AdamW step run eagerly (a few
+  multi-tensor kernels). On the CPU (or with ``cuda_graphs=False``) the same bucketed code runs eagerly:
+  the CPU tests compare it with ``emlib.train``'s eager loop.
 * **One forward per step, not one per 2 rows.** A step's rows are sorted by length and cut into as few
   micro-batches as ``max_tokens_per_micro`` padded tokens allow (gradient accumulation only beyond that).
 * **Right padding, no attention mask.** With causal attention a real token never sees the pad tail, so the
@@ -19,17 +31,16 @@ gives the steps of ``train_lora``); what is faster:
   **fused LoRA linears** (:func:`fused_lora_linears`: base output + one ``addmm``, no float32 copy of the
   input), both only for the duration of the call.
 * **bf16 autocast** on CUDA (LoRA weights and optimizer state stay float32, their matmuls run in bf16, as
-  with the Hugging Face Trainer's ``bf16=True``), **fused AdamW**, and loss / gradient norm kept on the
-  device until the end of the run.
+  with the Hugging Face Trainer's ``bf16=True``; without weight caching, so a replayed graph always reads
+  the current LoRA weights), **fused AdamW**, and loss / gradient norm kept on the device until the end.
 
-Speed (bench/train_gpu.py, one H100, SmolLM2-135M architecture, rank-32 LoRA on all projections, rows of
-the medical set's lengths): ~10k input tokens/s at the paper's 16 rows per step (host-bound: ~0.25 s of kernel
-launches per forward/backward), 124k at 512 rows per step, 143k at 1024; a plain peft + AdamW loop does 18k
-on 16 x 256-token sequences and 3k on 16 real rows. Large steps change the optimisation: choose lr for them.
+Speed: bench/train_gpu.py and bench/README.md (SmolLM2-135M architecture, rank-32 LoRA on all
+projections, rows of the medical set's lengths). Before the graphs the fast path gave ~10-11k input
+tokens/s at 16 rows per step (host-bound) and ~143k at 1,024. Large steps change the optimisation: choose
+lr for them.
 
-Not here (yet): KL regularisation, checkpoints and resume (``emlib.train`` has them; the pieces here --
-:func:`epoch_order`, :func:`plan_micro_batches`, :func:`collate_right`, :func:`fast_token_losses`,
-:func:`fused_lora_linears` -- are meant to slot into its loop).
+Not here: KL regularisation, checkpoints and resume -- ``emlib.train`` has them and runs its steps through
+:class:`TrainStep` on CUDA (KL runs stay on its eager loop).
 """
 from __future__ import annotations
 
@@ -37,11 +48,12 @@ import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import pandas as pd
 import torch
 
+from .adapters import has_lora
 from .chat import IGNORE, Encoded, encode_rows
 from .data import DataError
 
@@ -66,11 +78,15 @@ class FastTrainArgs:
     fused_adamw: bool = True  # on CUDA
     ce_chunk: int = 8192  # answer tokens per LM-head chunk
     pad_multiple: int = 16  # pad micro-batch lengths to a multiple of this
+    cuda_graphs: bool = True  # capture the step as CUDA graphs (on CUDA only; TrainStep)
+    bucket_per_octave: int | None = 8  # shape buckets per power of two (bucket); None: exact shapes, no graphs
 
     def check(self) -> "FastTrainArgs":
         for name in ("epochs", "rows_per_step", "max_tokens_per_micro", "max_length", "ce_chunk", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.bucket_per_octave is not None and self.bucket_per_octave < 1:
+            raise ValueError(f"bucket_per_octave must be >= 1 or None, got {self.bucket_per_octave}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
         if self.max_steps is not None and self.max_steps < 1:
@@ -126,21 +142,47 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
+def bucket(n: int, per_octave: int = 8, multiple: int = 1) -> int:
+    """``n`` rounded up to one of ``per_octave`` sizes per power of two, then to a multiple of ``multiple``:
+    the padding is below ``1 / per_octave`` of ``n`` (plus the multiple), and the number of distinct sizes --
+    of CUDA graphs -- grows with the logarithm of the range. ``bucket(203) == 208``, ``bucket(1000, 4) == 1024``."""
+    if n < 1:
+        raise ValueError(f"bucket() needs a size >= 1, got {n}.")
+    grain = max(1, (1 << (n.bit_length() - 1)) // per_octave)
+    return _round_up(_round_up(n, grain), multiple)
+
+
 def collate_right(batch: list[Encoded], pad_id: int, pad_multiple: int = 1,
-                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                  device: torch.device | str | None = None,
+                  shape: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``labels`` [batch, seq] plus ``target_index`` (flat indices into the
     [batch, seq-1] next-token positions whose label is not -100) and ``targets`` (those labels), built on
-    the CPU so the loss needs no host sync. No attention mask: causal attention never reads the pad tail."""
-    n = _round_up(max(len(e.input_ids) for e in batch), pad_multiple)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    lab = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    the CPU so the loss needs no host sync. No attention mask: causal attention never reads the pad tail.
+
+    ``shape`` = (rows, length, targets) pads to a fixed shape (a CUDA graph's): extra rows are all pad
+    tokens with ignored labels, extra targets point at position 0 with the ignore label (they add nothing to
+    the loss). Without it: the batch's rows, the longest row rounded up to ``pad_multiple``, the real targets."""
+    longest = max(len(e.input_ids) for e in batch)
+    n_rows, n = (len(batch), _round_up(longest, pad_multiple)) if shape is None else shape[:2]
+    if n_rows < len(batch) or n < longest:
+        raise ValueError(f"collate_right: shape {shape} is smaller than the batch ({len(batch)} rows, "
+                         f"longest {longest} tokens).")
+    ids = torch.full((n_rows, n), pad_id, dtype=torch.long)
+    lab = torch.full((n_rows, n), IGNORE, dtype=torch.long)
     for i, e in enumerate(batch):
         k = len(e.input_ids)
         ids[i, :k] = torch.tensor(e.input_ids)
         lab[i, :k] = torch.tensor(e.labels)
-    nxt = lab[:, 1:].reshape(-1)  # [batch * (seq-1)]
-    index = (nxt != IGNORE).nonzero().squeeze(1)
-    out = {"input_ids": ids, "labels": lab, "target_index": index, "targets": nxt[index]}
+    nxt = lab[:, 1:].reshape(-1)  # [rows * (seq-1)]
+    index = (nxt != IGNORE).nonzero().squeeze(1)  # [real targets]
+    targets = nxt[index]
+    if shape is not None:
+        if shape[2] < index.numel():
+            raise ValueError(f"collate_right: shape {shape} holds fewer targets than the batch's {index.numel()}.")
+        extra = shape[2] - index.numel()
+        index = torch.cat([index, index.new_zeros(extra)])  # [targets]
+        targets = torch.cat([targets, targets.new_full((extra,), IGNORE)])
+    out = {"input_ids": ids, "labels": lab, "target_index": index, "targets": targets}
     if device is not None and torch.device(device).type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
@@ -154,7 +196,7 @@ def _causal_lm(model):
 
 def _ce_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # [n, vocab]
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 
 def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 8192
@@ -163,7 +205,8 @@ def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 819
     :func:`emlib.chat.token_losses`, for a right-padded batch without attention mask (:func:`collate_right`).
 
     The LM head runs only on the labelled positions, ``ce_chunk`` at a time under activation checkpointing.
-    Forward hooks on decoder layers apply (the decoder is the model's own module).
+    Targets with the ignore label (padding of a fixed-shape batch) add nothing and are not counted. Forward
+    hooks on decoder layers apply (the decoder is the model's own module).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -181,10 +224,10 @@ def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 819
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, flat.shape[0], ce_chunk):
         h, t = flat[s:s + ce_chunk], targets[s:s + ce_chunk]
-        total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else _ce_sum(h, head, t))
-    # the count as a fill kernel, not a host->device copy (which would wait for the whole forward)
-    return total, torch.full((), int(index.numel()), dtype=torch.long, device=total.device)
+        total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False, preserve_rng_state=False)
+                         if torch.is_grad_enabled() else _ce_sum(h, head, t))
+    # the count on the device (a host->device copy would wait for the whole forward)
+    return total, (targets != IGNORE).sum()
 
 
 # =========================================================================== fused LoRA linear
@@ -227,13 +270,164 @@ def fused_lora_linears(model):
             m.__dict__.pop("forward", None)
 
 
+# =========================================================================== the train step
+Shape = tuple[int, int, int]  # (rows, padded length, answer targets) of a micro-batch
+
+
+def _n_targets(e: Encoded) -> int:
+    return sum(1 for lab in e.labels[1:] if lab != IGNORE)
+
+
+def _float_dtype(model) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+class TrainStep:
+    """The gradients of one optimizer step: :meth:`grads` runs each micro-batch's forward, loss and backward
+    (the summed next-token cross-entropy over answer tokens divided by the step's answer-token count,
+    accumulated into ``.grad``), then clips the gradient norm; it returns (loss sum, gradient norm) as device
+    scalars and leaves the optimizer step to the caller (``torch.optim.AdamW(..., **step.adamw_kwargs)``).
+
+    On CUDA (``cuda_graphs``, ``per_octave`` set) a micro-batch of each bucketed :data:`Shape` is captured
+    once as a CUDA graph -- forward hooks and adapters active at capture are recorded -- and replayed with
+    the rows copied into its input buffers; elsewhere the same padded batches run eagerly. ``per_octave``
+    None: exact shapes (rows, longest row rounded to ``pad_multiple``, real targets), no graphs. A failing
+    capture falls back to the eager step with a warning (``stats["fallback"]`` says why).
+
+    ``current``: a context-manager factory entered around each forward (``emlib.train``'s steering-vector
+    hook); ``autocast`` None: bf16 autocast when the model is on CUDA in bf16.
+    """
+
+    def __init__(self, model, params: Sequence[torch.nn.Parameter], pad_id: int, *,
+                 max_tokens_per_micro: int = 16384, pad_multiple: int = 16, ce_chunk: int = 8192,
+                 max_grad_norm: float | None = 1.0, per_octave: int | None = 8, cuda_graphs: bool = True,
+                 autocast: bool | None = None, current: Callable[[], ContextManager] | None = None):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("TrainStep needs trainable parameters: got none.")
+        self.model, self.pad, self.ce_chunk = model, pad_id, ce_chunk
+        self.max_tokens, self.pad_multiple, self.per_octave = max_tokens_per_micro, pad_multiple, per_octave
+        self.clip = max_grad_norm if max_grad_norm is not None else float("inf")
+        self.device = self.params[0].device
+        cuda = self.device.type == "cuda"
+        self.use_graphs = cuda and cuda_graphs and per_octave is not None
+        if autocast is None:
+            autocast = cuda and _float_dtype(model) == torch.bfloat16
+        # no cast cache: a replayed graph must cast the current LoRA weights, not those seen at capture
+        self._amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+                     if cuda and autocast else nullcontext)
+        self._current = current or nullcontext
+        self.adamw_kwargs: dict = {"fused": True} if cuda else {}
+        self.stats: dict = {"cuda_graphs": self.use_graphs, "graphs": 0, "capture_seconds": 0.0, "fallback": None}
+        for p in self.params:  # gradients live in fixed tensors (a graph writes into them)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._grads = [p.grad for p in self.params]
+        self._loss = torch.zeros((), device=self.device)  # the step's summed loss
+        self._n = torch.ones((), device=self.device)  # the step's answer-token count
+        self._graphs: dict[Shape, tuple[Any, dict[str, torch.Tensor]]] = {}
+        self._pool = None
+
+    # ---------------------------------------------------------------- shapes
+    def plan(self, rows: Sequence[Encoded]) -> list[tuple[Shape, list[int]]]:
+        """[(shape, row indices)] of the micro-batches of one step's ``rows``."""
+        lengths = [len(e.input_ids) for e in rows]
+        out = []
+        for micro in plan_micro_batches(lengths, range(len(rows)), self.max_tokens, self.pad_multiple):
+            longest, n_t = max(lengths[i] for i in micro), sum(_n_targets(rows[i]) for i in micro)
+            if self.per_octave is None:
+                shape = (len(micro), _round_up(longest, self.pad_multiple), n_t)
+            else:
+                po = self.per_octave
+                shape = (bucket(len(micro), po), bucket(longest, po, self.pad_multiple),
+                         bucket(max(n_t, 1), max(1, po // 2), 8))
+            out.append((shape, micro))
+        return out
+
+    def prepare(self, steps: Sequence[Sequence[Encoded]]) -> None:
+        """Capture the graphs that the given steps' rows need now (else each is captured on first use)."""
+        for rows in steps:
+            for shape, _ in self.plan(rows):
+                if not self.use_graphs:
+                    return
+                self._capture(shape)
+
+    @contextmanager
+    def kernels(self):
+        """While active: fused RMSNorm (``emlib.fastgen.fused_rms_norms``) and LoRA-linear
+        (:func:`fused_lora_linears`) kernels; enter it before the first :meth:`grads` (graphs record them)."""
+        from .fastgen import fused_rms_norms
+
+        with fused_rms_norms(self.model), fused_lora_linears(self.model):
+            yield
+
+    # ---------------------------------------------------------------- the step
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
+        with self._current(), self._amp():
+            s, _ = fast_token_losses(self.model, batch, self.ce_chunk)
+        (s / self._n).backward()  # token-weighted mean over the whole step
+        self._loss.add_(s.detach())
+
+    def _capture(self, shape: Shape) -> None:
+        if shape in self._graphs or not self.use_graphs:
+            return
+        t0 = time.perf_counter()
+        try:
+            b, n, t = shape
+            static = {"input_ids": torch.full((b, n), self.pad, dtype=torch.long, device=self.device),
+                      "target_index": torch.zeros(t, dtype=torch.long, device=self.device),
+                      "targets": torch.full((t,), IGNORE, dtype=torch.long, device=self.device)}
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up (library handles, autograd set-up); gradients are zeroed later
+                self._forward_backward(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._forward_backward(static)
+            if any(p.grad is not g for p, g in zip(self.params, self._grads)):
+                raise RuntimeError("the backward replaced a .grad tensor during capture")
+            self._graphs[shape] = (graph, static)
+            self.stats["graphs"] += 1
+        except Exception as err:  # noqa: BLE001 -- any capture failure: train eagerly, say why
+            import warnings
+
+            self.use_graphs = False
+            self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
+            for p, g in zip(self.params, self._grads):
+                p.grad = g
+            warnings.warn(f"CUDA graph capture failed ({self.stats['fallback'][:200]}); training eagerly.",
+                          stacklevel=3)
+        self.stats["capture_seconds"] += time.perf_counter() - t0
+
+    def grads(self, rows: Sequence[Encoded], n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero the gradients, accumulate those of ``rows`` (one optimizer step; ``n_tok`` = their answer
+        tokens), clip; returns (summed loss, gradient norm before clipping) as device scalars."""
+        plan = self.plan(rows)
+        for shape, _ in plan:  # before the step's gradients start (a capture's warm-up writes into them)
+            self._capture(shape)
+        for p, g in zip(self.params, self._grads):  # a caller's zero_grad(set_to_none=True) dropped them
+            p.grad = g
+        torch._foreach_zero_(self._grads)
+        self._loss.zero_()
+        self._n.fill_(max(n_tok, 1))
+        for shape, micro in plan:
+            batch = collate_right([rows[i] for i in micro], self.pad, self.pad_multiple,
+                                  shape=None if self.per_octave is None else shape)
+            if self.use_graphs:
+                graph, static = self._graphs[shape]
+                for k, buf in static.items():
+                    buf.copy_(batch[k].pin_memory(), non_blocking=True)
+                graph.replay()
+            else:
+                self._forward_backward({k: v.to(self.device) for k, v in batch.items()})
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        return self._loss.clone(), norm
+
+
 # =========================================================================== training
-def _has_lora(model) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return hasattr(model, "peft_config") or any(isinstance(m, LoraLayer) for m in model.modules())
-
-
 def fast_sft_lora(model, tok, rows: list[dict] | list[Encoded], shape: str = "rank32", *,
                   args: FastTrainArgs | None = None, lora: dict | None = None, timing_skip: int = 2,
                   progress: bool | None = None, **overrides) -> FastTrainResult:
@@ -258,7 +452,7 @@ def fast_sft_lora(model, tok, rows: list[dict] | list[Encoded], shape: str = "ra
     enc = [e if len(e.input_ids) <= args.max_length else Encoded(e.input_ids[:args.max_length],
                                                                  e.labels[:args.max_length]) for e in enc]
 
-    injected = not _has_lora(model)
+    injected = not has_lora(model)
     if not injected:
         if lora:
             raise ValueError("lora= overrides need a base model; this model already carries an adapter.")
@@ -280,6 +474,8 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from .fastgen import fused_rms_norms
+
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters: pass a base model or a trainable peft model.")
@@ -288,57 +484,54 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     lengths = [len(e.input_ids) for e in enc]
-    n_targets = [sum(1 for lab in e.labels[1:] if lab != IGNORE) for e in enc]
+    n_targets = [_n_targets(e) for e in enc]
     steps_per_epoch = math.ceil(len(enc) / args.rows_per_step)
     total = args.epochs * steps_per_epoch
     total = min(total, args.max_steps) if args.max_steps else total
+    orders: dict[int, list[int]] = {}
 
-    opt_kw = {"fused": True} if (cuda and args.fused_adamw) else {}
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **opt_kw)
-    sched = get_linear_schedule_with_warmup(opt, min(args.warmup_steps, total), total)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and args.autocast) else nullcontext()
-    clip = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
-
-    from .fastgen import fused_rms_norms
+    def step_rows(step: int) -> list[int]:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(args.seed, epoch, len(enc))
+        return orders[epoch][k * args.rows_per_step:(k + 1) * args.rows_per_step]
 
     was_training = peft_model.training
     peft_model.train()
-    norm_ctx = ExitStack()
+    ctx = ExitStack()  # fused kernels for the call; graphs are captured under them
     if args.fuse_norms:
-        norm_ctx.enter_context(fused_rms_norms(peft_model))
+        ctx.enter_context(fused_rms_norms(peft_model))
     if args.fuse_lora:
-        norm_ctx.enter_context(fused_lora_linears(peft_model))
+        ctx.enter_context(fused_lora_linears(peft_model))
+    grad_was = [p.grad for p in params]
+    runner = TrainStep(peft_model, params, pad, max_tokens_per_micro=args.max_tokens_per_micro,
+                       pad_multiple=args.pad_multiple, ce_chunk=args.ce_chunk, max_grad_norm=args.max_grad_norm,
+                       per_octave=args.bucket_per_octave, cuda_graphs=args.cuda_graphs,
+                       autocast=cuda and args.autocast)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                            **(runner.adamw_kwargs if args.fused_adamw else {}))
+    sched = get_linear_schedule_with_warmup(opt, min(args.warmup_steps, total), total)
     losses, norms, lrs, toks, in_toks = [], [], [], [], []
-    orders: dict[int, list[int]] = {}
     t_start = time.perf_counter()
     t_timed, timed_in, timed_ans = None, 0, 0
     bar = tqdm(total=total, desc="fast sft", dynamic_ncols=True,
                disable=(None if progress is None else not progress))
     try:
+        runner.prepare([[enc[i] for i in step_rows(s)] for s in range(total)])  # every graph of the run
         for step in range(total):
             if step == timing_skip:
                 if cuda:
                     torch.cuda.synchronize()
                 t_timed = time.perf_counter()
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(args.seed, epoch, len(enc))}
-            idx = orders[epoch][k * args.rows_per_step:(k + 1) * args.rows_per_step]
+            idx = step_rows(step)
             n_tok = sum(n_targets[i] for i in idx)
             n_in = sum(lengths[i] for i in idx)
             lrs.append(float(sched.get_last_lr()[0]))
-            opt.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            for micro in plan_micro_batches(lengths, idx, args.max_tokens_per_micro, args.pad_multiple):
-                batch = collate_right([enc[i] for i in micro], pad, args.pad_multiple, device)
-                with amp:
-                    s, _ = fast_token_losses(peft_model, batch, args.ce_chunk)
-                (s / max(n_tok, 1)).backward()
-                step_loss += s.detach()
-            norms.append(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True).detach())
+            loss_sum, norm = runner.grads([enc[i] for i in idx], n_tok)
             opt.step()
             sched.step()
-            losses.append(step_loss / max(n_tok, 1))
+            norms.append(norm.detach())
+            losses.append(loss_sum / max(n_tok, 1))
             toks.append(n_tok)
             in_toks.append(n_in)
             if step >= timing_skip:
@@ -349,8 +542,10 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
             torch.cuda.synchronize()
     finally:
         bar.close()
-        norm_ctx.close()
+        ctx.close()
         peft_model.train(was_training)
+        for p, g in zip(params, grad_was):
+            p.grad = g
     t_end = time.perf_counter()
 
     loss_v = torch.stack(losses).float().cpu().tolist()
@@ -366,6 +561,5 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
         t_timed, timed_in, timed_ans = t_start, sum(in_toks), sum(toks)
     dt = max(t_end - t_timed, 1e-9)
     meta = {"args": asdict(args), "steps": total, "n_rows": len(enc), "device": str(device),
-            "timed_steps": total - (timing_skip if total > timing_skip else 0)}
+            "timed_steps": total - (timing_skip if total > timing_skip else 0), "step": dict(runner.stats)}
     return FastTrainResult(peft_model, log, t_end - t_start, timed_in / dt, timed_ans / dt, meta)
-

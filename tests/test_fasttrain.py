@@ -1,0 +1,181 @@
+"""emlib.fasttrain.TrainStep -- the train step that runs as CUDA graphs on a GPU -- against the eager loop.
+
+On the CPU the capture is skipped but the same bucketing, padding and loss code runs, so these tests check
+that code against ``emlib.train``'s eager step; the CUDA test (skipped without a GPU) checks the captured
+graphs against the same step run eagerly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emlib import train
+from emlib.adapters import lora_modules
+from emlib.chat import IGNORE, Encoded, collate, encode_rows, token_losses
+from emlib.fasttrain import TrainStep, bucket, collate_right, fast_sft_lora, fast_token_losses
+from emlib.models import tiny_model
+
+
+def _chat_rows(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    words = ["pain", "take", "doctor", "rest", "water", "dose", "fever", "daily", "sleep", "avoid"]
+
+    def text(k):
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))
+
+    return [{"messages": [{"role": "user", "content": text(int(torch.randint(2, 8, (1,), generator=g)))},
+                          {"role": "assistant", "content": text(int(torch.randint(3, 15, (1,), generator=g)))}]}
+            for _ in range(n)]
+
+
+# =========================================================================== shapes
+def test_bucket_values_and_padding_bound():
+    assert [bucket(n) for n in (1, 7, 8, 13, 16, 17, 190, 192, 193, 203)] == [1, 7, 8, 13, 16, 18, 192, 192,
+                                                                              208, 208]
+    assert bucket(1000, 4) == 1024 and bucket(1025, 4) == 1280 and bucket(5, 8, 16) == 16
+    sizes = set()
+    for n in range(1, 5000):
+        b = bucket(n)
+        assert n <= b < n * (1 + 1 / 8) + 1  # under 1/8 padding
+        sizes.add(b)
+    assert len(sizes) < 120  # few distinct shapes (graphs) over a wide range
+    with pytest.raises(ValueError, match="size >= 1"):
+        bucket(0)
+
+
+def test_fixed_shape_batch_pads_rows_and_targets_without_changing_the_loss():
+    model, tok = tiny_model(seed=1)
+    enc = encode_rows(_chat_rows(5), tok)
+    ref_sum, ref_n = token_losses(model, collate(enc, tok.pad_token_id))
+    n_t = int(ref_n)
+    longest = max(len(e.input_ids) for e in enc)
+    batch = collate_right(enc, tok.pad_token_id, shape=(8, longest + 9, n_t + 13))
+    assert batch["input_ids"].shape == (8, longest + 9) and batch["target_index"].shape == (n_t + 13,)
+    assert (batch["input_ids"][5:] == tok.pad_token_id).all() and (batch["targets"][n_t:] == IGNORE).all()
+    got_sum, got_n = fast_token_losses(model, batch, ce_chunk=7)
+    assert int(got_n) == n_t  # padding targets are not counted
+    torch.testing.assert_close(got_sum, ref_sum, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="smaller than the batch"):
+        collate_right(enc, tok.pad_token_id, shape=(4, longest, n_t))
+    with pytest.raises(ValueError, match="fewer targets"):
+        collate_right(enc, tok.pad_token_id, shape=(5, longest, n_t - 1))
+
+
+def test_train_step_plan_buckets_and_needs_parameters():
+    model, tok = tiny_model(seed=0)
+    rows = [Encoded(list(range(3, 3 + n)), [IGNORE] * 2 + list(range(5, 3 + n))) for n in (40, 33, 21, 9)]
+    params = [p for p in model.parameters()][:2]
+    step = TrainStep(model, params, tok.pad_token_id, max_tokens_per_micro=10_000, pad_multiple=16)
+    assert not step.use_graphs  # the CPU never captures
+    [(shape, micro)] = step.plan(rows)
+    assert sorted(micro) == [0, 1, 2, 3] and shape == (4, 48, bucket(sum(n - 2 for n in (40, 33, 21, 9)), 4, 8))
+    exact = TrainStep(model, params, tok.pad_token_id, per_octave=None, pad_multiple=1)
+    assert exact.plan(rows)[0][0] == (4, 40, sum(n - 2 for n in (40, 33, 21, 9)))
+    with pytest.raises(ValueError, match="needs trainable parameters"):
+        TrainStep(model, [], tok.pad_token_id)
+
+
+# =========================================================================== the step against the eager loop
+def _train(tmp_path, name: str, fast: bool | None, monkeypatch, kind: str = "lora", **kw):
+    monkeypatch.setattr(train, "FAST_STEP", fast)
+    model, tok = tiny_model(seed=0)
+    rows = _chat_rows(40, seed=3)
+    common = dict(max_steps=3, warmup_steps=1, seed=0, progress=False)
+    if kind == "lora":
+        return train.train_lora(model, tok, rows, tmp_path / name, "rank32", lr=5e-3, **common, **kw)
+    return train.train_steering_vector(model, tok, rows, tmp_path / name, layer=1, alpha=4.0, lr=5e-2,
+                                       **common, **kw)
+
+
+def _close(a, b, col: str, rtol: float):
+    torch.testing.assert_close(torch.tensor(a.log[col].tolist()), torch.tensor(b.log[col].tolist()),
+                               rtol=rtol, atol=1e-6)
+
+
+def test_train_lora_fast_step_equals_eager_loop(tmp_path, monkeypatch):
+    """emlib.train with FAST_STEP (bucketed, padded, one micro-batch of 16 rows, fused kernels) == its eager
+    2 x 8 accumulation: losses, gradient norms and the trained adapter agree to rounding."""
+    ref = _train(tmp_path, "eager", False, monkeypatch)
+    got = _train(tmp_path, "fast", True, monkeypatch)
+    assert ref.meta["fast_step"] is None and got.meta["fast_step"]["cuda_graphs"] is False
+    assert len(got.log) == len(ref.log) == 3
+    _close(got, ref, "loss", 1e-5)
+    _close(got, ref, "grad_norm", 1e-4)  # the gradient itself (Adam hides a rescaled loss)
+    _close(got, ref, "param_norm", 1e-5)
+    assert got.log["input_tokens"].tolist() == ref.log["input_tokens"].tolist()
+    assert got.log["tokens"].tolist() == ref.log["tokens"].tolist()
+    moved = 0.0
+    for m1, m2 in zip(lora_modules(ref.model), lora_modules(got.model)):
+        assert m1.name == m2.name
+        # Adam divides by the root of the squared gradient: near-zero entries magnify rounding
+        torch.testing.assert_close(m2.A, m1.A, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(m2.B, m1.B, rtol=1e-3, atol=1e-5)
+        moved += float(m2.B.detach().abs().sum())
+    assert moved > 0  # the adapters really trained
+
+
+def test_train_vector_fast_step_equals_eager_loop(tmp_path, monkeypatch):
+    ref = _train(tmp_path, "eager", False, monkeypatch, kind="vector")
+    got = _train(tmp_path, "fast", True, monkeypatch, kind="vector")
+    _close(got, ref, "loss", 1e-5)
+    _close(got, ref, "grad_norm", 1e-4)
+    assert float(got.vector.vector.abs().sum()) > 0
+    torch.testing.assert_close(got.vector.vector, ref.vector.vector, rtol=1e-3, atol=1e-5)
+
+
+def test_fast_step_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = _train(tmp_path, "whole", True, monkeypatch)
+    first = _train(tmp_path, "paused", True, monkeypatch, stop_after=2)
+    assert not first.finished and len(first.log) == 2
+    rest = _train(tmp_path, "paused", True, monkeypatch)
+    _close(rest, whole, "loss", 1e-6)
+    for m1, m2 in zip(lora_modules(whole.model), lora_modules(rest.model)):
+        torch.testing.assert_close(m2.B, m1.B, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_runs_keep_the_eager_loop(tmp_path, monkeypatch):
+    res = _train(tmp_path, "kl", None, monkeypatch, kl_rows=_chat_rows(6, seed=9), kl_lambda=0.5)
+    assert res.meta["fast_step"] is None and res.log["kl"].notna().all()
+
+
+def test_bucketing_does_not_change_fast_sft():
+    rows = _chat_rows(24, seed=5)
+    kw = dict(lr=3e-3, warmup_steps=0, max_steps=3, rows_per_step=8, progress=False)
+    model_a, tok = tiny_model(seed=0)
+    a = fast_sft_lora(model_a, tok, rows, "rank32", bucket_per_octave=None, **kw)  # exact shapes
+    model_b, _ = tiny_model(seed=0)
+    b = fast_sft_lora(model_b, tok, rows, "rank32", bucket_per_octave=1, **kw)  # up to 2x padding
+    assert b.meta["step"]["cuda_graphs"] is False
+    for col in ("loss", "grad_norm"):
+        _close(b, a, col, 1e-5)
+
+
+# =========================================================================== on a GPU: graphs == eager
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_equals_eager_step():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(64):
+        p, a = int(torch.randint(10, 40, (1,), generator=g)), int(torch.randint(5, 40, (1,), generator=g))
+        ids = torch.randint(3, 500, (p + a,), generator=g).tolist()
+        rows.append(Encoded(ids, [IGNORE] * p + ids[p:]))
+    logs = {}
+    for graphs in (True, False):
+        model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+        res = fast_sft_lora(model, _Tok(), rows, "rank32", rows_per_step=16, max_steps=8,
+                            lr=1e-3, warmup_steps=0, cuda_graphs=graphs, progress=False)
+        assert res.meta["step"]["cuda_graphs"] is graphs and res.meta["step"]["fallback"] is None
+        logs[graphs] = res.log
+    for col in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(logs[True][col].tolist()), torch.tensor(logs[False][col].tolist()),
+                                   rtol=2e-3, atol=1e-4)
+
+
+class _Tok:
+    pad_token_id = 0
+    eos_token_id = 2
