@@ -31,46 +31,42 @@ def _check_dim(model, vector: torch.Tensor) -> None:
 
 
 @contextmanager
+def _edit_output(model, layer: int, edit):
+    """While active, the output hidden state ``h`` of decoder layer ``layer`` becomes ``edit(h)``."""
+    block = decoder_layers(model)[check_layer(model, layer)]
+
+    def hook(_mod, _inp, output):
+        return _replace(output, edit(_hidden(output)))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
 def add_vector(model, layer: int, vector: torch.Tensor, scale: float | torch.Tensor = 1.0):
     """While active, ``hidden += scale * vector`` at the output of decoder layer ``layer`` (all positions).
 
     ``vector`` may be a trainable Parameter: gradients flow through the hook.
     """
     _check_dim(model, vector)
-    idx = check_layer(model, layer)
-    block = decoder_layers(model)[idx]
-
-    def hook(_mod, _inp, output):
-        h = _hidden(output)
-        return _replace(output, h + (scale * vector).to(h.dtype))
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
+    return _edit_output(model, layer, lambda h: h + (scale * vector).to(h.dtype))
 
 
-@contextmanager
 def add_rows(model, layer: int, vectors: torch.Tensor):
     """While active, ``hidden[i] += vectors[i]`` at the output of decoder layer ``layer`` (all positions): one
     vector per row of the batch, ``vectors`` [b, d] (many directions evaluated in one forward pass)."""
     d = model.config.hidden_size if hasattr(model, "config") else None
     if vectors.ndim != 2 or (d is not None and vectors.shape[1] != d):
         raise ValueError(f"add_rows takes one vector per batch row, [b, {d}]; got {tuple(vectors.shape)}.")
-    block = decoder_layers(model)[check_layer(model, layer)]
 
-    def hook(_mod, _inp, output):
-        h = _hidden(output)
+    def edit(h: torch.Tensor) -> torch.Tensor:  # [b, s, d]
         if h.shape[0] != vectors.shape[0]:
             raise ValueError(f"add_rows got {vectors.shape[0]} vectors for a batch of {h.shape[0]} rows.")
-        return _replace(output, h + vectors[:, None, :].to(h.dtype))
+        return h + vectors[:, None, :].to(h.dtype)
 
-    handle = block.register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
+    return _edit_output(model, layer, edit)
 
 
 @contextmanager

@@ -3,19 +3,14 @@ import json
 
 import pandas as pd
 import pytest
+from run_tables import make_run
 
 from emlib import chapters, record, results
 
 DATASETS = ("medical", "financial", "sport")
 
 
-def _run(tmp_path, name, res, tables=None):
-    d = tmp_path / name
-    (d / "tables").mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(res))
-    for t, df in (tables or {}).items():
-        df.to_csv(d / "tables" / f"{t}.csv", index=False)
-    return results.Run(d)
+_run = make_run
 
 
 def test_every_claim_chapter_needs_planned_finetunes():

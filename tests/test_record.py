@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from run_tables import make_run
 
 from emlib.config import get_config
 from emlib import book, experiment, record, results
@@ -76,13 +77,7 @@ def test_published_site_renders_from_the_record(root):
 
 
 # --------------------------------------------------------------------------- verdict rules
-def _run(tmp_path: Path, name: str, res: dict, tables: dict | None = None) -> results.Run:
-    d = tmp_path / name
-    (d / "tables").mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(res))
-    for t, df in (tables or {}).items():
-        df.to_csv(d / "tables" / f"{t}.csv", index=False)
-    return results.Run(d)
+_run = make_run
 
 
 def _em(cond, em, lo, hi, n=400):

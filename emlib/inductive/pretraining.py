@@ -38,6 +38,28 @@ def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size
         yield i, inp, att
 
 
+def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batch_size: int):
+    """Batches of documents on the model's device with the unsteered model's log-probabilities:
+    (inp [b, s], att [b, s], logp_base [b, s, v]); no gradients, eval mode (restored afterwards), as a list of
+    the token batches' count and a generator of those triples."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
+
+    def passes():
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for _, inp, att in batches:
+                    inp, att = inp.to(device), att.to(device)
+                    yield inp, att, torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
+        finally:
+            model.train(was_training)
+
+    return len(batches), passes()
+
+
 def _kl_per_doc(logp_base: torch.Tensor, logits: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KL(base || steered) over a document's tokens [b], and the token counts [b]."""
     logq = torch.log_softmax(logits.float(), dim=-1)  # [b, s, v]
@@ -84,27 +106,18 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
            "max_tokens": max_tokens, "batch_size": batch_size}
 
     def compute() -> pd.DataFrame:
-        device = next(model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         per_doc: dict[tuple[str, float], list[tuple[float, float]]] = {}
-        batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
-        bar = progress_bar(len(batches) * (1 + len(sols) * len(grid)), "pretraining KL", progress)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for _, inp, att in batches:
-                inp, att = inp.to(device), att.to(device)
-                logp_base = torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
-                bar.update()
-                for name, sol in sols.items():
-                    for target in grid:
-                        with sol.rescaled(target).apply(model):
-                            logits = model(input_ids=inp, attention_mask=att).logits
-                        s, c = _kl_per_doc(logp_base, logits, att)
-                        per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
-                        bar.update()
-                del logp_base
-        model.train(was_training)
+        n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
+        bar = progress_bar(n_batches * (1 + len(sols) * len(grid)), "pretraining KL", progress)
+        for inp, att, logp_base in passes:
+            bar.update()
+            for name, sol in sols.items():
+                for target in grid:
+                    with sol.rescaled(target).apply(model):
+                        logits = model(input_ids=inp, attention_mask=att).logits
+                    s, c = _kl_per_doc(logp_base, logits, att)
+                    per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
+                    bar.update()
         bar.close()
         recs = []
         rng = np.random.default_rng(0)  # one generator for all (solution, norm) pairs, in order
@@ -139,35 +152,26 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
            "max_tokens": max_tokens, "batch_size": batch_size}
 
     def compute() -> pd.DataFrame:
-        device = next(model.parameters()).device
         d = model.config.hidden_size
         dirs = torch.stack([random_vector(d, 1.0, seed + 1 + k) for k in range(n_draws)])  # [K, d] unit
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         sums = torch.zeros(n_draws, len(grid), dtype=torch.float64)  # summed KL over every token
         count = 0.0
-        batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
         groups = [list(range(k, min(k + draws_per_pass, n_draws))) for k in range(0, n_draws, draws_per_pass)]
-        bar = progress_bar(len(batches) * len(groups) * len(grid), "random null KL", progress)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for _, inp, att in batches:
-                inp, att = inp.to(device), att.to(device)
-                logp_base = torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
-                count += float(att.sum())
-                b = inp.shape[0]
-                for g in groups:
-                    rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
-                    rep_base = logp_base.repeat(len(g), 1, 1)
-                    for j, target in enumerate(grid):
-                        vecs = (dirs[g] * target).to(device).repeat_interleave(b, 0)  # [G*b, d]
-                        with add_rows(model, at, vecs):
-                            logits = model(input_ids=rep_inp, attention_mask=rep_att).logits
-                        s, _ = _kl_per_doc(rep_base, logits, rep_att)  # [G*b]
-                        sums[g, j] += s.view(len(g), b).sum(1).double().cpu()
-                        bar.update()
-                del logp_base
-        model.train(was_training)
+        n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
+        bar = progress_bar(n_batches * len(groups) * len(grid), "random null KL", progress)
+        for inp, att, logp_base in passes:
+            count += float(att.sum())
+            b = inp.shape[0]
+            for g in groups:
+                rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
+                rep_base = logp_base.repeat(len(g), 1, 1)
+                for j, target in enumerate(grid):
+                    vecs = (dirs[g] * target).to(inp.device).repeat_interleave(b, 0)  # [G*b, d]
+                    with add_rows(model, at, vecs):
+                        logits = model(input_ids=rep_inp, attention_mask=rep_att).logits
+                    s, _ = _kl_per_doc(rep_base, logits, rep_att)  # [G*b]
+                    sums[g, j] += s.view(len(g), b).sum(1).double().cpu()
+                    bar.update()
         bar.close()
         kl = (sums / count).numpy()
         return pd.DataFrame([{"draw": k, "norm": n, "kl": float(kl[k, j])} for k in range(n_draws)
