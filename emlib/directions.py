@@ -555,7 +555,7 @@ def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None 
     or, with ``source_layer``, the row of that layer everywhere (the paper ablates one layer's direction).
     Built on :func:`emlib.hooks.ablate_direction`.
     """
-    d, n = _hidden_size(model), n_layers(model)
+    n = n_layers(model)
     if isinstance(layers, int):
         idxs = [check_layer(model, layers)]
     else:

@@ -301,7 +301,7 @@ class Experiment:
         directions.save_direction(path, d, source=source, model=self.model, counts=counts)
         return directions.load_direction(path, self.model)
 
-    def direction_groups(self, dataset: str, shape: str = "rank32") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def direction_groups(self, dataset: str, shape: str = "rank32") -> tuple:
         """The two groups' per-answer activations at the steering layer behind :meth:`em_direction`:
         ([n_misaligned, d], [n_aligned, d])."""
         from safetensors.torch import load_file
