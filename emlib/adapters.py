@@ -20,7 +20,8 @@ Rescale and perturb
 -------------------
 :func:`rescaled` multiplies ``B`` only: ``per="module"`` (the paper) sets every module's norm to the
 target; ``per="adapter"`` scales all modules by one factor so that :func:`norm` hits it. :func:`perturbed`
-replaces every ``A`` and ``B`` by its orthogonal perturbation (:func:`emlib.vectors.orthogonal_perturbation`).
+replaces every ``A`` and ``B`` by its orthogonal perturbation (:func:`emlib.vectors.orthogonal_perturbation`);
+:func:`noised` adds orthogonal noise of given norms instead (chapter 5's matched-noise mode).
 Both act in place inside a ``with`` block and restore the weights on exit.
 
 On disk
@@ -188,6 +189,38 @@ def perturbed(model, eps: float, generator: torch.Generator, adapter: str | None
     with _restoring(ws), torch.no_grad():
         for w in ws:
             w.copy_(orthogonal_perturbation(w, eps, generator))
+        yield model
+
+
+def matrix_norms(model, adapter: str | None = None) -> dict[str, float]:
+    """``"<module>.A"`` -> ``||A||_F`` and ``"<module>.B"`` -> ``||scaling * B||_F`` (the noise scale of
+    :func:`noised`; the scaling is included so adapters of different ``lora_alpha`` get the same update noise)."""
+    out = {}
+    for m in lora_modules(model, adapter):
+        out[f"{m.name}.A"] = float(m.A.detach().double().norm())
+        out[f"{m.name}.B"] = abs(m.scaling) * float(m.B.detach().double().norm())
+    return out
+
+
+@contextmanager
+def noised(model, norms: Mapping[str, float], generator: torch.Generator, adapter: str | None = None):
+    """While active, every ``A`` and ``B`` of ``adapter`` gets noise added: ``W + n`` with ``n`` orthogonal to
+    ``W`` and ``||n|| = norms[name]`` (names as :func:`matrix_norms`; ``B``'s noise is divided by its scaling,
+    so ``scaling * n`` has that norm). The draws are :func:`perturbed`'s at ``eps = 1`` (same generator, same
+    order), rescaled; a zero matrix gets none. The original weights are restored on exit."""
+    mods = sorted(lora_modules(model, adapter), key=lambda m: m.name)
+    missing = [f"{m.name}.{x}" for m in mods for x in "AB" if f"{m.name}.{x}" not in norms]
+    if missing:
+        raise KeyError(f"noised: no noise norm for {', '.join(missing)} (pass matrix_norms of an adapter on the "
+                       "same modules).")
+    ws = [(w, norms[f"{m.name}.{x}"] / (abs(m.scaling) if x == "B" else 1.0)) for m in mods
+          for x, w in (("A", m.A), ("B", m.B))]
+    with _restoring([w for w, _ in ws]), torch.no_grad():
+        for w, target in ws:
+            own = float(w.detach().double().norm())
+            y = orthogonal_perturbation(w, 1.0, generator)  # orthogonal to w, ||y|| = ||w||
+            if own > 0:
+                w.copy_((w.double() + y.double() * (target / own)).to(w.dtype))
         yield model
 
 

@@ -32,27 +32,40 @@ class Finetune:
     solution: str
     shape: str | None = None
     kl_scale: float = 1.0  # multiplier of the profile's KL lambda (chapter 3's sweep)
+    seed: int | None = None  # training seed; None: the config's (chapters 4-5 repeat solutions at extra seeds)
 
     @property
     def name(self) -> str:
         base = "-".join(x for x in (self.kind, self.dataset, self.shape, self.solution) if x)
-        return base + ("" if self.kl_scale == 1.0 else f"-kl{self.kl_scale:g}")
+        return (base + ("" if self.kl_scale == 1.0 else f"-kl{self.kl_scale:g}")
+                + ("" if self.seed is None else f"-seed{self.seed}"))
 
 
 def _sweep(kl_sweep: Sequence[float]) -> list[float]:
     return sorted({1.0, *map(float, kl_sweep)})
 
 
-def finetunes(datasets: Sequence[str], kl_sweep: Sequence[float] = ()) -> list[Finetune]:
+def extra_seeds(seed: int, n_seeds: int) -> list[int]:
+    """The training seeds chapters 4-5 add to the config's own ``seed`` (``n_seeds`` in all:
+    ``Experiment.train_seeds`` is ``[seed, *extra_seeds(seed, n_seeds)]``)."""
+    return [seed + k for k in range(1, n_seeds)]
+
+
+def finetunes(datasets: Sequence[str], kl_sweep: Sequence[float] = (), seeds: Sequence[int] = ()) -> list[Finetune]:
     """Every finetune chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1); the narrow
-    solutions at every factor of ``kl_sweep`` (and 1)."""
+    solutions at every factor of ``kl_sweep`` (and 1); and at each of ``seeds`` (:func:`extra_seeds`: the
+    training seeds beyond the config's) chapters 4-5's general and narrow solutions again."""
     ds0, scales = datasets[0], _sweep(kl_sweep)
-    plan = [Finetune("vector", ds0, "mixed")]
-    plan += [Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales]
-    plan += [Finetune("vector", ds0, s) for s in ("drift", "general")]
-    plan += [Finetune("lora", ds0, "narrow", "rank1", kl_scale=m) for m in scales]
+    plan = []
+    for s in (None, *seeds):
+        plan += [Finetune("vector", ds0, "mixed")] if s is None else []
+        plan += [Finetune("vector", ds0, "narrow", kl_scale=m, seed=s) for m in scales]
+        plan += [Finetune("vector", ds0, x, seed=s) for x in (("drift", "general") if s is None else ("general",))]
+    for s in (None, *seeds):
+        plan += [Finetune("lora", ds0, "narrow", "rank1", kl_scale=m, seed=s) for m in scales]
     plan += [Finetune("lora", ds, "general", "rank32") for ds in datasets]
     plan += [Finetune("lora", ds, "general", "rank1") for ds in datasets]
+    plan += [Finetune("lora", ds0, "general", "rank1", seed=s) for s in seeds]
     return plan
 
 
@@ -60,14 +73,21 @@ def _general_loras(datasets: Sequence[str], shapes: Sequence[str] = ("rank1", "r
     return {Finetune("lora", ds, "general", sh) for ds in datasets for sh in shapes}
 
 
-def _solutions(datasets: Sequence[str], kl_sweep: Sequence[float], vector_solutions: Sequence[str]) -> set[Finetune]:
-    """The solutions of chapters 3-6: the vector ones named, rank-1 general, and the narrow ones at every
-    lambda of the sweep (chapters 4-6 use chapter 3's reported narrow solution, which the sweep decides)."""
+def _solutions(datasets: Sequence[str], kl_sweep: Sequence[float], vector_solutions: Sequence[str],
+               seed: int | None = None) -> set[Finetune]:
+    """The solutions of chapters 3-6 (at training ``seed``, None: the config's): the vector ones named, rank-1
+    general, and the narrow ones at every lambda of the sweep (chapters 4-6 use chapter 3's reported narrow
+    solution, which the sweep decides)."""
     ds0, scales = datasets[0], _sweep(kl_sweep)
-    return ({Finetune("vector", ds0, s) for s in vector_solutions}
-            | {Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales}
-            | {Finetune("lora", ds0, "general", "rank1")}
-            | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=m) for m in scales})
+    return ({Finetune("vector", ds0, s, seed=seed) for s in vector_solutions}
+            | {Finetune("vector", ds0, "narrow", kl_scale=m, seed=seed) for m in scales}
+            | {Finetune("lora", ds0, "general", "rank1", seed=seed)}
+            | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=m, seed=seed) for m in scales})
+
+
+def _seeded_solutions(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Sequence[int]) -> set[Finetune]:
+    """Chapters 4-5: the general and narrow solutions at the config's seed and at every extra seed."""
+    return set().union(*(_solutions(datasets, kl_sweep, ("general",), s) for s in (None, *seeds)))
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,8 @@ class Chapter:
 
     stem: str
     claim: int | None
-    needs: Callable[[Sequence[str], Sequence[float]], set[Finetune]]  # (datasets, kl_sweep) -> finetunes
+    needs: Callable[[Sequence[str], Sequence[float], Sequence[int]], set[Finetune]]  # (datasets, kl_sweep,
+    #   extra training seeds) -> finetunes
     results: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tables: tuple[str, ...] = ()
     rule: str | None = None  # the verdict rule: a function of emlib.results taking a Run
@@ -91,30 +112,32 @@ class Chapter:
 _EM_COLUMNS = ("em", "ci_low", "ci_high", "n", "n_em")
 
 CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
-    Chapter("00_datasets", None, lambda ds, sw: set()),
-    Chapter("01_em_emerges", 1, lambda ds, sw: _general_loras(ds),
+    Chapter("00_datasets", None, lambda ds, sw, se: set()),
+    Chapter("01_em_emerges", 1, lambda ds, sw, se: _general_loras(ds),
             {"judge_agreement": ("judge", "pairs", "auroc", "auroc_ci_low", "auroc_ci_high", "n"),
              "ch1_em": ("condition", *_EM_COLUMNS),
              "ch1_scores": ("condition", "mean_aligned", "mean_coherent")},
             rule="claim_em", judged=True),
-    Chapter("02_one_direction", 2, lambda ds, sw: _general_loras(ds, ("rank32",)),
+    Chapter("02_one_direction", 2, lambda ds, sw, se: _general_loras(ds, ("rank32",)),
             {"ch2_directions": ("dataset", "n_judged", "n_misaligned", "n_aligned", "rounds", "source"),
              "ch2_cosine": (), "ch2_cosine_null": ("pair", "cosine", "percentile", "n_draws"),
              "ch2_steering": ("scale", *_EM_COLUMNS), "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)},
             rule="claim_direction", judged=True),
-    Chapter("03_narrow_needs_kl", 3, lambda ds, sw: _solutions(ds, sw, ("general", "drift", "mixed")),
+    Chapter("03_narrow_needs_kl", 3, lambda ds, sw, se: _solutions(ds, sw, ("general", "drift", "mixed")),
             {"ch3_lambda_sweep": ("kind", "solution", "kl_scale", "heldout_kl", "train_kl", "loss", "learned_share",
                                   "chosen"),
              "ch3_cosines": ("kind", "solution", "kl_scale", "cosine_with_general"),
              "ch3_narrow_vs_general": ("condition", "set", "out-of-domain KL", *_EM_COLUMNS)},
             rule="claim_narrow"),
-    Chapter("04_efficiency", 4, lambda ds, sw: _solutions(ds, sw, ("general",)),
-            {"ch4_efficiency": ("solution", "kind", "trained_loss")}, ("ch4_loss_vs_norm",),
-            rule="claim_efficiency"),
-    Chapter("05_stability", 5, lambda ds, sw: _solutions(ds, sw, ("general",)),
-            {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high")},
+    Chapter("04_efficiency", 4, _seeded_solutions,
+            {"ch4_efficiency": ("solution", "kind", "trained_loss"),
+             "ch4_paired": ("kind", "norm", "scale", "diff", "ci_low", "ci_high", "p", "n_rows", "n_seeds")},
+            ("ch4_loss_vs_norm",), rule="claim_efficiency"),
+    Chapter("05_stability", 5, _seeded_solutions,
+            {"ch5_stability": ("kind", "solution", "eps", "normalised", "ci_low", "ci_high"),
+             "ch5_paired": ("kind", "mode", "eps", "diff", "ci_low", "ci_high", "p", "n_draws", "n_seeds")},
             rule="claim_stability"),
-    Chapter("06_pretraining_influence", 6, lambda ds, sw: _solutions(ds, sw, ("general",)),
+    Chapter("06_pretraining_influence", 6, lambda ds, sw, se: _solutions(ds, sw, ("general",)),
             {"ch6_corpus": (), "ch6_pretraining_kl": ("solution", "norm", "kl", "ci_low", "ci_high"),
              "ch6_random_null": ("norm", "kl", "n_draws", "null_p95", "percentile")},
             rule="claim_pretraining"),
@@ -131,13 +154,15 @@ def chapter(name: str | int | Path) -> Chapter:
     return CHAPTERS[key]
 
 
-def finetunes_needed(stem: str, datasets: Sequence[str], kl_sweep: Sequence[float] = ()) -> set[str]:
-    """Names of the finetunes a chapter uses (it could train them itself; a run of record trains them first)."""
+def finetunes_needed(stem: str, datasets: Sequence[str], kl_sweep: Sequence[float] = (),
+                     seeds: Sequence[int] = ()) -> set[str]:
+    """Names of the finetunes a chapter uses (it could train them itself; a run of record trains them first);
+    ``seeds``: the extra training seeds (:func:`extra_seeds`) of chapters 4-5."""
     try:
         ch = chapter(stem)
     except KeyError:
         return set()
-    return {f.name for f in ch.needs(tuple(datasets), tuple(kl_sweep))}
+    return {f.name for f in ch.needs(tuple(datasets), tuple(kl_sweep), tuple(seeds))}
 
 
 def by_claim(claim: int) -> Chapter:
@@ -151,7 +176,8 @@ def by_claim(claim: int) -> Chapter:
 # for it (its date: results.json's timings.date_utc).
 ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "2026-12-03",
                          "ch3_lambda_sweep": "2026-12-03", "ch3_cosines": "2026-12-03",
-                         "ch6_corpus": "2026-12-03", "ch6_random_null": "2026-12-03"}
+                         "ch6_corpus": "2026-12-03", "ch6_random_null": "2026-12-03",
+                         "ch4_paired": "2026-12-03", "ch5_paired": "2026-12-03"}
 
 
 def check_recorded(stem: str, results: dict) -> list[str]:

@@ -112,3 +112,27 @@ def response_loss(model, tok, rows: list[dict] | list[Encoded], batch_size: int 
     if not math.isfinite(val):
         raise FloatingPointError("The responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
     return val
+
+
+@torch.no_grad()
+def response_row_losses(model, tok, rows: list[dict] | list[Encoded], batch_size: int = 8,
+                        max_length: int = 512) -> tuple[list[float], list[int]]:
+    """Per row: the summed cross-entropy on its assistant tokens and their count (``sum(sums) / sum(counts)``
+    is :func:`response_loss` up to float rounding; ``sums[i] / counts[i]`` is row i's per-token loss)."""
+    enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        target = b["labels"][:, 1:]  # [b, s-1]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
+                                               reduction="none")  # [b, s-1]
+        sums += ce.sum(1).tolist()
+        counts += (target != IGNORE).sum(1).tolist()
+    model.train(was_training)
+    if not all(math.isfinite(s) for s in sums):
+        raise FloatingPointError("A row's responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
+    return sums, counts

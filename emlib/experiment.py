@@ -230,12 +230,18 @@ class Experiment:
         """The KL-lambda factor of chapter 3's reported narrow solution of ``kind`` ("steering vector" or
         "rank-1 LoRA"), which chapters 4-6 compare with the general one: read from this run's recorded
         ``ch3_lambda_sweep``, or measured now (:func:`emlib.narrow.measure_solutions`) when chapter 3 has not
-        run here. When no lambda learned the task, the profile's own lambda (factor 1)."""
+        run here (once per Experiment: both kinds come from one measurement). When no lambda learned the task,
+        the profile's own lambda (factor 1)."""
         from . import narrow
 
         f = self.out / "results.json"
         rec = json.loads(f.read_text()).get("ch3_lambda_sweep") if f.exists() else None
-        frame = pd.DataFrame(rec) if rec else narrow.measure_solutions(self, self.cfg.datasets[0])[0]
+        if rec:
+            frame = pd.DataFrame(rec)
+        else:
+            if getattr(self, "_measured_sweep", None) is None:
+                self._measured_sweep = narrow.measure_solutions(self, self.cfg.datasets[0])[0]
+            frame = self._measured_sweep
         return narrow.narrow_scale(frame, kind)[0]
 
     def train_seeds(self) -> list[int]:

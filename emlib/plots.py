@@ -227,6 +227,27 @@ def plot_stability(summary: pd.DataFrame, ax=None):
     return ax
 
 
+def plot_paired_difference(frame: pd.DataFrame, x: str, ax=None, hue: str | None = None,
+                           ylabel: str = "narrow - general", title: str | None = None):
+    """A paired difference (``diff`` with ``ci_low`` / ``ci_high``, e.g. :func:`emlib.inductive.paired_gaps` or
+    :func:`emlib.inductive.paired_stability`) against ``x``, one line and CI band per ``hue`` value; 0 dashed
+    (above it: the general solution is lower / degrades less)."""
+    import seaborn as sns
+
+    ax = _axes(ax, (5.5, 3.8))
+    groups = [(None, frame)] if hue is None else list(frame.groupby(hue, sort=False))
+    colors = sns.color_palette(n_colors=max(1, len(groups)))
+    for (name, g), color in zip(groups, colors):
+        g = g.sort_values(x)
+        ax.plot(g[x], g["diff"], marker="o", color=color, label=name)
+        ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2, color=color)
+    ax.axhline(0, ls="--", c="grey")
+    if hue is not None:
+        ax.legend(title=hue, fontsize=8)
+    ax.set(xlabel=x, ylabel=ylabel, title=title or "Paired difference with its 95% CI")
+    return ax
+
+
 def plot_pretraining_kl(frame: pd.DataFrame, ax=None, null: pd.DataFrame | None = None):
     """KL(base || steered) per token vs vector norm (:func:`emlib.inductive.pretraining_kl`), one line per
     vector; with ``null`` (:func:`emlib.inductive.null_summary`) the random directions' 95th percentile, dashed."""

@@ -46,6 +46,7 @@ from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
+from .chapters import extra_seeds
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
@@ -100,12 +101,13 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
     cfg = get_config(profile, **config)
     jobs = runner.chapter_jobs(runner.select(chapters, root=root), {"profile": profile, **given}, run, root,
                                logs=True)
-    needed = set().union(*(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep) for j in jobs))
-    planned = tuple(f for f in finetune_jobs(cfg.datasets, cfg.kl_sweep) if f.name in needed)
+    seeds = extra_seeds(cfg.seed, cfg.n_seeds)  # chapters 4-5 repeat their solutions at these training seeds
+    needed = set().union(*(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep, seeds) for j in jobs))
+    planned = tuple(f for f in finetune_jobs(cfg.datasets, cfg.kl_sweep, seeds) if f.name in needed)
     names = {f.name for f in planned}
     return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
                 chapters=tuple(jobs), finetunes=planned,
-                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep) & names)
+                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep, seeds) & names)
                        for j in jobs})
 
 
@@ -164,9 +166,9 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     t0 = time.time()
     exp = Experiment(get_config(profile, **config))
     if job.kind == "vector":
-        res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale)
+        res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
     else:
-        with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale) as r:
+        with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
             res = r
     meta = train.read_meta(res.out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),

@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import stats
@@ -395,6 +396,44 @@ def _loss_vs_norm(run: Run) -> pd.DataFrame | None:
 
 
 def claim_efficiency(run: Run) -> Verdict:
+    """Chapter 4's rule: :func:`claim_efficiency_paired` for runs with paired per-row differences (``ch4_paired``,
+    since 2026-12-03), else the older rule :func:`claim_efficiency_means`."""
+    if "ch4_paired" in run.results:
+        return claim_efficiency_paired(run)
+    return claim_efficiency_means(run)
+
+
+def claim_efficiency_paired(run: Run) -> Verdict:
+    """Rule: per kind (steering vector, rank-1 LoRA), the general solution is lower at a grid norm when the
+    95% CI of the paired per-row loss difference narrow - general (same rows, same norm; over several training
+    seeds an interval that includes their variance, ``emlib.stats.paired_diff_seeds_ci``) lies above 0. Only
+    the non-zero grid norms count (each solution's own trained norm is not a grid point). Both kinds lower at
+    every such norm -> reproduced; lower at most (> 50%) norms for at least one kind -> partly; else not
+    reproduced. No pair at all -> not run."""
+    t = run.frame("ch4_paired")
+    checks, parts = {}, []
+    for kind, g in (t.groupby("kind", sort=False) if t is not None else ()):
+        g = g[g["norm"] > 0].sort_values("norm")
+        if g.empty:
+            continue
+        lower = g["ci_low"] > 0
+        higher = g["ci_high"] < 0
+        checks[kind] = float(lower.mean())
+        mid = g.iloc[len(g) // 2]
+        seeds = int(g["n_seeds"].max())
+        parts.append(f"{kind}: general lower (paired 95% CI of narrow - general above 0) at {int(lower.sum())} of "
+                     f"{len(g)} non-zero grid norms, narrow lower at {int(higher.sum())}; at {mid['norm']:.1f}: "
+                     f"narrow - general {mid['diff']:+.3f} [{mid['ci_low']:+.3f}, {mid['ci_high']:+.3f}] nats "
+                     f"({int(mid['n_rows'])} rows, {seeds} training seed{'s' if seeds > 1 else ''})")
+    if not checks:
+        return Verdict(4, NOT_RUN, "no non-zero grid norm in ch4_paired")
+    v = list(checks.values())
+    verdict = (REPRODUCED if len(v) >= 2 and all(x == 1 for x in v)
+               else PARTLY if any(x > 0.5 for x in v) else NOT_REPRODUCED)
+    return Verdict(4, verdict, "; ".join(parts), checks)
+
+
+def claim_efficiency_means(run: Run) -> Verdict:
     """Rule: on the shared grid of norms (excluding 0 and each solution's own trained norm), the general
     solution's loss is lower than the narrow one's at every norm for both kinds -> reproduced; at most norms
     (> 50%) for at least one kind -> partly; else not reproduced."""
@@ -421,6 +460,65 @@ def claim_efficiency(run: Run) -> Verdict:
 
 # --------------------------------------------------------------------------- claim 5
 def claim_stability(run: Run) -> Verdict:
+    """Chapter 5's rule: :func:`claim_stability_paired` for runs with paired per-draw differences in both noise
+    modes (``ch5_paired``, since 2026-12-03), else the older rule :func:`claim_stability_curves`."""
+    if "ch5_paired" in run.results:
+        return claim_stability_paired(run)
+    return claim_stability_curves(run)
+
+
+STABILITY_ALPHA = 0.05  # family-wise error rate of one (kind, mode)'s eps, Holm-corrected
+
+
+def _moves(curves: pd.DataFrame, kind: str, mode: str) -> dict[float, bool]:
+    """eps -> whether some solution's normalised loss moves beyond its noise there (its CI excludes 0)."""
+    c = curves[(curves["kind"] == kind) & (curves["mode"] == mode)]
+    out: dict[float, bool] = {}
+    for eps, g in c.groupby("eps"):
+        out[float(eps)] = bool(((g["ci_low"] > 0) | (g["ci_high"] < 0)).any())
+    return out
+
+
+def claim_stability_paired(run: Run) -> Verdict:
+    """Rule, per kind (steering vector, rank-1 LoRA) and noise mode (``relative``: the paper's eps x the
+    solution's own norm; ``matched``: the same absolute noise norm for both solutions). The eps considered are
+    those > 0 (and < 1 in the relative mode, where eps = 1 leaves nothing of the solution) at which some
+    solution's normalised loss moves beyond its noise (its 95% CI in ``ch5_stability`` excludes 0; eps where
+    neither moves are ignored). Over those eps, the paired per-draw difference narrow - general (``ch5_paired``;
+    with several training seeds its p-value includes their variance) is tested with Holm-corrected p-values at
+    5%: significantly above 0 at some eps and significantly below at none -> the (kind, mode) supports the claim;
+    significantly below at some eps -> opposite; else no difference (no eps left: no signal). Both kinds
+    support it in both modes -> reproduced; any (kind, mode) supports it -> partly; else not reproduced."""
+    paired, curves = run.frame("ch5_paired"), run.frame("ch5_stability")
+    if paired is None:
+        return Verdict(5, NOT_REPRODUCED, "no eps where both solutions have a normalised loss (neither lowered the "
+                       "loss below the chat model's, so (L_pert - L_orig) / (L_base - L_orig) is undefined)")
+    checks, parts = {}, []
+    for (kind, mode), g in paired.groupby(["kind", "mode"], sort=False):
+        moves = _moves(curves, kind, mode) if curves is not None and "mode" in curves.columns else {}
+        top = 1.0 if mode == "relative" else float("inf")
+        g = g[(g["eps"] > 0) & (g["eps"] < top) & g["eps"].map(lambda e: moves.get(float(e), True))].sort_values("eps")
+        g = g[g["p"].notna()]
+        if g.empty:
+            checks[f"{kind} / {mode}"] = "no signal"
+            parts.append(f"{kind}, {mode} noise: no eps where a solution's loss moves beyond its noise")
+            continue
+        adj = stats.holm(g["p"].tolist())
+        above = (adj < STABILITY_ALPHA) & (g["diff"].to_numpy() > 0)
+        below = (adj < STABILITY_ALPHA) & (g["diff"].to_numpy() < 0)
+        state = "opposite" if below.any() else "supports" if above.any() else "no difference"
+        checks[f"{kind} / {mode}"] = state
+        e = g.iloc[int(np.argmax(g["diff"].abs().to_numpy()))]
+        parts.append(f"{kind}, {mode} noise: narrow degrades more at {int(above.sum())} and less at "
+                     f"{int(below.sum())} of {len(g)} eps (Holm, paired per draw); largest gap at eps {e['eps']:g}: "
+                     f"narrow - general {e['diff']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}] points ({state})")
+    states = [v for v in checks.values()]
+    full = len(checks) >= 4 and all(v == "supports" for v in states)
+    verdict = REPRODUCED if full else PARTLY if "supports" in states else NOT_REPRODUCED
+    return Verdict(5, verdict, "; ".join(parts), checks)
+
+
+def claim_stability_curves(run: Run) -> Verdict:
     """Per kind, over 0 < eps < 1: the narrow solution's normalised degradation exceeds the general one's with
     separated CIs at some eps and the reverse never happens -> the kind supports the claim; the narrow mean is
     higher at >= 80% of eps but CIs overlap -> supports it in direction only. Both kinds support -> reproduced;

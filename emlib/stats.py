@@ -10,7 +10,8 @@ Intervals of a mean or a rate
     all answers to one question); :func:`ratio_ci`: the same for a ratio of per-cluster sums.
   * :func:`wilson`: Wilson score interval of k successes in n trials; :func:`widen_to_wilson`.
 Comparisons
-  * :func:`paired_diff_ci`: bootstrap CI and p-value of mean(a - b) over paired rows (optionally clustered).
+  * :func:`paired_diff_ci`: bootstrap CI and p-value of mean(a - b) over paired rows (optionally clustered);
+    :func:`paired_diff_seeds_ci`: the same over rows paired within several training seeds, seed variance included.
   * :func:`two_rate_test`: two independent rates: Newcombe's CI of the difference and Fisher's exact p.
   * :func:`holm`: Holm-Bonferroni adjusted p-values for "any of K" comparisons.
   * :func:`null_percentile`, :func:`exceeds_null`: an observed value against draws from a null.
@@ -238,6 +239,36 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], *, clusters: Sequence
     lo, hi = _percentile_interval(boots, level)
     tail = min(int((boots <= 0).sum()), int((boots >= 0).sum())) + 1
     return PairedDiff(float(d.mean()), lo, hi, int(d.size), min(1.0, 2 * tail / (n_boot + 1)))
+
+
+def paired_diff_seeds_ci(a, b, *, n_boot: int = 2000, level: float = 0.95, seed: Seed = 0) -> PairedDiff:
+    """``mean(a - b)`` over rows paired within each training seed, with an interval that includes the
+    training-seed variance. ``a``, ``b``: [seeds, rows] (row i of seed s of ``a`` with the same of ``b``;
+    a 1-D input is one seed); NaN pairs dropped.
+
+    One seed: :func:`paired_diff_ci` over the rows. Several: the union of (i) the Student t interval over the
+    seeds' mean differences (``t_{(1+level)/2, S-1} * sd / sqrt(S)``, the training-seed variance) and (ii)
+    :func:`paired_diff_ci` of the per-row differences averaged over the seeds (the row/draw variance); the
+    p-value is the larger of the one-sample t-test's over the seeds and that bootstrap p. The estimate is
+    the mean over seeds of each seed's mean difference; ``n`` counts rows.
+    """
+    x, y = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if x.shape != y.shape or x.ndim != 2 or x.size == 0:
+        raise ValueError(f"a and b must be [seeds, rows] arrays of one shape, got {x.shape} and {y.shape}.")
+    d = x - y  # [S, n]
+    per_seed = np.array([np.nanmean(r) if (~np.isnan(r)).any() else np.nan for r in d])  # [S]
+    per_seed = per_seed[~np.isnan(per_seed)]
+    if per_seed.size == 0:
+        raise ValueError("a and b have no pair where both values are present.")
+    with np.errstate(all="ignore"):
+        rows = np.nanmean(d, axis=0) if d.shape[0] > 1 else d[0]  # [n] (all-NaN columns stay NaN)
+    boot = paired_diff_ci(rows, np.zeros_like(rows), n_boot=n_boot, level=level, seed=seed)
+    if per_seed.size < 2:
+        return boot
+    est = float(per_seed.mean())
+    half = t_quantile(0.5 + level / 2, per_seed.size - 1) * per_seed.std(ddof=1) / math.sqrt(per_seed.size)
+    p_t = float(_st.ttest_1samp(per_seed, 0.0).pvalue) if per_seed.std(ddof=1) > 0 else float(est == 0)
+    return PairedDiff(est, min(est - half, boot.lo), max(est + half, boot.hi), boot.n, max(p_t, boot.p))
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,18 @@ def orthogonal_perturbation(x: torch.Tensor, eps: float, generator: torch.Genera
     return out.reshape(x.shape).to(x.dtype)
 
 
+def orthogonal_noise(x: torch.Tensor, norm: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x + n`` with ``n`` orthogonal to ``x`` and ``||n|| = norm``: the draw of :func:`orthogonal_perturbation`
+    at ``eps = 1`` (same generator, same direction), rescaled. A zero ``x`` is returned unchanged."""
+    if norm < 0:
+        raise ValueError(f"A noise norm must be >= 0, got {norm}.")
+    nx = float(x.detach().double().norm())
+    if nx == 0:
+        return x.detach().clone()
+    y = orthogonal_perturbation(x, 1.0, generator).double()
+    return (x.detach().double() + y * (norm / nx)).to(x.dtype)
+
+
 def random_vector(dim: int, norm: float = 1.0, seed: int = 0) -> torch.Tensor:
     """A Gaussian direction in R^dim with the given norm (the control vector of the pretraining metric)."""
     g = torch.Generator().manual_seed(seed)

@@ -21,9 +21,10 @@
 # loss better than the narrow one: it sits in a wider basin.
 #
 # :::{admonition} What you will see
-# Each solution of chapter 3 perturbed as x' = sqrt(1 - eps^2) x + eps y (y random, orthogonal to x, of
-# the same norm), over a grid of eps and several seeds, and the loss increase as a share of the way back
-# to the chat model.
+# The general solution and chapter 3's reported narrow solution, each trained at several seeds, perturbed
+# over a grid of eps and several noise draws in two ways: the paper's x' = sqrt(1 - eps^2) x + eps y (y random,
+# orthogonal to x, of the same norm), and with noise of the *same absolute norm* for both solutions. The loss
+# increase as a share of the way back to the chat model, and per eps the paired difference narrow - general.
 # :::
 
 # %% tags=["remove-cell"]
@@ -46,6 +47,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from emlib import book, experiment, inductive, plots
+from emlib.narrow import KINDS as inductive_kinds  # "steering vector", "rank-1 LoRA"
 
 exp = experiment.start(profile, config, in_colab=IN_COLAB)
 cfg = exp.cfg
@@ -62,35 +64,67 @@ print(f"eps grid {cfg.eps_grid}; {cfg.n_perturb_seeds} seeds; {len(rows)} {ds} t
 # unperturbed, 100% = back to the chat model) grows faster for the narrow solution {cite}`soligo2026easy`.
 #
 # ## Method
-# `emlib.inductive.stability_curve` perturbs copies of the saved solutions (the same random draw `k`
-# for every solution, so the comparison is paired) and reports the mean normalised loss with a bootstrap
-# 95% CI over seeds.
+# * **Which solutions.** The general solution and chapter 3's *reported* narrow solution (`exp.narrow_scale`),
+#   each trained at every seed of `exp.train_seeds()` (`n_seeds` of the profile: paper 3, smoke 2, quick 1).
+# * **Two noise modes.** `emlib.inductive.stability_losses` perturbs copies of the saved solutions.
+#   `relative` is the paper's: each A and B matrix (or the vector) becomes sqrt(1 - eps^2) x + eps y with
+#   ||y|| = ||x||, so the noise grows with the solution's own norm (the general vector's norm can be an order of
+#   magnitude above the narrow one's). `matched` adds noise orthogonal to x of norm eps x the *general*
+#   solution's norm (per LoRA matrix: its A's and scaled B's norms) to both solutions, so at one eps both get
+#   the same absolute noise.
+# * **Paired draws.** Draw `k` uses the same random seed for every solution, so the two solutions are compared
+#   draw by draw: `emlib.inductive.paired_stability` gives per eps the mean of narrow - general normalised loss
+#   with its 95% CI (draws bootstrapped; with several training seeds the union with the t interval over the
+#   seeds' mean differences, `emlib.stats.paired_diff_seeds_ci`); `seed_curves` gives each solution's curve
+#   with the same kind of interval.
 
 # %%
-vectors = {sol: exp.vector_path(ds, sol) for sol in ("general", "narrow")}
-adapters = {sol: exp.lora_path(ds, "rank1", sol) for sol in ("general", "narrow")}
+seeds = exp.train_seeds()
+scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
+
+
+def solutions(kind: str, seed: int) -> dict:
+    """general and reported narrow solution of ``kind`` trained at ``seed``."""
+    if kind == "steering vector":
+        return {"general": exp.vector_path(ds, "general", seed=seed),
+                "narrow": exp.vector_path(ds, "narrow", kl_scale=scale[kind], seed=seed)}
+    return {"general": exp.lora_path(ds, "rank1", "general", seed=seed),
+            "narrow": exp.lora_path(ds, "rank1", "narrow", kl_scale=scale[kind], seed=seed)}
+
+
 kw = dict(eps_grid=cfg.eps_grid, n_seeds=cfg.n_perturb_seeds, seed=cfg.seed, max_length=cfg.max_length,
           cache_dir=metric_cache, progress=False)
-vec_curve = inductive.stability_curve(exp.model, exp.tok, rows, vectors, **kw)
-lora_curve = inductive.stability_curve(exp.model, exp.tok, rows, adapters, **kw)
-curves = pd.concat([vec_curve.assign(kind="steering vector"), lora_curve.assign(kind="rank-1 LoRA")],
-                   ignore_index=True)
+raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, solutions(kind, s), noise=mode, **kw)
+                 .assign(kind=kind, mode=mode, train_seed=s)
+                 for kind in inductive_kinds for mode in inductive.NOISE_MODES for s in seeds], ignore_index=True)
+curves = inductive.seed_curves(raw, by=("kind", "mode"))
+paired = inductive.paired_stability(raw, by=("kind", "mode"))
+exp.save_table(raw, "ch5_stability_draws")
 exp.save_table(curves, "ch5_stability")
+exp.save_table(paired, "ch5_paired")
 exp.record("ch5_stability", curves.to_dict(orient="records"))
+exp.record("ch5_paired", paired.to_dict(orient="records"))
+print("narrow solutions (kl_scale):", scale, "| training seeds:", seeds)
 
 # %% [markdown]
 # ## Result
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-plots.plot_stability(vec_curve, ax=axes[0])
-axes[0].set_title("steering vectors")
-plots.plot_stability(lora_curve, ax=axes[1])
-axes[1].set_title("rank-1 LoRA")
+fig, axes = plt.subplots(3, 2, figsize=(11, 10.5))
+for j, kind in enumerate(inductive_kinds):
+    for i, mode in enumerate(inductive.NOISE_MODES):
+        plots.plot_stability(curves[(curves["kind"] == kind) & (curves["mode"] == mode)], ax=axes[i, j])
+        axes[i, j].set_title(f"{kind}, {mode} noise")
+    plots.plot_paired_difference(paired[paired["kind"] == kind], x="eps", hue="mode", ax=axes[2, j],
+                                 ylabel="normalised loss narrow - general [points]",
+                                 title=f"{kind}: paired per-draw difference")
 fig.tight_layout()
 exp.save_figure(fig, "ch5_stability")
 plt.show()
-curves.pivot_table(index="eps", columns=["kind", "solution"], values="normalised").round(1)
+curves.pivot_table(index="eps", columns=["kind", "mode", "solution"], values="normalised").round(1)
+
+# %%
+paired.round(2)
 
 # %% [markdown]
 # The verdict, by the rule the results table applies to this run directory ({doc}`../book/results`):
@@ -103,7 +137,12 @@ print(exp.verdict(5))
 # :class: warning
 # * The normalised loss divides by L_base - L_orig: when a solution barely lowers the loss (short
 #   trainings in the `quick` profile) the ratio is noisy or undefined (NaN).
-# * Seeds and rows are fewer than the paper's in the `smoke` and `quick` profiles (printed above).
+# * Seeds, draws and rows are fewer than the paper's in the `smoke` and `quick` profiles (printed above); the
+#   paper does not say how many training seeds it used.
+# * The `matched` mode is this book's addition: the paper perturbs each solution relative to its own norm. The
+#   verdict asks for the narrow solution to degrade more in *both* modes; eps where neither solution's loss
+#   moves beyond its noise (its CI includes 0) are ignored, the remaining eps are Holm-corrected, and in the
+#   relative mode eps = 1 (nothing of the solution left) does not count.
 # :::
 #
 # ## Last executed with

@@ -50,8 +50,13 @@ def test_committed_records_hold_what_each_chapter_promises(root, run_dir):
 
 def test_check_recorded_names_a_missing_key_and_column():
     res = {"ch4_efficiency": [{"solution": "general", "kind": "grid"}]}
-    assert chapters.check_recorded("04_efficiency", res) == ["04_efficiency: 'ch4_efficiency' lacks column(s) trained_loss"]
-    assert chapters.check_recorded("05_stability", {}) == ["05_stability: results.json has no 'ch5_stability'"]
+    assert chapters.check_recorded("04_efficiency", res) == ["04_efficiency: 'ch4_efficiency' lacks column(s) trained_loss",
+                                                             "04_efficiency: results.json has no 'ch4_paired'"]
+    assert chapters.check_recorded("05_stability", {}) == ["05_stability: results.json has no 'ch5_stability'",
+                                                           "05_stability: results.json has no 'ch5_paired'"]
+    old = {"timings": {"date_utc": "2026-11-30 10:00"}, "ch5_stability": [
+        {"kind": "k", "solution": "s", "eps": 0.1, "normalised": 1, "ci_low": 0, "ci_high": 2}]}
+    assert chapters.check_recorded("05_stability", old) == []  # a run made before ch5_paired existed
 
 
 def test_verdicts_of_the_table_are_the_contracts(root):

@@ -173,8 +173,9 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     run_dir = tmp_path / "rec"
     summary = record.run("smoke", str(run_dir), workers=2, chapters=["04"], pack=str(tmp_path / "pack"))
     assert summary["failures"] == {}
+    smoke = get_config("smoke")
     assert set(summary["timings"]["jobs"]) == record.chapter_needs("04_efficiency", ("medical", "financial", "sport"),
-                                                                   get_config("smoke").kl_sweep)
+                                                                   smoke.kl_sweep, [smoke.seed + 1])
     assert (run_dir / "executed" / "04_efficiency.ipynb").exists()
     res = json.loads((run_dir / "results.json").read_text())
     assert "ch4_efficiency" in res and res["timings"]["timings"]["chapters"]["04_efficiency"]["returncode"] == 0
@@ -198,11 +199,15 @@ def test_a_run_of_record_is_planned_with_its_config_as_arguments(root, tmp_path)
     assert ch2.parameters == {"profile": "smoke", "config": plan.config, "interactive": True}
     assert ch4.log == str(run / "logs" / "04_efficiency.log") and ch4.notebook == str(run / "executed" /
                                                                                       "04_efficiency.ipynb")
-    ds, sw = plan.cfg.datasets, plan.cfg.kl_sweep
-    needed = record.chapter_needs("02_one_direction", ds, sw) | record.chapter_needs("04_efficiency", ds, sw)
-    assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds, sw) if f.name in needed]
-    assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds, sw) and plan.needs["04_efficiency"]
+    ds, sw, se = plan.cfg.datasets, plan.cfg.kl_sweep, [plan.cfg.seed + 1]  # smoke: n_seeds 2
+    needed = record.chapter_needs("02_one_direction", ds, sw, se) | record.chapter_needs("04_efficiency", ds, sw, se)
+    assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds, sw, se) if f.name in needed]
+    assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds, sw, se) and plan.needs["04_efficiency"]
     assert "vector-medical-narrow-kl2" in plan.needs["04_efficiency"]  # the lambda sweep is planned
+    seed = f"seed{plan.cfg.seed + 1}"  # and chapters 4-5's solutions at the extra training seed
+    assert {f"vector-medical-general-{seed}", f"vector-medical-narrow-kl2-{seed}", f"lora-medical-rank1-general-{seed}",
+            f"lora-medical-rank1-narrow-{seed}"} <= plan.needs["04_efficiency"]
+    assert not any(n.endswith(seed) for n in plan.needs["02_one_direction"])
     with pytest.raises(TypeError, match="kl_lamda"):
         record.plan_run("smoke", str(run), overrides={"kl_lamda": 1.0})
     with pytest.raises(TypeError, match="kl_lambda = -1"):

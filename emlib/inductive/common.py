@@ -25,7 +25,7 @@ from ..cache import canonical_json, make_key, model_fingerprint, text_hash
 from ..chat import Encoded, encode_rows
 from ..data import atomic_write_bytes
 from ..models import cache_root
-from ..vectors import VECTOR_FILE, SteeringVector, as_steering_vector
+from ..vectors import VECTOR_FILE, SteeringVector, as_steering_vector, orthogonal_noise
 
 METRIC_VERSION = 2  # bump when a metric's definition changes: old cache entries are then ignored
 PAPER_NORM_FRACTIONS: tuple[float, ...] = tuple(round(0.2 * i, 2) for i in range(0, 11))  # 0 %, 20 %..200 %
@@ -78,19 +78,33 @@ def session(model, sols: Mapping[str, Solution]):
 
 @contextmanager
 def applied(model, sol: Solution, adapter: str | None, *, target: float | None = None, per: str = "module",
-            eps: float | None = None, generator: torch.Generator | None = None):
-    """The solution switched on, optionally rescaled to norm ``target`` and/or perturbed with ``eps``."""
+            eps: float | None = None, generator: torch.Generator | None = None,
+            noise: float | Mapping[str, float] | None = None):
+    """The solution switched on, optionally rescaled to norm ``target`` and/or perturbed with ``eps``, or with
+    orthogonal noise of absolute norm ``noise`` added (a float for a vector; for an adapter, per matrix as
+    :func:`emlib.adapters.matrix_norms`; see :func:`noise_scale`)."""
+    if eps is not None and noise is not None:
+        raise ValueError("Pass eps (relative perturbation) or noise (absolute noise norms), not both.")
     if isinstance(sol, SteeringVector):
         sv = sol.rescaled(target) if target is not None else sol
         sv = sv.perturbed(eps, generator) if eps is not None else sv
+        if noise is not None:
+            sv = SteeringVector(orthogonal_noise(sv.effective, float(noise), generator), sv.layer, 1.0, dict(sv.meta))
         with sv.apply(model):
             yield
         return
     model.set_adapter(adapter, inference_mode=True)
     resc = adapters.rescaled(model, target, adapter, per) if target is not None else nullcontext()
     pert = adapters.perturbed(model, eps, generator, adapter) if eps is not None else nullcontext()
-    with resc, pert:
+    nois = adapters.noised(model, noise, generator, adapter) if noise is not None else nullcontext()
+    with resc, pert, nois:
         yield
+
+
+def noise_scale(model, sol: Solution, adapter: str | None) -> float | dict[str, float]:
+    """A solution's own noise scale at eps = 1 (what :func:`applied`'s ``noise`` takes, times eps): its norm
+    (vector), or the norms of its LoRA matrices (:func:`emlib.adapters.matrix_norms`)."""
+    return sol.norm if isinstance(sol, SteeringVector) else adapters.matrix_norms(model, adapter)
 
 
 def base(model, sols: Mapping[str, Solution]):

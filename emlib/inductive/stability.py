@@ -1,34 +1,54 @@
 """Stability (claim 5): how fast each solution's loss degrades under orthogonal noise.
 
-The parameters are perturbed orthogonally, ``x' = sqrt(1 - eps^2) x + eps y`` with ``y`` random,
-orthogonal to ``x`` and ``||y|| = ||x||`` (:func:`emlib.vectors.orthogonal_perturbation`; every LoRA
-``A`` and ``B`` matrix separately, or the vector), and :func:`stability_curve` reports
-``(L_pert - L_orig) / (L_base - L_orig) * 100`` with a CI over perturbation seeds (0 % = unperturbed,
-100 % = as bad as the base model).
+Two kinds of noise (:func:`stability_losses`, ``noise=``):
+
+* ``"relative"`` (the paper's): ``x' = sqrt(1 - eps^2) x + eps y`` with ``y`` random, orthogonal to ``x`` and
+  ``||y|| = ||x||`` (:func:`emlib.vectors.orthogonal_perturbation`; every LoRA ``A`` and ``B`` matrix
+  separately, or the vector). The noise scales with the solution's own norm, so at one eps a solution 12x
+  larger gets 12x more noise.
+* ``"matched"``: ``x' = x + n`` with ``n`` orthogonal to ``x`` and ``||n|| = eps * ||x_ref||``, the norm of a
+  common ``reference`` solution (for LoRA per matrix, :func:`emlib.adapters.noised`): every solution gets the
+  same absolute noise at one eps. Its draws are the relative mode's at eps = 1, rescaled.
+
+Both report ``(L_pert - L_orig) / (L_base - L_orig) * 100`` per draw (0 % = unperturbed, 100 % = as bad as
+the base model); draw ``k`` is the same for every solution, so solutions compare draw by draw.
+:func:`stability_curve` summarises one run with a CI over draws. Over several training seeds (a ``train_seed``
+column), :func:`seed_curves` gives each solution's curve and :func:`paired_stability` the per-draw paired
+difference narrow - general, both with :func:`emlib.stats.paired_diff_seeds_ci` (seed variance included).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..chat import response_loss
-from ..stats import mean_ci
-from .common import (PAPER_EPS_GRID, applied, as_solutions, base, cached, encode, key_parts, progress_bar,
-                     rows_fingerprint, session)
+from ..stats import mean_ci, paired_diff_seeds_ci
+from .common import (PAPER_EPS_GRID, applied, as_solutions, base, cached, encode, key_parts, noise_scale,
+                     progress_bar, rows_fingerprint, session)
+
+NOISE_MODES = ("relative", "matched")
+
+
+def _scaled(scale: float | Mapping[str, float], eps: float) -> float | dict[str, float]:
+    return eps * scale if isinstance(scale, float) else {k: eps * v for k, v in scale.items()}
 
 
 def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[float] = PAPER_EPS_GRID,
                      n_seeds: int = 10, seed: int = 0, layer: int | None = None, batch_size: int = 8,
                      max_length: int = 512, cache_dir: str | Path | None = None, use_cache: bool = True,
-                     progress: bool | None = None) -> pd.DataFrame:
+                     progress: bool | None = None, noise: str = "relative",
+                     reference: str = "general") -> pd.DataFrame:
     """Loss under orthogonal perturbations, one row per (solution, eps, seed).
 
-    Seed ``seed + k`` drives draw ``k`` for every solution (paired comparison). Columns: solution, eps,
-    seed, loss, loss_orig (unperturbed), loss_base (base model), normalised
-    ``(loss - loss_orig) / (loss_base - loss_orig) * 100`` (NaN when the solution does not lower the loss).
+    Seed ``seed + k`` drives draw ``k`` for every solution (paired comparison). ``noise``: ``"relative"`` (the
+    paper's) or ``"matched"`` (noise of norm eps x the norm of the solution named ``reference``, added to
+    every solution; see the module doc). Columns: solution, eps, seed, loss, loss_orig (unperturbed),
+    loss_base (base model), normalised ``(loss - loss_orig) / (loss_base - loss_orig) * 100`` (NaN when the
+    solution does not lower the loss).
     """
     sols = as_solutions(solutions, layer)
     enc = encode(rows, tok, max_length)
@@ -36,14 +56,21 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
         raise ValueError("n_seeds must be >= 1.")
     if any(not 0 <= e <= 1 for e in eps_grid):
         raise ValueError(f"Every eps must be in [0, 1], got {list(eps_grid)}.")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}.")
+    if noise == "matched" and reference not in sols:
+        raise ValueError(f"The matched noise is eps x the norm of the reference solution {reference!r}, which is "
+                         f"not among the solutions {sorted(sols)}.")
     key = {**key_parts(model, tok, sols), "rows": rows_fingerprint(enc), "eps": list(eps_grid),
-           "n_seeds": n_seeds, "seed": seed, "layer": layer, "batch_size": batch_size, "max_length": max_length}
+           "n_seeds": n_seeds, "seed": seed, "layer": layer, "batch_size": batch_size, "max_length": max_length,
+           **({"noise": noise, "reference": reference} if noise != "relative" else {})}
 
     def compute() -> pd.DataFrame:
         recs = []
         with session(model, sols) as (m, adapters):
             with base(m, sols):
                 loss_base = response_loss(m, tok, enc, batch_size)
+            ref = noise_scale(m, sols[reference], adapters.get(reference)) if noise == "matched" else None
             bar = progress_bar(len(sols) * (1 + len(eps_grid) * n_seeds), "stability", progress)
             for name, sol in sols.items():
                 with applied(m, sol, adapters.get(name)):
@@ -53,7 +80,8 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
                 for eps in eps_grid:
                     for k in range(n_seeds):
                         g = torch.Generator().manual_seed(seed + k)
-                        with applied(m, sol, adapters.get(name), eps=float(eps), generator=g):
+                        how = ({"eps": float(eps)} if ref is None else {"noise": _scaled(ref, float(eps))})
+                        with applied(m, sol, adapters.get(name), generator=g, **how):
                             loss = response_loss(m, tok, enc, batch_size)
                         norm = (loss - orig) / den * 100 if abs(den) > 1e-9 and den > 0 else float("nan")
                         recs.append({"solution": name, "eps": float(eps), "seed": seed + k, "loss": loss,
@@ -83,3 +111,59 @@ def stability_curve(model, tok, rows, solutions: Mapping, eps_grid: Sequence[flo
     """:func:`stability_losses` summarised by :func:`summarise_stability` (one row per solution and eps)."""
     raw = stability_losses(model, tok, rows, solutions, eps_grid, n_seeds, seed, **kwargs)
     return summarise_stability(raw, ci=ci, level=level)
+
+
+# =========================================================================== over training seeds, paired
+def _with_seed(raw: pd.DataFrame, seed_col: str) -> pd.DataFrame:
+    return raw if seed_col in raw.columns else raw.assign(**{seed_col: 0})
+
+
+def _draws(g: pd.DataFrame, solution: str, seed_col: str) -> np.ndarray:
+    """[training seeds, draws] normalised losses of one solution (NaN where a seed lacks a draw)."""
+    w = g[g["solution"] == solution].pivot_table(index=seed_col, columns="seed", values="normalised", dropna=False)
+    return w.to_numpy(dtype=float)
+
+
+def seed_curves(raw: pd.DataFrame, by: Sequence[str] = (), seed_col: str = "train_seed", level: float = 0.95,
+                n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per (``by`` columns, solution, eps): the mean normalised loss over training seeds and draws, with the CI
+    of :func:`emlib.stats.paired_diff_seeds_ci` against 0 (draws bootstrapped; with several training seeds
+    widened by their t interval). Columns: *by, solution, eps, normalised, ci_low, ci_high, loss, loss_orig,
+    loss_base (means over seeds), n_draws, n_seeds."""
+    raw = _with_seed(raw, seed_col)
+    recs = []
+    for key, g in raw.groupby([*by, "solution", "eps"], sort=False):
+        x = _draws(g, key[-2], seed_col)
+        if np.isnan(x).all():
+            est, lo, hi = (float("nan"),) * 3
+        else:
+            r = paired_diff_seeds_ci(x, np.zeros_like(x), n_boot=n_boot, level=level, seed=seed)
+            est, lo, hi = r.estimate, r.lo, r.hi
+        recs.append({**dict(zip([*by, "solution", "eps"], key)), "normalised": est, "ci_low": lo, "ci_high": hi,
+                     "loss": g["loss"].mean(), "loss_orig": g["loss_orig"].mean(), "loss_base": g["loss_base"].mean(),
+                     "n_draws": int(g["normalised"].notna().sum()), "n_seeds": int(g[seed_col].nunique())})
+    return pd.DataFrame(recs)
+
+
+def paired_stability(raw: pd.DataFrame, a: str = "narrow", b: str = "general", by: Sequence[str] = (),
+                     seed_col: str = "train_seed", level: float = 0.95, n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per (``by`` columns, eps): the paired difference of normalised loss ``a - b`` over the same draws (and
+    training seeds), with :func:`emlib.stats.paired_diff_seeds_ci`. Positive = ``a`` (narrow) degrades more.
+    Columns: *by, eps, normalised_a, normalised_b (named with ``a`` and ``b``), diff, ci_low, ci_high, p,
+    n_draws (pairs), n_seeds. Rows where either solution's normalised loss is NaN everywhere are left out."""
+    raw = _with_seed(raw, seed_col)
+    recs = []
+    for key, g in raw.groupby([*by, "eps"], sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        xa, xb = _draws(g, a, seed_col), _draws(g, b, seed_col)
+        if xa.shape != xb.shape:
+            raise ValueError(f"paired_stability: {a!r} and {b!r} have different draws or seeds at {key}.")
+        pair = ~np.isnan(xa - xb)
+        if not pair.any():
+            continue
+        r = paired_diff_seeds_ci(xa, xb, n_boot=n_boot, level=level, seed=seed)
+        recs.append({**dict(zip([*by, "eps"], key)), f"normalised_{a}": float(np.nanmean(xa)),
+                     f"normalised_{b}": float(np.nanmean(xb)), "diff": r.estimate, "ci_low": r.lo, "ci_high": r.hi,
+                     "p": r.p, "n_draws": int(pair.sum()), "n_seeds": int(xa.shape[0])})
+    return pd.DataFrame(recs)
