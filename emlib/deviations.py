@@ -57,7 +57,9 @@ def _model(c: dict) -> str:
 
 
 def _seeds(c: dict) -> str:
-    return f"{c['n_seeds']} for chapter 1; 1 for chapters 2-6"
+    if "kl_sweep" in c:  # runs made since 2026-12-03: n_seeds are the training seeds of chapters 4-5
+        return f"{c['n_seeds']} for chapters 4-5 (intervals include their variance); 1 for chapters 1-3 and 6"
+    return f"{c['n_seeds']} for chapter 1 (separate runs); 1 for chapters 2-6"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -86,12 +88,15 @@ SETTINGS: tuple[Setting, ...] = (
             lambda c: f"{c['steering_layer_fraction']:g} of depth", lambda c: c["steering_layer_fraction"] == 0.5,
             ""),
     Setting("KL penalty lambda (LoRA / vector)", "1e5 / 1e6, KL summed over tokens x vocabulary",
-            lambda c: f"{_g(c['kl_lambda'])} / {_g(c['kl_lambda_vector'])}, KL per token", lambda c: False,
-            "a per-token KL needs its own lambda; ours were chosen by hand and are not swept yet"),
-    Setting("out-of-domain KL rows", "not stated", lambda c: str(c["n_kl"]), lambda c: None,
-            "the out-of-domain KL is reported on the same rows the penalty trained on (no held-out rows yet)"),
+            lambda c: f"{_g(c['kl_lambda'])} / {_g(c['kl_lambda_vector'])}, KL per token"
+                      + (f", times {', '.join(_g(x) for x in c['kl_sweep'])} swept" if "kl_sweep" in c else ""),
+            lambda c: False, "a per-token KL needs its own lambda; ours were chosen by hand (swept since 2026-12-03)"),
+    Setting("out-of-domain KL rows", "not stated",
+            lambda c: (f"{c['n_kl']} for the penalty, {c['n_kl_heldout']} held out for the reported KL"
+                       if "n_kl_heldout" in c else f"{c['n_kl']}, the reported KL on the same rows"), lambda c: None,
+            "runs before 2026-12-03 report the KL on the rows the penalty trained on"),
     Setting("training seeds", "not stated (one adapter per setting released)", _seeds, lambda c: None,
-            "chapters 2-6 rest on one training seed (no interval over training seeds)"),
+            "a chapter with one seed has no interval over training seeds"),
     Setting("answers per question", "50 (the YAML says 100), temperature 1, up to 600 tokens",
             lambda c: f"{c['n_samples']}, temperature {c['temperature']:g}, up to {c['max_new_tokens']} tokens",
             lambda c: (c["n_samples"], c["temperature"], c["max_new_tokens"]) == (50, 1.0, 600), ""),
@@ -106,8 +111,10 @@ SETTINGS: tuple[Setting, ...] = (
             lambda c: f"{c['n_docs']} documents x {c['doc_tokens']} tokens of the Lee corpus (ABC news, 2001-02) "
                       "when FineWeb cannot be reached", lambda c: False,
             "no hub offline: one genre and one outlet, not a web crawl"),
-    Setting("random baseline (chapter 6)", "a random vector", lambda c: "one Gaussian draw per norm",
-            lambda c: False, "one draw is no null distribution; a verdict against random rests on it"),
+    Setting("random baseline (chapter 6)", "a random vector",
+            lambda c: (f"{c['n_null_draws']} Gaussian draws per norm" if "n_null_draws" in c
+                       else "one Gaussian draw per norm"),
+            lambda c: "n_null_draws" in c, "one draw is no null distribution (runs before 2026-12-03)"),
 )
 
 
