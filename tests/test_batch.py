@@ -234,9 +234,12 @@ def test_a_real_chapter_runs_as_a_one_point_grid(tmp_path, root):
     assert row["status"] == "ok", row["traceback"]
     assert row["chapter"] == "01_em_emerges" and row["datasets"] == '["medical"]'
     assert Path(row["run_dir"]).parent == Path(row["folder"]) and (Path(row["run_dir"]) / "results.json").exists()
-    assert 0.0 <= row["result.ch1_em[medical rank1].em"] <= 1.0
-    auroc = [c for c in index.columns if c.startswith("result.judge_agreement") and c.endswith(".auroc")]
-    assert len(auroc) >= 2 and all(0.0 <= row[c] <= 1.0 for c in auroc)  # medical twins + general pairs
+    res = json.loads((Path(row["run_dir"]) / "results.json").read_text())
+    em = {r["condition"]: r for r in res["ch1_em"]}["medical rank1"]
+    assert row["result.ch1_em[medical rank1].em"] == pytest.approx(em["n_em"] / em["n"])  # the run's rate
+    auroc = {c: row[c] for c in index.columns if c.startswith("result.judge_agreement") and c.endswith(".auroc")}
+    want = {f"result.judge_agreement[{r['pairs']}].auroc": r["auroc"] for r in res["judge_agreement"]}
+    assert len(auroc) >= 2 and auroc == pytest.approx(want)  # medical twins + general pairs, the run's values
     assert any("general" in c for c in auroc)
 
 
