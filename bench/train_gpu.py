@@ -100,6 +100,9 @@ def plain_loop(model, rows: list[Encoded], pad_id: int, batch: int, steps: int, 
             "loss_last": float(loss.detach())}
 
 
+BIG = 73728  # padded tokens per micro-batch: ~350 rows of this data in one forward
+# (rows per step, padded tokens per micro-batch, steps of today's fast path, steps of the graph path)
+SIZES = [(16, 16384, 40, 100), (64, 16384, 20, 40), (1024, BIG, 5, 6)]
 TODAY = {"cuda_graphs": False, "bucket_per_octave": None}  # the fast path before the graphs: exact shapes
 
 
@@ -164,6 +167,24 @@ def emlib_train_run(model, tok, rows: list[Encoded], steps: int, fast: bool | No
             "loss": log["loss"].tolist()}
 
 
+def _fast_sft_sections(model, rows, tok, pad, smoke, result, report, guarded, save) -> None:
+    """Equality of the captured and the eager step, the baselines, and the three step sizes."""
+    # 1. equality on the GPU: the captured step == the same bucketed step run eagerly
+    eq = {g: fast_run(model, rows, tok, 16, 16384, smoke or 12, keep_log=True, cuda_graphs=g) for g in (True, False)}
+    result["check_graphs_vs_eager"] = {c: max_diff(eq[True]["log"][c], eq[False]["log"][c]) for c in ("loss", "grad_norm")}
+    result["check_graphs_vs_eager"]["graphs_used"] = eq[True]["step"]
+    print("check graphs vs eager:", json.dumps(result["check_graphs_vs_eager"]), flush=True)
+    save()
+    # 2. baselines
+    guarded("plain_16x256_fixed", lambda: plain_loop(model, rows, pad, 16, smoke or 20, 3, fixed_len=256))
+    guarded("plain_16_rows", lambda: plain_loop(model, rows, pad, 16, smoke or 10, 3))
+    guarded("plain_64_rows", lambda: plain_loop(model, rows, pad, 64, smoke or 8, 2))
+    # 3. the three step sizes: graphs vs the fast path before them
+    for rps, mt, n_today, n_new in SIZES:
+        guarded(f"today_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_today, **TODAY))
+        guarded(f"graphs_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_new))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default=".gpu/smollm2")
@@ -171,6 +192,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--quick", action="store_true", help="skip emlib.train and the ablation")
+    ap.add_argument("--emlib-only", action="store_true", help="only emlib.train's loop -> train_gpu_emlib.json")
     a = ap.parse_args()
     global DEVICE, SMOKE
     if a.cpu_smoke:
@@ -212,35 +234,25 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     smoke = 3 if SMOKE else None
-    big = 73728  # padded tokens per micro-batch: ~350 rows of this data in one forward
-    # 1. equality on the GPU: the captured step == the same bucketed step run eagerly
-    eq = {g: fast_run(model, rows, tok, 16, 16384, smoke or 12, keep_log=True, cuda_graphs=g) for g in (True, False)}
-    result["check_graphs_vs_eager"] = {c: max_diff(eq[True]["log"][c], eq[False]["log"][c]) for c in ("loss", "grad_norm")}
-    result["check_graphs_vs_eager"]["graphs_used"] = eq[True]["step"]
-    print("check graphs vs eager:", json.dumps(result["check_graphs_vs_eager"]), flush=True)
-    save()
-    # 2. baselines
-    guarded("plain_16x256_fixed", lambda: plain_loop(model, rows, pad, 16, smoke or 20, 3, fixed_len=256))
-    guarded("plain_16_rows", lambda: plain_loop(model, rows, pad, 16, smoke or 10, 3))
-    guarded("plain_64_rows", lambda: plain_loop(model, rows, pad, 64, smoke or 8, 2))
-    # 3. the three step sizes: graphs vs the fast path before them
-    sizes = [(16, 16384, 40, 100), (64, 16384, 20, 40), (1024, big, 6, 8)]
-    for rps, mt, n_today, n_new in sizes:
-        guarded(f"today_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_today, **TODAY))
-        guarded(f"graphs_{rps}_rows", lambda: fast_run(model, rows, tok, rps, mt, smoke or n_new))
+    if a.emlib_only:  # emlib.train's loop alone (what chapters and record run), graphs vs eager
+        out_path = Path(a.out) / "train_gpu_emlib.json"
+        a.quick = False
+    else:
+        _fast_sft_sections(model, rows, tok, pad, smoke, result, report, guarded, save)
     if not a.quick:
-        guarded("graphs_16_rows_4_per_octave", lambda: fast_run(model, rows, tok, 16, 16384, smoke or 100,
-                                                                bucket_per_octave=4))
+        if not a.emlib_only:
+            guarded("graphs_16_rows_4_per_octave", lambda: fast_run(model, rows, tok, 16, 16384, smoke or 100,
+                                                                    bucket_per_octave=4))
         # 4. emlib.train's loop (what chapters and record run): graphs (its switch's default on CUDA) vs eager
         guarded("emlib_train_2x8_graphs", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 60))
-        guarded("emlib_train_2x8_eager", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 6, fast=False))
+        guarded("emlib_train_2x8_eager", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 4, fast=False))
         guarded("emlib_train_vector_graphs", lambda: emlib_train_run(model, tok, rows[:1600], smoke or 30,
                                                                      kind="vector"))
         g, e = result.get("emlib_train_2x8_graphs", {}), result.get("emlib_train_2x8_eager", {})
         if "loss" in g and "loss" in e:
             result["check_emlib_train_graphs_vs_eager_loss"] = max_diff(g["loss"][:len(e["loss"])], e["loss"])
     ratios = {}
-    for rps, *_ in sizes:
+    for rps, *_ in SIZES:
         new, old = result.get(f"graphs_{rps}_rows", {}), result.get(f"today_{rps}_rows", {})
         plain = result.get("plain_64_rows" if rps == 64 else "plain_16_rows", {})
         if "tokens_per_s" in new:

@@ -14,8 +14,9 @@ What is faster:
 * **CUDA graphs of the step** (:class:`TrainStep`). A micro-batch's forward, loss and backward (about
   3,000 kernels for SmolLM2-135M) are captured once per shape and replayed, so the host no longer launches
   them one by one (at the paper's 16 rows per step that launching, not the GPU, was the limit). Shapes are
-  bucketed (:func:`bucket`: rows, padded length and answer-token count rounded up to one of 8 sizes per
-  power of two, 4 for the answer tokens), so a run needs a handful of graphs; padding rows are all pad
+  bucketed (:func:`bucket`: rows and padded length rounded up to one of ``per_octave`` sizes per power of
+  two -- 8 in :func:`fast_sft_lora`, 4 in ``emlib.train`` -- the answer-token count to half as many), so a
+  run needs a handful of graphs (~0.5 s to capture each); padding rows are all pad
   tokens and padding targets carry the ignore label, so neither changes the loss or the gradient. Gradients
   accumulate into ``.grad`` tensors allocated once; clipping and the fused AdamW step run eagerly (a few
   multi-tensor kernels). On the CPU (or with ``cuda_graphs=False``) the same bucketed code runs eagerly:
@@ -34,10 +35,15 @@ What is faster:
   with the Hugging Face Trainer's ``bf16=True``; without weight caching, so a replayed graph always reads
   the current LoRA weights), **fused AdamW**, and loss / gradient norm kept on the device until the end.
 
-Speed: bench/train_gpu.py and bench/README.md (SmolLM2-135M architecture, rank-32 LoRA on all
-projections, rows of the medical set's lengths). Before the graphs the fast path gave ~10-11k input
-tokens/s at 16 rows per step (host-bound) and ~143k at 1,024. Large steps change the optimisation: choose
-lr for them.
+Speed (bench/train_gpu.py, one H200, SmolLM2-135M architecture, rank-32 LoRA on all projections, rows of
+the medical set's lengths; bench/README.md): at the paper's 16 rows per step 81.8k input tokens/s with the
+graphs against 12.0k for the same path without them and 5.0k for a plain peft + AdamW loop (24.9k over a
+100-step run when the capture of its 12 graphs, 6 s, is counted); 132k at 64 rows, 172k at 1,024 (where the
+GPU is the limit and graphs add 3%). Large steps change the optimisation: choose lr for them.
+
+Length (~590 lines, over the ~500 of the house rule): batching, the loss, the fused kernels and the graph
+step are one pipeline that :func:`fast_sft_lora` and ``emlib.train`` share; split, each part would import
+the others.
 
 Not here: KL regularisation, checkpoints and resume -- ``emlib.train`` has them and runs its steps through
 :class:`TrainStep` on CUDA (KL runs stay on its eager loop).
@@ -282,6 +288,26 @@ def _float_dtype(model) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+@contextmanager
+def one_sequence_per_row():
+    """While active, transformers does not look for packed sequences in the position ids (its
+    ``masking_utils.find_packed_sequence_indices``; here every row is one sequence, right-padded). That check
+    reads a GPU value on the host: a sync per forward, an error inside a CUDA graph capture, and under
+    capture newer versions build an explicit ``[b, 1, s, s]`` mask instead. Without it the causal mask stays
+    implicit (``is_causal``: flash attention), in eager runs and graphs alike."""
+    import transformers.masking_utils as mu
+
+    orig = getattr(mu, "find_packed_sequence_indices", None)
+    if orig is None:
+        yield
+        return
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = orig
+
+
 class TrainStep:
     """The gradients of one optimizer step: :meth:`grads` runs each micro-batch's forward, loss and backward
     (the summed next-token cross-entropy over answer tokens divided by the step's answer-token count,
@@ -295,12 +321,14 @@ class TrainStep:
     capture falls back to the eager step with a warning (``stats["fallback"]`` says why).
 
     ``current``: a context-manager factory entered around each forward (``emlib.train``'s steering-vector
-    hook); ``autocast`` None: bf16 autocast when the model is on CUDA in bf16.
+    hook); ``autocast`` None: bf16 autocast when the model is on CUDA in bf16. ``per_octave`` 4 (the
+    default) needs about half the graphs of 8 for a 2% slower step at 16 rows (bench/README.md): each
+    capture costs ~0.5 s, which matters for runs of a few hundred steps.
     """
 
     def __init__(self, model, params: Sequence[torch.nn.Parameter], pad_id: int, *,
                  max_tokens_per_micro: int = 16384, pad_multiple: int = 16, ce_chunk: int = 8192,
-                 max_grad_norm: float | None = 1.0, per_octave: int | None = 8, cuda_graphs: bool = True,
+                 max_grad_norm: float | None = 1.0, per_octave: int | None = 4, cuda_graphs: bool = True,
                  autocast: bool | None = None, current: Callable[[], ContextManager] | None = None):
         self.params = list(params)
         if not self.params:
@@ -363,7 +391,7 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the step
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
-        with self._current(), self._amp():
+        with self._current(), self._amp(), one_sequence_per_row():
             s, _ = fast_token_losses(self.model, batch, self.ce_chunk)
         (s / self._n).backward()  # token-weighted mean over the whole step
         self._loss.add_(s.detach())
@@ -380,7 +408,8 @@ class TrainStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up (library handles, autograd set-up); gradients are zeroed later
-                self._forward_backward(static)
+                for _ in range(2):
+                    self._forward_backward(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -405,11 +434,11 @@ class TrainStep:
     def grads(self, rows: Sequence[Encoded], n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero the gradients, accumulate those of ``rows`` (one optimizer step; ``n_tok`` = their answer
         tokens), clip; returns (summed loss, gradient norm before clipping) as device scalars."""
+        for p, g in zip(self.params, self._grads):  # a caller's zero_grad(set_to_none=True) dropped them
+            p.grad = g
         plan = self.plan(rows)
         for shape, _ in plan:  # before the step's gradients start (a capture's warm-up writes into them)
             self._capture(shape)
-        for p, g in zip(self.params, self._grads):  # a caller's zero_grad(set_to_none=True) dropped them
-            p.grad = g
         torch._foreach_zero_(self._grads)
         self._loss.zero_()
         self._n.fill_(max(n_tok, 1))

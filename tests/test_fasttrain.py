@@ -68,11 +68,46 @@ def test_train_step_plan_buckets_and_needs_parameters():
     step = TrainStep(model, params, tok.pad_token_id, max_tokens_per_micro=10_000, pad_multiple=16)
     assert not step.use_graphs  # the CPU never captures
     [(shape, micro)] = step.plan(rows)
-    assert sorted(micro) == [0, 1, 2, 3] and shape == (4, 48, bucket(sum(n - 2 for n in (40, 33, 21, 9)), 4, 8))
+    n_t = sum(n - 2 for n in (40, 33, 21, 9))
+    assert sorted(micro) == [0, 1, 2, 3] and shape == (4, 48, bucket(n_t, step.per_octave // 2, 8)) and n_t <= shape[2]
     exact = TrainStep(model, params, tok.pad_token_id, per_octave=None, pad_multiple=1)
     assert exact.plan(rows)[0][0] == (4, 40, sum(n - 2 for n in (40, 33, 21, 9)))
     with pytest.raises(ValueError, match="needs trainable parameters"):
         TrainStep(model, [], tok.pad_token_id)
+
+
+def test_one_sequence_per_row_skips_the_packing_check_and_restores_it():
+    import transformers.masking_utils as mu
+
+    from emlib.fasttrain import one_sequence_per_row
+
+    orig = mu.find_packed_sequence_indices
+    packed = torch.tensor([[0, 1, 0, 1]])  # two sequences packed in one row
+    assert orig(packed) is not None
+    with one_sequence_per_row():
+        assert mu.find_packed_sequence_indices(packed) is None
+    assert mu.find_packed_sequence_indices is orig
+
+
+def test_graphs_are_captured_with_the_fixed_gradient_tensors(monkeypatch):
+    """emlib.train calls zero_grad(set_to_none=True) before each step: the step must give the parameters
+    their fixed .grad tensors back before it captures (else the backward allocates new ones in the graph)."""
+    model, tok = tiny_model(seed=0)
+    params = [p for p in model.parameters()][:3]
+    step = TrainStep(model, params, tok.pad_token_id)
+    seen = []
+
+    def capture(shape):  # what the CUDA capture would see; then train eagerly
+        seen.append(all(p.grad is g for p, g in zip(step.params, step._grads)))
+        step.use_graphs = False
+
+    monkeypatch.setattr(step, "_capture", capture)
+    step.use_graphs = True
+    for p in params:
+        p.grad = None  # the caller's zero_grad(set_to_none=True)
+    rows = encode_rows(_chat_rows(4), tok)
+    step.grads(rows, sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in rows))
+    assert seen == [True] and all(p.grad is g for p, g in zip(params, step._grads))
 
 
 # =========================================================================== the step against the eager loop
@@ -155,7 +190,6 @@ def test_bucketing_does_not_change_fast_sft():
 def test_cuda_graph_step_equals_eager_step():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     g = torch.Generator().manual_seed(1)
@@ -166,6 +200,7 @@ def test_cuda_graph_step_equals_eager_step():
         rows.append(Encoded(ids, [IGNORE] * p + ids[p:]))
     logs = {}
     for graphs in (True, False):
+        torch.manual_seed(0)  # the same weights for both runs
         model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
         res = fast_sft_lora(model, _Tok(), rows, "rank32", rows_per_step=16, max_steps=8,
                             lr=1e-3, warmup_steps=0, cuda_graphs=graphs, progress=False)
