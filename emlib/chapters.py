@@ -6,7 +6,7 @@ One table, :data:`CHAPTERS`, says per chapter
   ``emlib.record`` trains in parallel before the chapters run),
 * the **result keys** it records in ``results.json`` (``Experiment.record``) and the columns each key's records
   carry, and the **tables** (``tables/<name>.csv``) its verdict reads,
-* its **claim** and the **verdict rule** (a function of :mod:`emlib.results` taking a :class:`results.Run`).
+* its **claim** and the **verdict rule** (a function of :mod:`emlib.verdicts` taking a :class:`verdicts.Run`).
 
 The notebooks print their verdict with :func:`verdict` (the same rule the results table applies), ``emlib.record``
 waits for :func:`finetunes_needed`, ``emlib.rejudge`` rebuilds the judge-dependent tables with :func:`em_tables`,
@@ -101,8 +101,8 @@ class Chapter:
     #   extra training seeds) -> finetunes
     results: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tables: tuple[str, ...] = ()
-    rule: str | None = None  # the verdict rule: a function of emlib.results taking a Run
-    judged: bool = False  # an EM-based claim: the judge gate (results.judge_blind) applies to its verdict
+    rule: str | None = None  # the verdict rule: a function of emlib.verdicts taking a Run
+    judged: bool = False  # an EM-based claim: the judge gate (verdicts.judge_blind) applies to its verdict
 
     @property
     def number(self) -> str:
@@ -233,16 +233,16 @@ def em_tables(answers: str, scored: pd.DataFrame, seed: int = 0) -> dict[str, pd
 
 
 def verdict(claim: int, run, seed_runs: Sequence = ()):
-    """The verdict of ``claim`` on a run (a :class:`emlib.results.Run` or its directory): the chapter's rule,
+    """The verdict of ``claim`` on a run (a :class:`emlib.verdicts.Run` or its directory): the chapter's rule,
     gated by the judge's measured EM recall / precision for an EM-based claim. What the results table shows
     and what a chapter prints."""
-    from . import results
+    from . import verdicts
 
-    def as_run(r):  # a directory, or a Run (also one of `python -m emlib.results`, a second module object)
-        return results.Run(r) if isinstance(r, (str, Path)) else r
+    def as_run(r):  # a directory, or a Run
+        return verdicts.Run(r) if isinstance(r, (str, Path)) else r
 
     run, seed_runs = as_run(run), [as_run(r) for r in seed_runs]
     ch = by_claim(claim)
-    rule = getattr(results, ch.rule)
+    rule = getattr(verdicts, ch.rule)
     v = rule(run, seed_runs) if claim == 1 else rule(run)
-    return results.gate(v, run) if ch.judged else v
+    return verdicts.gate(v, run) if ch.judged else v

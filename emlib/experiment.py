@@ -375,10 +375,10 @@ class Experiment:
     def verdict(self, claim: int):
         """This run's verdict on ``claim`` by the rule the results table applies (:func:`emlib.chapters.verdict`),
         from what the chapters recorded so far in this run directory."""
-        from . import chapters, results
+        from . import chapters, verdicts
 
         if not (self.out / "results.json").exists():
-            return results.Verdict(claim, results.NOT_RUN, "this run directory has recorded nothing yet")
+            return verdicts.Verdict(claim, verdicts.NOT_RUN, "this run directory has recorded nothing yet")
         return chapters.verdict(claim, self.out)
 
     def record(self, key: str, value) -> Path:
