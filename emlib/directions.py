@@ -1,5 +1,8 @@
 """Representations (claim 2): the misalignment direction, steering with it, ablating it, comparing directions.
 
+(About 800 lines, kept as one module: every piece reads or writes the same [n_layers, d] direction through the
+same nnsight/hook plumbing and file format; split per section it would export its private helpers across modules.)
+
 Pieces, in the order a chapter uses them:
 
 * **Activations** -- :func:`answer_activations` runs (question, answer) pairs through the chat template

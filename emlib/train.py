@@ -1,5 +1,8 @@
 """Finetuning: LoRA adapters and trained steering vectors, with an optional KL term to the chat model.
 
+(About 820 lines, kept as one module: both solution types run through one resumable training loop, its plan,
+checkpoints and log; the solution types themselves live in :mod:`emlib.adapters` and :mod:`emlib.vectors`.)
+
 Two entry points share one resumable training loop:
 
 * :func:`train_lora` -- supervised finetuning (loss on assistant tokens only, :mod:`emlib.chat`) of a peft

@@ -1,5 +1,8 @@
 """The verdict rules: one function per claim that turns a run directory's numbers into a verdict.
 
+(About 700 lines, kept as one module: the six rules, each in an older and a stricter form, share the run reader,
+the rate intervals and the judge gate; a reader compares them side by side.)
+
 :mod:`emlib.chapters` names each chapter's rule (and applies the judge gate to EM claims); :mod:`emlib.results`
 builds the book's table from them. Everything comes from a run directory's ``results.json`` (written by the chapters through
 :meth:`emlib.experiment.Experiment.record`) and its ``tables/*.csv``; nothing is typed in by hand. Each
