@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -53,7 +51,8 @@ import torch
 from . import hooks
 from .adapters import LoraModule, lora_modules
 from .generate import Intervention
-from .chat import IGNORE, Encoded, collate, encode_chat
+from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
+from .data import atomic_write_bytes
 from .models import check_layer, decoder_layers, n_layers
 
 FORMAT = "emlib-direction-v1"
@@ -119,10 +118,7 @@ def _seeded(seed: int, device: torch.device):
 
 def _prompt_ids(tok, prompt: str, system: str | None = None) -> list[int]:
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+    return chat_ids(tok, msgs, add_generation_prompt=True)
 
 
 def encode_prompts(tok, prompts: Sequence[str], device=None) -> dict[str, torch.Tensor]:
@@ -442,7 +438,7 @@ def save_direction(path: str | Path, direction: torch.Tensor, *, source: str, mo
     Metadata: format, source (free text, e.g. "mean-diff medical rank-1 seed0"), model fingerprint and name
     (from ``model.emlib_info``), shape, layers (which layer each row belongs to), counts, created, extra.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from . import __version__
 
@@ -463,16 +459,7 @@ def save_direction(path: str | Path, direction: torch.Tensor, *, source: str, mo
         "counts": counts or {}, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "emlib_version": __version__, "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({TENSOR_KEY: t}, tmp, metadata={"emlib": json.dumps(meta, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, save({TENSOR_KEY: t}, metadata={"emlib": json.dumps(meta, default=str)}))
 
 
 _DIRECTION_REMEDY = "delete it and run again (the chapter computes the direction anew) or restore it"

@@ -351,14 +351,7 @@ class _Plan:
 
 def _write_log(log: pd.DataFrame, out_dir: Path) -> None:
     atomic_write_bytes(out_dir / f"{LOG_NAME}.csv", log.to_csv(index=False).encode())
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=out_dir)
-    os.close(fd)
-    try:
-        log.to_parquet(tmp, index=False)
-        os.replace(tmp, out_dir / f"{LOG_NAME}.parquet")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out_dir / f"{LOG_NAME}.parquet", log.to_parquet(index=False))
 
 
 def read_log(out_dir: str | Path) -> pd.DataFrame:
