@@ -31,6 +31,11 @@ def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int
     return list(out)
 
 
+def chat_text(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The same chat template rendered as text (what the samplers take as a prompt)."""
+    return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
 _ids = chat_ids  # the former private name
 
 

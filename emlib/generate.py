@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Protocol, Sequence
 import pandas as pd
 import torch
 
+from .chat import chat_text
 from .cache import ResultCache, adapter_hash, as_cache, make_key, model_fingerprint
 
 ANSWERS_TABLE = "answers"
@@ -132,7 +133,7 @@ hf_sampler.sampler_id = "hf-generate-v2"
 def render_prompt(tok, question: str, system: str | None = None) -> str:
     """The chat-template string the model sees for a question (generation prompt appended)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return chat_text(tok, msgs)
 
 
 def _question_frame(questions_df: pd.DataFrame) -> pd.DataFrame:

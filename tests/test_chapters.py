@@ -258,3 +258,14 @@ def test_claim_em_is_holm_corrected_over_the_finetunes(tmp_path):
     assert len(two.checks["separated"]) == 2 and "Holm-corrected" in two.ours
     assert twenty.checks["separated"] == [] and twenty.verdict == results.NOT_REPRODUCED  # 2.8%: under 5%, not separated
     assert two.verdict == results.PARTLY  # separated but under 5%
+
+
+def test_every_chapter_prints_its_own_claims_verdict_by_the_contract(root):
+    """The chapter-6 printout once counted by its own rule ("6 of 10") where the table said "5 of 10": every
+    claim chapter now prints exp.verdict(its claim), and nothing else calls a verdict."""
+    import re
+
+    for ch in chapters.CHAPTERS.values():
+        src = (root / "notebooks" / f"{ch.stem}.py").read_text()
+        calls = re.findall(r"exp\.verdict\((\d+)\)", src)
+        assert calls == ([str(ch.claim)] if ch.claim else []), ch.stem

@@ -45,6 +45,11 @@ def test_all_chapters_execute_and_the_book_builds(root, tmp_path):
         assert html.exists(), html
     saved = json.loads((tmp_path / "run" / "book_build.json").read_text())
     assert saved["profile"] == "smoke" and set(saved["seconds"]) >= {c.stem for c in chapters}
+    # the chapter contract against what the chapters actually recorded (keys and columns)
+    from emlib import chapters as contract
+
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [p for src in chapters for p in contract.check_recorded(src.stem, res)] == []
 
 
 # ------------------------------------------------------------------ issue 20, item 7: Colab's Run all
