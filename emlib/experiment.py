@@ -244,6 +244,19 @@ class Experiment:
             frame = self._measured_sweep
         return narrow.narrow_scale(frame, kind)[0]
 
+    def compared_solutions(self, kind: str, seed: int | None = None) -> dict[str, Path]:
+        """The two solutions chapters 4-6 compare, trained at ``seed``: ``{"general": file, "narrow": file}``,
+        the narrow one at chapter 3's reported lambda (:meth:`narrow_scale`). ``kind``: "steering vector" (the
+        vectors' safetensors files) or "rank-1 LoRA" (the adapter folders)."""
+        ds, m = self.cfg.datasets[0], self.narrow_scale(kind)
+        if kind == "steering vector":
+            return {"general": self.vector_path(ds, "general", seed=seed),
+                    "narrow": self.vector_path(ds, "narrow", kl_scale=m, seed=seed)}
+        if kind == "rank-1 LoRA":
+            return {"general": self.lora_path(ds, "rank1", "general", seed=seed),
+                    "narrow": self.lora_path(ds, "rank1", "narrow", kl_scale=m, seed=seed)}
+        raise ValueError(f"Unknown solution kind {kind!r}: 'steering vector' or 'rank-1 LoRA'.")
+
     def train_seeds(self) -> list[int]:
         """The training seeds of the chapters that repeat a finetune (``n_seeds`` of them from ``seed``)."""
         return [self.cfg.seed + k for k in range(self.cfg.n_seeds)]

@@ -85,22 +85,13 @@ seeds = exp.train_seeds()
 scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
 
 
-def solutions(kind: str, seed: int) -> dict:
-    """general and reported narrow solution of ``kind`` trained at ``seed``."""
-    if kind == "steering vector":
-        return {"general": exp.vector_path(ds, "general", seed=seed),
-                "narrow": exp.vector_path(ds, "narrow", kl_scale=scale[kind], seed=seed)}
-    return {"general": exp.lora_path(ds, "rank1", "general", seed=seed),
-            "narrow": exp.lora_path(ds, "rank1", "narrow", kl_scale=scale[kind], seed=seed)}
-
-
 kw = dict(fractions=cfg.norm_grid, max_length=cfg.max_length, cache_dir=metric_cache, progress=False)
 row_frames = {}
 for kind in inductive_kinds:
-    first = inductive.row_losses_vs_norm(exp.model, exp.tok, rows, solutions(kind, seeds[0]), **kw)
+    first = inductive.row_losses_vs_norm(exp.model, exp.tok, rows, exp.compared_solutions(kind, seeds[0]), **kw)
     ref = float(first["reference_norm"].iloc[0])  # the grid's 100 % point, shared by every seed
     row_frames[kind] = pd.concat([first.assign(seed=seeds[0])] + [
-        inductive.row_losses_vs_norm(exp.model, exp.tok, rows, solutions(kind, s), reference=ref, **kw).assign(seed=s)
+        inductive.row_losses_vs_norm(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), reference=ref, **kw).assign(seed=s)
         for s in seeds[1:]], ignore_index=True)
 frames = {kind: inductive.norm_summary(f, by=("seed",)) for kind, f in row_frames.items()}
 frame = inductive.by_family(frames)  # kind: grid / trained

@@ -83,18 +83,9 @@ seeds = exp.train_seeds()
 scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
 
 
-def solutions(kind: str, seed: int) -> dict:
-    """general and reported narrow solution of ``kind`` trained at ``seed``."""
-    if kind == "steering vector":
-        return {"general": exp.vector_path(ds, "general", seed=seed),
-                "narrow": exp.vector_path(ds, "narrow", kl_scale=scale[kind], seed=seed)}
-    return {"general": exp.lora_path(ds, "rank1", "general", seed=seed),
-            "narrow": exp.lora_path(ds, "rank1", "narrow", kl_scale=scale[kind], seed=seed)}
-
-
 kw = dict(eps_grid=cfg.eps_grid, n_seeds=cfg.n_perturb_seeds, seed=cfg.seed, max_length=cfg.max_length,
           cache_dir=metric_cache, progress=False)
-raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, solutions(kind, s), noise=mode, **kw)
+raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), noise=mode, **kw)
                  .assign(kind=kind, mode=mode, train_seed=s)
                  for kind in inductive_kinds for mode in inductive.NOISE_MODES for s in seeds], ignore_index=True)
 curves = inductive.seed_curves(raw, by=("kind", "mode"))

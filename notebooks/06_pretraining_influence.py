@@ -78,8 +78,7 @@ print(texts[0][:300], "...")
 # leave out-of-domain predictions alone.
 
 # %%
-m = exp.narrow_scale("steering vector")
-vectors = {"general": exp.vector_path(ds, "general"), "narrow": exp.vector_path(ds, "narrow", kl_scale=m)}
+vectors = exp.compared_solutions("steering vector")  # general, and chapter 3's reported narrow vector
 frame = inductive.pretraining_kl(exp.model, exp.tok, texts, vectors, fractions=cfg.norm_grid,
                                  random_seed=cfg.seed, max_tokens=cfg.doc_tokens,
                                  cache_dir=exp.out / "cache" / "metrics", progress=False)
