@@ -1,6 +1,9 @@
 """A fast sampler for the EM evaluation loop: one static KV cache, CUDA graphs, the same distribution as
 ``generate``.
 
+(About 530 lines, kept as one module: the cache, the attention that reads it, the captured decode step and the
+sampler share private buffers and shapes.)
+
 :data:`fast_sampler` (a :class:`FastSampler`) plugs into :func:`emlib.generate.sample_answers` through its
 ``sampler=`` argument; give it whole question sets at once (``batch_size=400`` for 8 questions x 50
 samples). What it does differently from :func:`emlib.generate.hf_sampler`:
