@@ -54,15 +54,14 @@ def extra_seeds(seed: int, n_seeds: int) -> list[int]:
 def finetunes(datasets: Sequence[str], kl_sweep: Sequence[float] = (), seeds: Sequence[int] = ()) -> list[Finetune]:
     """Every finetune chapters 1-6 use, slowest first (vectors with KL, then rank-32, then rank-1); the narrow
     solutions at every factor of ``kl_sweep`` (and 1); and at each of ``seeds`` (:func:`extra_seeds`: the
-    training seeds beyond the config's) chapters 4-5's general and narrow solutions again."""
+    training seeds beyond the config's) chapters 4-5's general solutions again. Their narrow solutions at those
+    seeds are needed only at chapter 3's chosen lambda, known once chapter 3 has run: :func:`followups`."""
     ds0, scales = datasets[0], _sweep(kl_sweep)
-    plan = []
-    for s in (None, *seeds):
-        plan += [Finetune("vector", ds0, "mixed")] if s is None else []
-        plan += [Finetune("vector", ds0, "narrow", kl_scale=m, seed=s) for m in scales]
-        plan += [Finetune("vector", ds0, x, seed=s) for x in (("drift", "general") if s is None else ("general",))]
-    for s in (None, *seeds):
-        plan += [Finetune("lora", ds0, "narrow", "rank1", kl_scale=m, seed=s) for m in scales]
+    plan = [Finetune("vector", ds0, "mixed")]
+    plan += [Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales]
+    plan += [Finetune("vector", ds0, x, seed=s) for s in (None, *seeds)
+             for x in (("drift", "general") if s is None else ("general",))]
+    plan += [Finetune("lora", ds0, "narrow", "rank1", kl_scale=m) for m in scales]
     plan += [Finetune("lora", ds, "general", "rank32") for ds in datasets]
     plan += [Finetune("lora", ds, "general", "rank1") for ds in datasets]
     plan += [Finetune("lora", ds0, "general", "rank1", seed=s) for s in seeds]
@@ -86,8 +85,36 @@ def _solutions(datasets: Sequence[str], kl_sweep: Sequence[float], vector_soluti
 
 
 def _seeded_solutions(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Sequence[int]) -> set[Finetune]:
-    """Chapters 4-5: the general and narrow solutions at the config's seed and at every extra seed."""
-    return set().union(*(_solutions(datasets, kl_sweep, ("general",), s) for s in (None, *seeds)))
+    """Chapters 4-5, before chapter 3 has chosen: the solutions at the config's seed (the whole sweep) and the
+    general solutions at every extra seed; the narrow ones at the extra seeds are :func:`followups`."""
+    ds0 = datasets[0]
+    return (_solutions(datasets, kl_sweep, ("general",))
+            | {Finetune("vector", ds0, "general", seed=s) for s in seeds}
+            | {Finetune("lora", ds0, "general", "rank1", seed=s) for s in seeds})
+
+
+FOLLOW_CHAPTER_3 = ("04_efficiency", "05_stability")  # they repeat chapter 3's chosen narrow solution at seeds
+
+
+def followups(stem: str, datasets: Sequence[str], seeds: Sequence[int], chosen: dict[str, float]) -> set[Finetune]:
+    """The finetunes a chapter needs once chapter 3 has chosen its narrow lambdas (``chosen``: kind -> factor,
+    :func:`emlib.narrow.narrow_scale`): chapters 4-5's narrow solutions at every extra seed, at that lambda only."""
+    if stem not in FOLLOW_CHAPTER_3:
+        return set()
+    ds0 = datasets[0]
+    return ({Finetune("vector", ds0, "narrow", kl_scale=chosen["steering vector"], seed=s) for s in seeds}
+            | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=chosen["rank-1 LoRA"], seed=s) for s in seeds})
+
+
+def chosen_scales(results: dict) -> dict[str, float] | None:
+    """Chapter 3's chosen lambda factor per kind, from a run's results.json (None before chapter 3 has run)."""
+    from .narrow import KINDS, narrow_scale
+
+    rec = results.get("ch3_lambda_sweep")
+    if not rec:
+        return None
+    frame = pd.DataFrame(rec)
+    return {kind: narrow_scale(frame, kind)[0] for kind in KINDS}
 
 
 @dataclass(frozen=True)

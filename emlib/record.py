@@ -46,7 +46,7 @@ from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
-from .chapters import extra_seeds
+from .chapters import FOLLOW_CHAPTER_3, chosen_scales, extra_seeds, followups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
@@ -80,6 +80,8 @@ class Plan:
     chapters: tuple[runner.Job, ...]  # each chapter's papermill job, its notebook in executed/, its log in logs/
     finetunes: tuple[Job, ...]  # the finetunes the chapters use, slowest first
     needs: dict[str, frozenset[str]]  # chapter stem -> the finetunes it waits for
+    after: dict[str, frozenset[str]] = field(default_factory=dict)  # chapter stem -> chapters it waits for
+    seeds: tuple[int, ...] = ()  # chapters 4-5's extra training seeds
 
     def chapter(self, stem: str) -> runner.Job:
         return next(j for j in self.chapters if j.chapter == stem)
@@ -101,14 +103,33 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
     cfg = get_config(profile, **config)
     jobs = runner.chapter_jobs(runner.select(chapters, root=root), {"profile": profile, **given}, run, root,
                                logs=True)
-    seeds = extra_seeds(cfg.seed, cfg.n_seeds)  # chapters 4-5 repeat their solutions at these training seeds
+    seeds = tuple(extra_seeds(cfg.seed, cfg.n_seeds))  # chapters 4-5 repeat their solutions at these seeds
     needed = set().union(*(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep, seeds) for j in jobs))
-    planned = tuple(f for f in finetune_jobs(cfg.datasets, cfg.kl_sweep, seeds) if f.name in needed)
-    names = {f.name for f in planned}
+    planned = [f for f in finetune_jobs(cfg.datasets, cfg.kl_sweep, seeds) if f.name in needed]
+    needs = {j.chapter: set(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep, seeds)) & {f.name for f in planned}
+             for j in jobs}
+    stems = [j.chapter for j in jobs]
+    after: dict[str, frozenset[str]] = {}
+    follow = [st for st in stems if st in FOLLOW_CHAPTER_3] if seeds else []
+    ch3 = next((st for st in stems if st.startswith("03")), None)
+    recorded = chosen_scales(_results_of(run)) if follow and ch3 is None else None
+    if ch3 is not None:  # the extra seeds' narrow solutions follow chapter 3's choice (plan_followups)
+        after = {st: frozenset({ch3}) for st in follow}
+    elif recorded is not None:  # chapter 3 ran before in this run directory: its choice is known now
+        for st in follow:
+            extra = [f for f in followups(st, cfg.datasets, seeds, recorded) if f.name not in needs[st]]
+            planned += [f for f in extra if f.name not in {p.name for p in planned}]
+            needs[st] |= {f.name for f in extra}
+    elif len(follow) == 2:  # both chapters would measure chapter 3 and train the same finetunes: one at a time
+        after = {follow[1]: frozenset({follow[0]})}
     return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
-                chapters=tuple(jobs), finetunes=planned,
-                needs={j.chapter: frozenset(chapter_needs(j.chapter, cfg.datasets, cfg.kl_sweep, seeds) & names)
-                       for j in jobs})
+                chapters=tuple(jobs), finetunes=tuple(planned), needs={k: frozenset(v) for k, v in needs.items()},
+                after=after, seeds=seeds)
+
+
+def _results_of(run: Path) -> dict:
+    f = run / "results.json"
+    return json.loads(f.read_text()) if f.exists() else {}
 
 
 def prepare_model(cfg: Config) -> float:
@@ -138,6 +159,9 @@ class RunState:
     failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
     futures: dict[Future, Job] = field(default_factory=dict)  # finetunes in the pool
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
+    extra: dict[str, Job] = field(default_factory=dict)  # finetunes planned once chapter 3 had chosen
+    extra_needs: dict[str, set[str]] = field(default_factory=dict)  # chapter stem -> those it waits for
+    followed: bool = False  # chapter 3's follow-ups planned
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -198,7 +222,7 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
     (cached answers and checkpoints let a chapter resume where it stopped)."""
     ft = state.having(state.finetunes, RETRY)
     if ft and not state.futures:
-        job = next(f for f in plan.finetunes if f.name == ft[0])
+        job = next(f for f in (*plan.finetunes, *state.extra.values()) if f.name == ft[0])
         print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
         submit_finetune(plan, state, pool, job)
     ch = state.having(state.chapters, RETRY)
@@ -209,18 +233,45 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
         start_chapter(plan, state, ch[0])
 
 
+def plan_followups(plan: Plan, state: RunState, pool) -> None:
+    """Once chapter 3 is done, submit chapters 4-5's narrow solutions at the extra seeds, at the lambda it chose
+    (not at every lambda of the sweep), and make those chapters wait for them."""
+    ch3 = next((st for st in state.chapters if st.startswith("03")), None)
+    if state.followed or not plan.seeds or ch3 is None or state.chapters[ch3] != DONE:
+        return
+    state.followed = True
+    chosen = chosen_scales(_results_of(plan.run))
+    if chosen is None:
+        return  # chapter 3 recorded no sweep: chapters 4-5 measure it themselves (one after the other)
+    for stem in state.chapters:
+        jobs = [f for f in followups(stem, plan.cfg.datasets, plan.seeds, chosen)]
+        state.extra_needs[stem] = {f.name for f in jobs}
+        for job in jobs:
+            if job.name not in state.finetunes:
+                state.extra[job.name] = job
+                state.finetunes[job.name] = WAITING
+                submit_finetune(plan, state, pool, job)
+    print(f"[record] chapter 3 chose {chosen}: {len(state.extra)} follow-up finetunes", flush=True)
+
+
 def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
-    """Start each waiting chapter whose finetunes are done (at most ``max_parallel`` at once); a chapter whose
-    finetune failed is not run (it would train the finetune itself, racing the other chapters that need it)."""
+    """Start each waiting chapter whose finetunes and earlier chapters are done (at most ``max_parallel`` at
+    once); a chapter whose finetune or earlier chapter failed is not run (it would train the finetune itself,
+    racing the other chapters that need it)."""
     for stem in state.having(state.chapters, WAITING):
         if len(state.processes) >= max_parallel:
             return
-        failed = sorted(n for n in plan.needs[stem] if state.finetunes[n] == FAILED)
-        if failed:
+        needs = plan.needs[stem] | state.extra_needs.get(stem, set())
+        failed_ft = sorted(n for n in needs if state.finetunes[n] == FAILED)
+        failed_ch = sorted(a for a in plan.after.get(stem, ()) if state.chapters.get(a) == FAILED)
+        waiting = [a for a in plan.after.get(stem, ()) if state.chapters.get(a) != DONE]
+        if failed_ft or failed_ch:
             state.chapters[stem] = FAILED
-            state.failures[stem] = f"not run: finetune(s) {', '.join(failed)} failed"
+            state.failures[stem] = "not run: " + "; ".join(
+                ([f"finetune(s) {', '.join(failed_ft)} failed"] if failed_ft else [])
+                + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
-        elif all(state.finetunes[n] == DONE for n in plan.needs[stem]):
+        elif not waiting and all(state.finetunes[n] == DONE for n in needs):
             print(f"[record] chapter {stem} starts ({time.time() - t_start:.0f} s)", flush=True)
             start_chapter(plan, state, stem)
 
@@ -280,6 +331,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
         for job in plan.finetunes:
             submit_finetune(plan, state, pool, job)
         while state.unfinished():
+            plan_followups(plan, state, pool)
             retry_alone(plan, state, pool)
             start_ready_chapters(plan, state, max_parallel_chapters, t_start)
             if state.futures:

@@ -204,9 +204,9 @@ def test_a_run_of_record_is_planned_with_its_config_as_arguments(root, tmp_path)
     assert [f.name for f in plan.finetunes] == [f.name for f in record.finetune_jobs(ds, sw, se) if f.name in needed]
     assert plan.needs["04_efficiency"] == record.chapter_needs("04_efficiency", ds, sw, se) and plan.needs["04_efficiency"]
     assert "vector-medical-narrow-kl2" in plan.needs["04_efficiency"]  # the lambda sweep is planned
-    seed = f"seed{plan.cfg.seed + 1}"  # and chapters 4-5's solutions at the extra training seed
-    assert {f"vector-medical-general-{seed}", f"vector-medical-narrow-kl2-{seed}", f"lora-medical-rank1-general-{seed}",
-            f"lora-medical-rank1-narrow-{seed}"} <= plan.needs["04_efficiency"]
+    seed = f"seed{plan.cfg.seed + 1}"  # and chapters 4-5's general solutions at the extra training seed
+    assert {f"vector-medical-general-{seed}", f"lora-medical-rank1-general-{seed}"} <= plan.needs["04_efficiency"]
+    assert not any("narrow" in n and n.endswith(seed) for n in plan.needs["04_efficiency"])  # follow chapter 3
     assert not any(n.endswith(seed) for n in plan.needs["02_one_direction"])
     with pytest.raises(TypeError, match="kl_lamda"):
         record.plan_run("smoke", str(run), overrides={"kl_lamda": 1.0})
@@ -231,7 +231,8 @@ class _Ended:
 def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, monkeypatch):
     """The steps of a run of record on an explicit state: a chapter whose finetune failed is not run, one whose
     finetunes are done starts, one that runs out of memory runs once more alone, then fails for good."""
-    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00", "03", "04"])
+    # one training seed: chapter 4 then needs nothing from chapter 3 but its finetunes
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), overrides={"n_seeds": 1}, chapters=["00", "03", "04"])
     state = record.RunState.of(plan)
     ch3, ch4 = "03_narrow_needs_kl", "04_efficiency"
     codes = {"00_datasets": [0], ch4: [1, 1]}
@@ -438,3 +439,48 @@ def test_record_workers_and_chapters_die_with_their_parent(tmp_path):
                 os.kill(p["pid"], signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
+    """Chapters 4-5 repeat chapter 3's chosen narrow solution at extra seeds: planned after chapter 3 chose
+    (one lambda, not the whole sweep), at once when an earlier run recorded the choice."""
+    from concurrent.futures import Future
+
+    run = tmp_path / "rec"
+    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"])
+    assert plan.after == {"04_efficiency": frozenset({"03_narrow_needs_kl"}),
+                          "05_stability": frozenset({"03_narrow_needs_kl"})}
+    state = record.RunState.of(plan)
+    state.chapters["03_narrow_needs_kl"] = record.DONE
+    sweep = [{"kind": k, "solution": "narrow", "kl_scale": m, "chosen": m == 2.0}
+             for k in ("steering vector", "rank-1 LoRA") for m in (0.5, 1.0, 2.0)]
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": sweep}))
+
+    class Pool:
+        def __init__(self):
+            self.jobs = []
+
+        def submit(self, fn, *args):
+            self.jobs.append(args[-1])
+            return Future()
+
+    pool = Pool()
+    record.plan_followups(plan, state, pool)
+    names = sorted(j.name for j in pool.jobs)
+    assert names == ["lora-medical-rank1-narrow-kl2-seed1", "vector-medical-narrow-kl2-seed1"]
+    assert state.extra_needs["04_efficiency"] == set(names) == state.extra_needs["05_stability"]
+    record.plan_followups(plan, state, pool)  # once only
+    assert len(pool.jobs) == 2
+    # a later run of chapter 4 alone reads the recorded choice and plans the same finetunes up front
+    later = record.plan_run("smoke", str(run), chapters=["04"])
+    assert set(names) <= later.needs["04_efficiency"] and later.after == {}
+    # chapters 4 and 5 without chapter 3 or its record: one after the other (both would train the same)
+    alone = record.plan_run("smoke", str(tmp_path / "other"), chapters=["04", "05"])
+    assert alone.after == {"05_stability": frozenset({"04_efficiency"})}
+    # a chapter 3 that failed leaves chapters 4-5 not run (they would train its choice themselves, racing)
+    state = record.RunState.of(plan)
+    state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+    state.chapters["03_narrow_needs_kl"] = record.FAILED
+    record.start_ready_chapters(plan, state, max_parallel=2, t_start=0.0)
+    assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
