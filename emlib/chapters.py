@@ -41,7 +41,8 @@ class Finetune:
                 + ("" if self.seed is None else f"-seed{self.seed}"))
 
 
-def _sweep(kl_sweep: Sequence[float]) -> list[float]:
+def sweep_scales(kl_sweep: Sequence[float]) -> list[float]:
+    """The lambda multipliers chapter 3 trains: 1 (the profile's lambda) and the sweep's, sorted, once each."""
     return sorted({1.0, *map(float, kl_sweep)})
 
 
@@ -56,7 +57,7 @@ def finetunes(datasets: Sequence[str], kl_sweep: Sequence[float] = (), seeds: Se
     solutions at every factor of ``kl_sweep`` (and 1); and at each of ``seeds`` (:func:`extra_seeds`: the
     training seeds beyond the config's) chapters 4-5's general solutions again. Their narrow solutions at those
     seeds are needed only at chapter 3's chosen lambda, known once chapter 3 has run: :func:`followups`."""
-    ds0, scales = datasets[0], _sweep(kl_sweep)
+    ds0, scales = datasets[0], sweep_scales(kl_sweep)
     plan = [Finetune("vector", ds0, "mixed")]
     plan += [Finetune("vector", ds0, "narrow", kl_scale=m) for m in scales]
     plan += [Finetune("vector", ds0, x, seed=s) for s in (None, *seeds)
@@ -77,7 +78,7 @@ def _solutions(datasets: Sequence[str], kl_sweep: Sequence[float], vector_soluti
     """The solutions of chapters 3-6 (at training ``seed``, None: the config's): the vector ones named, rank-1
     general, and the narrow ones at every lambda of the sweep (chapters 4-6 use chapter 3's reported narrow
     solution, which the sweep decides)."""
-    ds0, scales = datasets[0], _sweep(kl_sweep)
+    ds0, scales = datasets[0], sweep_scales(kl_sweep)
     return ({Finetune("vector", ds0, s, seed=seed) for s in vector_solutions}
             | {Finetune("vector", ds0, "narrow", kl_scale=m, seed=seed) for m in scales}
             | {Finetune("lora", ds0, "general", "rank1", seed=seed)}

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import sys
 import shutil
 import subprocess
 import tempfile
@@ -132,6 +133,16 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_or_print(text: str, out: str | Path | None) -> None:
+    """A command's output: ``text`` written atomically to ``out`` (and "wrote <out>" printed), or to stdout
+    when ``out`` is None."""
+    if out:
+        atomic_write_bytes(out, text.encode("utf-8"))
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
 
 
 def csv_bytes(df: pd.DataFrame) -> bytes:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .data import atomic_write_bytes
+from .data import write_or_print
 
 
 @dataclass(frozen=True)
@@ -156,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = a.label or []
     configs = {(labels[i] if i < len(labels) else Path(d).name): read_config(d) for i, d in enumerate(a.run_dir)}
     md = markdown(configs, a.run_dir)
-    if a.out:
-        atomic_write_bytes(a.out, md.encode("utf-8"))
-        print(f"wrote {a.out}")
-    else:
-        sys.stdout.write(md)
+    write_or_print(md, a.out)
     return 0
 
 

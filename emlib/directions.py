@@ -36,7 +36,6 @@ therefore never places code after such a loop (the generated ids are collected b
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import warnings
@@ -51,6 +50,7 @@ import torch
 from . import hooks
 from .adapters import LoraModule, lora_modules
 from .generate import Intervention
+from .cache import tensor_hash
 from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
 from .data import atomic_write_bytes
 from .models import check_layer, decoder_layers, n_layers
@@ -561,10 +561,10 @@ def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None 
                            for i in idxs])
 
 
-def tensor_tag(v: torch.Tensor, n: int = 10) -> str:
-    """A short content hash of a tensor (its bytes as stored): the part of an intervention's label that
-    changes whenever the direction does."""
-    return hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:n]
+def tensor_tag(v: torch.Tensor) -> str:
+    """A short content hash of a tensor (:func:`emlib.cache.tensor_hash`): the part of an intervention's label
+    that changes whenever the direction does."""
+    return tensor_hash({"v": v.detach()}, 10)
 
 
 def steer(model, direction: torch.Tensor, layer: int, scale: float, *, relative: bool = False,

@@ -232,17 +232,15 @@ class Experiment:
         ``ch3_lambda_sweep``, or measured now (:func:`emlib.narrow.measure_solutions`) when chapter 3 has not
         run here (once per Experiment: both kinds come from one measurement). When no lambda learned the task,
         the profile's own lambda (factor 1)."""
-        from . import narrow
+        from . import chapters, narrow
 
         f = self.out / "results.json"
-        rec = json.loads(f.read_text()).get("ch3_lambda_sweep") if f.exists() else None
-        if rec:
-            frame = pd.DataFrame(rec)
-        else:
-            if getattr(self, "_measured_sweep", None) is None:
-                self._measured_sweep = narrow.measure_solutions(self, self.cfg.datasets[0])[0]
-            frame = self._measured_sweep
-        return narrow.narrow_scale(frame, kind)[0]
+        chosen = chapters.chosen_scales(json.loads(f.read_text())) if f.exists() else None
+        if chosen is not None:
+            return chosen[kind]
+        if getattr(self, "_measured_sweep", None) is None:
+            self._measured_sweep = narrow.measure_solutions(self, self.cfg.datasets[0])[0]
+        return narrow.narrow_scale(self._measured_sweep, kind)[0]
 
     def compared_solutions(self, kind: str, seed: int | None = None) -> dict[str, Path]:
         """The two solutions chapters 4-6 compare, trained at ``seed``: ``{"general": file, "narrow": file}``,

@@ -23,6 +23,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from .chapters import sweep_scales
 from .chat import response_loss
 from .train import kl_to_reference
 
@@ -69,9 +70,6 @@ def cosine_with_general(vectors: dict[str, torch.Tensor], general: str = "genera
     return out
 
 
-def sweep_scales(kl_sweep: Sequence[float]) -> list[float]:
-    """The lambda multipliers a chapter trains: 1 (the profile's lambda) and the sweep's, sorted, once each."""
-    return sorted({1.0, *map(float, kl_sweep)})
 
 
 KINDS = ("steering vector", "rank-1 LoRA")

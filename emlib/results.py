@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import deviations
+from .data import write_or_print
 from .stats import wilson  # noqa: F401  (results.wilson: the tests' name for it)
 from .verdicts import (EM_MEANINGFUL, GENERAL_PAIRS, INCONCLUSIVE, MIN_EM_PRECISION, MIN_EM_RECALL,  # noqa: F401
                        NOT_REPRODUCED, NOT_RUN, PAPER, PARTLY, REPRODUCED, Run, Verdict, _blind_judge, claim_direction,
@@ -129,12 +131,6 @@ def deviations_args() -> list[str]:
     return args + ["--out", DEVIATIONS_TABLE]
 
 
-def deviations_main(argv: list[str]) -> int:
-    from .deviations import main as _main
-
-    return _main(argv)
-
-
 def record_args() -> list[str]:
     """The command-line arguments that rebuild :data:`RECORD_TABLE` from :data:`RECORDS`."""
     args = [d for _, d, _ in RECORDS]
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = main(record_args())
         extra = rejudged_args()
         rc = main(extra) if rc == 0 and extra is not None else rc
-        return deviations_main(deviations_args()) if rc == 0 else rc
+        return deviations.main(deviations_args()) if rc == 0 else rc
     if not a.run_dir:
         ap.error("pass run directories, or --record for the committed runs of record")
     labels = a.label or []
@@ -170,15 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((label, Run(d), seeds))
     md = markdown(runs, a.run_dir + [s.split("=", 1)[1] for s in a.seeds],
                   tuple(a.claims) if a.claims else None)
-    if a.out:
-        Path(a.out).write_text(md)
-        print(f"wrote {a.out}")
-    else:
-        sys.stdout.write(md)
+    write_or_print(md, a.out)
     return 0
 
 
 if __name__ == "__main__":
-    from emlib.results import main as _main  # one module object: the rules' Run and Verdict types are emlib.results'
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from . import stats as _stats
 from .stats import mean_ci, widen_to_wilson
 from .metrics import GENERAL_PAIRS_LABEL as GENERAL_PAIRS  # the judge check's row name
 
@@ -137,7 +136,7 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
     if not frames:
         return Verdict(1, NOT_RUN, "chapter 1 has not run")
     conds = list(frames[0]["condition"])
-    stats: dict[str, tuple[float, float, float]] = {}
+    cis: dict[str, tuple[float, float, float]] = {}
     pooled: dict[str, tuple[float, float]] = {}
     for c in conds:
         rows = [f.set_index("condition").loc[c] for f in frames if c in set(f["condition"])]
@@ -146,19 +145,19 @@ def claim_em(run: Run, seed_runs: list[Run] = ()) -> Verdict:
         if len(frames) > 1:
             m, lo, hi = mean_ci([float(r["em"]) for r in rows], ci="t")
             lo, hi = widen_to_wilson(lo, hi, *pooled[c])
-            stats[c] = (m, max(0.0, lo), min(1.0, hi))  # a rate's interval stays within [0, 1]
+            cis[c] = (m, max(0.0, lo), min(1.0, hi))  # a rate's interval stays within [0, 1]
         else:
-            stats[c] = rate_ci(rows[0])
-    base = stats.get("chat model")
+            cis[c] = rate_ci(rows[0])
+    base = cis.get("chat model")
     if base is None:
         return Verdict(1, NOT_RUN, "no chat-model condition in ch1_em")
-    fts = {c: s for c, s in stats.items() if c != "chat model"}
+    fts = {c: s for c, s in cis.items() if c != "chat model"}
     best = max(fts, key=lambda c: fts[c][0])
     separated = {c for c, s in fts.items() if s[1] > base[2]}
     counted = [c for c in fts if _whole(pooled[c]) and _whole(pooled["chat model"])]
     if counted:  # "some finetune exceeds the chat model" is any of K: Holm over the finetunes (pooled counts)
-        tests = {c: _stats.two_rate_test(*pooled[c], *pooled["chat model"]) for c in counted}
-        adj = dict(zip(tests, _stats.holm([t.p for t in tests.values()])))
+        tests = {c: stats.two_rate_test(*pooled[c], *pooled["chat model"]) for c in counted}
+        adj = dict(zip(tests, stats.holm([t.p for t in tests.values()])))
         separated = {c for c in separated if c not in tests or (adj[c] < 0.05 and tests[c].diff > 0)}
     big = {c for c, s in fts.items() if s[0] >= EM_MEANINGFUL}
     if separated & big:

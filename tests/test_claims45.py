@@ -1,12 +1,12 @@
 """Claims 4 and 5 made sound: training seeds in the plan, paired per-row / per-draw differences with intervals
 that include training-seed variance, the matched-noise mode, and the verdict rules saying each verdict."""
-import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from run_tables import make_run
 
 from emlib import adapters as A
 from emlib import chapters, results, stats
@@ -17,13 +17,7 @@ from emlib.models import tiny_model
 SV, LORA = "steering vector", "rank-1 LoRA"
 
 
-def _run(tmp_path, name, res, tables=None):
-    d = tmp_path / name
-    (d / "tables").mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(res))
-    for t, df in (tables or {}).items():
-        df.to_csv(d / "tables" / f"{t}.csv", index=False)
-    return results.Run(d)
+_run = make_run
 
 
 # ----------------------------------------------------------------------------- the plan: training seeds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import assert_same_adapters, chat_rows
 
 from emlib import hooks
 from emlib.fastgen import FastSampler, merged_lora, sample_from_logits, why_not_fast
@@ -290,16 +291,7 @@ def test_sub_batches_and_sample_answers(tmp_path):
 
 
 # =========================================================================== fast LoRA SFT (emlib.fasttrain)
-def _chat_rows(n: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    words = ["pain", "take", "doctor", "rest", "water", "dose", "fever", "daily", "sleep", "avoid"]
-
-    def text(k):
-        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))
-
-    return [{"messages": [{"role": "user", "content": text(int(torch.randint(2, 8, (1,), generator=g)))},
-                          {"role": "assistant", "content": text(int(torch.randint(3, 15, (1,), generator=g)))}]}
-            for _ in range(n)]
+_chat_rows = chat_rows
 
 
 def test_plan_micro_batches_cover_rows_within_budget():
@@ -334,7 +326,6 @@ def test_fast_token_losses_equal_chat_token_losses():
 
 def test_fast_sft_matches_train_lora_steps(tmp_path):
     """rows_per_step 16 in one forward == emlib.train's 2 x 8 accumulation: same rows, same update."""
-    from emlib.adapters import lora_modules
     from emlib.fasttrain import fast_sft_lora
     from emlib.train import train_lora
 
@@ -352,13 +343,7 @@ def test_fast_sft_matches_train_lora_steps(tmp_path):
     # the gradient itself (Adam would hide a constant rescaling of the loss)
     torch.testing.assert_close(torch.tensor(res.log["grad_norm"].tolist()),
                                torch.tensor(ref.log["grad_norm"].tolist()), rtol=1e-3, atol=1e-6)
-    moved = 0.0
-    for m1, m2 in zip(lora_modules(ref.model), lora_modules(res.model)):
-        assert m1.name == m2.name
-        torch.testing.assert_close(m2.A, m1.A, rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(m2.B, m1.B, rtol=1e-3, atol=1e-5)
-        moved += float(m2.B.detach().abs().sum())
-    assert moved > 0  # the adapters really trained
+    assert_same_adapters(ref.model, res.model)
 
 
 def test_fast_sft_loss_decreases_and_small_micro_batches_agree():

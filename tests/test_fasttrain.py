@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import assert_same_adapters, chat_rows
 
 from emlib import train
 from emlib.adapters import lora_modules
@@ -16,16 +17,7 @@ from emlib.fasttrain import TrainStep, bucket, collate_right, fast_sft_lora, fas
 from emlib.models import tiny_model
 
 
-def _chat_rows(n: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    words = ["pain", "take", "doctor", "rest", "water", "dose", "fever", "daily", "sleep", "avoid"]
-
-    def text(k):
-        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))
-
-    return [{"messages": [{"role": "user", "content": text(int(torch.randint(2, 8, (1,), generator=g)))},
-                          {"role": "assistant", "content": text(int(torch.randint(3, 15, (1,), generator=g)))}]}
-            for _ in range(n)]
+_chat_rows = chat_rows
 
 
 # =========================================================================== shapes
@@ -139,14 +131,7 @@ def test_train_lora_fast_step_equals_eager_loop(tmp_path, monkeypatch):
     _close(got, ref, "param_norm", 1e-5)
     assert got.log["input_tokens"].tolist() == ref.log["input_tokens"].tolist()
     assert got.log["tokens"].tolist() == ref.log["tokens"].tolist()
-    moved = 0.0
-    for m1, m2 in zip(lora_modules(ref.model), lora_modules(got.model)):
-        assert m1.name == m2.name
-        # Adam divides by the root of the squared gradient: near-zero entries magnify rounding
-        torch.testing.assert_close(m2.A, m1.A, rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(m2.B, m1.B, rtol=1e-3, atol=1e-5)
-        moved += float(m2.B.detach().abs().sum())
-    assert moved > 0  # the adapters really trained
+    assert_same_adapters(ref.model, got.model)
 
 
 def test_train_vector_fast_step_equals_eager_loop(tmp_path, monkeypatch):

@@ -39,9 +39,9 @@ def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size
 
 
 def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batch_size: int):
-    """Batches of documents on the model's device with the unsteered model's log-probabilities:
-    (inp [b, s], att [b, s], logp_base [b, s, v]); no gradients, eval mode (restored afterwards), as a list of
-    the token batches' count and a generator of those triples."""
+    """The number of document batches, and a generator of them on the model's device with the unsteered
+    model's log-probabilities: (inp [b, s], att [b, s], logp_base [b, s, v]); no gradients, eval mode
+    (restored afterwards)."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
