@@ -45,8 +45,15 @@ Length (~590 lines, over the ~500 of the house rule): batching, the loss, the fu
 step are one pipeline that :func:`fast_sft_lora` and ``emlib.train`` share; split, each part would import
 the others.
 
-Not here: KL regularisation, checkpoints and resume -- ``emlib.train`` has them and runs its steps through
-:class:`TrainStep` on CUDA (KL runs stay on its eager loop).
+* **The KL term in the same graphs** (:meth:`TrainStep.grads` with ``kl_batches``): for each KL micro-batch
+  the reference forward (``reference``: peft's ``disable_adapter``, or no steering hook), the current
+  forward and ``KL(reference || current)`` at the labelled positions -- the logits again only there, in
+  chunks -- and its weighted backward are one more captured graph per bucketed shape. The weight and the
+  KL rows' token count are device buffers, so one graph serves steps with the term on and off (the drift
+  run's ``kl_until_step``).
+
+Not here: checkpoints and resume -- ``emlib.train`` has them and runs its steps through :class:`TrainStep`
+on CUDA, with or without the KL term.
 """
 from __future__ import annotations
 
@@ -205,6 +212,52 @@ def _ce_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) 
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 
+def _kl_sum(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """sum_i weight_i * KL(softmax(head(ref_h_i)) || softmax(head(cur_h_i))) over the vocabulary, float32."""
+    ref = head(ref_h).float().log_softmax(-1)  # [n, vocab]
+    cur = head(cur_h).float().log_softmax(-1)  # [n, vocab]
+    kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="none").sum(-1)  # [n]
+    return (kl * weight).sum()
+
+
+def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """(hidden states at the positions that predict a labelled token [n, d], their targets [n], LM head)
+    of a right-padded batch without attention mask; ``target_index`` / ``targets`` when the batch has them
+    (fixed shapes: padding targets carry the ignore label), else from ``labels``."""
+    lm = _causal_lm(model)
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
+    if "target_index" in batch:
+        index, targets = batch["target_index"], batch["targets"]
+    else:
+        nxt = batch["labels"][:, 1:].reshape(-1)
+        index = (nxt != IGNORE).nonzero().squeeze(1)
+        targets = nxt[index]
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)  # [n, d]
+    return flat, targets, head
+
+
+def fast_kl_sum(model, batch: dict[str, torch.Tensor], current: Callable[[], ContextManager],
+                reference: Callable[[], ContextManager], chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(reference || current) summed over the vocabulary and the labelled positions, their count) -- the
+    quantity of ``emlib.train.kl_from_logits`` -- for a right-padded batch without attention mask. The
+    reference forward runs without gradients; the logits exist only at labelled positions, ``chunk`` at a
+    time (under activation checkpointing when gradients are on)."""
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.no_grad(), reference():
+        ref, targets, head = _labelled_hidden(model, batch)  # [n, d]
+    with current():
+        cur, _, _ = _labelled_hidden(model, batch)  # [n, d]
+    weight = (targets != IGNORE).float()  # [n]: padding targets of a fixed shape add nothing
+    total = cur.new_zeros((), dtype=torch.float32)
+    for s in range(0, cur.shape[0], chunk):
+        args = (ref[s:s + chunk], cur[s:s + chunk], head, weight[s:s + chunk])
+        total = total + (checkpoint(_kl_sum, *args, use_reentrant=False, preserve_rng_state=False)
+                         if torch.is_grad_enabled() else _kl_sum(*args))
+    return total, (targets != IGNORE).sum()
+
+
 def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 8192
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy over labelled tokens, their count) -- the quantity of
@@ -216,18 +269,8 @@ def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 819
     """
     from torch.utils.checkpoint import checkpoint
 
-    lm = _causal_lm(model)
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    ids = batch["input_ids"]  # [b, s]
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [b, s, d]
-    if "target_index" in batch:
-        index, targets = batch["target_index"], batch["targets"]
-    else:
-        nxt = batch["labels"][:, 1:].reshape(-1)
-        index = (nxt != IGNORE).nonzero().squeeze(1)
-        targets = nxt[index]
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)  # [n, d]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    flat, targets, head = _labelled_hidden(model, batch)  # [n, d], [n]
+    total = flat.new_zeros((), dtype=torch.float32)
     for s in range(0, flat.shape[0], ce_chunk):
         h, t = flat[s:s + ce_chunk], targets[s:s + ce_chunk]
         total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False, preserve_rng_state=False)
@@ -321,7 +364,8 @@ class TrainStep:
     capture falls back to the eager step with a warning (``stats["fallback"]`` says why).
 
     ``current``: a context-manager factory entered around each forward (``emlib.train``'s steering-vector
-    hook); ``autocast`` None: bf16 autocast when the model is on CUDA in bf16. ``per_octave`` 4 (the
+    hook); ``reference``: the one that gives the frozen reference model (peft's ``disable_adapter``; for a
+    steering vector, none: the hook is simply not entered), needed for ``kl_batches``; ``autocast`` None: bf16 autocast when the model is on CUDA in bf16. ``per_octave`` 4 (the
     default) needs about half the graphs of 8 for a 2% slower step at 16 rows (bench/README.md): each
     capture costs ~0.5 s, which matters for runs of a few hundred steps.
     """
@@ -329,7 +373,8 @@ class TrainStep:
     def __init__(self, model, params: Sequence[torch.nn.Parameter], pad_id: int, *,
                  max_tokens_per_micro: int = 16384, pad_multiple: int = 16, ce_chunk: int = 8192,
                  max_grad_norm: float | None = 1.0, per_octave: int | None = 4, cuda_graphs: bool = True,
-                 autocast: bool | None = None, current: Callable[[], ContextManager] | None = None):
+                 autocast: bool | None = None, current: Callable[[], ContextManager] | None = None,
+                 reference: Callable[[], ContextManager] | None = None, kl_chunk: int = 2048):
         self.params = list(params)
         if not self.params:
             raise ValueError("TrainStep needs trainable parameters: got none.")
@@ -345,6 +390,7 @@ class TrainStep:
         self._amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
                      if cuda and autocast else nullcontext)
         self._current = current or nullcontext
+        self._reference, self.kl_chunk = reference, kl_chunk
         self.adamw_kwargs: dict = {"fused": True} if cuda else {}
         self.stats: dict = {"cuda_graphs": self.use_graphs, "graphs": 0, "capture_seconds": 0.0, "fallback": None}
         for p in self.params:  # gradients live in fixed tensors (a graph writes into them)
@@ -353,24 +399,26 @@ class TrainStep:
         self._grads = [p.grad for p in self.params]
         self._loss = torch.zeros((), device=self.device)  # the step's summed loss
         self._n = torch.ones((), device=self.device)  # the step's answer-token count
+        self._kl = torch.zeros((), device=self.device)  # the step's sum over KL batches of their mean KL
+        self._kl_weight = torch.zeros((), device=self.device)  # the KL term's weight in the objective
         self._graphs: dict[Shape, tuple[Any, dict[str, torch.Tensor]]] = {}
+        self._kl_graphs: dict[Shape, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._pool = None
 
     # ---------------------------------------------------------------- shapes
+    def shape(self, rows: Sequence[Encoded]) -> Shape:
+        """The (bucketed) shape of one micro-batch of ``rows``."""
+        longest, n_t = max(len(e.input_ids) for e in rows), sum(_n_targets(e) for e in rows)
+        if self.per_octave is None:
+            return (len(rows), _round_up(longest, self.pad_multiple), n_t)
+        po = self.per_octave
+        return (bucket(len(rows), po), bucket(longest, po, self.pad_multiple), bucket(max(n_t, 1), max(1, po // 2), 8))
+
     def plan(self, rows: Sequence[Encoded]) -> list[tuple[Shape, list[int]]]:
         """[(shape, row indices)] of the micro-batches of one step's ``rows``."""
         lengths = [len(e.input_ids) for e in rows]
-        out = []
-        for micro in plan_micro_batches(lengths, range(len(rows)), self.max_tokens, self.pad_multiple):
-            longest, n_t = max(lengths[i] for i in micro), sum(_n_targets(rows[i]) for i in micro)
-            if self.per_octave is None:
-                shape = (len(micro), _round_up(longest, self.pad_multiple), n_t)
-            else:
-                po = self.per_octave
-                shape = (bucket(len(micro), po), bucket(longest, po, self.pad_multiple),
-                         bucket(max(n_t, 1), max(1, po // 2), 8))
-            out.append((shape, micro))
-        return out
+        return [(self.shape([rows[i] for i in micro]), micro)
+                for micro in plan_micro_batches(lengths, range(len(rows)), self.max_tokens, self.pad_multiple)]
 
     def prepare(self, steps: Sequence[Sequence[Encoded]]) -> None:
         """Capture the graphs that the given steps' rows need now (else each is captured on first use)."""
@@ -396,29 +444,40 @@ class TrainStep:
         (s / self._n).backward()  # token-weighted mean over the whole step
         self._loss.add_(s.detach())
 
-    def _capture(self, shape: Shape) -> None:
-        if shape in self._graphs or not self.use_graphs:
+    def _kl_forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
+        with self._amp(), one_sequence_per_row():
+            s, _ = fast_kl_sum(self.model, batch, self._current, self._reference, self.kl_chunk)
+        mean = s * batch["inv_count"]  # per-token KL of this batch (emlib.train's normalisation)
+        (mean * self._kl_weight).backward()
+        self._kl.add_(mean.detach())
+
+    def _capture(self, shape: Shape, kl: bool = False) -> None:
+        graphs = self._kl_graphs if kl else self._graphs
+        if shape in graphs or not self.use_graphs:
             return
         t0 = time.perf_counter()
+        run = self._kl_forward_backward if kl else self._forward_backward
         try:
             b, n, t = shape
             static = {"input_ids": torch.full((b, n), self.pad, dtype=torch.long, device=self.device),
                       "target_index": torch.zeros(t, dtype=torch.long, device=self.device),
                       "targets": torch.full((t,), IGNORE, dtype=torch.long, device=self.device)}
+            if kl:
+                static["inv_count"] = torch.ones((), device=self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up (library handles, autograd set-up); gradients are zeroed later
                 for _ in range(2):
-                    self._forward_backward(static)
+                    run(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._forward_backward(static)
+                run(static)
             if any(p.grad is not g for p, g in zip(self.params, self._grads)):
                 raise RuntimeError("the backward replaced a .grad tensor during capture")
-            self._graphs[shape] = (graph, static)
+            graphs[shape] = (graph, static)
             self.stats["graphs"] += 1
         except Exception as err:  # noqa: BLE001 -- any capture failure: train eagerly, say why
             import warnings
@@ -431,29 +490,46 @@ class TrainStep:
                           stacklevel=3)
         self.stats["capture_seconds"] += time.perf_counter() - t0
 
-    def grads(self, rows: Sequence[Encoded], n_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, rows: Sequence[Encoded], shape: Shape, kl: bool) -> None:
+        batch = collate_right(rows, self.pad, self.pad_multiple, shape=None if self.per_octave is None else shape)
+        if kl:
+            batch["inv_count"] = torch.tensor(1.0 / max(sum(_n_targets(e) for e in rows), 1))
+        if self.use_graphs:
+            graph, static = (self._kl_graphs if kl else self._graphs)[shape]
+            for k, buf in static.items():
+                buf.copy_(batch[k].pin_memory(), non_blocking=True)
+            graph.replay()
+        else:
+            (self._kl_forward_backward if kl else self._forward_backward)(
+                {k: v.to(self.device) for k, v in batch.items()})
+
+    def grads(self, rows: Sequence[Encoded], n_tok: int, kl_batches: Sequence[Sequence[Encoded]] = (),
+              kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero the gradients, accumulate those of ``rows`` (one optimizer step; ``n_tok`` = their answer
-        tokens), clip; returns (summed loss, gradient norm before clipping) as device scalars."""
+        tokens) and of ``kl_weight`` times each of ``kl_batches``' per-token KL to the reference (each batch
+        one micro-batch; weight 0: the KL is measured, its gradient is zero), clip; returns (summed loss,
+        gradient norm before clipping, sum over ``kl_batches`` of their per-token KL) as device scalars."""
+        if kl_batches and self._reference is None:
+            raise ValueError("kl_batches need the reference model: construct TrainStep with reference=.")
         for p, g in zip(self.params, self._grads):  # a caller's zero_grad(set_to_none=True) dropped them
             p.grad = g
         plan = self.plan(rows)
+        kl_plan = [(self.shape(b), list(b)) for b in kl_batches]
         for shape, _ in plan:  # before the step's gradients start (a capture's warm-up writes into them)
             self._capture(shape)
+        for shape, _ in kl_plan:
+            self._capture(shape, kl=True)
         torch._foreach_zero_(self._grads)
         self._loss.zero_()
+        self._kl.zero_()
         self._n.fill_(max(n_tok, 1))
+        self._kl_weight.fill_(kl_weight)
         for shape, micro in plan:
-            batch = collate_right([rows[i] for i in micro], self.pad, self.pad_multiple,
-                                  shape=None if self.per_octave is None else shape)
-            if self.use_graphs:
-                graph, static = self._graphs[shape]
-                for k, buf in static.items():
-                    buf.copy_(batch[k].pin_memory(), non_blocking=True)
-                graph.replay()
-            else:
-                self._forward_backward({k: v.to(self.device) for k, v in batch.items()})
+            self._run([rows[i] for i in micro], shape, kl=False)
+        for shape, kl_rows in kl_plan:
+            self._run(kl_rows, shape, kl=True)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        return self._loss.clone(), norm
+        return self._loss.clone(), norm, self._kl.clone()
 
 
 # =========================================================================== training
@@ -556,7 +632,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
             n_tok = sum(n_targets[i] for i in idx)
             n_in = sum(lengths[i] for i in idx)
             lrs.append(float(sched.get_last_lr()[0]))
-            loss_sum, norm = runner.grads([enc[i] for i in idx], n_tok)
+            loss_sum, norm, _ = runner.grads([enc[i] for i in idx], n_tok)
             opt.step()
             sched.step()
             norms.append(norm.detach())

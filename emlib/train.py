@@ -90,9 +90,9 @@ LOG_NAME = "train_log"
 CKPT_DIR = "checkpoints"
 
 # The one switch for emlib.fasttrain.TrainStep (each step's micro-batches as CUDA graphs at bucketed shapes,
-# fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW): None = whenever the model is on a CUDA device
-# and no KL term is computed (KL runs keep the eager loop); True / False force it (True on the CPU runs the
-# same bucketed step eagerly: tests/test_fasttrain.py compares it with the eager loop).
+# fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW; the KL term in graphs of its own): None =
+# whenever the model is on a CUDA device; True / False force it (True on the CPU runs the same bucketed step
+# eagerly: tests/test_fasttrain.py compares it with the eager loop, with and without KL).
 FAST_STEP: bool | None = None
 
 
@@ -533,10 +533,11 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     # ---- optimizer, schedule, resume
     params = list(job.params.values())
     fast = None
-    if (FAST_STEP if FAST_STEP is not None else device.type == "cuda") and kl_enc is None:
+    if FAST_STEP if FAST_STEP is not None else device.type == "cuda":
         from .fasttrain import TrainStep
 
-        fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current)
+        fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current,
+                         reference=job.reference)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **(fast.adamw_kwargs if fast else {}))
     sched = get_linear_schedule_with_warmup(opt, min(args.warmup_steps, plan.total), plan.total)
     start, log_rows, seconds = 0, [], 0.0
@@ -583,13 +584,19 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             lr_now = float(sched.get_last_lr()[0])
             opt.zero_grad(set_to_none=True)
             sft_sum, kl_vals = 0.0, []
-            if fast is not None:  # all micro-batches and the clipping in one call (graphs on CUDA)
+            if fast is not None:  # all micro-batches, the KL batches and the clipping in one call (graphs on CUDA)
                 rows_now = [enc[i] for _, idx in micro for i in idx]
-                s_t, norm_t = fast.grads(rows_now, n_tok)
-                sft_sum, grad_norm = torch.stack([s_t, norm_t.float()]).tolist()
+                kl_now = [[kl_enc[i] for i in plan.kl_rows(m)] for m, _ in micro] if kl_enc is not None else []
+                s_t, norm_t, kl_t = fast.grads(rows_now, n_tok, kl_now,
+                                               args.kl_lambda / len(micro) if kl_on else 0.0)
+                sft_sum, grad_norm, kl_total = torch.stack([s_t, norm_t.float(), kl_t]).tolist()
                 in_tokens += sum(len(e.input_ids) for e in rows_now)
                 if not math.isfinite(sft_sum):
                     raise _diverged("SFT loss", sft_sum, step, epoch, args, out_dir)
+                if kl_now:
+                    if not math.isfinite(kl_total):
+                        raise _diverged("KL term", kl_total, step, epoch, args, out_dir)
+                    kl_vals = [kl_total / len(kl_now)]  # the mean over micro-batches, as below
             else:
                 for m, idx in micro:
                     batch = collate([enc[i] for i in idx], pad, device)

@@ -153,9 +153,43 @@ def test_fast_step_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
         torch.testing.assert_close(m2.B, m1.B, rtol=1e-5, atol=1e-7)
 
 
-def test_kl_runs_keep_the_eager_loop(tmp_path, monkeypatch):
-    res = _train(tmp_path, "kl", None, monkeypatch, kl_rows=_chat_rows(6, seed=9), kl_lambda=0.5)
-    assert res.meta["fast_step"] is None and res.log["kl"].notna().all()
+@pytest.mark.parametrize("kind", ["lora", "vector"])
+def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind):
+    """With the KL term (8 KL batches a step, each its own micro-batch) the fast step gives the eager loop's
+    losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs)."""
+    kw = dict(kl_rows=_chat_rows(12, seed=9), kl_lambda=50.0, kind=kind)
+    ref = _train(tmp_path, "eager", False, monkeypatch, **kw)
+    got = _train(tmp_path, "fast", True, monkeypatch, **kw)
+    assert ref.meta["fast_step"] is None and got.meta["fast_step"]["cuda_graphs"] is False
+    assert ref.log["kl"].iloc[-1] > 0 and got.log["kl_active"].all()  # LoRA: B = 0 until the 2nd update
+    for col, rtol in (("loss", 1e-5), ("kl", 1e-4), ("grad_norm", 1e-4), ("objective", 1e-5)):
+        _close(got, ref, col, rtol)
+    free = _train(tmp_path, "no-kl", True, monkeypatch, kind=kind)
+    assert not torch.allclose(torch.tensor(free.log["grad_norm"].tolist()), torch.tensor(got.log["grad_norm"].tolist()),
+                              rtol=1e-3)
+    if kind == "lora":
+        assert_same_adapters(ref.model, got.model)
+    else:
+        torch.testing.assert_close(got.vector.vector, ref.vector.vector, rtol=1e-3, atol=1e-5)
+
+
+def test_kl_until_step_measures_the_kl_without_its_gradient(tmp_path, monkeypatch):
+    """The drift run: KL in the objective for the first step only, then measured with weight 0 -- the same
+    log as the eager loop, which computes it under no_grad."""
+    kw = dict(kl_rows=_chat_rows(12, seed=9), kl_lambda=50.0, kl_until_step=1)
+    ref = _train(tmp_path, "eager", False, monkeypatch, **kw)
+    got = _train(tmp_path, "fast", True, monkeypatch, **kw)
+    assert got.log["kl_active"].tolist() == [True, False, False] == ref.log["kl_active"].tolist()
+    for col, rtol in (("loss", 1e-5), ("kl", 1e-4), ("grad_norm", 1e-4)):
+        _close(got, ref, col, rtol)
+
+
+def test_kl_batches_need_a_reference():
+    model, tok = tiny_model(seed=0)
+    step = TrainStep(model, [p for p in model.parameters()][:2], tok.pad_token_id)
+    rows = encode_rows(_chat_rows(2), tok)
+    with pytest.raises(ValueError, match="reference="):
+        step.grads(rows, 5, [rows], 1.0)
 
 
 def test_bucketing_does_not_change_fast_sft():
@@ -199,3 +233,47 @@ def test_cuda_graph_step_equals_eager_step():
 class _Tok:
     pad_token_id = 0
     eos_token_id = 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_kl_step_equals_eager_step():
+    """The KL graphs (reference forward with the adapter disabled, current forward, weighted backward)
+    replayed over several steps == the same TrainStep run eagerly: loss, KL and gradient norm per step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    g = torch.Generator().manual_seed(2)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            p, a = int(torch.randint(10, 40, (1,), generator=g)), int(torch.randint(5, 40, (1,), generator=g))
+            ids = torch.randint(3, 500, (p + a,), generator=g).tolist()
+            out.append(Encoded(ids, [IGNORE] * p + ids[p:]))
+        return out
+
+    train_rows, kl_rows = rows(48), rows(24)
+    logs = {}
+    for graphs in (True, False):
+        torch.manual_seed(0)
+        model = train.add_lora(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16), "rank32")
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:  # B != 0, so the current model differs from the reference from the start
+                p.normal_(0, 0.02)
+        step = TrainStep(model, params, 0, cuda_graphs=graphs, reference=model.disable_adapter)
+        opt = torch.optim.AdamW(params, lr=1e-3, **step.adamw_kwargs)
+        out = []
+        with step.kernels():
+            for i in range(6):
+                batch = train_rows[8 * i:8 * i + 8]
+                n_tok = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch)
+                kl = [kl_rows[(4 * i) % 24:(4 * i) % 24 + 4], kl_rows[(4 * i + 8) % 24:(4 * i + 8) % 24 + 4]]
+                loss, norm, kl_sum = step.grads(batch, n_tok, kl, 2.0 if i < 4 else 0.0)
+                opt.step()
+                out.append([float(loss), float(norm), float(kl_sum)])
+        assert step.stats["cuda_graphs"] is graphs and step.stats["fallback"] is None
+        logs[graphs] = torch.tensor(out)
+    assert bool((logs[False][:, 2] > 0).all())
+    torch.testing.assert_close(logs[True], logs[False], rtol=2e-3, atol=1e-4)
