@@ -327,6 +327,7 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
 def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int, t_start: float) -> None:
     """Every finetune in a pool of fresh worker processes, each chapter as soon as its finetunes exist."""
     pool = runner.process_pool(workers, one_job_each=True)  # a fresh process per finetune gives its GPU memory back
+    ended = 0
     try:
         for job in plan.finetunes:
             submit_finetune(plan, state, pool, job)
@@ -339,15 +340,23 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
             else:
                 time.sleep(2)
             collect_chapters(plan, state)
+            now = len(state.timings["jobs"]) + len(state.timings["chapters"])
+            if now != ended:  # a killed run still says what it finished, and when
+                ended = now
+                write_summary(plan, state, workers, t_start, final=False)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for proc, _ in state.processes.values():
             proc.kill()
 
 
-def write_summary(plan: Plan, state: RunState, workers: int, t_start: float) -> dict:
+def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, final: bool = True) -> dict:
     """``record.json`` and the ``timings`` key of ``results.json``: the configuration, the device, every
-    finetune's and chapter's wall time (``timings.chapters[stem].seconds``), the total and the failures."""
+    finetune's and chapter's wall time (``timings.chapters[stem].seconds``), the total and the failures.
+
+    ``final`` False (written whenever a finetune or chapter ends): ``record.json`` only, with
+    ``in_progress`` true and ``unfinished`` (each finetune or chapter not done yet and its status), so a run
+    that is killed -- a lent machine taken back -- still records the wall times of what it finished."""
     import torch
 
     from . import experiment
@@ -358,6 +367,11 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float) -> 
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if not final:
+        summary |= {"in_progress": True, "unfinished": {k: v for t in (state.finetunes, state.chapters)
+                                                        for k, v in t.items() if v != DONE}}
+        atomic_write_bytes(plan.run / "record.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+        return summary
     experiment.record_result(plan.run / "results.json", "timings", summary)
     atomic_write_bytes(plan.run / "record.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return summary

@@ -263,6 +263,27 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     assert state.failures[ch4].startswith("attempt 2")
 
 
+def test_a_run_in_progress_says_what_it_finished(root, tmp_path):
+    """record.json is rewritten as finetunes and chapters end (final=False): a run killed half way still has
+    the wall times of what finished and names the rest; results.json is left to the chapters until the end."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), overrides={"n_seeds": 1}, chapters=["00", "04"])
+    state = record.RunState.of(plan)
+    first = sorted(state.finetunes)[0]
+    state.finetunes[first] = record.DONE
+    state.timings["jobs"][first] = {"job": first, "seconds": 1.5}
+    state.chapters["00_datasets"] = record.DONE
+    state.timings["chapters"]["00_datasets"] = {"seconds": 2.0, "returncode": 0}
+    record.write_summary(plan, state, workers=2, t_start=0.0, final=False)
+    meta = json.loads((tmp_path / "rec" / "record.json").read_text())
+    assert meta["in_progress"] is True and meta["timings"]["jobs"][first]["seconds"] == 1.5
+    assert meta["unfinished"] == {n: record.WAITING for n in sorted(state.finetunes) if n != first} | {
+        "04_efficiency": record.WAITING}
+    assert not (tmp_path / "rec" / "results.json").exists()
+    record.write_summary(plan, state, workers=2, t_start=0.0)  # the end of the run
+    meta = json.loads((tmp_path / "rec" / "record.json").read_text())
+    assert "in_progress" not in meta and "timings" in json.loads((tmp_path / "rec" / "results.json").read_text())
+
+
 def _write_key(path: str, i: int) -> None:
     experiment.record_result(path, f"k{i}", i)
 
