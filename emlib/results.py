@@ -120,6 +120,23 @@ def rejudged_args(root: str | Path = ".") -> list[str] | None:
     return args + labels + seeds + ["--claims", *map(str, REJUDGED_CLAIMS), "--out", REJUDGED_TABLE]
 
 
+# Runs of record that did not finish (record/interim/): (label, run dir). What their finished chapters
+# measured, by the current rules, until a complete run replaces the model's entry in RECORDS. Only the files
+# the verdicts read are kept (results.json, config.json, tables/*.csv) and the run's own log.
+INTERIM: list[tuple[str, str]] = [
+    ("SmolLM2-135M-Instruct (H200 run of 2026-12-03, chapter 5 unfinished)", "record/interim/smollm2-135m-h200"),
+]
+INTERIM_TABLE = "book/results_table_interim.md"
+
+
+def interim_args(root: str | Path = ".") -> list[str] | None:
+    """Arguments that rebuild :data:`INTERIM_TABLE` from :data:`INTERIM` (None when there is none)."""
+    runs = [(label, d) for label, d in INTERIM if (Path(root) / d / "results.json").exists()]
+    if not runs:
+        return None
+    return [d for _, d in runs] + [a for label, _ in runs for a in ("--label", label)] + ["--out", INTERIM_TABLE]
+
+
 DEVIATIONS_TABLE = "book/deviations_table.md"
 
 
@@ -153,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.record:
         rc = main(record_args())
-        extra = rejudged_args()
-        rc = main(extra) if rc == 0 and extra is not None else rc
+        for extra in (rejudged_args(), interim_args()):
+            rc = main(extra) if rc == 0 and extra is not None else rc
         return deviations.main(deviations_args()) if rc == 0 else rc
     if not a.run_dir:
         ap.error("pass run directories, or --record for the committed runs of record")
