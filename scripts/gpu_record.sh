@@ -10,6 +10,9 @@
 # back to back until `pack` has run and its files came back (a machine that went back loses everything).
 # Environment it sets: PYTHONPATH (/tmp/site + the checkout), EMLIB_EMBEDDED_GGUF (the reassembled model),
 # EMLIB_DATA_DIR (.carry-data/paper), EMLIB_LEE_DIR (.carry-lee), HF_HUB_OFFLINE=1.
+# To continue an earlier run (e.g. chapters that did not finish): copy its run directory (without the
+# answers' .csv.gz tables, which no later chapter reads) to .carry-run/NAME/ and carry it; `setup` puts it
+# at ~/NAME, then `start NAME2 --run-dir $HOME/NAME --chapters 05 ...` trains nothing that is finished there.
 # Optional second model (`bash scripts/gpu_carry.sh qwen FILE.gguf`): each `setup` stashes the
 # .carry-qwenN/ folder(s) it sees; once every part listed in qwen-PARTS is there it reassembles
 # ~/emlib-carry/FILE.gguf and checks its sha256. Nothing is exported for it: pass
@@ -36,6 +39,9 @@ case "$cmd" in
     for d in .carry-gguf1 .carry-gguf2; do [ -d $d ] && cp $d/* "$STASH/"; done
     [ -d .carry-data/paper ] && rm -rf "$STASH/paper" && cp -r .carry-data/paper "$STASH/paper"
     [ -d .carry-lee ] && mkdir -p "$STASH/lee" && cp .carry-lee/* "$STASH/lee/"
+    for d in .carry-run/*/; do  # an earlier run directory to continue (its finetunes, results.json)
+      [ -d "$d" ] && n=$(basename "$d") && rm -rf "$HOME/$n" && cp -r "$d" "$HOME/$n" && echo "run dir $HOME/$n ready"
+    done
     if [ -f "$STASH/part-00" ] && [ -f "$STASH/part-01" ]; then
       cat "$STASH/part-00" "$STASH/part-01" > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf.tmp"
       got=$(sha256sum "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf.tmp" | cut -c1-64)
