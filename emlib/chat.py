@@ -3,17 +3,27 @@
 Shared by training (``emlib.train``) and the inductive-bias metrics (``emlib.inductive``). The loss is a
 token-weighted mean over assistant tokens of the *last* assistant turn (all rows in this project are
 single-turn); prompt tokens carry label -100.
+
+The metrics' loss (:func:`response_loss`, :func:`response_row_losses`) runs the decoder on a whole batch but the
+LM head only on the labelled positions, :data:`LOGIT_ELEMENTS` logits at a time (:func:`head_inputs`,
+:func:`labelled_ce`), so a large batch never holds a ``[rows, tokens, vocab]`` tensor (31 GB in float32 for 100
+rows of 512 tokens of Qwen2.5's 151,936-token vocabulary). The numbers are those of full logits up to float
+rounding, for any batch size.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .data import DataError, validate_chat
 
 IGNORE = -100
+# logits computed at once (tokens x vocabulary) by the chunked loss and KL: 256 MiB in float32, ~440 tokens of
+# Qwen2.5 or ~1,400 of SmolLM2 per chunk; the KL holds about seven such tensors (~2 GB) at its peak
+LOGIT_ELEMENTS = 2 ** 26
 
 
 @dataclass
@@ -98,22 +108,71 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return loss, (target != IGNORE).sum()
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _plain_head(model):
+    """(decoder, LM head) of a causal LM whose logits are ``head(decoder(...).last_hidden_state)`` (peft
+    models: the wrapped model, adapters active); None where that layout cannot be relied on."""
+    get_base = getattr(model, "get_base_model", None)
+    lm = get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+    get_dec, get_head = getattr(lm, "get_decoder", None), getattr(lm, "get_output_embeddings", None)
+    if not callable(get_dec) or not callable(get_head):
+        return None
+    cfg = getattr(lm, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) is not None or getattr(cfg, "logit_scale", None) is not None:
+        return None  # the logits are more than the head's output
+    decoder, head = get_dec(), get_head()
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(head, torch.nn.Module) or decoder is lm:
+        return None
+    return decoder, head
+
+
+def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """One forward without the vocabulary projection: (what the LM head reads at every position [b, s, d],
+    the head). ``head(states[i, j])`` are the logits there, computed only where and when they are needed
+    (chunked: :func:`vocab_chunks`). Forward hooks on decoder layers (steering vectors) apply. A model whose
+    head cannot be split off gives its full logits [b, s, vocab] and the identity."""
+    parts = _plain_head(model)
+    if parts is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits, _identity
+    decoder, head = parts
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state, head
+
+
+def vocab_chunks(states: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> range:
+    """Start positions of chunks along the first axis of ``states`` [n, d] whose logits hold about
+    :data:`LOGIT_ELEMENTS` values (``range.step`` tokens each)."""
+    vocab = head(states[:1]).shape[-1] if states.shape[0] else 1
+    return range(0, states.shape[0], max(1, LOGIT_ELEMENTS // vocab))
+
+
+def labelled_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed next-token cross-entropy over its labelled tokens [b] (float32) and their count [b]
+    -- :func:`token_losses` row by row -- with the logits computed only at labelled positions, in chunks."""
+    states, head = head_inputs(model, batch["input_ids"], batch["attention_mask"])
+    target = batch["labels"][:, 1:]  # [b, s-1]
+    mask = target != IGNORE
+    rows = mask.nonzero()[:, 0]  # [n]: the row of each labelled token
+    x, t = states[:, :-1][mask], target[mask]  # [n, d], [n]
+    sums = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
+    step = vocab_chunks(x, head).step
+    for s in range(0, x.shape[0], step):
+        ce = torch.nn.functional.cross_entropy(head(x[s:s + step]).float(), t[s:s + step], reduction="none")
+        sums.index_add_(0, rows[s:s + step], ce)
+    return sums, mask.sum(1)
+
+
 @torch.no_grad()
 def response_loss(model, tok, rows: list[dict] | list[Encoded], batch_size: int = 8,
                   max_length: int = 512) -> float:
-    """Mean per-token cross-entropy on assistant tokens over ``rows`` (token-weighted)."""
-    enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
-        s, c = token_losses(model, b)
-        total += float(s)
-        count += int(c)
-    model.train(was_training)
-    val = total / max(count, 1)
+    """Mean per-token cross-entropy on assistant tokens over ``rows`` (token-weighted); ``batch_size`` rows
+    per forward (any size: the logits are chunked, :func:`labelled_ce`)."""
+    sums, counts = response_row_losses(model, tok, rows, batch_size, max_length)
+    val = sum(sums) / max(sum(counts), 1)
     if not math.isfinite(val):
         raise FloatingPointError("The responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
     return val
@@ -123,21 +182,23 @@ def response_loss(model, tok, rows: list[dict] | list[Encoded], batch_size: int 
 def response_row_losses(model, tok, rows: list[dict] | list[Encoded], batch_size: int = 8,
                         max_length: int = 512) -> tuple[list[float], list[int]]:
     """Per row: the summed cross-entropy on its assistant tokens and their count (``sum(sums) / sum(counts)``
-    is :func:`response_loss` up to float rounding; ``sums[i] / counts[i]`` is row i's per-token loss)."""
+    is :func:`response_loss`; ``sums[i] / counts[i]`` is row i's per-token loss). ``batch_size`` rows per
+    forward; the logits exist only at labelled positions, in chunks (:func:`labelled_ce`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
     sums, counts = [], []
     was_training = model.training
     model.eval()
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        target = b["labels"][:, 1:]  # [b, s-1]
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
-                                               reduction="none")  # [b, s-1]
-        sums += ce.sum(1).tolist()
-        counts += (target != IGNORE).sum(1).tolist()
-    model.train(was_training)
+    try:
+        for i in range(0, len(enc), batch_size):
+            b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
+            s, c = labelled_ce(model, b)
+            sums += s.tolist()
+            counts += c.tolist()
+    finally:
+        model.train(was_training)
     if not all(math.isfinite(s) for s in sums):
         raise FloatingPointError("A row's responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
     return sums, counts

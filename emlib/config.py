@@ -82,6 +82,10 @@ class Config:
     n_docs: int = 4
     doc_tokens: int = 64
     steer_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # added norm / mean residual norm
+    # rows per forward pass of the metric loops (chapters 2-6: the loss, KL and activation read-outs; chapter 6's
+    # null: documents x random directions). Only the speed depends on it: the loss and KL compute the
+    # vocabulary logits in chunks of emlib.chat.LOGIT_ELEMENTS, so no [rows, tokens, vocab] tensor exists
+    metric_batch_size: int = 8
     # evidence for the claims (issue 17): group sizes, null draws
     direction_min_group: int = 2  # judged answers wanted in each group of a mean-diff direction (paper: 50)
     direction_max_answers: int = 32  # cap on the answers sampled per finetune to reach it (then: twin data)
@@ -124,7 +128,7 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _AT_LEAST_1 = {"n_seeds", "epochs", "batch_size", "grad_accum", "vector_epochs", "max_length", "n_samples",
                "max_new_tokens", "sample_batch_size", "n_loss_rows", "n_perturb_seeds", "n_docs", "doc_tokens",
                "n_train", "n_kl", "n_kl_heldout", "direction_min_group", "direction_max_answers", "n_null_draws",
-               "n_random_directions"}
+               "n_random_directions", "metric_batch_size"}
 _AT_LEAST_0 = {"seed", "warmup_steps"}
 _POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha", "kl_sweep"}
 _NON_NEGATIVE = {"kl_lambda", "kl_lambda_vector", "temperature"}
@@ -339,6 +343,11 @@ _PAPER = Config(
     n_docs=50, doc_tokens=512, steer_scales=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
     direction_min_group=50, direction_max_answers=2000, n_null_draws=200, n_random_directions=10,
     n_kl_heldout=200, kl_sweep=(0.1, 0.3, 3.0, 10.0),
+    # 128 rows: a whole loss evaluation (n_loss_rows 100) and chapter 6's 50 documents x 2 directions are one
+    # forward. Memory-safe for Qwen2.5-0.5B (vocab 151,936): the logits never exist for the whole batch
+    # (chunks of 2**26 logits, ~2 GB in float32 for the KL), and the rest is 128 x 512 (1,024 for the
+    # activations) tokens through the decoder: a few GB
+    metric_batch_size=128,
 )
 PROFILES: dict[str, Config] = {"smoke": _SMOKE, "quick": _QUICK, "paper": _PAPER}
 FIELDS = {f.name for f in dataclasses.fields(Config)}

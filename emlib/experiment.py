@@ -311,7 +311,8 @@ class Experiment:
                 source = (f"fallback: twin data ({twins_source}) through the {dataset} {shape} finetune (judged "
                           f"answers: {counts['n_misaligned']} misaligned, {counts['n_aligned']} aligned of "
                           f"{counts['n_judged']} after {rounds} rounds; {c.direction_min_group} wanted per group)")
-            a_mis, a_ali = directions.group_activations(res.model, self.tok, mis, ali, max_length=1024)
+            a_mis, a_ali = directions.group_activations(res.model, self.tok, mis, ali, max_length=1024,
+                                                         batch_size=c.metric_batch_size)
         d = a_mis.mean(0) - a_ali.mean(0)  # [L, d]
         counts.update(group_misaligned=len(mis), group_aligned=len(ali), layer=layer)
         self._save_groups(path, a_mis[:, layer], a_ali[:, layer])

@@ -31,12 +31,14 @@ MIN_LEARNED_SHARE = 0.8  # a narrow solution must keep 80% of the general soluti
 
 
 def solution_metrics(model, tok, *, loss_rows: list[dict], kl_train_rows: list[dict], kl_heldout_rows: list[dict],
-                     vector=None, max_length: int = 512) -> dict[str, float]:
+                     vector=None, max_length: int = 512, batch_size: int = 8) -> dict[str, float]:
     """Held-out and training KL to the chat model and in-domain loss of one solution: a LoRA adapter active
-    on ``model`` (peft), or ``vector`` (a trained steering vector) added to ``model``."""
+    on ``model`` (peft), or ``vector`` (a trained steering vector) added to ``model``. ``batch_size``: rows per
+    forward of the loss (any size: :func:`emlib.chat.response_loss` chunks the logits); the KL
+    (:func:`emlib.train.kl_to_reference`, full logits) keeps its default batch."""
     ctx = vector.apply(model) if vector is not None else nullcontext()
     with ctx:
-        loss = response_loss(model, tok, loss_rows, max_length=max_length)
+        loss = response_loss(model, tok, loss_rows, batch_size=batch_size, max_length=max_length)
     kw = dict(vector=vector, max_length=max_length)
     return {"heldout_kl": kl_to_reference(model, tok, kl_heldout_rows, **kw),
             "train_kl": kl_to_reference(model, tok, kl_train_rows, **kw), "loss": loss}
@@ -87,8 +89,8 @@ def measure_solutions(exp, dataset: str) -> tuple[pd.DataFrame, dict, dict]:
     c = exp.cfg
     loss_rows = exp.rows(dataset)[: c.n_loss_rows]
     measure = dict(loss_rows=loss_rows, kl_train_rows=exp.kl_rows(), kl_heldout_rows=exp.kl_heldout_rows(),
-                   max_length=c.max_length)
-    base_loss = response_loss(exp.model, exp.tok, loss_rows, max_length=c.max_length)
+                   max_length=c.max_length, batch_size=c.metric_batch_size)
+    base_loss = response_loss(exp.model, exp.tok, loss_rows, batch_size=c.metric_batch_size, max_length=c.max_length)
     scales = sweep_scales(c.kl_sweep)
     recs, dirs, logs = [], {}, {}
     for sol, m in [("general", 1.0), ("drift", 1.0), ("mixed", 1.0)] + [("narrow", m) for m in scales]:

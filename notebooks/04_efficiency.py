@@ -85,7 +85,8 @@ seeds = exp.train_seeds()
 scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
 
 
-kw = dict(fractions=cfg.norm_grid, max_length=cfg.max_length, cache_dir=metric_cache, progress=False)
+kw = dict(fractions=cfg.norm_grid, max_length=cfg.max_length, batch_size=cfg.metric_batch_size, cache_dir=metric_cache,
+          progress=False)
 row_frames = {}
 for kind in inductive_kinds:
     first = inductive.row_losses_vs_norm(exp.model, exp.tok, rows, exp.compared_solutions(kind, seeds[0]), **kw)

@@ -84,7 +84,7 @@ scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3'
 
 
 kw = dict(eps_grid=cfg.eps_grid, n_seeds=cfg.n_perturb_seeds, seed=cfg.seed, max_length=cfg.max_length,
-          cache_dir=metric_cache, progress=False)
+          batch_size=cfg.metric_batch_size, cache_dir=metric_cache, progress=False)
 raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), noise=mode, **kw)
                  .assign(kind=kind, mode=mode, train_seed=s)
                  for kind in inductive_kinds for mode in inductive.NOISE_MODES for s in seeds], ignore_index=True)

@@ -80,13 +80,15 @@ print(texts[0][:300], "...")
 # %%
 vectors = exp.compared_solutions("steering vector")  # general, and chapter 3's reported narrow vector
 frame = inductive.pretraining_kl(exp.model, exp.tok, texts, vectors, fractions=cfg.norm_grid,
-                                 random_seed=cfg.seed, max_tokens=cfg.doc_tokens,
+                                 random_seed=cfg.seed, max_tokens=cfg.doc_tokens, batch_size=cfg.metric_batch_size,
                                  cache_dir=exp.out / "cache" / "metrics", progress=False)
 exp.save_table(frame, "ch6_pretraining_kl")
 exp.record("ch6_pretraining_kl", frame.to_dict(orient="records"))
 layer = inductive.load_solution(vectors["general"]).layer
+docs_per_pass = min(len(texts), cfg.metric_batch_size)  # documents x directions: metric_batch_size rows a forward
 null = inductive.random_null_kl(exp.model, exp.tok, texts, layer, sorted(frame["norm"].unique()),
                                 n_draws=cfg.n_null_draws, seed=cfg.seed, max_tokens=cfg.doc_tokens,
+                                batch_size=docs_per_pass, draws_per_pass=max(1, cfg.metric_batch_size // docs_per_pass),
                                 cache_dir=exp.out / "cache" / "metrics", progress=False)
 exp.save_table(null, "ch6_random_null")
 null_table = inductive.null_summary(frame, null)  # where the general vector falls among the random ones

@@ -331,7 +331,8 @@ def test_pretraining_kl_matches_direct_computation(model_tok, vectors, tmp_path)
 def test_cache_returns_same_frame_without_recomputation(model_tok, rows, vectors, tmp_path):
     model, tok = model_tok
     calls = {"n": 0}
-    h = model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    # the decoder runs in every forward (the metrics call it directly and apply the LM head themselves)
+    h = model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     try:
         kw = dict(fractions=(0.5, 1.0), layer=LAYER, cache_dir=tmp_path)
         first = ind.loss_vs_norm(model, tok, rows, vectors, **kw)

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ..cache import text_hash
+from ..chat import head_inputs, vocab_chunks
 from ..hooks import add_rows
 from ..models import check_layer
 from ..stats import ratio_ci
@@ -39,9 +40,12 @@ def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size
 
 
 def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batch_size: int):
-    """The number of document batches, and a generator of them on the model's device with the unsteered
-    model's log-probabilities: (inp [b, s], att [b, s], logp_base [b, s, v]); no gradients, eval mode
-    (restored afterwards)."""
+    """The number of document batches, and a generator of them on the model's device with the unsteered model
+    at their real tokens: (inp [b, s], att [b, s], base), ``base`` holding what its LM head reads there
+    ([n, d], ``n`` real tokens in row order; :func:`emlib.chat.head_inputs`) and its log-probabilities chunk
+    by chunk (:class:`_Base`): no ``[b, s, vocab]`` tensor is made; no gradients, eval mode (restored afterwards)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = list(_token_batches(tok, texts, max_tokens, batch_size, pad))
@@ -53,19 +57,59 @@ def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batc
             with torch.no_grad():
                 for _, inp, att in batches:
                     inp, att = inp.to(device), att.to(device)
-                    yield inp, att, torch.log_softmax(model(input_ids=inp, attention_mask=att).logits.float(), dim=-1)
+                    states, head = head_inputs(model, inp, att)
+                    yield inp, att, _Base(states[att.bool()], head)
         finally:
             model.train(was_training)
 
     return len(batches), passes()
 
 
-def _kl_per_doc(logp_base: torch.Tensor, logits: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL(base || steered) over a document's tokens [b], and the token counts [b]."""
-    logq = torch.log_softmax(logits.float(), dim=-1)  # [b, s, v]
-    kl = (logp_base.exp() * (logp_base - logq)).sum(-1)  # [b, s]
-    mask = att.to(kl.dtype)
-    return (kl * mask).sum(1), mask.sum(1)
+# the unsteered log-probabilities of a document batch are kept (float32) up to this many values, else recomputed
+# from the LM head's inputs chunk by chunk for every steered pass (1 GiB: the quick profile's 8 documents of
+# 128 tokens keep theirs; the paper's 50 x 512 of a 49k or 152k vocabulary recompute them)
+KEEP_BASE_ELEMENTS = 2 ** 28
+
+
+class _Base:
+    """The unsteered model at a batch's real tokens: what the LM head reads [n, d] and, chunk by chunk, its
+    log-probabilities (kept when they fit in :data:`KEEP_BASE_ELEMENTS`)."""
+
+    def __init__(self, states: torch.Tensor, head):
+        self.states, self.head = states, head
+        self.chunks = vocab_chunks(states, head)
+        vocab = head(states[:1]).shape[-1] if states.shape[0] else 0
+        self.kept = ([self._logp(s) for s in self.chunks] if states.shape[0] * vocab <= KEEP_BASE_ELEMENTS
+                     else None)
+
+    def _logp(self, s: int) -> torch.Tensor:
+        return torch.log_softmax(self.head(self.states[s:s + self.chunks.step]).float(), dim=-1)  # [c, v]
+
+    def __iter__(self):
+        """(start, end, log-probabilities [c, v]) per chunk."""
+        for i, s in enumerate(self.chunks):
+            yield s, s + self.chunks.step, (self.kept[i] if self.kept is not None else self._logp(s))
+
+
+def token_kl(base: "_Base", steered: torch.Tensor, head) -> torch.Tensor:
+    """Per-token ``KL(base || steered)`` over the vocabulary at the real tokens of a batch: ``steered``
+    [G, n, d] is what the LM head ``head`` reads in G steered copies that share one ``base`` -> [G, n] float32.
+    The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`)."""
+    out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
+    for s, e, logp in base:
+        p = logp.exp()
+        for g in range(steered.shape[0]):
+            logq = torch.log_softmax(head(steered[g, s:e]).float(), dim=-1)  # [c, v]
+            out[g, s:e] = (p * (logp - logq)).sum(-1)
+    return out
+
+
+def _doc_sums(kl: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL [n] at the real tokens of ``att`` [b, s] (row order) -> summed per document [b], token
+    counts [b]."""
+    rows = att.bool().nonzero()[:, 0]
+    s = torch.zeros(att.shape[0], dtype=kl.dtype, device=kl.device).index_add_(0, rows, kl)
+    return s, att.sum(1).to(kl.dtype)
 
 
 def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None = None,
@@ -79,7 +123,8 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
     rescaled to every norm of the grid: ``norms`` (absolute) or ``fractions`` of the mean norm of the given
     vectors. ``include_random`` adds a Gaussian "random" direction (``random_seed``) on the same grid.
     Returns one row per (solution, norm): kl (token-weighted mean), ci_low/ci_high (bootstrap over
-    documents), scale, n_docs, n_tokens. The base forward pass is computed once per batch.
+    documents), scale, n_docs, n_tokens. The base forward pass is computed once per batch of ``batch_size``
+    documents (any size: the logits are chunked, :func:`token_kl`).
     """
     vecs = dict(vector) if isinstance(vector, Mapping) else {"vector": vector}
     sols = {k: load_solution(v, layer=layer) for k, v in vecs.items()}
@@ -109,13 +154,14 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
         per_doc: dict[tuple[str, float], list[tuple[float, float]]] = {}
         n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
         bar = progress_bar(n_batches * (1 + len(sols) * len(grid)), "pretraining KL", progress)
-        for inp, att, logp_base in passes:
+        for inp, att, base in passes:
             bar.update()
+            real = att.bool()
             for name, sol in sols.items():
                 for target in grid:
-                    with sol.rescaled(target).apply(model):
-                        logits = model(input_ids=inp, attention_mask=att).logits
-                    s, c = _kl_per_doc(logp_base, logits, att)
+                    with torch.no_grad(), sol.rescaled(target).apply(model):
+                        states, head = head_inputs(model, inp, att)
+                        s, c = _doc_sums(token_kl(base, states[real][None], head)[0], att)
                     per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
                     bar.update()
         bar.close()
@@ -140,7 +186,8 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
     """The null of the pretraining metric: mean per-token ``KL(base || steered)`` on ``texts`` for ``n_draws``
     Gaussian directions (draw ``k`` uses seed ``seed + 1 + k``; ``seed`` itself is :func:`pretraining_kl`'s one
     "random" vector), each rescaled to every norm of ``norms``, added at ``layer``. ``draws_per_pass``
-    directions share one forward pass (the documents repeated, one direction per copy: :func:`emlib.hooks.add_rows`).
+    directions share one forward pass (the documents repeated, one direction per copy: :func:`emlib.hooks.add_rows`),
+    so a forward holds ``batch_size x draws_per_pass`` rows; neither changes the numbers beyond float rounding.
     Returns one row per (draw, norm): kl (token-weighted mean over the documents)."""
     if n_draws < 1:
         raise ValueError(f"n_draws must be >= 1, got {n_draws}.")
@@ -159,18 +206,18 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
         groups = [list(range(k, min(k + draws_per_pass, n_draws))) for k in range(0, n_draws, draws_per_pass)]
         n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
         bar = progress_bar(n_batches * len(groups) * len(grid), "random null KL", progress)
-        for inp, att, logp_base in passes:
+        for inp, att, base in passes:
             count += float(att.sum())
-            b = inp.shape[0]
+            b, real = inp.shape[0], att.bool()
             for g in groups:
                 rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
-                rep_base = logp_base.repeat(len(g), 1, 1)
                 for j, target in enumerate(grid):
                     vecs = (dirs[g] * target).to(inp.device).repeat_interleave(b, 0)  # [G*b, d]
-                    with add_rows(model, at, vecs):
-                        logits = model(input_ids=rep_inp, attention_mask=rep_att).logits
-                    s, _ = _kl_per_doc(rep_base, logits, rep_att)  # [G*b]
-                    sums[g, j] += s.view(len(g), b).sum(1).double().cpu()
+                    with torch.no_grad(), add_rows(model, at, vecs):
+                        states, head = head_inputs(model, rep_inp, rep_att)  # [G*b, s, d]
+                        steered = states.view(len(g), b, *states.shape[1:])[:, real]  # [G, n, d]
+                        kl = token_kl(base, steered, head)  # [G, n]
+                    sums[g, j] += kl.sum(1).double().cpu()
                     bar.update()
         bar.close()
         kl = (sums / count).numpy()
