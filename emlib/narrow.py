@@ -34,12 +34,12 @@ def solution_metrics(model, tok, *, loss_rows: list[dict], kl_train_rows: list[d
                      vector=None, max_length: int = 512, batch_size: int = 8) -> dict[str, float]:
     """Held-out and training KL to the chat model and in-domain loss of one solution: a LoRA adapter active
     on ``model`` (peft), or ``vector`` (a trained steering vector) added to ``model``. ``batch_size``: rows per
-    forward of the loss (any size: :func:`emlib.chat.response_loss` chunks the logits); the KL
-    (:func:`emlib.train.kl_to_reference`, full logits) keeps its default batch."""
+    forward of the loss and the KL (any size: :func:`emlib.chat.response_loss` and
+    :func:`emlib.train.kl_to_reference` compute logits only where needed, in chunks)."""
     ctx = vector.apply(model) if vector is not None else nullcontext()
     with ctx:
         loss = response_loss(model, tok, loss_rows, batch_size=batch_size, max_length=max_length)
-    kw = dict(vector=vector, max_length=max_length)
+    kw = dict(vector=vector, max_length=max_length, batch_size=batch_size)
     return {"heldout_kl": kl_to_reference(model, tok, kl_heldout_rows, **kw),
             "train_kl": kl_to_reference(model, tok, kl_train_rows, **kw), "loss": loss}
 

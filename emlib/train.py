@@ -245,18 +245,25 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     averaged over answer tokens; see the module docstring for how this relates to the authors' lambda).
 
     Reference = the chat model: ``model`` with its LoRA adapter disabled, or ``model`` without ``vector``.
+    Rows are right-padded without attention mask and the LM head runs only at answer positions, a chunk of
+    them at a time (:func:`emlib.fasttrain.fast_kl_sum`), so ``batch_size`` can be a GPU's worth of rows: no
+    ``[rows, tokens, vocabulary]`` tensor is built.
     """
+    from .fasttrain import collate_right, fast_kl_sum, one_sequence_per_row
+
     current, reference = _contexts(model, vector)
     enc = encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for i in range(0, len(enc), batch_size):
-            b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
-            s, c = _batch_kl(model, b, current, reference)
-            total, count = total + float(s), count + int(c)
+        with one_sequence_per_row():
+            for i in range(0, len(enc), batch_size):
+                b = collate_right(enc[i:i + batch_size], pad, device=device)
+                s, c = fast_kl_sum(model, b, current, reference)
+                total, count = total + float(s), count + int(c)
     finally:
         model.train(was_training)
     return total / max(count, 1)

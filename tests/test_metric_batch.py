@@ -223,3 +223,32 @@ def test_metric_batch_size_in_the_profiles_and_its_validation(tmp_path):
     with pytest.raises(config.ConfigError, match="metric_batch_size"):
         config.check_params("smoke", {"metric_batch_size": 0})
     config.check_params("paper", {"metric_batch_size": 256})
+
+
+# --------------------------------------------------------------------------- chapter 3's KL to the chat model
+def _full_logit_kl(model, tok, rows, current, reference) -> float:
+    """The definition: full logits of one left-padded, masked batch (emlib.train._batch_kl)."""
+    from emlib import train
+
+    b = collate(encode_rows(rows, tok, 512), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        s, c = train._batch_kl(model, b, current, reference)
+    return float(s) / int(c)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 128])
+def test_kl_to_reference_any_batch_equals_full_logits(model_tok, lora, vectors, batch_size, monkeypatch):
+    """train.kl_to_reference (right-padded, no mask, LM head at answer positions in chunks) == the full-logit
+    KL, for a LoRA adapter (reference: adapter disabled) and a steering vector (reference: no hook)."""
+    from emlib import fasttrain, train
+    from emlib.vectors import SteeringVector
+
+    model, tok = model_tok
+    rows = _rows(7)
+    want = _full_logit_kl(lora, tok, rows, train.nothing, lora.disable_adapter)
+    assert want > 1e-4
+    assert train.kl_to_reference(lora, tok, rows, batch_size=batch_size) == pytest.approx(want, rel=1e-4)
+    vec = SteeringVector(vectors["general"], LAYER, 1.0)
+    want = _full_logit_kl(model, tok, rows, lambda: vec.apply(model), train.nothing)
+    monkeypatch.setattr(fasttrain.fast_kl_sum, "__defaults__", (2,))  # logits 2 positions at a time
+    assert train.kl_to_reference(model, tok, rows, vector=vec, batch_size=batch_size) == pytest.approx(want, rel=1e-4)
