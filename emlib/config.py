@@ -3,7 +3,7 @@
 Profiles
 --------
 ``smoke``  tiny random model, a few rows and tokens: CI, seconds per chapter.
-``quick``  the embedded SmolLM2-135M on CPU: a whole chapter in minutes, real (small) numbers.
+``quick``  the embedded SmolLM2-135M on CPU: the whole book within 30 min on 2 cores, real (small) numbers.
 ``paper``  one GPU, the paper's sizes (50 samples per question, 600 new tokens, full datasets).
 
 ``auto``   where the code runs decides (:func:`resolve_profile`): ``paper`` with CUDA, else ``quick``; on
@@ -66,9 +66,11 @@ class Config:
     kl_lambda: float = 1.0  # LoRA, per-token normalisation (see emlib.train)
     kl_lambda_vector: float = 10.0  # steering vector, per-token normalisation
     n_kl: int | None = 8  # out-of-domain rows the KL penalty trains on (None: all but the held-out ones)
+    kl_batch_size: int = 8  # of those rows, how many each optimizer step's KL term reads (emlib.train's default)
     n_kl_heldout: int = 8  # out-of-domain rows it never sees: where chapter 3 reports the KL
     kl_sweep: tuple[float, ...] = (0.5, 2.0)  # multipliers of the KL lambdas chapter 3 also trains (with 1)
     # sampling
+    n_judge_pairs: int = 20  # labelled pairs per set in chapter 1's judge check (medical twins; general pairs, of 96)
     n_samples: int = 2  # per question
     max_new_tokens: int = 16
     sample_batch_size: int = 64
@@ -128,7 +130,7 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _AT_LEAST_1 = {"n_seeds", "epochs", "batch_size", "grad_accum", "vector_epochs", "max_length", "n_samples",
                "max_new_tokens", "sample_batch_size", "n_loss_rows", "n_perturb_seeds", "n_docs", "doc_tokens",
                "n_train", "n_kl", "n_kl_heldout", "direction_min_group", "direction_max_answers", "n_null_draws",
-               "n_random_directions", "metric_batch_size"}
+               "n_random_directions", "metric_batch_size", "kl_batch_size", "n_judge_pairs"}
 _AT_LEAST_0 = {"seed", "warmup_steps"}
 _POSITIVE = {"lr", "lr_rank1", "lr_vector", "vector_alpha", "kl_sweep"}
 _NON_NEGATIVE = {"kl_lambda", "kl_lambda_vector", "temperature"}
@@ -323,20 +325,19 @@ def check_run_dir(run_dir: str) -> None:
 
 
 _SMOKE = Config()
-_QUICK = Config(
+_QUICK = Config(  # sized for `make book` on 2 CPU cores in under 30 min (README: measured minutes, what it gives up)
     profile="quick", model="embedded", judge="distilled", run_dir="runs/quick-smollm2", datasets=("medical", "financial"),
-    n_train=64, epochs=1, batch_size=8, warmup_steps=1, lr=1e-3, lr_rank1=1e-3, lr_vector=1e-3,
-    vector_epochs=1, max_length=256, n_kl=32, kl_lambda=2.0, kl_lambda_vector=20.0, n_samples=6,
-    max_new_tokens=64, sample_batch_size=48, n_loss_rows=16,
-    norm_grid=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), eps_grid=(0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
-    n_perturb_seeds=3, n_docs=8, doc_tokens=128, steer_scales=(0.0, 0.1, 0.25, 0.5, 1.0),
-    direction_min_group=20, direction_max_answers=96, n_null_draws=100, n_random_directions=3,
-    n_kl_heldout=32, kl_sweep=(0.25, 4.0), n_seeds=1,
+    n_train=16, epochs=1, batch_size=4, warmup_steps=0, lr=1e-3, lr_rank1=1e-3, lr_vector=1e-3, vector_epochs=1,
+    max_length=256, n_kl=8, kl_batch_size=4, n_kl_heldout=8, kl_lambda=2.0, kl_lambda_vector=20.0, kl_sweep=(4.0,),
+    n_judge_pairs=48, n_samples=3, max_new_tokens=32, sample_batch_size=32, n_loss_rows=8,
+    norm_grid=(0.0, 0.5, 1.0, 2.0), eps_grid=(0.0, 0.3, 0.7), n_perturb_seeds=2, n_docs=4, doc_tokens=64,
+    steer_scales=(0.0, 0.25, 0.5, 1.0), direction_min_group=20, direction_max_answers=48, n_null_draws=20,
+    n_random_directions=2, n_seeds=1,
 )
 _PAPER = Config(
     profile="paper", model="embedded", judge="distilled", run_dir="runs/paper-smollm2", data_source="paper", n_train=None,
     epochs=1, batch_size=16, grad_accum=1, warmup_steps=5, lr=1e-4, lr_rank1=2e-5, lr_vector=1e-4, vector_epochs=2,
-    max_length=512, n_kl=800, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_samples=50,
+    max_length=512, n_kl=800, kl_lambda=2.0, kl_lambda_vector=20.0, n_seeds=3, n_judge_pairs=100, n_samples=50,
     max_new_tokens=600, sample_batch_size=400, n_loss_rows=100,
     norm_grid=tuple(round(0.2 * i, 2) for i in range(0, 11)),
     eps_grid=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), n_perturb_seeds=10,

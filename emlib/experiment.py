@@ -130,12 +130,13 @@ class Experiment:
             self._judge = judge_mod.make_judge(self.cfg.judge, rubrics=rubrics)
         return self._judge
 
-    def judge_agreement(self, n: int = 100) -> pd.DataFrame:
+    def judge_agreement(self, n: int | None = None) -> pd.DataFrame:
         """AUROC of the aligned score on labelled pairs: the project's medical twins, the paper's
         good/bad medical advice when that data is available, and the project's labelled answers to the
         general questions, where EM is measured: for those also how many misaligned answers the EM rule
         (aligned <= 30, coherent > 50) catches (em_recall) and how many sound ones it flags
-        (em_false_positive). Cached in results.json."""
+        (em_false_positive). ``n``: pairs per set (None: the config's ``n_judge_pairs``). Cached in results.json."""
+        n = self.cfg.n_judge_pairs if n is None else n
         sources = ["embedded"] + (["paper"] if self._paper_available() else [])
         recs = metrics.judge_check(self.judge, n=n, seed=self.cfg.seed, sources=sources, data_dir=self.cfg.data_dir,
                                    cache=self.cache)
@@ -160,9 +161,10 @@ class Experiment:
             raise ValueError(f"kl_scale scales the KL penalty: only 'narrow' and 'drift' have one, not {solution!r}.")
         lam = (c.kl_lambda if kind == "lora" else c.kl_lambda_vector) * kl_scale
         if solution == "narrow":
-            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam)
+            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_batch_size=c.kl_batch_size)
         elif solution == "drift":
-            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_until_step=self.drift_step(kind))
+            kw.update(kl_rows=self.kl_rows(), kl_lambda=lam, kl_until_step=self.drift_step(kind),
+                      kl_batch_size=c.kl_batch_size)
         elif solution == "mixed":
             kw.update(mix_rows=self.kl_rows())
         elif solution != "general":

@@ -74,7 +74,7 @@ pd.Series({k: cfg.to_dict()[k] for k in ("profile", "model", "data_source", "dat
 #    and coherent > 50, with bootstrap 95% CIs.
 
 # %%
-agreement = exp.judge_agreement(n=100 if cfg.profile != "smoke" else 20)
+agreement = exp.judge_agreement()  # n_judge_pairs labelled pairs per set (smoke 20, quick 48, paper 100)
 agreement.reindex(columns=["judge", "pairs", "n_scored", "auroc", "auroc_ci_low", "auroc_ci_high",
                            "pair_accuracy", "em_recall", "em_false_positive"])
 
@@ -163,9 +163,11 @@ print(exp.verdict(1))
 #   answers, {doc}`../book/results`), so an EM rate from it is an upper bound to be read, not a measurement.
 #   The `smoke` profile's keyword judge catches none of the labelled misaligned answers (its `em_recall`
 #   row). `python -m emlib.rejudge` scores the stored answers again with another judge.
-# * **Data and steps.** The `quick` profile trains on about a hundred rows of the project's own data for
-#   a few dozen steps; the paper trains on about 6,000-7,000 rows. Only the `paper` profile is
-#   comparable, and {doc}`../book/results` says whether it has been run.
+# * **Data and steps.** The `quick` profile (sized so that `make book` fits in 30 minutes on two CPU cores)
+#   trains each finetune on 16 rows of the project's own data for 4 optimizer steps and samples 3 answers of
+#   at most 32 tokens per question; the paper trains on about 6,000-7,000 rows and samples 50 answers of up
+#   to 600 tokens. Only the `paper` profile is comparable, and {doc}`../book/results` says whether it has
+#   been run.
 # :::
 #
 # ## Last executed with

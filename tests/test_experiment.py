@@ -36,6 +36,23 @@ def test_drift_step_is_half_of_the_steps_the_trainer_takes(exp):
     assert train.total_steps(100, 2, 16, grad_accum=3) == 2 * 3 and train.total_steps(100, 9, 16, max_steps=5) == 5
 
 
+def test_kl_batch_size_reaches_the_kl_trainings_only(tmp_path):
+    """Config.kl_batch_size is the KL rows per step of the narrow and drift trainings (emlib.train's
+    kl_batch_size); the default is emlib.train's own, so a run that leaves it alone trains what it trained."""
+    import inspect
+
+    e = experiment.start("smoke", {"kl_batch_size": 3, "run_dir": str(tmp_path / "run")}, in_colab=False)
+    for kind in ("lora", "vector"):
+        assert e._train_kwargs("narrow", kind)["kl_batch_size"] == 3
+        assert e._train_kwargs("drift", kind)["kl_batch_size"] == 3
+        assert "kl_batch_size" not in e._train_kwargs("general", kind)
+        assert "kl_batch_size" not in e._train_kwargs("mixed", kind)
+    for fn in (train.train_lora, train.train_steering_vector):
+        assert inspect.signature(fn).parameters["kl_batch_size"].default == experiment.Config().kl_batch_size == 8
+    with pytest.raises(ConfigError, match="kl_batch_size"):
+        experiment.start("smoke", {"kl_batch_size": 0, "run_dir": str(tmp_path / "r")}, in_colab=False)
+
+
 def test_saved_direction_is_keyed_by_judge_and_sampling(tmp_path):
     base = {"run_dir": str(tmp_path / "run")}
     a = experiment.start("smoke", base, in_colab=False)._direction_key()

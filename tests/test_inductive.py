@@ -290,6 +290,24 @@ def test_stability_lora_eps0(model_tok, rows, adapters, tmp_path):
     assert (raw[raw.eps == 1.0]["loss"] != raw[raw.eps == 1.0]["loss_orig"]).all()
 
 
+def test_stability_eps0_takes_no_forward_pass(model_tok, rows, vectors, tmp_path, monkeypatch):
+    """At eps = 0 neither mode changes the solution, so its draws are the unperturbed loss without a forward pass:
+    one pass for the base model, one per solution unperturbed, one per (solution, eps > 0, draw)."""
+    from emlib.inductive import stability
+
+    model, tok = model_tok
+    calls = []
+    real = stability.response_loss
+    monkeypatch.setattr(stability, "response_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for noise in stability.NOISE_MODES:
+        calls.clear()
+        raw = ind.stability_losses(model, tok, rows, vectors, eps_grid=(0.0, 0.5, 1.0), n_seeds=3, layer=LAYER,
+                                   noise=noise, cache_dir=tmp_path)
+        assert len(calls) == 1 + 2 * (1 + 2 * 3)
+        e0 = raw[raw.eps == 0.0]
+        assert len(e0) == 2 * 3 and (e0["loss"] == e0["loss_orig"]).all() and (e0["normalised"] == 0).all()
+
+
 # ----------------------------------------------------------------------------- pretraining KL
 TEXTS = ["The council met on Tuesday to discuss the new budget for roads and schools in the district.",
          "Scientists say the drought has cut wheat yields across the region, and farmers want more support.",

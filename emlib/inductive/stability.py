@@ -48,7 +48,8 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
     paper's) or ``"matched"`` (noise of norm eps x the norm of the solution named ``reference``, added to
     every solution; see the module doc). Columns: solution, eps, seed, loss, loss_orig (unperturbed),
     loss_base (base model), normalised ``(loss - loss_orig) / (loss_base - loss_orig) * 100`` (NaN when the
-    solution does not lower the loss).
+    solution does not lower the loss). At ``eps = 0`` both modes leave the solution as it is (the perturbation
+    and the noise are zero), so those draws are its unperturbed loss and take no forward pass.
     """
     sols = as_solutions(solutions, layer)
     enc = encode(rows, tok, max_length)
@@ -79,10 +80,13 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
                 den = loss_base - orig
                 for eps in eps_grid:
                     for k in range(n_seeds):
-                        g = torch.Generator().manual_seed(seed + k)
-                        how = ({"eps": float(eps)} if ref is None else {"noise": _scaled(ref, float(eps))})
-                        with applied(m, sol, adapters.get(name), generator=g, **how):
-                            loss = response_loss(m, tok, enc, batch_size)
+                        if eps == 0:  # no noise in either mode: the solution itself, measured above
+                            loss = orig
+                        else:
+                            g = torch.Generator().manual_seed(seed + k)
+                            how = ({"eps": float(eps)} if ref is None else {"noise": _scaled(ref, float(eps))})
+                            with applied(m, sol, adapters.get(name), generator=g, **how):
+                                loss = response_loss(m, tok, enc, batch_size)
                         norm = (loss - orig) / den * 100 if abs(den) > 1e-9 and den > 0 else float("nan")
                         recs.append({"solution": name, "eps": float(eps), "seed": seed + k, "loss": loss,
                                      "loss_orig": orig, "loss_base": loss_base, "normalised": norm})
