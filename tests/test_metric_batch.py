@@ -52,6 +52,14 @@ def lora(model_tok):
     return pm.eval()
 
 
+@pytest.fixture(params=[False, True], ids=["whole-logits", "small-chunks"])
+def chunking(request):
+    """Each test that takes it runs twice: with the default logit chunks, and with :func:`small_chunks`."""
+    if request.param:
+        request.getfixturevalue("small_chunks")
+    return request.param
+
+
 @pytest.fixture
 def small_chunks(monkeypatch, model_tok):
     """Logits 5 tokens at a time, and chapter 6's base log-probabilities recomputed for every pass."""
@@ -73,10 +81,7 @@ def _full_logit_row_losses(model, tok, rows) -> tuple[list[float], list[int]]:
 
 
 # ----------------------------------------------------------------------------- the loss
-@pytest.mark.parametrize("chunked", [False, True])
-def test_response_loss_is_the_full_logit_loss_at_any_batch_size(model_tok, lora, vectors, chunked, request):
-    if chunked:
-        request.getfixturevalue("small_chunks")
+def test_response_loss_is_the_full_logit_loss_at_any_batch_size(model_tok, lora, vectors, chunking):
     model, tok = model_tok
     rows = _rows()
     from emlib.vectors import SteeringVector
@@ -124,10 +129,7 @@ def _same(a: pd.DataFrame, b: pd.DataFrame, cols, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(a[c].to_numpy(float), b[c].to_numpy(float), rtol=rtol, atol=atol, err_msg=c)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_loss_vs_norm_and_stability_do_not_depend_on_the_batch_size(model_tok, vectors, chunked, request, tmp_path):
-    if chunked:
-        request.getfixturevalue("small_chunks")
+def test_loss_vs_norm_and_stability_do_not_depend_on_the_batch_size(model_tok, vectors, chunking, tmp_path):
     model, tok = model_tok
     rows = _rows()
     one = dict(layer=LAYER, cache_dir=tmp_path / "one", batch_size=1)
@@ -153,10 +155,7 @@ def test_stability_of_adapters_does_not_depend_on_the_batch_size(model_tok, lora
     _same(*st, ["loss", "loss_orig", "loss_base"])
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_pretraining_kl_and_its_null_do_not_depend_on_the_batch_size(model_tok, vectors, chunked, request, tmp_path):
-    if chunked:
-        request.getfixturevalue("small_chunks")
+def test_pretraining_kl_and_its_null_do_not_depend_on_the_batch_size(model_tok, vectors, chunking, tmp_path):
     model, tok = model_tok
     kls = [ind.pretraining_kl(model, tok, TEXTS, vectors, layer=LAYER, norms=(0.0, 1.0, 4.0), max_tokens=20,
                               batch_size=bs, cache_dir=tmp_path / str(bs)) for bs in (1, 3, 64)]
