@@ -18,7 +18,7 @@
 3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
    (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
    results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
-   ``DIR/record.tar.gz`` and ``DIR/cache.tar.gz``.
+   ``DIR/record.tar.gz``, ``DIR/cache.tar.gz`` and ``DIR/adapters.tar.gz`` (rank-1 weights).
 
 ``-p`` / ``-c`` values are config fields: each finetune worker gets them as arguments and each chapter inside its
 ``config`` parameter (nothing travels through the environment); all are checked before anything runs. The
@@ -417,13 +417,23 @@ PACK_GLOBS = ("executed/*.ipynb", "results.json", "record.json", "config.json", 
               "adapters/*/adapter/*.json", "inductive/**/*")
 
 
+# rank-1 adapters' weights (about 1 MiB each for SmolLM2-135M); rank-32 ones (tens of MiB) stay behind
+PACK_WEIGHT_GLOBS = ("adapters/*rank1*/adapter/*.safetensors",)
+
+
 def pack_run(run: Path, dest: Path, max_mib: float = 15.5) -> list[Path]:
-    """``record.tar.gz`` (everything but the adapters' weights and the answer cache) and ``cache.tar.gz``
-    (the SQLite answer cache), each written only if under ``max_mib`` (the transfer limit of one file)."""
+    """``record.tar.gz`` (everything but the adapters' weights and the answer cache), ``cache.tar.gz``
+    (the SQLite answer cache) and ``adapters.tar.gz`` (the weights of the small adapters,
+    :data:`PACK_WEIGHT_GLOBS`: what a later invocation needs to continue the run without training them again),
+    each written only if under ``max_mib`` (the transfer limit of one file)."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     files = sorted({p for g in PACK_GLOBS for p in run.glob(g) if p.is_file()})
-    for name, members in (("record.tar.gz", files), ("cache.tar.gz", sorted((run / "cache").glob("*")))):
+    weights = sorted({p for g in PACK_WEIGHT_GLOBS for p in run.glob(g) if p.is_file()})
+    for name, members in (("record.tar.gz", files), ("cache.tar.gz", sorted((run / "cache").glob("*"))),
+                          ("adapters.tar.gz", weights)):
+        if not members and name == "adapters.tar.gz":
+            continue
         path = dest / name
         with tarfile.open(path, "w:gz") as tar:
             for f in members:

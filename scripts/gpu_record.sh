@@ -5,7 +5,7 @@
 #   bash scripts/gpu_record.sh start NAME ARGS  start `python -m emlib.record run ARGS` in the background
 #                                               (survives the calling shell), log in ~/record-NAME.log
 #   bash scripts/gpu_record.sh wait NAME SECS   print progress until the run ends or SECS pass
-#   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + the log into DEST ($OUT)
+#   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
 # back to back until `pack` has run and its files came back (a machine that went back loses everything).
 # Environment it sets: PYTHONPATH (/tmp/site + the checkout), EMLIB_EMBEDDED_GGUF (the reassembled model),

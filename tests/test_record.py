@@ -195,6 +195,10 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     with tarfile.open(tmp_path / "pack" / "record.tar.gz") as tar:
         names = tar.getnames()
     assert "executed/04_efficiency.ipynb" in names and "results.json" in names
+    assert not any(n.endswith(".safetensors") and "/adapter/" in n for n in names)  # weights go apart
+    with tarfile.open(tmp_path / "pack" / "adapters.tar.gz") as tar:
+        weights = tar.getnames()
+    assert weights and all("rank1" in n and n.endswith(".safetensors") for n in weights)
     with pytest.raises(TypeError, match="kl_lamda are taken by none of the chapters"):
         record.run("smoke", str(tmp_path / "other"), params={"kl_lamda": 3.0}, chapters=["04"])
     assert not (tmp_path / "other").exists()  # checked before anything is written
