@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -447,7 +448,61 @@ def pack_run(run: Path, dest: Path, max_mib: float = 15.5) -> list[Path]:
 
 
 MERGE_GLOBS = ("executed/*.ipynb", "tables/*", "figures/*", "logs/*", "directions/*", "vectors/*/*",
-               "adapters/*/train_log.csv", "adapters/*/train_meta.json")
+               "adapters/*/train_log.csv", "adapters/*/train_meta.json", "adapters/*/adapter/*.json",
+               *PACK_WEIGHT_GLOBS)
+
+
+_LOG_JOB = re.compile(r"^\[record\] finetune (\S+) done: (\{.*\})\s*$")
+_LOG_START = re.compile(r"^\[record\] chapter (\S+) starts \((\d+) s\)")
+_LOG_DONE = re.compile(r"^\[record\] chapter (\S+) done in ([0-9.]+) s")
+_LOG_HEAD = re.compile(r"^\[record\] \d+ finetunes, \d+ chapters, profile (\S+), run dir")
+
+
+def summary_from_log(log: str | Path, device: str) -> dict:
+    """The ``record.json`` summary of an invocation that was killed before it wrote one (a lent machine taken
+    back), rebuilt from the lines ``run`` prints (its log): each finished finetune's summary, each finished
+    chapter's wall time, and as failures the chapters that started and did not end (``killed``). Its
+    ``total_s`` is the last end the log shows (a lower bound: ``total_s_is_lower_bound``); the model's load time
+    is unknown and left out. ``device``: what the run ran on (the log does not say)."""
+    import ast
+
+    jobs, starts, chapters, profile = {}, {}, {}, None
+    for line in Path(log).read_text(errors="replace").splitlines():
+        line = line.strip()
+        if m := _LOG_HEAD.match(line):
+            profile = m.group(1)
+        elif m := _LOG_JOB.match(line):
+            jobs[m.group(1)] = ast.literal_eval(m.group(2))
+        elif m := _LOG_START.match(line):
+            starts[m.group(1)] = int(m.group(2))
+        elif m := _LOG_DONE.match(line):
+            chapters[m.group(1)] = {"seconds": float(m.group(2)), "returncode": 0}
+    if profile is None:
+        raise ValueError(f"{log} is not the log of `python -m emlib.record run` (no '[record] N finetunes, ...' "
+                         "line): give the log the run printed.")
+    ends = [starts[k] + v["seconds"] for k, v in chapters.items() if k in starts]
+    killed = {k: f"killed after {k} started at {t} s: the log ends before it did" for k, t in starts.items()
+              if k not in chapters}
+    return {"profile": profile, "device": device, "rebuilt_from_log": Path(log).name, "in_progress": True,
+            "timings": {"jobs": jobs, "chapters": chapters, "total_s": round(max(ends, default=0.0), 1),
+                        "total_s_is_lower_bound": True},
+            "failures": killed, "unfinished": {k: "killed" for k in killed}}
+
+
+def adopt_log_summary(run_dir: str | Path, log: str | Path, device: str) -> dict:
+    """Give a killed run directory the summary :func:`summary_from_log` rebuilds: ``record.json`` and the
+    ``timings`` key of ``results.json`` (so that :func:`merge` keeps it as the first invocation). Refuses a run
+    that has its own summary already."""
+    from . import experiment
+
+    run = Path(run_dir)
+    res = json.loads((run / "results.json").read_text())
+    if "timings" in res:
+        raise ValueError(f"{run} has its own summary already (results.json key 'timings'): nothing to rebuild.")
+    summary = summary_from_log(log, device)
+    experiment.record_result(run / "results.json", "timings", summary)
+    atomic_write_bytes(run / "record.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+    return summary
 
 
 def merge(src: str | Path, dst: str | Path) -> dict:
@@ -482,6 +537,8 @@ def merge(src: str | Path, dst: str | Path) -> dict:
                            "jobs": {k: v for r in runs for k, v in r["timings"]["jobs"].items()},
                            "chapters": {k: v for r in runs for k, v in r["timings"]["chapters"].items()},
                            "total_s": round(sum(r["timings"]["total_s"] for r in runs), 1)}
+        if any(r["timings"].get("total_s_is_lower_bound") for r in runs):  # a killed invocation's time
+            last["timings"]["total_s_is_lower_bound"] = True
         fails: dict = {}
         for r in runs:  # a failure stays only if no later invocation did that job or chapter
             redone = set(r["timings"]["jobs"]) | {k for k, v in r["timings"]["chapters"].items()
@@ -515,15 +572,24 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="fold a run of some chapters into a run of record")
     m.add_argument("src")
     m.add_argument("dst")
+    f = sub.add_parser("from-log", help="a killed run's summary (record.json, timings) rebuilt from its log")
+    f.add_argument("run_dir")
+    f.add_argument("log")
+    f.add_argument("--device", required=True, help="what the run ran on, e.g. 'NVIDIA H200' (the log does not say)")
     from .cli import add_debug_flag, run as run_cli
 
-    for sp in (r, p, m):
+    for sp in (r, p, m, f):
         add_debug_flag(sp)
     a = ap.parse_args(argv)
     return run_cli(lambda: _main(a), debug=a.debug)
 
 
 def _main(a) -> int:
+    if a.cmd == "from-log":
+        summary = adopt_log_summary(a.run_dir, a.log, a.device)
+        print(f"{a.run_dir}: {len(summary['timings']['jobs'])} finetunes, {len(summary['timings']['chapters'])} "
+              f"chapters from {a.log}; killed: {sorted(summary['failures']) or 'none'}")
+        return 0
     if a.cmd == "merge":
         merge(a.src, a.dst)
         print(f"merged {a.src} into {a.dst}")

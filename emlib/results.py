@@ -48,6 +48,11 @@ def judge_line(run: Run) -> str:
     return line
 
 
+def _at_least(summary: dict) -> str:
+    """"at least " for a run killed before it summed its time (``emlib.record.summary_from_log``)."""
+    return "at least " if summary["timings"].get("total_s_is_lower_bound") else ""
+
+
 def timing_line(run: Run) -> str:
     t = run.results.get("timings")
     if not t:
@@ -56,10 +61,10 @@ def timing_line(run: Run) -> str:
     per = ", ".join(f"{k[:2]} {v['seconds']:.0f} s" for k, v in sorted(ch.items()))
     inv = t.get("invocations") or []
     if len(inv) > 1:  # chapters run by separate `emlib.record run` calls (folded in with `merge`)
-        each = " + ".join(f"{r['timings']['total_s']:.0f} s" for r in inv)
-        whole = f"{len(inv)} runs, {t['timings']['total_s']:.0f} s in all ({each})"
+        each = " + ".join(_at_least(r) + f"{r['timings']['total_s']:.0f} s" for r in inv)
+        whole = f"{len(inv)} runs, {_at_least(t)}{t['timings']['total_s']:.0f} s in all ({each})"
     else:
-        whole = f"whole run {t['timings']['total_s']:.0f} s"
+        whole = f"whole run {_at_least(t)}{t['timings']['total_s']:.0f} s"
     return f"{t['device']}, {t['date_utc']} UTC: {whole} (chapters: {per})"
 
 

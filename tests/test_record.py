@@ -364,6 +364,46 @@ def test_merge_folds_a_later_chapter_run_into_a_record(tmp_path):
         record.merge(other, dst)
 
 
+def test_a_killed_runs_summary_is_rebuilt_from_its_log_and_merged_as_a_lower_bound(tmp_path):
+    run = tmp_path / "killed"
+    (run / "logs").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"profile": "paper", "model": "m", "data_source": "paper", "seed": 0}))
+    (run / "results.json").write_text(json.dumps({"ch1_em": [1]}))
+    log = run / "logs" / "record.log"
+    log.write_text("\n".join([
+        "[record] 2 finetunes, 3 chapters, profile paper, run dir /root/x",
+        "Loading weights: 100%", "[record] chapter 00_data starts (30 s)", "[record] chapter 00_data done in 15.0 s",
+        "[record] finetune vector-a done: {'job': 'vector-a', 'seconds': 10.5, 'final_loss': 2.5}",
+        "[record] chapter 01_em starts (40 s)", "[record] chapter 05_stab starts (90 s)",
+        "[record] chapter 01_em done in 70.7 s", "[record] finetune lora-b done: {'job': 'lora-b', 'seconds': 3.0}"]))
+    s = record.adopt_log_summary(run, log, "NVIDIA H200")
+    assert s["timings"]["jobs"]["vector-a"]["final_loss"] == 2.5 and set(s["timings"]["jobs"]) == {"vector-a", "lora-b"}
+    assert s["timings"]["chapters"] == {"00_data": {"seconds": 15.0, "returncode": 0},
+                                        "01_em": {"seconds": 70.7, "returncode": 0}}
+    assert s["timings"]["total_s"] == 110.7 and s["timings"]["total_s_is_lower_bound"]  # 40 s + 70.7 s
+    assert list(s["failures"]) == ["05_stab"] and s["device"] == "NVIDIA H200"
+    assert json.loads((run / "results.json").read_text())["timings"]["rebuilt_from_log"] == "record.log"
+    with pytest.raises(ValueError, match="own summary"):
+        record.adopt_log_summary(run, log, "NVIDIA H200")
+    (tmp_path / "other.log").write_text("Traceback ...\n")
+    with pytest.raises(ValueError, match="not the log"):
+        record.summary_from_log(tmp_path / "other.log", "x")
+    later = tmp_path / "later"  # chapter 5 again: the failure goes, the total stays a lower bound
+    (later / "executed").mkdir(parents=True)
+    (later / "config.json").write_text((run / "config.json").read_text())
+    (later / "results.json").write_text(json.dumps({"ch5": [2], "timings": {
+        "profile": "paper", "device": "NVIDIA H200", "date_utc": "2026-12-03 17:56", "failures": {},
+        "timings": {"model_load_s": 30.0, "total_s": 480.0, "jobs": {}, "chapters": {"05_stab": {"seconds": 300.0,
+                                                                                                  "returncode": 0}}}}}))
+    merged = record.merge(later, run)
+    assert merged["timings"]["failures"] == {} and merged["timings"]["timings"]["total_s"] == 590.7
+    assert merged["timings"]["timings"]["total_s_is_lower_bound"]
+    from emlib.verdicts import Run
+
+    line = results.timing_line(Run(run))
+    assert "at least 591 s in all (at least 111 s + 480 s)" in line
+
+
 def test_failed_finetunes_stop_their_chapters_and_oom_is_recognised(root, tmp_path, monkeypatch):
     monkeypatch.setenv("EMLIB_DATA_DIR", str(tmp_path / "no-data"))  # every finetune fails: no paper data
     summary = record.run("smoke", str(tmp_path / "rec"), params={"data_source": "paper"}, workers=2,
