@@ -93,8 +93,7 @@ def markdown(runs: list[tuple[str, Run, list[Run]]], sources: list[str],
 
 # The committed runs of record (record/), in table order: (label, run dir, extra seed dirs).
 RECORDS: list[tuple[str, str, list[str]]] = [
-    ("SmolLM2-135M-Instruct", "record/smollm2-135m",
-     ["record/smollm2-135m-seed1", "record/smollm2-135m-seed2"]),
+    ("SmolLM2-135M-Instruct", "record/smollm2-135m", []),
     ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b",
      ["record/qwen2.5-coder-0.5b-seed1", "record/qwen2.5-coder-0.5b-seed2"]),
 ]
@@ -128,9 +127,7 @@ def rejudged_args(root: str | Path = ".") -> list[str] | None:
 # Runs of record that did not finish (record/interim/): (label, run dir). What their finished chapters
 # measured, by the current rules, until a complete run replaces the model's entry in RECORDS. Only the files
 # the verdicts read are kept (results.json, config.json, tables/*.csv) and the run's own log.
-INTERIM: list[tuple[str, str]] = [
-    ("SmolLM2-135M-Instruct (H200 run of 2026-12-03, chapter 5 unfinished)", "record/interim/smollm2-135m-h200"),
-]
+INTERIM: list[tuple[str, str]] = []  # none now: SmolLM2's H200 run of 2026-12-03 was finished and is in RECORDS
 INTERIM_TABLE = "book/results_table_interim.md"
 
 
