@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Prepare the git-ignored folders that carry a run of record to a GPU machine without internet
 # (the device tool moves at most 64 MiB per call, so the model travels in parts):
-#   .carry-gguf1/, .carry-gguf2/   SmolLM2-135M-Instruct.Q4_1.gguf split in two (cat them back in order)
+#   .carry-smol1/ .. .carry-smol4/  SmolLM2-135M-Instruct.Q4_1.gguf in parts of 24 MiB (split_model below)
 #   .carry-data/paper/             the paper's public data (from ../shared/data/paper; never committed)
 #   .carry-lee/                    the Lee news corpus files (offline text for chapter 6, from gensim)
 #   .whl/                          wheels for what the GPU image lacks (scripts/gpu_wheels.sh)
 # Usage: bash scripts/gpu_carry.sh   (from the repository root, after `make venv`)
+#        bash scripts/gpu_carry.sh plan   which folders to carry in which device call (each call <= 64 MiB)
 #
 # Optional second model (a local GGUF, e.g. Qwen2.5-Coder-0.5B-Instruct Q4_K_M, never a default):
 #   bash scripts/gpu_carry.sh qwen /path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -26,43 +27,70 @@ if [ "${1:-}" = whl ]; then
   done
   du -sh .carry-whl-a .carry-whl-b; exit 0
 fi
-if [ "${1:-}" = qwen ]; then
-  src=${2:?usage: bash scripts/gpu_carry.sh qwen /path/to/model.gguf}
+# split_model FILE PREFIX: FILE into .carry-PREFIX1/, .carry-PREFIX2/, ... each with one part PREFIX-part-NN,
+# PREFIX-SHA256 ("<sha256>  <file name>") and PREFIX-PARTS (how many parts); `gpu_record.sh setup` reassembles
+# ~/emlib-carry/<file name> once every part has come. Parts fill what a call leaves beside the working tree
+# (64 MiB in all, 1.5 MiB to spare), or PART_MB MiB each when set (room for wheels or data in the same call).
+split_model() {
+  local src=$1 prefix=$2
   [ -f "$src" ] || { echo "no such file: $src"; exit 1; }
-  # every call carries the whole working tree too (tracked + untracked-not-ignored files, 64 MiB in all):
-  # size the parts to what is left, with 1.5 MiB to spare for commits made before the calls
+  local tree max size n chunk got sha i d
   tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
   max=$(( 64 * 1024 * 1024 - tree - 3 * 1024 * 1024 / 2 ))
+  [ -n "${PART_MB:-}" ] && max=$(( PART_MB * 1024 * 1024 ))
   [ "$max" -gt $((8 * 1024 * 1024)) ] || { echo "the working tree ($tree bytes) leaves no room for model parts"; exit 1; }
   size=$(stat -c %s "$src")
   n=$(( (size + max - 1) / max ))             # fewest parts that fit ...
   chunk=$(( (size + n - 1) / n ))             # ... of (nearly) equal size
-  rm -rf .carry-qwen[0-9]* .carry-qwen-split
-  mkdir .carry-qwen-split
-  split -b "$chunk" -d -a 2 "$src" .carry-qwen-split/qwen-part-
-  got=$(ls .carry-qwen-split | wc -l)
+  rm -rf .carry-"$prefix"[0-9]* .carry-"$prefix"-split
+  mkdir .carry-"$prefix"-split
+  split -b "$chunk" -d -a 2 "$src" .carry-"$prefix"-split/"$prefix"-part-
+  got=$(ls .carry-"$prefix"-split | wc -l)
   [ "$got" -eq "$n" ] || { echo "split made $got parts, expected $n"; exit 1; }
   sha=$(sha256sum "$src" | cut -c1-64)
   for i in $(seq 0 $((n - 1))); do
-    d=.carry-qwen$((i + 1))
+    d=.carry-$prefix$((i + 1))
     mkdir "$d"
-    mv .carry-qwen-split/qwen-part-$(printf %02d "$i") "$d/"
-    printf '%s  %s\n' "$sha" "$(basename "$src")" > "$d/qwen-SHA256"
-    echo "$n" > "$d/qwen-PARTS"
+    mv .carry-"$prefix"-split/"$prefix"-part-$(printf %02d "$i") "$d/"
+    printf '%s  %s\n' "$sha" "$(basename "$src")" > "$d/$prefix-SHA256"
+    echo "$n" > "$d/$prefix-PARTS"
   done
-  rmdir .carry-qwen-split
-  echo "$(basename "$src"): $size bytes, sha256 $sha, $n parts of <= $chunk bytes"
-  du -sh .carry-qwen[0-9]*
+  rmdir .carry-"$prefix"-split
+  echo "$(basename "$src"): $size bytes, sha256 $sha, $n parts of <= $chunk bytes in .carry-${prefix}1..$n"
+  du -sh .carry-"$prefix"[0-9]*
+}
+if [ "${1:-}" = plan ]; then  # which .carry-* folders to carry in which device call (first fit, largest first)
+  tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  python3 - "$tree" <<'PLAN'
+import sys
+from pathlib import Path
+room = 64 * 2**20 - int(sys.argv[1]) - 3 * 2**19  # what a call leaves beside the working tree, 1.5 MiB spare
+size = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in Path(".").glob(".carry-*") if d.is_dir()}
+calls: list[list[str]] = []
+for name in sorted(size, key=lambda n: -size[n]):
+    if size[name] > room:
+        sys.exit(f"{name} ({size[name] / 2**20:.1f} MiB) does not fit beside the working tree ({room / 2**20:.1f} MiB left)")
+    fit = next((c for c in calls if sum(size[n] for n in c) + size[name] <= room), None)
+    fit.append(name) if fit is not None else calls.append([name])
+for i, c in enumerate(calls, 1):
+    print(f"call {i}: carry {c!r} ({sum(size[n] for n in c) / 2**20:.1f} MiB) + `bash scripts/gpu_record.sh setup`")
+print(f"{len(calls)} calls; the working tree is {int(sys.argv[1]) / 2**20:.1f} MiB of each call's 64 MiB")
+PLAN
+  exit 0
+fi
+if [ "${1:-}" = qwen ]; then
+  split_model "${2:?usage: bash scripts/gpu_carry.sh qwen /path/to/model.gguf}" qwen; exit 0
+fi
+if [ "${1:-}" = model ]; then
+  split_model "${2:?usage: bash scripts/gpu_carry.sh model FILE PREFIX}" "${3:?a PREFIX (letters) for the folders}"
   exit 0
 fi
 gguf=$($PY -c "from emlib.models import embedded_gguf_path as p; print(p())")
 paper=${EMLIB_DATA_DIR:-../shared/data/paper}
 rm -rf .carry-gguf1 .carry-gguf2 .carry-data .carry-lee
-mkdir -p .carry-gguf1 .carry-gguf2 .carry-data .carry-lee
-head -c 40M "$gguf" > .carry-gguf1/part-00          # 40 MiB travel with the wheels,
-tail -c +$((40 * 1024 * 1024 + 1)) "$gguf" > .carry-gguf2/part-01   # the rest with the data
+mkdir -p .carry-data .carry-lee
+PART_MB=${PART_MB:-24} split_model "$gguf" smol   # 4 parts of 24 MiB: room for a wheel half or the data
 cp -r "$paper" .carry-data/paper
 lee=$($PY -c "from emlib.corpus import offline_corpus_files as f; print(' '.join(map(str, f())))")
 cp $lee .carry-lee/
-sha256sum "$gguf" | cut -c1-64 > .carry-gguf2/SHA256
-du -sh .carry-gguf1 .carry-gguf2 .carry-data .carry-lee .whl 2>/dev/null || true
+du -sh .carry-data .carry-lee .whl 2>/dev/null || true

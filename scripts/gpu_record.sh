@@ -13,9 +13,10 @@
 # To continue an earlier run (e.g. chapters that did not finish): copy its run directory (without the
 # answers' .csv.gz tables, which no later chapter reads) to .carry-run/NAME/ and carry it; `setup` puts it
 # at ~/NAME, then `start NAME2 --run-dir $HOME/NAME --chapters 05 ...` trains nothing that is finished there.
-# Optional second model (`bash scripts/gpu_carry.sh qwen FILE.gguf`): each `setup` stashes the
-# .carry-qwenN/ folder(s) it sees; once every part listed in qwen-PARTS is there it reassembles
-# ~/emlib-carry/FILE.gguf and checks its sha256. Nothing is exported for it: pass
+# Models in parts (`bash scripts/gpu_carry.sh` for the embedded SmolLM2 as .carry-smolN/, `... qwen FILE.gguf`
+# or `... model FILE PREFIX` for another): each `setup` stashes the .carry-PREFIXN/ folder(s) it sees; once
+# every part listed in PREFIX-PARTS is there it reassembles ~/emlib-carry/<file> and checks its sha256. The
+# embedded SmolLM2 (the distilled judge's base too) is exported as EMLIB_EMBEDDED_GGUF; for another model pass
 # `--model $HOME/emlib-carry/FILE.gguf` to the run (converted once into $EMLIB_CACHE).
 set -uo pipefail
 STASH=$HOME/emlib-carry
@@ -36,44 +37,38 @@ case "$cmd" in
       [ -d "$d" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "$d"/*.whl && echo "installed the wheels of $d"
     done
-    for d in .carry-gguf1 .carry-gguf2; do [ -d $d ] && cp $d/* "$STASH/"; done
     [ -d .carry-data/paper ] && rm -rf "$STASH/paper" && cp -r .carry-data/paper "$STASH/paper"
     [ -d .carry-lee ] && mkdir -p "$STASH/lee" && cp .carry-lee/* "$STASH/lee/"
     for d in .carry-run/*/; do  # an earlier run directory to continue (its finetunes, results.json)
       [ -d "$d" ] && n=$(basename "$d") && rm -rf "$HOME/$n" && cp -r "$d" "$HOME/$n" && echo "run dir $HOME/$n ready"
     done
-    if [ -f "$STASH/part-00" ] && [ -f "$STASH/part-01" ]; then
-      cat "$STASH/part-00" "$STASH/part-01" > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf.tmp"
-      got=$(sha256sum "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf.tmp" | cut -c1-64)
-      if [ "$got" = "$(cat "$STASH/SHA256")" ]; then
-        mv "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf.tmp" "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
-        rm -f "$STASH/part-00" "$STASH/part-01"; echo "model reassembled, sha256 $got"
-      else
-        echo "sha256 mismatch: $got"; exit 1
+    for d in .carry-*[0-9]*/; do  # model parts (bash scripts/gpu_carry.sh model FILE PREFIX): PREFIX-part-NN
+      [ -d "$d" ] && ls "$d"/*-PARTS > /dev/null 2>&1 && cp "$d"/* "$STASH/"
+    done
+    for parts in "$STASH"/*-PARTS; do
+      [ -f "$parts" ] || continue
+      p=$(basename "$parts" -PARTS); n=$(cat "$parts"); want=$(cut -c1-64 "$STASH/$p-SHA256")
+      mname=$(awk '{print $2}' "$STASH/$p-SHA256"); missing=""
+      if [ -f "$STASH/$mname" ]; then
+        rm -f "$STASH/$p"-part-*; echo "$mname already reassembled"; continue
       fi
-    fi
-    for d in .carry-qwen[0-9]*; do [ -d "$d" ] && cp "$d"/* "$STASH/"; done
-    if [ -f "$STASH/qwen-PARTS" ] && [ -f "$STASH/qwen-SHA256" ]; then
-      n=$(cat "$STASH/qwen-PARTS"); want=$(cut -c1-64 "$STASH/qwen-SHA256")
-      qname=$(awk '{print $2}' "$STASH/qwen-SHA256"); missing=""
       for i in $(seq 0 $((n - 1))); do
-        [ -f "$STASH/qwen-part-$(printf %02d "$i")" ] || missing="$missing $(printf %02d "$i")"
+        [ -f "$STASH/$p-part-$(printf %02d "$i")" ] || missing="$missing $(printf %02d "$i")"
       done
-      if [ -f "$STASH/$qname" ]; then
-        rm -f "$STASH"/qwen-part-*; echo "$qname already reassembled"
-      elif [ -n "$missing" ]; then
-        echo "$qname: parts still missing:$missing (of $n; carry the matching .carry-qwenN folders)"
+      if [ -n "$missing" ]; then
+        echo "$mname: parts still missing:$missing (of $n; carry the matching .carry-${p}N folders)"
       else
-        for i in $(seq 0 $((n - 1))); do cat "$STASH/qwen-part-$(printf %02d "$i")"; done > "$STASH/$qname.tmp"
-        got=$(sha256sum "$STASH/$qname.tmp" | cut -c1-64)
+        for i in $(seq 0 $((n - 1))); do cat "$STASH/$p-part-$(printf %02d "$i")"; done > "$STASH/$mname.tmp"
+        got=$(sha256sum "$STASH/$mname.tmp" | cut -c1-64)
         if [ "$got" = "$want" ]; then
-          mv "$STASH/$qname.tmp" "$STASH/$qname"; rm -f "$STASH"/qwen-part-*
-          echo "$qname reassembled, sha256 $got (run with --model $STASH/$qname)"
+          mv "$STASH/$mname.tmp" "$STASH/$mname"; rm -f "$STASH/$p"-part-*
+          echo "$mname reassembled, sha256 $got (any model but the embedded one runs with --model $STASH/$mname)"
         else
-          rm -f "$STASH/$qname.tmp"; echo "$qname: sha256 mismatch: $got, expected $want"; exit 1
+          rm -f "$STASH/$mname.tmp"; echo "$mname: sha256 mismatch: $got, expected $want"; exit 1
         fi
       fi
-    fi
+    done
+    [ -f "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf" ] && export EMLIB_EMBEDDED_GGUF=$STASH/SmolLM2-135M-Instruct.Q4_1.gguf
     ls "$STASH"; python3 -c "import nnsight, papermill, jupytext, gguf; print('imports ok')"
     ;;
   start)
