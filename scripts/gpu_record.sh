@@ -4,7 +4,8 @@
 #   bash scripts/gpu_record.sh setup            install .whl/ into /tmp/site, stash GGUF parts in ~/emlib-carry
 #   bash scripts/gpu_record.sh start NAME ARGS  start `python -m emlib.record run ARGS` in the background
 #                                               (survives the calling shell), log in ~/record-NAME.log
-#   bash scripts/gpu_record.sh wait NAME SECS   print progress until the run ends or SECS pass
+#   bash scripts/gpu_record.sh wait NAME SECS [RUN_DIR]   print progress until the run ends or SECS pass; with
+#                                               RUN_DIR, pack what the run has so far into $OUT/so-far
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
 # back to back until `pack` has run and its files came back (a machine that went back loses everything).
@@ -77,15 +78,20 @@ case "$cmd" in
     echo "started $name (pid $!)"
     ;;
   wait)
-    name=$1; secs=${2:-540}; t0=$(date +%s)
+    name=$1; secs=${2:-540}; run=${3:-}; t0=$(date +%s)
     while pgrep -f "emlib.record run" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$secs" ]; do sleep 10; done
-    grep -v -i "warning\|TCP without" "$HOME/record-$name.log" | tail -40
+    grep -v -i "warning\|TCP without\|Loading weights\|de-quantizing" "$HOME/record-$name.log" | tail -40
     pgrep -f "emlib.record run" > /dev/null && echo "STILL RUNNING" || echo "RUN ENDED"
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    if [ -n "$run" ] && [ -n "${OUT:-}" ]; then  # what the run has so far comes back with every call: a
+      mkdir -p "$OUT/so-far"                      # machine taken back between calls loses nothing packed
+      python3 -m emlib.record pack "$run" "$OUT/so-far" > /dev/null && cp "$HOME/record-$name.log" "$OUT/so-far/"
+      ls "$OUT/so-far"
+    fi
     ;;
   pack)
     name=$1; run=$2; dest=${3:-$OUT}
     python3 -m emlib.record pack "$run" "$dest"; cp "$HOME/record-$name.log" "$dest/record-$name.log"
     ;;
-  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS"; exit 2;;
+  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | pack NAME RUN_DIR [DEST]"; exit 2;;
 esac
