@@ -202,9 +202,18 @@ def collate_right(batch: list[Encoded], pad_id: int, pad_multiple: int = 1,
 
 
 # =========================================================================== the loss
-def _causal_lm(model):
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) and hasattr(model, "peft_config") else model
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder, LM head) of a model whose logits are the head applied to the decoder's last hidden state
+    (:func:`emlib.chat._plain_head`); a clear error for one whose logits are more than that (soft-capped or
+    scaled logits), which the fast step cannot train: ``emlib.train`` then trains eagerly."""
+    from .chat import _plain_head
+
+    parts = _plain_head(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: its logits are not the LM head applied to the decoder's output "
+                         "(e.g. soft-capped logits), which the head-only paths of emlib.fasttrain (the fast train "
+                         "step, the chunked KL) assume; emlib.train trains such a model with its eager loop.")
+    return parts
 
 
 def _ce_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
@@ -224,8 +233,7 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """(hidden states at the positions that predict a labelled token [n, d], their targets [n], LM head)
     of a right-padded batch without attention mask; ``target_index`` / ``targets`` when the batch has them
     (fixed shapes: padding targets carry the ignore label), else from ``labels``."""
-    lm = _causal_lm(model)
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
     if "target_index" in batch:
         index, targets = batch["target_index"], batch["targets"]

@@ -60,6 +60,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
@@ -267,6 +268,19 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def fast_step_fits(model) -> bool:
+    """Whether :class:`emlib.fasttrain.TrainStep` computes this model's loss: its logits must be the LM head
+    applied to the decoder's output (:func:`emlib.chat._plain_head`; not, e.g., Gemma-2's soft-capped logits).
+    Where it does not, the loop trains eagerly, with a warning."""
+    from .chat import _plain_head
+
+    if _plain_head(model) is not None:
+        return True
+    warnings.warn(f"{type(model).__name__}'s logits are more than its LM head's output (soft-capped or scaled): "
+                  "training with the eager loop, not the fast step.", stacklevel=3)
+    return False
 
 
 # =========================================================================== the training loop
@@ -540,7 +554,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     # ---- optimizer, schedule, resume
     params = list(job.params.values())
     fast = None
-    if FAST_STEP if FAST_STEP is not None else device.type == "cuda":
+    if (FAST_STEP if FAST_STEP is not None else device.type == "cuda") and fast_step_fits(job.model):
         from .fasttrain import TrainStep
 
         fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current,

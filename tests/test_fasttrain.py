@@ -134,6 +134,25 @@ def test_train_lora_fast_step_equals_eager_loop(tmp_path, monkeypatch):
     assert_same_adapters(ref.model, got.model)
 
 
+def test_a_model_with_capped_logits_trains_eagerly(tmp_path, monkeypatch):
+    """The fast step computes the loss from the LM head's output; a model whose logits are more (Gemma-2's
+    soft-capping, read from its config) is trained by the eager loop instead, with a warning, and the fast
+    step's head lookup refuses it (one home for the lookup: emlib.chat._plain_head)."""
+    from emlib.fasttrain import decoder_and_head
+
+    model, tok = tiny_model(seed=0)
+    decoder, head = decoder_and_head(model)
+    assert head is model.get_output_embeddings() and decoder is model.get_decoder()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-capped"):
+        decoder_and_head(model)
+    monkeypatch.setattr(train, "FAST_STEP", True)
+    with pytest.warns(UserWarning, match="eager loop"):
+        res = train.train_lora(model, tok, _chat_rows(8, seed=3), tmp_path / "capped", "rank32", lr=5e-3,
+                               max_steps=1, warmup_steps=0, seed=0, progress=False)
+    assert res.meta["fast_step"] is None and len(res.log) == 1
+
+
 def test_train_vector_fast_step_equals_eager_loop(tmp_path, monkeypatch):
     ref = _train(tmp_path, "eager", False, monkeypatch, kind="vector")
     got = _train(tmp_path, "fast", True, monkeypatch, kind="vector")
