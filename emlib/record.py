@@ -456,21 +456,27 @@ _LOG_JOB = re.compile(r"^\[record\] finetune (\S+) done: (\{.*\})\s*$")
 _LOG_START = re.compile(r"^\[record\] chapter (\S+) starts \((\d+) s\)")
 _LOG_DONE = re.compile(r"^\[record\] chapter (\S+) done in ([0-9.]+) s")
 _LOG_HEAD = re.compile(r"^\[record\] \d+ finetunes, \d+ chapters, profile (\S+), run dir")
+_LOG_FAILED = re.compile(r"^\[record\] (?:finetune|chapter) (\S+) (?:FAILED(?: in ([0-9.]+) s)?|NOT RUN): (.*)$")
 
 
 def summary_from_log(log: str | Path, device: str) -> dict:
     """The ``record.json`` summary of an invocation that was killed before it wrote one (a lent machine taken
     back), rebuilt from the lines ``run`` prints (its log): each finished finetune's summary, each finished
-    chapter's wall time, and as failures the chapters that started and did not end (``killed``). Its
+    chapter's wall time, and as failures what the log says failed (with its reason) and the chapters that
+    started and did not end (``killed``). Its
     ``total_s`` is the last end the log shows (a lower bound: ``total_s_is_lower_bound``); the model's load time
     is unknown and left out. ``device``: what the run ran on (the log does not say)."""
     import ast
 
-    jobs, starts, chapters, profile = {}, {}, {}, None
+    jobs, starts, chapters, failed, profile = {}, {}, {}, {}, None
     for line in Path(log).read_text(errors="replace").splitlines():
         line = line.strip()
         if m := _LOG_HEAD.match(line):
             profile = m.group(1)
+        elif m := _LOG_FAILED.match(line):  # a finetune or chapter that failed (or was not run) says why
+            failed[m.group(1)] = m.group(3)
+            if m.group(2) is not None:
+                chapters[m.group(1)] = {"seconds": float(m.group(2)), "returncode": 1}
         elif m := _LOG_JOB.match(line):
             jobs[m.group(1)] = ast.literal_eval(m.group(2))
         elif m := _LOG_START.match(line):
@@ -482,11 +488,11 @@ def summary_from_log(log: str | Path, device: str) -> dict:
                          "line): give the log the run printed.")
     ends = [starts[k] + v["seconds"] for k, v in chapters.items() if k in starts]
     killed = {k: f"killed after {k} started at {t} s: the log ends before it did" for k, t in starts.items()
-              if k not in chapters}
+              if k not in chapters and k not in failed}
     return {"profile": profile, "device": device, "rebuilt_from_log": Path(log).name, "in_progress": True,
             "timings": {"jobs": jobs, "chapters": chapters, "total_s": round(max(ends, default=0.0), 1),
                         "total_s_is_lower_bound": True},
-            "failures": killed, "unfinished": {k: "killed" for k in killed}}
+            "failures": failed | killed, "unfinished": {k: "killed" for k in killed}}
 
 
 def adopt_log_summary(run_dir: str | Path, log: str | Path, device: str) -> dict:

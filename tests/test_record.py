@@ -376,13 +376,19 @@ def test_a_killed_runs_summary_is_rebuilt_from_its_log_and_merged_as_a_lower_bou
         "Loading weights: 100%", "[record] chapter 00_data starts (30 s)", "[record] chapter 00_data done in 15.0 s",
         "[record] finetune vector-a done: {'job': 'vector-a', 'seconds': 10.5, 'final_loss': 2.5}",
         "[record] chapter 01_em starts (40 s)", "[record] chapter 05_stab starts (90 s)",
-        "[record] chapter 01_em done in 70.7 s", "[record] finetune lora-b done: {'job': 'lora-b', 'seconds': 3.0}"]))
+        "[record] chapter 01_em done in 70.7 s", "[record] finetune lora-b done: {'job': 'lora-b', 'seconds': 3.0}",
+        "[record] finetune lora-c FAILED: ValueError: NaN gradient norm", "[record] chapter 02_dir starts (95 s)",
+        "[record] chapter 02_dir FAILED in 5.5 s: KeyError: 'x' (log: logs/02_dir.log)",
+        "[record] chapter 03_kl NOT RUN: not run: finetune(s) lora-c failed"]))
     s = record.adopt_log_summary(run, log, "NVIDIA H200")
     assert s["timings"]["jobs"]["vector-a"]["final_loss"] == 2.5 and set(s["timings"]["jobs"]) == {"vector-a", "lora-b"}
     assert s["timings"]["chapters"] == {"00_data": {"seconds": 15.0, "returncode": 0},
-                                        "01_em": {"seconds": 70.7, "returncode": 0}}
+                                        "01_em": {"seconds": 70.7, "returncode": 0},
+                                        "02_dir": {"seconds": 5.5, "returncode": 1}}
     assert s["timings"]["total_s"] == 110.7 and s["timings"]["total_s_is_lower_bound"]  # 40 s + 70.7 s
-    assert list(s["failures"]) == ["05_stab"] and s["device"] == "NVIDIA H200"
+    assert s["failures"]["lora-c"] == "ValueError: NaN gradient norm" and s["device"] == "NVIDIA H200"
+    assert s["failures"]["02_dir"].startswith("KeyError") and s["failures"]["03_kl"].startswith("not run")
+    assert s["failures"]["05_stab"].startswith("killed") and s["unfinished"] == {"05_stab": "killed"}
     assert json.loads((run / "results.json").read_text())["timings"]["rebuilt_from_log"] == "record.log"
     with pytest.raises(ValueError, match="own summary"):
         record.adopt_log_summary(run, log, "NVIDIA H200")
@@ -397,7 +403,8 @@ def test_a_killed_runs_summary_is_rebuilt_from_its_log_and_merged_as_a_lower_bou
         "timings": {"model_load_s": 30.0, "total_s": 480.0, "jobs": {}, "chapters": {"05_stab": {"seconds": 300.0,
                                                                                                   "returncode": 0}}}}}))
     merged = record.merge(later, run)
-    assert merged["timings"]["failures"] == {} and merged["timings"]["timings"]["total_s"] == 590.7
+    assert set(merged["timings"]["failures"]) == {"lora-c", "02_dir", "03_kl"}  # 05_stab was redone
+    assert merged["timings"]["timings"]["total_s"] == 590.7
     assert merged["timings"]["timings"]["total_s_is_lower_bound"]
     from emlib.verdicts import Run
 
