@@ -95,17 +95,12 @@ class FastTrainArgs:
     bucket_per_octave: int | None = 8  # shape buckets per power of two (bucket); None: exact shapes, no graphs
 
     def check(self) -> "FastTrainArgs":
-        for name in ("epochs", "rows_per_step", "max_tokens_per_micro", "max_length", "ce_chunk", "pad_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        from .train import check_schedule
+
+        check_schedule(self, ("epochs", "rows_per_step", "max_tokens_per_micro", "max_length", "ce_chunk",
+                              "pad_multiple"))
         if self.bucket_per_octave is not None and self.bucket_per_octave < 1:
             raise ValueError(f"bucket_per_octave must be >= 1 or None, got {self.bucket_per_octave}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         return self
 
 

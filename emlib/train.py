@@ -119,18 +119,25 @@ class TrainArgs:
     early_stop_patience: int = 5
 
     def check(self) -> "TrainArgs":
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "kl_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
+        check_schedule(self, ("epochs", "batch_size", "grad_accum", "max_length", "kl_batch_size"))
         if self.kl_lambda < 0 or not math.isfinite(self.kl_lambda):
             raise ValueError(f"kl_lambda must be >= 0, got {self.kl_lambda}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         return self
+
+
+def check_schedule(args, at_least_one: Sequence[str]) -> None:
+    """The checks every training loop's arguments share (:class:`TrainArgs`, ``emlib.fasttrain.FastTrainArgs``):
+    the fields named in ``at_least_one`` >= 1, ``lr`` positive and finite, ``max_steps`` >= 1 or None,
+    ``warmup_steps`` >= 0; one ValueError naming the field."""
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}.")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"lr must be a positive finite number, got {args.lr}.")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {args.max_steps}.")
+    if args.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {args.warmup_steps}.")
 
 
 @dataclass

@@ -312,3 +312,16 @@ def test_bad_layer_and_bad_data(tmp_path):
         T.train_lora(model, tok, ROWS, tmp_path / "e", shape="rank7", **FAST)
     with pytest.raises(ValueError, match="no linear modules named"):
         T.lora_config(model, "rank32", targets=("c_attn",))
+
+
+@pytest.mark.parametrize("field,value,says", [("lr", 0.0, "lr must be a positive"), ("max_steps", 0, "max_steps must"),
+                                              ("warmup_steps", -1, "warmup_steps must"), ("epochs", 0, "epochs must")])
+def test_both_loops_check_their_schedule_alike(field, value, says):
+    """One home for the checks the eager loop's and the fast loop's arguments share (train.check_schedule)."""
+    from emlib.fasttrain import FastTrainArgs
+
+    for cls in (T.TrainArgs, FastTrainArgs):
+        with pytest.raises(ValueError, match=says):
+            cls(**{field: value}).check()
+    with pytest.raises(ValueError, match="kl_lambda must"):
+        T.TrainArgs(kl_lambda=-1.0).check()
