@@ -594,7 +594,7 @@ def _main(a) -> int:
     if a.cmd == "from-log":
         summary = adopt_log_summary(a.run_dir, a.log, a.device)
         print(f"{a.run_dir}: {len(summary['timings']['jobs'])} finetunes, {len(summary['timings']['chapters'])} "
-              f"chapters from {a.log}; killed: {sorted(summary['failures']) or 'none'}")
+              f"chapters from {a.log}; failed or killed: {sorted(summary['failures']) or 'none'}")
         return 0
     if a.cmd == "merge":
         merge(a.src, a.dst)

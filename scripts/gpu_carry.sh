@@ -31,14 +31,19 @@ fi
 # PREFIX-SHA256 ("<sha256>  <file name>") and PREFIX-PARTS (how many parts); `gpu_record.sh setup` reassembles
 # ~/emlib-carry/<file name> once every part has come. Parts fill what a call leaves beside the working tree
 # (64 MiB in all, 1.5 MiB to spare), or PART_MB MiB each when set (room for wheels or data in the same call).
+tree_bytes() {  # what every call carries anyway: tracked and untracked-not-ignored files
+  git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1
+}
+room_bytes() {  # what a call (64 MiB) leaves beside the working tree, with 1.5 MiB to spare for later commits
+  echo $(( 64 * 1024 * 1024 - $(tree_bytes) - 3 * 1024 * 1024 / 2 ))
+}
 split_model() {
   local src=$1 prefix=$2
   [ -f "$src" ] || { echo "no such file: $src"; exit 1; }
-  local tree max size n chunk got sha i d
-  tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
-  max=$(( 64 * 1024 * 1024 - tree - 3 * 1024 * 1024 / 2 ))
+  local max size n chunk got sha i d
+  max=$(room_bytes)
   [ -n "${PART_MB:-}" ] && max=$(( PART_MB * 1024 * 1024 ))
-  [ "$max" -gt $((8 * 1024 * 1024)) ] || { echo "the working tree ($tree bytes) leaves no room for model parts"; exit 1; }
+  [ "$max" -gt $((8 * 1024 * 1024)) ] || { echo "the working tree ($(tree_bytes) bytes) leaves no room for model parts"; exit 1; }
   size=$(stat -c %s "$src")
   n=$(( (size + max - 1) / max ))             # fewest parts that fit ...
   chunk=$(( (size + n - 1) / n ))             # ... of (nearly) equal size
@@ -60,11 +65,10 @@ split_model() {
   du -sh .carry-"$prefix"[0-9]*
 }
 if [ "${1:-}" = plan ]; then  # which .carry-* folders to carry in which device call (first fit, largest first)
-  tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
-  python3 - "$tree" <<'PLAN'
+  python3 - "$(tree_bytes)" "$(room_bytes)" <<'PLAN'
 import sys
 from pathlib import Path
-room = 64 * 2**20 - int(sys.argv[1]) - 3 * 2**19  # what a call leaves beside the working tree, 1.5 MiB spare
+room = int(sys.argv[2])
 size = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in Path(".").glob(".carry-*") if d.is_dir()}
 calls: list[list[str]] = []
 for name in sorted(size, key=lambda n: -size[n]):

@@ -21,6 +21,9 @@
 # `--model $HOME/emlib-carry/FILE.gguf` to the run (converted once into $EMLIB_CACHE).
 set -uo pipefail
 STASH=$HOME/emlib-carry
+pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record pack) and its log into DEST
+  python3 -m emlib.record pack "$2" "$3" && cp "$HOME/record-$1.log" "$3/record-$1.log"
+}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export EMLIB_CACHE=$STASH/cache PYDEVD_DISABLE_FILE_VALIDATION=1
 [ -f "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf" ] && export EMLIB_EMBEDDED_GGUF=$STASH/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -69,7 +72,6 @@ case "$cmd" in
         fi
       fi
     done
-    [ -f "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf" ] && export EMLIB_EMBEDDED_GGUF=$STASH/SmolLM2-135M-Instruct.Q4_1.gguf
     ls "$STASH"; python3 -c "import nnsight, papermill, jupytext, gguf; print('imports ok')"
     ;;
   start)
@@ -84,14 +86,12 @@ case "$cmd" in
     pgrep -f "emlib.record run" > /dev/null && echo "STILL RUNNING" || echo "RUN ENDED"
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     if [ -n "$run" ] && [ -n "${OUT:-}" ]; then  # what the run has so far comes back with every call: a
-      mkdir -p "$OUT/so-far"                      # machine taken back between calls loses nothing packed
-      python3 -m emlib.record pack "$run" "$OUT/so-far" > /dev/null && cp "$HOME/record-$name.log" "$OUT/so-far/"
+      pack_into "$name" "$run" "$OUT/so-far" > /dev/null   # machine taken back between calls loses nothing packed
       ls "$OUT/so-far"
     fi
     ;;
   pack)
-    name=$1; run=$2; dest=${3:-$OUT}
-    python3 -m emlib.record pack "$run" "$dest"; cp "$HOME/record-$name.log" "$dest/record-$name.log"
+    pack_into "$1" "$2" "${3:-$OUT}"
     ;;
   *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | pack NAME RUN_DIR [DEST]"; exit 2;;
 esac
