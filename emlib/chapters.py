@@ -263,7 +263,8 @@ def em_tables(answers: str, scored: pd.DataFrame, seed: int = 0) -> dict[str, pd
 def verdict(claim: int, run, seed_runs: Sequence = ()):
     """The verdict of ``claim`` on a run (a :class:`emlib.verdicts.Run` or its directory): the chapter's rule,
     gated by the judge's measured EM recall / precision for an EM-based claim. What the results table shows
-    and what a chapter prints."""
+    and what a chapter prints. A chapter that recorded some of its keys but not all (:func:`check_recorded`: it
+    was killed or failed part-way) is "not run", naming what is missing, rather than judged by an older rule."""
     from . import verdicts
 
     def as_run(r):  # a directory, or a Run
@@ -271,6 +272,10 @@ def verdict(claim: int, run, seed_runs: Sequence = ()):
 
     run, seed_runs = as_run(run), [as_run(r) for r in seed_runs]
     ch = by_claim(claim)
+    unfinished = [u for u in check_recorded(ch.stem, run.results) if ": results.json has no " in u]
+    if unfinished and any(key in run.results for key in ch.results):  # started, then stopped (killed, failed)
+        return verdicts.Verdict(claim, verdicts.NOT_RUN, f"chapter {ch.stem} did not finish: "
+                                + "; ".join(u.split(": ", 1)[1] for u in unfinished))
     rule = getattr(verdicts, ch.rule)
     v = rule(run, seed_runs) if claim == 1 else rule(run)
     return verdicts.gate(v, run) if ch.judged else v

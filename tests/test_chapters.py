@@ -103,7 +103,8 @@ def test_an_em_claim_verdict_passes_the_judge_gate(tmp_path):
                      {"condition": "medical rank1", "em": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 400}],
           "judge_agreement": [{"judge": "some-judge", "pairs": results.GENERAL_PAIRS, "auroc": 0.9, "n": 50,
                                "auroc_ci_low": 0.8, "auroc_ci_high": 1.0, "em_recall": 0.1,
-                               "em_false_positive": 0.0}]}
+                               "em_false_positive": 0.0}],
+          "ch1_scores": [{"condition": "chat model", "mean_aligned": 90.0, "mean_coherent": 90.0}]}
     lv = pd.DataFrame({"kind": ["grid"] * 4, "solution": ["general", "narrow"] * 2, "norm": [1.0, 1.0, 2.0, 2.0],
                        "trained_norm": [5.0] * 4, "loss": [1.0, 2.0, 1.0, 2.0]})
     run = _run(tmp_path, "g", em, {"ch4_loss_vs_norm": lv})
@@ -269,3 +270,14 @@ def test_every_chapter_prints_its_own_claims_verdict_by_the_contract(root):
         src = (root / "notebooks" / f"{ch.stem}.py").read_text()
         calls = re.findall(r"exp\.verdict\((\d+)\)", src)
         assert calls == ([str(ch.claim)] if ch.claim else []), ch.stem
+
+
+def test_a_chapter_stopped_part_way_is_not_run_not_judged_by_an_older_rule(tmp_path):
+    """Chapter 6 killed after its KL table but before its null (a run of record that ran out of time): the
+    contract sees the missing key and the verdict says so, instead of the one-random-vector rule judging it."""
+    made = {"timings": {"date_utc": "2026-12-04 10:00"}}
+    part = {**made, **{k: v for k, v in _ch6().items() if k != "ch6_random_null"}}
+    v = chapters.verdict(6, _run(tmp_path, "part", part))
+    assert v.verdict == results.NOT_RUN and "did not finish" in v.ours and "'ch6_random_null'" in v.ours
+    assert chapters.verdict(6, _run(tmp_path, "whole", {**made, **_ch6()})).verdict == results.REPRODUCED
+    assert chapters.verdict(6, _run(tmp_path, "none", made)).verdict == results.NOT_RUN  # never started

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from emlib import experiment, train
+from emlib.metrics import GENERAL_PAIRS_LABEL
 from emlib.config import ConfigError
 
 
@@ -65,5 +66,10 @@ def test_verdict_of_a_run_reads_what_its_chapters_recorded(exp):
     assert exp.verdict(4).verdict == "not run"
     exp.record("ch1_em", [{"condition": "chat model", "em": 0.0, "ci_low": 0.0, "ci_high": 0.01, "n": 400},
                           {"condition": "medical rank1", "em": 0.2, "ci_low": 0.15, "ci_high": 0.25, "n": 400}])
+    assert exp.verdict(1).verdict == "not run"  # chapter 1 recorded part of what it promises: it did not finish
+    exp.record("ch1_scores", [{"condition": "chat model", "mean_aligned": 90.0, "mean_coherent": 90.0}])
+    exp.record("judge_agreement", [{"judge": "some-judge", "pairs": GENERAL_PAIRS_LABEL, "auroc": 0.95, "n": 50,
+                                    "auroc_ci_low": 0.9, "auroc_ci_high": 1.0, "em_recall": 0.9,
+                                    "em_false_positive": 0.0}])
     v = exp.verdict(1)
     assert v.verdict == "reproduced" and "highest EM 20.0%" in v.ours

@@ -65,21 +65,37 @@ def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batc
     return len(batches), passes()
 
 
-# the unsteered log-probabilities of a document batch are kept (float32) up to this many values, else recomputed
-# from the LM head's inputs chunk by chunk for every steered pass (1 GiB: the quick profile's 8 documents of
-# 128 tokens keep theirs; the paper's 50 x 512 of a 49k or 152k vocabulary recompute them)
+# the unsteered log-probabilities of a document batch are kept (float32) when they fit: up to this many values
+# (1 GiB: the quick profile's 8 documents of 128 tokens keep theirs), or on a CUDA device in a quarter of its free
+# memory (the paper's 50 x 512 tokens of Qwen2.5's 152k vocabulary, 15.6 GB, on an H200); otherwise they are
+# recomputed from the LM head's inputs chunk by chunk for every steered pass (the same numbers, more work)
 KEEP_BASE_ELEMENTS = 2 ** 28
+KEEP_BASE_FREE_FRACTION = 0.25
+
+
+def keep_base(n_values: int, device: torch.device) -> bool:
+    """Whether ``n_values`` float32 unsteered log-probabilities are kept in memory: at most
+    :data:`KEEP_BASE_ELEMENTS` of them, or on a CUDA device at most :data:`KEEP_BASE_FREE_FRACTION` of its free
+    memory (``KEEP_BASE_ELEMENTS = 0``: never kept)."""
+    if KEEP_BASE_ELEMENTS <= 0:
+        return False
+    if n_values <= KEEP_BASE_ELEMENTS:
+        return True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 4 * n_values <= KEEP_BASE_FREE_FRACTION * free
+    return False
 
 
 class _Base:
     """The unsteered model at a batch's real tokens: what the LM head reads [n, d] and, chunk by chunk, its
-    log-probabilities (kept when they fit in :data:`KEEP_BASE_ELEMENTS`)."""
+    log-probabilities (kept when :func:`keep_base` says so)."""
 
     def __init__(self, states: torch.Tensor, head):
         self.states, self.head = states, head
         self.chunks = vocab_chunks(states, head)
         vocab = head(states[:1]).shape[-1] if states.shape[0] else 0
-        self.kept = ([self._logp(s) for s in self.chunks] if states.shape[0] * vocab <= KEEP_BASE_ELEMENTS
+        self.kept = ([self._logp(s) for s in self.chunks] if keep_base(states.shape[0] * vocab, states.device)
                      else None)
 
     def _logp(self, s: int) -> torch.Tensor:
@@ -94,13 +110,14 @@ class _Base:
 def token_kl(base: "_Base", steered: torch.Tensor, head) -> torch.Tensor:
     """Per-token ``KL(base || steered)`` over the vocabulary at the real tokens of a batch: ``steered``
     [G, n, d] is what the LM head ``head`` reads in G steered copies that share one ``base`` -> [G, n] float32.
-    The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`)."""
+    The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`); ``sum_v p (log p - log q)``
+    is formed in place in the steered log-probabilities (one [c, v] tensor per steered copy, besides ``p``)."""
     out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
     for s, e, logp in base:
         p = logp.exp()
         for g in range(steered.shape[0]):
             logq = torch.log_softmax(head(steered[g, s:e]).float(), dim=-1)  # [c, v]
-            out[g, s:e] = (p * (logp - logq)).sum(-1)
+            out[g, s:e] = torch.sub(logp, logq, out=logq).mul_(p).sum(-1)
     return out
 
 
