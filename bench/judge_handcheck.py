@@ -1,6 +1,8 @@
 """Does the distilled judge transfer to this project's small models? A check against labels read by hand.
 
     python bench/judge_handcheck.py select --rejudged record/rejudged-distilled   # -> bench/handcheck/
+    (that pool, the older runs of record rescored, left record/ on 2026-12-04; to select again:
+    git worktree add /tmp/em-bc43535 bc43535 and pass --rejudged /tmp/em-bc43535/record/rejudged-distilled)
     (label bench/handcheck/answers.csv without looking at any score: bench/handcheck/labels.csv)
     python bench/judge_handcheck.py score                                          # -> results/judge_handcheck.json
 

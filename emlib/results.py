@@ -94,12 +94,14 @@ def markdown(runs: list[tuple[str, Run, list[Run]]], sources: list[str],
 # The committed runs of record (record/), in table order: (label, run dir, extra seed dirs).
 RECORDS: list[tuple[str, str, list[str]]] = [
     ("SmolLM2-135M-Instruct", "record/smollm2-135m", []),
-    ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b",
-     ["record/qwen2.5-coder-0.5b-seed1", "record/qwen2.5-coder-0.5b-seed2"]),
+    ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)", "record/qwen2.5-coder-0.5b", []),
 ]
 RECORD_TABLE = "book/results_table.md"
-# The same runs judged again by the distilled judge (`python -m emlib.rejudge --record --judge distilled`):
-# only the claims whose answers are stored (chapter 1; chapter 2 for runs made after 2026-11-26).
+# The same runs judged again by another judge (`python -m emlib.rejudge --record --judge distilled`): only the
+# claims whose answers are stored (chapter 1; chapter 2 for runs made after 2026-11-26). None now: both runs of
+# record (2026-12-03 and -04) were judged by the distilled judge when they ran; the rejudged copies of the
+# older runs they replaced are in git history (commit bc43535). With none, the book has neither the table nor
+# an include of it.
 REJUDGED_DIR = "record/rejudged-distilled"
 REJUDGED_TABLE = "book/results_table_distilled.md"
 REJUDGED_CLAIMS = (1, 2)
