@@ -255,22 +255,29 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     Reference = the chat model: ``model`` with its LoRA adapter disabled, or ``model`` without ``vector``.
     Rows are right-padded without attention mask and the LM head runs only at answer positions, a chunk of
     them at a time (:func:`emlib.fasttrain.fast_kl_sum`), so ``batch_size`` can be a GPU's worth of rows: no
-    ``[rows, tokens, vocabulary]`` tensor is built.
+    ``[rows, tokens, vocabulary]`` tensor is built. A model whose logits are more than its LM head's output
+    (e.g. Gemma-2's soft-capping: :func:`emlib.chat._plain_head`) goes through its own forward instead, with
+    the full logits of each batch (:func:`_batch_kl`, what the eager training loop uses).
     """
+    from .chat import _plain_head
     from .fasttrain import collate_right, fast_kl_sum, one_sequence_per_row
 
     current, reference = _contexts(model, vector)
     enc = encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    plain = _plain_head(model) is not None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        with one_sequence_per_row():
+        with one_sequence_per_row() if plain else contextlib.nullcontext():
             for i in range(0, len(enc), batch_size):
-                b = collate_right(enc[i:i + batch_size], pad, device=device)
-                s, c = fast_kl_sum(model, b, current, reference)
+                if plain:
+                    s, c = fast_kl_sum(model, collate_right(enc[i:i + batch_size], pad, device=device),
+                                       current, reference)
+                else:
+                    s, c = _batch_kl(model, collate(enc[i:i + batch_size], pad, device), current, reference)
                 total, count = total + float(s), count + int(c)
     finally:
         model.train(was_training)

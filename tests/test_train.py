@@ -155,6 +155,22 @@ def test_kl_zero_for_fresh_adapter_then_positive(tmp_path):
         T.kl_to_reference(res.model.get_base_model(), tok, KL_ROWS)
 
 
+def test_kl_to_reference_of_a_model_with_capped_logits_uses_its_own_forward(tmp_path, monkeypatch):
+    """A model whose config caps its logits (Gemma-2's soft-capping) cannot use the fast KL, which applies the LM
+    head itself: kl_to_reference then runs the model's own forward (the eager loop's _batch_kl). The tiny model
+    ignores the cap in its forward, so both paths must give the same number, and neither may raise."""
+    model, tok = _fresh()
+    res = T.train_steering_vector(model, tok, ROWS, tmp_path / "v", lr=1e-2, max_steps=2, **FAST)
+    fast = T.kl_to_reference(model, tok, KL_ROWS, vector=res.vector, batch_size=3)
+    calls = []
+    real = T._batch_kl
+    monkeypatch.setattr(T, "_batch_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    eager = T.kl_to_reference(model, tok, KL_ROWS, vector=res.vector, batch_size=3)
+    assert calls and fast > 0
+    assert eager == pytest.approx(fast, rel=1e-4)
+
+
 def test_kl_on_vector_and_kl_until_step_and_mix_rows(tmp_path):
     model, tok = _fresh()
     res = T.train_steering_vector(model, tok, ROWS, tmp_path / "v", lr=1e-2, epochs=2, kl_rows=KL_ROWS,
