@@ -134,11 +134,17 @@ def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """One forward without the vocabulary projection: (what the LM head reads at every position [b, s, d],
     the head). ``head(states[i, j])`` are the logits there, computed only where and when they are needed
     (chunked: :func:`vocab_chunks`). Forward hooks on decoder layers (steering vectors) apply. A model whose
-    head cannot be split off gives its full logits [b, s, vocab] and the identity."""
+    head cannot be split off gives its full logits [b, s, vocab] and the identity. Inside
+    :func:`emlib.prefix.reuse_prefix` the layers below its layer run once per distinct batch."""
+    from .prefix import active
+
     parts = _plain_head(model)
     if parts is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits, _identity
     decoder, head = parts
+    cache = active(decoder)
+    if cache is not None:
+        return cache.forward(input_ids, attention_mask), head
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state, head
 

@@ -77,6 +77,17 @@ def session(model, sols: Mapping[str, Solution]):
 
 
 @contextmanager
+def reused_below(model, sols: Mapping[str, Solution]):
+    """Within: the decoder layers below the lowest one the solutions change run once per batch of rows
+    (:func:`emlib.prefix.reuse_prefix`); ``model`` is the one :func:`session` yields (adapters attached)."""
+    from ..prefix import lowest_layer, reuse_prefix
+
+    layers = [s.layer for s in sols.values() if isinstance(s, SteeringVector)]
+    with reuse_prefix(model, lowest_layer(model, layers)) as cache:
+        yield cache
+
+
+@contextmanager
 def applied(model, sol: Solution, adapter: str | None, *, target: float | None = None, per: str = "module",
             eps: float | None = None, generator: torch.Generator | None = None,
             noise: float | Mapping[str, float] | None = None):

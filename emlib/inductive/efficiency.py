@@ -24,7 +24,7 @@ from ..adapters import check_per
 from ..chat import response_loss, response_row_losses
 from ..stats import paired_diff_seeds_ci
 from .common import (PAPER_NORM_FRACTIONS, Solution, applied, as_solutions, cached, encode, key_parts,
-                     progress_bar, rows_fingerprint, session, solution_norm)
+                     progress_bar, reused_below, rows_fingerprint, session, solution_norm)
 
 
 def reference_norm(model, sols: Mapping[str, Solution], adapters: Mapping[str, str], per: str = "module") -> float:
@@ -46,7 +46,7 @@ def _sweep(model, tok, enc, sols, fractions, norms, reference, per, batch_size, 
     """Every solution at its trained norm and at each grid norm: ``measure(model, name, kind, norm, ref, own)``
     gives the records of one point (``ref``: the grid's 100 % point, ``own``: the solution's trained norm)."""
     recs = []
-    with session(model, sols) as (m, adapters):
+    with session(model, sols) as (m, adapters), reused_below(m, sols):
         ref = reference if reference is not None else reference_norm(m, sols, adapters, per)
         grid = [float(n) for n in norms] if norms is not None else [float(f) * ref for f in fractions]
         bar = progress_bar(len(sols) * (len(grid) + 1), "loss vs norm", progress)

@@ -17,6 +17,7 @@ from ..cache import text_hash
 from ..chat import head_inputs, vocab_chunks
 from ..hooks import add_rows
 from ..models import check_layer
+from ..prefix import reuse_prefix
 from ..stats import ratio_ci
 from ..vectors import SteeringVector, random_vector
 from .common import PAPER_NORM_FRACTIONS, cached, key_parts, load_solution, progress_bar
@@ -129,6 +130,22 @@ def _doc_sums(kl: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.
     return s, att.sum(1).to(kl.dtype)
 
 
+def _steered_sums(model, passes, sols: Mapping, grid: Sequence[float], bar) -> dict:
+    """(solution, norm) -> [(summed KL, tokens) per document] over the document batches of ``passes``."""
+    per_doc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for inp, att, base in passes:
+        bar.update()
+        real = att.bool()
+        for name, sol in sols.items():
+            for target in grid:
+                with torch.no_grad(), sol.rescaled(target).apply(model):
+                    states, head = head_inputs(model, inp, att)
+                    s, c = _doc_sums(token_kl(base, states[real][None], head)[0], att)
+                per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
+                bar.update()
+    return per_doc
+
+
 def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None = None,
                    norms: Sequence[float] | None = None, fractions: Sequence[float] | None = PAPER_NORM_FRACTIONS,
                    include_random: bool = True, random_seed: int = 0, max_tokens: int | None = None,
@@ -168,19 +185,10 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
            "max_tokens": max_tokens, "batch_size": batch_size}
 
     def compute() -> pd.DataFrame:
-        per_doc: dict[tuple[str, float], list[tuple[float, float]]] = {}
         n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
         bar = progress_bar(n_batches * (1 + len(sols) * len(grid)), "pretraining KL", progress)
-        for inp, att, base in passes:
-            bar.update()
-            real = att.bool()
-            for name, sol in sols.items():
-                for target in grid:
-                    with torch.no_grad(), sol.rescaled(target).apply(model):
-                        states, head = head_inputs(model, inp, att)
-                        s, c = _doc_sums(token_kl(base, states[real][None], head)[0], att)
-                    per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
-                    bar.update()
+        with reuse_prefix(model, at):  # every vector sits at layer `at`: the layers below run once per batch
+            per_doc = _steered_sums(model, passes, sols, grid, bar)
         bar.close()
         recs = []
         rng = np.random.default_rng(0)  # one generator for all (solution, norm) pairs, in order
@@ -223,19 +231,20 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
         groups = [list(range(k, min(k + draws_per_pass, n_draws))) for k in range(0, n_draws, draws_per_pass)]
         n_batches, passes = _base_batches(model, tok, texts, max_tokens, batch_size)
         bar = progress_bar(n_batches * len(groups) * len(grid), "random null KL", progress)
-        for inp, att, base in passes:
-            count += float(att.sum())
-            b, real = inp.shape[0], att.bool()
-            for g in groups:
-                rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
-                for j, target in enumerate(grid):
-                    vecs = (dirs[g] * target).to(inp.device).repeat_interleave(b, 0)  # [G*b, d]
-                    with torch.no_grad(), add_rows(model, at, vecs):
-                        states, head = head_inputs(model, rep_inp, rep_att)  # [G*b, s, d]
-                        steered = states.view(len(g), b, *states.shape[1:])[:, real]  # [G, n, d]
-                        kl = token_kl(base, steered, head)  # [G, n]
-                    sums[g, j] += kl.sum(1).double().cpu()
-                    bar.update()
+        with reuse_prefix(model, at):  # the directions sit at layer `at`: the layers below run once per batch
+            for inp, att, base in passes:
+                count += float(att.sum())
+                b, real = inp.shape[0], att.bool()
+                for g in groups:
+                    rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
+                    for j, target in enumerate(grid):
+                        vecs = (dirs[g] * target).to(inp.device).repeat_interleave(b, 0)  # [G*b, d]
+                        with torch.no_grad(), add_rows(model, at, vecs):
+                            states, head = head_inputs(model, rep_inp, rep_att)  # [G*b, s, d]
+                            steered = states.view(len(g), b, *states.shape[1:])[:, real]  # [G, n, d]
+                            kl = token_kl(base, steered, head)  # [G, n]
+                        sums[g, j] += kl.sum(1).double().cpu()
+                        bar.update()
         bar.close()
         kl = (sums / count).numpy()
         return pd.DataFrame([{"draw": k, "norm": n, "kl": float(kl[k, j])} for k in range(n_draws)

@@ -28,7 +28,7 @@ import torch
 from ..chat import response_loss
 from ..stats import mean_ci, paired_diff_seeds_ci
 from .common import (PAPER_EPS_GRID, applied, as_solutions, base, cached, encode, key_parts, noise_scale,
-                     progress_bar, rows_fingerprint, session)
+                     progress_bar, reused_below, rows_fingerprint, session)
 
 NOISE_MODES = ("relative", "matched")
 
@@ -68,7 +68,7 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
 
     def compute() -> pd.DataFrame:
         recs = []
-        with session(model, sols) as (m, adapters):
+        with session(model, sols) as (m, adapters), reused_below(m, sols):
             with base(m, sols):
                 loss_base = response_loss(m, tok, enc, batch_size)
             ref = noise_scale(m, sols[reference], adapters.get(reference)) if noise == "matched" else None

@@ -1,0 +1,152 @@
+"""Reusing the layers a metric loop does not change.
+
+The inductive metrics run the same documents or rows through the model many times, changing only what sits at
+one layer: a steering vector added at layer ``k`` (chapter 6's 200 random directions x 11 norms), a rank-1
+adapter or a noisy vector there (chapters 4-5). Layers ``0 .. k-1`` compute the same thing every time. Inside
+``with reuse_prefix(decoder_model, k):`` :func:`emlib.chat.head_inputs` runs the whole decoder once per distinct
+batch, keeps what enters layer ``k`` (and the keyword arguments every later layer received: attention masks,
+rotary embeddings), and from then on runs only layers ``k ..`` and the final norm. The numbers are those of the
+full forward: the same modules run on the same inputs.
+
+What may change between calls is checked, not assumed: a forward hook on a layer below ``k``, a LoRA module
+there, or a parameter below ``k`` replaced or modified in place (``Tensor._version``) makes :func:`head_inputs`
+raise or recompute; a decoder this cannot handle (no ``layers`` or ``norm``) runs whole.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+
+MAX_BATCHES = 4  # distinct batches kept at once (each: what enters layer k, [rows, tokens, hidden])
+ENABLED = True  # False: every reuse_prefix block changes nothing (benchmarks compare both ways)
+
+
+class _Stop(Exception):
+    pass
+
+
+class PrefixCache:
+    """What enters layer ``k`` of ``decoder`` for up to :data:`MAX_BATCHES` batches, and each later layer's
+    keyword arguments."""
+
+    def __init__(self, decoder: torch.nn.Module, k: int):
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not hasattr(decoder, "norm") or not 0 <= k < len(layers):
+            raise ValueError(f"reuse_prefix needs a decoder with .layers and .norm and 0 <= layer < its depth; "
+                             f"got layer {k} of {type(decoder).__name__}.")
+        self.decoder, self.k, self.layers = decoder, k, layers
+        self.fixed = [p for n, p in decoder.named_parameters() if not self._in_suffix(n)]
+        self.stamp = self._stamp()
+        self.entries: list[dict] = []
+        self.hits = self.misses = 0
+
+    def _in_suffix(self, name: str) -> bool:
+        parts = name.split(".")
+        return (parts[0] == "layers" and int(parts[1]) >= self.k) or parts[0] == "norm"
+
+    def _stamp(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.fixed)
+
+    def _check(self) -> None:
+        for i, layer in enumerate(self.layers[:self.k]):
+            for name, mod in layer.named_modules():
+                if mod._forward_hooks or mod._forward_pre_hooks:
+                    raise RuntimeError(f"reuse_prefix(layer={self.k}): layer {i} ({name or 'itself'}) has a forward "
+                                       "hook, so its output can change between calls: reuse from that layer or lower.")
+                if getattr(mod, "lora_A", None):
+                    raise RuntimeError(f"reuse_prefix(layer={self.k}): layer {i} has a LoRA module ({name}): reuse "
+                                       "from the adapter's first layer or lower.")
+        stamp = self._stamp()
+        if stamp != self.stamp:  # a weight below k changed: nothing kept is valid any more
+            self.entries, self.stamp = [], stamp
+
+    def _find(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
+        for e in self.entries:
+            if (e["ids"].shape == input_ids.shape and torch.equal(e["ids"], input_ids)
+                    and torch.equal(e["mask"], attention_mask)):
+                return e
+        return None
+
+    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """One full forward: what enters layer k and every later layer's other arguments."""
+        seen: dict[int, tuple] = {}
+
+        def grab(i):
+            def hook(mod, args, kwargs):
+                seen[i] = (args[0] if args else kwargs["hidden_states"], args[1:],
+                           {n: v for n, v in kwargs.items() if n != "hidden_states"})
+            return hook
+
+        handles = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
+                   for i in range(self.k, len(self.layers))]
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) != len(self.layers) - self.k:
+            raise RuntimeError("reuse_prefix: the decoder did not call each of its layers once.")
+        entry = {"ids": input_ids.clone(), "mask": attention_mask.clone(), "hidden": seen[self.k][0],
+                 "calls": [(a, kw) for _, a, kw in (seen[i] for i in range(self.k, len(self.layers)))]}
+        self.entries = (self.entries + [entry])[-MAX_BATCHES:]
+        return entry, out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the decoder's forward returns as ``last_hidden_state`` [b, s, d]."""
+        self._check()
+        entry = self._find(input_ids, attention_mask)
+        if entry is None:
+            self.misses += 1
+            return self._capture(input_ids, attention_mask)[1]
+        self.hits += 1
+        h = entry["hidden"]
+        for layer, (args, kwargs) in zip(self.layers[self.k:], entry["calls"]):
+            out = layer(h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.decoder.norm(h)
+
+
+_ACTIVE: dict[int, PrefixCache] = {}  # id(decoder) -> its cache, while a reuse_prefix block is open
+
+
+@contextlib.contextmanager
+def reuse_prefix(model, layer: int | None) -> Iterator[PrefixCache | None]:
+    """Within the block, :func:`emlib.chat.head_inputs` on ``model`` (a causal LM or a peft model) reuses what its
+    layers below ``layer`` computed for a batch it has seen. ``layer`` None or 0, or a model whose decoder cannot
+    be split (:func:`emlib.chat._plain_head`), changes nothing. Yields the cache (None when unused)."""
+    from .chat import _plain_head
+
+    parts = _plain_head(model) if layer and ENABLED else None
+    decoder = parts[0] if parts is not None else None
+    if decoder is None or getattr(decoder, "layers", None) is None or not hasattr(decoder, "norm"):
+        yield None
+        return
+    if id(decoder) in _ACTIVE:
+        raise RuntimeError("reuse_prefix blocks on one model do not nest.")
+    cache = PrefixCache(decoder, int(layer))
+    _ACTIVE[id(decoder)] = cache
+    try:
+        yield cache
+    finally:
+        del _ACTIVE[id(decoder)]
+
+
+def lowest_layer(model, vector_layers: Iterable[int] = ()) -> int | None:
+    """The lowest decoder layer that a set of solutions changes: each steering vector's layer and every layer
+    that holds a LoRA module (a rank-32 adapter on all layers gives 0: nothing to reuse). None where the
+    decoder cannot be split."""
+    from .chat import _plain_head
+
+    parts = _plain_head(model)
+    layers = getattr(parts[0], "layers", None) if parts is not None else None
+    if layers is None:
+        return None
+    found = [int(i) for i in vector_layers]
+    found += [i for i, layer in enumerate(layers) if any(getattr(m, "lora_A", None) for m in layer.modules())]
+    return min(found) if found else None
+
+
+def active(decoder: torch.nn.Module) -> PrefixCache | None:
+    return _ACTIVE.get(id(decoder))
