@@ -163,6 +163,7 @@ class RunState:
     extra: dict[str, Job] = field(default_factory=dict)  # finetunes planned once chapter 3 had chosen
     extra_needs: dict[str, set[str]] = field(default_factory=dict)  # chapter stem -> those it waits for
     followed: bool = False  # chapter 3's follow-ups planned
+    sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -213,6 +214,8 @@ def submit_finetune(plan: Plan, state: RunState, pool, job: Job) -> None:
 
 
 def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
+    if stem.startswith("03"):  # what a sweep of an earlier run left, so plan_followups waits for this one's
+        state.sweep_before = _results_of(plan.run).get("ch3_lambda_sweep")
     state.chapters[stem] = RUNNING
     state.attempts[stem] = state.attempts.get(stem, 0) + 1
     state.processes[stem] = (_run_chapter(plan.chapter(stem)), time.time())
@@ -235,13 +238,21 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
 
 
 def plan_followups(plan: Plan, state: RunState, pool) -> None:
-    """Once chapter 3 is done, submit chapters 4-5's narrow solutions at the extra seeds, at the lambda it chose
+    """Once chapter 3 has recorded its lambda sweep (while it still runs: it writes the sweep before its answers
+    and figures) or is done, submit chapters 4-5's narrow solutions at the extra seeds, at the lambda it chose
     (not at every lambda of the sweep), and make those chapters wait for them."""
     ch3 = next((st for st in state.chapters if st.startswith("03")), None)
-    if state.followed or not plan.seeds or ch3 is None or state.chapters[ch3] != DONE:
+    if state.followed or not plan.seeds or ch3 is None:
+        return
+    results = _results_of(plan.run)
+    if state.chapters[ch3] == RUNNING:
+        sweep = results.get("ch3_lambda_sweep")
+        if not sweep or sweep == state.sweep_before:
+            return  # not written by this run's chapter 3 yet
+    elif state.chapters[ch3] != DONE:
         return
     state.followed = True
-    chosen = chosen_scales(_results_of(plan.run))
+    chosen = chosen_scales(results)
     if chosen is None:
         return  # chapter 3 recorded no sweep: chapters 4-5 measure it themselves (one after the other)
     for stem in state.chapters:

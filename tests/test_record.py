@@ -563,6 +563,19 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     assert state.extra_needs["04_efficiency"] == set(names) == state.extra_needs["05_stability"]
     record.plan_followups(plan, state, pool)  # once only
     assert len(pool.jobs) == 2
+    # while chapter 3 runs: planned once it has written this run's sweep, not on an earlier run's
+    early = record.RunState.of(plan)
+    early.chapters["03_narrow_needs_kl"] = record.RUNNING
+    early.sweep_before = sweep  # what results.json held when chapter 3 started
+    pool2 = Pool()
+    record.plan_followups(plan, early, pool2)
+    assert pool2.jobs == [] and not early.followed
+    new_sweep = [dict(r, chosen=r["kl_scale"] == 0.5) for r in sweep]
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": new_sweep}))
+    record.plan_followups(plan, early, pool2)
+    assert sorted(j.name for j in pool2.jobs) == ["lora-medical-rank1-narrow-kl0.5-seed1",
+                                                   "vector-medical-narrow-kl0.5-seed1"]
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": sweep}))
     # a later run of chapter 4 alone reads the recorded choice and plans the same finetunes up front
     later = record.plan_run("smoke", str(run), chapters=["04"])
     assert set(names) <= later.needs["04_efficiency"] and later.after == {}
