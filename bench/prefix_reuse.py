@@ -98,11 +98,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("No CUDA device: pass --device cpu (with small --rows/--docs/--draws).")
-    res = [bench(s, a.device, a.rows, a.docs, a.draws, a.batch or max(a.rows, a.docs)) for s in a.shape]
     path = Path(a.out) / f"prefix_reuse_{a.device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
+    res = []
+    for s in a.shape:  # written after each shape: a run cut short keeps what it finished
+        res.append(bench(s, a.device, a.rows, a.docs, a.draws, a.batch or max(a.rows, a.docs)))
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res[-1], indent=2), flush=True)
 
 
 if __name__ == "__main__":
