@@ -208,17 +208,22 @@ ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "202
                          "ch4_paired": "2026-12-03", "ch5_paired": "2026-12-03"}
 
 
+def missing_keys(stem: str, results: dict) -> list[str]:
+    """The keys of the chapter's contract that ``results`` (a run's results.json) lacks; keys of :data:`ADDED`
+    are not asked of a run made before they existed."""
+    made = str((results.get("timings") or {}).get("date_utc", "9999"))[:10]
+    return [key for key in chapter(stem).results if key not in results and made >= ADDED.get(key, "0000")]
+
+
 def check_recorded(stem: str, results: dict) -> list[str]:
     """What ``results`` (a run's results.json) lacks of the chapter's contract: one line per missing key or
     column (empty when the chapter wrote everything it promises). Keys of :data:`ADDED` are not asked of a
     run made before they existed."""
-    problems = []
-    made = str((results.get("timings") or {}).get("date_utc", "9999"))[:10]
+    problems, missing_key = [], set(missing_keys(stem, results))
     for key, cols in chapter(stem).results.items():
-        if key not in results and made < ADDED.get(key, "0000"):
-            continue
-        if key not in results:
+        if key in missing_key:
             problems.append(f"{stem}: results.json has no {key!r}")
+        if key not in results:
             continue
         recs = results[key]
         if cols and isinstance(recs, list):
@@ -263,7 +268,7 @@ def em_tables(answers: str, scored: pd.DataFrame, seed: int = 0) -> dict[str, pd
 def verdict(claim: int, run, seed_runs: Sequence = ()):
     """The verdict of ``claim`` on a run (a :class:`emlib.verdicts.Run` or its directory): the chapter's rule,
     gated by the judge's measured EM recall / precision for an EM-based claim. What the results table shows
-    and what a chapter prints. A chapter that recorded some of its keys but not all (:func:`check_recorded`: it
+    and what a chapter prints. A chapter that recorded some of its keys but not all (:func:`missing_keys`: it
     was killed or failed part-way) is "not run", naming what is missing, rather than judged by an older rule."""
     from . import verdicts
 
@@ -272,10 +277,10 @@ def verdict(claim: int, run, seed_runs: Sequence = ()):
 
     run, seed_runs = as_run(run), [as_run(r) for r in seed_runs]
     ch = by_claim(claim)
-    unfinished = [u for u in check_recorded(ch.stem, run.results) if ": results.json has no " in u]
-    if unfinished and any(key in run.results for key in ch.results):  # started, then stopped (killed, failed)
+    missing = missing_keys(ch.stem, run.results)
+    if missing and any(key in run.results for key in ch.results):  # started, then stopped (killed, failed)
         return verdicts.Verdict(claim, verdicts.NOT_RUN, f"chapter {ch.stem} did not finish: "
-                                + "; ".join(u.split(": ", 1)[1] for u in unfinished))
+                                + "; ".join(f"results.json has no {key!r}" for key in missing))
     rule = getattr(verdicts, ch.rule)
     v = rule(run, seed_runs) if claim == 1 else rule(run)
     return verdicts.gate(v, run) if ch.judged else v

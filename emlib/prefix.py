@@ -19,12 +19,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .adapters import has_lora
+
 MAX_BATCHES = 4  # distinct batches kept at once (each: what enters layer k, [rows, tokens, hidden])
 ENABLED = True  # False: every reuse_prefix block changes nothing (benchmarks compare both ways)
-
-
-class _Stop(Exception):
-    pass
 
 
 class PrefixCache:
@@ -51,13 +49,13 @@ class PrefixCache:
 
     def _check(self) -> None:
         for i, layer in enumerate(self.layers[:self.k]):
+            if has_lora(layer):
+                raise RuntimeError(f"reuse_prefix(layer={self.k}): layer {i} has a LoRA module: reuse from the "
+                                   "adapter's first layer or lower.")
             for name, mod in layer.named_modules():
                 if mod._forward_hooks or mod._forward_pre_hooks:
                     raise RuntimeError(f"reuse_prefix(layer={self.k}): layer {i} ({name or 'itself'}) has a forward "
                                        "hook, so its output can change between calls: reuse from that layer or lower.")
-                if getattr(mod, "lora_A", None):
-                    raise RuntimeError(f"reuse_prefix(layer={self.k}): layer {i} has a LoRA module ({name}): reuse "
-                                       "from the adapter's first layer or lower.")
         stamp = self._stamp()
         if stamp != self.stamp:  # a weight below k changed: nothing kept is valid any more
             self.entries, self.stamp = [], stamp
@@ -69,8 +67,9 @@ class PrefixCache:
                 return e
         return None
 
-    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """One full forward: what enters layer k and every later layer's other arguments."""
+    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One full forward, keeping what enters layer k and every later layer's other arguments; returns the
+        forward's ``last_hidden_state``."""
         seen: dict[int, tuple] = {}
 
         def grab(i):
@@ -91,7 +90,7 @@ class PrefixCache:
         entry = {"ids": input_ids.clone(), "mask": attention_mask.clone(), "hidden": seen[self.k][0],
                  "calls": [(a, kw) for _, a, kw in (seen[i] for i in range(self.k, len(self.layers)))]}
         self.entries = (self.entries + [entry])[-MAX_BATCHES:]
-        return entry, out.last_hidden_state
+        return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """What the decoder's forward returns as ``last_hidden_state`` [b, s, d]."""
@@ -99,7 +98,7 @@ class PrefixCache:
         entry = self._find(input_ids, attention_mask)
         if entry is None:
             self.misses += 1
-            return self._capture(input_ids, attention_mask)[1]
+            return self._capture(input_ids, attention_mask)
         self.hits += 1
         h = entry["hidden"]
         for layer, (args, kwargs) in zip(self.layers[self.k:], entry["calls"]):
@@ -116,11 +115,8 @@ def reuse_prefix(model, layer: int | None) -> Iterator[PrefixCache | None]:
     """Within the block, :func:`emlib.chat.head_inputs` on ``model`` (a causal LM or a peft model) reuses what its
     layers below ``layer`` computed for a batch it has seen. ``layer`` None or 0, or a model whose decoder cannot
     be split (:func:`emlib.chat._plain_head`), changes nothing. Yields the cache (None when unused)."""
-    from .chat import _plain_head
-
-    parts = _plain_head(model) if layer and ENABLED else None
-    decoder = parts[0] if parts is not None else None
-    if decoder is None or getattr(decoder, "layers", None) is None or not hasattr(decoder, "norm"):
+    decoder = _split_decoder(model) if layer and ENABLED else None
+    if decoder is None:
         yield None
         return
     if id(decoder) in _ACTIVE:
@@ -133,18 +129,26 @@ def reuse_prefix(model, layer: int | None) -> Iterator[PrefixCache | None]:
         del _ACTIVE[id(decoder)]
 
 
+def _split_decoder(model) -> torch.nn.Module | None:
+    """``model``'s decoder (:func:`emlib.chat._plain_head`) when it has ``layers`` and a final ``norm``."""
+    from .chat import _plain_head
+
+    parts = _plain_head(model)
+    decoder = parts[0] if parts is not None else None
+    if decoder is None or getattr(decoder, "layers", None) is None or not hasattr(decoder, "norm"):
+        return None
+    return decoder
+
+
 def lowest_layer(model, vector_layers: Iterable[int] = ()) -> int | None:
     """The lowest decoder layer that a set of solutions changes: each steering vector's layer and every layer
     that holds a LoRA module (a rank-32 adapter on all layers gives 0: nothing to reuse). None where the
     decoder cannot be split."""
-    from .chat import _plain_head
-
-    parts = _plain_head(model)
-    layers = getattr(parts[0], "layers", None) if parts is not None else None
-    if layers is None:
+    decoder = _split_decoder(model)
+    if decoder is None:
         return None
     found = [int(i) for i in vector_layers]
-    found += [i for i, layer in enumerate(layers) if any(getattr(m, "lora_A", None) for m in layer.modules())]
+    found += [i for i, layer in enumerate(decoder.layers) if has_lora(layer)]
     return min(found) if found else None
 
 
