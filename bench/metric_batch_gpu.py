@@ -48,13 +48,15 @@ class FakeTok:
         return {"input_ids": self.docs[text]}
 
 
-def model_of(shape: str):
+def model_of(shape: str, device: str = "cuda"):
+    """A random-weight model of ``shape``: bf16 on a GPU, float32 on a CPU."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
     return model
 
 

@@ -23,21 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metric_batch_gpu import SHAPES, FakeTok, rows_of  # noqa: E402
+from metric_batch_gpu import SHAPES, FakeTok, model_of, rows_of  # noqa: E402
 
 from emlib import inductive as ind  # noqa: E402
 from emlib import prefix  # noqa: E402
 from emlib.vectors import random_vector  # noqa: E402
-
-
-def model_of(shape: str, device: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
 def timed(fn, device: str):
