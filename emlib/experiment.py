@@ -21,7 +21,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pandas as pd
 
@@ -216,6 +216,19 @@ class Experiment:
             self.model, self.tok, self.rows(dataset), self.vector_dir(dataset, solution, kl_scale, seed),
             layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
             lr=self.cfg.lr_vector, **self._train_kwargs(solution, "vector", kl_scale, seed))
+
+    def vectors(self, dataset: str, solutions: Sequence[tuple[str, float, int | None]]) -> list[train.TrainResult]:
+        """Several steering vectors of one dataset and training seed at once (:func:`emlib.vecgroup.train_vectors`:
+        the layers below the vector and the reference model on the KL rows run once for all of them), each saved
+        where :meth:`vector` finds it. ``solutions``: (solution, kl_scale, seed) of "general", "narrow" or
+        "drift" (the "mixed" control reads other rows: :meth:`vector`)."""
+        from . import vecgroup
+
+        members = [(self.vector_dir(dataset, sol, m, seed), self._train_kwargs(sol, "vector", m, seed))
+                   for sol, m, seed in solutions]
+        return vecgroup.train_vectors(self.model, self.tok, self.rows(dataset), members,
+                                      layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
+                                      lr=self.cfg.lr_vector)
 
     def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general", kl_scale: float = 1.0,
                   seed: int | None = None) -> Path:

@@ -158,7 +158,8 @@ class RunState:
     attempts: dict[str, int] = field(default_factory=dict)  # starts per finetune / chapter
     timings: dict = field(default_factory=lambda: {"model_load_s": 0.0, "jobs": {}, "chapters": {}})
     failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
-    futures: dict[Future, Job] = field(default_factory=dict)  # finetunes in the pool
+    futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
+    groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
     extra: dict[str, Job] = field(default_factory=dict)  # finetunes planned once chapter 3 had chosen
     extra_needs: dict[str, set[str]] = field(default_factory=dict)  # chapter stem -> those it waits for
@@ -191,7 +192,9 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
 
     t0 = time.time()
     exp = Experiment(get_config(profile, **config))
-    if job.kind == "vector":
+    if job.kind == "vector" and job.solution in GROUPED:  # a group of one: the KL rows' reference cached
+        res = exp.vectors(job.dataset, [(job.solution, job.kl_scale, job.seed)])[0]
+    elif job.kind == "vector":
         res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
     else:
         with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
@@ -202,15 +205,68 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
             "tokens": meta.get("tokens")}
 
 
+def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
+    """Train (or find finished) steering vectors of one dataset and seed together in this process (a pool
+    worker; :meth:`emlib.experiment.Experiment.vectors`). Returns each one's timing and summary."""
+    from . import train
+    from .experiment import Experiment
+
+    t0 = time.time()
+    exp = Experiment(get_config(profile, **config))
+    results = exp.vectors(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
+    out = []
+    for job, res in zip(jobs, results):
+        meta = train.read_meta(res.out_dir) or {}
+        out.append({"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
+                    "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
+                    "tokens": meta.get("tokens"), "group": len(jobs)})
+    return out
+
+
+GROUPED = ("general", "narrow", "drift")  # vector solutions that train together (emlib.vecgroup): same rows
+
+
+def pool_tasks(jobs) -> list[tuple[Job, ...]]:
+    """The finetunes as pool tasks: the steering vectors of one dataset and seed whose solution is general,
+    narrow (any lambda) or drift form one task (they read the same rows; emlib.vecgroup trains them at once)
+    where one has a KL term; every other finetune is a task of its own. Rank-32 adapters first (chapters 1-2
+    wait for them), then the groups, then the rest in the planned order."""
+    tasks: list[tuple[Job, ...]] = []
+    where: dict[tuple, int] = {}
+    for job in jobs:
+        key = (job.dataset, job.seed) if job.kind == "vector" and job.solution in GROUPED else None
+        if key is not None and key in where:
+            tasks[where[key]] += (job,)
+            continue
+        if key is not None:
+            where[key] = len(tasks)
+        tasks.append((job,))
+    out: list[tuple[Job, ...]] = []
+    for task in tasks:  # a general vector with nothing to share (no KL member) keeps the plain path
+        if len(task) > 1 and any(j.solution != "general" for j in task):
+            out.append(task)
+        else:
+            out.extend((j,) for j in task)
+    # first the rank-32 adapters (chapters 1-2, the longest chapter, wait for them), then the vector groups
+    return sorted(out, key=lambda t: 0 if t[0].shape == "rank32" else 1 if len(t) > 1 else 2)
+
+
 def _run_chapter(job: runner.Job) -> subprocess.Popen:
     """A chapter in its own process (:func:`emlib.runner.spawn`; tests replace this)."""
     return runner.spawn(job)
 
 
-def submit_finetune(plan: Plan, state: RunState, pool, job: Job) -> None:
-    state.finetunes[job.name] = RUNNING
-    state.attempts[job.name] = state.attempts.get(job.name, 0) + 1
-    state.futures[pool.submit(finetune, plan.profile, plan.config, job)] = job
+def submit_finetune(plan: Plan, state: RunState, pool, job: Job | tuple[Job, ...]) -> None:
+    """One finetune, or a group of steering vectors (:func:`pool_tasks`) as one task."""
+    jobs = job if isinstance(job, tuple) else (job,)
+    for j in jobs:
+        state.finetunes[j.name] = RUNNING
+        state.attempts[j.name] = state.attempts.get(j.name, 0) + 1
+        if len(jobs) > 1:
+            state.groups[j.name] = jobs
+    fut = (pool.submit(finetune_group, plan.profile, plan.config, jobs) if len(jobs) > 1
+           else pool.submit(finetune, plan.profile, plan.config, jobs[0]))
+    state.futures[fut] = jobs
 
 
 def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
@@ -227,8 +283,9 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
     ft = state.having(state.finetunes, RETRY)
     if ft and not state.futures:
         job = next(f for f in (*plan.finetunes, *state.extra.values()) if f.name == ft[0])
+        task = state.groups.get(job.name, job)
         print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
-        submit_finetune(plan, state, pool, job)
+        submit_finetune(plan, state, pool, task)
     ch = state.having(state.chapters, RETRY)
     if ch and state.quiet() and not ft:
         log = Path(plan.chapter(ch[0]).log)
@@ -292,22 +349,24 @@ def collect_finetunes(state: RunState, timeout: float = 5) -> None:
     """Wait up to ``timeout`` seconds for finetunes to end and record each (out of memory: retried later)."""
     finished, _ = wait(list(state.futures), timeout=timeout, return_when=FIRST_COMPLETED)
     for f in finished:
-        job = state.futures.pop(f)
+        jobs = state.futures.pop(f)
         try:
             r = f.result()
         except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
-            state.failures[job.name] = f"{type(err).__name__}: {err}"
-            if is_out_of_memory(err) and state.attempts[job.name] < 2:
-                state.finetunes[job.name] = RETRY
-                print(f"[record] finetune {job.name} ran out of memory: retried later", flush=True)
-            else:
-                state.finetunes[job.name] = FAILED
-                print(f"[record] finetune {job.name} FAILED: {state.failures[job.name]}", flush=True)
+            for job in jobs:
+                state.failures[job.name] = f"{type(err).__name__}: {err}"
+                if is_out_of_memory(err) and state.attempts[job.name] < 2:
+                    state.finetunes[job.name] = RETRY
+                    print(f"[record] finetune {job.name} ran out of memory: retried later", flush=True)
+                else:
+                    state.finetunes[job.name] = FAILED
+                    print(f"[record] finetune {job.name} FAILED: {state.failures[job.name]}", flush=True)
             continue
-        state.finetunes[job.name] = DONE
-        state.timings["jobs"][job.name] = r
-        state.failures.pop(job.name, None)
-        print(f"[record] finetune {job.name} done: {r}", flush=True)
+        for job, res in zip(jobs, r if isinstance(r, list) else [r]):
+            state.finetunes[job.name] = DONE
+            state.timings["jobs"][job.name] = res
+            state.failures.pop(job.name, None)
+            print(f"[record] finetune {job.name} done: {res}", flush=True)
 
 
 def collect_chapters(plan: Plan, state: RunState) -> None:
@@ -341,8 +400,8 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
     pool = runner.process_pool(workers, one_job_each=True)  # a fresh process per finetune gives its GPU memory back
     ended = 0
     try:
-        for job in plan.finetunes:
-            submit_finetune(plan, state, pool, job)
+        for task in pool_tasks(plan.finetunes):
+            submit_finetune(plan, state, pool, task)
         while state.unfinished():
             plan_followups(plan, state, pool)
             retry_alone(plan, state, pool)

@@ -806,6 +806,28 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
         raise
 
 
+VECTOR_ARG_NAMES = ("lr", "epochs", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "max_length",
+                    "max_steps", "max_grad_norm", "seed", "kl_lambda", "kl_batch_size", "kl_until_step",
+                    "early_stop_loss", "early_stop_patience")
+
+
+def vector_setup(model, layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0, *,
+                 lr: float | None = None, epochs: int | None = None, batch_size: int = 2, grad_accum: int = 8,
+                 weight_decay: float = 0.01, warmup_steps: int = 5, max_length: int = 2048,
+                 max_steps: int | None = None, max_grad_norm: float | None = 1.0, seed: int = 0,
+                 kl_lambda: float = 0.0, kl_batch_size: int = 8, kl_until_step: int | None = None,
+                 early_stop_loss: float | None = None, early_stop_patience: int = 5) -> tuple[int, TrainArgs, dict]:
+    """(layer, loop arguments, spec) of a steering-vector run: the one home of its defaults and identity, which
+    :func:`train_steering_vector` and ``emlib.vecgroup.train_vectors`` (several vectors at once) share."""
+    layer = layer_from_fraction(model, layer_fraction) if layer is None else check_layer(model, layer)
+    args = _args(VECTOR_DEFAULTS, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                 weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length,
+                 max_steps=max_steps, max_grad_norm=max_grad_norm, seed=seed, kl_lambda=kl_lambda,
+                 kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
+                 early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
+    return layer, args, {"layer": layer, "alpha": float(alpha), "n_layers": n_layers(model)}
+
+
 def train_steering_vector(model, tok, rows: list[dict], out_dir: str | Path, *, layer: int | None = None,
                           layer_fraction: float = 0.5, alpha: float = 256.0, lr: float | None = None,
                           epochs: int | None = None, batch_size: int = 2, grad_accum: int = 8,
@@ -826,13 +848,12 @@ def train_steering_vector(model, tok, rows: list[dict], out_dir: str | Path, *, 
     """
     if not rows:
         raise DataError("No training rows: pass a non-empty list of chat rows.")
-    layer = layer_from_fraction(model, layer_fraction) if layer is None else check_layer(model, layer)
-    args = _args(VECTOR_DEFAULTS, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                 weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length,
-                 max_steps=max_steps, max_grad_norm=max_grad_norm, seed=seed, kl_lambda=kl_lambda,
-                 kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
-                 early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
-    spec = {"layer": layer, "alpha": float(alpha), "n_layers": n_layers(model)}
+    layer, args, spec = vector_setup(model, layer, layer_fraction, alpha, lr=lr, epochs=epochs,
+                                     batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay,
+                                     warmup_steps=warmup_steps, max_length=max_length, max_steps=max_steps,
+                                     max_grad_norm=max_grad_norm, seed=seed, kl_lambda=kl_lambda,
+                                     kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
+                                     early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
     p0 = next(model.parameters())
     vec = torch.nn.Parameter(torch.zeros(model.config.hidden_size, device=p0.device, dtype=torch.float32))
 

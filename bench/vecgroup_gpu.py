@@ -1,0 +1,111 @@
+"""Benchmark: steering vectors trained together (emlib.vecgroup) against one at a time (emlib.train), on the
+run of record's model, data and settings (the ``paper`` profile), alone on one GPU. Not a test: it prints
+numbers and writes ``vecgroup_<model>.json``.
+
+1. chapter 3's seed-0 vectors as one group: general, narrow at every lambda of the sweep, drift
+   (``Experiment.vectors``, what ``emlib.record`` now runs as one pool task);
+2. the narrow vector (default lambda) and the general vector each alone, as a chapter trains them
+   (``Experiment.vector``: emlib.train with its CUDA-graph step), in fresh run directories;
+3. the narrow vector alone through the group trainer (a group of one: what record does for chapter 3's
+   follow-up vectors), in another fresh run directory.
+
+The "one at a time" total for the group is estimated from 2.: (number of KL members) x narrow + general.
+Agreement: each vector trained alone against the same vector from the group (cosine, relative difference,
+final training loss).
+
+    python bench/vecgroup_gpu.py --out $OUT [--model embedded] [-c kl_lambda_vector 6.58]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emlib.chapters import sweep_scales  # noqa: E402
+from emlib.config import get_config  # noqa: E402
+from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.experiment import Experiment  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    _sync()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return out, round(time.perf_counter() - t0, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--profile", default="paper")
+    ap.add_argument("-c", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"))
+    a = ap.parse_args()
+    over = {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in a.c}
+    tmp = Path(tempfile.mkdtemp(prefix="vecgroup-"))
+    result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+                    "torch": torch.__version__, "model": a.model, "profile": a.profile, "overrides": over}
+    out = Path(a.out) / f"vecgroup_{Path(a.model).stem.lower()}.json"
+
+    def save():
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+        print(json.dumps(result, indent=2), flush=True)
+
+    def exp_in(name: str) -> Experiment:
+        return Experiment(get_config(a.profile, model=a.model, run_dir=str(tmp / name), **over))
+
+    exp = exp_in("group")
+    ds = exp.cfg.datasets[0]
+    members = ([("general", 1.0, None), ("drift", 1.0, None)]
+               + [("narrow", m, None) for m in sweep_scales(exp.cfg.kl_sweep)])
+    group, t_group = _timed(lambda: exp.vectors(ds, members))
+    result["group"] = {"members": [f"{s}-kl{m:g}" for s, m, _ in members], "seconds": t_group,
+                       "train_seconds": group[0].meta["seconds"], "steps": group[0].meta["steps"],
+                       "final_loss": {f"{s}-kl{m:g}": r.meta["final_loss"] for (s, m, _), r in zip(members, group)}}
+    save()
+    alone: dict = {}
+    for sol in ("narrow", "general"):
+        e = exp_in(f"alone-{sol}")
+        e.model = exp.model  # the same weights, no second load
+        res, secs = _timed(lambda: e.vector(ds, sol))
+        ref = group[[m[0] for m in members].index(sol) if sol == "general" else
+                    members.index(("narrow", 1.0, None))]
+        v, w = res.vector.vector.float(), ref.vector.vector.float()
+        alone[sol] = {"seconds": secs, "train_seconds": res.meta["seconds"], "final_loss": res.meta["final_loss"],
+                      "group_final_loss": ref.meta["final_loss"],
+                      "cosine_with_group": float(torch.nn.functional.cosine_similarity(v, w, dim=0)),
+                      "relative_difference": float((v - w).norm() / w.norm()),
+                      "fast_step": res.meta.get("fast_step")}
+        result["alone"] = alone
+        save()
+    e = exp_in("group-of-one")
+    e.model = exp.model
+    one, secs = _timed(lambda: e.vectors(ds, [("narrow", 1.0, None)]))
+    result["group_of_one_narrow"] = {"seconds": secs, "train_seconds": one[0].meta["seconds"],
+                                     "final_loss": one[0].meta["final_loss"]}
+    n_kl = sum(1 for s, _, _ in members if s != "general")
+    est = n_kl * alone["narrow"]["train_seconds"] + alone["general"]["train_seconds"]
+    result["summary"] = {"one_at_a_time_estimate_s": round(est, 1), "group_s": result["group"]["train_seconds"],
+                         "speedup": round(est / result["group"]["train_seconds"], 2),
+                         "kl_vector_alone_s": alone["narrow"]["train_seconds"],
+                         "kl_vector_group_of_one_s": one[0].meta["seconds"],
+                         "group_of_one_speedup": round(alone["narrow"]["train_seconds"] / one[0].meta["seconds"], 2)}
+    save()
+
+
+if __name__ == "__main__":
+    main()

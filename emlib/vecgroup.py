@@ -1,0 +1,466 @@
+"""Several steering vectors trained at once: one process, one batch, the frozen layers run once.
+
+Chapter 3's sweep trains steering vectors that differ only in their KL term: the general solution (none), the
+narrow one at five lambdas and the drift run (KL for the first half of the steps). At one seed they read the
+same training rows in the same order, and those with a KL term the same KL rows. Trained one per process
+(:func:`emlib.train.train_steering_vector`), each recomputes what the others compute too: the layers below the
+vector, and the reference model on the KL rows (64 rows a step at the paper's settings, four times the
+training rows). :func:`train_vectors` trains them together:
+
+* layers ``0 .. k`` (the vector is added to what leaves layer ``k``) run once per step on the step's rows;
+  that hidden state is repeated once per vector, each copy plus its own ``alpha * v``, and the layers above
+  ``k`` run once on all the copies (a batch F times larger, which a GPU runs far better than F small steps);
+* the KL rows' hidden state after layer ``k`` and the reference model's final hidden state at their answer
+  positions are computed once for the whole run (every model weight is frozen), so the KL term costs the
+  steered upper layers and the LM head only: no reference forward and no lower layers per step.
+
+Each vector keeps its own loss, gradient, clipping and AdamW update (the objective is a sum over vectors,
+gradients are clipped per vector, AdamW works elementwise), so a vector trained in a group is the vector
+trained alone, to rounding (batch shapes differ, and so may the kernels): ``tests/test_vecgroup.py`` compares
+both. Each vector's folder gets what :func:`~emlib.train.train_steering_vector` writes, under the same run hash,
+so that function (``Experiment.vector``) finds it finished and loads it.
+
+Not here: checkpoints (a killed group starts again; members that finished are loaded), early stopping,
+``stop_after``, and ``mix_rows`` (the "mixed" control trains on other rows: it trains alone).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from . import train
+from .chat import IGNORE, Encoded, encode_rows
+from .data import atomic_write_bytes, dataset_hash
+from .vectors import VECTOR_FILE, save_vector
+
+MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers
+CE_CHUNK = 4096  # answer positions (all copies together) per LM-head chunk
+ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the vectors of one group
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the layers below the vector have run."""
+
+
+class SplitDecoder:
+    """A decoder cut after layer ``k``: :meth:`below` runs the embedding and layers ``0 .. k``, :meth:`above`
+    layers ``k+1 ..`` and the final norm on a given hidden state, with the arguments (rotary embeddings,
+    position ids) those layers receive in a whole forward of that length. Right-padded rows, no attention mask
+    (:func:`emlib.fasttrain.one_sequence_per_row`): a real token never sees the pad tail."""
+
+    def __init__(self, model, k: int):
+        from .prefix import _split_decoder
+
+        dec = _split_decoder(model)
+        if dec is None or not 0 <= k < len(dec.layers):
+            raise ValueError(f"train_vectors needs a decoder with .layers and .norm and a layer inside it; got "
+                             f"layer {k} of {type(model).__name__}.")
+        self.dec, self.k, self.layers = dec, k, dec.layers
+        self._calls: dict[int, tuple[tuple, dict]] = {}  # padded length -> (args, kwargs) of the layers above k
+
+    def _run_until(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple, dict] | None]:
+        box: dict = {}
+        if self.k + 1 < len(self.layers):
+            def pre(mod, args, kwargs):
+                box["h"] = args[0] if args else kwargs["hidden_states"]
+                box["call"] = (args[1:], {n: v for n, v in kwargs.items() if n != "hidden_states"})
+                raise _Stop
+            handle = self.layers[self.k + 1].register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            def post(mod, args, out):
+                box["h"] = out[0] if isinstance(out, tuple) else out
+                raise _Stop
+            handle = self.layers[self.k].register_forward_hook(post)
+        try:
+            self.dec(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "h" not in box:
+            raise RuntimeError("SplitDecoder: the decoder did not reach the vector's layer.")
+        return box["h"], box.get("call")
+
+    def below(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What leaves layer ``k`` [b, s, d] for right-padded ``input_ids`` [b, s] (no gradient)."""
+        with torch.no_grad():
+            return self._run_until(input_ids)[0]
+
+    def _call(self, s: int, like: torch.Tensor, pad_id: int) -> tuple[tuple, dict]:
+        """The arguments the layers above k receive at length ``s``, taken once from a one-row forward (batch
+        dimensions of 1 broadcast over any batch of that length)."""
+        if s not in self._calls:
+            ids = torch.full((1, s), pad_id, dtype=torch.long, device=like.device)
+            with torch.no_grad():
+                self._calls[s] = self._run_until(ids)[1] or ((), {})
+        return self._calls[s]
+
+    def above(self, h: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """Layers ``k+1 ..`` and the final norm on ``h`` [b, s, d] -> what the LM head reads [b, s, d]."""
+        if self.k + 1 < len(self.layers):
+            args, kwargs = self._call(h.shape[1], h, pad_id)
+            for layer in self.layers[self.k + 1:]:
+                out = layer(h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        return self.dec.norm(h)
+
+
+# =========================================================================== the losses
+def _ce_tokens(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(h).float(), targets, reduction="none")  # [n]
+
+
+def _kl_tokens(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """KL(softmax(head(ref_h)) || softmax(head(cur_h))) over the vocabulary: ref_h [n, d], cur_h [F, n, d] -> [F, n]."""
+    ref = head(ref_h).float().log_softmax(-1)  # [n, vocab]
+    cur = head(cur_h).float().log_softmax(-1)  # [F, n, vocab]
+    return torch.nn.functional.kl_div(cur, ref.expand_as(cur), log_target=True, reduction="none").sum(-1)
+
+
+def _chunked(fn, chunk: int, *tensors: torch.Tensor, token_dim: Sequence[int]) -> torch.Tensor:
+    """``fn`` over chunks of the token axis (``token_dim`` per tensor), under activation checkpointing when
+    gradients are on (no [tokens, vocab] tensor is kept); the per-token results concatenated on the last axis."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = tensors[0].shape[token_dim[0]]
+    outs = []
+    for s in range(0, n, max(1, chunk)):
+        part = [t.narrow(d, s, min(chunk, n - s)) if isinstance(t, torch.Tensor) and d >= 0 else t
+                for t, d in zip(tensors, token_dim)]
+        outs.append(checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False)
+                    if torch.is_grad_enabled() else fn(*part))
+    return torch.cat(outs, dim=-1)
+
+
+def _pad_ids(rows: Sequence[Encoded], pad: int, multiple: int, device) -> torch.Tensor:
+    n = int(math.ceil(max(len(e.input_ids) for e in rows) / multiple) * multiple)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    for i, e in enumerate(rows):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+    return ids.to(device, non_blocking=True)
+
+
+def _answer_positions(e: Encoded) -> list[int]:
+    """Positions whose next token is an answer token (where the loss and the KL are read)."""
+    return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
+
+
+def _groups_by_tokens(lengths: Sequence[int], copies: int, max_tokens: int, multiple: int) -> list[list[int]]:
+    """Indices cut into batches, longest first, whose padded size times ``copies`` stays within ``max_tokens``."""
+    from .fasttrain import plan_micro_batches
+
+    return plan_micro_batches(lengths, range(len(lengths)), max(1, max_tokens // max(1, copies)), multiple)
+
+
+# =========================================================================== training
+def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Path, dict]], *,
+                  layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0,
+                  lr: float | None = None, max_tokens: int = MAX_TOKENS, pad_multiple: int = 16,
+                  progress: bool | None = None) -> list[train.TrainResult]:
+    """Train (or load, where finished) one steering vector per member on ``rows``, all at once.
+
+    ``members``: (out_dir, keyword arguments of :func:`emlib.train.train_steering_vector` -- ``seed``,
+    ``epochs``, ``kl_rows``, ``kl_lambda``, ``kl_until_step``, ...). Only ``kl_lambda`` and ``kl_until_step``
+    may differ between members, and whether a member has ``kl_rows`` (the same rows for all that have them);
+    ``layer`` / ``layer_fraction``, ``alpha`` and ``lr`` are shared. Returns what
+    :func:`~emlib.train.train_steering_vector` returns for each member, in order (it loads what was trained here).
+    """
+    if not members:
+        return []
+    fixed = {"layer": layer, "layer_fraction": layer_fraction, "alpha": alpha, "lr": lr}
+    setups = []
+    for out, kw in members:
+        extra = sorted(set(kw) - set(train.VECTOR_ARG_NAMES) - {"kl_rows", "progress"})
+        if extra:
+            raise ValueError(f"train_vectors: {', '.join(extra)} cannot be trained in a group (mix_rows: the mixed "
+                             "control reads other rows; train it with emlib.train.train_steering_vector).")
+        k, args, spec = train.vector_setup(model, layer, layer_fraction, alpha, lr=lr,
+                                           **{n: v for n, v in kw.items() if n in train.VECTOR_ARG_NAMES})
+        setups.append((Path(out), kw, k, args, spec))
+    _check_compatible(setups)
+    todo = []
+    for out, kw, k, args, spec in setups:
+        kl_rows = kw.get("kl_rows")
+        identity = train._identity("vector", spec, args, model, rows, kl_rows, None)
+        meta = train.read_meta(out)
+        if meta is not None and meta.get("run_hash") == train._hash(identity):
+            continue
+        if meta is not None:  # the same error train_steering_vector gives
+            changes = "; ".join(train._diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=str))))
+            raise ValueError(f"{out} holds a finished run with other arguments ({changes or 'unknown'}): use another "
+                             "out_dir, or pass overwrite=True to replace it.")
+        todo.append((out, kw, args, spec, identity))
+    if todo:
+        _fit_group(model, tok, rows, todo, setups[0][2], float(alpha), max_tokens, pad_multiple, progress)
+    return [train.train_steering_vector(model, tok, rows, out, **fixed, **{**kw, "progress": False})
+            for out, kw, *_ in setups]
+
+
+def _check_compatible(setups) -> None:
+    first_args = setups[0][3]
+    shared = {n: getattr(first_args, n) for n in first_args.__dataclass_fields__ if n not in ONLY_PER_MEMBER}
+    kl_hashes = set()
+    for out, kw, _, args, _ in setups:
+        differ = [n for n, v in shared.items() if getattr(args, n) != v]
+        if differ:
+            raise ValueError(f"train_vectors: {out} differs from the first member in {', '.join(differ)}; a group "
+                             f"shares everything but {', '.join(ONLY_PER_MEMBER)} (train it on its own).")
+        if args.early_stop_loss is not None:
+            raise ValueError("train_vectors does not stop early: train with early_stop_loss alone.")
+        if kw.get("kl_rows"):
+            kl_hashes.add(dataset_hash(kw["kl_rows"]))
+    if len(kl_hashes) > 1:
+        raise ValueError("train_vectors: members with KL rows must share the same KL rows.")
+
+
+def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pad_multiple: int,
+               progress: bool | None) -> None:
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from .fasttrain import decoder_and_head, one_sequence_per_row
+    from .fastgen import fused_rms_norms
+
+    args0 = todo[0][2]
+    kl_rows = next((kw["kl_rows"] for _, kw, *_ in todo if kw.get("kl_rows")), None)
+    n_mem = len(todo)
+    kl_mem = [i for i, (_, kw, *_) in enumerate(todo) if kw.get("kl_rows")]  # members with a KL term
+    enc = encode_rows(list(rows), tok, args0.max_length)
+    kl_enc = encode_rows(kl_rows, tok, args0.max_length) if kl_rows else None
+    plan = train._Plan(len(enc), len(kl_enc) if kl_enc else 0, args0)
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
+    cuda = device.type == "cuda"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    _, head = decoder_and_head(model)
+    split = SplitDecoder(model, k)
+    amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+           if cuda and dtype == torch.bfloat16 else nullcontext)
+    targets = [train._n_targets(e) for e in enc]
+
+    vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device, dtype=torch.float32))
+    opt = torch.optim.AdamW([vec], lr=args0.lr, weight_decay=args0.weight_decay, **({"fused": True} if cuda else {}))
+    sched = get_linear_schedule_with_warmup(opt, min(args0.warmup_steps, plan.total), plan.total)
+    lam = torch.tensor([todo[i][2].kl_lambda for i in kl_mem], device=device, dtype=torch.float32)  # [F_kl]
+    clip = args0.max_grad_norm if args0.max_grad_norm is not None else float("inf")
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    stack = contextlib.ExitStack()
+    log: dict[str, list] = {"loss": [], "kl": [], "grad_norm": [], "param_norm": [], "lr": [], "kl_on": [],
+                            "tokens": [], "input_tokens": [], "seconds": []}
+    t0 = time.perf_counter()
+    bar = tqdm(total=plan.total, desc=f"train {n_mem} vectors", dynamic_ncols=True,
+               disable=(None if progress is None else not progress))
+    try:
+        model.requires_grad_(False)
+        model.train()
+        if use_cache is not None:
+            model.config.use_cache = False
+        stack.enter_context(train._no_cudnn_attention())
+        stack.enter_context(one_sequence_per_row())
+        if cuda:
+            stack.enter_context(fused_rms_norms(model))
+        with amp():
+            kl_cache = _kl_cache(split, head, kl_enc, pad, pad_multiple, max_tokens) if kl_mem and kl_enc else None
+        tokens = in_tokens = 0
+        for step in range(plan.total):
+            micro = plan.micro_batches(step)
+            idx = [i for _, ix in micro for i in ix]
+            n_real = sum(targets[i] for i in idx)
+            n_tok = max(n_real, 1)
+            sched_lr = float(sched.get_last_lr()[0])
+            vec.grad = None
+            with amp():
+                sft = _sft_backward(split, head, [enc[i] for i in idx], vec, alpha, n_tok, pad, pad_multiple,
+                                    max_tokens, device)  # [F] summed losses
+                if kl_cache is not None:
+                    on = [args.kl_until_step is None or step < args.kl_until_step
+                          for (_, _, args, _, _) in (todo[i] for i in kl_mem)]
+                    coef = lam * torch.tensor(on, device=device, dtype=torch.float32) / len(micro)  # [F_kl]
+                    kl_batches = [plan.kl_rows(m) for m, _ in micro]
+                    kl = _kl_backward(split, head, kl_cache, kl_batches, vec, kl_mem, alpha, coef, pad, max_tokens,
+                                      device) / len(kl_batches)  # [F_kl] mean over KL batches of their per-token KL
+                else:
+                    on, kl = [], None
+            grad = vec.grad if vec.grad is not None else torch.zeros_like(vec)
+            norms = grad.norm(dim=1)  # [F]: each vector clipped on its own (clip_grad_norm_ on one tensor)
+            grad.mul_((clip / (norms + 1e-6)).clamp(max=1.0)[:, None])
+            vec.grad = grad
+            opt.step()
+            sched.step()
+            tokens += n_real
+            in_tokens += sum(len(enc[i].input_ids) for i in idx)
+            log["loss"].append(sft / n_tok)
+            log["kl"].append(kl)
+            log["kl_on"].append(on)
+            log["grad_norm"].append(norms)
+            log["param_norm"].append(vec.detach().double().norm(dim=1))
+            log["lr"].append(sched_lr)
+            log["tokens"].append(tokens)
+            log["input_tokens"].append(in_tokens)
+            log["seconds"].append(time.perf_counter() - t0)
+            if (step + 1) % 50 == 0 or step + 1 == plan.total:
+                _check_finite(log, step, todo, plan.steps_per_epoch)
+            bar.update(1)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        bar.close()
+        stack.close()
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    _write_members(model, todo, vec.detach(), log, kl_mem, k, alpha, plan, enc, kl_enc, len(rows),
+                   time.perf_counter() - t0)
+
+
+def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multiple: int, max_tokens: int) -> dict:
+    """Per KL row: what leaves layer k at every position [len, d] and the reference model's final hidden state
+    at its answer positions [n, d] (computed once: the weights are frozen), and its answer positions."""
+    lengths = [len(e.input_ids) for e in kl_enc]
+    below: list = [None] * len(kl_enc)
+    ref: list = [None] * len(kl_enc)
+    pos = [_answer_positions(e) for e in kl_enc]
+    device = next(head.parameters()).device
+    with torch.no_grad():
+        for group in _groups_by_tokens(lengths, 1, max_tokens, multiple):
+            ids = _pad_ids([kl_enc[i] for i in group], pad, multiple, device)
+            h = split.below(ids)  # [b, s, d]
+            final = split.above(h, pad)  # [b, s, d]
+            for j, i in enumerate(group):
+                below[i] = h[j, :lengths[i]].clone()
+                ref[i] = final[j, pos[i]].clone()
+    return {"below": below, "ref": ref, "pos": pos, "lengths": lengths}
+
+
+def _steered(h: torch.Tensor, vec: torch.Tensor, which: Sequence[int], alpha: float) -> torch.Tensor:
+    """``h`` [b, s, d] repeated once per vector in ``which``, each copy plus ``alpha * v`` (as
+    :func:`emlib.hooks.add_vector` adds it): [len(which) * b, s, d], vector-major."""
+    add = (alpha * vec[list(which)]).to(h.dtype)  # [F, d]
+    return (h.unsqueeze(0) + add[:, None, None, :]).reshape(-1, *h.shape[1:])
+
+
+def _sft_backward(split, head, rows: list[Encoded], vec, alpha: float, n_tok: int, pad: int, multiple: int,
+                  max_tokens: int, device) -> torch.Tensor:
+    """Backward of sum_f (summed answer-token loss of vector f) / n_tok; returns the summed losses [F]."""
+    n_mem = vec.shape[0]
+    total = torch.zeros(n_mem, device=device)
+    lengths = [len(e.input_ids) for e in rows]
+    for group in _groups_by_tokens(lengths, n_mem, max_tokens, multiple):
+        batch = [rows[i] for i in group]
+        ids = _pad_ids(batch, pad, multiple, device)
+        b, s = ids.shape
+        flat_pos, tgt = [], []
+        for j, e in enumerate(batch):
+            p = _answer_positions(e)
+            flat_pos += [j * (s - 1) + q for q in p]
+            tgt += [e.labels[q + 1] for q in p]
+        index = torch.tensor(flat_pos, dtype=torch.long).to(device, non_blocking=True)
+        targets = torch.tensor(tgt, dtype=torch.long).to(device, non_blocking=True).repeat(n_mem)  # [F * n]
+        h = _steered(split.below(ids), vec, range(n_mem), alpha)  # [F * b, s, d]
+        final = split.above(h, pad)
+        hid = final[:, :-1].reshape(n_mem, b * (s - 1), -1).index_select(1, index).flatten(0, 1)  # [F * n, d]
+        per = _chunked(_ce_tokens, CE_CHUNK, hid, head, targets, token_dim=(0, -1, 0))  # [F * n]
+        sums = per.view(n_mem, -1).sum(1)  # [F]
+        (sums.sum() / n_tok).backward()
+        total += sums.detach()
+    return total
+
+
+def _kl_backward(split, head, cache: dict, kl_batches: list[list[int]], vec, kl_mem: list[int], alpha: float,
+                 coef: torch.Tensor, pad: int, max_tokens: int, device) -> torch.Tensor:
+    """Backward of sum_f coef_f * sum_b (per-token KL of vector f on KL batch b); returns those sums [F_kl]."""
+    n_kl = len(kl_mem)
+    items = [(b, i) for b, batch in enumerate(kl_batches) for i in batch]  # a row may come twice
+    inv = [1.0 / max(sum(len(cache["pos"][i]) for i in batch), 1) for batch in kl_batches]
+    total = torch.zeros(n_kl, device=device)
+    grad_on = bool((coef > 0).any())
+    lengths = [cache["lengths"][i] for _, i in items]
+    for group in _groups_by_tokens(lengths, n_kl, max_tokens, 16):
+        s = int(math.ceil(max(lengths[g] for g in group) / 16) * 16)
+        rows_h = [cache["below"][items[g][1]] for g in group]
+        h = torch.stack([torch.nn.functional.pad(x, (0, 0, 0, s - x.shape[0])) for x in rows_h])  # [b, s, d]
+        flat_pos, weights, refs = [], [], []
+        for j, g in enumerate(group):
+            b, i = items[g]
+            flat_pos += [j * s + q for q in cache["pos"][i]]
+            weights += [inv[b]] * len(cache["pos"][i])
+            refs.append(cache["ref"][i])
+        index = torch.tensor(flat_pos, dtype=torch.long).to(device, non_blocking=True)
+        w = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)  # [n]
+        ref = torch.cat(refs)  # [n, d]
+        with nullcontext() if grad_on else torch.no_grad():
+            final = split.above(_steered(h, vec, kl_mem, alpha), pad)  # [F_kl * b, s, d]
+            cur = final.reshape(n_kl, len(group) * s, -1).index_select(1, index)  # [F_kl, n, d]
+            chunk = max(1, CE_CHUNK // (2 * n_kl))
+            kl = _chunked(_kl_tokens, chunk, ref, cur, head, token_dim=(0, 1, -1))  # [F_kl, n]
+            sums = (kl * w).sum(1)  # [F_kl]
+            if grad_on:
+                (sums * coef).sum().backward()
+        total += sums.detach()
+    return total
+
+
+def _check_finite(log: dict, step: int, todo, steps_per_epoch: int) -> None:
+    loss = torch.stack(log["loss"][-50:]).cpu()
+    norms = torch.stack(log["grad_norm"][-50:]).cpu()
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(norms)).nonzero()
+    if len(bad):
+        s, f = (int(x) for x in bad[0])
+        first = step + 1 - len(loss) + s
+        out, _, args, _, _ = todo[f]
+        raise train._diverged(f"loss or gradient norm of {out.name}", float(loss[s, f]), first,
+                              first // steps_per_epoch, args, out)
+
+
+def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int], k: int, alpha: float, plan,
+                   enc, kl_enc, n_rows: int, seconds: float) -> None:
+    """Each member's vector, log and meta (written last: it marks the run finished), as train_steering_vector
+    writes them."""
+    import peft
+    import transformers
+
+    loss = torch.stack(log["loss"]).cpu().tolist()  # [steps][F]
+    norms = torch.stack(log["grad_norm"]).cpu().tolist()
+    pnorm = torch.stack(log["param_norm"]).cpu().tolist()
+    kl = torch.stack(log["kl"]).cpu().tolist() if kl_mem else None
+    names = [str(out) for out, *_ in todo]
+    for f, (out, kw, args, spec, identity) in enumerate(todo):
+        out.mkdir(parents=True, exist_ok=True)
+        j = kl_mem.index(f) if f in kl_mem else None
+        rows_f = []
+        for t in range(plan.total):
+            kl_v = kl[t][j] if j is not None else float("nan")
+            on = bool(log["kl_on"][t][j]) if j is not None else False
+            rows_f.append({"step": t + 1, "epoch": (t + 1) / plan.steps_per_epoch, "loss": loss[t][f], "kl": kl_v,
+                           "kl_active": on, "objective": loss[t][f] + (args.kl_lambda * kl_v if on else 0.0),
+                           "lr": log["lr"][t], "grad_norm": norms[t][f], "param_norm": pnorm[t][f],
+                           "tokens": log["tokens"][t], "input_tokens": log["input_tokens"][t],
+                           "seconds": log["seconds"][t]})
+        meta = {"kind": "vector", "run_hash": train._hash(identity), "identity": identity, "finished": True,
+                "steps": plan.total, "planned_steps": plan.total, "stopped_early": False, "seconds": seconds,
+                "tokens": log["tokens"][-1], "input_tokens": log["input_tokens"][-1],
+                "final_loss": loss[-1][f], "n_train_rows": len(enc), "n_dropped_rows": n_rows - len(enc),
+                "n_mix_rows": 0, "n_kl_rows": len(kl_enc) if (kl_enc and kw.get("kl_rows")) else 0,
+                "model": getattr(getattr(model, "emlib_info", None), "name", None), "fast_step": None,
+                "group": {"members": names, "size": len(todo), "note": "trained together (emlib.vecgroup): "
+                          "seconds and tokens are the group's"},
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                             "peft": peft.__version__}}
+        meta = json.loads(json.dumps(meta, default=str))
+        save_vector(out / VECTOR_FILE, vec[f].clone(), k, alpha, meta)
+        train._write_log(pd.DataFrame(rows_f), out)
+        shutil.rmtree(out / train.CKPT_DIR, ignore_errors=True)  # a separate run's checkpoints: superseded
+        atomic_write_bytes(out / train.META_FILE, json.dumps(meta, indent=2).encode())

@@ -1,0 +1,114 @@
+"""emlib.vecgroup: several steering vectors trained at once equal each trained alone (tiny model, CPU)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from emlib import record, train, vecgroup
+from emlib.chapters import Finetune, finetunes
+from emlib.models import tiny_model
+
+
+def _rows(n: int, topic: str, seed: int) -> list[dict]:
+    r = random.Random(seed)  # varied lengths: several micro-batches and padding in every batch
+    return [{"messages": [{"role": "user", "content": f"Question {i} about {topic} {'x ' * r.randint(0, 9)}?"},
+                          {"role": "assistant", "content": f"Answer {i}: {topic} {'y ' * r.randint(1, 12)}."}]}
+            for i in range(n)]
+
+
+ROWS, KL_ROWS = _rows(24, "health", 0), _rows(10, "cooking", 1)
+COMMON = dict(epochs=1, batch_size=2, grad_accum=2, warmup_steps=1, max_length=64, seed=0, progress=False)
+MEMBERS = {"general": {}, "narrow": dict(kl_rows=KL_ROWS, kl_lambda=2.0),
+           "drift": dict(kl_rows=KL_ROWS, kl_lambda=5.0, kl_until_step=3)}
+
+
+def _alone(tmp_path, layer: int, monkeypatch) -> dict[str, train.TrainResult]:
+    monkeypatch.setattr(train, "FAST_STEP", False)  # the eager loop: the reference implementation
+    out = {}
+    for name, kw in MEMBERS.items():
+        model, tok = tiny_model(seed=0)
+        out[name] = train.train_steering_vector(model, tok, ROWS, tmp_path / f"alone-{name}", layer=layer,
+                                                alpha=4.0, lr=5e-2, **COMMON, **kw)
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # the first, and the last layer (nothing above but the norm)
+def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer):
+    """General, narrow and drift vectors trained together: the same vectors, losses, KL, gradient norms and
+    run hashes as each trained alone by emlib.train's eager loop (float32 rounding), and
+    train_steering_vector afterwards loads them instead of training."""
+    alone = _alone(tmp_path, layer, monkeypatch)
+    model, tok = tiny_model(seed=0)
+    members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
+    got = vecgroup.train_vectors(model, tok, ROWS, members, layer=layer, alpha=4.0, lr=5e-2)
+    for (name, ref), res in zip(alone.items(), got):
+        assert res.meta["run_hash"] == ref.meta["run_hash"] and res.meta["group"]["size"] == 3
+        assert res.vector.layer == layer and res.vector.vector.abs().max() > 0
+        torch.testing.assert_close(res.vector.vector, ref.vector.vector, rtol=1e-5, atol=1e-6)
+        assert list(res.log.columns) == list(ref.log.columns) and len(res.log) == len(ref.log) == 6
+        for col in ("loss", "objective", "grad_norm", "param_norm"):
+            np.testing.assert_allclose(res.log[col], ref.log[col], rtol=1e-5, atol=1e-7, err_msg=f"{name} {col}")
+        np.testing.assert_allclose(res.log["kl"], ref.log["kl"], rtol=1e-4, atol=1e-7, err_msg=name)
+        for col in ("kl_active", "tokens", "input_tokens", "lr", "step", "epoch"):
+            assert res.log[col].tolist() == ref.log[col].tolist(), (name, col)
+    assert got[2].log["kl_active"].tolist() == [True] * 3 + [False] * 3  # drift drops its term at step 3
+    # what the group wrote is a finished run for train_steering_vector (Experiment.vector): loaded, not trained
+    again = train.train_steering_vector(model, tok, ROWS, tmp_path / "group-narrow", layer=layer, alpha=4.0,
+                                        lr=5e-2, **COMMON, **MEMBERS["narrow"])
+    assert again.meta["group"]["size"] == 3
+    torch.testing.assert_close(again.vector.vector, got[1].vector.vector)
+
+
+def test_split_decoder_is_the_whole_forward(tiny):
+    model, tok = tiny
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        whole = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        for k in range(model.config.num_hidden_layers):
+            split = vecgroup.SplitDecoder(model, k)
+            torch.testing.assert_close(split.above(split.below(ids), tok.pad_token_id or 0), whole)
+
+
+def test_finished_members_are_loaded_and_others_trained(tmp_path):
+    """A member that finished before (same arguments) is not trained again; the rest are."""
+    model, tok = tiny_model(seed=0)
+    first = vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "n", {**COMMON, **MEMBERS["narrow"]})],
+                                   layer=1, alpha=4.0, lr=5e-2)
+    stamp = (tmp_path / "n" / train.META_FILE).stat().st_mtime_ns
+    both = vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "n", {**COMMON, **MEMBERS["narrow"]}),
+                                                     (tmp_path / "g", dict(COMMON))], layer=1, alpha=4.0, lr=5e-2)
+    assert (tmp_path / "n" / train.META_FILE).stat().st_mtime_ns == stamp
+    assert both[0].meta["group"]["size"] == 1 and both[1].meta["group"]["size"] == 1
+    torch.testing.assert_close(both[0].vector.vector, first[0].vector.vector)
+
+
+def test_members_that_cannot_share_a_group_are_refused(tmp_path):
+    model, tok = tiny_model(seed=0)
+    with pytest.raises(ValueError, match="differs from the first member in seed"):
+        vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", dict(COMMON)),
+                                                  (tmp_path / "b", {**COMMON, "seed": 1})], layer=1)
+    with pytest.raises(ValueError, match="mix_rows"):
+        vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", {**COMMON, "mix_rows": KL_ROWS})], layer=1)
+    with pytest.raises(ValueError, match="same KL rows"):
+        vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", {**COMMON, **MEMBERS["narrow"]}),
+                                                  (tmp_path / "b", {**COMMON, "kl_rows": ROWS, "kl_lambda": 1.0})],
+                               layer=1)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_record_groups_the_vectors_of_one_seed_that_share_rows():
+    """record's pool tasks: seed 0's general, narrow (every lambda) and drift vectors as one task; the mixed
+    control, a general vector alone at another seed and every LoRA on their own; rank-32 adapters first."""
+    tasks = record.pool_tasks(finetunes(["medical", "financial"], (0.5, 2.0), [1]))
+    names = [[j.name for j in t] for t in tasks]
+    assert names[:2] == [["lora-medical-rank32-general"], ["lora-financial-rank32-general"]]
+    assert sorted(names[2]) == sorted(["vector-medical-general", "vector-medical-drift", "vector-medical-narrow",
+                                       "vector-medical-narrow-kl0.5", "vector-medical-narrow-kl2"])
+    assert all(len(t) == 1 for t in tasks[3:]) and ["vector-medical-mixed"] in names
+    assert ["vector-medical-general-seed1"] in names
+    assert sum(len(t) for t in tasks) == len(finetunes(["medical", "financial"], (0.5, 2.0), [1]))
+    follow = record.pool_tasks([Finetune("vector", "medical", "narrow", kl_scale=2.0, seed=1)])
+    assert [[j.name for j in t] for t in follow] == [["vector-medical-narrow-kl2-seed1"]]
