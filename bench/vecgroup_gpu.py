@@ -72,8 +72,10 @@ def main() -> None:
     ds = exp.cfg.datasets[0]
     members = ([("general", 1.0, None), ("drift", 1.0, None)]
                + [("narrow", m, None) for m in sweep_scales(exp.cfg.kl_sweep)])
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     group, t_group = _timed(lambda: exp.vectors(ds, members))
-    result["group"] = {"members": [f"{s}-kl{m:g}" for s, m, _ in members], "seconds": t_group,
+    result["group"] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                       if torch.cuda.is_available() else None,"members": [f"{s}-kl{m:g}" for s, m, _ in members], "seconds": t_group,
                        "train_seconds": group[0].meta["seconds"], "steps": group[0].meta["steps"],
                        "final_loss": {f"{s}-kl{m:g}": r.meta["final_loss"] for (s, m, _), r in zip(members, group)}}
     save()
@@ -84,7 +86,7 @@ def main() -> None:
         res, secs = _timed(lambda: e.vector(ds, sol))
         ref = group[[m[0] for m in members].index(sol) if sol == "general" else
                     members.index(("narrow", 1.0, None))]
-        v, w = res.vector.vector.float(), ref.vector.vector.float()
+        v, w = res.vector.vector.float().cpu(), ref.vector.vector.float().cpu()
         alone[sol] = {"seconds": secs, "train_seconds": res.meta["seconds"], "final_loss": res.meta["final_loss"],
                       "group_final_loss": ref.meta["final_loss"],
                       "cosine_with_group": float(torch.nn.functional.cosine_similarity(v, w, dim=0)),
