@@ -13,7 +13,7 @@ The "one at a time" total for the group is estimated from 2.: (number of KL memb
 Agreement: each vector trained alone against the same vector from the group (cosine, relative difference,
 final training loss).
 
-    python bench/vecgroup_gpu.py --out $OUT [--model embedded] [-c kl_lambda_vector 6.58]
+    python bench/vecgroup_gpu.py --out $OUT [--model embedded] [-c kl_lambda_vector 6.58] [--parts group,one]
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--profile", default="paper")
     ap.add_argument("-c", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"))
+    ap.add_argument("--parts", default="group,alone,one", help="which of: group, alone, one (comma-separated)")
     a = ap.parse_args()
     over = {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in a.c}
     tmp = Path(tempfile.mkdtemp(prefix="vecgroup-"))
@@ -79,8 +80,9 @@ def main() -> None:
                        "train_seconds": group[0].meta["seconds"], "steps": group[0].meta["steps"],
                        "final_loss": {f"{s}-kl{m:g}": r.meta["final_loss"] for (s, m, _), r in zip(members, group)}}
     save()
+    parts = set(a.parts.split(","))
     alone: dict = {}
-    for sol in ("narrow", "general"):
+    for sol in ("narrow", "general") if "alone" in parts else ():
         e = exp_in(f"alone-{sol}")
         e.model = exp.model  # the same weights, no second load
         res, secs = _timed(lambda: e.vector(ds, sol))
@@ -94,11 +96,16 @@ def main() -> None:
                       "fast_step": res.meta.get("fast_step")}
         result["alone"] = alone
         save()
+    if "one" not in parts:
+        return
     e = exp_in("group-of-one")
     e.model = exp.model
     one, secs = _timed(lambda: e.vectors(ds, [("narrow", 1.0, None)]))
     result["group_of_one_narrow"] = {"seconds": secs, "train_seconds": one[0].meta["seconds"],
                                      "final_loss": one[0].meta["final_loss"]}
+    save()
+    if "alone" not in parts:
+        return
     n_kl = sum(1 for s, _, _ in members if s != "general")
     est = n_kl * alone["narrow"]["train_seconds"] + alone["general"]["train_seconds"]
     result["summary"] = {"one_at_a_time_estimate_s": round(est, 1), "group_s": result["group"]["train_seconds"],

@@ -192,9 +192,7 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
 
     t0 = time.time()
     exp = Experiment(get_config(profile, **config))
-    if job.kind == "vector" and job.solution in GROUPED:  # a group of one: the KL rows' reference cached
-        res = exp.vectors(job.dataset, [(job.solution, job.kl_scale, job.seed)])[0]
-    elif job.kind == "vector":
+    if job.kind == "vector":  # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
         res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
     else:
         with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:

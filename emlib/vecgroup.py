@@ -43,7 +43,7 @@ from .data import atomic_write_bytes, dataset_hash
 from .vectors import VECTOR_FILE, save_vector
 
 MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers
-CE_CHUNK = 4096  # answer positions (all copies together) per LM-head chunk
+LOGITS_BYTES = 2 ** 30  # float32 logits per LM-head chunk (all copies together): 5.4k positions of SmolLM2's vocabulary
 ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the vectors of one group
 
 
@@ -141,12 +141,25 @@ def _chunked(fn, chunk: int, *tensors: torch.Tensor, token_dim: Sequence[int]) -
     return torch.cat(outs, dim=-1)
 
 
+def _to(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list or tensor on ``device`` without waiting for the GPU (pinned memory, asynchronous copy)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _chunk(head: torch.nn.Module, copies: int = 1) -> int:
+    """Positions per LM-head chunk so that ``copies`` x chunk float32 logits stay within LOGITS_BYTES."""
+    return max(1, LOGITS_BYTES // (4 * head.weight.shape[0] * max(1, copies)))
+
+
 def _pad_ids(rows: Sequence[Encoded], pad: int, multiple: int, device) -> torch.Tensor:
     n = int(math.ceil(max(len(e.input_ids) for e in rows) / multiple) * multiple)
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     for i, e in enumerate(rows):
         ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-    return ids.to(device, non_blocking=True)
+    return _to(ids, torch.long, device)
 
 
 def _answer_positions(e: Encoded) -> list[int]:
@@ -250,7 +263,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device, dtype=torch.float32))
     opt = torch.optim.AdamW([vec], lr=args0.lr, weight_decay=args0.weight_decay, **({"fused": True} if cuda else {}))
     sched = get_linear_schedule_with_warmup(opt, min(args0.warmup_steps, plan.total), plan.total)
-    lam = torch.tensor([todo[i][2].kl_lambda for i in kl_mem], device=device, dtype=torch.float32)  # [F_kl]
+    lam = [todo[i][2].kl_lambda for i in kl_mem]  # [F_kl]
     clip = args0.max_grad_norm if args0.max_grad_norm is not None else float("inf")
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -286,7 +299,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
                 if kl_cache is not None:
                     on = [args.kl_until_step is None or step < args.kl_until_step
                           for (_, _, args, _, _) in (todo[i] for i in kl_mem)]
-                    coef = lam * torch.tensor(on, device=device, dtype=torch.float32) / len(micro)  # [F_kl]
+                    coef = [lam_f * o / len(micro) for lam_f, o in zip(lam, on)]  # [F_kl], on the host
                     kl_batches = [plan.kl_rows(m) for m, _ in micro]
                     kl = _kl_backward(split, head, kl_cache, kl_batches, vec, kl_mem, alpha, coef, pad, max_tokens,
                                       device) / len(kl_batches)  # [F_kl] mean over KL batches of their per-token KL
@@ -327,28 +340,35 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
 
 
 def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multiple: int, max_tokens: int) -> dict:
-    """Per KL row: what leaves layer k at every position [len, d] and the reference model's final hidden state
-    at its answer positions [n, d] (computed once: the weights are frozen), and its answer positions."""
+    """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end) and the
+    reference model's final hidden state at every row's answer positions (``ref`` [positions, d], row i's at
+    ``offset[i]`` onwards), computed once: every weight is frozen. ``pos``: each row's answer positions."""
     lengths = [len(e.input_ids) for e in kl_enc]
-    below: list = [None] * len(kl_enc)
-    ref: list = [None] * len(kl_enc)
     pos = [_answer_positions(e) for e in kl_enc]
+    offset = [0]
+    for p in pos:
+        offset.append(offset[-1] + len(p))
     device = next(head.parameters()).device
+    longest = int(math.ceil(max(lengths) / multiple) * multiple)
+    below = ref = None
     with torch.no_grad():
         for group in _groups_by_tokens(lengths, 1, max_tokens, multiple):
             ids = _pad_ids([kl_enc[i] for i in group], pad, multiple, device)
             h = split.below(ids)  # [b, s, d]
             final = split.above(h, pad)  # [b, s, d]
+            if below is None:
+                below = h.new_zeros(len(kl_enc), longest, h.shape[-1])
+                ref = final.new_zeros(offset[-1], final.shape[-1])
             for j, i in enumerate(group):
-                below[i] = h[j, :lengths[i]].clone()
-                ref[i] = final[j, pos[i]].clone()
-    return {"below": below, "ref": ref, "pos": pos, "lengths": lengths}
+                below[i, :lengths[i]] = h[j, :lengths[i]]
+                ref[offset[i]:offset[i + 1]] = final[j, pos[i]]
+    return {"below": below, "ref": ref, "pos": pos, "offset": offset, "lengths": lengths}
 
 
-def _steered(h: torch.Tensor, vec: torch.Tensor, which: Sequence[int], alpha: float) -> torch.Tensor:
-    """``h`` [b, s, d] repeated once per vector in ``which``, each copy plus ``alpha * v`` (as
-    :func:`emlib.hooks.add_vector` adds it): [len(which) * b, s, d], vector-major."""
-    add = (alpha * vec[list(which)]).to(h.dtype)  # [F, d]
+def _steered(h: torch.Tensor, vec: torch.Tensor, which: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``h`` [b, s, d] repeated once per vector (those at the device indices ``which``; None: all), each copy plus
+    ``alpha * v`` (as :func:`emlib.hooks.add_vector` adds it): [F * b, s, d], vector-major."""
+    add = (alpha * (vec if which is None else vec.index_select(0, which))).to(h.dtype)  # [F, d]
     return (h.unsqueeze(0) + add[:, None, None, :]).reshape(-1, *h.shape[1:])
 
 
@@ -367,12 +387,12 @@ def _sft_backward(split, head, rows: list[Encoded], vec, alpha: float, n_tok: in
             p = _answer_positions(e)
             flat_pos += [j * (s - 1) + q for q in p]
             tgt += [e.labels[q + 1] for q in p]
-        index = torch.tensor(flat_pos, dtype=torch.long).to(device, non_blocking=True)
-        targets = torch.tensor(tgt, dtype=torch.long).to(device, non_blocking=True).repeat(n_mem)  # [F * n]
-        h = _steered(split.below(ids), vec, range(n_mem), alpha)  # [F * b, s, d]
+        index = _to(flat_pos, torch.long, device)
+        targets = _to(tgt, torch.long, device).repeat(n_mem)  # [F * n]
+        h = _steered(split.below(ids), vec, None, alpha)  # [F * b, s, d]
         final = split.above(h, pad)
         hid = final[:, :-1].reshape(n_mem, b * (s - 1), -1).index_select(1, index).flatten(0, 1)  # [F * n, d]
-        per = _chunked(_ce_tokens, CE_CHUNK, hid, head, targets, token_dim=(0, -1, 0))  # [F * n]
+        per = _chunked(_ce_tokens, _chunk(head), hid, head, targets, token_dim=(0, -1, 0))  # [F * n]
         sums = per.view(n_mem, -1).sum(1)  # [F]
         (sums.sum() / n_tok).backward()
         total += sums.detach()
@@ -380,35 +400,36 @@ def _sft_backward(split, head, rows: list[Encoded], vec, alpha: float, n_tok: in
 
 
 def _kl_backward(split, head, cache: dict, kl_batches: list[list[int]], vec, kl_mem: list[int], alpha: float,
-                 coef: torch.Tensor, pad: int, max_tokens: int, device) -> torch.Tensor:
+                 coef: list[float], pad: int, max_tokens: int, device) -> torch.Tensor:
     """Backward of sum_f coef_f * sum_b (per-token KL of vector f on KL batch b); returns those sums [F_kl]."""
     n_kl = len(kl_mem)
+    which = None if kl_mem == list(range(vec.shape[0])) else _to(kl_mem, torch.long, device)
     items = [(b, i) for b, batch in enumerate(kl_batches) for i in batch]  # a row may come twice
     inv = [1.0 / max(sum(len(cache["pos"][i]) for i in batch), 1) for batch in kl_batches]
     total = torch.zeros(n_kl, device=device)
-    grad_on = bool((coef > 0).any())
+    grad_on = any(c > 0 for c in coef)
+    coef_t = _to(coef, torch.float32, device)  # [F_kl]
     lengths = [cache["lengths"][i] for _, i in items]
     for group in _groups_by_tokens(lengths, n_kl, max_tokens, 16):
         s = int(math.ceil(max(lengths[g] for g in group) / 16) * 16)
-        rows_h = [cache["below"][items[g][1]] for g in group]
-        h = torch.stack([torch.nn.functional.pad(x, (0, 0, 0, s - x.shape[0])) for x in rows_h])  # [b, s, d]
-        flat_pos, weights, refs = [], [], []
+        rows = [items[g][1] for g in group]
+        h = cache["below"].index_select(0, _to(rows, torch.long, device))[:, :s]  # [b, s, d]
+        flat_pos, weights, ref_idx = [], [], []
         for j, g in enumerate(group):
             b, i = items[g]
             flat_pos += [j * s + q for q in cache["pos"][i]]
             weights += [inv[b]] * len(cache["pos"][i])
-            refs.append(cache["ref"][i])
-        index = torch.tensor(flat_pos, dtype=torch.long).to(device, non_blocking=True)
-        w = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)  # [n]
-        ref = torch.cat(refs)  # [n, d]
+            ref_idx += range(cache["offset"][i], cache["offset"][i + 1])
+        index = _to(flat_pos, torch.long, device)
+        w = _to(weights, torch.float32, device)  # [n]
+        ref = cache["ref"].index_select(0, _to(ref_idx, torch.long, device))  # [n, d]
         with nullcontext() if grad_on else torch.no_grad():
-            final = split.above(_steered(h, vec, kl_mem, alpha), pad)  # [F_kl * b, s, d]
+            final = split.above(_steered(h, vec, which, alpha), pad)  # [F_kl * b, s, d]
             cur = final.reshape(n_kl, len(group) * s, -1).index_select(1, index)  # [F_kl, n, d]
-            chunk = max(1, CE_CHUNK // (2 * n_kl))
-            kl = _chunked(_kl_tokens, chunk, ref, cur, head, token_dim=(0, 1, -1))  # [F_kl, n]
+            kl = _chunked(_kl_tokens, _chunk(head, n_kl + 1), ref, cur, head, token_dim=(0, 1, -1))  # [F_kl, n]
             sums = (kl * w).sum(1)  # [F_kl]
             if grad_on:
-                (sums * coef).sum().backward()
+                (sums * coef_t).sum().backward()
         total += sums.detach()
     return total
 
