@@ -723,6 +723,30 @@ def generate_steered(model, tok, prompts: Sequence[str], direction: torch.Tensor
     return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in new]
 
 
+@torch.no_grad()
+def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int, *, max_new_tokens: int = 64,
+                     seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, skip_special_tokens: bool = True,
+                     **generate_kwargs) -> list[str]:
+    """One prompt answered once per steering vector, all in one batch of generation: row i has ``vectors[i]``
+    ([n, d], e.g. :func:`steering_vector` at several scales) added at the output of ``layer`` on every forward
+    (:func:`emlib.hooks.add_rows`). One generation instead of n: the rows share one seeded random stream, so a
+    sampled row is not the answer :func:`generate_steered` gives for that vector alone (greedy rows are)."""
+    idx = check_layer(model, layer)
+    if vectors.ndim != 2 or vectors.shape[0] < 1:
+        raise DirectionError(f"generate_per_row takes vectors [n, d] with n >= 1; got {tuple(vectors.shape)}.")
+    enc = encode_prompts(tok, [prompt] * vectors.shape[0], _device(model))
+    gen = _generation_kwargs(tok, max_new_tokens, temperature, top_p, generate_kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        with _seeded(seed, _device(model)), hooks.add_rows(model, idx, vectors.to(_device(model))):
+            ids = model.generate(**enc, **gen)
+    finally:
+        model.train(was_training)
+    new = ids[:, enc["input_ids"].shape[1]:]
+    return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in new]
+
+
 # =========================================================================== convergence
 def _layer_row(v: torch.Tensor, layer: int | None, name: str) -> torch.Tensor:
     if v.ndim == 1:

@@ -18,7 +18,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .directions import DirectionError, generate_steered, residual_norm, steering_vector
+from .directions import DirectionError, generate_per_row, generate_steered, residual_norm, steering_vector
 from .models import check_layer, layer_from_fraction, n_layers
 
 
@@ -55,23 +55,28 @@ def steer(model, tok, prompt: str, direction: torch.Tensor, layer: int, scale: f
 def scale_sweep(model, tok, prompt: str, direction: torch.Tensor, layer: int, scales: Sequence[float],
                 max_new_tokens: int = 64, seed: int = 0, *, relative: bool = False,
                 reference_norm: float | None = None, normalize: bool = True, temperature: float = 1.0,
-                top_p: float = 1.0, **generate_kwargs) -> pd.DataFrame:
+                top_p: float = 1.0, batched: bool = False, **generate_kwargs) -> pd.DataFrame:
     """One prompt answered at each scale (same seed throughout) -> DataFrame(prompt, layer, scale,
-    added_norm, answer); ``added_norm`` is the L2 norm of the vector actually added (0 for scale 0)."""
+    added_norm, answer); ``added_norm`` is the L2 norm of the vector actually added (0 for scale 0).
+    ``batched``: every scale in one generation (:func:`emlib.directions.generate_per_row`; one seeded stream
+    for all rows, so sampled answers differ from the one-scale-at-a-time ones; greedy ones do not)."""
     if len(scales) == 0:
         raise DirectionError("scale_sweep needs at least one scale.")
     layer = check_layer(model, layer)
     ref = _reference_norm(model, tok, prompt, layer, relative, reference_norm)
-    recs = []
-    for s in scales:
-        (ans,) = generate_steered(model, tok, [prompt], direction, layer, float(s), relative=relative,
-                                  reference_norm=ref, normalize=normalize, max_new_tokens=max_new_tokens,
-                                  seed=seed, temperature=temperature, top_p=top_p, **generate_kwargs)
-        vec = steering_vector(model, direction, layer, float(s), relative=relative, reference_norm=ref,
-                              normalize=normalize)
-        recs.append({"prompt": prompt, "layer": layer, "scale": float(s),
-                     "added_norm": float(vec.float().norm()), "answer": ans})
-    return pd.DataFrame(recs)
+    vecs = [steering_vector(model, direction, layer, float(s), relative=relative, reference_norm=ref,
+                            normalize=normalize) for s in scales]
+    if batched:  # one generation through plain hooks: no engine to choose
+        generate_kwargs.pop("engine", None)
+        answers = generate_per_row(model, tok, prompt, torch.stack(vecs), layer, max_new_tokens=max_new_tokens,
+                                   seed=seed, temperature=temperature, top_p=top_p, **generate_kwargs)
+    else:
+        answers = [generate_steered(model, tok, [prompt], direction, layer, float(s), relative=relative,
+                                    reference_norm=ref, normalize=normalize, max_new_tokens=max_new_tokens,
+                                    seed=seed, temperature=temperature, top_p=top_p, **generate_kwargs)[0]
+                   for s in scales]
+    return pd.DataFrame([{"prompt": prompt, "layer": layer, "scale": float(s), "added_norm": float(v.float().norm()),
+                          "answer": ans} for s, v, ans in zip(scales, vecs, answers)])
 
 
 def _pane(text: str) -> str:

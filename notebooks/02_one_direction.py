@@ -185,7 +185,7 @@ for ds in cfg.datasets:
 prompt = exp.questions()["question"].iloc[1]
 sweep = widgets.scale_sweep(exp.model, exp.tok, prompt, v[layer], layer, [0.0, 0.25, 0.5, 1.0],
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, relative=True,
-                            reference_norm=ref_norm, engine="hooks")  # the nnsight engine's tokens, faster
+                            reference_norm=ref_norm, batched=True)  # every scale in one generation
 pd.set_option("display.max_colwidth", 400)
 sweep[["scale", "added_norm", "answer"]]
 

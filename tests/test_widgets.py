@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import pandas as pd
 import torch
 
 from emlib import directions as D
@@ -334,3 +335,16 @@ def test_explorer_in_a_real_browser(tmp_path, chromium, jupyterlab):
 def _visible(text: str) -> str:
     """Text as a browser shows it: control characters other than newlines and tabs are not rendered."""
     return "".join(ch for ch in text if ch in "\n\t" or ch.isprintable()).strip()
+
+
+def test_scale_sweep_batched_is_one_generation_with_the_same_vectors(tiny):
+    """batched: every scale in one generation. Greedy answers equal the one-scale-at-a-time ones (sampled ones
+    share one random stream, so they differ); the added norms are the same either way."""
+    model, tok, v = tiny
+    kw = dict(max_new_tokens=6, seed=1, temperature=0.0)
+    one = scale_sweep(model, tok, "hello", v, 0, [0.0, 2.0, 50.0], **kw)
+    both = scale_sweep(model, tok, "hello", v, 0, [0.0, 2.0, 50.0], batched=True, engine="hooks", **kw)
+    pd.testing.assert_frame_equal(one, both)
+    assert one["answer"].iloc[2] != one["answer"].iloc[0]  # the vector changes the greedy answer
+    sampled = scale_sweep(model, tok, "hello", v, 0, [0.0, 2.0], max_new_tokens=6, seed=1, batched=True, **TOPK)
+    assert sampled["added_norm"].tolist() == pytest.approx([0.0, 2.0], rel=1e-5)
