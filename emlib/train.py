@@ -313,6 +313,22 @@ class _Job:
 
 
 @contextlib.contextmanager
+def training_mode(model):
+    """The model in train mode with its KV cache off for the block (both loops: this module's and
+    ``emlib.vecgroup``'s); its mode and ``config.use_cache`` are restored after."""
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.train()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+@contextlib.contextmanager
 def _no_cudnn_attention():
     """Training forwards/backwards run with PyTorch's cuDNN SDPA backend switched off (restored after).
 
@@ -588,10 +604,6 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
 
     # ---- loop
     model = job.model
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.train()
-    if use_cache is not None:
-        model.config.use_cache = False
     last = start
     below = 0  # consecutive steps with loss under early_stop_loss (recounted from the log on resume)
     if args.early_stop_loss is not None:
@@ -606,6 +618,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
                disable=(None if progress is None else not progress))
     attention = contextlib.ExitStack()
     try:
+        attention.enter_context(training_mode(model))
         attention.enter_context(_no_cudnn_attention())  # NaN query gradients on H100 (see there)
         if fast is not None:
             attention.enter_context(fast.kernels())
@@ -685,9 +698,6 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     finally:
         attention.close()
         bar.close()
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
 
     log = pd.DataFrame(log_rows)
     if last < plan.total and not stopped_early:  # paused by stop_after

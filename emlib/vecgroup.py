@@ -267,7 +267,6 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     clip = args0.max_grad_norm if args0.max_grad_norm is not None else float("inf")
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     stack = contextlib.ExitStack()
     log: dict[str, list] = {"loss": [], "kl": [], "grad_norm": [], "param_norm": [], "lr": [], "kl_on": [],
                             "tokens": [], "input_tokens": [], "seconds": []}
@@ -276,9 +275,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
                disable=(None if progress is None else not progress))
     try:
         model.requires_grad_(False)
-        model.train()
-        if use_cache is not None:
-            model.config.use_cache = False
+        stack.enter_context(train.training_mode(model))
         stack.enter_context(train._no_cudnn_attention())
         stack.enter_context(one_sequence_per_row())
         if cuda:
@@ -330,9 +327,6 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     finally:
         bar.close()
         stack.close()
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     _write_members(model, todo, vec.detach(), log, kl_mem, k, alpha, plan, enc, kl_enc, len(rows),
