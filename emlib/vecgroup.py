@@ -42,7 +42,8 @@ from .chat import IGNORE, Encoded, encode_rows
 from .data import atomic_write_bytes, dataset_hash
 from .vectors import VECTOR_FILE, save_vector
 
-MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers
+MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers (None: by GPU size)
+BIG_GPU_TOKENS = 98304  # on a GPU of >= 96 GiB: the paper's KL step (64 rows x 6 copies) in one pass, not three
 LOGITS_BYTES = 2 ** 30  # float32 logits per LM-head chunk (all copies together): 5.4k positions of SmolLM2's vocabulary
 ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the vectors of one group
 
@@ -177,14 +178,15 @@ def _groups_by_tokens(lengths: Sequence[int], copies: int, max_tokens: int, mult
 # =========================================================================== training
 def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Path, dict]], *,
                   layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0,
-                  lr: float | None = None, max_tokens: int = MAX_TOKENS, pad_multiple: int = 16,
+                  lr: float | None = None, max_tokens: int | None = None, pad_multiple: int = 16,
                   progress: bool | None = None) -> list[train.TrainResult]:
     """Train (or load, where finished) one steering vector per member on ``rows``, all at once.
 
     ``members``: (out_dir, keyword arguments of :func:`emlib.train.train_steering_vector` -- ``seed``,
     ``epochs``, ``kl_rows``, ``kl_lambda``, ``kl_until_step``, ...). Only ``kl_lambda`` and ``kl_until_step``
     may differ between members, and whether a member has ``kl_rows`` (the same rows for all that have them);
-    ``layer`` / ``layer_fraction``, ``alpha`` and ``lr`` are shared. Returns what
+    ``layer`` / ``layer_fraction``, ``alpha`` and ``lr`` are shared. ``max_tokens``: padded tokens per pass of
+    the upper layers (None: :func:`default_max_tokens`). Returns what
     :func:`~emlib.train.train_steering_vector` returns for each member, in order (it loads what was trained here).
     """
     if not members:
@@ -213,9 +215,19 @@ def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Pa
                              "out_dir, or pass overwrite=True to replace it.")
         todo.append((out, kw, args, spec, identity))
     if todo:
-        _fit_group(model, tok, rows, todo, setups[0][2], float(alpha), max_tokens, pad_multiple, progress)
+        budget = default_max_tokens(next(model.parameters()).device) if max_tokens is None else int(max_tokens)
+        _fit_group(model, tok, rows, todo, setups[0][2], float(alpha), budget, pad_multiple, progress)
     return [train.train_steering_vector(model, tok, rows, out, **fixed, **{**kw, "progress": False})
             for out, kw, *_ in setups]
+
+
+def default_max_tokens(device: torch.device) -> int:
+    """Padded tokens per pass of the upper layers: :data:`BIG_GPU_TOKENS` on a CUDA device with at least 96 GiB
+    (an H200: fewer, larger passes, as the group's step is bound by kernel launches; SmolLM2's group peaked at
+    8.4 GiB with 32,768), else :data:`MAX_TOKENS`."""
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 96 * 2 ** 30:
+        return BIG_GPU_TOKENS
+    return MAX_TOKENS
 
 
 def _check_compatible(setups) -> None:

@@ -112,3 +112,14 @@ def test_record_groups_the_vectors_of_one_seed_that_share_rows():
     assert sum(len(t) for t in tasks) == len(finetunes(["medical", "financial"], (0.5, 2.0), [1]))
     follow = record.pool_tasks([Finetune("vector", "medical", "narrow", kl_scale=2.0, seed=1)])
     assert [[j.name for j in t] for t in follow] == [["vector-medical-narrow-kl2-seed1"]]
+
+
+def test_small_passes_give_the_same_vectors(tmp_path):
+    """max_tokens only cuts the upper layers' work into passes: one row per pass gives the same vectors."""
+    model, tok = tiny_model(seed=0)
+    members = lambda tag: [(tmp_path / f"{tag}-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
+    big = vecgroup.train_vectors(model, tok, ROWS, members("big"), layer=0, alpha=4.0, lr=5e-2)
+    small = vecgroup.train_vectors(model, tok, ROWS, members("small"), layer=0, alpha=4.0, lr=5e-2, max_tokens=1)
+    for a, b in zip(big, small):
+        torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+    assert vecgroup.default_max_tokens(torch.device("cpu")) == vecgroup.MAX_TOKENS
