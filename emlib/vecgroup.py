@@ -332,7 +332,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
             log["input_tokens"].append(in_tokens)
             log["seconds"].append(time.perf_counter() - t0)
             if (step + 1) % 50 == 0 or step + 1 == plan.total:
-                _check_finite(log, step, todo, plan.steps_per_epoch)
+                _check_finite(log, step, todo, plan.steps_per_epoch, kl_mem)
             bar.update(1)
         if cuda:
             torch.cuda.synchronize()
@@ -440,15 +440,19 @@ def _kl_backward(split, head, cache: dict, kl_batches: list[list[int]], vec, kl_
     return total
 
 
-def _check_finite(log: dict, step: int, todo, steps_per_epoch: int) -> None:
-    loss = torch.stack(log["loss"][-50:]).cpu()
-    norms = torch.stack(log["grad_norm"][-50:]).cpu()
-    bad = (~torch.isfinite(loss) | ~torch.isfinite(norms)).nonzero()
-    if len(bad):
-        s, f = (int(x) for x in bad[0])
+def _check_finite(log: dict, step: int, todo, steps_per_epoch: int, kl_mem: list[int]) -> None:
+    """Raise emlib.train's divergence error for the first of the last 50 steps where a member's loss, gradient
+    norm or KL term is not finite (one host sync per 50 steps)."""
+    loss = torch.stack(log["loss"][-50:]).cpu()  # [steps, F]
+    bad = ~torch.isfinite(loss) | ~torch.isfinite(torch.stack(log["grad_norm"][-50:]).cpu())
+    if kl_mem and log["kl"][-1] is not None:
+        bad[:, kl_mem] |= ~torch.isfinite(torch.stack(log["kl"][-50:]).cpu())
+    where = bad.nonzero()
+    if len(where):
+        s, f = (int(x) for x in where[0])
         first = step + 1 - len(loss) + s
         out, _, args, _, _ = todo[f]
-        raise train._diverged(f"loss or gradient norm of {out.name}", float(loss[s, f]), first,
+        raise train._diverged(f"loss, gradient norm or KL term of {out.name}", float(loss[s, f]), first,
                               first // steps_per_epoch, args, out)
 
 

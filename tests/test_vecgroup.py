@@ -123,3 +123,14 @@ def test_small_passes_give_the_same_vectors(tmp_path):
     for a, b in zip(big, small):
         torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
     assert vecgroup.default_max_tokens(torch.device("cpu")) == vecgroup.MAX_TOKENS
+
+
+def test_a_diverging_member_is_named(tmp_path):
+    """A loss that is not finite stops the group with emlib.train's divergence error naming the member; nothing
+    is marked finished."""
+    model, tok = tiny_model(seed=0)
+    with pytest.raises(FloatingPointError, match="of bad"):
+        vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "ok", dict(COMMON)),
+                                                  (tmp_path / "bad", {**COMMON, "kl_rows": KL_ROWS, "kl_lambda": 1e38})],
+                               layer=0, alpha=4.0, lr=5e-2)  # its KL gradient overflows once the vector moves
+    assert not any((tmp_path / n / train.META_FILE).exists() for n in ("ok", "bad"))
