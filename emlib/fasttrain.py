@@ -354,6 +354,23 @@ def one_sequence_per_row():
         mu.find_packed_sequence_indices = orig
 
 
+def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
+    """``run(static)`` captured as a CUDA graph after two warm-up runs on a side stream (library handles,
+    autograd set-up; what they accumulate is the caller's to zero), in memory ``pool`` (a new one when None).
+    Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run(static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run(static)
+    return graph, pool
+
+
 class TrainStep:
     """The gradients of one optimizer step: :meth:`grads` runs each micro-batch's forward, loss and backward
     (the summed next-token cross-entropy over answer tokens divided by the step's answer-token count,
@@ -467,17 +484,7 @@ class TrainStep:
                       "targets": torch.full((t,), IGNORE, dtype=torch.long, device=self.device)}
             if kl:
                 static["inv_count"] = torch.ones((), device=self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up (library handles, autograd set-up); gradients are zeroed later
-                for _ in range(2):
-                    run(static)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run(static)
+            graph, self._pool = capture(run, static, self.device, self._pool)  # gradients are zeroed later
             if any(p.grad is not g for p, g in zip(self.params, self._grads)):
                 raise RuntimeError("the backward replaced a .grad tensor during capture")
             graphs[shape] = (graph, static)

@@ -43,6 +43,7 @@ from .data import atomic_write_bytes, dataset_hash
 from .vectors import VECTOR_FILE, save_vector
 
 MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers (None: by GPU size)
+CUDA_GRAPHS = True  # GroupStep captures its passes on CUDA (False: eager, e.g. to compare)
 BIG_GPU_TOKENS = 98304  # on a GPU of >= 96 GiB: the paper's KL step (64 rows x 6 copies) in one pass, not three
 LOGITS_BYTES = 2 ** 30  # float32 logits per LM-head chunk (all copies together): 5.4k positions of SmolLM2's vocabulary
 ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the vectors of one group
@@ -274,6 +275,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
 
     vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device, dtype=torch.float32))
     opt = torch.optim.AdamW([vec], lr=args0.lr, weight_decay=args0.weight_decay, **({"fused": True} if cuda else {}))
+    step_fn = None
     sched = get_linear_schedule_with_warmup(opt, min(args0.warmup_steps, plan.total), plan.total)
     lam = [todo[i][2].kl_lambda for i in kl_mem]  # [F_kl]
     clip = args0.max_grad_norm if args0.max_grad_norm is not None else float("inf")
@@ -294,6 +296,8 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
             stack.enter_context(fused_rms_norms(model))
         with amp():
             kl_cache = _kl_cache(split, head, kl_enc, pad, pad_multiple, max_tokens) if kl_mem and kl_enc else None
+        step_fn = GroupStep(split, head, vec, alpha, kl_cache, kl_mem, pad, pad_multiple, max_tokens, amp,
+                            cuda_graphs=CUDA_GRAPHS)
         tokens = in_tokens = 0
         for step in range(plan.total):
             micro = plan.micro_batches(step)
@@ -301,23 +305,16 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
             n_real = sum(targets[i] for i in idx)
             n_tok = max(n_real, 1)
             sched_lr = float(sched.get_last_lr()[0])
-            vec.grad = None
-            with amp():
-                sft = _sft_backward(split, head, [enc[i] for i in idx], vec, alpha, n_tok, pad, pad_multiple,
-                                    max_tokens, device)  # [F] summed losses
-                if kl_cache is not None:
-                    on = [args.kl_until_step is None or step < args.kl_until_step
-                          for (_, _, args, _, _) in (todo[i] for i in kl_mem)]
-                    coef = [lam_f * o / len(micro) for lam_f, o in zip(lam, on)]  # [F_kl], on the host
-                    kl_batches = [plan.kl_rows(m) for m, _ in micro]
-                    kl = _kl_backward(split, head, kl_cache, kl_batches, vec, kl_mem, alpha, coef, pad, max_tokens,
-                                      device) / len(kl_batches)  # [F_kl] mean over KL batches of their per-token KL
-                else:
-                    on, kl = [], None
-            grad = vec.grad if vec.grad is not None else torch.zeros_like(vec)
+            on = [args.kl_until_step is None or step < args.kl_until_step
+                  for (_, _, args, _, _) in (todo[i] for i in kl_mem)] if kl_cache is not None else []
+            coef = [lam_f * o / len(micro) for lam_f, o in zip(lam, on)]  # [F_kl], on the host
+            kl_batches = [plan.kl_rows(m) for m, _ in micro] if kl_cache is not None else None
+            sft, kl = step_fn.run([enc[i] for i in idx], n_tok, kl_batches, coef)  # [F] summed losses, [F_kl]
+            if kl is not None:
+                kl = kl / len(kl_batches)  # the mean over KL batches of their per-token KL
+            grad = vec.grad
             norms = grad.norm(dim=1)  # [F]: each vector clipped on its own (clip_grad_norm_ on one tensor)
             grad.mul_((clip / (norms + 1e-6)).clamp(max=1.0)[:, None])
-            vec.grad = grad
             opt.step()
             sched.step()
             tokens += n_real
@@ -342,7 +339,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     _write_members(model, todo, vec.detach(), log, kl_mem, k, alpha, plan, enc, kl_enc, len(rows),
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, dict(step_fn.stats) if step_fn is not None else None)
 
 
 def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multiple: int, max_tokens: int) -> dict:
@@ -378,66 +375,189 @@ def _steered(h: torch.Tensor, vec: torch.Tensor, which: torch.Tensor | None, alp
     return (h.unsqueeze(0) + add[:, None, None, :]).reshape(-1, *h.shape[1:])
 
 
-def _sft_backward(split, head, rows: list[Encoded], vec, alpha: float, n_tok: int, pad: int, multiple: int,
-                  max_tokens: int, device) -> torch.Tensor:
-    """Backward of sum_f (summed answer-token loss of vector f) / n_tok; returns the summed losses [F]."""
-    n_mem = vec.shape[0]
-    total = torch.zeros(n_mem, device=device)
-    lengths = [len(e.input_ids) for e in rows]
-    for group in _groups_by_tokens(lengths, n_mem, max_tokens, multiple):
-        batch = [rows[i] for i in group]
-        ids = _pad_ids(batch, pad, multiple, device)
-        b, s = ids.shape
-        flat_pos, tgt = [], []
+class GroupStep:
+    """The gradients of one optimizer step of a group: the step's rows through the split decoder once, each
+    vector's copy above layer k, and the KL rows from the cache (:func:`_kl_cache`), accumulated into
+    ``vec.grad`` (a fixed tensor); :meth:`run` returns the summed losses [F] and the summed per-token KL of
+    each KL member [F_kl] as device tensors.
+
+    On CUDA (``cuda_graphs``) each pass -- the training rows', the KL rows' -- is captured once per bucketed shape
+    (:func:`emlib.fasttrain.bucket`: rows, padded length, answer positions) and replayed with its inputs copied
+    into static buffers, as :class:`emlib.fasttrain.TrainStep` does for one model: the eager step is bound by
+    kernel launches. Padding rows read as pad tokens (or cache row 0) and padding positions carry the ignore
+    label (or KL weight 0), so they add nothing. Each new shape is checked once against the same pass run
+    eagerly (summed losses, KL and gradients); a capture that fails or disagrees switches the step to eager for
+    the rest of the run (``stats["fallback"]`` says why). Elsewhere the same passes run eagerly at exact shapes.
+    """
+
+    def __init__(self, split: SplitDecoder, head, vec: torch.nn.Parameter, alpha: float, cache: dict | None,
+                 kl_mem: list[int], pad: int, multiple: int, max_tokens: int, amp, cuda_graphs: bool = True,
+                 per_octave: int = 4, buckets: bool | None = None):
+        self.split, self.head, self.vec, self.alpha, self.cache = split, head, vec, alpha, cache
+        self.kl_mem, self.pad, self.multiple, self.max_tokens, self.amp = kl_mem, pad, multiple, max_tokens, amp
+        self.per_octave = per_octave
+        self.device = vec.device
+        self.n_mem, self.n_kl = vec.shape[0], len(kl_mem)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.buckets = self.use_graphs if buckets is None else buckets  # bucketed (padded) shapes
+        self.which = None if kl_mem == list(range(self.n_mem)) else _to(kl_mem, torch.long, self.device)
+        vec.grad = torch.zeros_like(vec)  # a fixed tensor: graphs accumulate into it
+        self.grad = vec.grad
+        self.sft = torch.zeros(self.n_mem, device=self.device)  # this step's summed losses
+        self.kl = torch.zeros(max(self.n_kl, 1), device=self.device)  # this step's summed per-token KL
+        self.inv_n = torch.ones((), device=self.device)  # 1 / the step's answer tokens
+        self.coef = torch.zeros(max(self.n_kl, 1), device=self.device)  # each KL member's weight
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+        self.stats: dict = {"cuda_graphs": self.use_graphs, "graphs": 0, "capture_seconds": 0.0, "checked": 0,
+                            "fallback": None}
+
+    # ---------------------------------------------------------------- shapes and inputs
+    def _size(self, n: int, multiple: int = 1, per_octave: int | None = None) -> int:
+        from .fasttrain import bucket
+
+        if not self.buckets:
+            return int(math.ceil(n / multiple) * multiple)
+        return bucket(max(n, 1), per_octave or self.per_octave, multiple)
+
+    def _sft_inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        b = self._size(len(batch))
+        s = self._size(max(len(e.input_ids) for e in batch), self.multiple)
+        pos = [(j, q, e.labels[q + 1]) for j, e in enumerate(batch) for q in _answer_positions(e)]
+        n = self._size(len(pos), 8, max(1, self.per_octave // 2))
+        ids = torch.full((b, s), self.pad, dtype=torch.long)
         for j, e in enumerate(batch):
-            p = _answer_positions(e)
-            flat_pos += [j * (s - 1) + q for q in p]
-            tgt += [e.labels[q + 1] for q in p]
-        index = _to(flat_pos, torch.long, device)
-        targets = _to(tgt, torch.long, device).repeat(n_mem)  # [F * n]
-        h = _steered(split.below(ids), vec, None, alpha)  # [F * b, s, d]
-        final = split.above(h, pad)
-        hid = final[:, :-1].reshape(n_mem, b * (s - 1), -1).index_select(1, index).flatten(0, 1)  # [F * n, d]
-        per = _chunked(_ce_tokens, _chunk(head), hid, head, targets, token_dim=(0, -1, 0))  # [F * n]
-        sums = per.view(n_mem, -1).sum(1)  # [F]
-        (sums.sum() / n_tok).backward()
-        total += sums.detach()
-    return total
+            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        index = torch.zeros(n, dtype=torch.long)
+        targets = torch.full((n,), IGNORE, dtype=torch.long)
+        if pos:
+            index[:len(pos)] = torch.tensor([j * (s - 1) + q for j, q, _ in pos])
+            targets[:len(pos)] = torch.tensor([t for _, _, t in pos])
+        return {"ids": ids, "index": index, "targets": targets}
 
+    def _kl_inputs(self, items: list[tuple[int, int]], inv: list[float]) -> dict[str, torch.Tensor]:
+        c = self.cache
+        b = self._size(len(items))
+        s = self._size(max(c["lengths"][i] for _, i in items), 16)
+        n_real = sum(len(c["pos"][i]) for _, i in items)
+        n = self._size(n_real, 8, max(1, self.per_octave // 2))
+        rows = torch.zeros(b, dtype=torch.long)
+        rows[:len(items)] = torch.tensor([i for _, i in items])
+        index, weights, ref_idx = torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n, dtype=torch.long)
+        flat, w, ref = [], [], []
+        for j, (bt, i) in enumerate(items):
+            flat += [j * s + q for q in c["pos"][i]]
+            w += [inv[bt]] * len(c["pos"][i])
+            ref += range(c["offset"][i], c["offset"][i + 1])
+        if flat:
+            index[:n_real], weights[:n_real], ref_idx[:n_real] = (torch.tensor(flat), torch.tensor(w),
+                                                                  torch.tensor(ref))
+        return {"rows": rows, "index": index, "weights": weights, "ref_idx": ref_idx,
+                "length": torch.zeros(s, dtype=torch.uint8)}  # the padded length, as a shape
 
-def _kl_backward(split, head, cache: dict, kl_batches: list[list[int]], vec, kl_mem: list[int], alpha: float,
-                 coef: list[float], pad: int, max_tokens: int, device) -> torch.Tensor:
-    """Backward of sum_f coef_f * sum_b (per-token KL of vector f on KL batch b); returns those sums [F_kl]."""
-    n_kl = len(kl_mem)
-    which = None if kl_mem == list(range(vec.shape[0])) else _to(kl_mem, torch.long, device)
-    items = [(b, i) for b, batch in enumerate(kl_batches) for i in batch]  # a row may come twice
-    inv = [1.0 / max(sum(len(cache["pos"][i]) for i in batch), 1) for batch in kl_batches]
-    total = torch.zeros(n_kl, device=device)
-    grad_on = any(c > 0 for c in coef)
-    coef_t = _to(coef, torch.float32, device)  # [F_kl]
-    lengths = [cache["lengths"][i] for _, i in items]
-    for group in _groups_by_tokens(lengths, n_kl, max_tokens, 16):
-        s = int(math.ceil(max(lengths[g] for g in group) / 16) * 16)
-        rows = [items[g][1] for g in group]
-        h = cache["below"].index_select(0, _to(rows, torch.long, device))[:, :s]  # [b, s, d]
-        flat_pos, weights, ref_idx = [], [], []
-        for j, g in enumerate(group):
-            b, i = items[g]
-            flat_pos += [j * s + q for q in cache["pos"][i]]
-            weights += [inv[b]] * len(cache["pos"][i])
-            ref_idx += range(cache["offset"][i], cache["offset"][i + 1])
-        index = _to(flat_pos, torch.long, device)
-        w = _to(weights, torch.float32, device)  # [n]
-        ref = cache["ref"].index_select(0, _to(ref_idx, torch.long, device))  # [n, d]
-        with nullcontext() if grad_on else torch.no_grad():
-            final = split.above(_steered(h, vec, which, alpha), pad)  # [F_kl * b, s, d]
-            cur = final.reshape(n_kl, len(group) * s, -1).index_select(1, index)  # [F_kl, n, d]
-            kl = _chunked(_kl_tokens, _chunk(head, n_kl + 1), ref, cur, head, token_dim=(0, 1, -1))  # [F_kl, n]
-            sums = (kl * w).sum(1)  # [F_kl]
-            if grad_on:
-                (sums * coef_t).sum().backward()
-        total += sums.detach()
-    return total
+    # ---------------------------------------------------------------- the passes (eager, or captured)
+    def _sft_pass(self, x: dict[str, torch.Tensor]) -> None:
+        b, s = x["ids"].shape
+        with self.amp():
+            h = _steered(self.split.below(x["ids"]), self.vec, None, self.alpha)  # [F * b, s, d]
+            final = self.split.above(h, self.pad)
+            hid = final[:, :-1].reshape(self.n_mem, b * (s - 1), -1).index_select(1, x["index"]).flatten(0, 1)
+            per = _chunked(_ce_tokens, _chunk(self.head), hid, self.head, x["targets"].repeat(self.n_mem),
+                           token_dim=(0, -1, 0))  # [F * n]; ignored positions add 0
+            sums = per.view(self.n_mem, -1).sum(1)  # [F]
+            (sums.sum() * self.inv_n).backward()
+        self.sft.add_(sums.detach())
+
+    def _kl_pass(self, x: dict[str, torch.Tensor]) -> None:
+        s, b = x["length"].shape[0], x["rows"].shape[0]
+        with self.amp():
+            h = self.cache["below"].index_select(0, x["rows"])[:, :s]  # [b, s, d]
+            ref = self.cache["ref"].index_select(0, x["ref_idx"])  # [n, d]
+            final = self.split.above(_steered(h, self.vec, self.which, self.alpha), self.pad)  # [F_kl * b, s, d]
+            cur = final.reshape(self.n_kl, b * s, -1).index_select(1, x["index"])  # [F_kl, n, d]
+            kl = _chunked(_kl_tokens, _chunk(self.head, self.n_kl + 1), ref, cur, self.head,
+                          token_dim=(0, 1, -1))  # [F_kl, n]
+            sums = (kl * x["weights"]).sum(1)  # [F_kl]; padding positions weigh 0
+            (sums * self.coef).sum().backward()
+        self.kl.add_(sums.detach())
+
+    def _exec(self, kind: str, x: dict[str, torch.Tensor]) -> None:
+        run = self._sft_pass if kind == "sft" else self._kl_pass
+        if not self.use_graphs:
+            return run({k: _to(v, v.dtype, self.device) for k, v in x.items()})
+        key = (kind, *(tuple(v.shape) for v in x.values()))
+        if key not in self._graphs:
+            return self._capture(key, run, x)
+        graph, static = self._graphs[key]
+        for k, buf in static.items():
+            buf.copy_(x[k].pin_memory(), non_blocking=True)
+        graph.replay()
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.grad, self.sft, self.kl]
+
+    def _capture(self, key: tuple, run, x: dict[str, torch.Tensor]) -> None:
+        """Capture ``run`` at this shape and check one replay against the eager pass; the pass's contribution
+        is added once either way (the eager one when the graph is refused)."""
+        from .fasttrain import capture
+
+        t0 = time.perf_counter()
+        before = [t.clone() for t in self._state()]
+        static = {k: _to(v, v.dtype, self.device).clone() for k, v in x.items()}
+        try:
+            torch._foreach_zero_(self._state())
+            run(static)
+            eager = [t.clone() for t in self._state()]
+            graph, self._pool = capture(run, static, self.device, self._pool)
+            if self.vec.grad is not self.grad:
+                raise RuntimeError("the backward replaced the gradient tensor during capture")
+            torch._foreach_zero_(self._state())
+            graph.replay()
+            got = self._state()
+            bad = [n for n, a, g in zip(("gradient", "loss", "KL"), eager, got)
+                   if not torch.allclose(a, g, rtol=1e-3, atol=1e-5)]
+            if bad:
+                raise RuntimeError(f"a replay of shape {key} differs from the eager pass in its {', '.join(bad)}")
+            self._graphs[key] = (graph, static)
+            self.stats["graphs"] += 1
+            self.stats["checked"] += 1
+            result = [g.clone() for g in got]
+        except Exception as err:  # noqa: BLE001 -- any capture failure or mismatch: eager from now on, say why
+            import warnings
+
+            self.use_graphs = self.buckets = False
+            self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
+            warnings.warn(f"vecgroup: CUDA graphs off ({self.stats['fallback'][:200]}); training eagerly.",
+                          stacklevel=3)
+            self.vec.grad = self.grad
+            torch._foreach_zero_(self._state())
+            run({k: _to(v, v.dtype, self.device) for k, v in x.items()})
+            result = [t.clone() for t in self._state()]
+        for t, b0, r in zip(self._state(), before, result):
+            t.copy_(b0 + r)
+        self.stats["capture_seconds"] += time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- the step
+    def run(self, rows: list[Encoded], n_tok: int, kl_batches: list[list[int]] | None,
+            coef: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Zero ``vec.grad``; accumulate the gradient of sum_f loss_f / n_tok + sum_f coef_f * sum_b (per-token
+        KL of vector f on KL batch b); return (summed losses [F], summed per-token KL over the batches [F_kl] or
+        None) as device tensors."""
+        self.vec.grad = self.grad
+        torch._foreach_zero_(self._state())
+        self.inv_n.fill_(1.0 / max(n_tok, 1))
+        lengths = [len(e.input_ids) for e in rows]
+        for group in _groups_by_tokens(lengths, self.n_mem, self.max_tokens, self.multiple):
+            self._exec("sft", self._sft_inputs([rows[i] for i in group]))
+        if not kl_batches or self.cache is None or not self.n_kl:
+            return self.sft.clone(), None
+        self.coef.copy_(_to(coef, torch.float32, self.device))
+        items = [(b, i) for b, batch in enumerate(kl_batches) for i in batch]  # a row may come twice
+        inv = [1.0 / max(sum(len(self.cache["pos"][i]) for i in batch), 1) for batch in kl_batches]
+        kl_lengths = [self.cache["lengths"][i] for _, i in items]
+        for group in _groups_by_tokens(kl_lengths, self.n_kl, self.max_tokens, 16):
+            self._exec("kl", self._kl_inputs([items[g] for g in group], inv))
+        return self.sft.clone(), self.kl.clone()
 
 
 def _check_finite(log: dict, step: int, todo, steps_per_epoch: int, kl_mem: list[int]) -> None:
@@ -457,7 +577,7 @@ def _check_finite(log: dict, step: int, todo, steps_per_epoch: int, kl_mem: list
 
 
 def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int], k: int, alpha: float, plan,
-                   enc, kl_enc, n_rows: int, seconds: float) -> None:
+                   enc, kl_enc, n_rows: int, seconds: float, step_stats: dict | None) -> None:
     """Each member's vector, log and meta (written last: it marks the run finished), as train_steering_vector
     writes them."""
     import peft
@@ -485,7 +605,7 @@ def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int],
                 "tokens": log["tokens"][-1], "input_tokens": log["input_tokens"][-1],
                 "final_loss": loss[-1][f], "n_train_rows": len(enc), "n_dropped_rows": n_rows - len(enc),
                 "n_mix_rows": 0, "n_kl_rows": len(kl_enc) if (kl_enc and kw.get("kl_rows")) else 0,
-                "model": getattr(getattr(model, "emlib_info", None), "name", None), "fast_step": None,
+                "model": getattr(getattr(model, "emlib_info", None), "name", None), "fast_step": step_stats,
                 "group": {"members": names, "size": len(todo), "note": "trained together (emlib.vecgroup): "
                           "seconds and tokens are the group's"},
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

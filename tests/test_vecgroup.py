@@ -134,3 +134,47 @@ def test_a_diverging_member_is_named(tmp_path):
                                                   (tmp_path / "bad", {**COMMON, "kl_rows": KL_ROWS, "kl_lambda": 1e38})],
                                layer=0, alpha=4.0, lr=5e-2)  # its KL gradient overflows once the vector moves
     assert not any((tmp_path / n / train.META_FILE).exists() for n in ("ok", "bad"))
+
+
+def _group_step_run(monkeypatch, tmp_path, tag: str, **step_kw):
+    """The three members trained with GroupStep built with ``step_kw`` (CPU)."""
+    made = []
+    real = vecgroup.GroupStep
+
+    def build(*a, **kw):
+        step = real(*a, **{**kw, **step_kw})
+        made.append(step)
+        return step
+
+    monkeypatch.setattr(vecgroup, "GroupStep", build)
+    model, tok = tiny_model(seed=0)
+    res = vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / f"{tag}-{n}", {**COMMON, **kw})
+                                                    for n, kw in MEMBERS.items()], layer=0, alpha=4.0, lr=5e-2)
+    monkeypatch.setattr(vecgroup, "GroupStep", real)
+    return res, made[0]
+
+
+def test_bucketed_shapes_and_a_failed_capture_change_nothing(tmp_path, monkeypatch):
+    """The shapes CUDA graphs use (rows, length and answer positions rounded up: pad rows, ignored positions,
+    KL weight 0) give the same vectors as exact shapes; a capture that fails (here: no CUDA) switches the step
+    to eager, says why, and the pass it was capturing still counts once."""
+    exact, _ = _group_step_run(monkeypatch, tmp_path, "exact", cuda_graphs=False)
+    padded, step = _group_step_run(monkeypatch, tmp_path, "padded", cuda_graphs=False, buckets=True)
+    assert step.buckets and not step.use_graphs
+    for a, b in zip(exact, padded):
+        torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.log["loss"], b.log["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a.log["kl"], b.log["kl"], rtol=1e-4, atol=1e-7)
+
+    def graphs_on(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.use_graphs = self.buckets = True  # as on CUDA: the first pass goes to _capture
+
+    real_init = vecgroup.GroupStep.__init__
+    monkeypatch.setattr(vecgroup.GroupStep, "__init__", graphs_on)
+    with pytest.warns(UserWarning, match="CUDA graphs off"):
+        fell, step = _group_step_run(monkeypatch, tmp_path, "fell")
+    assert step.stats["cuda_graphs"] is False and step.stats["fallback"]
+    assert fell[0].meta["fast_step"]["fallback"] == step.stats["fallback"]
+    for a, b in zip(exact, fell):
+        torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
