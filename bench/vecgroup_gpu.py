@@ -78,6 +78,7 @@ def main() -> None:
     result["group"] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
                        if torch.cuda.is_available() else None,"members": [f"{s}-kl{m:g}" for s, m, _ in members], "seconds": t_group,
                        "train_seconds": group[0].meta["seconds"], "steps": group[0].meta["steps"],
+                       "step": group[0].meta.get("fast_step"),  # CUDA graphs captured, or why not
                        "final_loss": {f"{s}-kl{m:g}": r.meta["final_loss"] for (s, m, _), r in zip(members, group)}}
     save()
     parts = set(a.parts.split(","))
@@ -102,6 +103,7 @@ def main() -> None:
     e.model = exp.model
     one, secs = _timed(lambda: e.vectors(ds, [("narrow", 1.0, None)]))
     result["group_of_one_narrow"] = {"seconds": secs, "train_seconds": one[0].meta["seconds"],
+                                     "step": one[0].meta.get("fast_step"),
                                      "final_loss": one[0].meta["final_loss"]}
     save()
     if "alone" not in parts:
