@@ -669,7 +669,8 @@ def _generation_kwargs(tok, max_new_tokens: int, temperature: float, top_p: floa
 @torch.no_grad()
 def _generate_ids(model, enc: dict, vec: torch.Tensor | None, layer: int, seed: int, gen: dict,
                   engine: str) -> torch.Tensor:
-    """Generated ids [b, s + new] with ``vec`` added at ``layer`` on every forward (None: unsteered)."""
+    """Generated ids [b, s + new] with ``vec`` added at ``layer`` on every forward (None: unsteered); ``vec``
+    [b, d] adds row i's vector to row i (``engine="hooks"`` only: :func:`emlib.hooks.add_rows`)."""
     was_training = model.training
     model.eval()
     try:
@@ -677,7 +678,8 @@ def _generate_ids(model, enc: dict, vec: torch.Tensor | None, layer: int, seed: 
             if vec is None:
                 return model.generate(**enc, **gen)
             if engine == "hooks":
-                with hooks.add_vector(model, layer, vec, 1.0):
+                steer = hooks.add_rows(model, layer, vec) if vec.ndim == 2 else hooks.add_vector(model, layer, vec, 1.0)
+                with steer:
                     return model.generate(**enc, **gen)
             if engine != "nnsight":
                 raise DirectionError(f"engine must be 'nnsight' or 'hooks', got {engine!r}.")
@@ -723,7 +725,6 @@ def generate_steered(model, tok, prompts: Sequence[str], direction: torch.Tensor
     return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in new]
 
 
-@torch.no_grad()
 def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int, *, max_new_tokens: int = 64,
                      seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, skip_special_tokens: bool = True,
                      **generate_kwargs) -> list[str]:
@@ -736,13 +737,7 @@ def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int,
         raise DirectionError(f"generate_per_row takes vectors [n, d] with n >= 1; got {tuple(vectors.shape)}.")
     enc = encode_prompts(tok, [prompt] * vectors.shape[0], _device(model))
     gen = _generation_kwargs(tok, max_new_tokens, temperature, top_p, generate_kwargs)
-    was_training = model.training
-    model.eval()
-    try:
-        with _seeded(seed, _device(model)), hooks.add_rows(model, idx, vectors.to(_device(model))):
-            ids = model.generate(**enc, **gen)
-    finally:
-        model.train(was_training)
+    ids = _generate_ids(model, enc, vectors.to(_device(model)), idx, seed, gen, "hooks")
     new = ids[:, enc["input_ids"].shape[1]:]
     return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in new]
 

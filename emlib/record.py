@@ -187,7 +187,6 @@ class RunState:
 def finetune(profile: str, config: dict, job: Job) -> dict:
     """Train (or find finished) one finetune in this process (a pool worker); ``config``: its config fields.
     Returns its timing and summary."""
-    from . import train
     from .experiment import Experiment
 
     t0 = time.time()
@@ -197,7 +196,14 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     else:
         with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
             res = r
-    meta = train.read_meta(res.out_dir) or {}
+    return _job_summary(job, res.out_dir, t0)
+
+
+def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
+    """A finished finetune's timing and summary (from its train_meta.json), as record.json keeps it."""
+    from . import train
+
+    meta = train.read_meta(out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
             "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
             "tokens": meta.get("tokens")}
@@ -206,19 +212,12 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
     """Train (or find finished) steering vectors of one dataset and seed together in this process (a pool
     worker; :meth:`emlib.experiment.Experiment.vectors`). Returns each one's timing and summary."""
-    from . import train
     from .experiment import Experiment
 
     t0 = time.time()
     exp = Experiment(get_config(profile, **config))
     results = exp.vectors(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
-    out = []
-    for job, res in zip(jobs, results):
-        meta = train.read_meta(res.out_dir) or {}
-        out.append({"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
-                    "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
-                    "tokens": meta.get("tokens"), "group": len(jobs)})
-    return out
+    return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
 
 
 GROUPED = ("general", "narrow", "drift")  # vector solutions that train together (emlib.vecgroup): same rows

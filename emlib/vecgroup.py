@@ -164,14 +164,6 @@ def _chunk(head: torch.nn.Module, copies: int = 1) -> int:
     return max(1, LOGITS_BYTES // (4 * head.weight.shape[0] * max(1, copies)))
 
 
-def _pad_ids(rows: Sequence[Encoded], pad: int, multiple: int, device) -> torch.Tensor:
-    n = int(math.ceil(max(len(e.input_ids) for e in rows) / multiple) * multiple)
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    for i, e in enumerate(rows):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-    return _to(ids, torch.long, device)
-
-
 def _answer_positions(e: Encoded) -> list[int]:
     """Positions whose next token is an answer token (where the loss and the KL are read)."""
     return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
@@ -354,6 +346,8 @@ def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multip
     """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end) and the
     reference model's final hidden state at every row's answer positions (``ref`` [positions, d], row i's at
     ``offset[i]`` onwards), computed once: every weight is frozen. ``pos``: each row's answer positions."""
+    from .fasttrain import collate_right
+
     lengths = [len(e.input_ids) for e in kl_enc]
     pos = [_answer_positions(e) for e in kl_enc]
     offset = [0]
@@ -364,7 +358,7 @@ def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multip
     below = ref = None
     with torch.no_grad():
         for group in _groups_by_tokens(lengths, 1, max_tokens, multiple):
-            ids = _pad_ids([kl_enc[i] for i in group], pad, multiple, device)
+            ids = _to(collate_right([kl_enc[i] for i in group], pad, multiple)["input_ids"], torch.long, device)
             h = split.below(ids)  # [b, s, d]
             final = split.above(h, pad)  # [b, s, d]
             if below is None:
@@ -429,19 +423,15 @@ class GroupStep:
         return bucket(max(n, 1), per_octave or self.per_octave, multiple)
 
     def _sft_inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        """The rows right-padded to this pass's shape with their answer positions and targets
+        (:func:`emlib.fasttrain.collate_right`: padding positions carry the ignore label)."""
+        from .fasttrain import _n_targets, collate_right
+
         b = self._size(len(batch))
         s = self._size(max(len(e.input_ids) for e in batch), self.multiple)
-        pos = [(j, q, e.labels[q + 1]) for j, e in enumerate(batch) for q in _answer_positions(e)]
-        n = self._size(len(pos), 8, max(1, self.per_octave // 2))
-        ids = torch.full((b, s), self.pad, dtype=torch.long)
-        for j, e in enumerate(batch):
-            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        index = torch.zeros(n, dtype=torch.long)
-        targets = torch.full((n,), IGNORE, dtype=torch.long)
-        if pos:
-            index[:len(pos)] = torch.tensor([j * (s - 1) + q for j, q, _ in pos])
-            targets[:len(pos)] = torch.tensor([t for _, _, t in pos])
-        return {"ids": ids, "index": index, "targets": targets}
+        n = self._size(sum(_n_targets(e) for e in batch), 8, max(1, self.per_octave // 2))
+        x = collate_right(batch, self.pad, shape=(b, s, n))
+        return {"ids": x["input_ids"], "index": x["target_index"], "targets": x["targets"]}
 
     def _kl_inputs(self, items: list[tuple[int, int]], inv: list[float]) -> dict[str, torch.Tensor]:
         c = self.cache
