@@ -158,6 +158,7 @@ class RunState:
     attempts: dict[str, int] = field(default_factory=dict)  # starts per finetune / chapter
     timings: dict = field(default_factory=lambda: {"model_load_s": 0.0, "jobs": {}, "chapters": {}})
     failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
+    mps: str = "off (not asked for)"  # runner.mps_daemon's status
     futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
@@ -433,7 +434,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, fin
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-               "workers": workers, "timings": state.timings, "failures": state.failures,
+               "workers": workers, "mps": state.mps, "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if not final:
         summary |= {"in_progress": True, "unfinished": {k: v for t in (state.finetunes, state.chapters)
@@ -447,8 +448,11 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, fin
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
-        pack: str | None = None, overrides: dict | None = None) -> dict:
+        pack: str | None = None, overrides: dict | None = None, mps: bool = False) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
+
+    ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
+    processes' kernels run side by side; ``record.json``'s ``mps`` says whether it was on.
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -459,9 +463,11 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
     state = RunState.of(plan)
-    state.timings["model_load_s"] = prepare_model(plan.cfg)
-    run_all(plan, state, workers, max_parallel_chapters, t_start)
-    summary = write_summary(plan, state, workers, t_start)
+    with runner.mps_daemon(mps) as state.mps:
+        print(f"[record] MPS {state.mps}", flush=True)
+        state.timings["model_load_s"] = prepare_model(plan.cfg)
+        run_all(plan, state, workers, max_parallel_chapters, t_start)
+        summary = write_summary(plan, state, workers, t_start)
     print(f"[record] finished in {state.timings['total_s']} s; failures: {sorted(state.failures) or 'none'}",
           flush=True)
     if pack:
@@ -635,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--parallel-chapters", type=int, default=6)
     r.add_argument("--chapters", nargs="*")
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
+    r.add_argument("--mps", action="store_true",
+                   help="serve the GPU through an NVIDIA MPS daemon of this run's own (processes' kernels side by side)")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
@@ -672,7 +680,7 @@ def _main(a) -> int:
         if a.model:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
-                      book._parse_params(a.config))
+                      book._parse_params(a.config), mps=a.mps)
         if summary["failures"]:
             from .cli import ChapterFailed
 

@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -370,3 +371,49 @@ def _init_worker(parent: int, slots, threads: int | None) -> None:
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
+
+
+# ---------------------------------------------------------------------------------------------- MPS
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+@contextmanager
+def mps_daemon(enabled: bool = True):
+    """While active, an NVIDIA MPS control daemon of this run's own serves the GPU, so the kernels of the
+    run's processes (finetune workers, chapters) run side by side instead of taking turns on the GPU. Without
+    MPS, processes sharing one GPU are time-sliced: each small-model process leaves most of the GPU idle while
+    it holds it. The daemon's pipe and log folders are a fresh temporary folder, exported to every child
+    through ``CUDA_MPS_PIPE_DIRECTORY`` / ``CUDA_MPS_LOG_DIRECTORY``; it is stopped (``quit``) on the way out,
+    and nothing else about the GPU changes. Yields a short status: "on", or why it is off (no
+    ``nvidia-cuda-mps-control`` on PATH, the daemon would not start, not asked for). Enter it before this
+    process touches CUDA."""
+    import tempfile
+
+    if not enabled:
+        yield "off (not asked for)"
+        return
+    exe = shutil.which(MPS_CONTROL)
+    if exe is None:
+        yield f"off ({MPS_CONTROL} is not on PATH)"
+        return
+    folder = tempfile.mkdtemp(prefix="emlib-mps-")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(Path(folder) / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(Path(folder) / "log")}
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env}
+    started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    if started.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        yield f"off (the daemon did not start: {(started.stderr or started.stdout).strip()[:200]})"
+        return
+    os.environ.update(env)
+    try:
+        yield "on"
+    finally:
+        subprocess.run([exe], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)

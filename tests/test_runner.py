@@ -1,6 +1,7 @@
 """The one runner (emlib.runner): chapter selection, parameters folded into `config` and checked before any
 kernel starts, a job executed by papermill (its wall time, a failure as fields and as one line)."""
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -125,3 +126,41 @@ def test_book_build_is_a_thin_caller_of_the_runner(tmp_path, capsys):
         book.build("smoke", str(run), root=root, chapters=["01"], extra={"seed": 13})
     with pytest.raises(FileNotFoundError, match="No chapter '02'"):
         book.build("smoke", str(run), root=root, chapters=["02"])
+
+
+# --------------------------------------------------------------------------- MPS
+def _fake_mps(tmp_path, start_rc: int = 0):
+    """A stand-in ``nvidia-cuda-mps-control`` on PATH that logs its arguments, stdin and pipe folder."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls.log"
+    exe = bindir / runner.MPS_CONTROL
+    exe.write_text(f"#!/bin/sh\necho \"args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat -)\" >> {log}\n"
+                   f"[ \"$1\" = -d ] && exit {start_rc}\nexit 0\n")
+    exe.chmod(0o755)
+    return bindir, log
+
+
+def test_mps_daemon_starts_exports_and_quits(tmp_path, monkeypatch):
+    bindir, log = _fake_mps(tmp_path)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    with runner.mps_daemon() as status:
+        assert status == "on"
+        pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]  # children inherit it
+        assert os.path.isdir(pipe) and os.path.isdir(os.environ["CUDA_MPS_LOG_DIRECTORY"])
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(pipe)
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith(f"args=-d pipe={pipe}") and calls[1] == f"args= pipe={pipe} stdin=quit"
+
+
+def test_mps_daemon_off_says_why(tmp_path, monkeypatch):
+    bindir, _ = _fake_mps(tmp_path, start_rc=3)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    with runner.mps_daemon() as status:
+        assert status.startswith("off (the daemon did not start") and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with runner.mps_daemon() as status:
+        assert status == f"off ({runner.MPS_CONTROL} is not on PATH)"
+    with runner.mps_daemon(False) as status:
+        assert status == "off (not asked for)"

@@ -178,3 +178,13 @@ def test_bucketed_shapes_and_a_failed_capture_change_nothing(tmp_path, monkeypat
     assert fell[0].meta["fast_step"]["fallback"] == step.stats["fallback"]
     for a, b in zip(exact, fell):
         torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_error_is_relative_per_member():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert vecgroup.replay_error(a, a.clone()) == 0.0
+    assert vecgroup.replay_error(a, a * torch.tensor([[1.0], [2.0]])) == pytest.approx(1.0)  # member 2 counted twice
+    assert vecgroup.replay_error(a, a + torch.tensor([[0.05, 0.0], [0.0, 0.0]])) == pytest.approx(0.01)
+    assert vecgroup.replay_error(torch.zeros(2), torch.tensor([0.0, 1e-3])) == float("inf")
+    for name in ("gradient", "loss", "KL"):  # a lost or doubled contribution never passes the check
+        assert vecgroup.REPLAY_TOLERANCE[name] < 0.5
