@@ -49,7 +49,7 @@ import torch
 
 from . import hooks
 from .adapters import LoraModule, lora_modules
-from .generate import Intervention
+from .generate import Intervention, PerRow
 from .cache import tensor_hash
 from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
 from .data import atomic_write_bytes
@@ -537,6 +537,23 @@ def steering(model, direction: torch.Tensor, layer: int, scale: float, relative:
     return hooks.add_vector(model, layer, vec, 1.0)
 
 
+def steer_each(model, direction: torch.Tensor, layer: int, scales: Sequence[float], *, relative: bool = False,
+               reference_norm: float | None = None, normalize: bool = True) -> PerRow:
+    """:func:`steer` at every scale, sampled together: one :class:`emlib.generate.PerRow` whose row j gets its
+    condition's :func:`steering_vector` added at ``layer`` (:func:`emlib.hooks.add_rows`, the same sum as
+    :func:`emlib.hooks.add_vector`). Labels are :func:`steer`'s, so answers are cached under the same keys;
+    ``names`` are the scales (``f"{scale:g}"``)."""
+    idx = check_layer(model, layer)
+    kw = dict(relative=relative, reference_norm=reference_norm, normalize=normalize)
+    labels = [steer(model, direction, layer, float(s), **kw).label for s in scales]
+    table = torch.stack([steering_vector(model, direction, idx, float(s), **kw) for s in scales])  # [scales, d]
+
+    def make(conditions: list[int]) -> ContextManager:
+        return hooks.add_rows(model, idx, table[torch.tensor(conditions, device=table.device)])
+
+    return PerRow(tuple(labels), make, tuple(f"{float(s):g}" for s in scales))
+
+
 def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
              source_layer: int | None = None) -> ContextManager:
     """``with ablation(model, v): ...`` projects the direction out of the output of ``layers`` (None: all).
@@ -593,6 +610,33 @@ def ablate(model, direction: torch.Tensor, layers: int | Iterable[int] | None = 
     where = "all" if layers is None else (str(layers) if isinstance(layers, int) else ",".join(map(str, layers)))
     label = f"ablate-{tensor_tag(direction)}-L{where}" + (f"-src{source_layer}" if source_layer is not None else "")
     return Intervention(label, lambda: ablation(model, direction, layers, source_layer=source_layer))
+
+
+def ablate_each(model, directions: dict[str, torch.Tensor | None], layers: int | Iterable[int] | None = None, *,
+                source_layer: int | None = None) -> PerRow:
+    """Every named direction ablated, as :func:`ablate` would (same labels, so the same cached answers), but
+    sampled together: one :class:`emlib.generate.PerRow` whose batches mix the conditions, each row losing
+    its own direction (:func:`emlib.hooks.ablate_rows`). ``None`` is the no-ablation condition (label
+    ``"none"``, as an answer sampled without intervention). A direction is [d], or [n_layers, d] with
+    ``source_layer`` (the row ablated at every layer); names are kept for display (``PerRow.names``)."""
+    idxs = [check_layer(model, i) for i in ([layers] if isinstance(layers, int) else layers or range(n_layers(model)))]
+    labels, units = [], []
+    for name, direction in directions.items():
+        if direction is None:
+            labels.append("none")
+            units.append(torch.zeros(_hidden_size(model)))
+            continue
+        if direction.ndim == 2 and source_layer is None:
+            raise DirectionError(f"ablate_each: {name!r} has one row per layer; pass a [d] direction or "
+                                 "source_layer=... (one direction per condition and row of the batch).")
+        units.append(_unit(_as_vector(model, direction, source_layer if source_layer is not None else 0)).float().cpu())
+        labels.append(ablate(model, direction, layers, source_layer=source_layer).label)
+    table = torch.stack(units).to(_device(model))  # [conditions, d]
+
+    def make(conditions: list[int]) -> ContextManager:
+        return hooks.ablate_rows(model, table[torch.tensor(conditions, device=table.device)], idxs)
+
+    return PerRow(tuple(labels), make, tuple(directions))
 
 
 def random_direction_like(v: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -731,10 +775,29 @@ def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int,
     """One prompt answered once per steering vector, all in one batch of generation: row i has ``vectors[i]``
     ([n, d], e.g. :func:`steering_vector` at several scales) added at the output of ``layer`` on every forward
     (:func:`emlib.hooks.add_rows`). One generation instead of n: the rows share one seeded random stream, so a
-    sampled row is not the answer :func:`generate_steered` gives for that vector alone (greedy rows are)."""
+    sampled row is not the answer :func:`generate_steered` gives for that vector alone (greedy rows are).
+
+    On a GPU (and with no extra ``generate`` arguments) the rows go through the fast sampler
+    (:mod:`emlib.fastgen`: static KV cache, CUDA graphs, the same sampling distribution), which answers a few
+    rows of 600 tokens in seconds where ``generate`` is bound by kernel launches; elsewhere ``generate``."""
     idx = check_layer(model, layer)
     if vectors.ndim != 2 or vectors.shape[0] < 1:
         raise DirectionError(f"generate_per_row takes vectors [n, d] with n >= 1; got {tuple(vectors.shape)}.")
+    from .experiment import sampler_for
+    from .generate import SamplingParams, hf_sampler, render_prompt
+
+    sampler = sampler_for(model)
+    if sampler is not hf_sampler and not generate_kwargs and skip_special_tokens:
+        was_training = model.training
+        model.eval()
+        try:
+            with hooks.add_rows(model, idx, vectors.to(_device(model))):
+                gens = sampler(model, tok, [render_prompt(tok, prompt)] * vectors.shape[0],
+                               [int(seed) + i for i in range(vectors.shape[0])],
+                               SamplingParams(int(max_new_tokens), float(temperature or 0.0), float(top_p)))
+        finally:
+            model.train(was_training)
+        return [g.text for g in gens]
     enc = encode_prompts(tok, [prompt] * vectors.shape[0], _device(model))
     gen = _generation_kwargs(tok, max_new_tokens, temperature, top_p, generate_kwargs)
     ids = _generate_ids(model, enc, vectors.to(_device(model)), idx, seed, gen, "hooks")

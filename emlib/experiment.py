@@ -373,12 +373,16 @@ class Experiment:
         c = self.cfg
         q = self.questions(set_name, domain)
         m = model if model is not None else self.model
+        sampler = sampler_for(m)
+        batch = c.sample_batch_size
+        if isinstance(intervention, generate.PerRow) and sampler is not generate.hf_sampler:
+            batch *= min(len(intervention.labels), CONDITIONS_PER_CALL)
         df = generate.sample_answers(
             m, self.tok, q, n_samples or c.n_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-            batch_size=c.sample_batch_size, seed=c.seed if seed is None else seed, intervention=intervention,
+            batch_size=batch, seed=c.seed if seed is None else seed, intervention=intervention,
             intervention_label=intervention_label, labels={"condition": condition}, cache=self.cache,
-            progress=False, sampler=sampler_for(m))
+            progress=False, sampler=sampler)
         return judge_mod.judge_answers(df, self.judge, kinds=kinds, cache=self.cache, progress=False)
 
     # ------------------------------------------------------------------ outputs
@@ -428,6 +432,13 @@ def record_result(path: str | Path, key: str, value) -> Path:
         current = json.loads(path.read_text()) if path.exists() else {}
         current[key] = value
         return data.atomic_write_bytes(path, json.dumps(current, indent=2, default=_json_default).encode("utf-8"))
+
+
+# A per-row intervention (generate.PerRow: chapter 2's ablations) samples this many conditions' worth of
+# sample_batch_size rows in one call of the GPU's fast sampler: fewer, larger calls, each paying its graph
+# captures, prefill and host round trips once (bench/ablate_rows_gpu.py measures it). On the CPU's generate,
+# calls keep sample_batch_size rows.
+CONDITIONS_PER_CALL = 3
 
 
 def sampler_for(model) -> generate.Sampler:

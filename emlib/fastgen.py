@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
+from .hooks import row_window
 
 ATTN_NAME = "emlib_static_kv"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -355,7 +356,9 @@ class FastSampler:
                 step = self.max_batch or len(prompts)
                 stats = []
                 for s in range(0, len(prompts), step):
-                    gens, st = _static_generate(model, tok, prompts[s:s + step], seeds[s:s + step], params, self)
+                    with row_window(slice(s, s + step)):  # per-row interventions: this sub-batch's rows
+                        gens, st = _static_generate(model, tok, prompts[s:s + step], seeds[s:s + step], params,
+                                                    self)
                     out += gens
                     stats.append(st)
                 self.last_stats = {**stats[-1], "sub_batches": len(stats),
@@ -468,7 +471,8 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
             cache.rows = rows
             km = key_mask[rows, :, :, :cache.view_len]  # [r, 1, 1, V]
             mask = torch.where(causal[None, None] & (km == 0), 0.0, neg).to(dtype)  # [r, 1, P, V]
-            chunks.append(forward(ids[rows], positions[rows], mask))
+            with row_window(rows):  # per-row interventions (emlib.hooks) apply these rows' vectors
+                chunks.append(forward(ids[rows], positions[rows], mask))
         cache.rows = slice(None)
         if _calls["attention"] == 0:
             raise _Unsupported("the model does not route attention through transformers' attention interface")

@@ -69,6 +69,35 @@ class Intervention:
         return self.make()
 
 
+@dataclass(frozen=True)
+class PerRow:
+    """Several labelled interventions sampled in the same batches, one per row: ``make(conditions)`` returns
+    the context manager for a batch whose row j belongs to condition ``conditions[j]`` (an index into
+    ``labels``), e.g. :func:`emlib.hooks.ablate_rows` with row j's direction. Each condition's answers keep the
+    cache key that the same intervention alone gets (its label), so either way of sampling finds the other's
+    answers; ``names`` (optional, same order) are what a caller shows for each label.
+
+    Built by :func:`emlib.directions.ablate_each`; :func:`sample_answers` returns every condition's rows, the
+    ``intervention`` column saying which."""
+
+    labels: tuple[str, ...]
+    make: Callable[[list[int]], ContextManager]
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not self.labels or any(not lab for lab in self.labels):
+            raise ValueError("PerRow needs at least one condition, each with a non-empty label.")
+        if len(set(self.labels)) != len(self.labels):
+            dup = next(lab for lab in self.labels if self.labels.count(lab) > 1)
+            raise ValueError(f"PerRow's labels must differ (they are cache keys): {dup!r} comes twice.")
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise ValueError(f"PerRow got {len(self.names)} names for {len(self.labels)} labels.")
+
+    def name_of(self) -> dict[str, str]:
+        """label -> name (the label itself where no names were given)."""
+        return dict(zip(self.labels, self.names or self.labels))
+
+
 # --------------------------------------------------------------------------- the HF sampler
 def end_token_ids(model, tok) -> list[int]:
     """Token ids that end an assistant turn: the generation config's eos, the tokenizer's eos, <|im_end|>."""
@@ -190,8 +219,10 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
 
     ``intervention``: a zero-argument callable returning a context manager entered around each batch's
     generation (e.g. ``lambda: emlib.hooks.add_vector(model, 10, v, 8.0)``), labelled by
-    ``intervention_label`` (or an :class:`Intervention`). ``cache``: a :class:`ResultCache` or path;
-    answers already there are reused, new ones are written after every batch.
+    ``intervention_label`` (or an :class:`Intervention`); or a :class:`PerRow`: every one of its conditions
+    is sampled (``n_samples`` per question each), in batches that mix them, one row per condition's
+    intervention. ``cache``: a :class:`ResultCache` or path; answers already there are reused, new ones are
+    written after every batch.
     """
     from tqdm.auto import tqdm
 
@@ -204,23 +235,29 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
     clash = sorted((set(labels) & (set(RESERVED) | set(q.columns))) | (set(RESERVED[2:]) & set(q.columns)))
     if clash:
         raise ValueError(f"Column name(s) {clash} of labels/questions_df clash with answer columns: rename them.")
-    label = _intervention_label(intervention, intervention_label)
+    per_row = isinstance(intervention, PerRow)
+    if per_row and intervention_label is not None:
+        raise ValueError("A PerRow intervention carries its own labels: leave intervention_label out.")
+    labels_of = list(intervention.labels) if per_row else [_intervention_label(intervention, intervention_label)]
     cache = as_cache(cache)
     params = SamplingParams(int(max_new_tokens), float(temperature), float(top_p))
     fingerprint = model_fingerprint(model)
     adapter = adapter_hash(model) or "none"
     sampler_id = getattr(sampler, "sampler_id", getattr(sampler, "__name__", type(sampler).__name__))
 
-    items = []  # one per (question, sample)
+    prompts = {}
     for i, row in q.iterrows():
         system = row["system"] if isinstance(row["system"], str) and row["system"] else None
-        prompt = render_prompt(tok, str(row["question"]), system)
-        for k in range(n_samples):
-            key = make_key(kind="answer", model=fingerprint, prompt=prompt, max_new_tokens=params.max_new_tokens,
-                           temperature=params.temperature, top_p=params.top_p, seed=int(seed), sample=k,
-                           intervention=label, sampler=sampler_id)
-            items.append({"i": i, "sample": k, "prompt": prompt, "key": key,
-                          "item_seed": int(key[:15], 16)})
+        prompts[i] = render_prompt(tok, str(row["question"]), system)
+    items = []  # one per (condition, question, sample)
+    for c, label in enumerate(labels_of):
+        for i, prompt in prompts.items():
+            for k in range(n_samples):
+                key = make_key(kind="answer", model=fingerprint, prompt=prompt,
+                               max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                               top_p=params.top_p, seed=int(seed), sample=k, intervention=label, sampler=sampler_id)
+                items.append({"c": c, "i": i, "sample": k, "prompt": prompt, "key": key,
+                              "item_seed": int(key[:15], 16)})
 
     found = cache.get_many(ANSWERS_TABLE, [it["key"] for it in items]) if cache is not None else {}
     results: dict[str, dict] = dict(found)
@@ -233,13 +270,13 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
     try:
         for s in range(0, len(todo), batch_size):
             batch = todo[s:s + batch_size]
-            with ctx():
+            with intervention.make([b["c"] for b in batch]) if per_row else ctx():
                 gens = sampler(model, tok, [b["prompt"] for b in batch], [b["item_seed"] for b in batch], params)
             if len(gens) != len(batch):
                 raise RuntimeError(f"The sampler returned {len(gens)} generations for {len(batch)} prompts.")
             new = {b["key"]: {"answer": g.text, "n_tokens": int(g.n_tokens), "finished": bool(g.finished),
                               "question_id": str(q.at[b["i"], "question_id"]), "sample": b["sample"],
-                              "model": fingerprint, "intervention": label, "seed": int(seed)}
+                              "model": fingerprint, "intervention": labels_of[b["c"]], "seed": int(seed)}
                    for b, g in zip(batch, gens)}
             if cache is not None:
                 cache.put_many(ANSWERS_TABLE, new)
@@ -257,7 +294,7 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
         row = q.loc[it["i"]]
         rec = {"question_id": row["question_id"], "question": row["question"], "sample": it["sample"],
                "answer": r["answer"], "n_tokens": r["n_tokens"], "finished": r["finished"], "model": name,
-               "adapter": adapter, "intervention": label, "seed": int(seed)}
+               "adapter": adapter, "intervention": labels_of[it["c"]], "seed": int(seed)}
         rec.update({c: row[c] for c in extra})
         rec.update(labels)
         recs.append(rec)

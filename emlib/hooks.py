@@ -54,19 +54,85 @@ def add_vector(model, layer: int, vector: torch.Tensor, scale: float | torch.Ten
     return _edit_output(model, layer, lambda h: h + (scale * vector).to(h.dtype))
 
 
+# ------------------------------------------------------------------------- per-row interventions
+# A per-row intervention holds one vector per row of the batch it was made for. Code that runs such a batch in
+# pieces (the fast sampler prefills row chunks, and splits large calls) says which rows a forward carries with
+# ``row_window``; the interventions then use the matching slice of their rows.
+_WINDOWS: list[tuple[int, int | None]] = []  # (start, stop) in the rows of the outermost batch
+
+
+@contextmanager
+def row_window(rows: slice):
+    """While active, per-row interventions (:func:`add_rows`, :func:`ablate_rows`) apply their rows ``rows``
+    (a step-1 slice of the current window's rows): the forward passes inside carry only those rows."""
+    if rows.step not in (None, 1):
+        raise ValueError(f"row_window takes a contiguous slice, got {rows}.")
+    start0, stop0 = _WINDOWS[-1] if _WINDOWS else (0, None)
+    start = start0 + (rows.start or 0)
+    stop = start0 + rows.stop if rows.stop is not None else stop0
+    _WINDOWS.append((start, stop))
+    try:
+        yield
+    finally:
+        _WINDOWS.pop()
+
+
+def _rows_for(per_row: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
+    """The rows of ``per_row`` [B, ...] that the batch ``h`` [b, ...] carries (the current row window)."""
+    start, stop = _WINDOWS[-1] if _WINDOWS else (0, None)
+    rows = per_row[start:stop] if (start, stop) != (0, None) else per_row
+    if rows.shape[0] != h.shape[0]:
+        raise ValueError(f"{name} has {rows.shape[0]} row(s) for a batch of {h.shape[0]}: one per row of the "
+                         "batch it was made for (a caller that runs the batch in pieces must say which rows "
+                         "each piece carries with emlib.hooks.row_window).")
+    return rows
+
+
+def _check_rows(model, per_row: torch.Tensor, name: str) -> None:
+    d = model.config.hidden_size if hasattr(model, "config") else None
+    if per_row.ndim != 2 or (d is not None and per_row.shape[1] != d):
+        raise ValueError(f"{name} takes one vector per batch row, [b, {d}]; got {tuple(per_row.shape)}.")
+
+
 def add_rows(model, layer: int, vectors: torch.Tensor):
     """While active, ``hidden[i] += vectors[i]`` at the output of decoder layer ``layer`` (all positions): one
     vector per row of the batch, ``vectors`` [b, d] (many directions evaluated in one forward pass)."""
-    d = model.config.hidden_size if hasattr(model, "config") else None
-    if vectors.ndim != 2 or (d is not None and vectors.shape[1] != d):
-        raise ValueError(f"add_rows takes one vector per batch row, [b, {d}]; got {tuple(vectors.shape)}.")
+    _check_rows(model, vectors, "add_rows")
 
     def edit(h: torch.Tensor) -> torch.Tensor:  # [b, s, d]
-        if h.shape[0] != vectors.shape[0]:
-            raise ValueError(f"add_rows got {vectors.shape[0]} vectors for a batch of {h.shape[0]} rows.")
-        return h + vectors[:, None, :].to(h.dtype)
+        return h + _rows_for(vectors, h, "add_rows")[:, None, :].to(h.dtype)
 
     return _edit_output(model, layer, edit)
+
+
+@contextmanager
+def ablate_rows(model, vectors: torch.Tensor, layers: int | Iterable[int] | None = None):
+    """While active, row i of the batch loses its component along ``vectors[i]`` ([b, d]) at the output of the
+    given layers (``None``: every layer): :func:`ablate_direction` with one direction per row, so several
+    ablations are sampled in one batch. A zero row leaves its row unchanged (the no-ablation condition)."""
+    _check_rows(model, vectors, "ablate_rows")
+    norms = vectors.float().norm(dim=-1, keepdim=True)  # [b, 1]
+    units = torch.where(norms > 0, vectors.float() / norms.clamp_min(1e-12), 0.0)  # [b, d]
+
+    def hook(_mod, _inp, output):
+        h = _hidden(output)  # [b, s, d]
+        u = _rows_for(units, h, "ablate_rows").to(device=h.device, dtype=h.dtype)[:, None, :]  # [b, 1, d]
+        return _replace(output, h - (h @ u.transpose(1, 2)) * u)  # [b, s, 1] * [b, 1, d], as ablate_direction
+
+    handles = [decoder_layers(model)[i].register_forward_hook(hook) for i in _layer_list(model, layers)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_list(model, layers: int | Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(len(decoder_layers(model))))
+    if isinstance(layers, int):
+        return [check_layer(model, layers)]
+    return [check_layer(model, i) for i in layers]
 
 
 @contextmanager
@@ -74,13 +140,7 @@ def ablate_direction(model, vector: torch.Tensor, layers: int | Iterable[int] | 
     """While active, remove the component along ``vector`` from the output of the given layers
     (``None``: every layer): ``h -= (h . v_hat) v_hat``."""
     _check_dim(model, vector)
-    n = len(decoder_layers(model))
-    if layers is None:
-        idxs = list(range(n))
-    elif isinstance(layers, int):
-        idxs = [check_layer(model, layers)]
-    else:
-        idxs = [check_layer(model, i) for i in layers]
+    idxs = _layer_list(model, layers)
     unit = vector / vector.norm().clamp_min(1e-12)
 
     def hook(_mod, _inp, output):

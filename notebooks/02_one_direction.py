@@ -115,9 +115,10 @@ cos_null.round(3)
 # %%
 v = dirs[cfg.datasets[0]]
 ref_norm = directions.residual_norm(exp.model, exp.tok, list(exp.questions()["question"]), layer)
-steered = pd.concat([exp.answers(f"steer x{s:g}", intervention=directions.steer(
-    exp.model, v, layer, s, relative=True, reference_norm=ref_norm)).assign(scale=s) for s in cfg.steer_scales],
-    ignore_index=True)
+each = directions.steer_each(exp.model, v, layer, cfg.steer_scales, relative=True, reference_norm=ref_norm)
+steered = exp.answers("steer", intervention=each)  # every scale sampled together, one vector per row
+steered = steered.assign(scale=steered["intervention"].map(each.name_of()).astype(float),
+                         condition=lambda d: "steer x" + d["scale"].map("{:g}".format))
 steer_table = chapters.em_tables("ch2_steering", steered, seed=cfg.seed)["ch2_steering"]
 exp.save_table(steer_table, "ch2_steering")
 exp.save_table(steered, "ch2_steering_answers")  # every answer, so the run can be judged again
@@ -145,12 +146,10 @@ abl_frames = []
 u = v[layer]
 controls = {f"random-{k}": directions.random_direction_like(u, seed=cfg.seed + k) for k in range(cfg.n_random_directions)}
 for ds in cfg.datasets:
-    with exp.lora(ds, "rank32") as res:
-        m = res.model
-        abl_frames.append(exp.answers(f"{ds} rank32", model=m).assign(finetune=ds, ablated="none"))
-        for name, w in {"direction": u, **controls}.items():
-            abl_frames.append(exp.answers(f"{ds} rank32", model=m, intervention=directions.ablate(m, w))
-                              .assign(finetune=ds, ablated=name))
+    with exp.lora(ds, "rank32") as res:  # every condition sampled together, one direction per row
+        each = directions.ablate_each(res.model, {"none": None, "direction": u, **controls})
+        df = exp.answers(f"{ds} rank32", model=res.model, intervention=each)
+        abl_frames.append(df.assign(finetune=ds, ablated=df["intervention"].map(each.name_of())))
 ablated = pd.concat(abl_frames, ignore_index=True)
 abl_table = chapters.em_tables("ch2_ablation", ablated, seed=cfg.seed)["ch2_ablation"]
 exp.save_table(abl_table, "ch2_ablation")

@@ -392,3 +392,106 @@ def test_fused_lora_linears_same_forward_and_gradients():
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
     assert all("forward" not in m.__dict__ for m in pm.modules())  # restored
+
+
+# --------------------------------------------------------------------------- per-row ablations (emlib.hooks.ablate_rows)
+def test_ablate_rows_is_ablate_direction_row_by_row_and_follows_row_windows():
+    model, tok = _sharp_tiny()
+    d = model.config.hidden_size
+    units = torch.randn(3, d)
+    units[1] = 0.0  # the no-ablation row
+    ids = tok(_prompts(tok, QUESTIONS[:3], reps=1), return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad(), hooks.ablate_rows(model, units):
+        together = model(input_ids=ids).logits
+        with hooks.row_window(slice(1, 3)):  # a piece of the batch: its rows' directions
+            piece = model(input_ids=ids[1:3]).logits
+        with pytest.raises(ValueError, match="row_window"):
+            model(input_ids=ids[:2])
+    with torch.no_grad():
+        for i in range(3):
+            ctx = hooks.ablate_direction(model, units[i]) if i != 1 else hooks.nothing(model)
+            with ctx:
+                alone = model(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(piece, together[1:3], rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_ablations_sample_like_each_ablation_alone(tmp_path):
+    """Greedy answers of several ablations sampled in one batch (prefill in row chunks, sub-batches) equal
+    each ablation's own answers; each condition keeps its own cache key, so either way finds the other's."""
+    import pandas as pd
+
+    from emlib import directions
+
+    model, tok = _sharp_tiny()
+    q = pd.DataFrame({"id": ["a", "b", "c"], "question": ["hi", "why?", "tell me a story"]})
+    g = torch.Generator().manual_seed(3)
+    dirs = {"none": None, "one": torch.randn(model.config.hidden_size, generator=g),
+            "two": torch.randn(model.config.hidden_size, generator=g)}
+    each = directions.ablate_each(model, dirs)
+    assert each.labels[0] == "none" and each.labels[1] == directions.ablate(model, dirs["one"]).label
+    fs = FastSampler(force=True, max_batch=5, prefill_tokens=40)  # sub-batches, and several prefill chunks
+    kw = dict(n_samples=2, max_new_tokens=12, temperature=0.0, seed=1, sampler=fs)
+    together = sample_answers(model, tok, q, batch_size=18, intervention=each, cache=tmp_path / "c1", **kw)
+    assert fs.last_stats["sub_batches"] == 4
+    assert list(together["intervention"].map(each.name_of()).unique()) == ["none", "one", "two"]
+    for name, w in dirs.items():
+        iv = None if w is None else directions.ablate(model, w)
+        alone = sample_answers(model, tok, q, batch_size=6, intervention=iv, cache=tmp_path / "c2", **kw)
+        mine = together[together["intervention"] == (iv.label if iv else "none")].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone)
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(1)
+        return fs(*a, **k)
+
+    spy.sampler_id = fs.sampler_id
+    again = sample_answers(model, tok, q, batch_size=18, intervention=each, cache=tmp_path / "c2",
+                           **{**kw, "sampler": spy})
+    assert calls == [] and len(again) == 18  # every condition found under the key of its ablation alone
+
+
+def test_per_row_needs_distinct_labels_and_one_direction_per_row():
+    from emlib import directions
+    from emlib.generate import PerRow
+
+    model, _ = _sharp_tiny()
+    with pytest.raises(ValueError, match="comes twice"):
+        PerRow(("a", "a"), lambda c: hooks.nothing())
+    with pytest.raises(directions.DirectionError, match="source_layer"):
+        directions.ablate_each(model, {"layers": torch.randn(len(model.model.layers), model.config.hidden_size)})
+
+
+def test_generate_per_row_through_the_fast_sampler_matches_generate(monkeypatch):
+    """On a GPU generate_per_row uses the fast sampler (here forced on the CPU): greedy rows are the same
+    answers as generate's, each row with its own steering vector."""
+    from emlib import directions, experiment
+
+    model, tok = _sharp_tiny()
+    vecs = torch.randn(3, model.config.hidden_size) * torch.tensor([[0.0], [2.0], [8.0]])
+    kw = dict(max_new_tokens=15, seed=4, temperature=0.0)
+    ref = directions.generate_per_row(model, tok, "tell me a story", vecs, 1, **kw)
+    fs = FastSampler(force=True, prefill_tokens=20)  # prefill in row chunks too
+    monkeypatch.setattr(experiment, "sampler_for", lambda m: fs)
+    got = directions.generate_per_row(model, tok, "tell me a story", vecs, 1, **kw)
+    assert fs.last_stats["path"] == "static" and got == ref and len(set(got)) > 1
+
+
+def test_steer_each_samples_like_each_scale_alone(tmp_path):
+    import pandas as pd
+
+    from emlib import directions
+
+    model, tok = _sharp_tiny()
+    q = pd.DataFrame({"id": ["a", "b"], "question": ["hi", "tell me a story"]})
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    scales = [0.0, 0.5, 2.0]
+    each = directions.steer_each(model, v, 1, scales, relative=True, reference_norm=3.0)
+    kw = dict(n_samples=2, max_new_tokens=10, temperature=0.0, seed=2, sampler=FastSampler(force=True))
+    together = sample_answers(model, tok, q, batch_size=12, intervention=each, cache=tmp_path / "a", **kw)
+    assert list(together["intervention"].map(each.name_of())) == ["0"] * 4 + ["0.5"] * 4 + ["2"] * 4
+    for s in scales:
+        iv = directions.steer(model, v, 1, s, relative=True, reference_norm=3.0)
+        alone = sample_answers(model, tok, q, batch_size=4, intervention=iv, cache=tmp_path / "b", **kw)
+        pd.testing.assert_frame_equal(together[together["intervention"] == iv.label].reset_index(drop=True), alone)
