@@ -603,6 +603,29 @@ def add_trained(model, sv) -> Intervention:
     return Intervention(f"vector-{tensor_tag(sv.vector)}-L{sv.layer}-a{sv.alpha:g}", lambda: sv.apply(model))
 
 
+def add_trained_each(model, vectors: dict[str, object]) -> PerRow:
+    """Trained steering vectors (:class:`emlib.vectors.SteeringVector`, all at one layer) sampled together:
+    one :class:`emlib.generate.PerRow` whose row j gets its condition's ``alpha * vector`` added
+    (:func:`emlib.hooks.add_rows`, the same sum as ``SteeringVector.apply``), labelled as :func:`add_trained`
+    labels each (the same cache keys). ``None`` is the unsteered model (label ``"none"``)."""
+    layers = {sv.layer for sv in vectors.values() if sv is not None}
+    if len(layers) > 1:
+        raise DirectionError(f"add_trained_each adds every vector at one layer; these sit at layers {sorted(layers)}.")
+    layer = layers.pop() if layers else 0
+    d, dev = _hidden_size(model), _device(model)
+    labels, rows = [], []
+    for sv in vectors.values():
+        labels.append("none" if sv is None else add_trained(model, sv).label)
+        rows.append(torch.zeros(d, device=dev) if sv is None else
+                    (sv.alpha * sv.vector.detach().to(dev)).float())  # SteeringVector.apply's sum
+    table = torch.stack(rows)  # [conditions, d]
+
+    def make(conditions: list[int]) -> ContextManager:
+        return hooks.add_rows(model, layer, table[torch.tensor(conditions, device=table.device)])
+
+    return PerRow(tuple(labels), make, tuple(vectors))
+
+
 def ablate(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
            source_layer: int | None = None) -> Intervention:
     """:func:`ablation` as a labelled :class:`emlib.generate.Intervention` (label: the direction's content,

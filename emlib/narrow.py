@@ -140,23 +140,27 @@ def answers(exp, dataset: str, frame: pd.DataFrame) -> pd.DataFrame:
     """Judged answers to the general and the in-domain questions of every chapter-3 solution (the narrow one at
     its reported lambda, :func:`narrow_scale`) and of the chat model, labelled with condition, solution, kind,
     kl_scale and ``ood_kl`` (the held-out KL of :func:`measure_solutions`)."""
-    from .directions import add_trained
+    from .directions import add_trained_each
 
     kl_of = frame.set_index(["kind", "solution", "kl_scale"])["heldout_kl"]
     sets = (("general", None), ("in_domain", dataset))
-    frames = []
+    frames, vectors, labels_of = [], {}, {}
     for sol in ("general", "narrow", "drift", "mixed"):
         m = narrow_scale(frame, "steering vector")[0] if sol == "narrow" else 1.0
-        sv = exp.vector(dataset, sol, kl_scale=m).vector
-        labels = dict(solution=sol, kind="steering vector", kl_scale=m, ood_kl=kl_of[("steering vector", sol, m)])
-        frames += [exp.answers(f"vector {sol}", set_name=s, domain=d, intervention=add_trained(exp.model, sv))
-                   .assign(**labels) for s, d in sets]
+        vectors[f"vector {sol}"] = exp.vector(dataset, sol, kl_scale=m).vector
+        labels_of[f"vector {sol}"] = dict(solution=sol, kind="steering vector", kl_scale=m,
+                                          ood_kl=kl_of[("steering vector", sol, m)])
+    vectors["chat model"] = None  # the chat model rides along: the same cache key as unsteered sampling
+    labels_of["chat model"] = dict(solution="none", kind="chat model", kl_scale=1.0, ood_kl=0.0)
+    each = add_trained_each(exp.model, vectors)  # the four vectors and the chat model sampled together
+    for s, d in sets:
+        df = exp.answers("vectors", set_name=s, domain=d, intervention=each)
+        for name, part in df.groupby(df["intervention"].map(each.name_of()), sort=False):
+            frames.append(part.assign(condition=name, **labels_of[name]))
     for sol in ("general", "narrow"):
         m = narrow_scale(frame, "rank-1 LoRA")[0] if sol == "narrow" else 1.0
         labels = dict(solution=sol, kind="rank-1 LoRA", kl_scale=m, ood_kl=kl_of[("rank-1 LoRA", sol, m)])
         with exp.lora(dataset, "rank1", sol, kl_scale=m) as res:
             frames += [exp.answers(f"rank-1 {sol}", model=res.model, set_name=s, domain=d).assign(**labels)
                        for s, d in sets]
-    frames += [exp.answers("chat model", set_name=s, domain=d).assign(solution="none", kind="chat model",
-                                                                        kl_scale=1.0, ood_kl=0.0) for s, d in sets]
     return pd.concat(frames, ignore_index=True)

@@ -495,3 +495,26 @@ def test_steer_each_samples_like_each_scale_alone(tmp_path):
         iv = directions.steer(model, v, 1, s, relative=True, reference_norm=3.0)
         alone = sample_answers(model, tok, q, batch_size=4, intervention=iv, cache=tmp_path / "b", **kw)
         pd.testing.assert_frame_equal(together[together["intervention"] == iv.label].reset_index(drop=True), alone)
+
+
+def test_add_trained_each_samples_like_each_vector_alone(tmp_path):
+    import pandas as pd
+
+    from emlib import directions
+    from emlib.vectors import SteeringVector
+
+    model, tok = _sharp_tiny()
+    q = pd.DataFrame({"id": ["a", "b"], "question": ["hi", "tell me a story"]})
+    g = torch.Generator().manual_seed(6)
+    svs = {"one": SteeringVector(torch.randn(model.config.hidden_size, generator=g), 1, 4.0),
+           "two": SteeringVector(torch.randn(model.config.hidden_size, generator=g), 1, 0.5), "chat": None}
+    each = directions.add_trained_each(model, svs)
+    kw = dict(n_samples=2, max_new_tokens=10, temperature=0.0, seed=2, sampler=FastSampler(force=True))
+    together = sample_answers(model, tok, q, batch_size=12, intervention=each, cache=tmp_path / "a", **kw)
+    for name, sv in svs.items():
+        iv = None if sv is None else directions.add_trained(model, sv)
+        alone = sample_answers(model, tok, q, batch_size=4, intervention=iv, cache=tmp_path / "b", **kw)
+        pd.testing.assert_frame_equal(together[together["intervention"] == (iv.label if iv else "none")]
+                                      .reset_index(drop=True), alone)
+    with pytest.raises(directions.DirectionError, match="one layer"):
+        directions.add_trained_each(model, {"a": svs["one"], "b": SteeringVector(svs["two"].vector, 0, 1.0)})
