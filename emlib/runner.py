@@ -410,10 +410,17 @@ def mps_daemon(enabled: bool = True):
     try:
         yield "on"
     finally:
-        subprocess.run([exe], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        # "quit" waits for the daemon's clients to go; this process is one once it has touched CUDA, so the
+        # daemon may only stop when this process exits: ask, wait a little, and leave its folder if it is busy
+        quit_ = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, **env}, text=True)
+        try:
+            quit_.communicate("quit\n", timeout=10)
+            shutil.rmtree(folder, ignore_errors=True)
+        except subprocess.TimeoutExpired:
+            pass  # the request stands; the daemon stops when this process's CUDA context goes
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(folder, ignore_errors=True)

@@ -383,7 +383,7 @@ def _steered(h: torch.Tensor, vec: torch.Tensor, which: torch.Tensor | None, alp
 # order they land, so two eager runs differ by bf16 rounding too (``stats["eager_repeat_error"]`` keeps the
 # largest such difference seen, ``stats["check_error"]`` the replays'); a wrong capture (stale inputs, a
 # gradient counted twice or lost) is off by order 1.
-REPLAY_TOLERANCE = {"gradient": 5e-2, "loss": 1e-3, "KL": 1e-3}
+REPLAY_TOLERANCE = {"gradient": 5e-2, "loss": 1e-2, "KL": 1e-2}
 
 
 def replay_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -455,7 +455,9 @@ class GroupStep:
     def _kl_inputs(self, items: list[tuple[int, int]], inv: list[float]) -> dict[str, torch.Tensor]:
         c = self.cache
         b = self._size(len(items))
-        s = self._size(max(c["lengths"][i] for _, i in items), 16)
+        # bucketed, but never past the cache's width (which holds the longest row): a larger bucket would
+        # read positions the cache does not have
+        s = min(self._size(max(c["lengths"][i] for _, i in items), 16), c["below"].shape[1])
         n_real = sum(len(c["pos"][i]) for _, i in items)
         n = self._size(n_real, 8, max(1, self.per_octave // 2))
         rows = torch.zeros(b, dtype=torch.long)
