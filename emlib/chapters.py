@@ -95,6 +95,8 @@ def _seeded_solutions(datasets: Sequence[str], kl_sweep: Sequence[float], seeds:
 
 
 FOLLOW_CHAPTER_3 = ("04_efficiency", "05_stability")  # they repeat chapter 3's chosen narrow solution at seeds
+# reads chapter 3's chosen lambda (Experiment.narrow_scale) and measures it itself when chapter 3 recorded none
+READS_CHAPTER_3 = ("06_pretraining_influence",)
 
 
 def followups(stem: str, datasets: Sequence[str], seeds: Sequence[int], chosen: dict[str, float]) -> set[Finetune]:

@@ -47,7 +47,7 @@ from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
-from .chapters import FOLLOW_CHAPTER_3, chosen_scales, extra_seeds, followups
+from .chapters import FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, extra_seeds, followups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
@@ -116,6 +116,8 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
     recorded = chosen_scales(_results_of(run)) if follow and ch3 is None else None
     if ch3 is not None:  # the extra seeds' narrow solutions follow chapter 3's choice (plan_followups)
         after = {st: frozenset({ch3}) for st in follow}
+        # chapter 6 reads the same choice: it waits for chapter 3's sweep instead of measuring it a second time
+        after |= {st: frozenset({ch3}) for st in stems if st in READS_CHAPTER_3}
     elif recorded is not None:  # chapter 3 ran before in this run directory: its choice is known now
         for st in follow:
             extra = [f for f in followups(st, cfg.datasets, seeds, recorded) if f.name not in needs[st]]
@@ -165,6 +167,7 @@ class RunState:
     extra: dict[str, Job] = field(default_factory=dict)  # finetunes planned once chapter 3 had chosen
     extra_needs: dict[str, set[str]] = field(default_factory=dict)  # chapter stem -> those it waits for
     followed: bool = False  # chapter 3's follow-ups planned
+    sweep_ready: bool = False  # this run's chapter 3 has recorded its lambda sweep (or ended)
     sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
 
     @classmethod
@@ -292,20 +295,30 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
         start_chapter(plan, state, ch[0])
 
 
+def note_sweep(plan: Plan, state: RunState) -> None:
+    """``state.sweep_ready`` once this run's chapter 3 has recorded its lambda sweep (while it still runs: it
+    writes the sweep before its answers and figures) or has ended: what chapters 4-6 wait for."""
+    ch3 = next((st for st in state.chapters if st.startswith("03")), None)
+    if state.sweep_ready or ch3 is None:
+        return
+    if state.chapters[ch3] == RUNNING:
+        sweep = _results_of(plan.run).get("ch3_lambda_sweep")
+        state.sweep_ready = bool(sweep) and sweep != state.sweep_before  # not an earlier run's
+    else:
+        state.sweep_ready = state.chapters[ch3] == DONE
+
+
 def plan_followups(plan: Plan, state: RunState, pool) -> None:
-    """Once chapter 3 has recorded its lambda sweep (while it still runs: it writes the sweep before its answers
-    and figures) or is done, submit chapters 4-5's narrow solutions at the extra seeds, at the lambda it chose
-    (not at every lambda of the sweep), and make those chapters wait for them."""
+    """Once chapter 3 has recorded its lambda sweep or is done (:func:`note_sweep`), submit chapters 4-5's
+    narrow solutions at the extra seeds, at the lambda it chose (not at every lambda of the sweep), and make
+    those chapters wait for them."""
     ch3 = next((st for st in state.chapters if st.startswith("03")), None)
     if state.followed or not plan.seeds or ch3 is None:
         return
-    results = _results_of(plan.run)
-    if state.chapters[ch3] == RUNNING:
-        sweep = results.get("ch3_lambda_sweep")
-        if not sweep or sweep == state.sweep_before:
-            return  # not written by this run's chapter 3 yet
-    elif state.chapters[ch3] != DONE:
+    note_sweep(plan, state)
+    if not state.sweep_ready:
         return
+    results = _results_of(plan.run)
     state.followed = True
     chosen = chosen_scales(results)
     if chosen is None:
@@ -324,14 +337,21 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
 def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
     """Start each waiting chapter whose finetunes and earlier chapters are done (at most ``max_parallel`` at
     once); a chapter whose finetune or earlier chapter failed is not run (it would train the finetune itself,
-    racing the other chapters that need it)."""
+    racing the other chapters that need it). Chapters 4-6 wait for chapter 3's recorded lambda sweep, not for
+    its end (:func:`note_sweep`); chapter 6 runs even when chapter 3 failed (it measures the sweep itself)."""
+    note_sweep(plan, state)
     for stem in state.having(state.chapters, WAITING):
         if len(state.processes) >= max_parallel:
             return
         needs = plan.needs[stem] | state.extra_needs.get(stem, set())
+
+        def settled(a: str) -> bool:  # an earlier chapter this one need not wait for any more
+            return state.chapters.get(a) == DONE or (a.startswith("03") and (
+                state.sweep_ready or (stem in READS_CHAPTER_3 and state.chapters.get(a) == FAILED)))
+
         failed_ft = sorted(n for n in needs if state.finetunes[n] == FAILED)
-        failed_ch = sorted(a for a in plan.after.get(stem, ()) if state.chapters.get(a) == FAILED)
-        waiting = [a for a in plan.after.get(stem, ()) if state.chapters.get(a) != DONE]
+        failed_ch = sorted(a for a in plan.after.get(stem, ()) if state.chapters.get(a) == FAILED and not settled(a))
+        waiting = [a for a in plan.after.get(stem, ()) if not settled(a)]
         if failed_ft or failed_ch:
             state.chapters[stem] = FAILED
             state.failures[stem] = "not run: " + "; ".join(

@@ -380,10 +380,11 @@ def _steered(h: torch.Tensor, vec: torch.Tensor, which: torch.Tensor | None, alp
 # How far a captured pass may differ from the same pass run eagerly, as the relative error of each member's
 # gradient (norm of the difference over the norm) and of each summed loss / KL. bf16 passes are not bitwise
 # reproducible on a GPU: the backward of the answer-position gather adds bf16 rows with atomics, in whatever
-# order they land, so two eager runs differ by bf16 rounding too (``stats["eager_repeat_error"]`` keeps the
-# largest such difference seen, ``stats["check_error"]`` the replays'); a wrong capture (stale inputs, a
-# gradient counted twice or lost) is off by order 1.
-REPLAY_TOLERANCE = {"gradient": 5e-2, "loss": 1e-2, "KL": 1e-2}
+# order they land, and a captured pass may run other kernels than the eager one. On the H200 (run of
+# 2026-12-04, 14 shapes) eager repeats were bitwise equal while replays differed from them by up to 3.5e-2
+# (gradient) and 1.5e-3 (loss); ``stats["eager_repeat_error"]`` and ``stats["check_error"]`` keep the largest
+# seen in each run. A wrong capture (stale inputs, a gradient counted twice or lost) is off by order 1.
+REPLAY_TOLERANCE = {"gradient": 1e-1, "loss": 1e-2, "KL": 1e-2}
 
 
 def replay_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -588,3 +588,36 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     state.chapters["03_narrow_needs_kl"] = record.FAILED
     record.start_ready_chapters(plan, state, max_parallel=2, t_start=0.0)
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
+
+
+def test_chapters_4_to_6_wait_for_chapter_3s_sweep_not_its_end(root, tmp_path, monkeypatch):
+    """While chapter 3 runs, chapters 4-6 start as soon as it has recorded this run's lambda sweep (and their
+    finetunes exist); chapter 6 runs even when chapter 3 failed before recording it (it measures it itself),
+    chapters 4-5 do not."""
+    run = tmp_path / "rec"
+    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05", "06"])
+    assert plan.after["06_pretraining_influence"] == frozenset({"03_narrow_needs_kl"})
+    started = []
+    monkeypatch.setattr(record, "_run_chapter", lambda job: started.append(job.chapter) or object())
+
+    def fresh(ch3_status):
+        state = record.RunState.of(plan)
+        state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+        state.chapters["03_narrow_needs_kl"] = ch3_status
+        started.clear()
+        return state
+
+    run.mkdir(parents=True)
+    old = [{"kind": "steering vector", "solution": "narrow", "kl_scale": 1.0, "chosen": True}]
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": old}))
+    state = fresh(record.RUNNING)
+    state.sweep_before = old  # an earlier run's sweep is not this run's choice
+    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    assert started == [] and not state.sweep_ready
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": [dict(old[0], kl_scale=2.0)]}))
+    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    assert state.sweep_ready and sorted(started) == ["04_efficiency", "05_stability", "06_pretraining_influence"]
+    state = fresh(record.FAILED)
+    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    assert started == ["06_pretraining_influence"]
+    assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
