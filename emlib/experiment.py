@@ -376,7 +376,11 @@ class Experiment:
         sampler = sampler_for(m)
         batch = c.sample_batch_size
         if isinstance(intervention, generate.PerRow) and sampler is not generate.hf_sampler:
-            batch *= min(len(intervention.labels), CONDITIONS_PER_CALL)
+            from .fastgen import rows_that_fit
+
+            want = batch * min(len(intervention.labels), CONDITIONS_PER_CALL)
+            fit = rows_that_fit(m, PROMPT_ROOM + c.max_new_tokens)  # a smaller GPU gets smaller calls
+            batch = max(batch, min(want, fit if fit is not None else want))
         df = generate.sample_answers(
             m, self.tok, q, n_samples or c.n_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
@@ -436,9 +440,12 @@ def record_result(path: str | Path, key: str, value) -> Path:
 
 # A per-row intervention (generate.PerRow: chapter 2's ablations) samples this many conditions' worth of
 # sample_batch_size rows in one call of the GPU's fast sampler: fewer, larger calls, each paying its graph
-# captures, prefill and host round trips once (bench/ablate_rows_gpu.py measures it). On the CPU's generate,
-# calls keep sample_batch_size rows.
+# captures, prefill and host round trips once (bench/ablate_rows_gpu.py: 1.5x for chapter 2's ablation), as
+# long as their KV cache fits in half the GPU memory free then (fastgen.rows_that_fit; by its estimate a GPU
+# with 14 GB free keeps about 400 rows per call for SmolLM2). On the CPU's generate, calls keep
+# sample_batch_size rows.
 CONDITIONS_PER_CALL = 3
+PROMPT_ROOM = 128  # tokens a rendered evaluation question takes at most, for rows_that_fit's estimate
 
 
 def sampler_for(model) -> generate.Sampler:

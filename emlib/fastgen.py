@@ -393,6 +393,21 @@ def _model_dims(hf_model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kvh, head_dim
 
 
+def rows_that_fit(model, max_len: int, share: float = 0.5) -> int | None:
+    """How many rows of ``max_len`` tokens the static KV cache (:class:`StaticKV`: keys and values of every
+    layer) can hold in ``share`` of the GPU memory free now; None off CUDA. What a caller that makes large
+    calls (``Experiment.answers`` with a :class:`emlib.generate.PerRow`) checks first, so a small GPU gets
+    smaller calls instead of running out of memory."""
+    hf = _hf_model(model)
+    weight = hf.get_input_embeddings().weight
+    if weight.device.type != "cuda":
+        return None
+    n_layers, kvh, head_dim = _model_dims(hf)
+    per_row = 2 * n_layers * kvh * head_dim * int(max_len) * weight.element_size()  # keys + values
+    free, _total = torch.cuda.mem_get_info(weight.device)
+    return int(free * share // max(per_row, 1))
+
+
 @torch.no_grad()
 def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: SamplingParams,
                      opts: FastSampler) -> tuple[list[Generation], dict]:

@@ -518,3 +518,22 @@ def test_add_trained_each_samples_like_each_vector_alone(tmp_path):
                                       .reset_index(drop=True), alone)
     with pytest.raises(directions.DirectionError, match="one layer"):
         directions.add_trained_each(model, {"a": svs["one"], "b": SteeringVector(svs["two"].vector, 0, 1.0)})
+
+
+def test_rows_that_fit_counts_the_static_kv_cache(monkeypatch):
+    """Keys and values of every layer for max_len tokens per row, in a share of the free GPU memory; None off
+    CUDA. SmolLM2-135M's shape: 30 layers x 3 KV heads x 64 dims, bf16."""
+    from types import SimpleNamespace
+
+    from emlib import fastgen
+
+    model, _ = _sharp_tiny()
+    assert fastgen.rows_that_fit(model, 728) is None  # a CPU model
+    weight = SimpleNamespace(device=torch.device("cuda", 0), element_size=lambda: 2)
+    cfg = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          hidden_size=576)
+    fake = SimpleNamespace(config=cfg, get_input_embeddings=lambda: SimpleNamespace(weight=weight))
+    monkeypatch.setattr(fastgen, "_hf_model", lambda m: fake)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (14 * 2 ** 30, 16 * 2 ** 30))
+    per_row = 2 * 30 * 3 * 64 * 728 * 2
+    assert fastgen.rows_that_fit(model, 728) == int(14 * 2 ** 30 * 0.5 // per_row) == 448

@@ -238,6 +238,9 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
                 for g in groups:
                     rep_inp, rep_att = inp.repeat(len(g), 1), att.repeat(len(g), 1)  # [G*b, s]
                     for j, target in enumerate(grid):
+                        if target == 0.0:  # nothing is added: the KL is 0 by definition, no forward needed
+                            bar.update()
+                            continue
                         vecs = (dirs[g] * target).to(inp.device).repeat_interleave(b, 0)  # [G*b, d]
                         with torch.no_grad(), add_rows(model, at, vecs):
                             states, head = head_inputs(model, rep_inp, rep_att)  # [G*b, s, d]
