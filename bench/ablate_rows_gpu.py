@@ -18,12 +18,12 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emlib import directions  # noqa: E402
 from emlib.config import get_config  # noqa: E402
@@ -31,16 +31,7 @@ from emlib.data import atomic_write_bytes  # noqa: E402
 from emlib.experiment import CONDITIONS_PER_CALL, Experiment  # noqa: E402
 from emlib.fastgen import fast_sampler  # noqa: E402
 from emlib.metrics import em_rate  # noqa: E402
-
-
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, round(time.perf_counter() - t0, 2)
+from vecgroup_gpu import _timed  # noqa: E402  (synchronised wall time of a call)
 
 
 def main() -> None:
