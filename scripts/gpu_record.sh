@@ -3,7 +3,8 @@
 # internet (see README "Results of record"). From the repository root:
 #   bash scripts/gpu_record.sh setup            install .whl/ into /tmp/site, stash GGUF parts in ~/emlib-carry
 #   bash scripts/gpu_record.sh start NAME ARGS  start `python -m emlib.record run ARGS` in the background
-#                                               (survives the calling shell), log in ~/record-NAME.log
+#                                               (survives the calling shell), log in ~/record-NAME.log;
+#                                               add --mps to share the GPU through an MPS daemon (bench/README)
 #   bash scripts/gpu_record.sh wait NAME SECS [RUN_DIR]   print progress until the run ends or SECS pass; with
 #                                               RUN_DIR, pack what the run has so far into $OUT/so-far
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
