@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .data import DataError, validate_chat
+from .models import eval_mode
 
 IGNORE = -100
 # logits computed at once (tokens x vocabulary) by the chunked loss and KL: 256 MiB in float32, ~440 tokens of
@@ -195,16 +196,12 @@ def response_row_losses(model, tok, rows: list[dict] | list[Encoded], batch_size
     enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
     sums, counts = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i in range(0, len(enc), batch_size):
             b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
             s, c = labelled_ce(model, b)
             sums += s.tolist()
             counts += c.tolist()
-    finally:
-        model.train(was_training)
     if not all(math.isfinite(s) for s in sums):
         raise FloatingPointError("A row's responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
     return sums, counts

@@ -53,7 +53,7 @@ from .generate import Intervention, PerRow
 from .cache import tensor_hash
 from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
 from .data import atomic_write_bytes
-from .models import check_layer, decoder_layers, n_layers
+from .models import check_layer, decoder_layers, eval_mode, n_layers
 
 FORMAT = "emlib-direction-v1"
 TENSOR_KEY = "direction"
@@ -241,12 +241,10 @@ def answer_activations(model, tok, pairs, *, layers: Sequence[int] | None = None
             raise DirectionError(f"Pair {i}: no answer token fits within max_length={max_length}; raise max_length.")
         enc.append(e)
     device = _device(model)
-    was_training = model.training
-    model.eval()
     chunks, total, count = [], None, 0
     starts = range(0, len(enc), batch_size)
     bar = tqdm(starts, desc="activations", disable=(not progress) if progress is not None else None, leave=False)
-    try:
+    with eval_mode(model):
         for s in bar:
             b = collate(enc[s:s + batch_size], tok.pad_token_id, device)
             mask = (b["labels"] != IGNORE).float()  # [b, s]
@@ -261,8 +259,6 @@ def answer_activations(model, tok, pairs, *, layers: Sequence[int] | None = None
                 count += acts.shape[0]
             else:
                 chunks.append(acts)
-    finally:
-        model.train(was_training)
     return total / count if reduce == "mean" else torch.cat(chunks, 0)
 
 
@@ -547,11 +543,17 @@ def steer_each(model, direction: torch.Tensor, layer: int, scales: Sequence[floa
     kw = dict(relative=relative, reference_norm=reference_norm, normalize=normalize)
     labels = [steer(model, direction, layer, float(s), **kw).label for s in scales]
     table = torch.stack([steering_vector(model, direction, idx, float(s), **kw) for s in scales])  # [scales, d]
+    return _per_row(labels, [f"{float(s):g}" for s in scales], table, lambda rows: hooks.add_rows(model, idx, rows))
 
+
+def _per_row(labels: Sequence[str], names: Sequence[str], table: torch.Tensor,
+             enter: Callable[[torch.Tensor], ContextManager]) -> PerRow:
+    """A :class:`emlib.generate.PerRow` whose batch gets ``enter(rows)``: ``rows`` [b, d] holds, for each row of
+    the batch, the row of ``table`` [conditions, d] of that row's condition (the ``*_each`` builders)."""
     def make(conditions: list[int]) -> ContextManager:
-        return hooks.add_rows(model, idx, table[torch.tensor(conditions, device=table.device)])
+        return enter(table[torch.tensor(conditions, device=table.device)])
 
-    return PerRow(tuple(labels), make, tuple(f"{float(s):g}" for s in scales))
+    return PerRow(tuple(labels), make, tuple(names))
 
 
 def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
@@ -562,11 +564,7 @@ def ablation(model, direction: torch.Tensor, layers: int | Iterable[int] | None 
     or, with ``source_layer``, the row of that layer everywhere (the paper ablates one layer's direction).
     Built on :func:`emlib.hooks.ablate_direction`.
     """
-    n = n_layers(model)
-    if isinstance(layers, int):
-        idxs = [check_layer(model, layers)]
-    else:
-        idxs = list(range(n)) if layers is None else [check_layer(model, i) for i in layers]
+    idxs = hooks.layer_indices(model, layers)
     if direction.ndim == 1 or source_layer is not None:
         v = _as_vector(model, direction, source_layer if source_layer is not None else 0)
         _unit(v)  # a zero vector is an error, not a silent no-op
@@ -617,13 +615,8 @@ def add_trained_each(model, vectors: dict[str, object]) -> PerRow:
     for sv in vectors.values():
         labels.append("none" if sv is None else add_trained(model, sv).label)
         rows.append(torch.zeros(d, device=dev) if sv is None else
-                    (sv.alpha * sv.vector.detach().to(dev)).float())  # SteeringVector.apply's sum
-    table = torch.stack(rows)  # [conditions, d]
-
-    def make(conditions: list[int]) -> ContextManager:
-        return hooks.add_rows(model, layer, table[torch.tensor(conditions, device=table.device)])
-
-    return PerRow(tuple(labels), make, tuple(vectors))
+                    sv.effective.detach().to(dev).float())  # alpha * vector: what SteeringVector.apply adds
+    return _per_row(labels, list(vectors), torch.stack(rows), lambda rows: hooks.add_rows(model, layer, rows))
 
 
 def ablate(model, direction: torch.Tensor, layers: int | Iterable[int] | None = None, *,
@@ -642,7 +635,7 @@ def ablate_each(model, directions: dict[str, torch.Tensor | None], layers: int |
     its own direction (:func:`emlib.hooks.ablate_rows`). ``None`` is the no-ablation condition (label
     ``"none"``, as an answer sampled without intervention). A direction is [d], or [n_layers, d] with
     ``source_layer`` (the row ablated at every layer); names are kept for display (``PerRow.names``)."""
-    idxs = [check_layer(model, i) for i in ([layers] if isinstance(layers, int) else layers or range(n_layers(model)))]
+    idxs = hooks.layer_indices(model, layers)
     labels, units = [], []
     for name, direction in directions.items():
         if direction is None:
@@ -655,11 +648,7 @@ def ablate_each(model, directions: dict[str, torch.Tensor | None], layers: int |
         units.append(_unit(_as_vector(model, direction, source_layer if source_layer is not None else 0)).float().cpu())
         labels.append(ablate(model, direction, layers, source_layer=source_layer).label)
     table = torch.stack(units).to(_device(model))  # [conditions, d]
-
-    def make(conditions: list[int]) -> ContextManager:
-        return hooks.ablate_rows(model, table[torch.tensor(conditions, device=table.device)], idxs)
-
-    return PerRow(tuple(labels), make, tuple(directions))
+    return _per_row(labels, list(directions), table, lambda rows: hooks.ablate_rows(model, rows, idxs))
 
 
 def random_direction_like(v: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -738,36 +727,31 @@ def _generate_ids(model, enc: dict, vec: torch.Tensor | None, layer: int, seed: 
                   engine: str) -> torch.Tensor:
     """Generated ids [b, s + new] with ``vec`` added at ``layer`` on every forward (None: unsteered); ``vec``
     [b, d] adds row i's vector to row i (``engine="hooks"`` only: :func:`emlib.hooks.add_rows`)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with _seeded(seed, _device(model)):
-            if vec is None:
+    with eval_mode(model), _seeded(seed, _device(model)):
+        if vec is None:
+            return model.generate(**enc, **gen)
+        if engine == "hooks":
+            steer = hooks.add_rows(model, layer, vec) if vec.ndim == 2 else hooks.add_vector(model, layer, vec, 1.0)
+            with steer:
                 return model.generate(**enc, **gen)
-            if engine == "hooks":
-                steer = hooks.add_rows(model, layer, vec) if vec.ndim == 2 else hooks.add_vector(model, layer, vec, 1.0)
-                with steer:
-                    return model.generate(**enc, **gen)
-            if engine != "nnsight":
-                raise DirectionError(f"engine must be 'nnsight' or 'hooks', got {engine!r}.")
-            box: dict = {}
+        if engine != "nnsight":
+            raise DirectionError(f"engine must be 'nnsight' or 'hooks', got {engine!r}.")
+        box: dict = {}
 
-            def run(**kw):  # the traced call keeps its own output: nothing needs to follow the open loop
-                box["ids"] = model.generate(**kw)
-                return box["ids"]
-
-            nn = _nnsight(model)
-            (env,) = _layer_envoys(nn, model, [layer])
-            with warnings.catch_warnings():
-                # the open loop below ends when generation does; nnsight reports the step it waited for
-                warnings.filterwarnings("ignore", message=".*was never reached.*")
-                with nn.trace(fn=run, **enc, **gen) as tracer:
-                    for _step in tracer.all():  # prompt forward, then one forward per new token
-                        h = _hidden_of(env.output)
-                        h[:] += vec.to(device=h.device, dtype=h.dtype)
+        def run(**kw):  # the traced call keeps its own output: nothing needs to follow the open loop
+            box["ids"] = model.generate(**kw)
             return box["ids"]
-    finally:
-        model.train(was_training)
+
+        nn = _nnsight(model)
+        (env,) = _layer_envoys(nn, model, [layer])
+        with warnings.catch_warnings():
+            # the open loop below ends when generation does; nnsight reports the step it waited for
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with nn.trace(fn=run, **enc, **gen) as tracer:
+                for _step in tracer.all():  # prompt forward, then one forward per new token
+                    h = _hidden_of(env.output)
+                    h[:] += vec.to(device=h.device, dtype=h.dtype)
+        return box["ids"]
 
 
 def generate_steered(model, tok, prompts: Sequence[str], direction: torch.Tensor | None = None, layer: int = 0,
@@ -811,15 +795,10 @@ def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int,
 
     sampler = sampler_for(model)
     if sampler is not hf_sampler and not generate_kwargs and skip_special_tokens:
-        was_training = model.training
-        model.eval()
-        try:
-            with hooks.add_rows(model, idx, vectors.to(_device(model))):
-                gens = sampler(model, tok, [render_prompt(tok, prompt)] * vectors.shape[0],
-                               [int(seed) + i for i in range(vectors.shape[0])],
-                               SamplingParams(int(max_new_tokens), float(temperature or 0.0), float(top_p)))
-        finally:
-            model.train(was_training)
+        with eval_mode(model), hooks.add_rows(model, idx, vectors.to(_device(model))):
+            gens = sampler(model, tok, [render_prompt(tok, prompt)] * vectors.shape[0],
+                           [int(seed) + i for i in range(vectors.shape[0])],
+                           SamplingParams(int(max_new_tokens), float(temperature or 0.0), float(top_p)))
         return [g.text for g in gens]
     enc = encode_prompts(tok, [prompt] * vectors.shape[0], _device(model))
     gen = _generation_kwargs(tok, max_new_tokens, temperature, top_p, generate_kwargs)

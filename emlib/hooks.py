@@ -80,7 +80,7 @@ def row_window(rows: slice):
 def _rows_for(per_row: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
     """The rows of ``per_row`` [B, ...] that the batch ``h`` [b, ...] carries (the current row window)."""
     start, stop = _WINDOWS[-1] if _WINDOWS else (0, None)
-    rows = per_row[start:stop] if (start, stop) != (0, None) else per_row
+    rows = per_row[start:stop]
     if rows.shape[0] != h.shape[0]:
         raise ValueError(f"{name} has {rows.shape[0]} row(s) for a batch of {h.shape[0]}: one per row of the "
                          "batch it was made for (a caller that runs the batch in pieces must say which rows "
@@ -119,7 +119,7 @@ def ablate_rows(model, vectors: torch.Tensor, layers: int | Iterable[int] | None
         u = _rows_for(units, h, "ablate_rows").to(device=h.device, dtype=h.dtype)[:, None, :]  # [b, 1, d]
         return _replace(output, h - (h @ u.transpose(1, 2)) * u)  # [b, s, 1] * [b, 1, d], as ablate_direction
 
-    handles = [decoder_layers(model)[i].register_forward_hook(hook) for i in _layer_list(model, layers)]
+    handles = [decoder_layers(model)[i].register_forward_hook(hook) for i in layer_indices(model, layers)]
     try:
         yield model
     finally:
@@ -127,7 +127,8 @@ def ablate_rows(model, vectors: torch.Tensor, layers: int | Iterable[int] | None
             h.remove()
 
 
-def _layer_list(model, layers: int | Iterable[int] | None) -> list[int]:
+def layer_indices(model, layers: int | Iterable[int] | None) -> list[int]:
+    """The checked decoder-layer indices of ``layers``: one index, several, or ``None`` for every layer."""
     if layers is None:
         return list(range(len(decoder_layers(model))))
     if isinstance(layers, int):
@@ -140,7 +141,7 @@ def ablate_direction(model, vector: torch.Tensor, layers: int | Iterable[int] | 
     """While active, remove the component along ``vector`` from the output of the given layers
     (``None``: every layer): ``h -= (h . v_hat) v_hat``."""
     _check_dim(model, vector)
-    idxs = _layer_list(model, layers)
+    idxs = layer_indices(model, layers)
     unit = vector / vector.norm().clamp_min(1e-12)
 
     def hook(_mod, _inp, output):

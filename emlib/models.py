@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,3 +382,14 @@ def layer_from_fraction(model, fraction: float) -> int:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"Layer fraction must be in [0, 1], got {fraction}.")
     return min(int(round(fraction * n_layers(model))), n_layers(model) - 1)
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block (no dropout); its train / eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -516,11 +516,14 @@ class GroupStep:
     def _state(self) -> list[torch.Tensor]:
         return [self.grad, self.sft, self.kl]
 
-    def _track(self, name: str, errs: dict[str, float]) -> None:
-        """Keep the largest relative error seen so far of each quantity in ``stats[name]``."""
+    def _track(self, name: str, ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+        """The relative error (:func:`replay_error`) of each quantity of :meth:`_state` in ``got`` against ``ref``,
+        keeping the largest seen so far in ``stats[name]``."""
+        errs = {n: replay_error(a, g) for n, a, g in zip(REPLAY_TOLERANCE, ref, got)}  # gradient, loss, KL
         seen = self.stats.setdefault(name, {})
         for k, e in errs.items():
             seen[k] = max(e, seen.get(k, 0.0))
+        return errs
 
     def _capture(self, key: tuple, run, x: dict[str, torch.Tensor]) -> None:
         """Capture ``run`` at this shape and check one replay against the eager pass; the pass's contribution
@@ -536,16 +539,14 @@ class GroupStep:
             eager = [t.clone() for t in self._state()]
             torch._foreach_zero_(self._state())
             run(static)  # the same pass again: how far eager runs differ from each other (bf16 rounding)
-            self._track("eager_repeat_error", {n: replay_error(a, g) for n, a, g in
-                                               zip(("gradient", "loss", "KL"), eager, self._state())})
+            self._track("eager_repeat_error", eager, self._state())
             graph, self._pool = capture(run, static, self.device, self._pool)
             if self.vec.grad is not self.grad:
                 raise RuntimeError("the backward replaced the gradient tensor during capture")
             torch._foreach_zero_(self._state())
             graph.replay()
             got = self._state()
-            errs = {n: replay_error(a, g) for n, a, g in zip(("gradient", "loss", "KL"), eager, got)}
-            self._track("check_error", errs)
+            errs = self._track("check_error", eager, got)
             bad = [f"{n} (relative error {e:.2g} > {REPLAY_TOLERANCE[n]:g})" for n, e in errs.items()
                    if not e <= REPLAY_TOLERANCE[n]]
             if bad:
