@@ -109,6 +109,16 @@ def followups(stem: str, datasets: Sequence[str], seeds: Sequence[int], chosen: 
             | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=chosen["rank-1 LoRA"], seed=s) for s in seeds})
 
 
+def speculative(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Sequence[int]) -> list[Finetune]:
+    """The narrow steering vectors at every lambda of the sweep at each extra seed: a run of record on a GPU
+    trains them before chapter 3 has chosen, in one group per seed with that seed's general vector
+    (``emlib.record.pool_tasks``, ``emlib.vecgroup``: the members share the layers below the vector and the KL
+    rows' reference pass), so the vector of :func:`followups` already exists when chapter 3 chooses. The
+    others are trained and not used. Rank-1 adapters train one per process; theirs still follow the choice."""
+    ds0 = datasets[0]
+    return [Finetune("vector", ds0, "narrow", kl_scale=m, seed=s) for s in seeds for m in sweep_scales(kl_sweep)]
+
+
 def chosen_scales(results: dict) -> dict[str, float] | None:
     """Chapter 3's chosen lambda factor per kind, from a run's results.json (None before chapter 3 has run)."""
     from .narrow import KINDS, narrow_scale

@@ -10,7 +10,10 @@
    Each job calls the same :class:`~emlib.experiment.Experiment` method a chapter calls, so a chapter finds
    the finished run (same arguments, same hash) and loads it instead of training.
    A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
-   80 GB) is retried once, alone, after the others have ended.
+   80 GB) is retried once, alone, after the others have ended. Chapters 4-5 repeat chapter 3's chosen narrow
+   solutions at extra seeds: the rank-1 adapters are trained once chapter 3 has chosen, the steering vectors
+   (on a GPU, ``--speculate``) at every lambda up front, in one group per seed. Each process gets
+   ``cores // (workers + parallel chapters)`` CPU threads (at least 2; ``OMP_NUM_THREADS`` set by the user wins).
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
    kernel, its output in ``RUN_DIR/logs/``) as soon as the finetunes it needs are done, several at once;
    executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
@@ -47,7 +50,7 @@ from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
-from .chapters import FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, extra_seeds, followups
+from .chapters import FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, extra_seeds, followups, speculative
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
@@ -83,16 +86,21 @@ class Plan:
     needs: dict[str, frozenset[str]]  # chapter stem -> the finetunes it waits for
     after: dict[str, frozenset[str]] = field(default_factory=dict)  # chapter stem -> chapters it waits for
     seeds: tuple[int, ...] = ()  # chapters 4-5's extra training seeds
+    speculative: tuple[str, ...] = ()  # trained before chapter 3 chooses; the ones it does not choose go unused
 
     def chapter(self, stem: str) -> runner.Job:
         return next(j for j in self.chapters if j.chapter == stem)
 
 
 def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
-             overrides: dict | None = None, chapters: list[str] | None = None) -> Plan:
+             overrides: dict | None = None, chapters: list[str] | None = None,
+             speculate: bool | None = None) -> Plan:
     """Check every value and name (an error here writes nothing) and plan the finetunes the chapters need.
     ``params`` (``-p``) and ``overrides`` (``-c``) are both config fields (``params`` may also hold a chapter's
-    own parameter, e.g. ``interactive``); ``params`` win where both set a field."""
+    own parameter, e.g. ``interactive``); ``params`` win where both set a field. ``speculate``: when chapters
+    4-5 follow chapter 3 in this run, train the narrow steering vectors at the extra seeds at every lambda
+    up front (:func:`emlib.chapters.speculative`); None: when this machine has a GPU (``nvidia-smi``, which
+    leaves CUDA untouched before the MPS daemon starts)."""
     from .config import FIELDS
 
     root = book.repo_root()
@@ -111,6 +119,7 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
              for j in jobs}
     stems = [j.chapter for j in jobs]
     after: dict[str, frozenset[str]] = {}
+    ahead: tuple[str, ...] = ()
     follow = [st for st in stems if st in FOLLOW_CHAPTER_3] if seeds else []
     ch3 = next((st for st in stems if st.startswith("03")), None)
     recorded = chosen_scales(_results_of(run)) if follow and ch3 is None else None
@@ -118,6 +127,11 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
         after = {st: frozenset({ch3}) for st in follow}
         # chapter 6 reads the same choice: it waits for chapter 3's sweep instead of measuring it a second time
         after |= {st: frozenset({ch3}) for st in stems if st in READS_CHAPTER_3}
+        if follow and (bool(runner.visible_gpus()) if speculate is None else speculate):
+            have = {f.name for f in planned}
+            extra = [f for f in speculative(cfg.datasets, cfg.kl_sweep, seeds) if f.name not in have]
+            planned += extra
+            ahead = tuple(f.name for f in extra)
     elif recorded is not None:  # chapter 3 ran before in this run directory: its choice is known now
         for st in follow:
             extra = [f for f in followups(st, cfg.datasets, seeds, recorded) if f.name not in needs[st]]
@@ -127,7 +141,7 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
         after = {follow[1]: frozenset({follow[0]})}
     return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
                 chapters=tuple(jobs), finetunes=tuple(planned), needs={k: frozenset(v) for k, v in needs.items()},
-                after=after, seeds=seeds)
+                after=after, seeds=seeds, speculative=ahead)
 
 
 def _results_of(run: Path) -> dict:
@@ -161,6 +175,7 @@ class RunState:
     timings: dict = field(default_factory=lambda: {"model_load_s": 0.0, "jobs": {}, "chapters": {}})
     failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
     mps: str = "off (not asked for)"  # runner.mps_daemon's status
+    threads: int | None = None  # CPU threads of each finetune's and chapter's torch (runner.threads_per_process)
     futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
@@ -227,11 +242,13 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
 GROUPED = ("general", "narrow", "drift")  # vector solutions that train together (emlib.vecgroup): same rows
 
 
-def pool_tasks(jobs) -> list[tuple[Job, ...]]:
+def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
     """The finetunes as pool tasks: the steering vectors of one dataset and seed whose solution is general,
     narrow (any lambda) or drift form one task (they read the same rows; emlib.vecgroup trains them at once)
-    where one has a KL term; every other finetune is a task of its own. Rank-32 adapters first (chapters 1-2
-    wait for them), then the groups, then the rest in the planned order."""
+    where one has a KL term; every other finetune is a task of its own. In the pool's order: the rank-32
+    adapters (chapters 1-2, the longest chapter, wait for them), then the group at the config's seed, then the
+    other tasks whose finetunes are all in ``first`` (chapter 3's: its lambda sweep decides what chapters 4-6
+    use), then the other groups, then the rest, each in the planned order."""
     tasks: list[tuple[Job, ...]] = []
     where: dict[tuple, int] = {}
     for job in jobs:
@@ -248,13 +265,24 @@ def pool_tasks(jobs) -> list[tuple[Job, ...]]:
             out.append(task)
         else:
             out.extend((j,) for j in task)
-    # first the rank-32 adapters (chapters 1-2, the longest chapter, wait for them), then the vector groups
-    return sorted(out, key=lambda t: 0 if t[0].shape == "rank32" else 1 if len(t) > 1 else 2)
+    def rank(t: tuple[Job, ...]) -> int:
+        if t[0].shape == "rank32":
+            return 0
+        if len(t) > 1 and t[0].seed is None:
+            return 1
+        return 2 if all(j.name in first for j in t) else 3 if len(t) > 1 else 4
+
+    return sorted(out, key=rank)
 
 
-def _run_chapter(job: runner.Job) -> subprocess.Popen:
+def chapter_3_needs(plan: Plan) -> set[str]:
+    """The finetunes chapter 3 waits for (none when it is not in the run)."""
+    return set(next((v for k, v in plan.needs.items() if k.startswith("03")), ()))
+
+
+def _run_chapter(job: runner.Job, threads: int | None = None) -> subprocess.Popen:
     """A chapter in its own process (:func:`emlib.runner.spawn`; tests replace this)."""
-    return runner.spawn(job)
+    return runner.spawn(job, threads)
 
 
 def submit_finetune(plan: Plan, state: RunState, pool, job: Job | tuple[Job, ...]) -> None:
@@ -275,7 +303,7 @@ def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
         state.sweep_before = _results_of(plan.run).get("ch3_lambda_sweep")
     state.chapters[stem] = RUNNING
     state.attempts[stem] = state.attempts.get(stem, 0) + 1
-    state.processes[stem] = (_run_chapter(plan.chapter(stem)), time.time())
+    state.processes[stem] = (_run_chapter(plan.chapter(stem), state.threads), time.time())
 
 
 def retry_alone(plan: Plan, state: RunState, pool) -> None:
@@ -415,10 +443,11 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
 
 def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int, t_start: float) -> None:
     """Every finetune in a pool of fresh worker processes, each chapter as soon as its finetunes exist."""
-    pool = runner.process_pool(workers, one_job_each=True)  # a fresh process per finetune gives its GPU memory back
+    # a fresh process per finetune gives its GPU memory back
+    pool = runner.process_pool(workers, threads=state.threads, one_job_each=True)
     ended = 0
     try:
-        for task in pool_tasks(plan.finetunes):
+        for task in pool_tasks(plan.finetunes, first=chapter_3_needs(plan)):
             submit_finetune(plan, state, pool, task)
         while state.unfinished():
             plan_followups(plan, state, pool)
@@ -454,7 +483,9 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, fin
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-               "workers": workers, "mps": state.mps, "timings": state.timings, "failures": state.failures,
+               "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
+               "speculative": list(plan.speculative),
+               "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if not final:
         summary |= {"in_progress": True, "unfinished": {k: v for t in (state.finetunes, state.chapters)
@@ -468,7 +499,8 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, fin
 
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
-        pack: str | None = None, overrides: dict | None = None, mps: bool = False) -> dict:
+        pack: str | None = None, overrides: dict | None = None, mps: bool = False,
+        speculate: bool | None = None) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -478,11 +510,12 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
     ``record.json`` keeps both. Everything is checked before anything runs or is written."""
     t_start = time.time()
-    plan = plan_run(profile, run_dir, params, overrides, chapters)
+    plan = plan_run(profile, run_dir, params, overrides, chapters, speculate)
     plan.cfg.save()
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
     state = RunState.of(plan)
+    state.threads = runner.threads_per_process(workers + max_parallel_chapters)
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)
@@ -663,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
     r.add_argument("--mps", action="store_true",
                    help="serve the GPU through an NVIDIA MPS daemon of this run's own (processes' kernels side by side)")
+    r.add_argument("--speculate", choices=("auto", "on", "off"), default="auto",
+                   help="train chapter 4-5's narrow steering vectors at every lambda before chapter 3 chooses "
+                        "(auto: on a GPU)")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
@@ -700,7 +736,8 @@ def _main(a) -> int:
         if a.model:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
-                      book._parse_params(a.config), mps=a.mps)
+                      book._parse_params(a.config), mps=a.mps,
+                      speculate={"auto": None, "on": True, "off": False}[a.speculate])
         if summary["failures"]:
             from .cli import ChapterFailed
 

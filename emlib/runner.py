@@ -288,10 +288,32 @@ def failure_message(job: Job, exc: BaseException) -> str:
             "fix the cause and run again, or add --debug for the traceback)")
 
 
-def spawn(job: Job) -> subprocess.Popen:
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what sets torch's (and BLAS's) CPU threads at import
+
+
+def thread_env(threads: int | None, env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with ``threads`` CPU threads for a child's torch and BLAS, unless the
+    environment already sets them (a user's choice wins). None: ``env`` unchanged."""
+    env = dict(os.environ if env is None else env)
+    if threads:
+        for var in THREAD_VARS:
+            env.setdefault(var, str(threads))
+    return env
+
+
+def threads_per_process(processes: int, cores: int | None = None, floor: int = 2) -> int:
+    """CPU threads for each of ``processes`` GPU processes sharing this machine's cores: ``cores // processes``,
+    at least ``floor``. By default each torch process starts a thread per core, so a dozen GPU processes on
+    16 cores would keep ~200 threads for the moments they compute on the CPU, while each needs one core free to
+    launch its kernels."""
+    cores = cores or os.cpu_count() or 1
+    return max(floor, cores // max(1, processes))
+
+
+def spawn(job: Job, threads: int | None = None) -> subprocess.Popen:
     """Start ``job`` in a process of its own (``python -m emlib.book run``, with ``--debug`` so that the log
     keeps the traceback above the one-line error), its output in ``job.log``. The process and its kernel stop
-    when this process dies (:mod:`emlib.lifeline`)."""
+    when this process dies (:mod:`emlib.lifeline`). ``threads``: CPU threads of its torch (:func:`thread_env`)."""
     if not job.log:
         raise ValueError(f"{job.chapter}: a spawned chapter needs a log file (Job.log).")
     cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", job.source, job.notebook,
@@ -303,7 +325,7 @@ def spawn(job: Job) -> subprocess.Popen:
     log = Path(job.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=job.cwd)
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=job.cwd, env=thread_env(threads))
 
 
 # ---------------------------------------------------------------------------------------------- pool
@@ -368,9 +390,7 @@ def _init_worker(parent: int, slots, threads: int | None) -> None:
     lifeline.die_with_parent(parent)
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
-    if threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
+    os.environ.update(thread_env(threads))
 
 
 # ---------------------------------------------------------------------------------------------- MPS

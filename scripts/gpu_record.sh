@@ -8,6 +8,7 @@
 #   bash scripts/gpu_record.sh wait NAME SECS [RUN_DIR]   print progress until the run ends or SECS pass; with
 #                                               RUN_DIR, pack what the run has so far into $OUT/so-far
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
+#                                               + monitor-NAME.csv (CPU load and GPU use every 5 s while it ran)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
 # back to back until `pack` has run and its files came back (a machine that went back loses everything).
 # Environment it sets: PYTHONPATH (/tmp/site + the checkout), EMLIB_EMBEDDED_GGUF (the reassembled model),
@@ -22,8 +23,22 @@
 # `--model $HOME/emlib-carry/FILE.gguf` to the run (converted once into $EMLIB_CACHE).
 set -uo pipefail
 STASH=$HOME/emlib-carry
-pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record pack) and its log into DEST
-  python3 -m emlib.record pack "$2" "$3" && cp "$HOME/record-$1.log" "$3/record-$1.log"
+pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record pack), its log and monitor into DEST
+  python3 -m emlib.record pack "$2" "$3" && cp "$HOME/record-$1.log" "$3/record-$1.log" \
+    && { [ ! -f "$HOME/monitor-$1.csv" ] || cp "$HOME/monitor-$1.csv" "$3/monitor-$1.csv"; }
+}
+monitor() {  # monitor NAME: every 5 s while the run lives, one CSV row: seconds since start, 1-min load,
+  # busy share of all CPU cores (%), GPU utilization (%), GPU memory used (MiB)
+  local f=$HOME/monitor-$1.csv t0 prev cur
+  t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib" > "$f"
+  prev=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
+  while sleep 5 && pgrep -f "emlib.record run" > /dev/null; do
+    cur=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
+    echo "$(( $(date +%s) - t0 )),$(cut -d' ' -f1 /proc/loadavg),$(echo "$prev $cur" \
+      | awk '{d=$3-$1; printf "%.0f", (d > 0 ? 100 * (d - ($4 - $2)) / d : 0)}'),$(nvidia-smi \
+      --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | head -1 | tr -d ' ')" >> "$f"
+    prev=$cur
+  done
 }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export EMLIB_CACHE=$STASH/cache PYDEVD_DISABLE_FILE_VALIDATION=1
@@ -79,6 +94,7 @@ case "$cmd" in
     name=$1; shift  # the environment above (model, data, corpus) is inherited by the run
     setsid nohup python3 -m emlib.record run "$@" > "$HOME/record-$name.log" 2>&1 < /dev/null &
     echo "started $name (pid $!)"
+    sleep 2; (monitor "$name" > /dev/null 2>&1 < /dev/null &)  # ends with the run; packed with it
     ;;
   wait)
     name=$1; secs=${2:-540}; run=${3:-}; t0=$(date +%s)

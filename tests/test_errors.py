@@ -140,7 +140,7 @@ def test_record_run_bad_value_before_any_work(tmp_path, capsys):
 
 
 def test_record_run_failing_chapter_is_one_line_naming_its_log(tmp_path, capsys, monkeypatch):
-    def fake_chapter(job):  # what `emlib.book run --debug` leaves in a failed chapter's log
+    def fake_chapter(job, threads=None):  # what `emlib.book run --debug` leaves in a failed chapter's log
         log = Path(job.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         code = ("import sys; print('Traceback (most recent call last):'); "

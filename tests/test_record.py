@@ -9,7 +9,7 @@ import pytest
 from run_tables import make_run
 
 from emlib.config import get_config
-from emlib import book, experiment, record, results
+from emlib import book, experiment, record, results, runner
 
 
 
@@ -259,7 +259,7 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     codes = {"00_datasets": [0], ch4: [1, 1]}
     started = []
 
-    def fake(job):
+    def fake(job, threads=None):
         started.append(job.chapter)
         Path(job.log).parent.mkdir(parents=True, exist_ok=True)
         Path(job.log).write_text(f"attempt {started.count(job.chapter)}: OutOfMemoryError: CUDA out of memory\n")
@@ -434,7 +434,7 @@ def test_a_chapter_that_runs_out_of_memory_runs_again_alone(root, tmp_path, monk
 
     calls = []
 
-    def fake_chapter(job):  # first attempt: papermill's OOM traceback; then success
+    def fake_chapter(job, threads=None):  # first attempt: papermill's OOM traceback; then success
         calls.append(job.chapter)
         log = Path(job.log)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -538,7 +538,7 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     from concurrent.futures import Future
 
     run = tmp_path / "rec"
-    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"])
+    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=False)
     assert plan.after == {"04_efficiency": frozenset({"03_narrow_needs_kl"}),
                           "05_stability": frozenset({"03_narrow_needs_kl"})}
     state = record.RunState.of(plan)
@@ -590,6 +590,49 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
 
 
+def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path):
+    """With ``speculate``, the narrow vectors at every lambda at the extra seeds are planned up front (no
+    chapter waits for them), and once chapter 3 chooses only the rank-1 adapter is submitted: chapters 4-5
+    wait for the chosen vector, which is already planned. Without it, nothing is added."""
+    from concurrent.futures import Future
+
+    run = tmp_path / "rec"
+    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=True)
+    off = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=False)
+    added = {f.name for f in plan.finetunes} - {f.name for f in off.finetunes}
+    assert added == set(plan.speculative) == {"vector-medical-narrow-kl0.5-seed1", "vector-medical-narrow-seed1",
+                                              "vector-medical-narrow-kl2-seed1"} and off.speculative == ()
+    assert plan.needs == off.needs  # nobody waits for the unchosen ones
+    state = record.RunState.of(plan)
+    state.chapters["03_narrow_needs_kl"] = record.DONE
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": [
+        {"kind": k, "solution": "narrow", "kl_scale": m, "chosen": m == 2.0}
+        for k in ("steering vector", "rank-1 LoRA") for m in (0.5, 1.0, 2.0)]}))
+    submitted = []
+
+    class Pool:
+        def submit(self, fn, *args):
+            submitted.append(args[-1].name)
+            return Future()
+
+    record.plan_followups(plan, state, Pool())
+    assert submitted == ["lora-medical-rank1-narrow-kl2-seed1"]
+    assert state.extra_needs["04_efficiency"] == {"lora-medical-rank1-narrow-kl2-seed1",
+                                                  "vector-medical-narrow-kl2-seed1"}
+
+
+def test_each_process_gets_a_share_of_the_cores(monkeypatch):
+    """CPU threads per GPU process: cores // processes, at least the floor; a user's OMP_NUM_THREADS wins."""
+    assert runner.threads_per_process(14, cores=16) == 2 and runner.threads_per_process(4, cores=16) == 4
+    assert runner.threads_per_process(1, cores=1, floor=1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    env = runner.thread_env(2)
+    assert env["OMP_NUM_THREADS"] == "7" and env["MKL_NUM_THREADS"] == "2"
+    assert runner.thread_env(None, {"A": "1"}) == {"A": "1"}
+
+
 def test_chapters_4_to_6_wait_for_chapter_3s_sweep_not_its_end(root, tmp_path, monkeypatch):
     """While chapter 3 runs, chapters 4-6 start as soon as it has recorded this run's lambda sweep (and their
     finetunes exist); chapter 6 runs even when chapter 3 failed before recording it (it measures it itself),
@@ -598,7 +641,7 @@ def test_chapters_4_to_6_wait_for_chapter_3s_sweep_not_its_end(root, tmp_path, m
     plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05", "06"])
     assert plan.after["06_pretraining_influence"] == frozenset({"03_narrow_needs_kl"})
     started = []
-    monkeypatch.setattr(record, "_run_chapter", lambda job: started.append(job.chapter) or object())
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: started.append(job.chapter) or object())
 
     def fresh(ch3_status):
         state = record.RunState.of(plan)

@@ -114,6 +114,23 @@ def test_record_groups_the_vectors_of_one_seed_that_share_rows():
     assert [[j.name for j in t] for t in follow] == [["vector-medical-narrow-kl2-seed1"]]
 
 
+def test_pool_order_puts_chapter_3s_sweep_before_the_other_seeds():
+    """rank-32 adapters, the config seed's group, then what chapter 3 waits for (``first``), then the groups
+    of the extra seeds (chapters 4-5's speculative vectors), then the rest."""
+    from emlib.chapters import speculative
+
+    jobs = finetunes(["medical", "financial"], (0.5, 2.0), [1]) + speculative(["medical"], (0.5, 2.0), [1])
+    first = {"vector-medical-mixed", "lora-medical-rank1-narrow-kl0.5", "lora-medical-rank1-narrow",
+             "lora-medical-rank1-narrow-kl2", "lora-medical-rank1-general"}
+    names = [[j.name for j in t] for t in record.pool_tasks(jobs, first=first)]
+    assert [n[0] for n in names[:2]] == ["lora-medical-rank32-general", "lora-financial-rank32-general"]
+    assert "vector-medical-narrow-kl0.5" in names[2]
+    assert {n[0] for n in names[3:8]} == first and all(len(n) == 1 for n in names[3:8])
+    assert sorted(names[8]) == sorted(["vector-medical-general-seed1", "vector-medical-narrow-kl0.5-seed1",
+                                       "vector-medical-narrow-seed1", "vector-medical-narrow-kl2-seed1"])
+    assert sum(map(len, names)) == len(jobs)
+
+
 def test_small_passes_give_the_same_vectors(tmp_path):
     """max_tokens only cuts the upper layers' work into passes: one row per pass gives the same vectors."""
     model, tok = tiny_model(seed=0)
