@@ -359,7 +359,9 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
                 state.extra[job.name] = job
                 state.finetunes[job.name] = WAITING
                 submit_finetune(plan, state, pool, job)
-    print(f"[record] chapter 3 chose {chosen}: {len(state.extra)} follow-up finetunes", flush=True)
+    ahead = sorted(set().union(*state.extra_needs.values()) & set(plan.speculative))
+    print(f"[record] chapter 3 chose {chosen}: {len(state.extra)} follow-up finetunes"
+          + (f"; trained ahead: {', '.join(ahead)}" if ahead else ""), flush=True)
 
 
 def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
