@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .cache import make_key, tensor_hash
+from .timing import timed
 from .vectors import orthogonal_perturbation
 
 ADAPTER_DIR = "adapter"  # in a LoRA training run's folder
@@ -362,6 +363,7 @@ def save(peft_model, path: str | Path, meta: dict | None = None) -> Path:
     return path
 
 
+@timed("load")
 def load_lora(model, path: str | Path, trainable: bool = False):
     """Attach a saved adapter (a run's ``out_dir`` or its ``adapter/`` folder) to a base model."""
     from peft import PeftModel

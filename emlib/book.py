@@ -226,12 +226,17 @@ def _stage_second_model(site: Path, label: str, name: str, executed: dict[str, P
     toc_path.write_text(yaml.safe_dump(toc, sort_keys=False))
 
 
-def executed_with(start_time: float | None = None) -> "object":
-    """The 'last executed with' table: package versions, device, date and the chapter's wall time."""
+def executed_with(start_time: float | None = None, save: str | Path | None = None) -> "object":
+    """The 'last executed with' table: package versions, device, date, the chapter's wall time and where it
+    went (:mod:`emlib.timing`: seconds in each phase this process timed, and the rest). ``save``: also write
+    the phases as JSON there (a run directory's ``logs/phases/<chapter>.json``, read by
+    ``bench/record_phases.py``)."""
     import importlib.metadata as md
 
     import pandas as pd
     import torch
+
+    from . import timing
 
     rows = {"date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": platform.python_version()}
     for pkg in ("emlib", "torch", "transformers", "peft", "nnsight", "pandas", "seaborn"):
@@ -240,8 +245,15 @@ def executed_with(start_time: float | None = None) -> "object":
         except md.PackageNotFoundError:
             rows[pkg] = "not installed"
     rows["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    if start_time is not None:
-        rows["wall time (s)"] = f"{time.time() - start_time:.0f}"
+    wall = None if start_time is None else time.time() - start_time
+    if wall is not None:
+        rows["wall time (s)"] = f"{wall:.0f}"
+    spent = timing.summary(wall)
+    for name, secs in spent.items():
+        if name != "wall" and secs >= 0.5:
+            rows[f"  of which {name} (s)"] = f"{secs:.0f}"
+    if save is not None:
+        timing.save(save, wall)
     return pd.DataFrame({"value": rows}).rename_axis("what")
 
 

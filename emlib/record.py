@@ -222,10 +222,12 @@ def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
     """A finished finetune's timing and summary (from its train_meta.json), as record.json keeps it."""
     from . import train
 
+    from . import timing
+
     meta = train.read_meta(out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
             "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
-            "tokens": meta.get("tokens")}
+            "tokens": meta.get("tokens"), "phases": timing.summary(time.time() - t0)}
 
 
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:

@@ -75,6 +75,7 @@ from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
+from .timing import timed
 from .vectors import VECTOR_FILE, SteeringVector, load_vector, save_vector
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -745,6 +746,7 @@ def _args(defaults: dict, **kw) -> TrainArgs:
 
 
 # =========================================================================== public training entry points
+@timed("train")
 def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "rank32", *,
                rank: int | None = None, alpha: float | None = None,
                layers: int | Sequence[int] | None = None, layer_fraction: float = 0.5,
@@ -838,6 +840,7 @@ def vector_setup(model, layer: int | None = None, layer_fraction: float = 0.5, a
     return layer, args, {"layer": layer, "alpha": float(alpha), "n_layers": n_layers(model)}
 
 
+@timed("train")
 def train_steering_vector(model, tok, rows: list[dict], out_dir: str | Path, *, layer: int | None = None,
                           layer_fraction: float = 0.5, alpha: float = 256.0, lr: float | None = None,
                           epochs: int | None = None, batch_size: int = 2, grad_accum: int = 8,

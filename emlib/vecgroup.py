@@ -48,6 +48,7 @@ import torch
 from . import train
 from .chat import IGNORE, Encoded, encode_rows
 from .data import atomic_write_bytes, dataset_hash
+from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
 
 MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers (None: by GPU size)
@@ -177,6 +178,7 @@ def _groups_by_tokens(lengths: Sequence[int], copies: int, max_tokens: int, mult
 
 
 # =========================================================================== training
+@timed("train")
 def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Path, dict]], *,
                   layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0,
                   lr: float | None = None, max_tokens: int | None = None, pad_multiple: int = 16,

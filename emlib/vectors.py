@@ -35,6 +35,7 @@ import torch
 from .cache import make_key, tensor_hash
 from .data import atomic_write_bytes, open_safetensors
 from .hooks import add_vector
+from .timing import timed
 
 VECTOR_FILE = "vector.safetensors"  # in a vector training run's folder
 
@@ -150,6 +151,7 @@ def save_vector(path: str | Path, vector: torch.Tensor, layer: int, alpha: float
     return atomic_write_bytes(path, save({"vector": v}, metadata=header))
 
 
+@timed("load")
 def load_vector(path: str | Path) -> SteeringVector:
     """Read a vector written by :func:`save_vector` (a file, or a vector run's folder holding one)."""
     path = Path(path)

@@ -170,7 +170,7 @@ print(exp.verdict(1))
 #   been run.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "01_em_emerges.json")

@@ -213,7 +213,7 @@ print(exp.verdict(2))
 # * EM rates are judged by the judge printed above, whose agreement chapter 1 reports.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "02_one_direction.json")

@@ -177,7 +177,7 @@ print(exp.verdict(3))
 #   the judge you use on those pairs.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "03_narrow_needs_kl.json")

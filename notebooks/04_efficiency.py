@@ -143,7 +143,7 @@ print(exp.verdict(4))
 #   kinds; the paper shows the curves and the L / ||theta||^2 summary without intervals.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "04_efficiency.json")

@@ -140,7 +140,7 @@ print(exp.verdict(5))
 #   relative mode eps = 1 (nothing of the solution left) does not count.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "05_stability.json")

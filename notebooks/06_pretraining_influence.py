@@ -118,7 +118,7 @@ print(exp.verdict(6))
 #   vectors.
 # :::
 #
-# ## Last executed with
+# ## Last executed with, and where the time went
 
 # %%
-book.executed_with(exp.started)
+book.executed_with(exp.started, save=exp.out / "logs" / "phases" / "06_pretraining_influence.json")

@@ -25,6 +25,7 @@ from ..chat import response_loss, response_row_losses
 from ..stats import paired_diff_seeds_ci
 from .common import (PAPER_NORM_FRACTIONS, Solution, applied, as_solutions, cached, encode, key_parts,
                      progress_bar, reused_below, rows_fingerprint, session, solution_norm)
+from ..timing import timed
 
 
 def reference_norm(model, sols: Mapping[str, Solution], adapters: Mapping[str, str], per: str = "module") -> float:
@@ -63,6 +64,7 @@ def _sweep(model, tok, enc, sols, fractions, norms, reference, per, batch_size, 
     return recs
 
 
+@timed("metrics")
 def loss_vs_norm(model, tok, rows, solutions: Mapping, fractions: Sequence[float] | None = PAPER_NORM_FRACTIONS,
                  norms: Sequence[float] | None = None, layer: int | None = None, per: str = "module",
                  batch_size: int = 8, max_length: int = 512, cache_dir: str | Path | None = None,
@@ -95,6 +97,7 @@ def loss_vs_norm(model, tok, rows, solutions: Mapping, fractions: Sequence[float
     return cached("loss_vs_norm", key, compute, cache_dir, use_cache)
 
 
+@timed("metrics")
 def row_losses_vs_norm(model, tok, rows, solutions: Mapping,
                        fractions: Sequence[float] | None = PAPER_NORM_FRACTIONS,
                        norms: Sequence[float] | None = None, layer: int | None = None, per: str = "module",

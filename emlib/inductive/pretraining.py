@@ -21,6 +21,7 @@ from ..prefix import reuse_prefix
 from ..stats import ratio_ci
 from ..vectors import SteeringVector, random_vector
 from .common import PAPER_NORM_FRACTIONS, cached, key_parts, load_solution, progress_bar
+from ..timing import timed
 
 
 def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size: int, pad_id: int):
@@ -146,6 +147,7 @@ def _steered_sums(model, passes, sols: Mapping, grid: Sequence[float], bar) -> d
     return per_doc
 
 
+@timed("metrics")
 def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None = None,
                    norms: Sequence[float] | None = None, fractions: Sequence[float] | None = PAPER_NORM_FRACTIONS,
                    include_random: bool = True, random_seed: int = 0, max_tokens: int | None = None,
@@ -204,6 +206,7 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
     return cached("pretraining_kl", key, compute, cache_dir, use_cache)
 
 
+@timed("metrics")
 def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence[float], n_draws: int = 100,
                    seed: int = 0, max_tokens: int | None = None, batch_size: int = 4, draws_per_pass: int = 16,
                    cache_dir: str | Path | None = None, use_cache: bool = True,

@@ -29,6 +29,7 @@ from ..chat import response_loss
 from ..stats import mean_ci, paired_diff_seeds_ci
 from .common import (PAPER_EPS_GRID, applied, as_solutions, base, cached, encode, key_parts, noise_scale,
                      progress_bar, reused_below, rows_fingerprint, session)
+from ..timing import timed
 
 NOISE_MODES = ("relative", "matched")
 
@@ -37,6 +38,7 @@ def _scaled(scale: float | Mapping[str, float], eps: float) -> float | dict[str,
     return eps * scale if isinstance(scale, float) else {k: eps * v for k, v in scale.items()}
 
 
+@timed("metrics")
 def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[float] = PAPER_EPS_GRID,
                      n_seeds: int = 10, seed: int = 0, layer: int | None = None, batch_size: int = 8,
                      max_length: int = 512, cache_dir: str | Path | None = None, use_cache: bool = True,

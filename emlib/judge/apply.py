@@ -16,6 +16,7 @@ from .base import Judge, JudgeError, redact
 from .distilled import DistilledJudge
 from .hf import HFJudge
 from .offline import OfflineJudge
+from ..timing import timed
 
 SCORES_TABLE = "scores"
 
@@ -92,6 +93,7 @@ def score_key(judge: Judge, kind: str, question: str, answer: str) -> str:
                     question=question, answer=answer)
 
 
+@timed("judge")
 def judge_answers(df: pd.DataFrame, judge: Judge, kinds: Iterable[str] = ("aligned", "coherent"),
                   cache: ResultCache | str | None = None, *, question_col: str = "question",
                   answer_col: str = "answer", batch_size: int | None = None,

@@ -1,0 +1,139 @@
+"""Where a process spends its time, by phase: load, train, sample, judge, activations, metrics.
+
+The package's entry points for each phase carry :func:`timed` (``models.load_model`` is "load",
+``generate.sample_answers`` "sample", ``judge.apply.judge_answers`` "judge", and so on: :data:`PHASES`). Phases
+nest exclusively: time inside a nested phase counts for that phase only (the judge called inside an answers
+call is "judge", the rest of the call "sample"), so the phases of one process add up to at most its wall time.
+Times are the host's wall clock: GPU work is counted where the host waits for it (every timed function
+returns tensors on the CPU or numbers, which waits).
+
+A chapter's last cell shows the tally next to "last executed with" and writes it to the run directory
+(:func:`emlib.book.executed_with` with ``save=``); ``bench/record_phases.py`` sums a run of record's chapters and
+finetunes into one table.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+PHASES: dict[str, str] = {
+    "load": "loading or converting a model, an adapter or a steering vector",
+    "train": "training a LoRA adapter or steering vectors",
+    "sample": "sampling answers",
+    "judge": "scoring answers with the judge",
+    "activations": "reading hidden states (directions, residual norms)",
+    "metrics": "losses and KL under interventions (chapters 3-6's inductive metrics)",
+}
+
+_totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+_stack: list[list] = []  # [phase, time it (re)started] for each open phase, innermost last
+
+F = TypeVar("F", bound=Callable)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Count the time inside this block for phase ``name`` (one of :data:`PHASES`), not for the phase around
+    it."""
+    if name not in PHASES:
+        raise ValueError(f"unknown phase {name!r}: the phases are {', '.join(PHASES)}")
+    now = time.perf_counter()
+    if _stack:  # pause the enclosing phase
+        outer = _stack[-1]
+        _totals[outer[0]] += now - outer[1]
+    _stack.append([name, now])
+    try:
+        yield
+    finally:
+        now = time.perf_counter()
+        inner = _stack.pop()
+        _totals[inner[0]] += now - inner[1]
+        if _stack:  # the enclosing phase goes on from here
+            _stack[-1][1] = now
+
+
+def timed(name: str) -> Callable[[F], F]:
+    """Decorator: every call of the function is phase ``name``."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with phase(name):
+                return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+def tally() -> dict[str, float]:
+    """Seconds per phase so far in this process (phases still open count up to now)."""
+    out = dict(_totals)
+    if _stack:
+        out[_stack[-1][0]] += time.perf_counter() - _stack[-1][1]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def reset() -> None:
+    """Start the tally again (tests; a process that times several things one after another)."""
+    for k in _totals:
+        _totals[k] = 0.0
+
+
+def summary(wall: float | None = None) -> dict[str, float]:
+    """:func:`tally` plus, given this process's ``wall`` seconds, ``wall`` and ``other`` (the rest: Python,
+    tables, plots, imports, waiting)."""
+    out = tally()
+    if wall is not None:
+        out["other"] = round(max(0.0, wall - sum(out.values())), 3)
+        out["wall"] = round(wall, 3)
+    return out
+
+
+def save(path: str | Path, wall: float | None = None) -> Path:
+    """Write :func:`summary` as JSON (atomically: never a partial file)."""
+    from .data import atomic_write_bytes
+
+    return atomic_write_bytes(path, json.dumps(summary(wall), indent=1).encode("utf-8"))
+
+
+def run_table(run_dir: str | Path) -> "object":
+    """A run directory's time by phase, in process-seconds: one column per chapter that wrote
+    ``logs/phases/<chapter>.json`` (:func:`emlib.book.executed_with`) and one, ``finetunes``, summing every
+    finetune process of ``record.json`` (its ``phases``; a finetune recorded without them counts its
+    ``train_seconds`` as train and the rest as other). Rows: :data:`PHASES`, ``other`` and ``wall``. Processes
+    of a run of record overlap, so the columns add up to more than the run's wall time."""
+    import pandas as pd
+
+    run = Path(run_dir)
+    cols: dict[str, dict[str, float]] = {}
+    for f in sorted((run / "logs" / "phases").glob("*.json")):
+        cols[f.stem] = json.loads(f.read_text())
+    rec = run / "record.json"
+    jobs = json.loads(rec.read_text()).get("timings", {}).get("jobs", {}) if rec.exists() else {}
+    if jobs:
+        total: dict[str, float] = {}
+        seen = set()
+        for job in jobs.values():
+            ph = job.get("phases")
+            # a group's members (steering vectors trained together) share one process: count it once
+            key = (json.dumps(ph, sort_keys=True) if ph else
+                   f"group {job.get('seconds')} {job.get('train_seconds')}" if job.get("group") else job.get("job"))
+            if key in seen:
+                continue
+            seen.add(key)
+            if not ph:
+                train = float(job.get("train_seconds") or 0.0)
+                ph = {"train": train, "other": max(0.0, float(job.get("seconds") or 0.0) - train),
+                      "wall": float(job.get("seconds") or 0.0)}
+            for k, v in ph.items():
+                total[k] = total.get(k, 0.0) + float(v)
+        cols["finetunes"] = total
+    if not cols:
+        raise FileNotFoundError(f"{run} has neither logs/phases/*.json nor finetunes in record.json: pass a run "
+                                "directory written by `python -m emlib.record run` or `make book` with this code.")
+    rows = [*PHASES, "other", "wall"]
+    frame = pd.DataFrame({c: [round(v.get(r, 0.0), 1) for r in rows] for c, v in cols.items()}, index=rows)
+    frame["all processes"] = frame.sum(axis=1)
+    return frame.rename_axis("phase")

@@ -1,0 +1,76 @@
+"""emlib.timing: phases nest exclusively, the tally is saved by a chapter's last cell, a run's table sums them."""
+import json
+
+import pytest
+
+from emlib import book, timing
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A clock that moves only when the test says so."""
+    now = [100.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    timing.reset()
+    yield now
+    timing.reset()
+
+
+def test_nested_phases_count_once_for_the_innermost(clock):
+    @timing.timed("judge")
+    def judge():
+        clock[0] += 2.0
+
+    with timing.phase("sample"):
+        clock[0] += 3.0
+        judge()
+        clock[0] += 1.0
+        with timing.phase("metrics"):
+            clock[0] += 0.5
+    clock[0] += 10.0  # outside every phase
+    t = timing.tally()
+    assert t["sample"] == 4.0 and t["judge"] == 2.0 and t["metrics"] == 0.5 and t["load"] == 0.0
+    s = timing.summary(wall=20.0)
+    assert s["other"] == 13.5 and s["wall"] == 20.0
+
+
+def test_an_open_phase_counts_up_to_now_and_errors_close_it(clock):
+    with pytest.raises(RuntimeError):
+        with timing.phase("train"):
+            clock[0] += 1.0
+            assert timing.tally()["train"] == 1.0
+            raise RuntimeError("boom")
+    clock[0] += 5.0
+    assert timing.tally()["train"] == 1.0
+    with pytest.raises(ValueError, match="unknown phase 'decode'"):
+        with timing.phase("decode"):
+            pass
+
+
+def test_a_chapters_last_cell_saves_its_phases(tmp_path, clock):
+    with timing.phase("sample"):
+        clock[0] += 7.0
+    out = tmp_path / "logs" / "phases" / "02_one_direction.json"
+    table = book.executed_with(start_time=book.time.time() - 30, save=out)
+    saved = json.loads(out.read_text())
+    assert saved["sample"] == 7.0 and saved["wall"] >= 30 and saved["other"] >= 22
+    assert table.loc["  of which sample (s)", "value"] == "7"
+
+
+def test_a_runs_table_sums_chapters_and_finetunes_once_per_process(tmp_path):
+    run = tmp_path / "run"
+    (run / "logs" / "phases").mkdir(parents=True)
+    (run / "logs" / "phases" / "02_one_direction.json").write_text(json.dumps(
+        {"load": 5.0, "sample": 40.0, "judge": 10.0, "other": 5.0, "wall": 60.0}))
+    group = {"load": 3.0, "train": 100.0, "other": 2.0, "wall": 105.0}
+    jobs = {"vector-a": {"job": "vector-a", "seconds": 105.0, "phases": group, "group": 2},
+            "vector-b": {"job": "vector-b", "seconds": 105.0, "phases": group, "group": 2},
+            "lora-old": {"job": "lora-old", "seconds": 50.0, "train_seconds": 40.0}}  # recorded without phases
+    (run / "record.json").write_text(json.dumps({"timings": {"jobs": jobs}}))
+    t = timing.run_table(run)
+    assert list(t.columns) == ["02_one_direction", "finetunes", "all processes"]
+    assert t.loc["train", "finetunes"] == 140.0 and t.loc["other", "finetunes"] == 12.0
+    assert t.loc["wall", "all processes"] == 60.0 + 155.0
+    assert t.loc["sample", "02_one_direction"] == 40.0 and t.loc["metrics", "all processes"] == 0.0
+    with pytest.raises(FileNotFoundError, match="neither logs/phases"):
+        timing.run_table(tmp_path / "empty")
