@@ -49,7 +49,6 @@ were running unfinished and runs them again. One process at a time runs a combin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -69,7 +68,7 @@ import pandas as pd
 
 from . import runner
 from .cache import canonical_json
-from .data import atomic_write_bytes
+from .data import atomic_write_bytes, file_lock
 
 GRID_KEYS = {"chapters", "parameters", "combinations", "out", "results", "timeout", "cwd",
              "workers", "gpus", "gpus_per_job", "cpus_per_job", "max_results"}
@@ -271,30 +270,12 @@ def run_combination(c: Combination) -> dict:
         return _run_locked(c, folder)
 
 
-@contextlib.contextmanager
 def _job_lock(folder: Path):
     """Hold ``<folder>/.lock`` while a combination runs, so that no two processes (two sweeps over one
-    ``out``, a restart and a dying worker of the killed run) execute it at once. Yields whether it had to
-    wait for another holder. An exclusive ``flock``: the system drops it when its holder dies, so a killed
-    run leaves no stale lock. Where ``fcntl`` is missing (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(folder / LOCK, "a") as fh:
-        waited = False
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            waited = True
-            print(f"[batch] {folder.name}: another process is running this combination; waiting for it",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield waited
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    ``out``, a restart and a dying worker of the killed run) execute it at once (:func:`emlib.data.file_lock`:
+    a killed run leaves no stale lock). Yields whether it had to wait for another holder."""
+    return file_lock(folder / LOCK, f"[batch] {folder.name}: another process is running this combination; "
+                                    "waiting for it")
 
 
 def _run_locked(c: Combination, folder: Path) -> dict:

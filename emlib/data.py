@@ -119,6 +119,34 @@ def open_safetensors(path: str | Path, remedy: str = SAFETENSORS_REMEDY):
         raise unreadable_safetensors(path, e, remedy) from None
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path, waiting: str | None = None):
+    """Hold an exclusive lock on ``path`` (created if missing) for the block, so that no two processes run
+    what it guards at once. Yields whether it had to wait for another holder (``waiting``: printed to stderr
+    then). A ``flock``: the system drops it when its holder dies, so a killed process leaves no stale lock.
+    Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        waited = False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` atomically (a temp file in the same folder, then ``os.replace``);
     on any error the temp file is removed and ``path`` is left as it was."""

@@ -426,13 +426,7 @@ def record_result(path: str | Path, key: str, value) -> Path:
     """Merge ``{key: value}`` into the JSON file ``path`` (locked read-modify-write, atomic replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no advisory locks; single-process use stays correct
-            pass
+    with data.file_lock(path.with_name(path.name + ".lock")):
         current = json.loads(path.read_text()) if path.exists() else {}
         current[key] = value
         return data.atomic_write_bytes(path, json.dumps(current, indent=2, default=_json_default).encode("utf-8"))

@@ -17,7 +17,7 @@
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
    kernel, its output in ``RUN_DIR/logs/``) as soon as the finetunes it needs are done, several at once;
    executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
-   failed is not run (it would train the finetune itself, racing the other chapters that need it).
+   failed is not run (it would train the finetune again itself).
 3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
    (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
    results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
@@ -180,7 +180,9 @@ class RunState:
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
     extra: dict[str, Job] = field(default_factory=dict)  # finetunes planned once chapter 3 had chosen
-    extra_needs: dict[str, set[str]] = field(default_factory=dict)  # chapter stem -> those it waits for
+    # chapter stem -> the follow-ups it uses; it does not wait for them here but in its own process
+    # (train.finetune_lock: a finetune a worker is training is waited for, then loaded)
+    extra_needs: dict[str, set[str]] = field(default_factory=dict)
     followed: bool = False  # chapter 3's follow-ups planned
     sweep_ready: bool = False  # this run's chapter 3 has recorded its lambda sweep (or ended)
     sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
@@ -340,8 +342,10 @@ def note_sweep(plan: Plan, state: RunState) -> None:
 
 def plan_followups(plan: Plan, state: RunState, pool) -> None:
     """Once chapter 3 has recorded its lambda sweep or is done (:func:`note_sweep`), submit chapters 4-5's
-    narrow solutions at the extra seeds, at the lambda it chose (not at every lambda of the sweep), and make
-    those chapters wait for them."""
+    narrow solutions at the extra seeds, at the lambda it chose (not at every lambda of the sweep; the ones
+    trained ahead, ``plan.speculative``, are not submitted again). Chapters 4-5 start without waiting for
+    them: each asks for them when it gets there (chapter 5 does the steering vectors first) and waits for
+    the worker training them (:func:`emlib.train.finetune_lock`)."""
     ch3 = next((st for st in state.chapters if st.startswith("03")), None)
     if state.followed or not plan.seeds or ch3 is None:
         return
@@ -368,14 +372,15 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
 
 def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
     """Start each waiting chapter whose finetunes and earlier chapters are done (at most ``max_parallel`` at
-    once); a chapter whose finetune or earlier chapter failed is not run (it would train the finetune itself,
-    racing the other chapters that need it). Chapters 4-6 wait for chapter 3's recorded lambda sweep, not for
-    its end (:func:`note_sweep`); chapter 6 runs even when chapter 3 failed (it measures the sweep itself)."""
+    once); a chapter whose planned finetune or earlier chapter failed is not run (it would train the finetune
+    again itself). Chapters 4-6 wait for chapter 3's recorded lambda sweep, not for its end (:func:`note_sweep`),
+    and not for chapter 3's follow-up finetunes (:func:`plan_followups`); chapter 6 runs even when chapter 3
+    failed (it measures the sweep itself)."""
     note_sweep(plan, state)
     for stem in state.having(state.chapters, WAITING):
         if len(state.processes) >= max_parallel:
             return
-        needs = plan.needs[stem] | state.extra_needs.get(stem, set())
+        needs = plan.needs[stem]  # not the follow-ups: a chapter waits for those itself (plan_followups)
 
         def settled(a: str) -> bool:  # an earlier chapter this one need not wait for any more
             return state.chapters.get(a) == DONE or (a.startswith("03") and (
@@ -544,8 +549,8 @@ def _last_error_line(log: Path) -> str:
 
 
 PACK_GLOBS = ("executed/*.ipynb", "results.json", "record.json", "config.json", "tables/*", "figures/*",
-              "logs/*", "directions/*", "vectors/*/*", "adapters/*/train_log.csv", "adapters/*/train_meta.json",
-              "adapters/*/adapter/*.json", "inductive/**/*")
+              "logs/*", "logs/phases/*", "directions/*", "vectors/*/*", "adapters/*/train_log.csv",
+              "adapters/*/train_meta.json", "adapters/*/adapter/*.json", "inductive/**/*")
 
 
 # rank-1 adapters' weights (about 1 MiB each for SmolLM2-135M); rank-32 ones (tens of MiB) stay behind
@@ -577,7 +582,7 @@ def pack_run(run: Path, dest: Path, max_mib: float = 15.5) -> list[Path]:
     return out
 
 
-MERGE_GLOBS = ("executed/*.ipynb", "tables/*", "figures/*", "logs/*", "directions/*", "vectors/*/*",
+MERGE_GLOBS = ("executed/*.ipynb", "tables/*", "figures/*", "logs/*", "logs/phases/*", "directions/*", "vectors/*/*",
                "adapters/*/train_log.csv", "adapters/*/train_meta.json", "adapters/*/adapter/*.json",
                *PACK_WEIGHT_GLOBS)
 

@@ -72,7 +72,7 @@ from . import adapters
 from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
 from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
-from .data import DataError, atomic_write_bytes, dataset_hash
+from .data import DataError, atomic_write_bytes, dataset_hash, file_lock
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
 from .timing import timed
@@ -413,6 +413,43 @@ def read_log(out_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(pq) if pq.exists() else pd.read_csv(out_dir / f"{LOG_NAME}.csv")
 
 
+@contextlib.contextmanager
+def finetune_lock(*out_dirs: str | Path):
+    """Hold the lock of each finetune folder (:func:`emlib.data.file_lock` on a file named by the folder's path
+    in the system's temporary folder: nothing is written beside the finetune) for the block, taken in sorted
+    order so that two processes never wait on each other. A process asking for a
+    finetune that another one is training (a chapter beside a run of record's worker, two notebooks of a
+    papermill sweep) waits for it and then loads the finished run instead of training it a second time.
+    Re-entrant within a process (a group that loads its members through train_steering_vector)."""
+    with contextlib.ExitStack() as stack:
+        for d in sorted({Path(x).resolve() for x in out_dirs} - _HELD):
+            name = hashlib.sha256(str(d).encode()).hexdigest()[:24]
+            stack.enter_context(file_lock(Path(tempfile.gettempdir()) / "emlib-locks" / f"{name}.lock",
+                                          f"[train] {d.name}: another process is training it; waiting for it"))
+            _HELD.add(d)
+            stack.callback(_HELD.discard, d)
+        yield
+
+
+_HELD: set[Path] = set()  # finetune folders whose lock this process holds (finetune_lock)
+
+
+def finetune_locked(dirs_of: Callable[[dict], Sequence[str | Path]]):
+    """Decorator: the function holds :func:`finetune_lock` on ``dirs_of(arguments)`` (its arguments by name)."""
+    import functools
+    import inspect
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with finetune_lock(*dirs_of(sig.bind(*args, **kwargs).arguments)):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
 def read_meta(out_dir: str | Path) -> dict | None:
     """``train_meta.json`` of a finished run, or None."""
     p = Path(out_dir) / META_FILE
@@ -747,6 +784,7 @@ def _args(defaults: dict, **kw) -> TrainArgs:
 
 # =========================================================================== public training entry points
 @timed("train")
+@finetune_locked(lambda a: [a["out_dir"]])
 def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "rank32", *,
                rank: int | None = None, alpha: float | None = None,
                layers: int | Sequence[int] | None = None, layer_fraction: float = 0.5,
@@ -841,6 +879,7 @@ def vector_setup(model, layer: int | None = None, layer_fraction: float = 0.5, a
 
 
 @timed("train")
+@finetune_locked(lambda a: [a["out_dir"]])
 def train_steering_vector(model, tok, rows: list[dict], out_dir: str | Path, *, layer: int | None = None,
                           layer_fraction: float = 0.5, alpha: float = 256.0, lr: float | None = None,
                           epochs: int | None = None, batch_size: int = 2, grad_accum: int = 8,

@@ -179,6 +179,7 @@ def _groups_by_tokens(lengths: Sequence[int], copies: int, max_tokens: int, mult
 
 # =========================================================================== training
 @timed("train")
+@train.finetune_locked(lambda a: [d for d, _ in a["members"]])
 def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Path, dict]], *,
                   layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0,
                   lr: float | None = None, max_tokens: int | None = None, pad_multiple: int = 16,

@@ -199,6 +199,8 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     with tarfile.open(tmp_path / "pack" / "record.tar.gz") as tar:
         names = tar.getnames()
     assert "executed/04_efficiency.ipynb" in names and "results.json" in names
+    assert "logs/phases/04_efficiency.json" in names  # where the chapter's time went (emlib.timing)
+    assert "phases" in summary["timings"]["jobs"][next(iter(summary["timings"]["jobs"]))]
     assert not any(n.endswith(".safetensors") and "/adapter/" in n for n in names)  # weights go apart
     with tarfile.open(tmp_path / "pack" / "adapters.tar.gz") as tar:
         weights = tar.getnames()
@@ -590,7 +592,7 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
 
 
-def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path):
+def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, monkeypatch):
     """With ``speculate``, the narrow vectors at every lambda at the extra seeds are planned up front (no
     chapter waits for them), and once chapter 3 chooses only the rank-1 adapter is submitted: chapters 4-5
     wait for the chosen vector, which is already planned. Without it, nothing is added."""
@@ -620,6 +622,12 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path):
     assert submitted == ["lora-medical-rank1-narrow-kl2-seed1"]
     assert state.extra_needs["04_efficiency"] == {"lora-medical-rank1-narrow-kl2-seed1",
                                                   "vector-medical-narrow-kl2-seed1"}
+    # chapters 4-5 start while the follow-up trains: they wait for it in their own process (finetune_lock)
+    state.finetunes = {n: record.RUNNING if n in submitted else record.DONE for n in state.finetunes}
+    started = []
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: started.append(job.chapter) or object())
+    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    assert sorted(started) == ["04_efficiency", "05_stability"]
 
 
 def test_each_process_gets_a_share_of_the_cores(monkeypatch):

@@ -341,3 +341,50 @@ def test_both_loops_check_their_schedule_alike(field, value, says):
             cls(**{field: value}).check()
     with pytest.raises(ValueError, match="kl_lambda must"):
         T.TrainArgs(kl_lambda=-1.0).check()
+
+
+def test_a_finetune_being_trained_by_another_process_is_waited_for(tmp_path):
+    """finetune_lock: while another process holds a finetune folder's lock, this one waits (then goes on);
+    within one process the lock is re-entrant (a group loads its members through train_steering_vector)."""
+    import subprocess
+    import sys
+    import threading
+
+    from emlib import train
+
+    out = tmp_path / "vectors" / "medical-narrow-seed0"
+    held, go = tmp_path / "held", tmp_path / "go"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, time\nfrom emlib import train\n"
+        f"with train.finetune_lock({str(out)!r}):\n"
+        f"    pathlib.Path({str(held)!r}).touch()\n"
+        f"    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n")])
+    try:
+        while not held.exists():
+            assert child.poll() is None, "the child process ended before taking the lock"
+            threading.Event().wait(0.05)
+        acquired = threading.Event()
+
+        def take():
+            with train.finetune_lock(out):
+                acquired.set()
+
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        assert not acquired.wait(0.5)  # the other process holds it
+        go.touch()
+        assert acquired.wait(60)
+        t.join(10)
+    finally:
+        go.touch()
+        child.wait(30)
+
+    def nested():
+        with train.finetune_lock(out, tmp_path / "other"):
+            with train.finetune_lock(out):
+                pass
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and not any(p.name.endswith(".lock") for p in tmp_path.rglob("*"))
