@@ -424,7 +424,7 @@ def finetune_lock(*out_dirs: str | Path):
     with contextlib.ExitStack() as stack:
         for d in sorted({Path(x).resolve() for x in out_dirs} - _HELD):
             name = hashlib.sha256(str(d).encode()).hexdigest()[:24]
-            stack.enter_context(file_lock(Path(tempfile.gettempdir()) / "emlib-locks" / f"{name}.lock",
+            stack.enter_context(file_lock(_LOCKS / f"{name}.lock",
                                           f"[train] {d.name}: another process is training it; waiting for it"))
             _HELD.add(d)
             stack.callback(_HELD.discard, d)
@@ -432,6 +432,8 @@ def finetune_lock(*out_dirs: str | Path):
 
 
 _HELD: set[Path] = set()  # finetune folders whose lock this process holds (finetune_lock)
+# one folder per user: another user's folder in a shared /tmp is not writable
+_LOCKS = Path(tempfile.gettempdir()) / f"emlib-locks-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def finetune_locked(dirs_of: Callable[[dict], Sequence[str | Path]]):
