@@ -9,7 +9,10 @@ same norm (here the direction is itself random: the timing does not depend on wh
 is sampled (no finetune needed); each approach writes into a fresh run directory, so neither finds the
 other's answers. Reports the seconds of sampling and judging, and the fast sampler's stats of the last call.
 
-    python bench/ablate_rows_gpu.py --out $OUT [--model embedded] [--conditions 12]
+    python bench/ablate_rows_gpu.py --out $OUT [--model embedded] [--conditions 12] [--compact]
+
+``--compact`` also samples the together call with the fast sampler's ``compact`` (ended rows dropped from the
+batch as answers end), in a third run directory: its seconds, its compactions and its EM rates.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--conditions", type=int, default=None, help="default: 2 + the profile's n_random_directions")
+    ap.add_argument("--compact", action="store_true", help="also the together call with FastSampler.compact")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ablate-rows-"))
     out = Path(a.out) / f"ablate_rows_{Path(a.model).stem.lower()}.json"
@@ -80,6 +84,20 @@ def main() -> None:
     result["em_rate"] = {"one_by_one": em, "together": em_t}  # the same distribution: rates agree to noise
     result["speedup"] = round(result["one_by_one"]["seconds"] / secs, 2)
     save()
+    if a.compact:
+        packed = Experiment(get_config(a.profile, model=a.model, run_dir=str(tmp / "compact")))
+        packed.model, packed._judge = exp.model, exp.judge
+        fast_sampler.compact = True
+        try:
+            dfc, secs_c = _timed(lambda: packed.answers("chat", intervention=each))
+        finally:
+            fast_sampler.compact = False
+        named_c = dfc.assign(name=dfc["intervention"].map(each.name_of()))
+        result["compact"] = {"seconds": secs_c, "answers": len(dfc), "last_call": dict(fast_sampler.last_stats),
+                             "em_rate": {name: round(em_rate(named_c[named_c["name"] == name], n_boot=1).value, 4)
+                                         for name in dirs},
+                             "speedup_over_together": round(secs / secs_c, 2)}
+        save()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 import torch
 
@@ -326,6 +326,11 @@ class FastSampler:
     max_batch: split larger calls into sub-batches of this many prompts (each seeded by its own rows).
     force: run the static path on the CPU too (tests; no graphs there).
     ignore_eos: never stop at end tokens (benchmarks: every row generates max_new_tokens tokens).
+    compact: at each check, once at most ``compact_below`` of the batch's rows are still running (and at
+        least ``compact_min_rows`` have ended), drop the ended rows from the batch (KV cache, masks, state):
+        later steps compute only the running rows, under new CUDA graphs. Each row's draws stay exact, but the
+        random numbers differ from an uncompacted call's (greedy answers are the same). Off by default: not
+        yet measured on a GPU (``bench/sampling_gpu.py --compact``).
     """
 
     use_cuda_graphs: bool = True
@@ -339,8 +344,16 @@ class FastSampler:
     max_batch: int | None = None
     force: bool = False
     ignore_eos: bool = False
-    sampler_id: str = "fast-static-v1"
+    compact: bool = False
+    compact_below: float = 0.5
+    compact_min_rows: int = 32
+    base_id: str = "fast-static-v1"
     last_stats: dict = field(default_factory=dict)
+
+    @property
+    def sampler_id(self) -> str:
+        """Part of every answer's cache key: compacted calls draw other random numbers for the same seed."""
+        return self.base_id + ("+compact" if self.compact and not self.ignore_eos else "")
 
     def __call__(self, model, tok, prompts: list[str], seeds: list[int],
                  params: SamplingParams) -> list[Generation]:
@@ -507,43 +520,70 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         side = torch.cuda.Stream() if use_graphs else None
+        compact = opts.compact and not opts.ignore_eos
+        rows_of = None  # compacted: the call's rows that the batch still carries, [b_now]
+        tokens_all, finished_all = tokens, finished  # every row's, written back at each compaction
+        windows = ExitStack()
+        graphs_from = opts.warmup_steps  # steps before the first capture (again after a compaction)
         k = 1
-        while k < n_new:
-            if opts.check_every and k % opts.check_every == 0 and not opts.ignore_eos and bool(finished.all()):
-                break
-            cache.view_len = min(max_len, _round_up(plen + k, opts.bucket))  # slot plen+k-1 is visible
-            if use_graphs and k > opts.warmup_steps:
-                g = graphs.get(cache.view_len)
-                if g is None:
-                    try:
-                        tc = time.perf_counter()
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g, pool=pool):
+        with windows:
+            while k < n_new:
+                if opts.check_every and k % opts.check_every == 0 and not opts.ignore_eos:
+                    if bool(finished.all()):
+                        break
+                    n_run = int((~finished).sum()) if compact else 0
+                    if compact and n_run <= opts.compact_below * finished.shape[0] \
+                            and finished.shape[0] - n_run >= opts.compact_min_rows:
+                        live = (~finished).nonzero().squeeze(1)  # [n_run] positions in the current batch
+                        if rows_of is not None:  # this batch's tokens and ends back into every row's buffers
+                            tokens_all.index_copy_(0, rows_of, tokens)
+                            finished_all.index_copy_(0, rows_of, finished)
+                        rows_of = live if rows_of is None else rows_of[live]
+                        graphs.clear()  # captured for the old buffers
+                        cache.k = [t.index_select(0, live) for t in cache.k]
+                        cache.v = [t.index_select(0, live) for t in cache.v]
+                        key_mask, cur, pos = key_mask[live], cur[live], pos[live]
+                        tokens, finished = tokens[live], finished[live]
+                        windows.close()
+                        windows.enter_context(row_window(rows_of))  # per-row interventions: rows still here
+                        graphs_from = k + opts.warmup_steps
+                        stats.setdefault("compactions", []).append((k, int(n_run)))
+                cache.view_len = min(max_len, _round_up(plen + k, opts.bucket))  # slot plen+k-1 is visible
+                if use_graphs and k > graphs_from:
+                    g = graphs.get(cache.view_len)
+                    if g is None:
+                        try:
+                            tc = time.perf_counter()
+                            g = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(g, pool=pool):
+                                decode_step()
+                            graphs[cache.view_len] = g
+                            stats["graphs"] += 1
+                            stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - tc
+                        except Exception as err:  # a hook that syncs, an op that cannot be captured, ...
+                            torch.cuda.synchronize()
+                            warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); decoding "
+                                          "eagerly with the static cache.", RuntimeWarning, stacklevel=2)
+                            use_graphs, stats["graph_error"] = False, f"{type(err).__name__}: {err}"
                             decode_step()
-                        graphs[cache.view_len] = g
-                        stats["graphs"] = len(graphs)
-                        stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - tc
-                    except Exception as err:  # a hook that syncs, an op that cannot be captured, ...
-                        torch.cuda.synchronize()
-                        warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); decoding "
-                                      "eagerly with the static cache.", RuntimeWarning, stacklevel=2)
-                        use_graphs, stats["graph_error"] = False, f"{type(err).__name__}: {err}"
+                            k += 1
+                            continue
+                    g.replay()
+                elif use_graphs:  # warm-up steps (real steps) on a side stream before the first capture
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
                         decode_step()
-                        k += 1
-                        continue
-                g.replay()
-            elif use_graphs:  # warm-up steps (real steps) on a side stream before the first capture
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                    torch.cuda.current_stream().wait_stream(side)
+                else:
                     decode_step()
-                torch.cuda.current_stream().wait_stream(side)
-            else:
-                decode_step()
-            k += 1
+                k += 1
         stats["steps"] = k
-        stats["path"] = "static+graphs" if graphs else "static"
-        out = tokens[:, :k].cpu()
-        done_rows = finished.cpu()
+        stats["path"] = "static+graphs" if stats["graphs"] else "static"
+        if rows_of is not None:
+            tokens_all.index_copy_(0, rows_of, tokens)
+            finished_all.index_copy_(0, rows_of, finished)
+        out = tokens_all[:, :k].cpu()
+        done_rows = finished_all.cpu()
         del graphs
 
     ends_cpu = torch.tensor(ends, dtype=torch.long)

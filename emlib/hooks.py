@@ -57,20 +57,32 @@ def add_vector(model, layer: int, vector: torch.Tensor, scale: float | torch.Ten
 # ------------------------------------------------------------------------- per-row interventions
 # A per-row intervention holds one vector per row of the batch it was made for. Code that runs such a batch in
 # pieces (the fast sampler prefills row chunks, and splits large calls) says which rows a forward carries with
-# ``row_window``; the interventions then use the matching slice of their rows.
-_WINDOWS: list[tuple[int, int | None]] = []  # (start, stop) in the rows of the outermost batch
+# ``row_window``; the interventions then use the matching rows of their table.
+# Each window: (start, stop) in the rows of the outermost batch, or a [n] tensor of those rows' indices (a
+# sampler that drops finished rows from its batch).
+_WINDOWS: list = []
 
 
 @contextmanager
-def row_window(rows: slice):
+def row_window(rows: "slice | torch.Tensor"):
     """While active, per-row interventions (:func:`add_rows`, :func:`ablate_rows`) apply their rows ``rows``
-    (a step-1 slice of the current window's rows): the forward passes inside carry only those rows."""
-    if rows.step not in (None, 1):
-        raise ValueError(f"row_window takes a contiguous slice, got {rows}.")
-    start0, stop0 = _WINDOWS[-1] if _WINDOWS else (0, None)
-    start = start0 + (rows.start or 0)
-    stop = start0 + rows.stop if rows.stop is not None else stop0
-    _WINDOWS.append((start, stop))
+    of the current window's rows: a step-1 slice, or a tensor of row indices [n] (any subset, in the order
+    the forward passes inside carry them)."""
+    outer = _WINDOWS[-1] if _WINDOWS else (0, None)
+    if isinstance(rows, torch.Tensor):
+        idx = rows.long()
+        if isinstance(outer, tuple):
+            window = idx + outer[0]
+        else:
+            window = outer[idx.to(outer.device)]
+    elif rows.step not in (None, 1):
+        raise ValueError(f"row_window takes a contiguous slice or a tensor of row indices, got {rows}.")
+    elif isinstance(outer, tuple):
+        start0, stop0 = outer
+        window = (start0 + (rows.start or 0), start0 + rows.stop if rows.stop is not None else stop0)
+    else:
+        window = outer[rows]
+    _WINDOWS.append(window)
     try:
         yield
     finally:
@@ -79,8 +91,11 @@ def row_window(rows: slice):
 
 def _rows_for(per_row: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
     """The rows of ``per_row`` [B, ...] that the batch ``h`` [b, ...] carries (the current row window)."""
-    start, stop = _WINDOWS[-1] if _WINDOWS else (0, None)
-    rows = per_row[start:stop]
+    window = _WINDOWS[-1] if _WINDOWS else (0, None)
+    if isinstance(window, tuple):
+        rows = per_row[window[0]:window[1]]
+    else:
+        rows = per_row.index_select(0, window.to(per_row.device))
     if rows.shape[0] != h.shape[0]:
         raise ValueError(f"{name} has {rows.shape[0]} row(s) for a batch of {h.shape[0]}: one per row of the "
                          "batch it was made for (a caller that runs the batch in pieces must say which rows "

@@ -537,3 +537,58 @@ def test_rows_that_fit_counts_the_static_kv_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (14 * 2 ** 30, 16 * 2 ** 30))
     per_row = 2 * 30 * 3 * 64 * 728 * 2
     assert fastgen.rows_that_fit(model, 728) == int(14 * 2 ** 30 * 0.5 // per_row) == 448
+
+
+def _ends_at(model, tok, stops: torch.Tensor):
+    """A hook that makes row i's answer end at decode step ``stops[i]`` (it pushes the last layer's output
+    towards <|im_end|> from then on), reading each row's step through the row windows (emlib.hooks)."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    v = model.get_input_embeddings().weight[eos].detach()
+    v = 3.0 * v / v.norm()
+    table = stops.float()[:, None]  # [B, 1]
+    calls = [0]
+
+    def edit(h):  # [b, s, d]; one call per forward: the prefill (step 0), then one per decode step
+        mine = hooks._rows_for(table, h, "stops")[:, 0]  # [b]
+        on = (mine <= calls[0]).to(h.dtype)[:, None, None]
+        calls[0] += 1
+        return h + on * v.to(h.dtype)
+
+    return hooks._edit_output(model, len(model.model.layers) - 1, edit)
+
+
+def test_compacting_finished_rows_keeps_greedy_answers():
+    """Dropping ended rows from the batch (``compact``), several times in one call, changes no greedy answer:
+    each row's hook still sees its own row (row windows of indices); the cache key says compacted."""
+    model, tok = _sharp_tiny()
+    prompts = _prompts(tok)
+    params = SamplingParams(60, 0.0, 1.0)
+    stops = torch.tensor([3, 70, 9, 15, 70, 5, 21, 27, 70, 33])  # 70: never within 60 tokens
+    plain = FastSampler(force=True, bucket=16, check_every=2)
+    packed = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95,
+                         compact_min_rows=1)
+    with _ends_at(model, tok, stops):
+        ref = plain(model, tok, prompts, list(range(10)), params)
+    with _ends_at(model, tok, stops):
+        got = packed(model, tok, prompts, list(range(10)), params)
+    assert [g.finished for g in ref] == [bool(s < 60) for s in stops]
+    assert got == ref
+    runs = [r for _, r in packed.last_stats["compactions"]]
+    assert len(runs) >= 3 and runs == sorted(runs, reverse=True) and runs[-1] == 3
+    assert packed.sampler_id != plain.sampler_id == "fast-static-v1"
+
+
+def test_row_window_takes_row_indices_and_nests():
+    """A window of row indices (a compacted batch) inside a slice window picks the table's absolute rows."""
+    model, tok = _sharp_tiny()
+    d = model.config.hidden_size
+    table = torch.arange(8 * d, dtype=torch.float32).reshape(8, d)
+    with hooks.row_window(slice(2, 8)), hooks.row_window(torch.tensor([0, 3, 5])):
+        rows = hooks._rows_for(table, torch.zeros(3, 1, d), "test")
+        with hooks.row_window(torch.tensor([2])):
+            last = hooks._rows_for(table, torch.zeros(1, 1, d), "test")
+        with hooks.row_window(slice(1, 3)):
+            tail = hooks._rows_for(table, torch.zeros(2, 1, d), "test")
+    torch.testing.assert_close(rows, table[[2, 5, 7]])
+    torch.testing.assert_close(last, table[[7]])
+    torch.testing.assert_close(tail, table[[5, 7]])
