@@ -222,9 +222,7 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
 
 def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
     """A finished finetune's timing and summary (from its train_meta.json), as record.json keeps it."""
-    from . import train
-
-    from . import timing
+    from . import timing, train
 
     meta = train.read_meta(out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
@@ -269,6 +267,7 @@ def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
             out.append(task)
         else:
             out.extend((j,) for j in task)
+
     def rank(t: tuple[Job, ...]) -> int:
         if t[0].shape == "rank32":
             return 0

@@ -75,6 +75,7 @@ from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash, file_lock
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
+from . import timing
 from .timing import timed
 from .vectors import VECTOR_FILE, SteeringVector, load_vector, save_vector
 
@@ -424,8 +425,9 @@ def finetune_lock(*out_dirs: str | Path):
     with contextlib.ExitStack() as stack:
         for d in sorted({Path(x).resolve() for x in out_dirs} - _HELD):
             name = hashlib.sha256(str(d).encode()).hexdigest()[:24]
-            stack.enter_context(file_lock(_LOCKS / f"{name}.lock",
-                                          f"[train] {d.name}: another process is training it; waiting for it"))
+            with timing.phase("train"):  # waiting for another process's training
+                stack.enter_context(file_lock(_LOCKS / f"{name}.lock",
+                                              f"[train] {d.name}: another process is training it; waiting for it"))
             _HELD.add(d)
             stack.callback(_HELD.discard, d)
         yield
@@ -593,20 +595,22 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
-    identity = _identity(job.kind, job.spec, args, base_model, rows, kl_rows, mix_rows)
-    run_hash = _hash(identity)
-    if overwrite:
-        _clear_run(out_dir)
+    with timing.phase("load"):  # recognising a finished run (and loading it) is not training
+        identity = _identity(job.kind, job.spec, args, base_model, rows, kl_rows, mix_rows)
+        run_hash = _hash(identity)
+        if overwrite:
+            _clear_run(out_dir)
 
-    # ---- a finished run with the same arguments: return it
-    meta = read_meta(out_dir)
-    if meta is not None:
-        if meta.get("run_hash") != run_hash:
-            changes = "; ".join(_diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=json_default))))
-            raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
-                             "use another out_dir, or pass overwrite=True to replace it.")
-        model, vec = job.load_result(out_dir)
-        return TrainResult(job.kind, model, vec, read_log(out_dir), out_dir, True, meta["steps"], meta)
+        # ---- a finished run with the same arguments: return it
+        meta = read_meta(out_dir)
+        if meta is not None:
+            if meta.get("run_hash") != run_hash:
+                changes = "; ".join(_diff(meta.get("identity", {}),
+                                          json.loads(json.dumps(identity, default=json_default))))
+                raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
+                                 "use another out_dir, or pass overwrite=True to replace it.")
+            model, vec = job.load_result(out_dir)
+            return TrainResult(job.kind, model, vec, read_log(out_dir), out_dir, True, meta["steps"], meta)
 
     # ---- data
     if kl_rows is not None and not kl_rows:
