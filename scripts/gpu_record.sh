@@ -94,7 +94,8 @@ case "$cmd" in
     name=$1; shift  # the environment above (model, data, corpus) is inherited by the run
     setsid nohup python3 -m emlib.record run "$@" > "$HOME/record-$name.log" 2>&1 < /dev/null &
     echo "started $name (pid $!)"
-    sleep 2; (monitor "$name" > /dev/null 2>&1 < /dev/null &)  # ends with the run; packed with it
+    sleep 2  # the monitor ends with the run (its own session, like the run: it outlives this call)
+    setsid nohup bash "$0" monitor "$name" > /dev/null 2>&1 < /dev/null &
     ;;
   wait)
     name=$1; secs=${2:-540}; run=${3:-}; t0=$(date +%s)
@@ -109,6 +110,9 @@ case "$cmd" in
     ;;
   pack)
     pack_into "$1" "$2" "${3:-$OUT}"
+    ;;
+  monitor)  # started by `start`
+    monitor "$1"
     ;;
   *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | pack NAME RUN_DIR [DEST]"; exit 2;;
 esac
