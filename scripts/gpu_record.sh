@@ -7,6 +7,7 @@
 #                                               add --mps to share the GPU through an MPS daemon (bench/README)
 #   bash scripts/gpu_record.sh wait NAME SECS [RUN_DIR]   print progress until the run ends or SECS pass; with
 #                                               RUN_DIR, pack what the run has so far into $OUT/so-far
+#   bash scripts/gpu_record.sh py SCRIPT ARGS   a Python script (a bench) in the same environment
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
 #                                               + monitor-NAME.csv (CPU load and GPU use every 5 s while it ran)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
@@ -111,8 +112,11 @@ case "$cmd" in
   pack)
     pack_into "$1" "$2" "${3:-$OUT}"
     ;;
+  py)  # a Python script in the run's environment (a bench before the run: py bench/ablate_rows_gpu.py --out $OUT)
+    python3 "$@"
+    ;;
   monitor)  # started by `start`
     monitor "$1"
     ;;
-  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | pack NAME RUN_DIR [DEST]"; exit 2;;
+  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | py SCRIPT ARGS... | pack NAME RUN_DIR [DEST]"; exit 2;;
 esac
