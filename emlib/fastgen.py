@@ -330,7 +330,7 @@ class FastSampler:
         least ``compact_min_rows`` have ended), drop the ended rows from the batch (KV cache, masks, state):
         later steps compute only the running rows, under new CUDA graphs. Each row's draws stay exact, but the
         random numbers differ from an uncompacted call's (greedy answers are the same). Off by default: not
-        yet measured on a GPU (``bench/sampling_gpu.py --compact``).
+        yet measured on a GPU (``bench/ablate_rows_gpu.py --compact``).
     """
 
     use_cuda_graphs: bool = True
@@ -525,6 +525,12 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
         tokens_all, finished_all = tokens, finished  # every row's, written back at each compaction
         windows = ExitStack()
         graphs_from = opts.warmup_steps  # steps before the first capture (again after a compaction)
+
+        def write_back():  # a compacted batch's tokens and ends into every row's buffers
+            if rows_of is not None:
+                tokens_all.index_copy_(0, rows_of, tokens)
+                finished_all.index_copy_(0, rows_of, finished)
+
         k = 1
         with windows:
             while k < n_new:
@@ -535,9 +541,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                     if compact and n_run <= opts.compact_below * finished.shape[0] \
                             and finished.shape[0] - n_run >= opts.compact_min_rows:
                         live = (~finished).nonzero().squeeze(1)  # [n_run] positions in the current batch
-                        if rows_of is not None:  # this batch's tokens and ends back into every row's buffers
-                            tokens_all.index_copy_(0, rows_of, tokens)
-                            finished_all.index_copy_(0, rows_of, finished)
+                        write_back()
                         rows_of = live if rows_of is None else rows_of[live]
                         graphs.clear()  # captured for the old buffers
                         cache.k = [t.index_select(0, live) for t in cache.k]
@@ -579,9 +583,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                 k += 1
         stats["steps"] = k
         stats["path"] = "static+graphs" if stats["graphs"] else "static"
-        if rows_of is not None:
-            tokens_all.index_copy_(0, rows_of, tokens)
-            finished_all.index_copy_(0, rows_of, finished)
+        write_back()
         out = tokens_all[:, :k].cpu()
         done_rows = finished_all.cpu()
         del graphs

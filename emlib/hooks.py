@@ -31,18 +31,19 @@ def _check_dim(model, vector: torch.Tensor) -> None:
 
 
 @contextmanager
-def _edit_output(model, layer: int, edit):
-    """While active, the output hidden state ``h`` of decoder layer ``layer`` becomes ``edit(h)``."""
-    block = decoder_layers(model)[check_layer(model, layer)]
-
+def _edit_output(model, layers: int | Iterable[int] | None, edit):
+    """While active, the output hidden state ``h`` of the given decoder layers (:func:`layer_indices`: one,
+    several, or ``None`` for every layer) becomes ``edit(h)``."""
     def hook(_mod, _inp, output):
         return _replace(output, edit(_hidden(output)))
 
-    handle = block.register_forward_hook(hook)
+    blocks = decoder_layers(model)
+    handles = [blocks[i].register_forward_hook(hook) for i in layer_indices(model, layers)]
     try:
         yield model
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def add_vector(model, layer: int, vector: torch.Tensor, scale: float | torch.Tensor = 1.0):
@@ -129,17 +130,12 @@ def ablate_rows(model, vectors: torch.Tensor, layers: int | Iterable[int] | None
     norms = vectors.float().norm(dim=-1, keepdim=True)  # [b, 1]
     units = torch.where(norms > 0, vectors.float() / norms.clamp_min(1e-12), 0.0)  # [b, d]
 
-    def hook(_mod, _inp, output):
-        h = _hidden(output)  # [b, s, d]
+    def edit(h: torch.Tensor) -> torch.Tensor:  # [b, s, d]
         u = _rows_for(units, h, "ablate_rows").to(device=h.device, dtype=h.dtype)[:, None, :]  # [b, 1, d]
-        return _replace(output, h - (h @ u.transpose(1, 2)) * u)  # [b, s, 1] * [b, 1, d], as ablate_direction
+        return h - (h @ u.transpose(1, 2)) * u  # [b, s, 1] * [b, 1, d], as ablate_direction
 
-    handles = [decoder_layers(model)[i].register_forward_hook(hook) for i in layer_indices(model, layers)]
-    try:
+    with _edit_output(model, layers, edit):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def layer_indices(model, layers: int | Iterable[int] | None) -> list[int]:
@@ -156,20 +152,14 @@ def ablate_direction(model, vector: torch.Tensor, layers: int | Iterable[int] | 
     """While active, remove the component along ``vector`` from the output of the given layers
     (``None``: every layer): ``h -= (h . v_hat) v_hat``."""
     _check_dim(model, vector)
-    idxs = layer_indices(model, layers)
     unit = vector / vector.norm().clamp_min(1e-12)
 
-    def hook(_mod, _inp, output):
-        h = _hidden(output)
+    def edit(h: torch.Tensor) -> torch.Tensor:
         u = unit.to(device=h.device, dtype=h.dtype)
-        return _replace(output, h - (h @ u).unsqueeze(-1) * u)
+        return h - (h @ u).unsqueeze(-1) * u
 
-    handles = [decoder_layers(model)[i].register_forward_hook(hook) for i in idxs]
-    try:
+    with _edit_output(model, layers, edit):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager

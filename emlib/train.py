@@ -454,6 +454,18 @@ def finetune_locked(dirs_of: Callable[[dict], Sequence[str | Path]]):
     return wrap
 
 
+def finished_run(out_dir: str | Path, identity: dict) -> dict | None:
+    """The meta of the finished run in ``out_dir`` when it was trained with ``identity`` (:func:`_identity`),
+    None when ``out_dir`` holds no finished run; a finished run with other arguments is an error that names
+    them."""
+    meta = read_meta(out_dir)
+    if meta is not None and meta.get("run_hash") != _hash(identity):
+        changes = "; ".join(_diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=json_default))))
+        raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
+                         "use another out_dir, or pass overwrite=True to replace it.")
+    return meta
+
+
 def read_meta(out_dir: str | Path) -> dict | None:
     """``train_meta.json`` of a finished run, or None."""
     p = Path(out_dir) / META_FILE
@@ -602,13 +614,8 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             _clear_run(out_dir)
 
         # ---- a finished run with the same arguments: return it
-        meta = read_meta(out_dir)
+        meta = finished_run(out_dir, identity)
         if meta is not None:
-            if meta.get("run_hash") != run_hash:
-                changes = "; ".join(_diff(meta.get("identity", {}),
-                                          json.loads(json.dumps(identity, default=json_default))))
-                raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
-                                 "use another out_dir, or pass overwrite=True to replace it.")
             model, vec = job.load_result(out_dir)
             return TrainResult(job.kind, model, vec, read_log(out_dir), out_dir, True, meta["steps"], meta)
 

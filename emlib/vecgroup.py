@@ -45,10 +45,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from . import train
+from . import timing, train
 from .chat import IGNORE, Encoded, encode_rows
 from .data import atomic_write_bytes, dataset_hash
-from . import timing
 from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
 
@@ -210,17 +209,9 @@ def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Pa
     todo = []
     with timing.phase("load"):  # which members are finished already: not training
         for out, kw, k, args, spec in setups:
-            kl_rows = kw.get("kl_rows")
-            identity = train._identity("vector", spec, args, model, rows, kl_rows, None)
-            meta = train.read_meta(out)
-            if meta is not None and meta.get("run_hash") == train._hash(identity):
-                continue
-            if meta is not None:  # the same error train_steering_vector gives
-                changes = "; ".join(train._diff(meta.get("identity", {}),
-                                                json.loads(json.dumps(identity, default=str))))
-                raise ValueError(f"{out} holds a finished run with other arguments ({changes or 'unknown'}): use "
-                                 "another out_dir, or pass overwrite=True to replace it.")
-            todo.append((out, kw, args, spec, identity))
+            identity = train._identity("vector", spec, args, model, rows, kw.get("kl_rows"), None)
+            if train.finished_run(out, identity) is None:  # finished with other arguments: train's error
+                todo.append((out, kw, args, spec, identity))
     if todo:
         budget = default_max_tokens(next(model.parameters()).device) if max_tokens is None else int(max_tokens)
         _fit_group(model, tok, rows, todo, setups[0][2], float(alpha), budget, pad_multiple, progress)
