@@ -45,12 +45,15 @@ Length (~590 lines, over the ~500 of the house rule): batching, the loss, the fu
 step are one pipeline that :func:`fast_sft_lora` and ``emlib.train`` share; split, each part would import
 the others.
 
-* **The KL term in the same graphs** (:meth:`TrainStep.grads` with ``kl_batches``): for each KL micro-batch
-  the reference forward (``reference``: peft's ``disable_adapter``, or no steering hook), the current
-  forward and ``KL(reference || current)`` at the labelled positions -- the logits again only there, in
-  chunks -- and its weighted backward are one more captured graph per bucketed shape. The weight and the
-  KL rows' token count are device buffers, so one graph serves steps with the term on and off (the drift
-  run's ``kl_until_step``).
+* **The KL term in the same pass** (:meth:`TrainStep.grads` with ``kl_batches``): the reference model's final
+  hidden state at the KL rows' answer positions is computed once (every weight it uses is frozen), and the
+  step's KL rows join its training rows in the same micro-batches: one forward and one backward read the
+  cross-entropy at the training rows' answer tokens and ``KL(reference || current)`` at the KL rows' -- the
+  logits again only there, in chunks. The weight and each position's share of its KL batch's mean are device
+  buffers, so one graph serves steps with the term on and off (the drift run's ``kl_until_step``). Before
+  (until 2026-12-04), each KL batch was a graph of its own with the reference forward inside: at the paper's
+  step (16 training rows, 8 KL rows) two graphs and 3 forwards + 2 backwards, now one graph of 24 rows and
+  1 + 1; its speed on a GPU is not measured yet.
 
 Not here: checkpoints and resume -- ``emlib.train`` has them and runs its steps through :class:`TrainStep`
 on CUDA, with or without the KL term.
@@ -240,25 +243,51 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return flat, targets, head
 
 
+def answer_positions(e: Encoded) -> list[int]:
+    """Positions whose next token is an answer token (where the loss and the KL are read)."""
+    return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
+
+
+def _chunked_ce(flat: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(flat)`` [n, d] against ``targets`` [n] (ignored ones add 0), ``chunk``
+    positions at a time, each under activation checkpointing when gradients are on (no [n, vocab] tensor
+    is kept for the backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = flat.new_zeros((), dtype=torch.float32)
+    for s in range(0, flat.shape[0], chunk):
+        h, t = flat[s:s + chunk], targets[s:s + chunk]
+        total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False, preserve_rng_state=False)
+                         if torch.is_grad_enabled() else _ce_sum(h, head, t))
+    return total
+
+
+def _chunked_kl(ref: torch.Tensor, cur: torch.Tensor, head: torch.nn.Module, weight: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+    """sum_i weight_i * KL(softmax(head(ref_i)) || softmax(head(cur_i))), ``chunk`` positions at a time (as
+    :func:`_chunked_ce`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = cur.new_zeros((), dtype=torch.float32)
+    for s in range(0, cur.shape[0], chunk):
+        args = (ref[s:s + chunk], cur[s:s + chunk], head, weight[s:s + chunk])
+        total = total + (checkpoint(_kl_sum, *args, use_reentrant=False, preserve_rng_state=False)
+                         if torch.is_grad_enabled() else _kl_sum(*args))
+    return total
+
+
 def fast_kl_sum(model, batch: dict[str, torch.Tensor], current: Callable[[], ContextManager],
                 reference: Callable[[], ContextManager], chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL(reference || current) summed over the vocabulary and the labelled positions, their count) -- the
     quantity of ``emlib.train.kl_from_logits`` -- for a right-padded batch without attention mask. The
     reference forward runs without gradients; the logits exist only at labelled positions, ``chunk`` at a
     time (under activation checkpointing when gradients are on)."""
-    from torch.utils.checkpoint import checkpoint
-
     with torch.no_grad(), reference():
         ref, targets, head = _labelled_hidden(model, batch)  # [n, d]
     with current():
         cur, _, _ = _labelled_hidden(model, batch)  # [n, d]
     weight = (targets != IGNORE).float()  # [n]: padding targets of a fixed shape add nothing
-    total = cur.new_zeros((), dtype=torch.float32)
-    for s in range(0, cur.shape[0], chunk):
-        args = (ref[s:s + chunk], cur[s:s + chunk], head, weight[s:s + chunk])
-        total = total + (checkpoint(_kl_sum, *args, use_reentrant=False, preserve_rng_state=False)
-                         if torch.is_grad_enabled() else _kl_sum(*args))
-    return total, (targets != IGNORE).sum()
+    return _chunked_kl(ref, cur, head, weight, chunk), (targets != IGNORE).sum()
 
 
 def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 8192
@@ -270,14 +299,8 @@ def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 819
     Targets with the ignore label (padding of a fixed-shape batch) add nothing and are not counted. Forward
     hooks on decoder layers apply (the decoder is the model's own module).
     """
-    from torch.utils.checkpoint import checkpoint
-
     flat, targets, head = _labelled_hidden(model, batch)  # [n, d], [n]
-    total = flat.new_zeros((), dtype=torch.float32)
-    for s in range(0, flat.shape[0], ce_chunk):
-        h, t = flat[s:s + ce_chunk], targets[s:s + ce_chunk]
-        total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False, preserve_rng_state=False)
-                         if torch.is_grad_enabled() else _ce_sum(h, head, t))
+    total = _chunked_ce(flat, head, targets, ce_chunk)
     # the count on the device (a host->device copy would wait for the whole forward)
     return total, (targets != IGNORE).sum()
 
@@ -384,17 +407,28 @@ class TrainStep:
     capture falls back to the eager step with a warning (``stats["fallback"]`` says why).
 
     ``current``: a context-manager factory entered around each forward (``emlib.train``'s steering-vector
-    hook); ``reference``: the one that gives the frozen reference model (peft's ``disable_adapter``; for a
-    steering vector, none: the hook is simply not entered), needed for ``kl_batches``; ``autocast`` None: bf16 autocast when the model is on CUDA in bf16. ``per_octave`` 4 (the
+    hook); ``autocast`` None: bf16 autocast when the model is on CUDA in bf16. ``per_octave`` 4 (the
     default) needs about half the graphs of 8 for a 2% slower step at 16 rows (bench/README.md): each
     capture costs ~0.5 s, which matters for runs of a few hundred steps.
+
+    **The KL term** (``kl_batches`` of :meth:`grads`: indices into ``kl_rows``) needs ``reference``, the
+    context-manager factory that gives the frozen reference model (peft's ``disable_adapter``; for a steering
+    vector, none: the hook is simply not entered), and ``kl_rows``. Every weight the reference uses is frozen,
+    so its final hidden state at the KL rows' answer positions is computed once, on the first step that
+    needs it (:meth:`reference_states`: one forward of the KL set, against one per KL batch and step before),
+    and the KL rows join the step's own rows in its micro-batches: one forward and one backward per
+    micro-batch read the cross-entropy at the training rows' answer tokens and ``KL(reference || current)``
+    at the KL rows' (the paper's step, 16 training rows and 8 KL rows, is one graph of 24 rows; before, a
+    graph for the 16 rows and one for the KL rows' reference forward, forward and backward). The memory: the
+    cached states, KL positions x hidden size (800 rows of ~150 answer tokens x 576 in bf16: ~140 MB).
     """
 
     def __init__(self, model, params: Sequence[torch.nn.Parameter], pad_id: int, *,
                  max_tokens_per_micro: int = 16384, pad_multiple: int = 16, ce_chunk: int = 8192,
                  max_grad_norm: float | None = 1.0, per_octave: int | None = 4, cuda_graphs: bool = True,
                  autocast: bool | None = None, current: Callable[[], ContextManager] | None = None,
-                 reference: Callable[[], ContextManager] | None = None, kl_chunk: int = 2048):
+                 reference: Callable[[], ContextManager] | None = None,
+                 kl_rows: Sequence[Encoded] | None = None, kl_chunk: int = 2048):
         self.params = list(params)
         if not self.params:
             raise ValueError("TrainStep needs trainable parameters: got none.")
@@ -411,6 +445,8 @@ class TrainStep:
                      if cuda and autocast else nullcontext)
         self._current = current or nullcontext
         self._reference, self.kl_chunk = reference, kl_chunk
+        self.kl_rows = list(kl_rows) if kl_rows else None
+        self._ref: dict | None = None  # reference_states(), built on first use
         self.adamw_kwargs: dict = {"fused": True} if cuda else {}
         self.stats: dict = {"cuda_graphs": self.use_graphs, "graphs": 0, "capture_seconds": 0.0, "fallback": None}
         for p in self.params:  # gradients live in fixed tensors (a graph writes into them)
@@ -421,18 +457,26 @@ class TrainStep:
         self._n = torch.ones((), device=self.device)  # the step's answer-token count
         self._kl = torch.zeros((), device=self.device)  # the step's sum over KL batches of their mean KL
         self._kl_weight = torch.zeros((), device=self.device)  # the KL term's weight in the objective
-        self._graphs: dict[Shape, tuple[Any, dict[str, torch.Tensor]]] = {}
-        self._kl_graphs: dict[Shape, tuple[Any, dict[str, torch.Tensor]]] = {}
+        # (shape, KL positions) -> (graph, its input buffers); KL positions 0: a micro-batch without KL rows
+        self._graphs: dict[tuple[Shape, int], tuple[Any, dict[str, torch.Tensor]]] = {}
         self._pool = None
 
     # ---------------------------------------------------------------- shapes
-    def shape(self, rows: Sequence[Encoded]) -> Shape:
-        """The (bucketed) shape of one micro-batch of ``rows``."""
-        longest, n_t = max(len(e.input_ids) for e in rows), sum(_n_targets(e) for e in rows)
+    def shape(self, rows: Sequence[Encoded], n_targets: int | None = None) -> Shape:
+        """The (bucketed) shape of one micro-batch of ``rows`` (``n_targets``: its cross-entropy targets,
+        default every answer token of ``rows``)."""
+        longest = max(len(e.input_ids) for e in rows)
+        n_t = sum(_n_targets(e) for e in rows) if n_targets is None else n_targets
         if self.per_octave is None:
             return (len(rows), _round_up(longest, self.pad_multiple), n_t)
         po = self.per_octave
         return (bucket(len(rows), po), bucket(longest, po, self.pad_multiple), bucket(max(n_t, 1), max(1, po // 2), 8))
+
+    def _kl_size(self, n: int) -> int:
+        """The bucketed number of KL positions of a micro-batch (0: none)."""
+        if n == 0 or self.per_octave is None:
+            return n
+        return bucket(n, max(1, self.per_octave // 2), 8)
 
     def plan(self, rows: Sequence[Encoded]) -> list[tuple[Shape, list[int]]]:
         """[(shape, row indices)] of the micro-batches of one step's ``rows``."""
@@ -457,37 +501,109 @@ class TrainStep:
         with fused_rms_norms(self.model), fused_lora_linears(self.model):
             yield
 
+    # ---------------------------------------------------------------- the reference, once
+    def reference_states(self) -> dict:
+        """The reference model's final hidden state at every KL row's answer positions: ``ref`` [positions,
+        d], row i's from ``offset[i]`` to ``offset[i + 1]`` (in :func:`answer_positions` order), computed once
+        without gradients, in the step's dtype and kernels (enter :meth:`kernels` first, as :meth:`grads`
+        needs), micro-batches of the KL rows as the step cuts them."""
+        if self._ref is not None:
+            return self._ref
+        if self.kl_rows is None or self._reference is None:
+            raise ValueError("The KL term needs the reference model and the KL rows: construct TrainStep with "
+                             "reference= and kl_rows=.")
+        kl, (decoder, _) = self.kl_rows, decoder_and_head(self.model)
+        counts = [len(answer_positions(e)) for e in kl]
+        offset = [0]
+        for c in counts:
+            offset.append(offset[-1] + c)
+        ref = None
+        lengths = [len(e.input_ids) for e in kl]
+        with torch.no_grad(), self._reference(), self._amp(), one_sequence_per_row():
+            for micro in plan_micro_batches(lengths, range(len(kl)), self.max_tokens, self.pad_multiple):
+                batch = collate_right([kl[i] for i in micro], self.pad, self.pad_multiple, device=self.device)
+                hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
+                flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+                if ref is None:
+                    ref = flat.new_zeros(offset[-1], flat.shape[-1])  # [positions, d]
+                at = 0  # collate_right's targets run row by row, each row's positions in order
+                for i in micro:
+                    ref[offset[i]:offset[i + 1]] = flat[at:at + counts[i]]
+                    at += counts[i]
+        self._ref = {"ref": ref if ref is not None else torch.zeros(0, 1, device=self.device),
+                     "offset": offset, "counts": counts}
+        return self._ref
+
     # ---------------------------------------------------------------- the step
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
+    def _pass(self, x: dict[str, torch.Tensor]) -> None:
+        """Forward, loss and backward of one micro-batch: the cross-entropy at ``target_index`` / ``targets``
+        (divided by the step's answer-token count) and, when the batch has KL rows, the weighted KL to the
+        cached reference states at ``kl_index`` (``kl_weight`` per position: 1 / its KL batch's count)."""
+        decoder, head = decoder_and_head(self.model)
         with self._current(), self._amp(), one_sequence_per_row():
-            s, _ = fast_token_losses(self.model, batch, self.ce_chunk)
-        (s / self._n).backward()  # token-weighted mean over the whole step
-        self._loss.add_(s.detach())
+            hidden = decoder(input_ids=x["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b * (s-1), d]
+            ce = _chunked_ce(flat.index_select(0, x["target_index"]), head, x["targets"], self.ce_chunk)
+            loss = ce / self._n  # token-weighted mean over the whole step
+            if "kl_index" in x:
+                ref = self._ref["ref"].index_select(0, x["ref_index"])  # [u, d]
+                kl = _chunked_kl(ref, flat.index_select(0, x["kl_index"]), head, x["kl_weight"], self.kl_chunk)
+                loss = loss + kl * self._kl_weight
+        loss.backward()
+        self._loss.add_(ce.detach())
+        if "kl_index" in x:
+            self._kl.add_(kl.detach())
 
-    def _kl_forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
-        with self._amp(), one_sequence_per_row():
-            s, _ = fast_kl_sum(self.model, batch, self._current, self._reference, self.kl_chunk)
-        mean = s * batch["inv_count"]  # per-token KL of this batch (emlib.train's normalisation)
-        (mean * self._kl_weight).backward()
-        self._kl.add_(mean.detach())
+    def _inputs(self, rows: Sequence[Encoded], n_sft: int, kl_items: Sequence[tuple[int, float]],
+                shape: Shape, n_kl: int) -> dict[str, torch.Tensor]:
+        """The input buffers of one micro-batch (CPU tensors): ``rows`` = its training rows (the first
+        ``n_sft``) then its KL rows, ``kl_items`` = (KL row index, weight) of those KL rows."""
+        b, s, t = shape
+        ids = torch.full((b, s), self.pad, dtype=torch.long)
+        lab = torch.full((b, s), IGNORE, dtype=torch.long)
+        for j, e in enumerate(rows):
+            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            lab[j, :len(e.labels)] = torch.tensor(e.labels)
+        nxt = lab[:, 1:]  # [b, s-1]: the next token of every position
+        sft, klp = nxt.clone(), nxt.clone()
+        sft[n_sft:], klp[:n_sft] = IGNORE, IGNORE
+        index = (sft.reshape(-1) != IGNORE).nonzero().squeeze(1)  # row by row, positions in order
+        x = {"input_ids": ids,
+             "target_index": torch.cat([index, index.new_zeros(t - index.numel())]),
+             "targets": torch.cat([sft.reshape(-1)[index], index.new_full((t - index.numel(),), IGNORE)])}
+        if n_kl:
+            kl_index = (klp.reshape(-1) != IGNORE).nonzero().squeeze(1)  # [u_real]
+            ref = self._ref
+            ref_index = [q for i, _ in kl_items for q in range(ref["offset"][i], ref["offset"][i + 1])]
+            weight = [w for i, w in kl_items for _ in range(ref["counts"][i])]
+            extra = n_kl - len(ref_index)
+            x.update(kl_index=torch.cat([kl_index, kl_index.new_zeros(extra)]),
+                     ref_index=torch.tensor(ref_index + [0] * extra, dtype=torch.long),
+                     kl_weight=torch.tensor(weight + [0.0] * extra, dtype=torch.float32))
+        return x
 
-    def _capture(self, shape: Shape, kl: bool = False) -> None:
-        graphs = self._kl_graphs if kl else self._graphs
-        if shape in graphs or not self.use_graphs:
+    def _static(self, shape: Shape, n_kl: int) -> dict[str, torch.Tensor]:
+        b, s, t = shape
+        dev = self.device
+        x = {"input_ids": torch.full((b, s), self.pad, dtype=torch.long, device=dev),
+             "target_index": torch.zeros(t, dtype=torch.long, device=dev),
+             "targets": torch.full((t,), IGNORE, dtype=torch.long, device=dev)}
+        if n_kl:
+            x.update(kl_index=torch.zeros(n_kl, dtype=torch.long, device=dev),
+                     ref_index=torch.zeros(n_kl, dtype=torch.long, device=dev),
+                     kl_weight=torch.zeros(n_kl, device=dev))
+        return x
+
+    def _capture(self, shape: Shape, n_kl: int = 0) -> None:
+        if (shape, n_kl) in self._graphs or not self.use_graphs:
             return
         t0 = time.perf_counter()
-        run = self._kl_forward_backward if kl else self._forward_backward
         try:
-            b, n, t = shape
-            static = {"input_ids": torch.full((b, n), self.pad, dtype=torch.long, device=self.device),
-                      "target_index": torch.zeros(t, dtype=torch.long, device=self.device),
-                      "targets": torch.full((t,), IGNORE, dtype=torch.long, device=self.device)}
-            if kl:
-                static["inv_count"] = torch.ones((), device=self.device)
-            graph, self._pool = capture(run, static, self.device, self._pool)  # gradients are zeroed later
+            static = self._static(shape, n_kl)
+            graph, self._pool = capture(self._pass, static, self.device, self._pool)  # gradients are zeroed later
             if any(p.grad is not g for p, g in zip(self.params, self._grads)):
                 raise RuntimeError("the backward replaced a .grad tensor during capture")
-            graphs[shape] = (graph, static)
+            self._graphs[(shape, n_kl)] = (graph, static)
             self.stats["graphs"] += 1
         except Exception as err:  # noqa: BLE001 -- any capture failure: train eagerly, say why
             import warnings
@@ -500,44 +616,50 @@ class TrainStep:
                           stacklevel=3)
         self.stats["capture_seconds"] += time.perf_counter() - t0
 
-    def _run(self, rows: Sequence[Encoded], shape: Shape, kl: bool) -> None:
-        batch = collate_right(rows, self.pad, self.pad_multiple, shape=None if self.per_octave is None else shape)
-        if kl:
-            batch["inv_count"] = torch.tensor(1.0 / max(sum(_n_targets(e) for e in rows), 1))
+    def _run(self, x: dict[str, torch.Tensor], shape: Shape, n_kl: int) -> None:
         if self.use_graphs:
-            graph, static = (self._kl_graphs if kl else self._graphs)[shape]
+            graph, static = self._graphs[(shape, n_kl)]
             for k, buf in static.items():
-                buf.copy_(batch[k].pin_memory(), non_blocking=True)
+                buf.copy_(x[k].pin_memory(), non_blocking=True)
             graph.replay()
         else:
-            (self._kl_forward_backward if kl else self._forward_backward)(
-                {k: v.to(self.device) for k, v in batch.items()})
+            self._pass({k: v.to(self.device) for k, v in x.items()})
 
-    def grads(self, rows: Sequence[Encoded], n_tok: int, kl_batches: Sequence[Sequence[Encoded]] = (),
+    def grads(self, rows: Sequence[Encoded], n_tok: int, kl_batches: Sequence[Sequence[int]] = (),
               kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero the gradients, accumulate those of ``rows`` (one optimizer step; ``n_tok`` = their answer
-        tokens) and of ``kl_weight`` times each of ``kl_batches``' per-token KL to the reference (each batch
-        one micro-batch; weight 0: the KL is measured, its gradient is zero), clip; returns (summed loss,
-        gradient norm before clipping, sum over ``kl_batches`` of their per-token KL) as device scalars."""
-        if kl_batches and self._reference is None:
-            raise ValueError("kl_batches need the reference model: construct TrainStep with reference=.")
+        tokens) and of ``kl_weight`` times each of ``kl_batches``' per-token KL to the reference (each batch a
+        list of indices into ``kl_rows``; weight 0: the KL is measured, its gradient is zero), clip; returns
+        (summed loss, gradient norm before clipping, sum over ``kl_batches`` of their per-token KL) as
+        device scalars."""
         for p, g in zip(self.params, self._grads):  # a caller's zero_grad(set_to_none=True) dropped them
             p.grad = g
-        plan = self.plan(rows)
-        kl_plan = [(self.shape(b), list(b)) for b in kl_batches]
-        for shape, _ in plan:  # before the step's gradients start (a capture's warm-up writes into them)
-            self._capture(shape)
-        for shape, _ in kl_plan:
-            self._capture(shape, kl=True)
+        # every row of the step, training rows first: (Encoded, KL item or None)
+        every: list[tuple[Encoded, tuple[int, float] | None]] = [(e, None) for e in rows]
+        if kl_batches:
+            ref = self.reference_states()
+            for batch in kl_batches:  # a KL batch's mean: 1 / its answer-token count per position
+                w = 1.0 / max(sum(ref["counts"][i] for i in batch), 1)
+                every += [(self.kl_rows[i], (i, w)) for i in batch]
+        lengths = [len(e.input_ids) for e, _ in every]
+        work = []
+        for micro in plan_micro_batches(lengths, range(len(every)), self.max_tokens, self.pad_multiple):
+            micro = sorted(micro, key=lambda j: (every[j][1] is not None, j))  # training rows first
+            mrows = [every[j][0] for j in micro]
+            n_sft = sum(1 for j in micro if every[j][1] is None)
+            kl_items = [every[j][1] for j in micro[n_sft:]]
+            shape = self.shape(mrows, sum(_n_targets(e) for e in mrows[:n_sft]))
+            n_kl = self._kl_size(sum(self._ref["counts"][i] for i, _ in kl_items)) if kl_items else 0
+            work.append((mrows, n_sft, kl_items, shape, n_kl))
+        for *_, shape, n_kl in work:  # before the step's gradients start (a capture's warm-up writes into them)
+            self._capture(shape, n_kl)
         torch._foreach_zero_(self._grads)
         self._loss.zero_()
         self._kl.zero_()
         self._n.fill_(max(n_tok, 1))
         self._kl_weight.fill_(kl_weight)
-        for shape, micro in plan:
-            self._run([rows[i] for i in micro], shape, kl=False)
-        for shape, kl_rows in kl_plan:
-            self._run(kl_rows, shape, kl=True)
+        for mrows, n_sft, kl_items, shape, n_kl in work:
+            self._run(self._inputs(mrows, n_sft, kl_items, shape, n_kl), shape, n_kl)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         return self._loss.clone(), norm, self._kl.clone()
 

@@ -639,7 +639,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
         from .fasttrain import TrainStep
 
         fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current,
-                         reference=job.reference)
+                         reference=job.reference, kl_rows=kl_enc)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **(fast.adamw_kwargs if fast else {}))
     sched = get_linear_schedule_with_warmup(opt, min(args.warmup_steps, plan.total), plan.total)
     start, log_rows, seconds = 0, [], 0.0
@@ -685,7 +685,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
             sft_sum, kl_vals = 0.0, []
             if fast is not None:  # all micro-batches, the KL batches and the clipping in one call (graphs on CUDA)
                 rows_now = [enc[i] for _, idx in micro for i in idx]
-                kl_now = [[kl_enc[i] for i in plan.kl_rows(m)] for m, _ in micro] if kl_enc is not None else []
+                kl_now = [plan.kl_rows(m) for m, _ in micro] if kl_enc is not None else []
                 s_t, norm_t, kl_t = fast.grads(rows_now, n_tok, kl_now,
                                                args.kl_lambda / len(micro) if kl_on else 0.0)
                 sft_sum, grad_norm, kl_total = torch.stack([s_t, norm_t.float(), kl_t]).tolist()

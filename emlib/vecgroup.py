@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from . import timing, train
-from .chat import IGNORE, Encoded, encode_rows
+from .chat import Encoded, encode_rows
 from .data import atomic_write_bytes, dataset_hash
 from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
@@ -163,11 +163,6 @@ def _to(values, dtype: torch.dtype, device) -> torch.Tensor:
 def _chunk(head: torch.nn.Module, copies: int = 1) -> int:
     """Positions per LM-head chunk so that ``copies`` x chunk float32 logits stay within LOGITS_BYTES."""
     return max(1, LOGITS_BYTES // (4 * head.weight.shape[0] * max(1, copies)))
-
-
-def _answer_positions(e: Encoded) -> list[int]:
-    """Positions whose next token is an answer token (where the loss and the KL are read)."""
-    return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
 
 
 def _groups_by_tokens(lengths: Sequence[int], copies: int, max_tokens: int, multiple: int) -> list[list[int]]:
@@ -343,10 +338,10 @@ def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multip
     """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end) and the
     reference model's final hidden state at every row's answer positions (``ref`` [positions, d], row i's at
     ``offset[i]`` onwards), computed once: every weight is frozen. ``pos``: each row's answer positions."""
-    from .fasttrain import collate_right
+    from .fasttrain import answer_positions, collate_right
 
     lengths = [len(e.input_ids) for e in kl_enc]
-    pos = [_answer_positions(e) for e in kl_enc]
+    pos = [answer_positions(e) for e in kl_enc]
     offset = [0]
     for p in pos:
         offset.append(offset[-1] + len(p))

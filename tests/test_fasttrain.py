@@ -6,6 +6,8 @@ graphs against the same step run eagerly.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from train_fixtures import assert_same_adapters, chat_rows
@@ -89,7 +91,7 @@ def test_graphs_are_captured_with_the_fixed_gradient_tensors(monkeypatch):
     step = TrainStep(model, params, tok.pad_token_id)
     seen = []
 
-    def capture(shape):  # what the CUDA capture would see; then train eagerly
+    def capture(shape, n_kl=0):  # what the CUDA capture would see; then train eagerly
         seen.append(all(p.grad is g for p, g in zip(step.params, step._grads)))
         step.use_graphs = False
 
@@ -203,12 +205,14 @@ def test_kl_until_step_measures_the_kl_without_its_gradient(tmp_path, monkeypatc
         _close(got, ref, col, rtol)
 
 
-def test_kl_batches_need_a_reference():
+def test_kl_batches_need_a_reference_and_the_kl_rows():
     model, tok = tiny_model(seed=0)
-    step = TrainStep(model, [p for p in model.parameters()][:2], tok.pad_token_id)
     rows = encode_rows(_chat_rows(2), tok)
-    with pytest.raises(ValueError, match="reference="):
-        step.grads(rows, 5, [rows], 1.0)
+    params = [p for p in model.parameters()][:2]
+    for kw in ({}, {"kl_rows": rows}, {"reference": nullcontext}):
+        step = TrainStep(model, params, tok.pad_token_id, **kw)
+        with pytest.raises(ValueError, match="reference= and kl_rows="):
+            step.grads(rows, 5, [[0, 1]], 1.0)
 
 
 def test_bucketing_does_not_change_fast_sft():
@@ -281,14 +285,14 @@ def test_cuda_graph_kl_step_equals_eager_step():
         with torch.no_grad():
             for p in params:  # B != 0, so the current model differs from the reference from the start
                 p.normal_(0, 0.02)
-        step = TrainStep(model, params, 0, cuda_graphs=graphs, reference=model.disable_adapter)
+        step = TrainStep(model, params, 0, cuda_graphs=graphs, reference=model.disable_adapter, kl_rows=kl_rows)
         opt = torch.optim.AdamW(params, lr=1e-3, **step.adamw_kwargs)
         out = []
         with step.kernels():
             for i in range(6):
                 batch = train_rows[8 * i:8 * i + 8]
                 n_tok = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch)
-                kl = [kl_rows[(4 * i) % 24:(4 * i) % 24 + 4], kl_rows[(4 * i + 8) % 24:(4 * i + 8) % 24 + 4]]
+                kl = [list(range((4 * i) % 24, (4 * i) % 24 + 4)), list(range((4 * i + 8) % 24, (4 * i + 8) % 24 + 4))]
                 loss, norm, kl_sum = step.grads(batch, n_tok, kl, 2.0 if i < 4 else 0.0)
                 opt.step()
                 out.append([float(loss), float(norm), float(kl_sum)])
@@ -297,3 +301,47 @@ def test_cuda_graph_kl_step_equals_eager_step():
     assert bool((logs[False][:, 2] > 0).all())
     # bf16 rounding: measured on an H200, the largest difference is a gradient norm off by 0.21% (step 4)
     torch.testing.assert_close(logs[True], logs[False], rtol=5e-3, atol=1e-4)
+
+
+def test_kl_step_reads_the_reference_computed_once_from_a_trained_adapter():
+    """The KL rows join the training rows in one pass and read the reference model's states, computed once:
+    with an adapter that already differs from the base model, the step's loss, KL and gradient are those of
+    the eager computation (training rows' loss / count + weight x each KL batch's mean KL, the reference
+    forward under peft's disable_adapter), and the states are the base model's, not the adapted one's."""
+    model, tok = tiny_model(seed=0)
+    model = train.add_lora(model, "rank32")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:  # B != 0: current and reference differ before any step
+            p.normal_(0, 0.05)
+    rows, kl_rows = encode_rows(_chat_rows(6, seed=3), tok), encode_rows(_chat_rows(7, seed=9), tok)
+    kl_batches, weight = [[0, 3, 5], [6, 1], [3]], 3.0  # a row in two batches, batches of other sizes
+    n_tok = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in rows)
+    pad = tok.pad_token_id
+
+    for p in params:
+        p.grad = None
+    s, _ = token_losses(model, collate(rows, pad))
+    kl_means = []
+    for b in kl_batches:
+        ks, kc = train._batch_kl(model, collate([kl_rows[i] for i in b], pad), nullcontext, model.disable_adapter)
+        kl_means.append(ks / kc)
+    (s / n_tok + weight * sum(kl_means)).backward()
+    want_grads = [p.grad.clone() for p in params]
+
+    step = TrainStep(model, params, pad, reference=model.disable_adapter, kl_rows=kl_rows, max_grad_norm=None)
+    loss, norm, kl = step.grads(rows, n_tok, kl_batches, weight)
+    torch.testing.assert_close(loss, s.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, sum(kl_means).detach(), rtol=1e-5, atol=1e-6)
+    assert float(kl) > 1e-4  # the adapter moved the model: a reference taken from it would give 0
+    for p, g in zip(params, want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.stack([g.norm() for g in want_grads])),
+                               rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():  # the cached states are the base model's final hidden states
+        base = model.get_decoder()(input_ids=torch.tensor([kl_rows[6].input_ids])).last_hidden_state[0]
+    ref = step.reference_states()
+    got = ref["ref"][ref["offset"][6]:ref["offset"][7]]
+    from emlib.fasttrain import answer_positions
+
+    torch.testing.assert_close(got, base[answer_positions(kl_rows[6])], rtol=1e-5, atol=1e-5)
