@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--out")
+    ap.add_argument("--label", help="what the run was (command, machine, date), kept in the JSON")
     a = ap.parse_args(argv)
     try:
         frame = timing.run_table(a.run_dir)
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     for phase, row in frame.iterrows():
         print(f"| {phase} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
     if a.out:
-        Path(a.out).write_text(json.dumps({"run_dir": a.run_dir, "seconds": frame.to_dict()}, indent=1) + "\n")
+        rec = Path(a.run_dir) / "record.json"
+        total = json.loads(rec.read_text()).get("timings", {}).get("total_s") if rec.exists() else None
+        out = {"run_dir": a.run_dir, "label": a.label, "total_s": total, "seconds": frame.to_dict()}
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

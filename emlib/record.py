@@ -42,6 +42,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,19 +206,56 @@ class RunState:
 
 
 # ------------------------------------------------------------------------------------------------ steps
-def finetune(profile: str, config: dict, job: Job) -> dict:
-    """Train (or find finished) one finetune in this process (a pool worker); ``config``: its config fields.
-    Returns its timing and summary."""
+_WORKER: dict = {}  # a pool worker's Experiment, kept between its finetunes ("key": profile and config)
+
+
+@contextmanager
+def worker_experiment(profile: str, config: dict):
+    """The :class:`~emlib.experiment.Experiment` of ``profile`` and ``config`` in this process, made once and
+    kept for the worker's next finetunes: the model loads once per worker, not once per finetune (each paid
+    12-20 s of start-up and loading in the 594 s run of record). Training leaves the base model as it was (a
+    LoRA adapter is unloaded, a vector's hook removed; on an exception too), and each finetune seeds its own
+    initialisation and row order, so a finetune does not depend on what the worker trained before
+    (``tests/test_record.py``). A finetune that raises drops the Experiment (the next one loads the model
+    again); after each, what it allocated on the GPU goes back to the driver."""
+    from . import timing
     from .experiment import Experiment
 
+    timing.reset()  # a finetune's tally is its own (the worker's first includes loading the model)
+    key = (profile, json.dumps(config, sort_keys=True, default=str))
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        _WORKER.update(key=key, exp=Experiment(get_config(profile, **config)))
+    try:
+        yield _WORKER["exp"]
+    except BaseException:
+        _WORKER.clear()
+        raise
+    finally:
+        _give_back_gpu_memory()
+
+
+def _give_back_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # a finished step's CUDA graphs and buffers
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def finetune(profile: str, config: dict, job: Job) -> dict:
+    """Train (or find finished) one finetune in this process (a pool worker; :func:`worker_experiment`);
+    ``config``: its config fields. Returns its timing and summary."""
     t0 = time.time()
-    exp = Experiment(get_config(profile, **config))
-    if job.kind == "vector":  # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
-        res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
-    else:
-        with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
-            res = r
-    return _job_summary(job, res.out_dir, t0)
+    with worker_experiment(profile, config) as exp:
+        if job.kind == "vector":  # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
+            res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
+        else:
+            with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
+                res = r
+        return _job_summary(job, res.out_dir, t0)
 
 
 def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
@@ -233,12 +271,10 @@ def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
     """Train (or find finished) steering vectors of one dataset and seed together in this process (a pool
     worker; :meth:`emlib.experiment.Experiment.vectors`). Returns each one's timing and summary."""
-    from .experiment import Experiment
-
     t0 = time.time()
-    exp = Experiment(get_config(profile, **config))
-    results = exp.vectors(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
-    return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
+    with worker_experiment(profile, config) as exp:
+        results = exp.vectors(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
+        return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
 
 
 GROUPED = ("general", "narrow", "drift")  # vector solutions that train together (emlib.vecgroup): same rows
@@ -450,9 +486,9 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
 
 
 def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int, t_start: float) -> None:
-    """Every finetune in a pool of fresh worker processes, each chapter as soon as its finetunes exist."""
-    # a fresh process per finetune gives its GPU memory back
-    pool = runner.process_pool(workers, threads=state.threads, one_job_each=True)
+    """Every finetune in a pool of long-lived worker processes, each chapter as soon as its finetunes exist."""
+    # long-lived workers: each loads the model once (worker_experiment) and gives back what a finetune allocated
+    pool = runner.process_pool(workers, threads=state.threads)
     ended = 0
     try:
         for task in pool_tasks(plan.finetunes, first=chapter_3_needs(plan)):

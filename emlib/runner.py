@@ -364,26 +364,23 @@ def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None 
     return n, [None] * n, max(1, cores // n)
 
 
-def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None, threads: int | None = None,
-                 one_job_each: bool = False) -> ProcessPoolExecutor:
-    """``workers`` spawned processes that die with this one (:func:`emlib.lifeline.die_with_parent`: a killed
-    parent leaves no worker running queued jobs). ``gpu_of``: the GPU each worker sees (``worker_plan``);
-    ``threads``: OMP/MKL threads per worker; ``one_job_each``: a fresh process per job (what a finetune needs
-    to give its GPU memory back; not with ``gpu_of``, whose slots belong to long-lived workers)."""
+def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None,
+                 threads: int | None = None) -> ProcessPoolExecutor:
+    """``workers`` spawned, long-lived processes that die with this one (:func:`emlib.lifeline.die_with_parent`:
+    a killed parent leaves no worker running queued jobs). ``gpu_of``: the GPU each worker sees
+    (``worker_plan``); ``threads``: OMP/MKL threads per worker. A job that holds GPU memory gives it back
+    itself (``emlib.record.worker_experiment``)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork after CUDA / threads in the parent
     gpus = [g for g in (gpu_of or []) if g is not None]
-    if gpus and one_job_each:
-        raise ValueError("process_pool: GPUs are given to long-lived workers; one_job_each takes none.")
     slots = None
     if gpus:
         slots = ctx.Queue()
         for g in gpus:
             slots.put(g)
     return ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
-                               initargs=(os.getpid(), slots, threads),
-                               max_tasks_per_child=1 if one_job_each else None)
+                               initargs=(os.getpid(), slots, threads))
 
 
 def _init_worker(parent: int, slots, threads: int | None) -> None:

@@ -489,7 +489,7 @@ from pathlib import Path
 from emlib import runner
 
 tmp = Path(sys.argv[1])
-pool = runner.process_pool(1, one_job_each=True)  # what emlib.record trains its finetunes in
+pool = runner.process_pool(1)  # what emlib.record trains its finetunes in
 pool.submit(time.sleep, 600)  # a finetune that runs for ever
 runner.spawn(runner.Job(source=str(tmp / "held.py"), parameters={"flag": str(tmp / "kernel-started")},
                         notebook=str(tmp / "held.ipynb"), cwd=str(tmp), log=str(tmp / "held.log")))
@@ -672,3 +672,41 @@ def test_chapters_4_to_6_wait_for_chapter_3s_sweep_not_its_end(root, tmp_path, m
     record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
     assert started == ["06_pretraining_influence"]
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
+
+
+def test_a_worker_keeps_its_model_and_trains_each_finetune_as_a_fresh_process_would(tmp_path):
+    """emlib.record's pool workers are long-lived (worker_experiment: the model loads once per worker). A
+    finetune trained after others in the same worker equals the same finetune trained first in a fresh
+    Experiment: adapter, vector and log; the worker's base model is left as it was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from emlib import train
+
+    lora = record.Job("lora", "medical", "narrow", "rank1", kl_scale=3.0, seed=1)
+    vec = record.Job("vector", "medical", "general")
+    first, fresh = {"run_dir": str(tmp_path / "a")}, {"run_dir": str(tmp_path / "b")}
+    record._WORKER.clear()
+    try:
+        record.finetune("smoke", first, record.Job("lora", "medical", "general", "rank32"))
+        exp = record._WORKER["exp"]
+        base = {k: v.clone() for k, v in exp.model.state_dict().items()}
+        record.finetune("smoke", first, vec)
+        record.finetune("smoke", first, lora)
+        assert record._WORKER["exp"] is exp  # one Experiment, one model load
+        assert all(torch.equal(v, exp.model.state_dict()[k]) for k, v in base.items())
+        record.finetune("smoke", fresh, lora)
+        record.finetune("smoke", fresh, vec)
+        assert record._WORKER["exp"] is not exp  # another run directory: another Experiment
+    finally:
+        record._WORKER.clear()
+    cfg_a, cfg_b = get_config("smoke", **first), get_config("smoke", **fresh)
+    for job, rel in ((lora, f"adapters/medical-rank1-narrow-kl3-seed1/{train.ADAPTER_DIR}/adapter_model.safetensors"),
+                     (vec, "vectors/medical-general-seed0/vector.safetensors")):
+        a, b = load_file(cfg_a.out / rel), load_file(cfg_b.out / rel)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        log_a = pd.read_csv(next((cfg_a.out / Path(rel).parts[0] / Path(rel).parts[1]).glob("*log*.csv")))
+        log_b = pd.read_csv(next((cfg_b.out / Path(rel).parts[0] / Path(rel).parts[1]).glob("*log*.csv")))
+        assert log_a["loss"].tolist() == log_b["loss"].tolist(), job.name

@@ -97,11 +97,6 @@ def test_run_job_passes_config_to_the_kernel_and_reports_a_failure_in_one_line(c
     assert "\n" not in msg and type(err.value.__cause__).__name__ == "PapermillExecutionError"
 
 
-def test_a_pool_of_gpu_workers_takes_no_fresh_process_per_job():
-    with pytest.raises(ValueError, match="one_job_each takes none"):
-        runner.process_pool(2, ["0", "1"], one_job_each=True)
-
-
 def test_book_build_is_a_thin_caller_of_the_runner(tmp_path, capsys):
     """`emlib.book build` on a one-chapter book: the chapter gets profile, config (with the run directory and
     -p's fields) and interactive=False, its notebook lands in RUN_DIR/executed/, the book renders, and the
