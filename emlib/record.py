@@ -501,15 +501,27 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
                 collect_finetunes(state)
             else:
                 time.sleep(2)
+            if pool is not None and no_more_finetunes(plan, state):
+                pool.shutdown(wait=True)  # idle workers hold a model and a CUDA context each: free them for
+                pool = None  # the chapters still running
             collect_chapters(plan, state)
             now = len(state.timings["jobs"]) + len(state.timings["chapters"])
             if now != ended:  # a killed run still says what it finished, and when
                 ended = now
                 write_summary(plan, state, workers, t_start, final=False)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for proc, _ in state.processes.values():
             proc.kill()
+
+
+def no_more_finetunes(plan: Plan, state: RunState) -> bool:
+    """No finetune is queued, training or to be retried, and none can be added: chapter 3's follow-ups are
+    planned, or this run has no chapter 3 (or no extra seeds) to plan them."""
+    pending = any(v in (WAITING, RUNNING, RETRY) for v in state.finetunes.values())
+    has_ch3 = any(st.startswith("03") for st in state.chapters)
+    return not state.futures and not pending and (state.followed or not has_ch3 or not plan.seeds)
 
 
 def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, final: bool = True) -> dict:

@@ -710,3 +710,22 @@ def test_a_worker_keeps_its_model_and_trains_each_finetune_as_a_fresh_process_wo
         log_a = pd.read_csv(next((cfg_a.out / Path(rel).parts[0] / Path(rel).parts[1]).glob("*log*.csv")))
         log_b = pd.read_csv(next((cfg_b.out / Path(rel).parts[0] / Path(rel).parts[1]).glob("*log*.csv")))
         assert log_a["loss"].tolist() == log_b["loss"].tolist(), job.name
+
+
+def test_the_pool_is_freed_once_no_finetune_can_come(tmp_path):
+    """Long-lived workers hold a model and a CUDA context each: run_all shuts the pool down once no finetune
+    is queued, training or to be retried and chapter 3's follow-ups are planned (or cannot come)."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["03", "04", "05"], speculate=False)
+    state = record.RunState.of(plan)
+    assert not record.no_more_finetunes(plan, state)  # all waiting
+    state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+    assert not record.no_more_finetunes(plan, state)  # chapter 3 has not chosen: follow-ups will come
+    state.followed = True
+    assert record.no_more_finetunes(plan, state)
+    for status in (record.RUNNING, record.RETRY, record.WAITING):
+        state.finetunes[next(iter(state.finetunes))] = status
+        assert not record.no_more_finetunes(plan, state), status
+    alone = record.plan_run("smoke", str(tmp_path / "other"), chapters=["04"])  # no chapter 3: none can come
+    done = record.RunState.of(alone)
+    done.finetunes = dict.fromkeys(done.finetunes, record.DONE)
+    assert record.no_more_finetunes(alone, done)
