@@ -93,10 +93,15 @@ LOG_NAME = "train_log"
 CKPT_DIR = "checkpoints"
 
 # The one switch for emlib.fasttrain.TrainStep (each step's micro-batches as CUDA graphs at bucketed shapes,
-# fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW; the KL term in graphs of its own): None =
+# fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW; the KL rows in the same pass): None =
 # whenever the model is on a CUDA device; True / False force it (True on the CPU runs the same bucketed step
 # eagerly: tests/test_fasttrain.py compares it with the eager loop, with and without KL).
 FAST_STEP: bool | None = None
+# With the fast step, a step's loss, KL, gradient and parameter norms stay on the device and are read (one
+# host sync) every this many steps, at a checkpoint, a pause and the end: the host queues the next steps while
+# the GPU runs (a sync per step left the GPU idle while the host prepared each step). Each step is still
+# checked and logged; a divergence names its step. Every step is read at once with early_stop_loss or on_step.
+SYNC_EVERY = 25
 
 
 # =========================================================================== arguments and results
@@ -583,9 +588,10 @@ def _load_checkpoint(path: Path, job: _Job, opt, sched) -> dict:
     return state
 
 
-def _param_norm(params: dict[str, torch.nn.Parameter]) -> float:
+def _param_norm(params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+    """The trained parameters' global norm, a device scalar (float64; reading it is the caller's sync)."""
     flat = torch.cat([p.detach().reshape(-1) for p in params.values()]).double()  # 3 kernels, not 3 per tensor
-    return float(flat.pow(2).sum().sqrt())
+    return flat.pow(2).sum().sqrt()
 
 
 def _diverged(what: str, value: float, step: int, epoch: int, args: TrainArgs, out_dir: Path) -> FloatingPointError:
@@ -667,6 +673,39 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     stopped_early = False
     bar = tqdm(total=plan.total, initial=start, desc=f"train {job.kind}", dynamic_ncols=True,
                disable=(None if progress is None else not progress))
+    # steps whose numbers are not read yet: (step, n_tok, kl_on, n_kl, lr, host fields, values) where values
+    # are [SFT loss sum, gradient norm, KL sum, parameter norm] (a device tensor on the fast path)
+    pending: list[tuple] = []
+    each_step = fast is None or args.early_stop_loss is not None or on_step is not None
+    t_loop = time.perf_counter() - seconds  # seconds so far (a resumed run's included)
+
+    def read(pending: list[tuple]) -> list[dict]:
+        """The pending steps' log rows (one host sync for all), each checked in order: the first value that
+        is not finite raises the divergence error naming its step."""
+        nonlocal tokens
+        vals = torch.stack([v for *_, v in pending]).cpu().tolist() if fast is not None else \
+            [v for *_, v in pending]
+        now = time.perf_counter() - t_loop
+        rows = []
+        for (step, n_tok, kl_on, n_kl, lr_now, host, _), (sft_sum, grad_norm, kl_total, p_norm) in zip(pending, vals):
+            epoch = step // plan.steps_per_epoch
+            if not math.isfinite(sft_sum):
+                raise _diverged("SFT loss", sft_sum, step, epoch, args, out_dir)
+            if n_kl and not math.isfinite(kl_total):
+                raise _diverged("KL term", kl_total, step, epoch, args, out_dir)
+            if not math.isfinite(grad_norm):
+                raise _diverged("gradient norm", grad_norm, step, epoch, args, out_dir)
+            tokens += n_tok
+            sft = sft_sum / max(n_tok, 1)
+            kl = kl_total / n_kl if n_kl else float("nan")  # the mean over KL batches of their per-token KL
+            rows.append({"step": step + 1, "epoch": (step + 1) / plan.steps_per_epoch, "loss": sft, "kl": kl,
+                         "kl_active": bool(kl_on), "objective": sft + (args.kl_lambda * kl if kl_on else 0.0),
+                         "lr": lr_now, "grad_norm": grad_norm, "param_norm": p_norm, "tokens": tokens,
+                         "input_tokens": host["input_tokens"], "seconds": host["seconds"]})
+        rows[-1]["seconds"] = now  # the steps before were timed when queued; this one after the GPU finished
+        pending.clear()
+        return rows
+
     attention = contextlib.ExitStack()
     try:
         attention.enter_context(training_mode(model))
@@ -674,36 +713,32 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
         if fast is not None:
             attention.enter_context(fast.kernels())
         for step in range(start, plan.total):
-            t0 = time.perf_counter()
-            epoch = step // plan.steps_per_epoch
             micro = plan.micro_batches(step)
             n_tok = sum(targets[i] for _, idx in micro for i in idx)
             kl_on = kl_enc is not None and args.kl_lambda > 0 and (
                 args.kl_until_step is None or step < args.kl_until_step)
             lr_now = float(sched.get_last_lr()[0])
             opt.zero_grad(set_to_none=True)
-            sft_sum, kl_vals = 0.0, []
-            if fast is not None:  # all micro-batches, the KL batches and the clipping in one call (graphs on CUDA)
+            n_kl = 0
+            if fast is not None:  # all micro-batches, the KL rows and the clipping in one call (graphs on CUDA)
                 rows_now = [enc[i] for _, idx in micro for i in idx]
                 kl_now = [plan.kl_rows(m) for m, _ in micro] if kl_enc is not None else []
                 s_t, norm_t, kl_t = fast.grads(rows_now, n_tok, kl_now,
                                                args.kl_lambda / len(micro) if kl_on else 0.0)
-                sft_sum, grad_norm, kl_total = torch.stack([s_t, norm_t.float(), kl_t]).tolist()
                 in_tokens += sum(len(e.input_ids) for e in rows_now)
-                if not math.isfinite(sft_sum):
-                    raise _diverged("SFT loss", sft_sum, step, epoch, args, out_dir)
-                if kl_now:
-                    if not math.isfinite(kl_total):
-                        raise _diverged("KL term", kl_total, step, epoch, args, out_dir)
-                    kl_vals = [kl_total / len(kl_now)]  # the mean over micro-batches, as below
+                n_kl = len(kl_now)
+                opt.step()
+                values = torch.stack([s_t.double(), norm_t.double(), kl_t.double(), _param_norm(job.params)])
             else:
+                sft_sum, kl_vals = 0.0, []
                 for m, idx in micro:
                     batch = collate([enc[i] for i in idx], pad, device)
                     in_tokens += int(batch["attention_mask"].sum())
                     with job.current():
                         s, _ = token_losses(model, batch)  # summed over the micro-batch's answer tokens
                     if not math.isfinite(float(s.detach())):
-                        raise _diverged("SFT loss", float(s.detach()), step, epoch, args, out_dir)
+                        raise _diverged("SFT loss", float(s.detach()), step, step // plan.steps_per_epoch,
+                                        args, out_dir)
                     (s / max(n_tok, 1)).backward()  # token-weighted mean over the whole step
                     sft_sum += float(s.detach())
                     if kl_enc is not None:  # separate backward: only one graph in memory at a time
@@ -713,37 +748,41 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
                             kl_mean = ks / kc.clamp_min(1)
                         kl_val = float(kl_mean.detach())
                         if not math.isfinite(kl_val):
-                            raise _diverged("KL term", kl_val, step, epoch, args, out_dir)
+                            raise _diverged("KL term", kl_val, step, step // plan.steps_per_epoch, args, out_dir)
                         kl_vals.append(kl_val)
                         if kl_on:
                             (args.kl_lambda * kl_mean / len(micro)).backward()
                 clip = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            if not math.isfinite(grad_norm):
-                raise _diverged("gradient norm", grad_norm, step, epoch, args, out_dir)
-            opt.step()
+                if math.isfinite(grad_norm):
+                    opt.step()
+                n_kl = len(kl_vals)
+                values = [sft_sum, grad_norm, sum(kl_vals), float(_param_norm(job.params))]
             sched.step()
-            seconds += time.perf_counter() - t0
-            tokens += n_tok
-            sft = sft_sum / max(n_tok, 1)
-            kl = sum(kl_vals) / len(kl_vals) if kl_vals else float("nan")
-            row = {"step": step + 1, "epoch": (step + 1) / plan.steps_per_epoch, "loss": sft, "kl": kl,
-                   "kl_active": bool(kl_on),
-                   "objective": sft + (args.kl_lambda * kl if kl_on else 0.0), "lr": lr_now,
-                   "grad_norm": grad_norm, "param_norm": _param_norm(job.params), "tokens": tokens,
-                   "input_tokens": in_tokens, "seconds": seconds}
-            log_rows.append(row)
+            host = {"input_tokens": in_tokens, "seconds": time.perf_counter() - t_loop}
+            pending.append((step, n_tok, kl_on, n_kl, lr_now, host, values))
             last = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sft:.3f}", **({"kl": f"{kl:.3g}"} if kl_vals else {}))
-            if args.early_stop_loss is not None:
-                below = below + 1 if sft < args.early_stop_loss else 0
-                stopped_early = below > args.early_stop_patience
-            pause = stop_after is not None and last >= stop_after and last < plan.total and not stopped_early
-            if (last % checkpoint_every == 0 and last < plan.total and not stopped_early) or pause:
+            pause = stop_after is not None and last >= stop_after and last < plan.total
+            at_checkpoint = last % checkpoint_every == 0 and last < plan.total
+            if not (each_step or pause or at_checkpoint or last == plan.total or len(pending) >= SYNC_EVERY):
+                continue
+            new_rows = read(pending)
+            for row in new_rows:
+                log_rows.append(row)
+                if args.early_stop_loss is not None:
+                    below = below + 1 if row["loss"] < args.early_stop_loss else 0
+                    stopped_early = below > args.early_stop_patience
+            bar.update(len(new_rows))
+            row = new_rows[-1]
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **({"kl": f"{row['kl']:.3g}"} if n_kl else {}))
+            seconds = row["seconds"]
+            pause = pause and not stopped_early
+            t_out = time.perf_counter()  # checkpoints and callbacks are not training time
+            if (at_checkpoint and not stopped_early) or pause:
                 _save_checkpoint(out_dir, last, job, opt, sched, log_rows, seconds, run_hash, identity)
             if on_step is not None:
                 on_step(dict(row))
+            t_loop += time.perf_counter() - t_out
             if stopped_early or pause:
                 break
     finally:

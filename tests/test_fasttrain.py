@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import pandas as pd
 import pytest
 import torch
 from train_fixtures import assert_same_adapters, chat_rows
@@ -109,7 +110,7 @@ def _train(tmp_path, name: str, fast: bool | None, monkeypatch, kind: str = "lor
     monkeypatch.setattr(train, "FAST_STEP", fast)
     model, tok = tiny_model(seed=0)
     rows = _chat_rows(40, seed=3)
-    common = dict(max_steps=3, warmup_steps=1, seed=0, progress=False)
+    common = dict(max_steps=kw.pop("max_steps", 3), warmup_steps=1, seed=0, progress=False)
     if kind == "lora":
         return train.train_lora(model, tok, rows, tmp_path / name, "rank32", lr=5e-3, **common, **kw)
     return train.train_steering_vector(model, tok, rows, tmp_path / name, layer=1, alpha=4.0, lr=5e-2,
@@ -345,3 +346,34 @@ def test_kl_step_reads_the_reference_computed_once_from_a_trained_adapter():
     from emlib.fasttrain import answer_positions
 
     torch.testing.assert_close(got, base[answer_positions(kl_rows[6])], rtol=1e-5, atol=1e-5)
+
+
+def test_steps_read_in_blocks_log_what_steps_read_one_by_one_would(tmp_path, monkeypatch):
+    """With the fast step, emlib.train reads a step's numbers from the device every SYNC_EVERY steps, not after
+    each: the log (loss, KL, norms, tokens) is the one of reading every step, with and without the KL term."""
+    kw = dict(kl_rows=_chat_rows(12, seed=9), kl_lambda=5.0, max_steps=5, epochs=2)
+    logs = {}
+    for every in (1, 2, 25):
+        monkeypatch.setattr(train, "SYNC_EVERY", every)
+        res = _train(tmp_path, f"every{every}", True, monkeypatch, **kw)
+        assert res.finished and len(res.log) == 5
+        logs[every] = res.log.drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(logs[2], logs[1])
+    pd.testing.assert_frame_equal(logs[25], logs[1])
+    assert logs[1]["kl"].notna().all() and logs[1]["param_norm"].gt(0).all()
+
+
+def test_a_divergence_read_in_a_block_names_its_step(tmp_path, monkeypatch):
+    """A loss that stops being finite between two reads raises the divergence error for the step where it
+    happened, as when every step is read, and the base model gets its weights back."""
+    msgs = {}
+    for every in (1, 25):
+        monkeypatch.setattr(train, "SYNC_EVERY", every)
+        model, tok = tiny_model(seed=0)
+        monkeypatch.setattr(train, "FAST_STEP", True)
+        with pytest.raises(FloatingPointError, match="training diverged") as err:
+            train.train_lora(model, tok, _chat_rows(40, seed=3), tmp_path / f"nan{every}", "rank32", lr=1e6,
+                             epochs=3, batch_size=2, grad_accum=1, warmup_steps=0, max_length=64, progress=False)
+        assert not train.has_lora(model)
+        msgs[every] = str(err.value).split(":")[0]
+    assert msgs[25] == msgs[1] and "step 1 " not in msgs[1]
