@@ -2,7 +2,7 @@
 
 Chapter 3's sweep trains steering vectors that differ only in their KL term: the general solution (none), the
 narrow one at five lambdas and the drift run (KL for the first half of the steps). At one seed they read the
-same training rows in the same order, and those with a KL term the same KL rows. Trained one per process
+same training rows in the same order, and those with a KL term the same KL rows. Trained one at a time
 (:func:`emlib.train.train_steering_vector`), each recomputes what the others compute too: the layers below the
 vector, and the reference model on the KL rows (64 rows a step at the paper's settings, four times the
 training rows). :func:`train_vectors` trains them together:
