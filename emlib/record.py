@@ -187,6 +187,7 @@ class RunState:
     followed: bool = False  # chapter 3's follow-ups planned
     sweep_ready: bool = False  # this run's chapter 3 has recorded its lambda sweep (or ended)
     sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
+    t0: float = field(default_factory=time.time)  # the run's start: record.json's started_s / ended_s count from it
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -452,11 +453,12 @@ def collect_finetunes(state: RunState, timeout: float = 5) -> None:
                     state.finetunes[job.name] = FAILED
                     print(f"[record] finetune {job.name} FAILED: {state.failures[job.name]}", flush=True)
             continue
+        ended = round(time.time() - state.t0, 1)  # when the runner saw it end (it polls every few seconds)
         for job, res in zip(jobs, r if isinstance(r, list) else [r]):
             state.finetunes[job.name] = DONE
-            state.timings["jobs"][job.name] = res
+            state.timings["jobs"][job.name] = res | {"ended_s": ended}
             state.failures.pop(job.name, None)
-            print(f"[record] finetune {job.name} done: {res}", flush=True)
+            print(f"[record] finetune {job.name} done at {ended} s: {res}", flush=True)
 
 
 def collect_chapters(plan: Plan, state: RunState) -> None:
@@ -468,7 +470,9 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         del state.processes[stem]
         secs = round(time.time() - t, 1)
         prev = state.timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
-        state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode} | (
+        began = round(t - state.t0, 1)  # seconds from the run's start
+        state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode, "started_s": began,
+                                           "ended_s": round(began + secs, 1)} | (
             {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
         log = Path(plan.chapter(stem).log)
         if proc.returncode == 0:
@@ -571,6 +575,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
     state = RunState.of(plan)
+    state.t0 = t_start
     state.threads = runner.threads_per_process(workers + max_parallel_chapters)
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)

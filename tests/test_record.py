@@ -201,6 +201,11 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     assert "executed/04_efficiency.ipynb" in names and "results.json" in names
     assert "logs/phases/04_efficiency.json" in names  # where the chapter's time went (emlib.timing)
     assert "phases" in summary["timings"]["jobs"][next(iter(summary["timings"]["jobs"]))]
+    # a timeline: when each finetune ended and each chapter started and ended, from the run's start
+    ch = summary["timings"]["chapters"]["04_efficiency"]
+    last_finetune = max(j["ended_s"] for j in summary["timings"]["jobs"].values())
+    assert 0 < last_finetune <= ch["started_s"] + 5 and ch["ended_s"] == round(ch["started_s"] + ch["seconds"], 1)
+    assert ch["ended_s"] <= summary["timings"]["total_s"]
     assert not any(n.endswith(".safetensors") and "/adapter/" in n for n in names)  # weights go apart
     with tarfile.open(tmp_path / "pack" / "adapters.tar.gz") as tar:
         weights = tar.getnames()
@@ -282,7 +287,8 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     assert (tmp_path / "rec" / "logs" / f"{ch4}-out-of-memory.log").read_text().startswith("attempt 1")
     record.collect_chapters(plan, state)
     assert state.chapters[ch4] == record.FAILED and not state.unfinished()  # no third attempt
-    assert set(state.timings["chapters"][ch4]) == {"seconds", "returncode", "out_of_memory_attempt_s"}
+    assert set(state.timings["chapters"][ch4]) == {"seconds", "returncode", "out_of_memory_attempt_s", "started_s",
+                                                   "ended_s"}
     assert state.failures[ch4].startswith("attempt 2")
 
 
