@@ -187,7 +187,7 @@ class RunState:
     followed: bool = False  # chapter 3's follow-ups planned
     sweep_ready: bool = False  # this run's chapter 3 has recorded its lambda sweep (or ended)
     sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
-    t0: float = field(default_factory=time.time)  # the run's start: record.json's started_s / ended_s count from it
+    t0: float = field(default_factory=time.time)  # the run's start: total_s, started_s and ended_s count from it
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -382,8 +382,7 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
     trained ahead, ``plan.speculative``, are not submitted again). Chapters 4-5 start without waiting for
     them: each asks for them when it gets there (chapter 5 does the steering vectors first) and waits for
     the worker training them (:func:`emlib.train.finetune_lock`)."""
-    ch3 = next((st for st in state.chapters if st.startswith("03")), None)
-    if state.followed or not plan.seeds or ch3 is None:
+    if not followups_may_come(plan, state):
         return
     note_sweep(plan, state)
     if not state.sweep_ready:
@@ -406,7 +405,7 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
           + (f"; trained ahead: {', '.join(ahead)}" if ahead else ""), flush=True)
 
 
-def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start: float) -> None:
+def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None:
     """Start each waiting chapter whose finetunes and earlier chapters are done (at most ``max_parallel`` at
     once); a chapter whose planned finetune or earlier chapter failed is not run (it would train the finetune
     again itself). Chapters 4-6 wait for chapter 3's recorded lambda sweep, not for its end (:func:`note_sweep`),
@@ -432,7 +431,7 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int, t_start
                 + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
         elif not waiting and all(state.finetunes[n] == DONE for n in needs):
-            print(f"[record] chapter {stem} starts ({time.time() - t_start:.0f} s)", flush=True)
+            print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s)", flush=True)
             start_chapter(plan, state, stem)
 
 
@@ -489,7 +488,7 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         print(f"[record] chapter {stem} FAILED in {secs} s: {_last_error_line(log)} (log: {log})", flush=True)
 
 
-def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int, t_start: float) -> None:
+def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int) -> None:
     """Every finetune in a pool of long-lived worker processes, each chapter as soon as its finetunes exist."""
     # long-lived workers: each loads the model once (worker_experiment) and gives back what a finetune allocated
     pool = runner.process_pool(workers, threads=state.threads)
@@ -500,7 +499,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
         while state.unfinished():
             plan_followups(plan, state, pool)
             retry_alone(plan, state, pool)
-            start_ready_chapters(plan, state, max_parallel_chapters, t_start)
+            start_ready_chapters(plan, state, max_parallel_chapters)
             if state.futures:
                 collect_finetunes(state)
             else:
@@ -512,7 +511,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
             now = len(state.timings["jobs"]) + len(state.timings["chapters"])
             if now != ended:  # a killed run still says what it finished, and when
                 ended = now
-                write_summary(plan, state, workers, t_start, final=False)
+                write_summary(plan, state, workers, final=False)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -524,11 +523,16 @@ def no_more_finetunes(plan: Plan, state: RunState) -> bool:
     """No finetune is queued, training or to be retried, and none can be added: chapter 3's follow-ups are
     planned, or this run has no chapter 3 (or no extra seeds) to plan them."""
     pending = any(v in (WAITING, RUNNING, RETRY) for v in state.finetunes.values())
-    has_ch3 = any(st.startswith("03") for st in state.chapters)
-    return not state.futures and not pending and (state.followed or not has_ch3 or not plan.seeds)
+    return not state.futures and not pending and not followups_may_come(plan, state)
 
 
-def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, final: bool = True) -> dict:
+def followups_may_come(plan: Plan, state: RunState) -> bool:
+    """Chapter 3's follow-up finetunes are still to be planned: this run has chapter 3 and extra seeds, and
+    :func:`plan_followups` has not planned them yet."""
+    return not state.followed and bool(plan.seeds) and any(st.startswith("03") for st in state.chapters)
+
+
+def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True) -> dict:
     """``record.json`` and the ``timings`` key of ``results.json``: the configuration, the device, every
     finetune's and chapter's wall time (``timings.chapters[stem].seconds``), the total and the failures.
 
@@ -539,7 +543,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, t_start: float, fin
 
     from . import experiment
 
-    state.timings["total_s"] = round(time.time() - t_start, 1)
+    state.timings["total_s"] = round(time.time() - state.t0, 1)
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
@@ -580,8 +584,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)
-        run_all(plan, state, workers, max_parallel_chapters, t_start)
-        summary = write_summary(plan, state, workers, t_start)
+        run_all(plan, state, workers, max_parallel_chapters)
+        summary = write_summary(plan, state, workers)
     print(f"[record] finished in {state.timings['total_s']} s; failures: {sorted(state.failures) or 'none'}",
           flush=True)
     if pack:

@@ -275,7 +275,7 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     monkeypatch.setattr(record, "_run_chapter", fake)
     failed = sorted(plan.needs[ch3] - plan.needs[ch4])[0]  # a vector only chapter 3 uses
     state.finetunes = {n: record.FAILED if n == failed else record.DONE for n in state.finetunes}
-    record.start_ready_chapters(plan, state, max_parallel=2, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=2)
     assert started == ["00_datasets", ch4]
     assert state.chapters == {"00_datasets": record.RUNNING, ch3: record.FAILED, ch4: record.RUNNING}
     assert state.failures == {ch3: f"not run: finetune(s) {failed} failed"}
@@ -302,13 +302,13 @@ def test_a_run_in_progress_says_what_it_finished(root, tmp_path):
     state.timings["jobs"][first] = {"job": first, "seconds": 1.5}
     state.chapters["00_datasets"] = record.DONE
     state.timings["chapters"]["00_datasets"] = {"seconds": 2.0, "returncode": 0}
-    record.write_summary(plan, state, workers=2, t_start=0.0, final=False)
+    record.write_summary(plan, state, workers=2, final=False)
     meta = json.loads((tmp_path / "rec" / "record.json").read_text())
     assert meta["in_progress"] is True and meta["timings"]["jobs"][first]["seconds"] == 1.5
     assert meta["unfinished"] == {n: record.WAITING for n in sorted(state.finetunes) if n != first} | {
         "04_efficiency": record.WAITING}
     assert not (tmp_path / "rec" / "results.json").exists()
-    record.write_summary(plan, state, workers=2, t_start=0.0)  # the end of the run
+    record.write_summary(plan, state, workers=2)  # the end of the run
     meta = json.loads((tmp_path / "rec" / "record.json").read_text())
     assert "in_progress" not in meta and "timings" in json.loads((tmp_path / "rec" / "results.json").read_text())
 
@@ -594,7 +594,7 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     state = record.RunState.of(plan)
     state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
     state.chapters["03_narrow_needs_kl"] = record.FAILED
-    record.start_ready_chapters(plan, state, max_parallel=2, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=2)
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
 
 
@@ -632,7 +632,7 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, 
     state.finetunes = {n: record.RUNNING if n in submitted else record.DONE for n in state.finetunes}
     started = []
     monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: started.append(job.chapter) or object())
-    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=8)
     assert sorted(started) == ["04_efficiency", "05_stability"]
 
 
@@ -669,13 +669,13 @@ def test_chapters_4_to_6_wait_for_chapter_3s_sweep_not_its_end(root, tmp_path, m
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": old}))
     state = fresh(record.RUNNING)
     state.sweep_before = old  # an earlier run's sweep is not this run's choice
-    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=8)
     assert started == [] and not state.sweep_ready
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": [dict(old[0], kl_scale=2.0)]}))
-    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=8)
     assert state.sweep_ready and sorted(started) == ["04_efficiency", "05_stability", "06_pretraining_influence"]
     state = fresh(record.FAILED)
-    record.start_ready_chapters(plan, state, max_parallel=8, t_start=0.0)
+    record.start_ready_chapters(plan, state, max_parallel=8)
     assert started == ["06_pretraining_influence"]
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
 
