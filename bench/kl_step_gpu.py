@@ -40,7 +40,8 @@ from train_gpu import synthetic_rows  # noqa: E402
 from emlib import train  # noqa: E402
 from emlib.chat import IGNORE, Encoded  # noqa: E402
 from emlib.data import atomic_write_bytes  # noqa: E402
-from emlib.fasttrain import TrainStep, _n_targets, collate_right, fast_kl_sum, one_sequence_per_row  # noqa: E402
+from emlib.chat import n_targets  # noqa: E402
+from emlib.fasttrain import TrainStep, collate_right, fast_kl_sum, one_sequence_per_row  # noqa: E402
 
 
 class BeforeStep(TrainStep):
@@ -89,7 +90,7 @@ class BeforeStep(TrainStep):
         for shape, kl_rows in kl_plan:
             batch = collate_right(kl_rows, self.pad, self.pad_multiple, shape=shape)
             x = {k: batch[k] for k in ("input_ids", "target_index", "targets")}
-            x["inv_count"] = torch.tensor(1.0 / max(sum(_n_targets(e) for e in kl_rows), 1))
+            x["inv_count"] = torch.tensor(1.0 / max(sum(n_targets(e) for e in kl_rows), 1))
             if self.use_graphs:
                 graph, static = self._graphs[("kl", shape)]
                 for k, buf in static.items():
@@ -150,7 +151,7 @@ def run(variant: str, shape: str, device: str, rows, kl_rows, steps: int, warmup
                 sync(device)
                 t0 = time.perf_counter()
             batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-            n_tok = sum(_n_targets(e) for e in batch)
+            n_tok = sum(n_targets(e) for e in batch)
             kl = [[(kl_batch * s + i) % len(kl_rows) for i in range(kl_batch)]] if variant != "general" else []
             if count_ops and s == warmup + steps - 1:
                 with OpCounter() as c:

@@ -33,6 +33,16 @@ class Encoded:
     labels: list[int]  # IGNORE on prompt tokens
 
 
+def n_targets(e: Encoded) -> int:
+    """How many of ``e``'s tokens are predicted with a loss (answer tokens after the first position)."""
+    return sum(1 for lab in e.labels[1:] if lab != IGNORE)
+
+
+def answer_positions(e: Encoded) -> list[int]:
+    """Positions whose next token is an answer token (where the loss and the KL are read; ``n_targets`` of them)."""
+    return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
+
+
 def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template (the one place this is done;
     newer tokenizers return a BatchEncoding, older ones a list)."""

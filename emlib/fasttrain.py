@@ -70,7 +70,7 @@ import pandas as pd
 import torch
 
 from .adapters import has_lora
-from .chat import IGNORE, Encoded, encode_rows
+from .chat import IGNORE, Encoded, encode_rows, n_targets
 from .data import DataError
 
 
@@ -243,11 +243,6 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return flat, targets, head
 
 
-def answer_positions(e: Encoded) -> list[int]:
-    """Positions whose next token is an answer token (where the loss and the KL are read)."""
-    return [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != IGNORE]
-
-
 def _chunked_ce(flat: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Summed cross-entropy of ``head(flat)`` [n, d] against ``targets`` [n] (ignored ones add 0), ``chunk``
     positions at a time, each under activation checkpointing when gradients are on (no [n, vocab] tensor
@@ -347,10 +342,6 @@ def fused_lora_linears(model):
 
 # =========================================================================== the train step
 Shape = tuple[int, int, int]  # (rows, padded length, answer targets) of a micro-batch
-
-
-def _n_targets(e: Encoded) -> int:
-    return sum(1 for lab in e.labels[1:] if lab != IGNORE)
 
 
 def _float_dtype(model) -> torch.dtype | None:
@@ -463,11 +454,11 @@ class TrainStep:
         self._pool = None
 
     # ---------------------------------------------------------------- shapes
-    def shape(self, rows: Sequence[Encoded], n_targets: int | None = None) -> Shape:
-        """The (bucketed) shape of one micro-batch of ``rows`` (``n_targets``: its cross-entropy targets,
+    def shape(self, rows: Sequence[Encoded], targets: int | None = None) -> Shape:
+        """The (bucketed) shape of one micro-batch of ``rows`` (``targets``: its cross-entropy targets,
         default every answer token of ``rows``)."""
         longest = max(len(e.input_ids) for e in rows)
-        n_t = sum(_n_targets(e) for e in rows) if n_targets is None else n_targets
+        n_t = sum(n_targets(e) for e in rows) if targets is None else targets
         if self.per_octave is None:
             return (len(rows), _round_up(longest, self.pad_multiple), n_t)
         po = self.per_octave
@@ -514,7 +505,7 @@ class TrainStep:
             raise ValueError("The KL term needs the reference model and the KL rows: construct TrainStep with "
                              "reference= and kl_rows=.")
         kl, (decoder, _) = self.kl_rows, decoder_and_head(self.model)
-        counts = [len(answer_positions(e)) for e in kl]
+        counts = [n_targets(e) for e in kl]
         offset = [0]
         for c in counts:
             offset.append(offset[-1] + c)
@@ -560,12 +551,8 @@ class TrainStep:
         """The input buffers of one micro-batch (CPU tensors): ``rows`` = its training rows (the first
         ``n_sft``) then its KL rows, ``kl_items`` = (KL row index, weight) of those KL rows."""
         b, s, t = shape
-        ids = torch.full((b, s), self.pad, dtype=torch.long)
-        lab = torch.full((b, s), IGNORE, dtype=torch.long)
-        for j, e in enumerate(rows):
-            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            lab[j, :len(e.labels)] = torch.tensor(e.labels)
-        nxt = lab[:, 1:]  # [b, s-1]: the next token of every position
+        padded = collate_right(rows, self.pad, shape=(b, s, sum(n_targets(e) for e in rows)))
+        ids, nxt = padded["input_ids"], padded["labels"][:, 1:]  # [b, s], [b, s-1]: each position's next token
         sft, klp = nxt.clone(), nxt.clone()
         sft[n_sft:], klp[:n_sft] = IGNORE, IGNORE
         index = (sft.reshape(-1) != IGNORE).nonzero().squeeze(1)  # row by row, positions in order
@@ -649,7 +636,7 @@ class TrainStep:
             mrows = [every[j][0] for j in micro]
             n_sft = sum(1 for j in micro if every[j][1] is None)
             kl_items = [every[j][1] for j in micro[n_sft:]]
-            shape = self.shape(mrows, sum(_n_targets(e) for e in mrows[:n_sft]))
+            shape = self.shape(mrows, sum(n_targets(e) for e in mrows[:n_sft]))
             n_kl = self._kl_size(sum(self._ref["counts"][i] for i, _ in kl_items)) if kl_items else 0
             work.append((mrows, n_sft, kl_items, shape, n_kl))
         for *_, shape, n_kl in work:  # before the step's gradients start (a capture's warm-up writes into them)
@@ -722,7 +709,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     lengths = [len(e.input_ids) for e in enc]
-    n_targets = [_n_targets(e) for e in enc]
+    n_tgt = [n_targets(e) for e in enc]
     steps_per_epoch = math.ceil(len(enc) / args.rows_per_step)
     total = args.epochs * steps_per_epoch
     total = min(total, args.max_steps) if args.max_steps else total
@@ -762,7 +749,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
                     torch.cuda.synchronize()
                 t_timed = time.perf_counter()
             idx = step_rows(step)
-            n_tok = sum(n_targets[i] for i in idx)
+            n_tok = sum(n_tgt[i] for i in idx)
             n_in = sum(lengths[i] for i in idx)
             lrs.append(float(sched.get_last_lr()[0]))
             loss_sum, norm, _ = runner.grads([enc[i] for i in idx], n_tok)

@@ -71,7 +71,7 @@ import torch
 from . import adapters
 from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
-from .chat import IGNORE, Encoded, collate, encode_rows, token_losses
+from .chat import IGNORE, collate, encode_rows, n_targets, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash, file_lock
 from .hooks import add_vector, nothing
 from .models import check_layer, layer_from_fraction, n_layers
@@ -353,10 +353,6 @@ def _no_cudnn_attention():
         torch.backends.cuda.enable_cudnn_sdp(was)
 
 
-def _n_targets(e: Encoded) -> int:
-    return sum(1 for lab in e.labels[1:] if lab != IGNORE)
-
-
 def _order(seed: int, salt: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed((seed * 1_000_003 + salt) % (2 ** 63))
     return torch.randperm(n, generator=g).tolist()
@@ -465,8 +461,8 @@ def finished_run(out_dir: str | Path, identity: dict) -> dict | None:
     them."""
     meta = read_meta(out_dir)
     if meta is not None and meta.get("run_hash") != _hash(identity):
-        changes = "; ".join(_diff(meta.get("identity", {}), json.loads(json.dumps(identity, default=json_default))))
-        raise ValueError(f"{out_dir} holds a finished run with other arguments ({changes or 'unknown'}): "
+        raise ValueError(f"{out_dir} holds a finished run with other arguments "
+                         f"({_changes(meta.get('identity', {}), identity) or 'unknown'}): "
                          "use another out_dir, or pass overwrite=True to replace it.")
     return meta
 
@@ -494,6 +490,11 @@ def _identity(job_kind: str, spec: dict, args: TrainArgs, model, rows, kl_rows, 
 
 def _hash(identity: dict) -> str:
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def _changes(old: dict, identity: dict) -> str:
+    """What differs between a stored run's identity and ``identity`` (:func:`_identity`), as one line."""
+    return "; ".join(_diff(old, json.loads(json.dumps(identity, default=json_default))))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -633,7 +634,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     train_rows = list(rows) + list(mix_rows or [])
     enc = encode_rows(train_rows, tok, args.max_length)
     kl_enc = encode_rows(kl_rows, tok, args.max_length) if kl_rows else None
-    targets = [_n_targets(e) for e in enc]
+    targets = [n_targets(e) for e in enc]
     plan = _Plan(len(enc), len(kl_enc) if kl_enc else 0, args)
     device = next(job.model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -653,7 +654,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     if ck:
         state = torch.load(ck[-1] / "state.pt", map_location="cpu", weights_only=True)
         if state["run_hash"] != run_hash:
-            changes = "; ".join(_diff(json.loads(state["identity"]), json.loads(json.dumps(identity, default=json_default))))
+            changes = _changes(json.loads(state["identity"]), identity)
             raise ValueError(f"{out_dir} holds checkpoints of a run with other arguments ({changes}): use "
                              "another out_dir, or pass overwrite=True to start over.")
         state = _load_checkpoint(ck[-1], job, opt, sched)

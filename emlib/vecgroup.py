@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from . import timing, train
-from .chat import Encoded, encode_rows
+from .chat import Encoded, answer_positions, encode_rows, n_targets
 from .data import atomic_write_bytes, dataset_hash
 from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
@@ -263,7 +263,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     split = SplitDecoder(model, k)
     amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
            if cuda and dtype == torch.bfloat16 else nullcontext)
-    targets = [train._n_targets(e) for e in enc]
+    targets = [n_targets(e) for e in enc]
 
     vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device, dtype=torch.float32))
     opt = torch.optim.AdamW([vec], lr=args0.lr, weight_decay=args0.weight_decay, **({"fused": True} if cuda else {}))
@@ -338,7 +338,7 @@ def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multip
     """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end) and the
     reference model's final hidden state at every row's answer positions (``ref`` [positions, d], row i's at
     ``offset[i]`` onwards), computed once: every weight is frozen. ``pos``: each row's answer positions."""
-    from .fasttrain import answer_positions, collate_right
+    from .fasttrain import collate_right
 
     lengths = [len(e.input_ids) for e in kl_enc]
     pos = [answer_positions(e) for e in kl_enc]
@@ -437,11 +437,11 @@ class GroupStep:
     def _sft_inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         """The rows right-padded to this pass's shape with their answer positions and targets
         (:func:`emlib.fasttrain.collate_right`: padding positions carry the ignore label)."""
-        from .fasttrain import _n_targets, collate_right
+        from .fasttrain import collate_right
 
         b = self._size(len(batch))
         s = self._size(max(len(e.input_ids) for e in batch), self.multiple)
-        n = self._size(sum(_n_targets(e) for e in batch), 8, max(1, self.per_octave // 2))
+        n = self._size(sum(n_targets(e) for e in batch), 8, max(1, self.per_octave // 2))
         x = collate_right(batch, self.pad, shape=(b, s, n))
         return {"ids": x["input_ids"], "index": x["target_index"], "targets": x["targets"]}
 

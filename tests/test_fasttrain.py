@@ -343,7 +343,7 @@ def test_kl_step_reads_the_reference_computed_once_from_a_trained_adapter():
         base = model.get_decoder()(input_ids=torch.tensor([kl_rows[6].input_ids])).last_hidden_state[0]
     ref = step.reference_states()
     got = ref["ref"][ref["offset"][6]:ref["offset"][7]]
-    from emlib.fasttrain import answer_positions
+    from emlib.chat import answer_positions
 
     torch.testing.assert_close(got, base[answer_positions(kl_rows[6])], rtol=1e-5, atol=1e-5)
 
