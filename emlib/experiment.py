@@ -444,15 +444,16 @@ PROMPT_ROOM = 128  # tokens a rendered evaluation question takes at most, for ro
 
 def sampler_for(model) -> generate.Sampler:
     """The fast static-cache / CUDA-graph sampler for a model on a GPU, else Hugging Face ``generate``
-    (kept on the CPU so cached CPU answers keep their cache keys)."""
+    (kept on the CPU so cached CPU answers keep their cache keys); :func:`emlib.models.fast_paths` decides,
+    so ``$EMLIB_FAST_PATHS`` can turn it off on a GPU or on (eagerly) on the CPU."""
     try:
-        on_cuda = next(model.parameters()).device.type == "cuda"
+        device = next(model.parameters()).device
     except (StopIteration, AttributeError):
-        on_cuda = False
-    if on_cuda:
-        from .fastgen import fast_sampler
+        return generate.hf_sampler
+    if models.fast_paths(device):
+        from .fastgen import cpu_fast_sampler, fast_sampler
 
-        return fast_sampler
+        return fast_sampler if device.type == "cuda" else cpu_fast_sampler
     return generate.hf_sampler
 
 

@@ -388,6 +388,7 @@ class FastSampler:
 
 
 fast_sampler = FastSampler()
+cpu_fast_sampler = FastSampler(force=True)  # the same path on the CPU, eagerly ($EMLIB_FAST_PATHS=on)
 
 
 def _forward_kw(hf_model) -> str:

@@ -81,6 +81,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
+FAST_PATHS_ENV = "EMLIB_FAST_PATHS"
+
+
+def fast_paths(device: str | torch.device) -> bool:
+    """Whether the GPU fast paths run for a model on ``device``: :class:`emlib.fasttrain.TrainStep` in
+    ``emlib.train`` and :class:`emlib.fastgen.FastSampler` for answers. ``$EMLIB_FAST_PATHS``: ``auto`` (the
+    default) on a CUDA device only; ``off`` never (the plain training loop and ``generate``: the fallback if a
+    fast path misbehaves on some GPU); ``on`` on the CPU too, eagerly (no CUDA graphs; how the test suite runs
+    a whole run of record through the code a GPU runs)."""
+    val = os.environ.get(FAST_PATHS_ENV, "auto").strip().lower() or "auto"
+    if val not in ("auto", "on", "off"):
+        raise ValueError(f"${FAST_PATHS_ENV}={val!r}: use auto (CUDA only), on or off.")
+    return torch.device(device).type == "cuda" if val == "auto" else val == "on"
+
+
 def cache_root() -> Path:
     """The user cache for converted models and fetched data: ``$EMLIB_CACHE`` or ``~/.cache/emlib``."""
     root = os.environ.get("EMLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emlib")

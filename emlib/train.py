@@ -74,7 +74,7 @@ from .cache import canonical_json, json_default
 from .chat import IGNORE, collate, encode_rows, n_targets, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash, file_lock
 from .hooks import add_vector, nothing
-from .models import check_layer, layer_from_fraction, n_layers
+from .models import check_layer, fast_paths, layer_from_fraction, n_layers
 from . import timing
 from .timing import timed
 from .vectors import VECTOR_FILE, SteeringVector, load_vector, save_vector
@@ -94,8 +94,8 @@ CKPT_DIR = "checkpoints"
 
 # The one switch for emlib.fasttrain.TrainStep (each step's micro-batches as CUDA graphs at bucketed shapes,
 # fused RMSNorm / LoRA kernels, bf16 autocast, fused AdamW; the KL rows in the same pass): None =
-# whenever the model is on a CUDA device; True / False force it (True on the CPU runs the same bucketed step
-# eagerly: tests/test_fasttrain.py compares it with the eager loop, with and without KL).
+# emlib.models.fast_paths (on a CUDA device, or as $EMLIB_FAST_PATHS says); True / False force it (True on the
+# CPU runs the same bucketed step eagerly: tests/test_fasttrain.py compares it with the eager loop).
 FAST_STEP: bool | None = None
 # With the fast step, a step's loss, KL, gradient and parameter norms stay on the device and are read (one
 # host sync) every this many steps, at a checkpoint, a pause and the end: the host queues the next steps while
@@ -642,7 +642,7 @@ def _fit(job: _Job, tok, rows: list[dict], out_dir: str | Path, args: TrainArgs,
     # ---- optimizer, schedule, resume
     params = list(job.params.values())
     fast = None
-    if (FAST_STEP if FAST_STEP is not None else device.type == "cuda") and fast_step_fits(job.model):
+    if (FAST_STEP if FAST_STEP is not None else fast_paths(device)) and fast_step_fits(job.model):
         from .fasttrain import TrainStep
 
         fast = TrainStep(job.model, params, pad, max_grad_norm=args.max_grad_norm, current=job.current,

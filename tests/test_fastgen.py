@@ -592,3 +592,20 @@ def test_row_window_takes_row_indices_and_nests():
     torch.testing.assert_close(rows, table[[2, 5, 7]])
     torch.testing.assert_close(last, table[[7]])
     torch.testing.assert_close(tail, table[[5, 7]])
+
+
+def test_emlib_fast_paths_picks_the_sampler_and_the_train_step(monkeypatch):
+    """$EMLIB_FAST_PATHS is the one switch for both fast paths: auto = CUDA only, on = on the CPU too (eagerly),
+    off = never; anything else is refused with what to write."""
+    from emlib import experiment, fastgen, models
+
+    model, _tok = tiny_model()
+    monkeypatch.delenv(models.FAST_PATHS_ENV, raising=False)
+    assert experiment.sampler_for(model) is hf_sampler and not models.fast_paths("cpu") and models.fast_paths("cuda")
+    monkeypatch.setenv(models.FAST_PATHS_ENV, "on")
+    assert experiment.sampler_for(model) is fastgen.cpu_fast_sampler and models.fast_paths("cpu")
+    monkeypatch.setenv(models.FAST_PATHS_ENV, "off")
+    assert experiment.sampler_for(model) is hf_sampler and not models.fast_paths("cuda")
+    monkeypatch.setenv(models.FAST_PATHS_ENV, "yes")
+    with pytest.raises(ValueError, match="use auto"):
+        models.fast_paths("cpu")

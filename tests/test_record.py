@@ -598,6 +598,24 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     assert state.failures["04_efficiency"] == "not run: chapter(s) 03_narrow_needs_kl failed"
 
 
+def test_a_whole_run_of_record_through_the_gpus_code_on_the_cpu(root, tmp_path, monkeypatch):
+    """Every chapter, with what a GPU run does differently: the fast train step and the static-cache sampler
+    ($EMLIB_FAST_PATHS=on runs them eagerly on the CPU) and speculative vectors, in 2 long-lived workers:
+    no failure, every finetune trained by the fast step, and the speculative vector is not trained twice."""
+    monkeypatch.setenv("EMLIB_FAST_PATHS", "on")
+    run_dir = tmp_path / "rec"
+    summary = record.run("smoke", str(run_dir), workers=2, speculate=True)
+    assert summary["failures"] == {}
+    res = json.loads((run_dir / "results.json").read_text())
+    ran = res["timings"]["timings"]["chapters"]
+    chapters = sorted(p.stem for p in (root / "notebooks").glob("[0-9][0-9]_*.py"))
+    assert sorted(ran) == chapters and all(c["returncode"] == 0 for c in ran.values())
+    jobs = summary["timings"]["jobs"]
+    metas = [json.loads(f.read_text()) for f in run_dir.glob("*/*/train_meta.json")]
+    assert len(metas) == len(jobs) and all(m["fast_step"] for m in metas)
+    assert any(n.startswith("vector-medical-narrow-kl") and n.endswith("-seed1") for n in jobs)  # speculative
+
+
 def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, monkeypatch):
     """With ``speculate``, the narrow vectors at every lambda at the extra seeds are planned up front (no
     chapter waits for them), and once chapter 3 chooses only the rank-1 adapter is submitted: chapters 4-5
