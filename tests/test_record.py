@@ -23,6 +23,17 @@ def test_results_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
     assert out.read_text() == (root / "book" / "results_table.md").read_text()
 
 
+def test_results_prose_quotes_only_intervals_of_the_record(root):
+    """Every interval book/results.md quotes ("22.5% [8.7, 39.0]", "+2.3 [-0.7, +5.3]") is one the generated
+    table holds: prose written for an earlier run of record fails here once that run is replaced."""
+    import re
+
+    prose = (root / "book" / "results.md").read_text()
+    table = (root / "book" / "results_table.md").read_text()
+    quoted = re.findall(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", prose)
+    assert quoted and [q for q in quoted if q not in table] == []
+
+
 def test_rejudged_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
     """book/results_table_distilled.md (claims 1-2 judged again by another judge) likewise, and only while
     there are rejudged runs: with none, neither the table nor an include of it is left in the book."""
