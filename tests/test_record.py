@@ -29,9 +29,22 @@ def test_results_prose_quotes_only_intervals_of_the_record(root):
     import re
 
     prose = (root / "book" / "results.md").read_text()
-    table = (root / "book" / "results_table.md").read_text()
+    tables = "".join((root / "book" / f).read_text() for f in ("results_table.md", "readcheck_table.md"))
     quoted = re.findall(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", prose)
-    assert quoted and [q for q in quoted if q not in table] == []
+    assert quoted and [q for q in quoted if q not in tables] == []
+
+
+def test_readcheck_table_regenerates_from_the_labels(root, tmp_path):
+    """book/readcheck_table.md (claim 1 read answer by answer) is what bench/judge_readcheck.py computes from
+    the committed labels and the runs of record's chapter-1 answers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("judge_readcheck", root / "bench" / "judge_readcheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.score(tmp_path / "r.json", tmp_path / "t.md", quiet=True)
+    assert (tmp_path / "t.md").read_text() == (root / "book" / "readcheck_table.md").read_text()
+    assert res["n"] == 5600 and res["agreement"]["n_twice"] == 320
 
 
 def test_rejudged_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
