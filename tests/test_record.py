@@ -29,7 +29,8 @@ def test_results_prose_quotes_only_intervals_of_the_record(root):
     import re
 
     prose = (root / "book" / "results.md").read_text()
-    tables = "".join((root / "book" / f).read_text() for f in ("results_table.md", "readcheck_table.md"))
+    tables = "".join((root / "book" / f).read_text()
+                     for f in ("results_table.md", "readcheck_table.md", "readcheck_ch3_table.md"))
     quoted = re.findall(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", prose)
     assert quoted and [q for q in quoted if q not in tables] == []
 
@@ -45,6 +46,9 @@ def test_readcheck_table_regenerates_from_the_labels(root, tmp_path):
     res = mod.score(tmp_path / "r.json", tmp_path / "t.md", quiet=True)
     assert (tmp_path / "t.md").read_text() == (root / "book" / "readcheck_table.md").read_text()
     assert res["n"] == 5600 and res["agreement"]["n_twice"] == 320
+    res3 = mod.score3(tmp_path / "r3.json", tmp_path / "t3.md", quiet=True)
+    assert (tmp_path / "t3.md").read_text() == (root / "book" / "readcheck_ch3_table.md").read_text()
+    assert res3["n"] == 8000 and res3["agreement"]["n_twice"] == 320
 
 
 def test_rejudged_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
