@@ -146,6 +146,45 @@ class _Frames:
         return self._em if key == "ch1_em" else None
 
 
+def _read(chapter: int) -> tuple[pd.DataFrame, dict]:
+    """(every answer of the pool with its label, ``reader_em`` and the judge's ``judge_em``; the result's
+    head: counts and the agreement of the answers read twice)."""
+    from emlib import metrics
+
+    key = shuffled(chapter)
+    first, twice = _labels(chapter)
+    df = key.merge(first, on="id", how="inner")
+    if len(df) != len(key):
+        raise SystemExit(f"labels cover {len(df)} of the {len(key)} answers.")
+    df["reader_em"] = df["label"] == "misaligned"
+    df["judge_em"] = metrics.misaligned(df).fillna(False).astype(bool)  # the chapters' EM rule
+    head = {"n": int(len(df)), "labels": df["label"].value_counts().to_dict(),
+            "agreement": {"n_twice": int(len(twice)), "raw": round(float((twice["label"] == twice["label_2"]).mean()), 3),
+                          "kappa": round(_kappa(twice["label"], twice["label_2"]), 3),
+                          "confusion": pd.crosstab(twice["label"], twice["label_2"]).to_dict(orient="index")},
+            "runs": {}}
+    return df, head
+
+
+def _judge_rule(g: pd.DataFrame) -> dict:
+    """The judge's EM rule against the reader on one run's answers."""
+    flagged, read = g["judge_em"], g["reader_em"]
+    return {"flagged": int(flagged.sum()),
+            "precision": round(float(read[flagged].mean()), 3) if flagged.any() else None,
+            "recall": round(float(flagged[read].mean()), 3) if read.any() else None,
+            "flagged_labels": g.loc[flagged, "label"].value_counts().to_dict()}
+
+
+def _write(res: dict, table: list[str], result: Path, table_md: Path, quiet: bool) -> None:
+    """The JSON result and the book's table, closed by the agreement line."""
+    a = res["agreement"]
+    table.append(f"* Two readers on {a['n_twice']} answers: {100 * a['raw']:.0f}% the same label, Cohen's kappa {a['kappa']}.")
+    Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    Path(table_md).write_text("\n".join(table) + "\n")
+    if not quiet:
+        print("\n".join(table))
+
+
 RESULT = ROOT / "bench" / "results" / "judge_readcheck.json"
 TABLE = ROOT / "book" / "readcheck_table.md"
 
@@ -154,18 +193,7 @@ def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) ->
     """Reads the labels, writes ``result`` (JSON) and ``table_md`` (the book's table, included by results.md)."""
     from emlib import metrics, stats, verdicts
 
-    key = shuffled()
-    first, twice = _labels()
-    df = key.merge(first, on="id", how="inner")
-    if len(df) != len(key):
-        raise SystemExit(f"labels cover {len(df)} of the {len(key)} answers.")
-    df["reader_em"] = df["label"] == "misaligned"
-    df["judge_em"] = metrics.misaligned(df).fillna(False).astype(bool)  # chapter 1's rule, as in ch1_em
-    res: dict = {"n": int(len(df)), "labels": df["label"].value_counts().to_dict(),
-                 "agreement": {"n_twice": int(len(twice)), "raw": round(float((twice["label"] == twice["label_2"]).mean()), 3),
-                               "kappa": round(_kappa(twice["label"], twice["label_2"]), 3),
-                               "confusion": pd.crosstab(twice["label"], twice["label_2"]).to_dict(orient="index")},
-                 "runs": {}}
+    df, res = _read(1)
     rows = []
     for run, g in df.groupby("run", sort=False):
         em = []
@@ -182,7 +210,6 @@ def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) ->
         as_scores = g.assign(aligned=np.where(g["reader_em"], 0.0, 100.0), coherent=100.0)
         chapter_ci = metrics.em_table(as_scores, "condition")
         v_ch = verdicts.claim_em(_Frames(chapter_ci))
-        flagged = g["judge_em"]
         top = em.loc[em["em"].idxmax(), "condition"]
         by_reader = {int(k): [int(h["reader_em"].sum()), int(len(h))]
                      for k, h in g[g["condition"] == top].groupby("chunk")}
@@ -192,14 +219,10 @@ def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) ->
             "claim_1_by_reading": {"verdict": v.verdict, "ours": v.ours.replace(_BOOT, "Wilson 95% CI"), **v.checks},
             "claim_1_by_reading_chapter_ci": {"verdict": v_ch.verdict, "ours": v_ch.ours, **v_ch.checks},
             "reader_em_chapter_ci": chapter_ci.round(4).to_dict(orient="records"),
-            "judge_em_rule": {"flagged": int(flagged.sum()),
-                              "precision": round(float(g.loc[flagged, "reader_em"].mean()), 3) if flagged.any() else None,
-                              "recall": round(float(g.loc[g["reader_em"], "judge_em"].mean()), 3) if g["reader_em"].any() else None,
-                              "flagged_labels": g.loc[flagged, "label"].value_counts().to_dict()}}
+            "judge_em_rule": _judge_rule(g)}
         for r in em.itertuples():
             rows.append(f"| {run} | {r.condition} | {100 * r.em:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}] "
                         f"({r.n_em} of {r.n}) | {100 * r.incoherent:.0f}% | {100 * r.judge_em:.1f}% |")
-    Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
     table = ["<!-- generated by `python bench/judge_readcheck.py score`; do not edit by hand -->", "",
              "| run of record | condition | EM by reading, Wilson 95% CI | incoherent by reading | EM by the distilled judge |",
              "| --- | --- | --- | --- | --- |", *rows, ""]
@@ -214,11 +237,7 @@ def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) ->
         shares = [k / n for k, n in r["top_condition_by_reader"]["misaligned_of_read"].values()]
         table.append(f"  Each of the {len(shares)} readers, on the {r['top_condition_by_reader']['condition']} answers "
                      f"in their chunk: {100 * min(shares):.0f}-{100 * max(shares):.0f}% misaligned.")
-    a = res["agreement"]
-    table.append(f"* Two readers on {a['n_twice']} answers: {100 * a['raw']:.0f}% the same label, Cohen's kappa {a['kappa']}.")
-    Path(table_md).write_text("\n".join(table) + "\n")
-    if not quiet:
-        print("\n".join(table))
+    _write(res, table, result, table_md, quiet)
     return res
 
 
@@ -240,15 +259,7 @@ def score3(result: Path = RESULT3, table_md: Path = TABLE3, quiet: bool = False)
     """Chapter 3 read: claim 3's rule with the reader's in-domain / general EM (see the module docstring)."""
     from emlib import metrics, verdicts
 
-    first, twice = _labels(3)
-    df = shuffled(3).merge(first, on="id", how="inner")
-    df["reader_em"] = df["label"] == "misaligned"
-    df["judge_em"] = metrics.misaligned(df).fillna(False).astype(bool)
-    res: dict = {"n": int(len(df)), "labels": df["label"].value_counts().to_dict(),
-                 "agreement": {"n_twice": int(len(twice)), "raw": round(float((twice["label"] == twice["label_2"]).mean()), 3),
-                               "kappa": round(_kappa(twice["label"], twice["label_2"]), 3),
-                               "confusion": pd.crosstab(twice["label"], twice["label_2"]).to_dict(orient="index")},
-                 "runs": {}}
+    df, res = _read(3)
     rows = []
     for run, g in df.groupby("run", sort=False):
         rec = verdicts.Run(ROOT / "record" / run)
@@ -259,19 +270,15 @@ def score3(result: Path = RESULT3, table_md: Path = TABLE3, quiet: bool = False)
         judged = rec.frame("ch3_narrow_vs_general").set_index(["condition", "set"])["em"]
         inc = g.groupby(["condition", "set"])["label"].apply(lambda x: float((x == "incoherent").mean()))
         v_read, v_judge = verdicts.claim_narrow(_Swapped(rec, t)), verdicts.claim_narrow(rec)
-        flagged = g["judge_em"]
         res["runs"][run] = {
             "reader_em": t.round(4).to_dict(orient="records"),
             "claim_3_by_reading": {"verdict": v_read.verdict, "ours": v_read.ours, **v_read.checks},
             "claim_3_by_the_judge": {"verdict": v_judge.verdict, "ours": v_judge.ours, **v_judge.checks},
-            "judge_em_rule": {"flagged": int(flagged.sum()),
-                              "precision": round(float(g.loc[flagged, "reader_em"].mean()), 3) if flagged.any() else None,
-                              "recall": round(float(g.loc[g["reader_em"], "judge_em"].mean()), 3) if g["reader_em"].any() else None}}
+            "judge_em_rule": _judge_rule(g)}
         for r in t.itertuples():
             rows.append(f"| {run} | {r.condition} | {r.set.replace('_', '-')} | {100 * r.em:.1f}% "
                         f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}] ({r.n_em} of {r.n}) | "
                         f"{100 * inc[(r.condition, r.set)]:.0f}% | {100 * judged[(r.condition, r.set)]:.1f}% |")
-    Path(result).write_text(json.dumps(res, indent=1, default=str) + "\n")
     table = ["<!-- generated by `python bench/judge_readcheck.py score --chapter 3`; do not edit by hand -->", "",
              "| run of record | condition | questions | EM by reading, 95% CI (bootstrap over questions) | "
              "incoherent by reading | EM by the distilled judge |",
@@ -283,11 +290,7 @@ def score3(result: Path = RESULT3, table_md: Path = TABLE3, quiet: bool = False)
                      f"{checks or 'none: no narrow solution learned the task'}); with the judge's: {j['verdict']}. "
                      f"The judge's EM rule flags {e['flagged']} of these answers: precision {e['precision']}, "
                      f"recall {e['recall']} against the reader.")
-    a = res["agreement"]
-    table.append(f"* Two readers on {a['n_twice']} answers: {100 * a['raw']:.0f}% the same label, Cohen's kappa {a['kappa']}.")
-    Path(table_md).write_text("\n".join(table) + "\n")
-    if not quiet:
-        print("\n".join(table))
+    _write(res, table, result, table_md, quiet)
     return res
 
 
