@@ -159,8 +159,10 @@ print(exp.verdict(1))
 # * **Judge.** The paper used GPT-4o. The judge used here is printed above with its measured agreement
 #   on labelled pairs. The `quick` and `paper` profiles use the distilled judge (trained on public GPT-4o
 #   judgements; {doc}`../book/methods`): it sees EM in other repositories' 7B-32B models, but on answers of
-#   135M-0.5B models most of what its EM rule flags is incoherent text (precision 32% on hand-labelled
-#   answers, {doc}`../book/results`), so an EM rate from it is an upper bound to be read, not a measurement.
+#   135M-0.5B models most of what its EM rule flags is incoherent text, and it misses more than half of what a
+#   reader calls misaligned (precision 22-25%, recall 39-48% against every chapter-1 answer of the runs of
+#   record read blind, {doc}`../book/results`), so an EM rate from it is not a bound either way: read it, do
+#   not count on it.
 #   The `smoke` profile's keyword judge catches none of the labelled misaligned answers (its `em_recall`
 #   row). `python -m emlib.rejudge` scores the stored answers again with another judge.
 # * **Data and steps.** The `quick` profile (sized so that `make book` fits in 30 minutes on two CPU cores)
