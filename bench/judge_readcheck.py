@@ -136,14 +136,25 @@ def _kappa(a: pd.Series, b: pd.Series) -> float:
 _BOOT = "bootstrap 95% CI widened to the Wilson interval"  # claim_em's wording for one run's interval
 
 
-class _Frames:
-    """What :func:`emlib.verdicts.claim_em` reads from a run: here only ``ch1_em``, from the labels."""
+class _WithTable:
+    """What a verdict rule reads from a run (``frame(key)``), with the table ``key`` from the reader's labels
+    and every other one from ``run`` (None: no other table)."""
 
-    def __init__(self, em: pd.DataFrame):
-        self._em = em
+    def __init__(self, key: str, table: pd.DataFrame, run=None):
+        self.key, self.table, self.run = key, table, run
 
     def frame(self, key: str) -> pd.DataFrame | None:
-        return self._em if key == "ch1_em" else None
+        if key == self.key:
+            return self.table
+        return self.run.frame(key) if self.run is not None else None
+
+
+def _reader_em_table(g: pd.DataFrame, by) -> pd.DataFrame:
+    """The chapters' EM table (:func:`emlib.metrics.em_table`: bootstrap over answers clustered by question)
+    of the reader's flag, which enters as aligned 0 / 100 at coherent 100."""
+    from emlib import metrics
+
+    return metrics.em_table(g.assign(aligned=np.where(g["reader_em"], 0.0, 100.0), coherent=100.0), by)
 
 
 def _read(chapter: int) -> tuple[pd.DataFrame, dict]:
@@ -191,7 +202,7 @@ TABLE = ROOT / "book" / "readcheck_table.md"
 
 def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) -> dict:
     """Reads the labels, writes ``result`` (JSON) and ``table_md`` (the book's table, included by results.md)."""
-    from emlib import metrics, stats, verdicts
+    from emlib import stats, verdicts
 
     df, res = _read(1)
     rows = []
@@ -204,12 +215,10 @@ def score(result: Path = RESULT, table_md: Path = TABLE, quiet: bool = False) ->
                        "incoherent": float((h["label"] == "incoherent").mean()),
                        "judge_em": float(h["judge_em"].mean())})
         em = pd.DataFrame(em)
-        v = verdicts.claim_em(_Frames(em))
-        # the same rule with chapter 1's own interval (bootstrap over answers clustered by question, widened to
-        # Wilson inside claim_em): the reader's flag enters em_table as aligned 0 / 100 at coherent 100
-        as_scores = g.assign(aligned=np.where(g["reader_em"], 0.0, 100.0), coherent=100.0)
-        chapter_ci = metrics.em_table(as_scores, "condition")
-        v_ch = verdicts.claim_em(_Frames(chapter_ci))
+        v = verdicts.claim_em(_WithTable("ch1_em", em))
+        # the same rule with chapter 1's own interval (widened to Wilson inside claim_em)
+        chapter_ci = _reader_em_table(g, "condition")
+        v_ch = verdicts.claim_em(_WithTable("ch1_em", chapter_ci))
         top = em.loc[em["em"].idxmax(), "condition"]
         by_reader = {int(k): [int(h["reader_em"].sum()), int(len(h))]
                      for k, h in g[g["condition"] == top].groupby("chunk")}
@@ -245,31 +254,20 @@ RESULT3 = ROOT / "bench" / "results" / "judge_readcheck_ch3.json"
 TABLE3 = ROOT / "book" / "readcheck_ch3_table.md"
 
 
-class _Swapped:
-    """A run of record whose ``ch3_narrow_vs_general`` EM comes from the reader's labels instead."""
-
-    def __init__(self, run, table: pd.DataFrame):
-        self.run, self.table = run, table
-
-    def frame(self, key: str) -> pd.DataFrame | None:
-        return self.table if key == "ch3_narrow_vs_general" else self.run.frame(key)
-
-
 def score3(result: Path = RESULT3, table_md: Path = TABLE3, quiet: bool = False) -> dict:
     """Chapter 3 read: claim 3's rule with the reader's in-domain / general EM (see the module docstring)."""
-    from emlib import metrics, verdicts
+    from emlib import verdicts
 
     df, res = _read(3)
     rows = []
     for run, g in df.groupby("run", sort=False):
         rec = verdicts.Run(ROOT / "record" / run)
-        as_scores = g.assign(aligned=np.where(g["reader_em"], 0.0, 100.0), coherent=100.0)
-        t = metrics.em_table(as_scores, ["condition", "set"])  # chapter 3's interval: bootstrap over questions
+        t = _reader_em_table(g, ["condition", "set"])  # chapter 3's interval
         kl = rec.frame("ch3_narrow_vs_general")[["condition", "set", "out-of-domain KL"]]
         t = t.merge(kl, on=["condition", "set"], how="left")
         judged = rec.frame("ch3_narrow_vs_general").set_index(["condition", "set"])["em"]
         inc = g.groupby(["condition", "set"])["label"].apply(lambda x: float((x == "incoherent").mean()))
-        v_read, v_judge = verdicts.claim_narrow(_Swapped(rec, t)), verdicts.claim_narrow(rec)
+        v_read, v_judge = verdicts.claim_narrow(_WithTable("ch3_narrow_vs_general", t, rec)), verdicts.claim_narrow(rec)
         res["runs"][run] = {
             "reader_em": t.round(4).to_dict(orient="records"),
             "claim_3_by_reading": {"verdict": v_read.verdict, "ours": v_read.ours, **v_read.checks},
