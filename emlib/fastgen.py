@@ -50,6 +50,7 @@ does not route attention through the attention interface.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -311,6 +312,19 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
+COMPACT_ENV = "EMLIB_COMPACT"
+
+
+def compact_default() -> bool:
+    """Whether :class:`FastSampler` drops ended rows from its batches unless told (``compact``):
+    ``$EMLIB_COMPACT`` ``on`` or ``off`` (the default). Read when a sampler is built, i.e. at import for the
+    module's :data:`fast_sampler`, so a run sets it before it starts its processes."""
+    val = os.environ.get(COMPACT_ENV, "off").strip().lower() or "off"
+    if val not in ("on", "off"):
+        raise ValueError(f"${COMPACT_ENV}={val!r}: use on or off.")
+    return val == "on"
+
+
 @dataclass
 class FastSampler:
     """``sampler(model, tok, prompts, seeds, params) -> list[Generation]`` (the :class:`emlib.generate.Sampler`
@@ -329,8 +343,9 @@ class FastSampler:
     compact: at each check, once at most ``compact_below`` of the batch's rows are still running (and at
         least ``compact_min_rows`` have ended), drop the ended rows from the batch (KV cache, masks, state):
         later steps compute only the running rows, under new CUDA graphs. Each row's draws stay exact, but the
-        random numbers differ from an uncompacted call's (greedy answers are the same). Off by default: not
-        yet measured on a GPU (``bench/ablate_rows_gpu.py --compact``).
+        random numbers differ from an uncompacted call's (greedy answers are the same). Default from
+        ``$EMLIB_COMPACT`` (:func:`compact_default`: off unless set to ``on``); measured on a GPU by
+        ``bench/ablate_rows_gpu.py --compact``.
     """
 
     use_cuda_graphs: bool = True
@@ -344,7 +359,7 @@ class FastSampler:
     max_batch: int | None = None
     force: bool = False
     ignore_eos: bool = False
-    compact: bool = False
+    compact: bool = field(default_factory=lambda: compact_default())
     compact_below: float = 0.5
     compact_min_rows: int = 32
     base_id: str = "fast-static-v1"

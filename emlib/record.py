@@ -541,13 +541,15 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
     that is killed -- a lent machine taken back -- still records the wall times of what it finished."""
     import torch
 
-    from . import experiment
+    from . import experiment, fastgen, models
 
     state.timings["total_s"] = round(time.time() - state.t0, 1)
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
+               "fast_paths": os.environ.get(models.FAST_PATHS_ENV, "auto"),
+               "compact": fastgen.compact_default(),
                "speculative": list(plan.speculative),
                "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

@@ -609,3 +609,20 @@ def test_emlib_fast_paths_picks_the_sampler_and_the_train_step(monkeypatch):
     monkeypatch.setenv(models.FAST_PATHS_ENV, "yes")
     with pytest.raises(ValueError, match="use auto"):
         models.fast_paths("cpu")
+
+
+def test_emlib_compact_sets_the_samplers_default_and_its_cache_key(monkeypatch):
+    """$EMLIB_COMPACT decides whether a FastSampler built without ``compact=`` drops ended rows; compacted
+    answers get their own sampler id (their random draws differ); a bad value says what to write."""
+    from emlib import fastgen
+
+    monkeypatch.delenv(fastgen.COMPACT_ENV, raising=False)
+    plain = fastgen.FastSampler()
+    assert not plain.compact and plain.sampler_id == "fast-static-v1"
+    monkeypatch.setenv(fastgen.COMPACT_ENV, "on")
+    packed = fastgen.FastSampler()
+    assert packed.compact and packed.sampler_id == "fast-static-v1+compact"
+    assert not fastgen.FastSampler(compact=False).compact
+    monkeypatch.setenv(fastgen.COMPACT_ENV, "sometimes")
+    with pytest.raises(ValueError, match="use on or off"):
+        fastgen.FastSampler()
