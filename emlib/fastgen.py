@@ -50,7 +50,6 @@ does not route attention through the attention interface.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -59,6 +58,7 @@ import torch
 
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
 from .hooks import row_window
+from .models import env_switch
 
 ATTN_NAME = "emlib_static_kv"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -319,10 +319,7 @@ def compact_default() -> bool:
     """Whether :class:`FastSampler` drops ended rows from its batches unless told (``compact``):
     ``$EMLIB_COMPACT`` ``on`` or ``off`` (the default). Read when a sampler is built, i.e. at import for the
     module's :data:`fast_sampler`, so a run sets it before it starts its processes."""
-    val = os.environ.get(COMPACT_ENV, "off").strip().lower() or "off"
-    if val not in ("on", "off"):
-        raise ValueError(f"${COMPACT_ENV}={val!r}: use on or off.")
-    return val == "on"
+    return env_switch(COMPACT_ENV, "off", ("on", "off"), "on or off") == "on"
 
 
 @dataclass
@@ -359,7 +356,7 @@ class FastSampler:
     max_batch: int | None = None
     force: bool = False
     ignore_eos: bool = False
-    compact: bool = field(default_factory=lambda: compact_default())
+    compact: bool = field(default_factory=compact_default)
     compact_below: float = 0.5
     compact_min_rows: int = 32
     base_id: str = "fast-static-v1"

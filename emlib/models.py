@@ -84,15 +84,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 FAST_PATHS_ENV = "EMLIB_FAST_PATHS"
 
 
+def env_switch(name: str, default: str, choices: tuple[str, ...], use: str) -> str:
+    """``$name`` stripped and lower-cased (``default`` when unset or empty), one of ``choices``; anything else
+    raises a ValueError that says ``use ...``."""
+    val = os.environ.get(name, default).strip().lower() or default
+    if val not in choices:
+        raise ValueError(f"${name}={val!r}: use {use}.")
+    return val
+
+
+def fast_paths_setting() -> str:
+    """``$EMLIB_FAST_PATHS``: ``auto`` (the default), ``on`` or ``off`` (:func:`fast_paths`)."""
+    return env_switch(FAST_PATHS_ENV, "auto", ("auto", "on", "off"), "auto (CUDA only), on or off")
+
+
 def fast_paths(device: str | torch.device) -> bool:
     """Whether the GPU fast paths run for a model on ``device``: :class:`emlib.fasttrain.TrainStep` in
     ``emlib.train`` and :class:`emlib.fastgen.FastSampler` for answers. ``$EMLIB_FAST_PATHS``: ``auto`` (the
     default) on a CUDA device only; ``off`` never (the plain training loop and ``generate``: the fallback if a
     fast path misbehaves on some GPU); ``on`` on the CPU too, eagerly (no CUDA graphs; how the test suite runs
     a whole run of record through the code a GPU runs)."""
-    val = os.environ.get(FAST_PATHS_ENV, "auto").strip().lower() or "auto"
-    if val not in ("auto", "on", "off"):
-        raise ValueError(f"${FAST_PATHS_ENV}={val!r}: use auto (CUDA only), on or off.")
+    val = fast_paths_setting()
     return torch.device(device).type == "cuda" if val == "auto" else val == "on"
 
 

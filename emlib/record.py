@@ -548,7 +548,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
-               "fast_paths": os.environ.get(models.FAST_PATHS_ENV, "auto"),
+               "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
                "speculative": list(plan.speculative),
                "timings": state.timings, "failures": state.failures,
