@@ -82,9 +82,11 @@ def main() -> None:
     each = directions.ablate_each(exp.model, dirs)
     df, secs = _timed(lambda: together.answers("chat", intervention=each))
     result["together"] = {"seconds": secs, "answers": len(df), "last_call": dict(fast_sampler.last_stats)}
-    named = df.assign(name=df["intervention"].map(each.name_of()))
-    em_t = {name: round(em_rate(named[named["name"] == name], n_boot=1).value, 4) for name in dirs}
-    result["em_rate"] = {"together": em_t}  # the same distribution as one by one: rates agree to noise
+    def by_condition(frame) -> dict:  # a together call's EM rate per condition
+        named = frame.assign(name=frame["intervention"].map(each.name_of()))
+        return {name: round(em_rate(named[named["name"] == name], n_boot=1).value, 4) for name in dirs}
+
+    result["em_rate"] = {"together": by_condition(df)}  # the same distribution as one by one: rates agree to noise
     result["em_pooled"] = {"together": _pooled(df)}
     if frames is not None:
         result["em_rate"]["one_by_one"] = {name: round(em_rate(f, n_boot=1).value, 4) for name, f in zip(dirs, frames)}
@@ -98,10 +100,8 @@ def main() -> None:
             dfc, secs_c = _timed(lambda: packed.answers("chat", intervention=each))
         finally:
             fast_sampler.compact = False
-        named_c = dfc.assign(name=dfc["intervention"].map(each.name_of()))
         result["compact"] = {"seconds": secs_c, "answers": len(dfc), "last_call": dict(fast_sampler.last_stats),
-                             "em_rate": {name: round(em_rate(named_c[named_c["name"] == name], n_boot=1).value, 4)
-                                         for name in dirs},
+                             "em_rate": by_condition(dfc),
                              "em_pooled": _pooled(dfc), "speedup_over_together": round(secs / secs_c, 2)}
         save()
 
