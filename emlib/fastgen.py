@@ -56,6 +56,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 import torch
 
+from .fused import fused_layers
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
 from .hooks import row_window
 from .models import env_switch
@@ -330,6 +331,8 @@ class FastSampler:
     use_cuda_graphs: capture decode steps (CUDA only; False: eager static-cache steps).
     merge_lora: merge peft LoRA adapters for the call (exactly restored afterwards).
     fuse_norms: run RMSNorm as ``F.rms_norm`` during the call (:func:`fused_rms_norms`).
+    fuse_layers: q/k/v and gate/up as one matmul each, RoPE in three operations (:func:`emlib.fused.fused_layers`;
+        None: ``$EMLIB_FUSED``, on unless set to ``off``).
     attention: "sdpa" (decode steps through ``scaled_dot_product_attention``) or "eager".
     bucket: the cache view grows in steps of this many slots (one graph per bucket).
     check_every: look for "every row finished" every this many steps (a host sync).
@@ -348,6 +351,7 @@ class FastSampler:
     use_cuda_graphs: bool = True
     merge_lora: bool = True
     fuse_norms: bool = True
+    fuse_layers: bool | None = None
     attention: str = "sdpa"
     bucket: int = 128
     check_every: int = 16
@@ -498,8 +502,9 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
     rng = torch.random.fork_rng(devices=[device] if cuda else [])
     merge = merged_lora(model) if opts.merge_lora else nullcontext(0)
     norms = fused_rms_norms(hf) if opts.fuse_norms else nullcontext(0)
-    with rng, merge as n_merged, norms as n_norms, _attention_impl(hf, ATTN_NAME):
-        stats["lora_merged"], stats["fused_norms"] = n_merged, n_norms
+    with (rng, merge as n_merged, norms as n_norms, fused_layers(hf, opts.fuse_layers) as n_fused,
+          _attention_impl(hf, ATTN_NAME)):  # layers fused after the merge: they copy the merged weights
+        stats["lora_merged"], stats["fused_norms"], stats["fused_layers"] = n_merged, n_norms, dict(n_fused)
         torch.manual_seed(_batch_seed(seeds))
         # ---- prefill (row chunks), then the first token from the whole batch's logits
         _calls["attention"] = 0

@@ -486,11 +486,13 @@ class TrainStep:
 
     @contextmanager
     def kernels(self):
-        """While active: fused RMSNorm (``emlib.fastgen.fused_rms_norms``) and LoRA-linear
-        (:func:`fused_lora_linears`) kernels; enter it before the first :meth:`grads` (graphs record them)."""
+        """While active: fused RMSNorm (``emlib.fastgen.fused_rms_norms``), LoRA-linear
+        (:func:`fused_lora_linears`) and frozen-projection (:func:`emlib.fused.fused_layers`) kernels; enter it
+        before the first :meth:`grads` (graphs record them)."""
         from .fastgen import fused_rms_norms
+        from .fused import fused_layers
 
-        with fused_rms_norms(self.model), fused_lora_linears(self.model):
+        with fused_rms_norms(self.model), fused_lora_linears(self.model), fused_layers(self.model):
             yield
 
     # ---------------------------------------------------------------- the reference, once
@@ -700,6 +702,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
     from transformers import get_linear_schedule_with_warmup
 
     from .fastgen import fused_rms_norms
+    from .fused import fused_layers
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
@@ -728,6 +731,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
         ctx.enter_context(fused_rms_norms(peft_model))
     if args.fuse_lora:
         ctx.enter_context(fused_lora_linears(peft_model))
+    ctx.enter_context(fused_layers(peft_model))  # the frozen projections ($EMLIB_FUSED)
     grad_was = [p.grad for p in params]
     runner = TrainStep(peft_model, params, pad, max_tokens_per_micro=args.max_tokens_per_micro,
                        pad_multiple=args.pad_multiple, ce_chunk=args.ce_chunk, max_grad_norm=args.max_grad_norm,

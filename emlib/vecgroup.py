@@ -247,6 +247,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
 
     from .fasttrain import decoder_and_head, one_sequence_per_row
     from .fastgen import fused_rms_norms
+    from .fused import fused_layers
 
     args0 = todo[0][2]
     kl_rows = next((kw["kl_rows"] for _, kw, *_ in todo if kw.get("kl_rows")), None)
@@ -286,6 +287,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
         stack.enter_context(one_sequence_per_row())
         if cuda:
             stack.enter_context(fused_rms_norms(model))
+        stack.enter_context(fused_layers(model))  # the frozen projections ($EMLIB_FUSED)
         with amp():
             kl_cache = _kl_cache(split, head, kl_enc, pad, pad_multiple, max_tokens) if kl_mem and kl_enc else None
         step_fn = GroupStep(split, head, vec, alpha, kl_cache, kl_mem, pad, pad_multiple, max_tokens, amp,

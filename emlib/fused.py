@@ -1,0 +1,203 @@
+"""Fewer kernels per decoder layer: q, k and v in one matmul, gate and up in one, the rotary embedding of q and
+k together in three operations.
+
+A 135M-0.5B model at this book's batch sizes leaves a GPU's arithmetic units mostly idle: a decode step, a
+16-row training step or a metric forward is one small kernel after another, and its time follows their number
+more than their size (``bench/README.md``). Per layer, transformers' Llama / Qwen2 / Mistral code runs three
+projections for q, k and v; ten element-wise operations for the rotary embedding (``rotate_half``: a negation
+and a concatenation, then two products and a sum, once for q and once for k); and two projections for the
+MLP's gate and up. While :func:`fused_layers` is active:
+
+* an attention whose q, k and v projections qualify computes them with one matmul on their concatenated
+  weights, and rotates q and k together as ``x * cos + roll(x, d/2) * sin_signed`` (one product, one roll, one
+  ``addcmul``; ``sin_signed`` is ``sin`` with its first half negated, made once per forward);
+* an MLP whose gate and up projections qualify computes both with one matmul.
+
+A projection qualifies when it is a plain ``nn.Linear``, or a peft LoRA layer whose adapters are merged into
+its base layer (as :func:`emlib.fastgen.merged_lora` does while sampling), with no hooks of its own. Everything
+else runs as before: the o and down projections (a LoRA adapter there keeps training), the attention function
+the model is configured with, the norms, hooks on decoder layers (:mod:`emlib.hooks`). A forward through
+which a gradient would reach a fused projection's weight (grad mode on and the weight requiring it), or after
+its adapter was unmerged or disabled, runs transformers' own forward: the concatenated weights are copies made
+on entry, carry no gradient and do not follow later changes (SmolLM2-135M: 70M parameters, 140 MB in bf16).
+
+The arithmetic is the same up to rounding: each output of a concatenated matmul is the same dot product (a GPU
+library may pick another kernel for the wider matrix, so bf16 results can differ in the last bit), and
+``addcmul`` rounds once where transformers rounds two products and a sum. In float32 on the CPU the logits and
+gradients agree with transformers' to ~1e-6 (``tests/test_fused.py``).
+
+Used by the fast sampler (:mod:`emlib.fastgen`), the steering-vector group (:mod:`emlib.vecgroup`) and the fast
+training step (:mod:`emlib.fasttrain`). ``$EMLIB_FUSED`` (``on``, the default, or ``off``) switches it off
+everywhere (:func:`fused_setting`); :func:`fused_layers` yields how many attentions and MLPs it fused.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from .models import env_switch
+
+FUSED_ENV = "EMLIB_FUSED"
+ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+
+
+def fused_setting() -> bool:
+    """``$EMLIB_FUSED``: ``on`` (the default) or ``off``: whether :func:`fused_layers` fuses anything."""
+    return env_switch(FUSED_ENV, "on", ("on", "off"), "on or off") == "on"
+
+
+def _clean(m) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) and "forward" not in m.__dict__
+
+
+def _linear(m) -> torch.nn.Linear | None:
+    """The plain ``nn.Linear`` that computes ``m``'s output: ``m`` itself, or the base layer of a peft LoRA layer
+    whose adapters are merged into it (its forward is then the base layer's); None for anything else (hooks on
+    either, unmerged or disabled adapters, other module types)."""
+    if type(m) is torch.nn.Linear:
+        return m if _clean(m) else None
+    base = getattr(m, "base_layer", None)
+    if (type(base) is torch.nn.Linear and getattr(m, "merged", False) and not getattr(m, "disable_adapters", True)
+            and _clean(m) and _clean(base)):
+        return base
+    return None
+
+
+def _usable(*mods) -> bool:
+    """Whether the fused copies of ``mods`` still stand for them now: each still computes through the same
+    plain linear (an adapter was not unmerged or disabled since), and no gradient would reach those linears'
+    weights (grad mode on and a weight requiring it: the copies carry no gradient)."""
+    lins = [_linear(m) for m in mods]
+    if any(x is None for x in lins):
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for x in lins for p in x.parameters()))
+
+
+def _cat_linear(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights [sum out, in] (and biases, zeros where a module has none) of the linears computing ``mods``
+    (:func:`_linear`), stacked in order."""
+    mods = [_linear(m) for m in mods]
+    w = torch.cat([m.weight.detach() for m in mods])
+    if all(m.bias is None for m in mods):
+        return w, None
+    b = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    return w, b
+
+
+class _SignedSin:
+    """``sin`` with its first half negated, for the rotary step of :func:`rope`; computed once per forward (every
+    layer receives the same ``sin`` tensor object) and reused by the layers after the first."""
+
+    def __init__(self):
+        self.src = self.out = None
+
+    def __call__(self, sin: torch.Tensor) -> torch.Tensor:
+        if self.src is not sin:
+            half = sin.shape[-1] // 2
+            self.src, self.out = sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return self.out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [..., d] as transformers' ``apply_rotary_pos_emb`` computes it (``x * cos +
+    rotate_half(x) * sin``): ``rotate_half(x) * sin == roll(x, d/2) * sin_signed``; ``cos`` and ``sin_signed``
+    broadcast against ``x``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def _attention_fn(mod):
+    """The attention function ``mod``'s config selects, resolved as transformers' attention modules do."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = mod.config._attn_implementation
+    eager = sys.modules[type(mod).__module__].eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _attention_forward(mod, w: torch.Tensor, b: torch.Tensor | None, signed: _SignedSin,
+                       hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                       past_key_values=None, cache=None, **kwargs):
+    """A Llama / Qwen2 / Mistral attention's forward with q, k, v from one matmul and q, k rotated together."""
+    if not _usable(mod.q_proj, mod.k_proj, mod.v_proj):  # trained, or no longer what was fused: transformers'
+
+        return type(mod).forward(mod, hidden_states, position_embeddings=position_embeddings,
+                                 attention_mask=attention_mask,
+                                 **({"cache": cache} if cache is not None else {}),
+                                 **({"past_key_values": past_key_values} if past_key_values is not None else {}),
+                                 **kwargs)
+    cache = cache if cache is not None else past_key_values
+    bsz, s = hidden_states.shape[:2]
+    d = mod.head_dim
+    n_kv = mod.k_proj.out_features // d
+    n_q = mod.q_proj.out_features // d
+    qkv = torch.nn.functional.linear(hidden_states, w, b).view(bsz, s, n_q + 2 * n_kv, d)  # [b, s, heads, d]
+    cos, sin = position_embeddings  # [b, s, d]
+    qk = rope(qkv[:, :, :n_q + n_kv], cos.unsqueeze(2), signed(sin).unsqueeze(2))  # [b, s, n_q + n_kv, d]
+    q = qk[:, :, :n_q].transpose(1, 2)  # [b, n_q, s, d]
+    k = qk[:, :, n_q:].transpose(1, 2)
+    v = qkv[:, :, n_q + n_kv:].transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, mod.layer_idx)
+    out, weights = _attention_fn(mod)(mod, q, k, v, attention_mask,
+                                      dropout=0.0 if not mod.training else mod.attention_dropout,
+                                      scaling=mod.scaling, **kwargs)
+    return mod.o_proj(out.reshape(bsz, s, -1).contiguous()), weights
+
+
+def _mlp_forward(mod, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if not _usable(mod.gate_proj, mod.up_proj):
+        return type(mod).forward(mod, x)
+    gate, up = torch.nn.functional.linear(x, w, b).chunk(2, dim=-1)
+    return mod.down_proj(mod.act_fn(gate) * up)
+
+
+def _usable_at_entry(*mods) -> bool:
+    return all(_linear(x) is not None for x in mods)
+
+
+def _fusable_attention(m) -> bool:
+    return (type(m).__name__ in ATTENTION_CLASSES and "forward" not in m.__dict__
+            and getattr(m, "sliding_window", None) is None
+            and all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling",
+                                             "layer_idx", "config"))
+            and _usable_at_entry(m.q_proj, m.k_proj, m.v_proj))
+
+
+def _fusable_mlp(m) -> bool:
+    return (type(m).__name__ in MLP_CLASSES and "forward" not in m.__dict__
+            and all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            and _usable_at_entry(m.gate_proj, m.up_proj))
+
+
+@contextmanager
+def fused_layers(model, enabled: bool | None = None):
+    """While active, the qualifying attentions and MLPs of ``model`` run fused (module docstring). ``enabled``:
+    None reads ``$EMLIB_FUSED`` (:func:`fused_setting`). Yields ``{"attention": n, "mlp": n}``, the numbers of
+    modules fused. The modules stay in place: their forward is an instance attribute while the block runs."""
+    on = fused_setting() if enabled is None else enabled
+    done: list = []
+    counts = {"attention": 0, "mlp": 0}
+    if on:
+        signed = _SignedSin()
+        for m in model.modules():
+            if _fusable_attention(m):
+                w, b = _cat_linear(m.q_proj, m.k_proj, m.v_proj)
+                m.forward = functools.partial(_attention_forward, m, w, b, signed)
+                done.append(m)
+                counts["attention"] += 1
+            elif _fusable_mlp(m):
+                w, b = _cat_linear(m.gate_proj, m.up_proj)
+                m.forward = functools.partial(_mlp_forward, m, w, b)
+                done.append(m)
+                counts["mlp"] += 1
+    try:
+        yield counts
+    finally:
+        for m in done:
+            m.__dict__.pop("forward", None)

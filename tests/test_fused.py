@@ -1,0 +1,191 @@
+"""emlib.fused: the fused projections and rotary embedding compute what transformers computes (float32, CPU),
+gradients included, and stand aside wherever they could not."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emlib.fused import FUSED_ENV, fused_layers, rope
+from emlib.models import tiny_model
+
+
+def _model(seed: int = 0, biases: bool = True):
+    model, tok = tiny_model(seed=seed, n_layers=3)
+    if biases:  # Qwen2's q/k/v biases start at zero: make them count
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, tok
+
+
+def _ids(tok, n: int = 3):
+    texts = [f"row {i}: " + "the quick brown fox " * (i + 1) for i in range(n)]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_rope_is_transformers_rotary_embedding():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    signed = torch.cat((-sin[..., :4], sin[..., 4:]), dim=-1)
+    torch.testing.assert_close(rope(q, cos[:, None], signed[:, None]), want_q)
+    torch.testing.assert_close(rope(k, cos[:, None], signed[:, None]), want_k)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_logits_and_input_gradients_match(arch):
+    if arch == "qwen2":
+        model, tok = _model()
+        ids, mask = _ids(tok)
+        n_layers = 3
+    else:
+        model = _llama()
+        ids, mask = torch.randint(0, 300, (3, 11)), torch.ones(3, 11, dtype=torch.long)
+        mask[0, :4] = 0
+        n_layers = 2
+    model.requires_grad_(False)
+
+    def run():
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb, attention_mask=mask).logits
+        (logits.float().square().mean()).backward()
+        return logits.detach(), emb.grad
+
+    want_logits, want_grad = run()
+    with fused_layers(model, enabled=True) as n:
+        got_logits, got_grad = run()
+    assert n == {"attention": n_layers, "mlp": n_layers}
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # every forward restored
+
+
+def test_a_trained_projection_gets_its_gradient():
+    """Grad mode on and q_proj's weight requiring grad: the fused copy would lose the gradient, so transformers'
+    forward runs, and the gradient equals the one without the block."""
+    model, tok = _model()
+    ids, mask = _ids(tok)
+    model.requires_grad_(False)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    w.requires_grad_(True)
+    g = model.model.layers[0].mlp.up_proj.weight
+    g.requires_grad_(True)
+
+    def grads():
+        w.grad = g.grad = None
+        model(input_ids=ids, attention_mask=mask).logits.float().square().mean().backward()
+        return w.grad.clone(), g.grad.clone()
+
+    want = grads()
+    with fused_layers(model, enabled=True):
+        got = grads()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_decoder_layer_hooks_fire_and_projection_hooks_are_respected():
+    model, tok = _model()
+    ids, mask = _ids(tok)
+    seen = []
+    h1 = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append(1))
+    h2 = model.model.layers[2].self_attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(2))
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits
+            seen.clear()
+            with fused_layers(model, enabled=True) as n:
+                got = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        h1.remove()
+        h2.remove()
+    assert n == {"attention": 2, "mlp": 3}  # layer 2's attention has a hook on k_proj: left alone
+    assert sorted(seen) == [1, 2]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_lora_is_fused_and_unmerged_is_not():
+    import peft
+
+    from emlib.fastgen import merged_lora
+
+    model, tok = _model()
+    ids, mask = _ids(tok)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    pm.eval()
+    with torch.no_grad():
+        want = pm(input_ids=ids, attention_mask=mask).logits
+        with fused_layers(pm, enabled=True) as n:  # adapters active, not merged: nothing to fuse
+            got_unmerged = pm(input_ids=ids, attention_mask=mask).logits
+        assert n == {"attention": 0, "mlp": 0}
+        with merged_lora(pm), fused_layers(pm, enabled=True) as n:
+            got = pm(input_ids=ids, attention_mask=mask).logits
+        assert n == {"attention": 3, "mlp": 3}
+    torch.testing.assert_close(got_unmerged, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_disabled_inside_the_block_falls_back():
+    """Adapters disabled after entry: the fused copies hold the merged weights, so transformers' forward runs
+    (and gives the base model's logits, as peft does)."""
+    import peft
+
+    from emlib.fastgen import merged_lora
+
+    model, tok = _model()
+    ids, mask = _ids(tok)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=8, target_modules=["k_proj", "gate_proj"],
+                                                    init_lora_weights=False)).eval()
+    with torch.no_grad():
+        with pm.disable_adapter():
+            want = pm(input_ids=ids, attention_mask=mask).logits
+        with_lora = pm(input_ids=ids, attention_mask=mask).logits
+        with merged_lora(pm), fused_layers(pm, enabled=True) as n:
+            assert n == {"attention": 3, "mlp": 3}
+            with pm.disable_adapter():
+                got = pm(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(with_lora, want, atol=1e-3)  # the adapters matter
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_switch_off(monkeypatch):
+    model, _ = _model()
+    monkeypatch.setenv(FUSED_ENV, "off")
+    with fused_layers(model) as n:
+        assert n == {"attention": 0, "mlp": 0}
+    monkeypatch.setenv(FUSED_ENV, "sometimes")
+    with pytest.raises(ValueError, match="EMLIB_FUSED"):
+        with fused_layers(model):
+            pass
+
+
+def test_fast_sampler_same_greedy_answers_and_reports_fusion(monkeypatch):
+    from emlib.fastgen import FastSampler
+    from emlib.generate import SamplingParams
+
+    model, tok = _model(seed=2)
+    prompts = [f"Question {i}: what now?" for i in range(5)]
+    params = SamplingParams(max_new_tokens=9, temperature=0.0, top_p=1.0)
+    plain = FastSampler(force=True, fuse_layers=False)
+    fused = FastSampler(force=True)
+    a = plain(model, tok, prompts, list(range(5)), params)
+    b = fused(model, tok, prompts, list(range(5)), params)
+    assert [x.text for x in a] == [x.text for x in b]
+    assert plain.last_stats["fused_layers"] == {"attention": 0, "mlp": 0}
+    assert fused.last_stats["fused_layers"] == {"attention": 3, "mlp": 3}
