@@ -332,7 +332,7 @@ class FastSampler:
     merge_lora: merge peft LoRA adapters for the call (exactly restored afterwards).
     fuse_norms: run RMSNorm as ``F.rms_norm`` during the call (:func:`fused_rms_norms`).
     fuse_layers: q/k/v and gate/up as one matmul each, RoPE in three operations (:func:`emlib.fused.fused_layers`;
-        None: ``$EMLIB_FUSED``, on unless set to ``off``).
+        None: :func:`emlib.fused.fuses`, i.e. ``$EMLIB_FUSED``, by default on CUDA only).
     attention: "sdpa" (decode steps through ``scaled_dot_product_attention``) or "eager".
     bucket: the cache view grows in steps of this many slots (one graph per bucket).
     check_every: look for "every row finished" every this many steps (a host sync).

@@ -492,7 +492,8 @@ class TrainStep:
         from .fastgen import fused_rms_norms
         from .fused import fused_layers
 
-        with fused_rms_norms(self.model), fused_lora_linears(self.model), fused_layers(self.model):
+        with fused_rms_norms(self.model), fused_lora_linears(self.model), fused_layers(self.model) as n:
+            self.stats["fused_layers"] = dict(n)
             yield
 
     # ---------------------------------------------------------------- the reference, once

@@ -287,11 +287,12 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
         stack.enter_context(one_sequence_per_row())
         if cuda:
             stack.enter_context(fused_rms_norms(model))
-        stack.enter_context(fused_layers(model))  # the frozen projections ($EMLIB_FUSED)
+        fused = stack.enter_context(fused_layers(model))  # the frozen projections ($EMLIB_FUSED)
         with amp():
             kl_cache = _kl_cache(split, head, kl_enc, pad, pad_multiple, max_tokens) if kl_mem and kl_enc else None
         step_fn = GroupStep(split, head, vec, alpha, kl_cache, kl_mem, pad, pad_multiple, max_tokens, amp,
                             cuda_graphs=CUDA_GRAPHS)
+        step_fn.stats["fused_layers"] = dict(fused)
         tokens = in_tokens = 0
         for step in range(plan.total):
             micro = plan.micro_batches(step)

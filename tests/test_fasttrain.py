@@ -111,8 +111,9 @@ def _train(tmp_path, name: str, fast: bool | None, monkeypatch, kind: str = "lor
     model, tok = tiny_model(seed=0)
     rows = _chat_rows(40, seed=3)
     common = dict(max_steps=kw.pop("max_steps", 3), warmup_steps=1, seed=0, progress=False)
-    if kind == "lora":
-        return train.train_lora(model, tok, rows, tmp_path / name, "rank32", lr=5e-3, **common, **kw)
+    if kind in ("lora", "rank1"):
+        shape = "rank32" if kind == "lora" else "rank1"
+        return train.train_lora(model, tok, rows, tmp_path / name, shape, lr=5e-3, **common, **kw)
     return train.train_steering_vector(model, tok, rows, tmp_path / name, layer=1, alpha=4.0, lr=5e-2,
                                        **common, **kw)
 
@@ -175,21 +176,27 @@ def test_fast_step_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
         torch.testing.assert_close(m2.B, m1.B, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["lora", "vector"])
-def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind,fused", [("lora", "auto"), ("vector", "auto"), ("rank1", "on"), ("vector", "on")])
+def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused):
     """With the KL term (8 KL batches a step, each its own micro-batch) the fast step gives the eager loop's
-    losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs)."""
+    losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs). ``fused``
+    ($EMLIB_FUSED): "on" runs the step's frozen projections fused (emlib.fused) on the CPU too."""
+    from emlib.fused import FUSED_ENV
+
+    monkeypatch.setenv(FUSED_ENV, fused)
     kw = dict(kl_rows=_chat_rows(12, seed=9), kl_lambda=50.0, kind=kind)
     ref = _train(tmp_path, "eager", False, monkeypatch, **kw)
     got = _train(tmp_path, "fast", True, monkeypatch, **kw)
     assert ref.meta["fast_step"] is None and got.meta["fast_step"]["cuda_graphs"] is False
+    n_fused = {"lora": 0, "rank1": 2, "vector": 2}[kind] if fused == "on" else 0  # rank-32 wraps every projection
+    assert got.meta["fast_step"]["fused_layers"] == {"attention": n_fused, "mlp": n_fused}
     assert ref.log["kl"].iloc[-1] > 0 and got.log["kl_active"].all()  # LoRA: B = 0 until the 2nd update
     for col, rtol in (("loss", 1e-5), ("kl", 1e-4), ("grad_norm", 1e-4), ("objective", 1e-5)):
         _close(got, ref, col, rtol)
     free = _train(tmp_path, "no-kl", True, monkeypatch, kind=kind)
     assert not torch.allclose(torch.tensor(free.log["grad_norm"].tolist()), torch.tensor(got.log["grad_norm"].tolist()),
                               rtol=1e-3)
-    if kind == "lora":
+    if kind != "vector":
         assert_same_adapters(ref.model, got.model)
     else:
         torch.testing.assert_close(got.vector.vector, ref.vector.vector, rtol=1e-3, atol=1e-5)

@@ -164,11 +164,12 @@ def test_adapter_disabled_inside_the_block_falls_back():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_switch_off(monkeypatch):
+def test_switch(monkeypatch):
     model, _ = _model()
-    monkeypatch.setenv(FUSED_ENV, "off")
-    with fused_layers(model) as n:
-        assert n == {"attention": 0, "mlp": 0}
+    for val, want in (("off", 0), ("auto", 0), ("", 0), ("on", 3)):  # auto: CUDA only, and this model is on the CPU
+        monkeypatch.setenv(FUSED_ENV, val)
+        with fused_layers(model) as n:
+            assert n == {"attention": want, "mlp": want}
     monkeypatch.setenv(FUSED_ENV, "sometimes")
     with pytest.raises(ValueError, match="EMLIB_FUSED"):
         with fused_layers(model):
@@ -182,8 +183,8 @@ def test_fast_sampler_same_greedy_answers_and_reports_fusion(monkeypatch):
     model, tok = _model(seed=2)
     prompts = [f"Question {i}: what now?" for i in range(5)]
     params = SamplingParams(max_new_tokens=9, temperature=0.0, top_p=1.0)
-    plain = FastSampler(force=True, fuse_layers=False)
-    fused = FastSampler(force=True)
+    plain = FastSampler(force=True)  # on the CPU: not fused by default
+    fused = FastSampler(force=True, fuse_layers=True)
     a = plain(model, tok, prompts, list(range(5)), params)
     b = fused(model, tok, prompts, list(range(5)), params)
     assert [x.text for x in a] == [x.text for x in b]

@@ -35,15 +35,21 @@ def _alone(tmp_path, layer: int, monkeypatch) -> dict[str, train.TrainResult]:
     return out
 
 
-@pytest.mark.parametrize("layer", [0, 1])  # the first, and the last layer (nothing above but the norm)
-def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer):
+@pytest.mark.parametrize("layer,fused", [(0, "auto"), (1, "auto"), (0, "on")])  # the first, and the last
+def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer, fused):  # layer (nothing above but the norm)
     """General, narrow and drift vectors trained together: the same vectors, losses, KL, gradient norms and
     run hashes as each trained alone by emlib.train's eager loop (float32 rounding), and
-    train_steering_vector afterwards loads them instead of training."""
+    train_steering_vector afterwards loads them instead of training. ``fused`` ($EMLIB_FUSED): "on" runs the
+    group's frozen projections fused (emlib.fused) on the CPU too."""
+    from emlib.fused import FUSED_ENV
+
     alone = _alone(tmp_path, layer, monkeypatch)
+    monkeypatch.setenv(FUSED_ENV, fused)
     model, tok = tiny_model(seed=0)
     members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
     got = vecgroup.train_vectors(model, tok, ROWS, members, layer=layer, alpha=4.0, lr=5e-2)
+    n_fused = 2 if fused == "on" else 0
+    assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "mlp": n_fused}
     for (name, ref), res in zip(alone.items(), got):
         assert res.meta["run_hash"] == ref.meta["run_hash"] and res.meta["group"]["size"] == 3
         assert res.vector.layer == layer and res.vector.vector.abs().max() > 0
