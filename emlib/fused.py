@@ -8,9 +8,10 @@ projections for q, k and v; ten element-wise operations for the rotary embedding
 and a concatenation, then two products and a sum, once for q and once for k); and two projections for the
 MLP's gate and up. While :func:`fused_layers` is active:
 
+* every attention rotates q and k together as ``x * cos + roll(x, d/2) * sin_signed`` (one product, one roll,
+  one ``addcmul``; ``sin_signed`` is ``sin`` with its first half negated, made once per forward);
 * an attention whose q, k and v projections qualify computes them with one matmul on their concatenated
-  weights, and rotates q and k together as ``x * cos + roll(x, d/2) * sin_signed`` (one product, one roll, one
-  ``addcmul``; ``sin_signed`` is ``sin`` with its first half negated, made once per forward);
+  weights (otherwise it calls the three modules, e.g. a rank-32 LoRA being trained, and concatenates q and k);
 * an MLP whose gate and up projections qualify computes both with one matmul.
 
 A projection qualifies when it is a plain ``nn.Linear``, or a peft LoRA layer whose adapters are merged into
@@ -18,8 +19,9 @@ its base layer (as :func:`emlib.fastgen.merged_lora` does while sampling), with 
 else runs as before: the o and down projections (a LoRA adapter there keeps training), the attention function
 the model is configured with, the norms, hooks on decoder layers (:mod:`emlib.hooks`). A forward through
 which a gradient would reach a fused projection's weight (grad mode on and the weight requiring it), or after
-its adapter was unmerged or disabled, runs transformers' own forward: the concatenated weights are copies made
-on entry, carry no gradient and do not follow later changes (SmolLM2-135M: 70M parameters, 140 MB in bf16).
+its adapter was unmerged or disabled, calls the projection modules instead: the concatenated weights are
+copies made on entry, carry no gradient and do not follow later changes (SmolLM2-135M: 70M parameters, 140 MB
+in bf16).
 
 The arithmetic is the same up to rounding: each output of a concatenated matmul is the same dot product (a GPU
 library may pick another kernel for the wider matrix, so bf16 results can differ in the last bit), and
@@ -132,28 +134,25 @@ def _attention_fn(mod):
     return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
-def _attention_forward(mod, w: torch.Tensor, b: torch.Tensor | None, signed: _SignedSin,
+def _attention_forward(mod, w: torch.Tensor | None, b: torch.Tensor | None, signed: _SignedSin,
                        hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                        past_key_values=None, cache=None, **kwargs):
-    """A Llama / Qwen2 / Mistral attention's forward with q, k, v from one matmul and q, k rotated together."""
-    if not _usable(mod.q_proj, mod.k_proj, mod.v_proj):  # trained, or no longer what was fused: transformers'
-
-        return type(mod).forward(mod, hidden_states, position_embeddings=position_embeddings,
-                                 attention_mask=attention_mask,
-                                 **({"cache": cache} if cache is not None else {}),
-                                 **({"past_key_values": past_key_values} if past_key_values is not None else {}),
-                                 **kwargs)
+    """A Llama / Qwen2 / Mistral attention's forward with q and k rotated together, and q, k, v from one matmul
+    on the concatenated weights ``w`` (and biases ``b``) where those still stand for the projections."""
     cache = cache if cache is not None else past_key_values
     bsz, s = hidden_states.shape[:2]
-    d = mod.head_dim
-    n_kv = mod.k_proj.out_features // d
-    n_q = mod.q_proj.out_features // d
-    qkv = torch.nn.functional.linear(hidden_states, w, b).view(bsz, s, n_q + 2 * n_kv, d)  # [b, s, heads, d]
+    d, n_q, n_kv = mod.head_dim, mod.config.num_attention_heads, mod.config.num_key_value_heads
+    if w is not None and _usable(mod.q_proj, mod.k_proj, mod.v_proj):
+        qkv = torch.nn.functional.linear(hidden_states, w, b).view(bsz, s, n_q + 2 * n_kv, d)  # [b, s, heads, d]
+        qk, v = qkv[:, :, :n_q + n_kv], qkv[:, :, n_q + n_kv:]
+    else:  # through the modules (LoRA adapters, hooks, gradients to their weights); q and k still rotated together
+        qk = torch.cat((mod.q_proj(hidden_states), mod.k_proj(hidden_states)), dim=-1).view(bsz, s, n_q + n_kv, d)
+        v = mod.v_proj(hidden_states).view(bsz, s, n_kv, d)
     cos, sin = position_embeddings  # [b, s, d]
-    qk = rope(qkv[:, :, :n_q + n_kv], cos.unsqueeze(2), signed(sin).unsqueeze(2))  # [b, s, n_q + n_kv, d]
+    qk = rope(qk, cos.unsqueeze(2), signed(sin).unsqueeze(2))  # [b, s, n_q + n_kv, d]
     q = qk[:, :, :n_q].transpose(1, 2)  # [b, n_q, s, d]
     k = qk[:, :, n_q:].transpose(1, 2)
-    v = qkv[:, :, n_q + n_kv:].transpose(1, 2)
+    v = v.transpose(1, 2)
     if cache is not None:
         k, v = cache.update(k, v, mod.layer_idx)
     out, weights = _attention_fn(mod)(mod, q, k, v, attention_mask,
@@ -173,12 +172,14 @@ def _usable_at_entry(*mods) -> bool:
     return all(_linear(x) is not None for x in mods)
 
 
-def _fusable_attention(m) -> bool:
+def _patchable_attention(m) -> bool:
+    """A Llama / Qwen2 / Mistral attention without a sliding window or a forward of its own: its rotary
+    embedding can run fused (its projections too where :func:`_usable_at_entry`)."""
     return (type(m).__name__ in ATTENTION_CLASSES and "forward" not in m.__dict__
             and getattr(m, "sliding_window", None) is None
             and all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling",
                                              "layer_idx", "config"))
-            and _usable_at_entry(m.q_proj, m.k_proj, m.v_proj))
+            and all(hasattr(m.config, a) for a in ("num_attention_heads", "num_key_value_heads")))
 
 
 def _fusable_mlp(m) -> bool:
@@ -190,19 +191,22 @@ def _fusable_mlp(m) -> bool:
 @contextmanager
 def fused_layers(model, enabled: bool | None = None):
     """While active, the qualifying attentions and MLPs of ``model`` run fused (module docstring). ``enabled``:
-    None as :func:`fuses` says (``$EMLIB_FUSED``; by default on a CUDA device only). Yields ``{"attention": n, "mlp": n}``, the numbers of
-    modules fused. The modules stay in place: their forward is an instance attribute while the block runs."""
+    None as :func:`fuses` says (``$EMLIB_FUSED``; by default on a CUDA device only). Yields ``{"attention": n,
+    "rope": n, "mlp": n}``: the attentions whose projections are fused, those whose rotary embedding is, the MLPs
+    fused. The modules stay in place: their forward is an instance attribute while the block runs."""
     on = fuses(model) if enabled is None else enabled
     done: list = []
-    counts = {"attention": 0, "mlp": 0}
+    counts = {"attention": 0, "rope": 0, "mlp": 0}
     if on:
         signed = _SignedSin()
         for m in model.modules():
-            if _fusable_attention(m):
-                w, b = _cat_linear(m.q_proj, m.k_proj, m.v_proj)
+            if _patchable_attention(m):
+                fuse = _usable_at_entry(m.q_proj, m.k_proj, m.v_proj)
+                w, b = _cat_linear(m.q_proj, m.k_proj, m.v_proj) if fuse else (None, None)
                 m.forward = functools.partial(_attention_forward, m, w, b, signed)
                 done.append(m)
-                counts["attention"] += 1
+                counts["rope"] += 1
+                counts["attention"] += int(fuse)
             elif _fusable_mlp(m):
                 w, b = _cat_linear(m.gate_proj, m.up_proj)
                 m.forward = functools.partial(_mlp_forward, m, w, b)

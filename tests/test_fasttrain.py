@@ -176,7 +176,8 @@ def test_fast_step_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
         torch.testing.assert_close(m2.B, m1.B, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind,fused", [("lora", "auto"), ("vector", "auto"), ("rank1", "on"), ("vector", "on")])
+@pytest.mark.parametrize("kind,fused", [("lora", "auto"), ("vector", "auto"), ("lora", "on"), ("rank1", "on"),
+                                        ("vector", "on")])
 def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused):
     """With the KL term (8 KL batches a step, each its own micro-batch) the fast step gives the eager loop's
     losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs). ``fused``
@@ -189,7 +190,8 @@ def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused):
     got = _train(tmp_path, "fast", True, monkeypatch, **kw)
     assert ref.meta["fast_step"] is None and got.meta["fast_step"]["cuda_graphs"] is False
     n_fused = {"lora": 0, "rank1": 2, "vector": 2}[kind] if fused == "on" else 0  # rank-32 wraps every projection
-    assert got.meta["fast_step"]["fused_layers"] == {"attention": n_fused, "mlp": n_fused}
+    assert got.meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": 2 if fused == "on" else 0,
+                                                     "mlp": n_fused}
     assert ref.log["kl"].iloc[-1] > 0 and got.log["kl_active"].all()  # LoRA: B = 0 until the 2nd update
     for col, rtol in (("loss", 1e-5), ("kl", 1e-4), ("grad_norm", 1e-4), ("objective", 1e-5)):
         _close(got, ref, col, rtol)

@@ -69,7 +69,7 @@ def test_logits_and_input_gradients_match(arch):
     want_logits, want_grad = run()
     with fused_layers(model, enabled=True) as n:
         got_logits, got_grad = run()
-    assert n == {"attention": n_layers, "mlp": n_layers}
+    assert n == {"attention": n_layers, "rope": n_layers, "mlp": n_layers}
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
     assert not any("forward" in m.__dict__ for m in model.modules())  # every forward restored
@@ -113,7 +113,7 @@ def test_decoder_layer_hooks_fire_and_projection_hooks_are_respected():
     finally:
         h1.remove()
         h2.remove()
-    assert n == {"attention": 2, "mlp": 3}  # layer 2's attention has a hook on k_proj: left alone
+    assert n == {"attention": 2, "rope": 3, "mlp": 3}  # layer 2's k_proj has a hook: its projections run alone
     assert sorted(seen) == [1, 2]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -133,10 +133,10 @@ def test_merged_lora_is_fused_and_unmerged_is_not():
         want = pm(input_ids=ids, attention_mask=mask).logits
         with fused_layers(pm, enabled=True) as n:  # adapters active, not merged: nothing to fuse
             got_unmerged = pm(input_ids=ids, attention_mask=mask).logits
-        assert n == {"attention": 0, "mlp": 0}
+        assert n == {"attention": 0, "rope": 3, "mlp": 0}  # the rotary embedding only
         with merged_lora(pm), fused_layers(pm, enabled=True) as n:
             got = pm(input_ids=ids, attention_mask=mask).logits
-        assert n == {"attention": 3, "mlp": 3}
+        assert n == {"attention": 3, "rope": 3, "mlp": 3}
     torch.testing.assert_close(got_unmerged, want)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -157,7 +157,7 @@ def test_adapter_disabled_inside_the_block_falls_back():
             want = pm(input_ids=ids, attention_mask=mask).logits
         with_lora = pm(input_ids=ids, attention_mask=mask).logits
         with merged_lora(pm), fused_layers(pm, enabled=True) as n:
-            assert n == {"attention": 3, "mlp": 3}
+            assert n == {"attention": 3, "rope": 3, "mlp": 3}
             with pm.disable_adapter():
                 got = pm(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(with_lora, want, atol=1e-3)  # the adapters matter
@@ -169,7 +169,7 @@ def test_switch(monkeypatch):
     for val, want in (("off", 0), ("auto", 0), ("", 0), ("on", 3)):  # auto: CUDA only, and this model is on the CPU
         monkeypatch.setenv(FUSED_ENV, val)
         with fused_layers(model) as n:
-            assert n == {"attention": want, "mlp": want}
+            assert n == {"attention": want, "rope": want, "mlp": want}
     monkeypatch.setenv(FUSED_ENV, "sometimes")
     with pytest.raises(ValueError, match="EMLIB_FUSED"):
         with fused_layers(model):
@@ -188,5 +188,33 @@ def test_fast_sampler_same_greedy_answers_and_reports_fusion(monkeypatch):
     a = plain(model, tok, prompts, list(range(5)), params)
     b = fused(model, tok, prompts, list(range(5)), params)
     assert [x.text for x in a] == [x.text for x in b]
-    assert plain.last_stats["fused_layers"] == {"attention": 0, "mlp": 0}
-    assert fused.last_stats["fused_layers"] == {"attention": 3, "mlp": 3}
+    assert plain.last_stats["fused_layers"] == {"attention": 0, "rope": 0, "mlp": 0}
+    assert fused.last_stats["fused_layers"] == {"attention": 3, "rope": 3, "mlp": 3}
+
+
+def test_lora_trained_on_every_projection_gets_the_same_gradients():
+    """A rank-32-style adapter on q, k, v, gate and up being trained: its projections run through their modules
+    (the rotary embedding alone is fused), and every adapter gradient equals the one without the block."""
+    from emlib import train
+
+    model, tok = _model()
+    ids, mask = _ids(tok)
+    pm = train.add_lora(model, "rank32", seed=0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    params = [p for p in pm.parameters() if p.requires_grad]
+
+    def grads():
+        for p in params:
+            p.grad = None
+        pm(input_ids=ids, attention_mask=mask).logits.float().square().mean().backward()
+        return [p.grad.clone() for p in params]
+
+    want = grads()
+    with fused_layers(pm, enabled=True) as n:
+        got = grads()
+    assert n == {"attention": 0, "rope": 3, "mlp": 0}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

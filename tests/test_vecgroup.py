@@ -49,7 +49,7 @@ def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer, fused
     members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
     got = vecgroup.train_vectors(model, tok, ROWS, members, layer=layer, alpha=4.0, lr=5e-2)
     n_fused = 2 if fused == "on" else 0
-    assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "mlp": n_fused}
+    assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": n_fused, "mlp": n_fused}
     for (name, ref), res in zip(alone.items(), got):
         assert res.meta["run_hash"] == ref.meta["run_hash"] and res.meta["group"]["size"] == 3
         assert res.vector.layer == layer and res.vector.vector.abs().max() > 0
