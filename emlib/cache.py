@@ -28,6 +28,13 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+
+def cache_root() -> Path:
+    """The user cache for converted models, fetched data and parsed judged answers: ``$EMLIB_CACHE`` or
+    ``~/.cache/emlib`` (also ``emlib.models.cache_root``; here so that modules without torch can use it)."""
+    root = os.environ.get("EMLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emlib")
+    return Path(root)
+
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _CHUNK = 500  # keys per SELECT (SQLite limits the number of bound parameters)
 

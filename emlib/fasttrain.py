@@ -231,8 +231,11 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """(hidden states at the positions that predict a labelled token [n, d], their targets [n], LM head)
     of a right-padded batch without attention mask; ``target_index`` / ``targets`` when the batch has them
     (fixed shapes: padding targets carry the ignore label), else from ``labels``."""
+    from .fused import fused_layers
+
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
+    with fused_layers(model):  # on CUDA (emlib.fused); a no-op inside TrainStep.kernels, which fused them already
+        hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
     if "target_index" in batch:
         index, targets = batch["target_index"], batch["targets"]
     else:

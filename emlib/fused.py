@@ -28,8 +28,10 @@ library may pick another kernel for the wider matrix, so bf16 results can differ
 ``addcmul`` rounds once where transformers rounds two products and a sum. In float32 on the CPU the logits and
 gradients agree with transformers' to ~1e-6 (``tests/test_fused.py``).
 
-Used by the fast sampler (:mod:`emlib.fastgen`), the steering-vector group (:mod:`emlib.vecgroup`) and the fast
-training step (:mod:`emlib.fasttrain`). ``$EMLIB_FUSED``: ``auto`` (the default) fuses on a CUDA device only
+Used by the fast sampler (:mod:`emlib.fastgen`), the steering-vector group (:mod:`emlib.vecgroup`), the fast
+training step (:mod:`emlib.fasttrain`) and the metric loops' forwards (:func:`emlib.chat.head_inputs` and the
+KL's labelled forward: chapters 3-6's losses and KL), each for the duration of its call, so the copies never
+outlive a weight change of the model's own (a LoRA merge, a training step). ``$EMLIB_FUSED``: ``auto`` (the default) fuses on a CUDA device only
 (on a CPU it was 8% slower), ``on`` on the CPU too, ``off`` nowhere (:func:`fused_setting`);
 :func:`fused_layers` yields how many attentions and MLPs it fused.
 """

@@ -46,6 +46,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .cache import cache_root
 from .data import atomic_write_bytes
 
 JUDGED_ENV = "EMLIB_JUDGED_DIR"
@@ -465,13 +466,6 @@ def _row_id(file: str, question: str | None, answer: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_root() -> Path:
-    """``$EMLIB_CACHE`` or ``~/.cache/emlib``: the rule of :func:`emlib.models.cache_root`, restated here so
-    that loading judged answers does not import torch (a test checks the two agree)."""
-    root = os.environ.get("EMLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emlib")
-    return Path(root)
-
-
 def cache_key(folder: str | Path) -> str:
     """Key of a folder's contents: (name, size, mtime) of its data files and README, plus the loader version."""
     folder = Path(folder)
@@ -483,7 +477,7 @@ def cache_key(folder: str | Path) -> str:
 
 def cache_path(folder: str | Path) -> Path:
     """Where :func:`load_judged` caches a folder: ``<cache root>/judged/judged-<key[:20]>.parquet``."""
-    return _cache_root() / "judged" / f"judged-{cache_key(folder)[:20]}.parquet"
+    return cache_root() / "judged" / f"judged-{cache_key(folder)[:20]}.parquet"
 
 
 def combine(raws: Sequence[Raw]) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_root  # noqa: F401 -- the rule lives in emlib.cache (no torch there); callers use either
 from .timing import timed
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -107,11 +108,6 @@ def fast_paths(device: str | torch.device) -> bool:
     val = fast_paths_setting()
     return torch.device(device).type == "cuda" if val == "auto" else val == "on"
 
-
-def cache_root() -> Path:
-    """The user cache for converted models and fetched data: ``$EMLIB_CACHE`` or ``~/.cache/emlib``."""
-    root = os.environ.get("EMLIB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emlib")
-    return Path(root)
 
 
 # --------------------------------------------------------------------------- tiny model

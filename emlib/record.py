@@ -541,7 +541,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
     that is killed -- a lent machine taken back -- still records the wall times of what it finished."""
     import torch
 
-    from . import experiment, fastgen, models
+    from . import experiment, fastgen, fused, models
 
     state.timings["total_s"] = round(time.time() - state.t0, 1)
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
@@ -550,6 +550,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
+               "fused": fused.fused_setting(),
                "speculative": list(plan.speculative),
                "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

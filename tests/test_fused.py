@@ -218,3 +218,35 @@ def test_lora_trained_on_every_projection_gets_the_same_gradients():
     assert n == {"attention": 0, "rope": 3, "mlp": 0}
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_metric_forwards_are_the_same_fused(monkeypatch):
+    """The metric loops' forwards (emlib.chat.head_inputs, emlib.fasttrain._labelled_hidden) fuse by the switch:
+    the responses-only loss and the KL of a rank-1 adapter are those without, and inside reuse_prefix too."""
+    from emlib import train
+    from emlib.chat import response_loss
+    from emlib.prefix import reuse_prefix
+
+    model, tok = _model(seed=4)
+    rows = [{"messages": [{"role": "user", "content": f"Q{i} {'w ' * i}?"},
+                          {"role": "assistant", "content": f"A{i} {'z ' * (2 * i + 1)}."}]} for i in range(5)]
+    pm = train.add_lora(model, "rank1", seed=0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+
+    def metrics():
+        with reuse_prefix(pm, 1):
+            twice = [response_loss(pm, tok, rows, batch_size=2) for _ in range(2)]  # the second reuses layer 0
+        return [response_loss(pm, tok, rows, batch_size=2), train.kl_to_reference(pm, tok, rows, batch_size=2),
+                *twice]
+
+    monkeypatch.setenv(FUSED_ENV, "off")
+    want = metrics()
+    monkeypatch.setenv(FUSED_ENV, "on")
+    got = metrics()
+    assert want[1] > 0
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, want)
+    assert not any("forward" in m.__dict__ for m in pm.modules())

@@ -310,13 +310,13 @@ def test_cache_hit_and_invalidation(folder, tmp_path, monkeypatch):
     assert len(J.load_judged(folder)) == len(cold) + 1
 
 
-def test_cache_root_matches_models(tmp_path, monkeypatch):
-    from emlib.models import cache_root
+def test_cache_root_is_the_models_one(tmp_path, monkeypatch, folder):
+    """One rule for the cache folder (emlib.cache.cache_root, torch-free), used by the judged loader too."""
+    from emlib import cache, models
 
+    assert models.cache_root is cache.cache_root
     monkeypatch.setenv("EMLIB_CACHE", str(tmp_path))
-    assert J._cache_root() == cache_root()
-    monkeypatch.delenv("EMLIB_CACHE")
-    assert J._cache_root() == cache_root()
+    assert J.cache_path(folder).parent == tmp_path / "judged"
 
 
 def test_progress_bar(folder, capsys):

@@ -218,6 +218,11 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     run_dir = tmp_path / "rec"
     summary = record.run("smoke", str(run_dir), workers=2, chapters=["04"], pack=str(tmp_path / "pack"))
     assert summary["failures"] == {}
+    # the switches that change kernels or random streams are recorded
+    from emlib import fastgen, fused, models
+
+    assert (summary["fast_paths"], summary["compact"], summary["fused"]) == (
+        models.fast_paths_setting(), fastgen.compact_default(), fused.fused_setting())
     smoke = get_config("smoke")
     assert set(summary["timings"]["jobs"]) == record.chapter_needs("04_efficiency", ("medical", "financial", "sport"),
                                                                    smoke.kl_sweep, [smoke.seed + 1])
