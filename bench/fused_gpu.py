@@ -11,12 +11,13 @@ operations) on and off, in one process, for the three places that use it:
   drift), 16 training rows and 8 KL rows a step: seconds per step.
 
 Each part alternates off and on ``--reps`` times and reports the median. Aten operations per step are counted on
-one eager step (what a CUDA graph replays, kernel for kernel, view operations included; ``kernel_ops`` leaves
-out those that launch no kernel). Random weights of SmolLM2-135M's shape (bench/metric_batch_gpu.py's
+one eager step on the CPU (what a CUDA graph replays, kernel for kernel, view operations included;
+``kernel_ops`` leaves out those that launch no kernel): always with ``--device cpu``, with ``--count`` on a GPU
+machine (slow there too, and the same numbers). Random weights of SmolLM2-135M's shape (bench/metric_batch_gpu.py's
 ``model_of``: bf16 on a GPU, float32 on the CPU), the tokenizer of ``--model-dir``. Agreement: the largest
 relative difference of the training parts' losses between off and on (bf16 rounding on a GPU). Not a test.
 
-    python bench/fused_gpu.py --model-dir .gpu/smollm2 --out $OUT             # one GPU, ~3 min
+    python bench/fused_gpu.py --model-dir .gpu/smollm2 --out $OUT             # one GPU, ~3 min (est.)
     python bench/fused_gpu.py --device cpu --steps 2 --warmup 1 --reps 1 --new-tokens 4 --prompts 8 --n-kl 16 \\
         --model-dir DIR --out /tmp                                          # the CPU: operation counts
 """
@@ -125,6 +126,31 @@ def decode_ops(model, tok, on: bool) -> dict:
     return counts(diff, 0.5)
 
 
+def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str, count: bool
+              ) -> tuple[float, list[torch.Tensor], dict | None]:
+    """``warmup + steps`` steps of ``one_step(batch, n_tok, kl_batches) -> summed loss`` and ``opt.step()`` on 16
+    training rows and 8 KL rows each: (seconds per timed step, per-token losses, the operation counts of the last
+    step's gradients, without the optimizer's, when ``count``)."""
+    losses, ops, t0 = [], None, None
+    for s in range(warmup + steps):
+        if s == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
+        n_tok = sum(n_targets(e) for e in batch)
+        kl = [[(8 * s + i) % len(kl_rows) for i in range(8)]] if kl_rows else []
+        if count and s == warmup + steps - 1:
+            with OpCounter() as c:
+                loss = one_step(batch, n_tok, kl)
+            ops = counts(c.ops)
+        else:
+            loss = one_step(batch, n_tok, kl)
+        opt.step()
+        losses.append(loss / max(n_tok, 1))
+    sync(device)
+    return (time.perf_counter() - t0) / steps, losses, ops
+
+
 # ---------------------------------------------------------------------------------------------------- rank-1
 def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: int, graphs: bool = True,
          count: bool = False, adapter: str = "rank1") -> dict:
@@ -140,28 +166,14 @@ def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: i
     kw = {"reference": model.disable_adapter, "kl_rows": kl_rows} if kl_rows else {}
     step = TrainStep(model, params, 0, cuda_graphs=graphs, **kw)
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **step.adamw_kwargs)
-    losses, ops, t0 = [], None, None
+    def one_step(batch, n_tok, kl):
+        return step.grads(batch, n_tok, kl, 2.0)[0]
+
     with step.kernels():
         if kl_rows:
             step.reference_states()
-        for s in range(warmup + steps):
-            if s == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-            batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-            n_tok = sum(n_targets(e) for e in batch)
-            kl = [[(8 * s + i) % len(kl_rows) for i in range(8)]] if kl_rows else []
-            if count and s == warmup + steps - 1:
-                with OpCounter() as c:
-                    loss, _, _ = step.grads(batch, n_tok, kl, 2.0)
-                ops = counts(c.ops)
-            else:
-                loss, _, _ = step.grads(batch, n_tok, kl, 2.0)
-            opt.step()
-            losses.append(loss / max(n_tok, 1))
-        sync(device)
-    dt = time.perf_counter() - t0
-    return {"seconds_per_step": dt / steps, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
+        per_step, losses, ops = run_steps(one_step, opt, rows, kl_rows, steps, warmup, device, count)
+    return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
             "fused_layers": step.stats.get("fused_layers"), "loss": torch.stack(losses).float().cpu().tolist(),
             "ops": ops}
 
@@ -188,7 +200,6 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else nullcontext
     vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device))
     opt = torch.optim.AdamW([vec], lr=1e-4, **({"fused": True} if cuda else {}))
-    losses, ops, t0 = [], None, None
     with contextlib.ExitStack() as stack:
         stack.enter_context(train.training_mode(model))
         stack.enter_context(one_sequence_per_row())
@@ -200,24 +211,12 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
         step = vecgroup.GroupStep(split, head, vec, 256.0, cache, kl_mem, 0, 16,
                                   vecgroup.default_max_tokens(torch.device(device)), amp, cuda_graphs=graphs)
         coef = [2.0 * m for m in (0.1, 0.3, 1.0, 3.0, 10.0, 1.0)]
-        for s in range(warmup + steps):
-            if s == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-            batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-            n_tok = sum(n_targets(e) for e in batch)
-            kl = [[(8 * s + i) % len(kl_rows) for i in range(8)]]
-            if count and s == warmup + steps - 1:
-                with OpCounter() as c:
-                    sft, _ = step.run(batch, n_tok, kl, coef)
-                ops = counts(c.ops)
-            else:
-                sft, _ = step.run(batch, n_tok, kl, coef)
-            opt.step()
-            losses.append(sft / max(n_tok, 1))
-        sync(device)
-    dt = time.perf_counter() - t0
-    return {"seconds_per_step": dt / steps, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
+
+        def one_step(batch, n_tok, kl):
+            return step.run(batch, n_tok, kl, coef)[0]
+
+        per_step, losses, ops = run_steps(one_step, opt, rows, kl_rows, steps, warmup, device, count)
+    return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
             "fused_layers": dict(n_fused), "loss": torch.stack(losses).float().cpu().tolist(), "ops": ops}
 
 
@@ -240,10 +239,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=600)
     ap.add_argument("--prompts", type=int, default=400)
     ap.add_argument("--n-kl", type=int, default=800, help="KL rows (the paper's 800; fewer on a CPU)")
+    ap.add_argument("--count", action="store_true", help="with --device cuda: also count operations on the CPU "
+                    "(slow; the CPU's counts are in results/fused_smollm2-135m_cpu.json)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     dev = a.device
     parts = a.parts.split(",")
+    count = dev == "cpu" or a.count
     vocab = SHAPES[a.shape]["vocab_size"]
     rows = synthetic_rows(16 * (a.steps + a.warmup), vocab)
     kl_rows = kl_rows_of(a.n_kl, vocab)
@@ -261,7 +263,7 @@ def main() -> None:
                 part[v].append(decode(model, tok, dev, v == "on", a.new_tokens, a.prompts))
         if dev == "cuda":  # how far fused greedy answers stay from the others' (bf16 rounding)
             part["greedy_same_tokens"] = greedy_agreement(model, tok)
-        for v in ("off", "on"):
+        for v in ("off", "on") if count else ():
             cpu_model = model_of(a.shape, "cpu") if dev == "cuda" else model
             part[f"ops_{v}"] = decode_ops(cpu_model, tok, v == "on")
         res["parts"]["decode"] = part
@@ -276,11 +278,12 @@ def main() -> None:
         for _ in range(a.reps):
             for v in ("off", "on"):
                 part[v].append(fn(a.shape, dev, v == "on", rows, kl, a.steps, a.warmup))
-        for v in ("off", "on"):  # one eager step on the CPU, counted
+        for v in ("off", "on") if count else ():  # one eager step on the CPU, counted
             counted = fn(a.shape, "cpu", v == "on", rows, kl[:16] if kl else None, 2, 0, graphs=False, count=True)
             part[f"ops_{v}"], part[f"loss_{v}_cpu"] = counted["ops"], counted["loss"]
-        part["fused_layers"] = counted["fused_layers"]
-        part["cpu_loss_max_rel_diff"] = max_rel(part["loss_on_cpu"], part["loss_off_cpu"])
+            part["fused_layers_cpu"] = counted["fused_layers"]
+        if count:
+            part["cpu_loss_max_rel_diff"] = max_rel(part["loss_on_cpu"], part["loss_off_cpu"])
         if a.reps:
             part["loss_max_rel_diff"] = max_rel(part["on"][0]["loss"], part["off"][0]["loss"])
         res["parts"][name] = part
@@ -288,8 +291,11 @@ def main() -> None:
     summary = {}
     for name, part in res["parts"].items():
         key = "tokens_per_s" if name == "decode" else "seconds_per_step"
-        summary[name] = {"kernel_ops_off": part["ops_off"]["kernel_ops"], "kernel_ops_on": part["ops_on"]["kernel_ops"],
-                         "aten_ops_off": part["ops_off"]["aten_ops"], "aten_ops_on": part["ops_on"]["aten_ops"]}
+        summary[name] = {}
+        if "ops_off" in part:
+            summary[name] = {"kernel_ops_off": part["ops_off"]["kernel_ops"],
+                             "kernel_ops_on": part["ops_on"]["kernel_ops"],
+                             "aten_ops_off": part["ops_off"]["aten_ops"], "aten_ops_on": part["ops_on"]["aten_ops"]}
         line = ""
         if part["off"]:
             off = statistics.median(r[key] for r in part["off"])
@@ -297,8 +303,9 @@ def main() -> None:
             speedup = on / off if name == "decode" else off / on
             summary[name].update({f"off_{key}": off, f"on_{key}": on, "speedup": speedup})
             line = f"off {off:10.4g}  on {on:10.4g}  {key}  speedup {speedup:.3f}x  "
-        print(f"{name:7s} {line}kernel ops/step {part['ops_off']['kernel_ops']:g} -> {part['ops_on']['kernel_ops']:g}",
-              flush=True)
+        if "ops_off" in part:
+            line += f"kernel ops/step {part['ops_off']['kernel_ops']:g} -> {part['ops_on']['kernel_ops']:g}"
+        print(f"{name:7s} {line}", flush=True)
     res["summary"] = summary
     a.out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if dev == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
