@@ -105,17 +105,25 @@ def _cat_linear(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class _SignedSin:
-    """``sin`` with its first half negated, for the rotary step of :func:`rope`; computed once per forward (every
-    layer receives the same ``sin`` tensor object) and reused by the layers after the first."""
+    """``sin`` with its first half negated, for the rotary step of :func:`rope`: computed once per ``sin`` tensor
+    (every layer of a forward receives the same object) and kept exactly as long as that tensor lives.
+
+    Kept per tensor, not just for the last one: a caller may hold its rotary tensors across passes (the vector
+    group's split decoder keeps one per padded length) and capture a CUDA graph that reads the signed copy made
+    before the capture; had a later length replaced that copy, its memory could be reused while the graph still
+    reads it."""
 
     def __init__(self):
-        self.src = self.out = None
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._of = WeakIdKeyDictionary()  # sin tensor (by identity) -> its signed copy
 
     def __call__(self, sin: torch.Tensor) -> torch.Tensor:
-        if self.src is not sin:
+        out = self._of.get(sin)
+        if out is None:
             half = sin.shape[-1] // 2
-            self.src, self.out = sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return self.out
+            out = self._of[sin] = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

@@ -250,3 +250,22 @@ def test_metric_forwards_are_the_same_fused(monkeypatch):
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-5 * abs(b), (got, want)
     assert not any("forward" in m.__dict__ for m in pm.modules())
+
+
+def test_signed_sin_is_kept_per_tensor_while_it_lives():
+    """A caller that keeps its rotary tensors (the vector group's split decoder, one per padded length) gets the
+    same signed copy for each, even after another length's: a CUDA graph captured reading it stays valid. The copy
+    goes when its sin tensor does."""
+    import gc
+
+    from emlib.fused import _SignedSin
+
+    signed = _SignedSin()
+    a, b = torch.randn(1, 5, 8), torch.randn(1, 7, 8)
+    first = signed(a)
+    signed(b)
+    assert signed(a) is first
+    torch.testing.assert_close(first, torch.cat((-a[..., :4], a[..., 4:]), dim=-1))
+    del a, first
+    gc.collect()
+    assert len(signed._of) == 1
