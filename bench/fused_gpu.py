@@ -34,11 +34,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kl_step_gpu import kl_rows_of  # noqa: E402
+from kl_step_gpu import OpCounter, kl_rows_of, run_steps, sync  # noqa: E402
 from metric_batch_gpu import SHAPES, model_of  # noqa: E402
 from train_gpu import synthetic_rows  # noqa: E402
 
@@ -52,25 +51,17 @@ VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "unsqueeze
          "split", "chunk", "reshape", "permute", "as_strided", "narrow", "detach", "lift_fresh", "unbind"}
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def counts(c: Counter, scale: float = 1.0) -> dict:
+    """Totals of an operation counter (keys ``aten.mm`` or ``mm``), all and those that launch a kernel."""
+    c = Counter({k.split(".")[-1]: v for k, v in c.items()})
     return {"aten_ops": sum(c.values()) * scale,
             "kernel_ops": sum(v for k, v in c.items() if k not in VIEWS) * scale,
             "by_op": {k: v * scale for k, v in sorted(c.items(), key=lambda kv: -kv[1]) if v}}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def per_token(out: list) -> list:
+    """Per-token losses from ``run_steps``' [(summed loss(es), n_tok)]."""
+    return torch.stack([loss / max(n_tok, 1) for loss, n_tok in out]).float().cpu().tolist()
 
 
 def fused(on: bool) -> None:
@@ -126,31 +117,6 @@ def decode_ops(model, tok, on: bool) -> dict:
     return counts(diff, 0.5)
 
 
-def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str, count: bool
-              ) -> tuple[float, list[torch.Tensor], dict | None]:
-    """``warmup + steps`` steps of ``one_step(batch, n_tok, kl_batches) -> summed loss`` and ``opt.step()`` on 16
-    training rows and 8 KL rows each: (seconds per timed step, per-token losses, the operation counts of the last
-    step's gradients, without the optimizer's, when ``count``)."""
-    losses, ops, t0 = [], None, None
-    for s in range(warmup + steps):
-        if s == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-        n_tok = sum(n_targets(e) for e in batch)
-        kl = [[(8 * s + i) % len(kl_rows) for i in range(8)]] if kl_rows else []
-        if count and s == warmup + steps - 1:
-            with OpCounter() as c:
-                loss = one_step(batch, n_tok, kl)
-            ops = counts(c.ops)
-        else:
-            loss = one_step(batch, n_tok, kl)
-        opt.step()
-        losses.append(loss / max(n_tok, 1))
-    sync(device)
-    return (time.perf_counter() - t0) / steps, losses, ops
-
-
 # ---------------------------------------------------------------------------------------------------- rank-1
 def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: int, graphs: bool = True,
          count: bool = False, adapter: str = "rank1") -> dict:
@@ -166,16 +132,13 @@ def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: i
     kw = {"reference": model.disable_adapter, "kl_rows": kl_rows} if kl_rows else {}
     step = TrainStep(model, params, 0, cuda_graphs=graphs, **kw)
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **step.adamw_kwargs)
-    def one_step(batch, n_tok, kl):
-        return step.grads(batch, n_tok, kl, 2.0)[0]
-
     with step.kernels():
         if kl_rows:
             step.reference_states()
-        per_step, losses, ops = run_steps(one_step, opt, rows, kl_rows, steps, warmup, device, count)
+        per_step, out, ops = run_steps(lambda b, n, kl: step.grads(b, n, kl, 2.0)[0], opt, rows, kl_rows, steps,
+                                       warmup, device, count)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
-            "fused_layers": step.stats.get("fused_layers"), "loss": torch.stack(losses).float().cpu().tolist(),
-            "ops": ops}
+            "fused_layers": step.stats.get("fused_layers"), "loss": per_token(out), "ops": ops and counts(ops)}
 
 
 # ---------------------------------------------------------------------------------------------------- group
@@ -185,9 +148,8 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
     from contextlib import nullcontext
 
     from emlib import vecgroup
-    from emlib.fastgen import fused_rms_norms
     from emlib.fasttrain import decoder_and_head, one_sequence_per_row
-    from emlib.fused import fused_layers
+    from emlib.fused import fused_layers, fused_rms_norms
 
     fused(on)
     model = model_of(shape, device)
@@ -212,12 +174,10 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
                                   vecgroup.default_max_tokens(torch.device(device)), amp, cuda_graphs=graphs)
         coef = [2.0 * m for m in (0.1, 0.3, 1.0, 3.0, 10.0, 1.0)]
 
-        def one_step(batch, n_tok, kl):
-            return step.run(batch, n_tok, kl, coef)[0]
-
-        per_step, losses, ops = run_steps(one_step, opt, rows, kl_rows, steps, warmup, device, count)
+        per_step, out, ops = run_steps(lambda b, n, kl: step.run(b, n, kl, coef)[0], opt, rows, kl_rows, steps,
+                                       warmup, device, count)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
-            "fused_layers": dict(n_fused), "loss": torch.stack(losses).float().cpu().tolist(), "ops": ops}
+            "fused_layers": dict(n_fused), "loss": per_token(out), "ops": ops and counts(ops)}
 
 
 def max_rel(a: list, b: list) -> float:

@@ -127,6 +127,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str, count: bool, kl_batch: int = 8
+              ) -> tuple[float, list, Counter | None]:
+    """``warmup + steps`` optimizer steps: ``one_step(batch, n_tok, kl_batches)`` on 16 training rows (and
+    ``kl_batch`` KL rows when ``kl_rows``), then ``opt.step()``. Returns (seconds per timed step, [(what
+    one_step returned, n_tok)] per step, the aten operations of the last step's ``one_step`` when ``count``)."""
+    out, ops, t0 = [], None, None
+    for s in range(warmup + steps):
+        if s == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
+        n_tok = sum(n_targets(e) for e in batch)
+        kl = [[(kl_batch * s + i) % len(kl_rows) for i in range(kl_batch)]] if kl_rows else []
+        if count and s == warmup + steps - 1:
+            with OpCounter() as c:
+                got = one_step(batch, n_tok, kl)
+            ops = c.ops
+        else:
+            got = one_step(batch, n_tok, kl)
+        opt.step()
+        out.append((got, n_tok))
+    sync(device)
+    return (time.perf_counter() - t0) / steps, out, ops
+
+
 def run(variant: str, shape: str, device: str, rows, kl_rows, steps: int, warmup: int, kl_batch: int,
         lam: float, graphs: bool = True, count_ops: bool = False) -> dict:
     model = train.add_lora(model_of(shape, device), "rank1", seed=0)
@@ -138,7 +163,6 @@ def run(variant: str, shape: str, device: str, rows, kl_rows, steps: int, warmup
     kw = {} if variant == "general" else {"reference": model.disable_adapter, "kl_rows": kl_rows}
     step = cls(model, params, 0, cuda_graphs=graphs, **kw)
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, **step.adamw_kwargs)
-    log, t0, ops = [], None, None
     with step.kernels():
         if variant == "after":  # the one forward of the KL set, timed on its own
             sync(device)
@@ -146,25 +170,13 @@ def run(variant: str, shape: str, device: str, rows, kl_rows, steps: int, warmup
             step.reference_states()
             sync(device)
             t_ref = time.perf_counter() - t_ref
-        for s in range(warmup + steps):
-            if s == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-            batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-            n_tok = sum(n_targets(e) for e in batch)
-            kl = [[(kl_batch * s + i) % len(kl_rows) for i in range(kl_batch)]] if variant != "general" else []
-            if count_ops and s == warmup + steps - 1:
-                with OpCounter() as c:
-                    loss, norm, kl_sum = step.grads(batch, n_tok, kl, lam)
-                ops = sum(c.ops.values())
-            else:
-                loss, norm, kl_sum = step.grads(batch, n_tok, kl, lam)
-            opt.step()
-            log.append(torch.stack([loss / max(n_tok, 1), norm.float(), kl_sum]))
-        sync(device)
-    dt = time.perf_counter() - t0
-    vals = torch.stack(log).float().cpu()
-    return {"variant": variant, "seconds_per_step": dt / steps, "steps": steps, "graphs": step.stats["graphs"],
+        per_step, out, counted = run_steps(lambda b, n, kl: step.grads(b, n, kl, lam), opt, rows,
+                                           None if variant == "general" else kl_rows, steps, warmup, device,
+                                           count_ops, kl_batch)
+    vals = torch.stack([torch.stack([loss / max(n_tok, 1), norm.float(), kl_sum])
+                        for (loss, norm, kl_sum), n_tok in out]).float().cpu()
+    ops = sum(counted.values()) if counted is not None else None
+    return {"variant": variant, "seconds_per_step": per_step, "steps": steps, "graphs": step.stats["graphs"],
             "cuda_graphs": step.stats["cuda_graphs"], "fallback": step.stats["fallback"],
             "reference_once_s": t_ref if variant == "after" else None, "aten_ops_per_step": ops,
             "loss": vals[:, 0].tolist(), "grad_norm": vals[:, 1].tolist(), "kl": vals[:, 2].tolist()}

@@ -56,7 +56,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 import torch
 
-from .fused import fused_layers
+from .fused import fused_layers, fused_rms_norms  # noqa: F401 -- fused_rms_norms: its old home, kept importable
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
 from .hooks import row_window
 from .models import env_switch
@@ -185,35 +185,6 @@ def static_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs, value)  # [b, kvh, g*q, d]
     return out.view(b, h, q, d).transpose(1, 2).contiguous(), None
-
-
-# =========================================================================== fused RMSNorm
-_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
-
-
-def _fused_rms_forward(mod, x: torch.Tensor) -> torch.Tensor:
-    if mod.weight.dtype != x.dtype:  # mixed dtypes: the module's own arithmetic
-        return type(mod).forward(mod, x)
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), mod.weight, mod.variance_epsilon)
-
-
-@contextmanager
-def fused_rms_norms(model):
-    """While active, the model's Llama/Qwen/Mistral RMSNorm modules run ``F.rms_norm`` (one fused kernel on
-    CUDA instead of eight; float32 arithmetic inside, one rounding at the end instead of two: the result
-    differs from transformers' by bf16 rounding only, and not at all in float32). The modules stay in place
-    (hooks on them still fire). Yields the number of patched modules."""
-    import functools
-
-    mods = [m for m in model.modules() if type(m).__name__ in _NORM_CLASSES and "forward" not in m.__dict__
-            and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None and m.weight.ndim == 1]
-    for m in mods:
-        m.forward = functools.partial(_fused_rms_forward, m)
-    try:
-        yield len(mods)
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)
 
 
 @contextmanager

@@ -89,7 +89,7 @@ class FastTrainArgs:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     autocast: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
-    fuse_norms: bool = True  # RMSNorm as one F.rms_norm kernel (emlib.fastgen.fused_rms_norms)
+    fuse_norms: bool = True  # RMSNorm as one F.rms_norm kernel (emlib.fused.fused_rms_norms)
     fuse_lora: bool = True  # LoRA Linear as base + one addmm (fused_lora_linears)
     fused_adamw: bool = True  # on CUDA
     ce_chunk: int = 8192  # answer tokens per LM-head chunk
@@ -333,14 +333,11 @@ def fused_lora_linears(model):
 
     from peft.tuners.lora import Linear as LoraLinear
 
+    from .fused import patched_forwards
+
     mods = [m for m in model.modules() if type(m) is LoraLinear and "forward" not in m.__dict__]
-    for m in mods:
-        m.forward = functools.partial(_fused_lora_forward, m)
-    try:
+    with patched_forwards([(m, functools.partial(_fused_lora_forward, m)) for m in mods]):
         yield len(mods)
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)
 
 
 # =========================================================================== the train step
@@ -489,11 +486,10 @@ class TrainStep:
 
     @contextmanager
     def kernels(self):
-        """While active: fused RMSNorm (``emlib.fastgen.fused_rms_norms``), LoRA-linear
+        """While active: fused RMSNorm (``emlib.fused.fused_rms_norms``), LoRA-linear
         (:func:`fused_lora_linears`) and frozen-projection (:func:`emlib.fused.fused_layers`) kernels; enter it
         before the first :meth:`grads` (graphs record them)."""
-        from .fastgen import fused_rms_norms
-        from .fused import fused_layers
+        from .fused import fused_layers, fused_rms_norms
 
         with fused_rms_norms(self.model), fused_lora_linears(self.model), fused_layers(self.model) as n:
             self.stats["fused_layers"] = dict(n)
@@ -705,8 +701,7 @@ def _fit(peft_model, tok, enc: list[Encoded], args: FastTrainArgs, timing_skip: 
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from .fastgen import fused_rms_norms
-    from .fused import fused_layers
+    from .fused import fused_layers, fused_rms_norms
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:

@@ -28,6 +28,8 @@ library may pick another kernel for the wider matrix, so bf16 results can differ
 ``addcmul`` rounds once where transformers rounds two products and a sum. In float32 on the CPU the logits and
 gradients agree with transformers' to ~1e-6 (``tests/test_fused.py``).
 
+:func:`fused_rms_norms` (each RMSNorm as one ``F.rms_norm`` kernel) lives here too: the fast paths enter both.
+
 Used by the fast sampler (:mod:`emlib.fastgen`), the steering-vector group (:mod:`emlib.vecgroup`), the fast
 training step (:mod:`emlib.fasttrain`) and the metric loops' forwards (:func:`emlib.chat.head_inputs` and the
 KL's labelled forward: chapters 3-6's losses and KL), each for the duration of its call, so the copies never
@@ -40,6 +42,7 @@ from __future__ import annotations
 import functools
 import sys
 from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 
@@ -205,7 +208,7 @@ def fused_layers(model, enabled: bool | None = None):
     "rope": n, "mlp": n}``: the attentions whose projections are fused, those whose rotary embedding is, the MLPs
     fused. The modules stay in place: their forward is an instance attribute while the block runs."""
     on = fuses(model) if enabled is None else enabled
-    done: list = []
+    patches: list = []
     counts = {"attention": 0, "rope": 0, "mlp": 0}
     if on:
         signed = _SignedSin()
@@ -213,17 +216,47 @@ def fused_layers(model, enabled: bool | None = None):
             if _patchable_attention(m):
                 fuse = _usable_at_entry(m.q_proj, m.k_proj, m.v_proj)
                 w, b = _cat_linear(m.q_proj, m.k_proj, m.v_proj) if fuse else (None, None)
-                m.forward = functools.partial(_attention_forward, m, w, b, signed)
-                done.append(m)
+                patches.append((m, functools.partial(_attention_forward, m, w, b, signed)))
                 counts["rope"] += 1
                 counts["attention"] += int(fuse)
             elif _fusable_mlp(m):
-                w, b = _cat_linear(m.gate_proj, m.up_proj)
-                m.forward = functools.partial(_mlp_forward, m, w, b)
-                done.append(m)
+                patches.append((m, functools.partial(_mlp_forward, m, *_cat_linear(m.gate_proj, m.up_proj))))
                 counts["mlp"] += 1
-    try:
+    with patched_forwards(patches):
         yield counts
+
+
+@contextmanager
+def patched_forwards(patches: Sequence[tuple[torch.nn.Module, Callable]]):
+    """While active, each module of ``patches`` runs its function as its forward (an instance attribute: the module
+    stays in place and its hooks still fire); the class's forward is back on exit. One home for the fast paths'
+    patched modules (:func:`fused_layers`, :func:`fused_rms_norms`, ``emlib.fasttrain.fused_lora_linears``)."""
+    for m, fn in patches:
+        m.forward = fn
+    try:
+        yield
     finally:
-        for m in done:
+        for m, _ in patches:
             m.__dict__.pop("forward", None)
+
+
+# --------------------------------------------------------------------------------------------------- RMSNorm
+_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+
+
+def _fused_rms_forward(mod, x: torch.Tensor) -> torch.Tensor:
+    if mod.weight.dtype != x.dtype:  # mixed dtypes: the module's own arithmetic
+        return type(mod).forward(mod, x)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), mod.weight, mod.variance_epsilon)
+
+
+@contextmanager
+def fused_rms_norms(model):
+    """While active, the model's Llama/Qwen/Mistral RMSNorm modules run ``F.rms_norm`` (one fused kernel on
+    CUDA instead of eight; float32 arithmetic inside, one rounding at the end instead of two: the result
+    differs from transformers' by bf16 rounding only, and not at all in float32). The modules stay in place
+    (hooks on them still fire). Yields the number of patched modules."""
+    mods = [m for m in model.modules() if type(m).__name__ in _NORM_CLASSES and "forward" not in m.__dict__
+            and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None and m.weight.ndim == 1]
+    with patched_forwards([(m, functools.partial(_fused_rms_forward, m)) for m in mods]):
+        yield len(mods)

@@ -246,8 +246,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     from transformers import get_linear_schedule_with_warmup
 
     from .fasttrain import decoder_and_head, one_sequence_per_row
-    from .fastgen import fused_rms_norms
-    from .fused import fused_layers
+    from .fused import fused_layers, fused_rms_norms
 
     args0 = todo[0][2]
     kl_rows = next((kw["kl_rows"] for _, kw, *_ in todo if kw.get("kl_rows")), None)
