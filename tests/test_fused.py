@@ -269,3 +269,24 @@ def test_signed_sin_is_kept_per_tensor_while_it_lives():
     del a, first
     gc.collect()
     assert len(signed._of) == 1
+
+
+def test_other_architectures_and_sliding_windows_are_left_alone():
+    """Only Llama / Qwen2 / Mistral attentions without a sliding window are patched: a GPT-2 and a Qwen2 whose
+    layers use sliding-window attention run their own forwards (nothing fused, the same logits)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=4, max_window_layers=0,
+                                           layer_types=["sliding_attention"] * 2)).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    for model, mlps in ((gpt2, 0), (sliding, 2)):
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+            with fused_layers(model, enabled=True) as n:
+                got = model(input_ids=ids).logits
+        assert n == {"attention": 0, "rope": 0, "mlp": mlps}  # a sliding-window Qwen2's MLPs are still fused
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
