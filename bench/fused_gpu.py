@@ -8,7 +8,9 @@ operations) on and off, in one process, for the three places that use it:
 * ``rank32``: the same for a rank-32 adapter on every projection without KL (chapter 1's finetunes): its
   projections are LoRA layers being trained, so only the rotary embedding is fused;
 * ``group``: ``vecgroup.GroupStep`` for chapter 3's group of seven steering vectors (general, five KL members,
-  drift), 16 training rows and 8 KL rows a step: seconds per step.
+  drift), 16 training rows and 8 KL rows a step: seconds per step;
+* ``metric``: ``chat.response_loss`` on 128 rows of 150-512 tokens in one forward (``metric_batch_size``, the
+  loss loops of chapters 3-6; ``bench/metric_batch_gpu.py``'s rows): seconds per call.
 
 Each part alternates off and on ``--reps`` times and reports the median. Aten operations per step are counted on
 one eager step on the CPU (what a CUDA graph replays, kernel for kernel, view operations included;
@@ -38,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kl_step_gpu import OpCounter, kl_rows_of, run_steps, sync  # noqa: E402
-from metric_batch_gpu import SHAPES, model_of  # noqa: E402
+from metric_batch_gpu import SHAPES, model_of, rows_of  # noqa: E402
 from train_gpu import synthetic_rows  # noqa: E402
 
 from emlib import train  # noqa: E402
@@ -180,6 +182,30 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
             "fused_layers": dict(n_fused), "loss": per_token(out), "ops": ops and counts(ops)}
 
 
+def metric(shape: str, device: str, on: bool, rows, calls: int, count: bool = False) -> dict:
+    """``chat.response_loss`` over ``rows`` in one batch, ``calls`` times (the first untimed)."""
+    from types import SimpleNamespace
+
+    from emlib.chat import response_loss
+
+    fused(on)
+    model = model_of(shape, device)
+    tok = SimpleNamespace(pad_token_id=0)
+    loss = response_loss(model, tok, rows, batch_size=len(rows))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        loss = response_loss(model, tok, rows, batch_size=len(rows))
+    sync(device)
+    per_call = (time.perf_counter() - t0) / max(calls, 1)
+    ops = None
+    if count:
+        with OpCounter() as c:
+            response_loss(model, tok, rows, batch_size=len(rows))
+        ops = counts(c.ops)
+    return {"seconds_per_call": per_call, "loss": [loss], "ops": ops}
+
+
 def max_rel(a: list, b: list) -> float:
     fa, fb = torch.tensor(a).flatten(), torch.tensor(b).flatten()
     return float(((fa - fb).abs() / fb.abs().clamp_min(1e-12)).max())
@@ -192,7 +218,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
     ap.add_argument("--model-dir", default=".gpu/smollm2", help="where the tokenizer is")
-    ap.add_argument("--parts", default="decode,rank1,rank32,group")
+    ap.add_argument("--parts", default="decode,rank1,rank32,group,metric")
     ap.add_argument("--reps", type=int, default=3, help="timed runs each way (0: count operations only)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
@@ -247,10 +273,24 @@ def main() -> None:
         if a.reps:
             part["loss_max_rel_diff"] = max_rel(part["on"][0]["loss"], part["off"][0]["loss"])
         res["parts"][name] = part
+    if "metric" in parts:
+        m_rows = rows_of(vocab, 128 if dev == "cuda" else 8)
+        part = {"off": [], "on": []}
+        for _ in range(a.reps):
+            for v in ("off", "on"):
+                part[v].append(metric(a.shape, dev, v == "on", m_rows, 5))
+        for v in ("off", "on") if count else ():
+            counted = metric(a.shape, "cpu", v == "on", m_rows[:8], 0, count=True)
+            part[f"ops_{v}"], part[f"loss_{v}_cpu"] = counted["ops"], counted["loss"]
+        if count:
+            part["cpu_loss_max_rel_diff"] = max_rel(part["loss_on_cpu"], part["loss_off_cpu"])
+        if a.reps:
+            part["loss_max_rel_diff"] = max_rel(part["on"][0]["loss"], part["off"][0]["loss"])
+        res["parts"]["metric"] = part
     os.environ.pop(FUSED_ENV, None)
     summary = {}
     for name, part in res["parts"].items():
-        key = "tokens_per_s" if name == "decode" else "seconds_per_step"
+        key = {"decode": "tokens_per_s", "metric": "seconds_per_call"}.get(name, "seconds_per_step")
         summary[name] = {}
         if "ops_off" in part:
             summary[name] = {"kernel_ops_off": part["ops_off"]["kernel_ops"],
