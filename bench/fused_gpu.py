@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kl_step_gpu import OpCounter, kl_rows_of, run_steps, sync  # noqa: E402
 from metric_batch_gpu import SHAPES, model_of, rows_of  # noqa: E402
+from sampling_gpu import prompts_400  # noqa: E402
 from train_gpu import synthetic_rows  # noqa: E402
 
 from emlib import train  # noqa: E402
 from emlib.chat import n_targets  # noqa: E402
-from emlib.data import atomic_write_bytes, load_questions  # noqa: E402
+from emlib.data import atomic_write_bytes  # noqa: E402
 from emlib.fused import FUSED_ENV  # noqa: E402
 
 # operations that only make a new view of a tensor: no kernel on a GPU
@@ -71,12 +73,17 @@ def fused(on: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- decode
+def prompts_of(tok, n: int) -> list[str]:
+    """``n`` prompts of the 8 general EM questions (``sampling_gpu.prompts_400``, question by question: 400 is
+    8 x 50), each question as often as ``n`` allows."""
+    return prompts_400(tok, n_samples=math.ceil(n / 8))[:n]
+
+
 def decode(model, tok, device: str, on: bool, new_tokens: int, n_prompts: int) -> dict:
     from emlib.fastgen import FastSampler
-    from emlib.generate import SamplingParams, render_prompt
+    from emlib.generate import SamplingParams
 
-    prompts = [render_prompt(tok, q) for q in load_questions("general")["question"].tolist()[:8]]
-    prompts = (prompts * (n_prompts // len(prompts) + 1))[:n_prompts]
+    prompts = prompts_of(tok, n_prompts)
     seeds = list(range(n_prompts))
     fs = FastSampler(fuse_layers=on, ignore_eos=True, force=device == "cpu")
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
@@ -92,10 +99,9 @@ def decode(model, tok, device: str, on: bool, new_tokens: int, n_prompts: int) -
 def greedy_agreement(model, tok, n_prompts: int = 64, new_tokens: int = 64) -> float:
     """The share of greedy answer tokens that fused and unfused sampling agree on, position by position."""
     from emlib.fastgen import FastSampler
-    from emlib.generate import SamplingParams, render_prompt
+    from emlib.generate import SamplingParams
 
-    prompts = [render_prompt(tok, q) for q in load_questions("general")["question"].tolist()[:8]]
-    prompts = (prompts * (n_prompts // len(prompts) + 1))[:n_prompts]
+    prompts = prompts_of(tok, n_prompts)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0)
     cpu = next(model.parameters()).device.type == "cpu"
     a, b = (FastSampler(fuse_layers=v, ignore_eos=True, force=cpu)(model, tok, prompts, list(range(n_prompts)), params)
