@@ -105,8 +105,13 @@ def fast_paths(device: str | torch.device) -> bool:
     default) on a CUDA device only; ``off`` never (the plain training loop and ``generate``: the fallback if a
     fast path misbehaves on some GPU); ``on`` on the CPU too, eagerly (no CUDA graphs; how the test suite runs
     a whole run of record through the code a GPU runs)."""
-    val = fast_paths_setting()
-    return torch.device(device).type == "cuda" if val == "auto" else val == "on"
+    return switched_on(fast_paths_setting(), device)
+
+
+def switched_on(setting: str, device: str | torch.device) -> bool:
+    """An ``auto`` / ``on`` / ``off`` switch's answer for work on ``device``: ``auto`` on a CUDA device only
+    (``$EMLIB_FAST_PATHS``, ``$EMLIB_FUSED``)."""
+    return torch.device(device).type == "cuda" if setting == "auto" else setting == "on"
 
 
 
