@@ -168,8 +168,8 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
     _, head = decoder_and_head(model)
     split = vecgroup.SplitDecoder(model, k)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else nullcontext
-    vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device))
-    opt = torch.optim.AdamW([vec], lr=1e-4, **({"fused": True} if cuda else {}))
+    vecs = vecgroup.Vectors(n_mem, model.config.hidden_size, 256.0, device)
+    opt = torch.optim.AdamW(vecs.params, lr=1e-4, **({"fused": True} if cuda else {}))
     with contextlib.ExitStack() as stack:
         stack.enter_context(train.training_mode(model))
         stack.enter_context(one_sequence_per_row())
@@ -178,7 +178,7 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
         n_fused = stack.enter_context(fused_layers(model))
         with amp():
             cache = vecgroup._kl_cache(split, head, kl_rows, 0, 16, vecgroup.default_max_tokens(torch.device(device)))
-        step = vecgroup.GroupStep(split, head, vec, 256.0, cache, kl_mem, 0, 16,
+        step = vecgroup.GroupStep(split, head, vecs, cache, kl_mem, 0, 16,
                                   vecgroup.default_max_tokens(torch.device(device)), amp, cuda_graphs=graphs)
         coef = [2.0 * m for m in (0.1, 0.3, 1.0, 3.0, 10.0, 1.0)]
 

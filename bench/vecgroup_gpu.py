@@ -1,19 +1,21 @@
-"""Benchmark: steering vectors trained together (emlib.vecgroup) against one at a time (emlib.train), on the
-run of record's model, data and settings (the ``paper`` profile), alone on one GPU. Not a test: it prints
-numbers and writes ``vecgroup_<model>.json``.
+"""Benchmark: steering vectors (``--kind vector``) or rank-1 adapters (``--kind lora``) trained together
+(emlib.vecgroup) against one at a time (emlib.train), on the run of record's model, data and settings (the
+``paper`` profile), alone on one GPU (or any device). Not a test: it prints numbers and writes
+``vecgroup_<model>.json`` (``vecgroup_lora_<model>.json`` for adapters).
 
-1. chapter 3's seed-0 vectors as one group: general, narrow at every lambda of the sweep, drift
-   (``Experiment.vectors``, what ``emlib.record`` now runs as one pool task);
-2. the narrow vector (default lambda) and the general vector each alone, as a chapter trains them
-   (``Experiment.vector``: emlib.train with its CUDA-graph step), in fresh run directories;
-3. the narrow vector alone through the group trainer (a group of one: what record does for chapter 3's
-   follow-up vectors), in another fresh run directory.
+1. chapter 3's seed-0 solutions of that kind as one group: general and narrow at every lambda of the sweep,
+   and drift for vectors (``Experiment.vectors`` / ``Experiment.loras``, what ``emlib.record`` runs as one pool
+   task);
+2. the narrow solution (default lambda) and the general one each alone, as ``Experiment.vector`` /
+   ``Experiment.lora`` train them (emlib.train with its CUDA-graph step on a GPU), in fresh run directories;
+3. the narrow one alone through the group trainer (a group of one), in another fresh run directory.
 
 The "one at a time" total for the group is estimated from 2.: (number of KL members) x narrow + general.
-Agreement: each vector trained alone against the same vector from the group (cosine, relative difference,
-final training loss).
+Agreement: each solution trained alone against the same one from the group (cosine of the vector, or of the
+adapter's A and B together; relative difference; final training loss).
 
-    python bench/vecgroup_gpu.py --out $OUT [--model embedded] [-c kl_lambda_vector 6.58] [--parts group,one]
+    python bench/vecgroup_gpu.py --out $OUT [--kind lora] [--model embedded] [-c kl_lambda_vector 6.58] [--parts group,one]
+    python bench/vecgroup_gpu.py --out DIR --kind lora --profile quick     # 2 CPU cores: the quick book's groups
 """
 from __future__ import annotations
 
@@ -48,6 +50,24 @@ def _timed(fn):
     return out, round(time.perf_counter() - t0, 2)
 
 
+def _alone(exp: Experiment, ds: str, sol: str, lora: bool):
+    """One solution trained alone, as a chapter trains it (the adapter detached again)."""
+    if not lora:
+        return exp.vector(ds, sol)
+    with exp.lora(ds, "rank1", sol) as res:
+        return res
+
+
+def _flat(res, lora: bool) -> torch.Tensor:
+    """A trained solution as one float32 vector: the steering vector, or the adapter's A and B together."""
+    if not lora:
+        return res.vector.vector.float().cpu()
+    from emlib.adapters import LoraAdapter
+
+    state = LoraAdapter.load(res.out_dir).state
+    return torch.cat([state[k].float().flatten() for k in sorted(state)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -55,12 +75,15 @@ def main() -> None:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("-c", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"))
     ap.add_argument("--parts", default="group,alone,one", help="which of: group, alone, one (comma-separated)")
+    ap.add_argument("--kind", default="vector", choices=["vector", "lora"])
     a = ap.parse_args()
     over = {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in a.c}
     tmp = Path(tempfile.mkdtemp(prefix="vecgroup-"))
     result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
                     "torch": torch.__version__, "model": a.model, "profile": a.profile, "overrides": over}
-    out = Path(a.out) / f"vecgroup_{Path(a.model).stem.lower()}.json"
+    result["kind"] = a.kind
+    lora = a.kind == "lora"
+    out = Path(a.out) / f"vecgroup_{'lora_' if lora else ''}{Path(a.model).stem.lower()}.json"
 
     def save():
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
@@ -71,10 +94,11 @@ def main() -> None:
 
     exp = exp_in("group")
     ds = exp.cfg.datasets[0]
-    members = ([("general", 1.0, None), ("drift", 1.0, None)]
+    members = ([("general", 1.0, None)] + ([] if lora else [("drift", 1.0, None)])
                + [("narrow", m, None) for m in sweep_scales(exp.cfg.kl_sweep)])
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    group, t_group = _timed(lambda: exp.vectors(ds, members))
+    together = (lambda e, ms: e.loras(ds, ms)) if lora else (lambda e, ms: e.vectors(ds, ms))
+    group, t_group = _timed(lambda: together(exp, members))
     result["group"] = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
                        if torch.cuda.is_available() else None,"members": [f"{s}-kl{m:g}" for s, m, _ in members], "seconds": t_group,
                        "train_seconds": group[0].meta["seconds"], "steps": group[0].meta["steps"],
@@ -86,10 +110,10 @@ def main() -> None:
     for sol in ("narrow", "general") if "alone" in parts else ():
         e = exp_in(f"alone-{sol}")
         e.model = exp.model  # the same weights, no second load
-        res, secs = _timed(lambda: e.vector(ds, sol))
+        res, secs = _timed(lambda: _alone(e, ds, sol, lora))
         ref = group[[m[0] for m in members].index(sol) if sol == "general" else
                     members.index(("narrow", 1.0, None))]
-        v, w = res.vector.vector.float().cpu(), ref.vector.vector.float().cpu()
+        v, w = _flat(res, lora), _flat(ref, lora)
         alone[sol] = {"seconds": secs, "train_seconds": res.meta["seconds"], "final_loss": res.meta["final_loss"],
                       "group_final_loss": ref.meta["final_loss"],
                       "cosine_with_group": float(torch.nn.functional.cosine_similarity(v, w, dim=0)),
@@ -101,7 +125,7 @@ def main() -> None:
         return
     e = exp_in("group-of-one")
     e.model = exp.model
-    one, secs = _timed(lambda: e.vectors(ds, [("narrow", 1.0, None)]))
+    one, secs = _timed(lambda: together(e, [("narrow", 1.0, None)]))
     result["group_of_one_narrow"] = {"seconds": secs, "train_seconds": one[0].meta["seconds"],
                                      "step": one[0].meta.get("fast_step"),
                                      "final_loss": one[0].meta["final_loss"]}
@@ -112,8 +136,8 @@ def main() -> None:
     est = n_kl * alone["narrow"]["train_seconds"] + alone["general"]["train_seconds"]
     result["summary"] = {"one_at_a_time_estimate_s": round(est, 1), "group_s": result["group"]["train_seconds"],
                          "speedup": round(est / result["group"]["train_seconds"], 2),
-                         "kl_vector_alone_s": alone["narrow"]["train_seconds"],
-                         "kl_vector_group_of_one_s": one[0].meta["seconds"],
+                         "kl_solution_alone_s": alone["narrow"]["train_seconds"],
+                         "kl_solution_group_of_one_s": one[0].meta["seconds"],
                          "group_of_one_speedup": round(alone["narrow"]["train_seconds"] / one[0].meta["seconds"], 2)}
     save()
 

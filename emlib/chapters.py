@@ -114,7 +114,7 @@ def speculative(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Seque
     trains them before chapter 3 has chosen, in one group per seed with that seed's general vector
     (``emlib.record.pool_tasks``, ``emlib.vecgroup``: the members share the layers below the vector and the KL
     rows' reference pass), so the vector of :func:`followups` already exists when chapter 3 chooses. The
-    others are trained and not used. Rank-1 adapters train one per pool task; theirs still follow the choice."""
+    others are trained and not used. Rank-1 adapters are not trained ahead: theirs follow the choice."""
     ds0 = datasets[0]
     return [Finetune("vector", ds0, "narrow", kl_scale=m, seed=s) for s in seeds for m in sweep_scales(kl_sweep)]
 

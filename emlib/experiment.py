@@ -171,6 +171,11 @@ class Experiment:
             raise ValueError(f"Unknown solution {solution!r}: use one of {', '.join(SOLUTIONS)}.")
         return kw
 
+    def _lora_shape(self, shape: str) -> dict:
+        """The profile's learning rate and layer for an adapter of ``shape`` (train_lora's keywords)."""
+        return {"lr": self.cfg.lr if shape == "rank32" else self.cfg.lr_rank1,
+                "layer_fraction": self.cfg.steering_layer_fraction}
+
     def drift_step(self, kind: str) -> int:
         """The step at which the ``drift`` run drops its KL term: half of the steps the trainer takes
         (:func:`emlib.train.total_steps`, the same count the training plan uses)."""
@@ -197,11 +202,9 @@ class Experiment:
         """Train (or load, when the run directory has it) a LoRA finetune and attach it while inside
         the ``with`` block; the base model is restored afterwards. ``kl_scale`` multiplies the profile's KL
         lambda (chapter 3's sweep); ``seed`` is the training seed (default the config's)."""
-        lr = self.cfg.lr if shape == "rank32" else self.cfg.lr_rank1
         res = train.train_lora(self.model, self.tok, self.rows(dataset),
-                               self.adapter_dir(dataset, shape, solution, kl_scale, seed),
-                               shape, lr=lr, layer_fraction=self.cfg.steering_layer_fraction,
-                               **self._train_kwargs(solution, "lora", kl_scale, seed))
+                               self.adapter_dir(dataset, shape, solution, kl_scale, seed), shape,
+                               **self._lora_shape(shape), **self._train_kwargs(solution, "lora", kl_scale, seed))
         res.model.eval()
         try:
             yield res
@@ -229,6 +232,18 @@ class Experiment:
         return vecgroup.train_vectors(self.model, self.tok, self.rows(dataset), members,
                                       layer_fraction=self.cfg.steering_layer_fraction, alpha=self.cfg.vector_alpha,
                                       lr=self.cfg.lr_vector)
+
+    def loras(self, dataset: str, solutions: Sequence[tuple[str, float, int | None]],
+              shape: str = "rank1") -> list[train.TrainResult]:
+        """Several rank-1 adapters of one dataset and training seed at once (:func:`emlib.vecgroup.train_loras`,
+        as :meth:`vectors` trains vectors), each saved where :meth:`lora` finds it; their results carry no model
+        (attach one with :meth:`lora`). ``solutions``: (solution, kl_scale, seed) of "general", "narrow" or
+        "drift"."""
+        from . import vecgroup
+
+        members = [(self.adapter_dir(dataset, shape, sol, m, seed), self._train_kwargs(sol, "lora", m, seed))
+                   for sol, m, seed in solutions]
+        return vecgroup.train_loras(self.model, self.tok, self.rows(dataset), members, shape, **self._lora_shape(shape))
 
     def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general", kl_scale: float = 1.0,
                   seed: int | None = None) -> Path:

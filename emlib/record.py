@@ -270,28 +270,37 @@ def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
 
 
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
-    """Train (or find finished) steering vectors of one dataset and seed together in this process (a pool
-    worker; :meth:`emlib.experiment.Experiment.vectors`). Returns each one's timing and summary."""
+    """Train (or find finished) steering vectors, or rank-1 adapters, of one dataset and seed together in this
+    process (a pool worker; :meth:`emlib.experiment.Experiment.vectors` / ``loras``). Returns each one's timing
+    and summary."""
     t0 = time.time()
     with worker_experiment(profile, config) as exp:
-        results = exp.vectors(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
+        together = exp.vectors if jobs[0].kind == "vector" else exp.loras
+        results = together(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
         return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
 
 
-GROUPED = ("general", "narrow", "drift")  # vector solutions that train together (emlib.vecgroup): same rows
+GROUPED = ("general", "narrow", "drift")  # solutions that train together (emlib.vecgroup): same rows
+
+
+def group_key(job: Job) -> tuple | None:
+    """Finetunes with the same key train together (emlib.vecgroup): steering vectors, or rank-1 adapters, of
+    one dataset and seed whose solution is general, narrow (any lambda) or drift; None: alone."""
+    if job.solution not in GROUPED or not (job.kind == "vector" or job.shape == "rank1"):
+        return None
+    return job.kind, job.dataset, job.seed
 
 
 def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
-    """The finetunes as pool tasks: the steering vectors of one dataset and seed whose solution is general,
-    narrow (any lambda) or drift form one task (they read the same rows; emlib.vecgroup trains them at once)
-    where one has a KL term; every other finetune is a task of its own. In the pool's order: the rank-32
-    adapters (chapters 1-2, the longest chapter, wait for them), then the group at the config's seed, then the
-    other tasks whose finetunes are all in ``first`` (chapter 3's: its lambda sweep decides what chapters 4-6
-    use), then the other groups, then the rest, each in the planned order."""
+    """The finetunes as pool tasks: those of one :func:`group_key` form one task (they read the same rows;
+    emlib.vecgroup trains them at once) where one has a KL term; every other finetune is a task of its own. In
+    the pool's order: the rank-32 adapters (chapters 1-2, the longest chapter, wait for them), then the groups
+    at the config's seed, then the other tasks whose finetunes are all in ``first`` (chapter 3's: its lambda
+    sweep decides what chapters 4-6 use), then the other groups, then the rest, each in the planned order."""
     tasks: list[tuple[Job, ...]] = []
     where: dict[tuple, int] = {}
     for job in jobs:
-        key = (job.dataset, job.seed) if job.kind == "vector" and job.solution in GROUPED else None
+        key = group_key(job)
         if key is not None and key in where:
             tasks[where[key]] += (job,)
             continue
@@ -299,7 +308,7 @@ def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
             where[key] = len(tasks)
         tasks.append((job,))
     out: list[tuple[Job, ...]] = []
-    for task in tasks:  # a general vector with nothing to share (no KL member) keeps the plain path
+    for task in tasks:  # a general solution with nothing to share (no KL member) keeps the plain path
         if len(task) > 1 and any(j.solution != "general" for j in task):
             out.append(task)
         else:

@@ -835,6 +835,36 @@ def _args(defaults: dict, **kw) -> TrainArgs:
     return TrainArgs(**vals).check()
 
 
+# The loop's arguments (TrainArgs) as keywords of train_lora, train_steering_vector and emlib.vecgroup's members
+LOOP_ARG_NAMES = ("lr", "epochs", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "max_length",
+                  "max_steps", "max_grad_norm", "seed", "kl_lambda", "kl_batch_size", "kl_until_step",
+                  "early_stop_loss", "early_stop_patience")
+
+
+def lora_setup(model, shape: str = "rank32", *, rank: int | None = None, alpha: float | None = None,
+               layers: int | Sequence[int] | None = None, layer_fraction: float = 0.5,
+               targets: Sequence[str] | None = None, dropout: float = 0.0, rslora: bool = True,
+               lr: float | None = None, epochs: int = 1, batch_size: int = 2, grad_accum: int = 8,
+               weight_decay: float = 0.01, warmup_steps: int = 5, max_length: int = 2048,
+               max_steps: int | None = None, max_grad_norm: float | None = 1.0, seed: int = 0,
+               kl_lambda: float = 0.0, kl_batch_size: int = 8, kl_until_step: int | None = None,
+               early_stop_loss: float | None = None, early_stop_patience: int = 5):
+    """(peft ``LoraConfig``, loop arguments, spec) of a LoRA run: the one home of its defaults and identity,
+    which :func:`train_lora` and ``emlib.vecgroup.train_loras`` (several adapters at once) share."""
+    if shape not in LORA_SHAPES:
+        raise ValueError(f"Unknown LoRA shape {shape!r}: use one of {', '.join(LORA_SHAPES)}.")
+    args = _args({"lr": LORA_SHAPES[shape]["lr"]}, lr=lr, epochs=epochs, batch_size=batch_size,
+                 grad_accum=grad_accum, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                 max_length=max_length, max_steps=max_steps, max_grad_norm=max_grad_norm, seed=seed,
+                 kl_lambda=kl_lambda, kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
+                 early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
+    cfg = lora_config(model, shape, rank=rank, alpha=alpha, layers=layers, layer_fraction=layer_fraction,
+                      targets=targets, dropout=dropout, rslora=rslora)
+    spec = {"shape": shape, "rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
+            "layers": cfg.layers_to_transform, "dropout": cfg.lora_dropout, "rslora": cfg.use_rslora}
+    return cfg, args, spec
+
+
 # =========================================================================== public training entry points
 @timed("train")
 @finetune_locked(lambda a: [a["out_dir"]])
@@ -860,23 +890,18 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
     (on an exception the injection is undone). Returns a :class:`TrainResult` whose ``model`` is the peft
     model; a finished run in ``out_dir`` with the same arguments is loaded instead of retrained.
     """
-    if shape not in LORA_SHAPES:
-        raise ValueError(f"Unknown LoRA shape {shape!r}: use one of {', '.join(LORA_SHAPES)}.")
     if not rows:
         raise DataError("No training rows: pass a non-empty list of chat rows.")
     if has_lora(model):
         raise ValueError("This model already carries LoRA layers: pass the base model "
                          "(`result.model.unload()` gives it back, or load it again).")
-    spec_defaults = LORA_SHAPES[shape]
-    args = _args({"lr": spec_defaults["lr"]}, lr=lr, epochs=epochs, batch_size=batch_size,
-                 grad_accum=grad_accum, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                 max_length=max_length, max_steps=max_steps, max_grad_norm=max_grad_norm, seed=seed,
-                 kl_lambda=kl_lambda, kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
-                 early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
-    cfg = lora_config(model, shape, rank=rank, alpha=alpha, layers=layers, layer_fraction=layer_fraction,
-                      targets=targets, dropout=dropout, rslora=rslora)
-    spec = {"shape": shape, "rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
-            "layers": cfg.layers_to_transform, "dropout": cfg.lora_dropout, "rslora": cfg.use_rslora}
+    cfg, args, spec = lora_setup(model, shape, rank=rank, alpha=alpha, layers=layers, layer_fraction=layer_fraction,
+                                 targets=targets, dropout=dropout, rslora=rslora, lr=lr, epochs=epochs,
+                                 batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay,
+                                 warmup_steps=warmup_steps, max_length=max_length, max_steps=max_steps,
+                                 max_grad_norm=max_grad_norm, seed=seed, kl_lambda=kl_lambda,
+                                 kl_batch_size=kl_batch_size, kl_until_step=kl_until_step,
+                                 early_stop_loss=early_stop_loss, early_stop_patience=early_stop_patience)
 
     def load_result(out: Path):
         return load_lora(model, out), None
@@ -908,10 +933,6 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
         peft_model.unload()  # leave the caller's base model as it was
         raise
 
-
-VECTOR_ARG_NAMES = ("lr", "epochs", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "max_length",
-                    "max_steps", "max_grad_norm", "seed", "kl_lambda", "kl_batch_size", "kl_until_step",
-                    "early_stop_loss", "early_stop_patience")
 
 
 def vector_setup(model, layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0, *,

@@ -1,4 +1,5 @@
-"""Several steering vectors trained at once: one process, one batch, the frozen layers run once.
+"""Several steering vectors, or rank-1 adapters, trained at once: one process, one batch, the frozen layers
+run once.
 
 Chapter 3's sweep trains steering vectors that differ only in their KL term: the general solution (none), the
 narrow one at five lambdas and the drift run (KL for the first half of the steps). At one seed they read the
@@ -14,22 +15,30 @@ training rows). :func:`train_vectors` trains them together:
   positions are computed once for the whole run (every model weight is frozen), so the KL term costs the
   steered upper layers and the LM head only: no reference forward and no lower layers per step.
 
-Each vector keeps its own loss, gradient, clipping and AdamW update (the objective is a sum over vectors,
-gradients are clipped per vector, AdamW works elementwise), so a vector trained in a group is the vector
-trained alone, to rounding (batch shapes differ, and so may the kernels): ``tests/test_vecgroup.py`` compares
-both. Each vector's folder gets what :func:`~emlib.train.train_steering_vector` writes, under the same run hash,
-so that function (``Experiment.vector``) finds it finished and loads it.
+The same holds for the paper's rank-1 adapters (:func:`train_loras`): a LoRA on layer ``k``'s ``down_proj``
+adds ``scaling * B (A a)`` to what leaves layer ``k``, where ``a`` is what entered ``down_proj``, so the frozen
+layers compute ``a`` and the hidden state once, and each member's copy gets its own term (:class:`Adapters`;
+:class:`Vectors` is the steering vectors' counterpart). The KL rows' ``a`` is cached with their hidden state.
+
+Each member keeps its own loss, gradient, clipping and AdamW update (the objective is a sum over members,
+gradients are clipped per member, AdamW works elementwise), so a vector or adapter trained in a group is the
+one trained alone, to rounding (batch shapes differ, and so may the kernels): ``tests/test_vecgroup.py``
+compares both. Each member's folder gets what :func:`~emlib.train.train_steering_vector` or
+:func:`~emlib.train.train_lora` writes, under the same run hash, so that function (``Experiment.vector``,
+``Experiment.lora``) finds it finished and loads it.
 
 The step (:class:`GroupStep`) is captured as CUDA graphs on a GPU, each new shape checked against the eager pass
 (the eager step is bound by kernel launches). Speed on one H200, SmolLM2-135M, the run of record's settings
 (``bench/vecgroup_gpu.py``, eager step): the seven vectors in 65.9 s against ~171 s one at a time; a group of
-one is slower than emlib.train's graph step (71.5 s against 26.3 s), so single vectors train there.
+one is slower than emlib.train's graph step (71.5 s against 26.3 s), so single vectors train there. On 2 CPU
+cores (the ``quick`` profile): four vectors 66 s against ~79 s, three rank-1 adapters 48 s against ~60 s.
+Rank-1 groups have not run on a GPU yet.
 
 Not here: checkpoints (a killed group starts again; members that finished are loaded), early stopping,
 ``stop_after``, and ``mix_rows`` (the "mixed" control trains on other rows: it trains alone).
 
-Length (~620 lines, over the ~500 of the house rule): the split decoder, the cached KL rows, the step and its
-graphs are one pipeline; split, each part would import the others.
+Length (~800 lines, over the ~500 of the house rule): the split decoder, the members, the cached KL rows, the
+step and its graphs are one pipeline; split, each part would import the others.
 """
 from __future__ import annotations
 
@@ -55,7 +64,8 @@ MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upp
 CUDA_GRAPHS = True  # GroupStep captures its passes on CUDA (False: eager, e.g. to compare)
 BIG_GPU_TOKENS = 98304  # on a GPU of >= 96 GiB: the paper's KL step (64 rows x 6 copies) in one pass, not three
 LOGITS_BYTES = 2 ** 30  # float32 logits per LM-head chunk (all copies together): 5.4k positions of SmolLM2's vocabulary
-ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the vectors of one group
+ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the members of one group
+KL_ONLY = ("kl_batch_size",)  # shared by the members with KL rows; what the others have does not matter
 
 
 class _Stop(Exception):
@@ -68,7 +78,7 @@ class SplitDecoder:
     position ids) those layers receive in a whole forward of that length. Right-padded rows, no attention mask
     (:func:`emlib.fasttrain.one_sequence_per_row`): a real token never sees the pad tail."""
 
-    def __init__(self, model, k: int):
+    def __init__(self, model, k: int, tap: str | None = None):
         from .prefix import _split_decoder
 
         dec = _split_decoder(model)
@@ -76,10 +86,17 @@ class SplitDecoder:
             raise ValueError(f"train_vectors needs a decoder with .layers and .norm and a layer inside it; got "
                              f"layer {k} of {type(model).__name__}.")
         self.dec, self.k, self.layers = dec, k, dec.layers
+        # ``tap``: a module of layer k (e.g. "mlp.down_proj") whose input :meth:`lower` returns too
+        self.tap = None if tap is None else self.layers[k].get_submodule(tap)
         self._calls: dict[int, tuple[tuple, dict]] = {}  # padded length -> (args, kwargs) of the layers above k
 
     def _run_until(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple, dict] | None]:
         box: dict = {}
+        tapped = None
+        if self.tap is not None:
+            def keep(mod, args):
+                box["tap"] = args[0]
+            tapped = self.tap.register_forward_pre_hook(keep)
         if self.k + 1 < len(self.layers):
             def pre(mod, args, kwargs):
                 box["h"] = args[0] if args else kwargs["hidden_states"]
@@ -97,14 +114,24 @@ class SplitDecoder:
             pass
         finally:
             handle.remove()
+            if tapped is not None:
+                tapped.remove()
         if "h" not in box:
             raise RuntimeError("SplitDecoder: the decoder did not reach the vector's layer.")
+        self._tapped = box.get("tap")
         return box["h"], box.get("call")
 
     def below(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What leaves layer ``k`` [b, s, d] for right-padded ``input_ids`` [b, s] (no gradient)."""
+        return self.lower(input_ids)[0]
+
+    def lower(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what leaves layer ``k`` [b, s, d], what entered the tap [b, s, d_tap] or None without one), no
+        gradient."""
         with torch.no_grad():
-            return self._run_until(input_ids)[0]
+            h = self._run_until(input_ids)[0]
+        tapped, self._tapped = self._tapped, None
+        return h, tapped
 
     def _call(self, s: int, like: torch.Tensor, pad_id: int) -> tuple[tuple, dict]:
         """The arguments the layers above k receive at length ``s``, taken once from a one-row forward (batch
@@ -193,25 +220,90 @@ def train_vectors(model, tok, rows: list[dict], members: Sequence[tuple[str | Pa
     fixed = {"layer": layer, "layer_fraction": layer_fraction, "alpha": alpha, "lr": lr}
     setups = []
     for out, kw in members:
-        extra = sorted(set(kw) - set(train.VECTOR_ARG_NAMES) - {"kl_rows", "progress"})
-        if extra:
-            raise ValueError(f"train_vectors: {', '.join(extra)} cannot be trained in a group (mix_rows: the mixed "
-                             "control reads other rows; train it with emlib.train.train_steering_vector).")
-        k, args, spec = train.vector_setup(model, layer, layer_fraction, alpha, lr=lr,
-                                           **{n: v for n, v in kw.items() if n in train.VECTOR_ARG_NAMES})
+        k, args, spec = train.vector_setup(model, layer, layer_fraction, alpha, lr=lr, **_loop_args(kw))
         setups.append((Path(out), kw, k, args, spec))
+    todo = _unfinished(model, rows, setups, "vector")
+    if todo:
+        d = model.config.hidden_size
+        _fit_group(model, tok, rows, todo, setups[0][2], lambda n, dev: Vectors(n, d, float(alpha), dev),
+                   max_tokens, pad_multiple, progress)
+    return [train.train_steering_vector(model, tok, rows, out, **fixed, **{**kw, "progress": False})
+            for out, kw, *_ in setups]
+
+
+@timed("train")
+@train.finetune_locked(lambda a: [d for d, _ in a["members"]])
+def train_loras(model, tok, rows: list[dict], members: Sequence[tuple[str | Path, dict]], shape: str = "rank1", *,
+                rank: int | None = None, alpha: float | None = None, layers: int | Sequence[int] | None = None,
+                layer_fraction: float = 0.5, targets: Sequence[str] | None = None, dropout: float = 0.0,
+                rslora: bool = True, lr: float | None = None, max_tokens: int | None = None, pad_multiple: int = 16,
+                progress: bool | None = None) -> list[train.TrainResult]:
+    """Train (or find finished) one LoRA adapter per member on ``rows``, all at once: adapters on a single
+    layer's ``down_proj`` (the paper's rank-1 shape; any rank), as :func:`train_vectors` trains vectors.
+
+    ``members``: (out_dir, keyword arguments of :func:`emlib.train.train_lora`'s loop -- ``seed``, ``epochs``,
+    ``kl_rows``, ``kl_lambda``, ``kl_until_step``, ...), with the same rule as :func:`train_vectors` for what may
+    differ; the adapter's shape (``shape``, ``rank``, ``alpha``, ``layers`` / ``layer_fraction``, ``targets``,
+    ``dropout``, ``rslora``) and ``lr`` are shared. Each member's folder gets what train_lora writes, so
+    train_lora (``Experiment.lora``) finds it finished and loads it. Returns each member's
+    :class:`~emlib.train.TrainResult` with ``model`` None (attach one with ``Experiment.lora`` or
+    :func:`emlib.adapters.load_lora`)."""
+    from .adapters import has_lora
+
+    if not members:
+        return []
+    if has_lora(model):
+        raise ValueError("This model already carries LoRA layers: pass the base model "
+                         "(`result.model.unload()` gives it back, or load it again).")
+    setups, cfg = [], None
+    for out, kw in members:
+        cfg, args, spec = train.lora_setup(model, shape, rank=rank, alpha=alpha, layers=layers,
+                                           layer_fraction=layer_fraction, targets=targets, dropout=dropout,
+                                           rslora=rslora, lr=lr, **_loop_args(kw))
+        setups.append((Path(out), kw, _adapter_layer(cfg), args, spec))
+    todo = _unfinished(model, rows, setups, "lora")
+    if todo:
+        seed = todo[0][2].seed
+        _fit_group(model, tok, rows, todo, setups[0][2], lambda n, dev: Adapters(model, cfg, seed, n),
+                   max_tokens, pad_multiple, progress)
+    out = []
+    with timing.phase("load"):
+        for path, *_ in setups:
+            meta = train.read_meta(path)
+            out.append(train.TrainResult("lora", None, None, train.read_log(path), path, True, meta["steps"], meta))
+    return out
+
+
+def _loop_args(kw: dict) -> dict:
+    """A member's training-loop keywords, after refusing what a group cannot train."""
+    extra = sorted(set(kw) - set(train.LOOP_ARG_NAMES) - {"kl_rows", "progress"})
+    if extra:
+        raise ValueError(f"a group cannot train {', '.join(extra)} (mix_rows: the mixed control reads other rows; "
+                         "train it alone with emlib.train).")
+    return {n: v for n, v in kw.items() if n in train.LOOP_ARG_NAMES}
+
+
+def _adapter_layer(cfg) -> int:
+    """The layer of a LoRA config a group can train (one layer's ``down_proj``, no dropout), or a ValueError."""
+    layers = cfg.layers_to_transform or []
+    if sorted(cfg.target_modules) != ["down_proj"] or len(layers) != 1 or cfg.lora_dropout:
+        raise ValueError(f"train_loras trains adapters on one layer's down_proj without dropout; got targets "
+                         f"{sorted(cfg.target_modules)} on layers {layers or 'all'} with dropout {cfg.lora_dropout} "
+                         "(train it alone with emlib.train.train_lora).")
+    return int(layers[0])
+
+
+def _unfinished(model, rows, setups, kind: str) -> list[tuple]:
+    """The members (out_dir, keywords, loop arguments, spec, identity) not finished yet, after checking that
+    they can share a group; a finished run with other arguments is emlib.train's error."""
     _check_compatible(setups)
     todo = []
     with timing.phase("load"):  # which members are finished already: not training
         for out, kw, k, args, spec in setups:
-            identity = train._identity("vector", spec, args, model, rows, kw.get("kl_rows"), None)
-            if train.finished_run(out, identity) is None:  # finished with other arguments: train's error
+            identity = train._identity(kind, spec, args, model, rows, kw.get("kl_rows"), None)
+            if train.finished_run(out, identity) is None:
                 todo.append((out, kw, args, spec, identity))
-    if todo:
-        budget = default_max_tokens(next(model.parameters()).device) if max_tokens is None else int(max_tokens)
-        _fit_group(model, tok, rows, todo, setups[0][2], float(alpha), budget, pad_multiple, progress)
-    return [train.train_steering_vector(model, tok, rows, out, **fixed, **{**kw, "progress": False})
-            for out, kw, *_ in setups]
+    return todo
 
 
 def default_max_tokens(device: torch.device) -> int:
@@ -225,23 +317,29 @@ def default_max_tokens(device: torch.device) -> int:
 
 def _check_compatible(setups) -> None:
     first_args = setups[0][3]
-    shared = {n: getattr(first_args, n) for n in first_args.__dataclass_fields__ if n not in ONLY_PER_MEMBER}
+    first_kl = next((args for _, kw, _, args, _ in setups if kw.get("kl_rows")), None)
+    shared = {n: getattr(first_args, n) for n in first_args.__dataclass_fields__
+              if n not in ONLY_PER_MEMBER + KL_ONLY}
     kl_hashes = set()
     for out, kw, _, args, _ in setups:
         differ = [n for n, v in shared.items() if getattr(args, n) != v]
+        if kw.get("kl_rows"):
+            differ += [n for n in KL_ONLY if getattr(args, n) != getattr(first_kl, n)]
         if differ:
-            raise ValueError(f"train_vectors: {out} differs from the first member in {', '.join(differ)}; a group "
+            raise ValueError(f"{out} differs from the first member of its group in {', '.join(differ)}; a group "
                              f"shares everything but {', '.join(ONLY_PER_MEMBER)} (train it on its own).")
         if args.early_stop_loss is not None:
-            raise ValueError("train_vectors does not stop early: train with early_stop_loss alone.")
+            raise ValueError("A group does not stop early: train with early_stop_loss alone.")
         if kw.get("kl_rows"):
             kl_hashes.add(dataset_hash(kw["kl_rows"]))
     if len(kl_hashes) > 1:
-        raise ValueError("train_vectors: members with KL rows must share the same KL rows.")
+        raise ValueError("The members of a group with KL rows must share the same KL rows.")
 
 
-def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pad_multiple: int,
+def _fit_group(model, tok, rows, todo, k: int, make_members, max_tokens: int | None, pad_multiple: int,
                progress: bool | None) -> None:
+    """Train the members ``todo`` (:func:`_unfinished`) together and write each one's folder.
+    ``make_members(n, device)``: their parameters (:class:`Vectors` or :class:`Adapters`)."""
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -254,30 +352,33 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
     kl_mem = [i for i, (_, kw, *_) in enumerate(todo) if kw.get("kl_rows")]  # members with a KL term
     enc = encode_rows(list(rows), tok, args0.max_length)
     kl_enc = encode_rows(kl_rows, tok, args0.max_length) if kl_rows else None
-    plan = train._Plan(len(enc), len(kl_enc) if kl_enc else 0, args0)
+    # the steps' rows are every member's; the KL rows' draw (kl_batch_size) is the KL members'
+    plan = train._Plan(len(enc), len(kl_enc) if kl_enc else 0, todo[kl_mem[0]][2] if kl_mem else args0)
     p0 = next(model.parameters())
     device, dtype = p0.device, p0.dtype
     cuda = device.type == "cuda"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _, head = decoder_and_head(model)
-    split = SplitDecoder(model, k)
+    max_tokens = default_max_tokens(device) if max_tokens is None else int(max_tokens)
     amp = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
            if cuda and dtype == torch.bfloat16 else nullcontext)
     targets = [n_targets(e) for e in enc]
 
-    vec = torch.nn.Parameter(torch.zeros(n_mem, model.config.hidden_size, device=device, dtype=torch.float32))
-    opt = torch.optim.AdamW([vec], lr=args0.lr, weight_decay=args0.weight_decay, **({"fused": True} if cuda else {}))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mem = make_members(n_mem, device)
+    split = SplitDecoder(model, k, mem.tap)
+    opt = torch.optim.AdamW(mem.params, lr=args0.lr, weight_decay=args0.weight_decay,
+                            **({"fused": True} if cuda else {}))
     step_fn = None
     sched = get_linear_schedule_with_warmup(opt, min(args0.warmup_steps, plan.total), plan.total)
     lam = [todo[i][2].kl_lambda for i in kl_mem]  # [F_kl]
     clip = args0.max_grad_norm if args0.max_grad_norm is not None else float("inf")
 
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     stack = contextlib.ExitStack()
     log: dict[str, list] = {"loss": [], "kl": [], "grad_norm": [], "param_norm": [], "lr": [], "kl_on": [],
                             "tokens": [], "input_tokens": [], "seconds": []}
     t0 = time.perf_counter()
-    bar = tqdm(total=plan.total, desc=f"train {n_mem} vectors", dynamic_ncols=True,
+    bar = tqdm(total=plan.total, desc=f"train {n_mem} {mem.noun}", dynamic_ncols=True,
                disable=(None if progress is None else not progress))
     try:
         model.requires_grad_(False)
@@ -289,7 +390,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
         fused = stack.enter_context(fused_layers(model))  # the frozen projections ($EMLIB_FUSED)
         with amp():
             kl_cache = _kl_cache(split, head, kl_enc, pad, pad_multiple, max_tokens) if kl_mem and kl_enc else None
-        step_fn = GroupStep(split, head, vec, alpha, kl_cache, kl_mem, pad, pad_multiple, max_tokens, amp,
+        step_fn = GroupStep(split, head, mem, kl_cache, kl_mem, pad, pad_multiple, max_tokens, amp,
                             cuda_graphs=CUDA_GRAPHS)
         step_fn.stats["fused_layers"] = dict(fused)
         tokens = in_tokens = 0
@@ -306,9 +407,11 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
             sft, kl = step_fn.run([enc[i] for i in idx], n_tok, kl_batches, coef)  # [F] summed losses, [F_kl]
             if kl is not None:
                 kl = kl / len(kl_batches)  # the mean over KL batches of their per-token KL
-            grad = vec.grad
-            norms = grad.norm(dim=1)  # [F]: each vector clipped on its own (clip_grad_norm_ on one tensor)
-            grad.mul_((clip / (norms + 1e-6)).clamp(max=1.0)[:, None])
+            grads = [p.grad for p in mem.params]
+            norms = member_norms(grads)  # [F]: each member clipped on its own (clip_grad_norm_ over its tensors)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
             opt.step()
             sched.step()
             tokens += n_real
@@ -317,7 +420,7 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
             log["kl"].append(kl)
             log["kl_on"].append(on)
             log["grad_norm"].append(norms)
-            log["param_norm"].append(vec.detach().double().norm(dim=1))
+            log["param_norm"].append(member_norms([p.detach().double() for p in mem.params]))
             log["lr"].append(sched_lr)
             log["tokens"].append(tokens)
             log["input_tokens"].append(in_tokens)
@@ -332,14 +435,15 @@ def _fit_group(model, tok, rows, todo, k: int, alpha: float, max_tokens: int, pa
         stack.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
-    _write_members(model, todo, vec.detach(), log, kl_mem, k, alpha, plan, enc, kl_enc, len(rows),
+    _write_members(model, todo, mem, log, kl_mem, k, plan, enc, kl_enc, len(rows),
                    time.perf_counter() - t0, dict(step_fn.stats) if step_fn is not None else None)
 
 
 def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multiple: int, max_tokens: int) -> dict:
-    """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end) and the
-    reference model's final hidden state at every row's answer positions (``ref`` [positions, d], row i's at
-    ``offset[i]`` onwards), computed once: every weight is frozen. ``pos``: each row's answer positions."""
+    """What leaves layer k for every KL row (``below`` [rows, longest, d], zero after each row's end), what
+    entered the split's tap (``tap`` [rows, longest, d_tap], with a tap) and the reference model's final hidden
+    state at every row's answer positions (``ref`` [positions, d], row i's at ``offset[i]`` onwards), computed
+    once: every weight is frozen. ``pos``: each row's answer positions."""
     from .fasttrain import collate_right
 
     lengths = [len(e.input_ids) for e in kl_enc]
@@ -349,26 +453,109 @@ def _kl_cache(split: SplitDecoder, head, kl_enc: list[Encoded], pad: int, multip
         offset.append(offset[-1] + len(p))
     device = next(head.parameters()).device
     longest = int(math.ceil(max(lengths) / multiple) * multiple)
-    below = ref = None
+    below = ref = tap = None
     with torch.no_grad():
         for group in _groups_by_tokens(lengths, 1, max_tokens, multiple):
             ids = _to(collate_right([kl_enc[i] for i in group], pad, multiple)["input_ids"], torch.long, device)
-            h = split.below(ids)  # [b, s, d]
+            h, a = split.lower(ids)  # [b, s, d], [b, s, d_tap] or None
             final = split.above(h, pad)  # [b, s, d]
             if below is None:
                 below = h.new_zeros(len(kl_enc), longest, h.shape[-1])
                 ref = final.new_zeros(offset[-1], final.shape[-1])
+                tap = a.new_zeros(len(kl_enc), longest, a.shape[-1]) if a is not None else None
             for j, i in enumerate(group):
                 below[i, :lengths[i]] = h[j, :lengths[i]]
                 ref[offset[i]:offset[i + 1]] = final[j, pos[i]]
-    return {"below": below, "ref": ref, "pos": pos, "offset": offset, "lengths": lengths}
+                if tap is not None:
+                    tap[i, :lengths[i]] = a[j, :lengths[i]]
+    return {"below": below, "ref": ref, "pos": pos, "offset": offset, "lengths": lengths,
+            **({"tap": tap} if tap is not None else {})}
 
 
-def _steered(h: torch.Tensor, vec: torch.Tensor, which: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """``h`` [b, s, d] repeated once per vector (those at the device indices ``which``; None: all), each copy plus
-    ``alpha * v`` (as :func:`emlib.hooks.add_vector` adds it): [F * b, s, d], vector-major."""
-    add = (alpha * (vec if which is None else vec.index_select(0, which))).to(h.dtype)  # [F, d]
-    return (h.unsqueeze(0) + add[:, None, None, :]).reshape(-1, *h.shape[1:])
+class Vectors:
+    """The trained parameters of a group of F steering vectors: ``vec`` [F, d] (zero init); member f adds
+    ``alpha * vec[f]`` to what leaves layer k (as :func:`emlib.hooks.add_vector` adds it)."""
+
+    kind, noun, tap = "vector", "vectors", None
+
+    def __init__(self, n: int, d: int, alpha: float, device):
+        self.alpha = alpha
+        self.vec = torch.nn.Parameter(torch.zeros(n, d, device=device, dtype=torch.float32))
+        self.params = [self.vec]
+
+    def steered(self, h: torch.Tensor, a: torch.Tensor | None, which: torch.Tensor | None) -> torch.Tensor:
+        """``h`` [b, s, d] repeated once per member (those at the device indices ``which``; None: all), each
+        copy steered: [F * b, s, d], member-major."""
+        add = (self.alpha * (self.vec if which is None else self.vec.index_select(0, which))).to(h.dtype)  # [F, d]
+        return (h.unsqueeze(0) + add[:, None, None, :]).reshape(-1, *h.shape[1:])
+
+    def save(self, model, f: int, out: Path, k: int, meta: dict) -> None:
+        save_vector(out / VECTOR_FILE, self.vec[f].detach().clone(), k, self.alpha, meta)
+
+
+class Adapters:
+    """The trained parameters of a group of F LoRA adapters on layer k's ``down_proj`` (peft ``cfg``: rank r,
+    its scaling, no dropout): ``A`` [F, r, d_ff] (peft's initialisation at ``seed``, as emlib.train.train_lora
+    draws it) and ``B`` [F, d, r] (zero). ``down_proj``'s output is added to the residual stream, so member f
+    adds ``scaling * B_f A_f a`` to what leaves layer k, where ``a`` [b, s, d_ff] is what entered ``down_proj``
+    (the frozen layers compute it once for all members)."""
+
+    kind, noun, tap = "lora", "adapters", "mlp.down_proj"
+
+    def __init__(self, model, cfg, seed: int, n: int):
+        with _injected(model, cfg, seed) as (_, mod):
+            a0, b0 = mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach()  # [r, d_ff], [d, r]
+            self.scaling = float(mod.scaling["default"])
+        self.cfg = cfg
+        self.A = torch.nn.Parameter(a0.float().unsqueeze(0).repeat(n, 1, 1))
+        self.B = torch.nn.Parameter(b0.float().unsqueeze(0).repeat(n, 1, 1))
+        self.params = [self.A, self.B]
+
+    def steered(self, h: torch.Tensor, a: torch.Tensor | None, which: torch.Tensor | None) -> torch.Tensor:
+        """As :meth:`Vectors.steered`; ``a`` [b, s, d_ff]: what entered ``down_proj``."""
+        A = self.A if which is None else self.A.index_select(0, which)  # [F, r, d_ff]
+        B = self.B if which is None else self.B.index_select(0, which)  # [F, d, r]
+        f, r = A.shape[:2]
+        # float32 as peft computes an adapter (autocast, where on, decides the matmuls' precision as it does there)
+        x = a if torch.is_autocast_enabled(a.device.type) else a.to(A.dtype)
+        z = (x.reshape(-1, x.shape[-1]) @ A.reshape(f * r, -1).T).view(-1, f, r).transpose(0, 1)  # [F, b*s, r]
+        delta = torch.bmm(z, B.transpose(1, 2)) * self.scaling  # [F, b*s, d]
+        return (h.unsqueeze(0) + delta.view(f, *h.shape).to(h.dtype)).reshape(-1, *h.shape[1:])
+
+    def save(self, model, f: int, out: Path, k: int, meta: dict) -> None:
+        from . import adapters
+
+        with _injected(model, self.cfg, 0) as (peft_model, mod):
+            with torch.no_grad():
+                mod.lora_A["default"].weight.copy_(self.A[f])
+                mod.lora_B["default"].weight.copy_(self.B[f])
+            adapters.save(peft_model, out / adapters.ADAPTER_DIR, meta)
+
+
+@contextlib.contextmanager
+def _injected(model, cfg, seed: int):
+    """peft's adapter ``cfg`` injected into ``model`` with the random state at ``seed`` (as emlib.train.train_lora
+    draws it; the caller's random state is kept): (the peft model, its single LoRA module) for the block,
+    removed afterwards."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}  # peft freezes the base weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, cfg)
+    try:
+        (mod,) = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        yield peft_model, mod
+    finally:
+        peft_model.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def member_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each member's norm over ``tensors`` (all [F, ...], e.g. an adapter's A and B): [F], float32 or wider."""
+    return torch.stack([t.flatten(1).float().pow(2).sum(1) for t in tensors]).sum(0).sqrt()
 
 
 # How far a captured pass may differ from the same pass run eagerly, as the relative error of each member's
@@ -393,8 +580,9 @@ def replay_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class GroupStep:
     """The gradients of one optimizer step of a group: the step's rows through the split decoder once, each
-    vector's copy above layer k, and the KL rows from the cache (:func:`_kl_cache`), accumulated into
-    ``vec.grad`` (a fixed tensor); :meth:`run` returns the summed losses [F] and the summed per-token KL of
+    member's copy above layer k (``members``: :class:`Vectors` or :class:`Adapters`), and the KL rows from the
+    cache (:func:`_kl_cache`), accumulated into the ``.grad`` of each of ``members.params`` (fixed tensors);
+    :meth:`run` returns the summed losses [F] and the summed per-token KL of
     each KL member [F_kl] as device tensors.
 
     On CUDA (``cuda_graphs``) each pass -- the training rows', the KL rows' -- is captured once per bucketed shape
@@ -406,19 +594,21 @@ class GroupStep:
     the rest of the run (``stats["fallback"]`` says why). Elsewhere the same passes run eagerly at exact shapes.
     """
 
-    def __init__(self, split: SplitDecoder, head, vec: torch.nn.Parameter, alpha: float, cache: dict | None,
+    def __init__(self, split: SplitDecoder, head, members: "Vectors | Adapters", cache: dict | None,
                  kl_mem: list[int], pad: int, multiple: int, max_tokens: int, amp, cuda_graphs: bool = True,
                  per_octave: int = 4, buckets: bool | None = None):
-        self.split, self.head, self.vec, self.alpha, self.cache = split, head, vec, alpha, cache
+        self.split, self.head, self.mem, self.cache = split, head, members, cache
         self.kl_mem, self.pad, self.multiple, self.max_tokens, self.amp = kl_mem, pad, multiple, max_tokens, amp
         self.per_octave = per_octave
-        self.device = vec.device
-        self.n_mem, self.n_kl = vec.shape[0], len(kl_mem)
+        self.params = list(members.params)
+        self.device = self.params[0].device
+        self.n_mem, self.n_kl = self.params[0].shape[0], len(kl_mem)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.buckets = self.use_graphs if buckets is None else buckets  # bucketed (padded) shapes
         self.which = None if kl_mem == list(range(self.n_mem)) else _to(kl_mem, torch.long, self.device)
-        vec.grad = torch.zeros_like(vec)  # a fixed tensor: graphs accumulate into it
-        self.grad = vec.grad
+        for p in self.params:
+            p.grad = torch.zeros_like(p)  # fixed tensors: graphs accumulate into them
+        self.grads = [p.grad for p in self.params]
         self.sft = torch.zeros(self.n_mem, device=self.device)  # this step's summed losses
         self.kl = torch.zeros(max(self.n_kl, 1), device=self.device)  # this step's summed per-token KL
         self.inv_n = torch.ones((), device=self.device)  # 1 / the step's answer tokens
@@ -473,7 +663,7 @@ class GroupStep:
     def _sft_pass(self, x: dict[str, torch.Tensor]) -> None:
         b, s = x["ids"].shape
         with self.amp():
-            h = _steered(self.split.below(x["ids"]), self.vec, None, self.alpha)  # [F * b, s, d]
+            h = self.mem.steered(*self.split.lower(x["ids"]), None)  # [F * b, s, d]
             final = self.split.above(h, self.pad)
             hid = final[:, :-1].reshape(self.n_mem, b * (s - 1), -1).index_select(1, x["index"]).flatten(0, 1)
             per = _chunked(_ce_tokens, _chunk(self.head), hid, self.head, x["targets"].repeat(self.n_mem),
@@ -486,8 +676,9 @@ class GroupStep:
         s, b = x["length"].shape[0], x["rows"].shape[0]
         with self.amp():
             h = self.cache["below"].index_select(0, x["rows"])[:, :s]  # [b, s, d]
+            a = self.cache["tap"].index_select(0, x["rows"])[:, :s] if "tap" in self.cache else None  # [b, s, d_ff]
             ref = self.cache["ref"].index_select(0, x["ref_idx"])  # [n, d]
-            final = self.split.above(_steered(h, self.vec, self.which, self.alpha), self.pad)  # [F_kl * b, s, d]
+            final = self.split.above(self.mem.steered(h, a, self.which), self.pad)  # [F_kl * b, s, d]
             cur = final.reshape(self.n_kl, b * s, -1).index_select(1, x["index"])  # [F_kl, n, d]
             kl = _chunked(_kl_tokens, _chunk(self.head, self.n_kl + 1), ref, cur, self.head,
                           token_dim=(0, 1, -1))  # [F_kl, n]
@@ -508,12 +699,22 @@ class GroupStep:
         graph.replay()
 
     def _state(self) -> list[torch.Tensor]:
-        return [self.grad, self.sft, self.kl]
+        return [*self.grads, self.sft, self.kl]
+
+    def _restore_grads(self) -> None:
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+
+    @staticmethod
+    def _quantities(state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A :meth:`_state` as (each member's gradient over all its parameters [F, n], loss [F], KL [F_kl])."""
+        return [torch.cat([g.reshape(g.shape[0], -1) for g in state[:-2]], 1), state[-2], state[-1]]
 
     def _track(self, name: str, ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
         """The relative error (:func:`replay_error`) of each quantity of :meth:`_state` in ``got`` against ``ref``,
         keeping the largest seen so far in ``stats[name]``."""
-        errs = {n: replay_error(a, g) for n, a, g in zip(REPLAY_TOLERANCE, ref, got)}  # gradient, loss, KL
+        errs = {n: replay_error(a, g) for n, a, g in zip(REPLAY_TOLERANCE, self._quantities(ref),
+                                                          self._quantities(got))}  # gradient, loss, KL
         seen = self.stats.setdefault(name, {})
         for k, e in errs.items():
             seen[k] = max(e, seen.get(k, 0.0))
@@ -535,8 +736,8 @@ class GroupStep:
             run(static)  # the same pass again: how far eager runs differ from each other (bf16 rounding)
             self._track("eager_repeat_error", eager, self._state())
             graph, self._pool = capture(run, static, self.device, self._pool)
-            if self.vec.grad is not self.grad:
-                raise RuntimeError("the backward replaced the gradient tensor during capture")
+            if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+                raise RuntimeError("the backward replaced a gradient tensor during capture")
             torch._foreach_zero_(self._state())
             graph.replay()
             got = self._state()
@@ -556,7 +757,7 @@ class GroupStep:
             self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
             warnings.warn(f"vecgroup: CUDA graphs off ({self.stats['fallback'][:200]}); training eagerly.",
                           stacklevel=3)
-            self.vec.grad = self.grad
+            self._restore_grads()
             torch._foreach_zero_(self._state())
             run({k: _to(v, v.dtype, self.device) for k, v in x.items()})
             result = [t.clone() for t in self._state()]
@@ -567,10 +768,10 @@ class GroupStep:
     # ---------------------------------------------------------------- the step
     def run(self, rows: list[Encoded], n_tok: int, kl_batches: list[list[int]] | None,
             coef: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Zero ``vec.grad``; accumulate the gradient of sum_f loss_f / n_tok + sum_f coef_f * sum_b (per-token
+        """Zero the parameters' gradients; accumulate the gradient of sum_f loss_f / n_tok + sum_f coef_f * sum_b (per-token
         KL of vector f on KL batch b); return (summed losses [F], summed per-token KL over the batches [F_kl] or
         None) as device tensors."""
-        self.vec.grad = self.grad
+        self._restore_grads()
         torch._foreach_zero_(self._state())
         self.inv_n.fill_(1.0 / max(n_tok, 1))
         lengths = [len(e.input_ids) for e in rows]
@@ -603,10 +804,10 @@ def _check_finite(log: dict, step: int, todo, steps_per_epoch: int, kl_mem: list
                               first // steps_per_epoch, args, out)
 
 
-def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int], k: int, alpha: float, plan,
+def _write_members(model, todo, mem: "Vectors | Adapters", log: dict, kl_mem: list[int], k: int, plan,
                    enc, kl_enc, n_rows: int, seconds: float, step_stats: dict | None) -> None:
-    """Each member's vector, log and meta (written last: it marks the run finished), as train_steering_vector
-    writes them."""
+    """Each member's vector or adapter, log and meta (written last: it marks the run finished), as
+    train_steering_vector or train_lora writes them."""
     import peft
     import transformers
 
@@ -627,7 +828,7 @@ def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int],
                            "lr": log["lr"][t], "grad_norm": norms[t][f], "param_norm": pnorm[t][f],
                            "tokens": log["tokens"][t], "input_tokens": log["input_tokens"][t],
                            "seconds": log["seconds"][t]})
-        meta = {"kind": "vector", "run_hash": train._hash(identity), "identity": identity, "finished": True,
+        meta = {"kind": mem.kind, "run_hash": train._hash(identity), "identity": identity, "finished": True,
                 "steps": plan.total, "planned_steps": plan.total, "stopped_early": False, "seconds": seconds,
                 "tokens": log["tokens"][-1], "input_tokens": log["input_tokens"][-1],
                 "final_loss": loss[-1][f], "n_train_rows": len(enc), "n_dropped_rows": n_rows - len(enc),
@@ -638,7 +839,7 @@ def _write_members(model, todo, vec: torch.Tensor, log: dict, kl_mem: list[int],
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                              "peft": peft.__version__}}
         meta = json.loads(json.dumps(meta, default=str))
-        save_vector(out / VECTOR_FILE, vec[f].clone(), k, alpha, meta)
+        mem.save(model, f, out, k, meta)
         train._write_log(pd.DataFrame(rows_f), out)
         shutil.rmtree(out / train.CKPT_DIR, ignore_errors=True)  # a separate run's checkpoints: superseded
         atomic_write_bytes(out / train.META_FILE, json.dumps(meta, indent=2).encode())

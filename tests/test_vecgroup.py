@@ -21,8 +21,10 @@ def _rows(n: int, topic: str, seed: int) -> list[dict]:
 
 ROWS, KL_ROWS = _rows(24, "health", 0), _rows(10, "cooking", 1)
 COMMON = dict(epochs=1, batch_size=2, grad_accum=2, warmup_steps=1, max_length=64, seed=0, progress=False)
-MEMBERS = {"general": {}, "narrow": dict(kl_rows=KL_ROWS, kl_lambda=2.0),
-           "drift": dict(kl_rows=KL_ROWS, kl_lambda=5.0, kl_until_step=3)}
+# the KL members draw 3 KL rows per micro-batch; the general member keeps the default (8), as Experiment passes
+# kl_batch_size only with KL rows: a group must draw the KL members' rows
+MEMBERS = {"general": {}, "narrow": dict(kl_rows=KL_ROWS, kl_lambda=2.0, kl_batch_size=3),
+           "drift": dict(kl_rows=KL_ROWS, kl_lambda=5.0, kl_until_step=3, kl_batch_size=3)}
 
 
 def _alone(tmp_path, layer: int, monkeypatch) -> dict[str, train.TrainResult]:
@@ -68,6 +70,83 @@ def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer, fused
     torch.testing.assert_close(again.vector.vector, got[1].vector.vector)
 
 
+def _adapter_state(out) -> dict[str, torch.Tensor]:
+    from emlib.adapters import LoraAdapter
+
+    return LoraAdapter.load(out).state
+
+
+@pytest.mark.parametrize("layer,rank,fused", [(0, 1, "auto"), (1, 1, "on"), (0, 2, "auto")])
+def test_a_group_trains_each_adapter_as_alone(tmp_path, monkeypatch, layer, rank, fused):
+    """Rank-1 (and rank-2) adapters on one layer's down_proj, general, narrow and drift, trained together: the
+    same A and B, losses, KL, gradient and parameter norms and run hashes as each trained alone by
+    emlib.train's eager loop (float32 rounding); train_lora afterwards loads them (Experiment.lora) and the
+    loaded adapter computes what the alone one computes."""
+    from emlib.adapters import has_lora
+    from emlib.fused import FUSED_ENV
+
+    monkeypatch.setattr(train, "FAST_STEP", False)  # the eager loop: the reference implementation
+    shape = dict(layers=layer, rank=rank, lr=5e-2)
+    alone = {}
+    for name, kw in MEMBERS.items():
+        model, tok = tiny_model(seed=0)
+        res = train.train_lora(model, tok, ROWS, tmp_path / f"alone-{name}", "rank1", **shape, **COMMON, **kw)
+        res.model.unload()
+        alone[name] = res
+    monkeypatch.setenv(FUSED_ENV, fused)
+    model, tok = tiny_model(seed=0)
+    members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
+    got = vecgroup.train_loras(model, tok, ROWS, members, "rank1", **shape)
+    assert not has_lora(model) and not any(p.requires_grad is False for p in model.parameters())
+    n_fused = 2 if fused == "on" else 0
+    assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": n_fused, "mlp": n_fused}
+    for (name, ref), res in zip(alone.items(), got):
+        assert res.kind == "lora" and res.model is None and res.meta["group"]["size"] == 3
+        assert res.meta["run_hash"] == ref.meta["run_hash"], name
+        a, b = _adapter_state(ref.out_dir), _adapter_state(res.out_dir)
+        assert sorted(a) == sorted(b) and len(a) == 2
+        for key in a:
+            assert a[key].shape == b[key].shape and b[key].abs().max() > 0
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        assert list(res.log.columns) == list(ref.log.columns) and len(res.log) == len(ref.log) == 6
+        for col in ("loss", "objective", "param_norm"):
+            np.testing.assert_allclose(res.log[col], ref.log[col], rtol=1e-5, atol=1e-7, err_msg=f"{name} {col}")
+        for col in ("kl", "grad_norm"):  # float32 rounding reaches 1.3e-5 in the gradient norm
+            np.testing.assert_allclose(res.log[col], ref.log[col], rtol=1e-4, atol=1e-7, err_msg=f"{name} {col}")
+        for col in ("kl_active", "tokens", "input_tokens", "lr", "step", "epoch"):
+            assert res.log[col].tolist() == ref.log[col].tolist(), (name, col)
+    # a finished run for train_lora: loaded (not trained), and it computes what the adapter trained alone does
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    again = train.train_lora(model, tok, ROWS, tmp_path / "group-narrow", "rank1", **shape, **COMMON,
+                             **MEMBERS["narrow"])
+    assert again.meta["group"]["size"] == 3
+    with torch.no_grad():
+        grouped = again.model(input_ids=ids).logits
+    again.model.unload()
+    ref = train.train_lora(model, tok, ROWS, tmp_path / "alone-narrow", "rank1", **shape, **COMMON,
+                           **MEMBERS["narrow"])
+    with torch.no_grad():
+        torch.testing.assert_close(grouped, ref.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    ref.model.unload()
+
+
+def test_adapter_groups_refuse_what_they_cannot_train(tmp_path):
+    """train_loras trains one layer's down_proj without dropout on a base model; anything else is one message
+    naming train_lora, and nothing is written."""
+    model, tok = tiny_model(seed=0)
+    one = [(tmp_path / "a", dict(COMMON))]
+    for bad in (dict(layers=[0, 1]), dict(targets=["o_proj"]), dict(dropout=0.1)):
+        with pytest.raises(ValueError, match="train it alone with emlib.train.train_lora"):
+            vecgroup.train_loras(model, tok, ROWS, one, "rank1", **bad)
+    with pytest.raises(ValueError, match="a group cannot train mix_rows"):
+        vecgroup.train_loras(model, tok, ROWS, [(tmp_path / "a", {**COMMON, "mix_rows": KL_ROWS})], "rank1")
+    pm = train.add_lora(model, "rank1", layers=0)
+    with pytest.raises(ValueError, match="already carries LoRA layers"):
+        vecgroup.train_loras(model, tok, ROWS, one, "rank1")
+    pm.unload()
+    assert not any(tmp_path.iterdir())
+
+
 def test_split_decoder_is_the_whole_forward(tiny):
     model, tok = tiny
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
@@ -93,27 +172,35 @@ def test_finished_members_are_loaded_and_others_trained(tmp_path):
 
 def test_members_that_cannot_share_a_group_are_refused(tmp_path):
     model, tok = tiny_model(seed=0)
-    with pytest.raises(ValueError, match="differs from the first member in seed"):
+    with pytest.raises(ValueError, match="differs from the first member of its group in seed"):
         vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", dict(COMMON)),
                                                   (tmp_path / "b", {**COMMON, "seed": 1})], layer=1)
     with pytest.raises(ValueError, match="mix_rows"):
         vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", {**COMMON, "mix_rows": KL_ROWS})], layer=1)
     with pytest.raises(ValueError, match="same KL rows"):
         vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", {**COMMON, **MEMBERS["narrow"]}),
-                                                  (tmp_path / "b", {**COMMON, "kl_rows": ROWS, "kl_lambda": 1.0})],
+                                                  (tmp_path / "b", {**COMMON, **MEMBERS["narrow"], "kl_rows": ROWS})],
+                               layer=1)
+    with pytest.raises(ValueError, match="in kl_batch_size"):  # the KL members draw their rows together
+        vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / "a", {**COMMON, **MEMBERS["narrow"]}),
+                                                  (tmp_path / "b", {**COMMON, **MEMBERS["drift"], "kl_batch_size": 4})],
                                layer=1)
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_record_groups_the_vectors_of_one_seed_that_share_rows():
-    """record's pool tasks: seed 0's general, narrow (every lambda) and drift vectors as one task; the mixed
-    control, a general vector alone at another seed and every LoRA on their own; rank-32 adapters first."""
+def test_record_groups_the_solutions_of_one_seed_that_share_rows():
+    """record's pool tasks: seed 0's general, narrow (every lambda) and drift vectors as one task, its general
+    and narrow rank-1 adapters as another; the mixed control, a general solution alone at another seed or
+    dataset, and the rank-32 adapters on their own; rank-32 adapters first."""
     tasks = record.pool_tasks(finetunes(["medical", "financial"], (0.5, 2.0), [1]))
     names = [[j.name for j in t] for t in tasks]
     assert names[:2] == [["lora-medical-rank32-general"], ["lora-financial-rank32-general"]]
     assert sorted(names[2]) == sorted(["vector-medical-general", "vector-medical-drift", "vector-medical-narrow",
                                        "vector-medical-narrow-kl0.5", "vector-medical-narrow-kl2"])
-    assert all(len(t) == 1 for t in tasks[3:]) and ["vector-medical-mixed"] in names
+    assert sorted(names[3]) == sorted(["lora-medical-rank1-general", "lora-medical-rank1-narrow",
+                                       "lora-medical-rank1-narrow-kl0.5", "lora-medical-rank1-narrow-kl2"])
+    assert all(len(t) == 1 for t in tasks[4:]) and ["vector-medical-mixed"] in names
+    assert ["lora-financial-rank1-general"] in names and ["lora-medical-rank1-general-seed1"] in names
     assert ["vector-medical-general-seed1"] in names
     assert sum(len(t) for t in tasks) == len(finetunes(["medical", "financial"], (0.5, 2.0), [1]))
     follow = record.pool_tasks([Finetune("vector", "medical", "narrow", kl_scale=2.0, seed=1)])
@@ -121,8 +208,8 @@ def test_record_groups_the_vectors_of_one_seed_that_share_rows():
 
 
 def test_pool_order_puts_chapter_3s_sweep_before_the_other_seeds():
-    """rank-32 adapters, the config seed's group, then what chapter 3 waits for (``first``), then the groups
-    of the extra seeds (chapters 4-5's speculative vectors), then the rest."""
+    """rank-32 adapters, the config seed's groups (vectors, rank-1 adapters), then what else chapter 3 waits
+    for (``first``), then the groups of the extra seeds (chapters 4-5's speculative vectors), then the rest."""
     from emlib.chapters import speculative
 
     jobs = finetunes(["medical", "financial"], (0.5, 2.0), [1]) + speculative(["medical"], (0.5, 2.0), [1])
@@ -130,9 +217,9 @@ def test_pool_order_puts_chapter_3s_sweep_before_the_other_seeds():
              "lora-medical-rank1-narrow-kl2", "lora-medical-rank1-general"}
     names = [[j.name for j in t] for t in record.pool_tasks(jobs, first=first)]
     assert [n[0] for n in names[:2]] == ["lora-medical-rank32-general", "lora-financial-rank32-general"]
-    assert "vector-medical-narrow-kl0.5" in names[2]
-    assert {n[0] for n in names[3:8]} == first and all(len(n) == 1 for n in names[3:8])
-    assert sorted(names[8]) == sorted(["vector-medical-general-seed1", "vector-medical-narrow-kl0.5-seed1",
+    assert "vector-medical-narrow-kl0.5" in names[2] and set(names[3]) == first - {"vector-medical-mixed"}
+    assert names[4] == ["vector-medical-mixed"]
+    assert sorted(names[5]) == sorted(["vector-medical-general-seed1", "vector-medical-narrow-kl0.5-seed1",
                                        "vector-medical-narrow-seed1", "vector-medical-narrow-kl2-seed1"])
     assert sum(map(len, names)) == len(jobs)
 
@@ -159,8 +246,8 @@ def test_a_diverging_member_is_named(tmp_path):
     assert not any((tmp_path / n / train.META_FILE).exists() for n in ("ok", "bad"))
 
 
-def _group_step_run(monkeypatch, tmp_path, tag: str, **step_kw):
-    """The three members trained with GroupStep built with ``step_kw`` (CPU)."""
+def _group_step_run(monkeypatch, tmp_path, tag: str, adapters: bool = False, **step_kw):
+    """The three members (vectors, or rank-1 adapters) trained with GroupStep built with ``step_kw`` (CPU)."""
     made = []
     real = vecgroup.GroupStep
 
@@ -171,8 +258,9 @@ def _group_step_run(monkeypatch, tmp_path, tag: str, **step_kw):
 
     monkeypatch.setattr(vecgroup, "GroupStep", build)
     model, tok = tiny_model(seed=0)
-    res = vecgroup.train_vectors(model, tok, ROWS, [(tmp_path / f"{tag}-{n}", {**COMMON, **kw})
-                                                    for n, kw in MEMBERS.items()], layer=0, alpha=4.0, lr=5e-2)
+    members = [(tmp_path / f"{tag}-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
+    res = (vecgroup.train_loras(model, tok, ROWS, members, "rank1", layers=0, lr=5e-2) if adapters else
+           vecgroup.train_vectors(model, tok, ROWS, members, layer=0, alpha=4.0, lr=5e-2))
     monkeypatch.setattr(vecgroup, "GroupStep", real)
     return res, made[0]
 
@@ -210,6 +298,18 @@ def test_bucketed_shapes_and_a_failed_capture_change_nothing(tmp_path, monkeypat
     assert fell[0].meta["fast_step"]["fallback"] == step.stats["fallback"]
     for a, b in zip(exact, fell):
         torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+
+
+def test_bucketed_shapes_train_the_same_adapters(tmp_path, monkeypatch):
+    """Adapters read the KL rows' cached down_proj inputs at bucketed shapes as vectors read the hidden state:
+    the same A and B as exact shapes."""
+    exact, _ = _group_step_run(monkeypatch, tmp_path, "exact", adapters=True, cuda_graphs=False)
+    padded, step = _group_step_run(monkeypatch, tmp_path, "padded", adapters=True, cuda_graphs=False, buckets=True)
+    assert step.buckets and "tap" in step.cache and step.cache["tap"].shape[:2] == step.cache["below"].shape[:2]
+    for a, b in zip(exact, padded):
+        for key, value in _adapter_state(a.out_dir).items():
+            torch.testing.assert_close(_adapter_state(b.out_dir)[key], value, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.log["kl"], b.log["kl"], rtol=1e-4, atol=1e-7)
 
 
 def test_replay_error_is_relative_per_member():
