@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import tempfile
 import time
@@ -79,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     over = {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in a.c}
     tmp = Path(tempfile.mkdtemp(prefix="vecgroup-"))
-    result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+    result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
                     "torch": torch.__version__, "model": a.model, "profile": a.profile, "overrides": over}
     result["kind"] = a.kind
     lora = a.kind == "lora"

@@ -8,7 +8,8 @@
    (``bench/train_parallel_gpu.py``: rank-32 LoRA 2.7 optimizer steps/s in one process, 17 steps/s summed
    over 8 processes), so training the finetunes side by side is several times faster than one after another.
    Each job calls the same :class:`~emlib.experiment.Experiment` method a chapter calls, so a chapter finds
-   the finished run (same arguments, same hash) and loads it instead of training.
+   the finished run (same arguments, same hash) and loads it instead of training. The steering vectors of one
+   dataset and seed, and the rank-1 adapters, train as one task each (:func:`pool_tasks`, emlib.vecgroup).
    A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
    80 GB) is retried once, alone, after the others have ended. Chapters 4-5 repeat chapter 3's chosen narrow
    solutions at extra seeds: the rank-1 adapters are trained once chapter 3 has chosen, the steering vectors

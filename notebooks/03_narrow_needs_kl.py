@@ -80,6 +80,11 @@ pd.Series({"dataset": ds, "model": cfg.model, "judge": exp.judge.judge_id, "vect
 # "Narrow misalignment" is then its EM rate on in-domain questions, "general misalignment" its EM rate on
 # the eight general questions. Drift (KL removed half-way) and mixing (aligned out-of-domain rows instead of
 # KL) are compared with the general solution by held-out KL and by the cosine of their directions.
+#
+# The solutions of one kind that read the same rows (general, drift and narrow at every lambda) train together
+# (`emlib.vecgroup`: the frozen layers and the reference model run once for all of them). Each one is the
+# solution trained alone up to rounding: equal to 1e-5 in float32 (`tests/test_vecgroup.py`); in bf16 on a GPU
+# a narrow vector trained both ways had a cosine of 0.995.
 
 # %%
 sweep, sol_dirs, logs = narrow.measure_solutions(exp, ds)
