@@ -554,8 +554,10 @@ def _injected(model, cfg, seed: int):
 
 
 def member_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Each member's norm over ``tensors`` (all [F, ...], e.g. an adapter's A and B): [F], float32 or wider."""
-    return torch.stack([t.flatten(1).float().pow(2).sum(1) for t in tensors]).sum(0).sqrt()
+    """Each member's norm over ``tensors`` (all [F, ...] of one dtype, e.g. an adapter's A and B): [F]."""
+    if len(tensors) == 1:
+        return tensors[0].flatten(1).norm(dim=1)
+    return torch.stack([t.flatten(1).pow(2).sum(1) for t in tensors]).sum(0).sqrt()
 
 
 # How far a captured pass may differ from the same pass run eagerly, as the relative error of each member's
