@@ -86,6 +86,7 @@ def measure_solutions(exp, dataset: str) -> tuple[pd.DataFrame, dict, dict]:
     general and narrow at every lambda. Returns the tidy frame (kind, solution, kl_scale, heldout_kl,
     train_kl, loss, learned_share, chosen), the solutions' directions ``{(kind, solution, kl_scale): [d]}``
     (a vector's ``alpha * v``, a rank-1 adapter's B column) and training logs ``{name: frame}``."""
+    from . import vecgroup
     from .directions import lora_b_direction
 
     c = exp.cfg
@@ -94,10 +95,11 @@ def measure_solutions(exp, dataset: str) -> tuple[pd.DataFrame, dict, dict]:
                    max_length=c.max_length, batch_size=c.metric_batch_size)
     base_loss = response_loss(exp.model, exp.tok, loss_rows, batch_size=c.metric_batch_size, max_length=c.max_length)
     scales = sweep_scales(c.kl_sweep)
-    # trained together first where not finished (emlib.vecgroup: same rows, the frozen layers once; 1.2x faster
-    # than one at a time on 2 CPU cores, 2.6x for the vectors on an H200: bench/README.md), loaded below
-    exp.vectors(dataset, [("general", 1.0, None), ("drift", 1.0, None)] + [("narrow", m, None) for m in scales])
-    exp.loras(dataset, [("general", 1.0, None)] + [("narrow", m, None) for m in scales])
+    if vecgroup.can_group(exp.model):
+        # trained together first where not finished (emlib.vecgroup: same rows, the frozen layers once; 1.1-1.3x
+        # faster than one at a time on 2 CPU cores, 2.6x for the vectors on an H200: bench/README.md); loaded below
+        exp.vectors(dataset, [("general", 1.0, None), ("drift", 1.0, None)] + [("narrow", m, None) for m in scales])
+        exp.loras(dataset, [("general", 1.0, None)] + [("narrow", m, None) for m in scales])
     recs, dirs, logs = [], {}, {}
     for sol, m in [("general", 1.0), ("drift", 1.0), ("mixed", 1.0)] + [("narrow", m) for m in scales]:
         res = exp.vector(dataset, sol, kl_scale=m)

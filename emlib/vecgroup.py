@@ -306,6 +306,14 @@ def _unfinished(model, rows, setups, kind: str) -> list[tuple]:
     return todo
 
 
+def can_group(model) -> bool:
+    """Whether this model's solutions can train in groups: a decoder with ``layers`` and a final ``norm`` (Llama,
+    Qwen2, Mistral, Gemma, ...; not GPT-2's ``h`` / ``ln_f``), which :class:`SplitDecoder` cuts."""
+    from .prefix import _split_decoder
+
+    return _split_decoder(model) is not None
+
+
 def default_max_tokens(device: torch.device) -> int:
     """Padded tokens per pass of the upper layers: :data:`BIG_GPU_TOKENS` on a CUDA device with at least 96 GiB
     (an H200: fewer, larger passes, as the group's step is bound by kernel launches; SmolLM2's group peaked at

@@ -147,6 +147,14 @@ def test_adapter_groups_refuse_what_they_cannot_train(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_only_decoders_it_can_split_are_grouped():
+    """Chapter 3 trains in groups only where SplitDecoder can cut the model (GPT-2's h / ln_f: one at a time)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert vecgroup.can_group(tiny_model(seed=0)[0])
+    assert not vecgroup.can_group(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
+
+
 def test_split_decoder_is_the_whole_forward(tiny):
     model, tok = tiny
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
