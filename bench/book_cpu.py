@@ -1,6 +1,6 @@
 """Issue 19, item 3: `make book` (quick) on this machine's CPU, from a fresh clone, timed per phase.
 
-    python3 bench/book_cpu.py [--repo .] [--out bench/results/book_cpu.json]   # ~25 min on 2 cores
+    python3 bench/book_cpu.py [--repo .] [--out bench/results/book_cpu.json]   # ~15 min on 2 cores
 
 Clones the repository's committed HEAD into a temporary folder, then in that clone runs what a reader runs:
 ``make venv`` (a new ``.venv`` from the package index this machine can reach) and ``make book``
