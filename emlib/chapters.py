@@ -41,6 +41,40 @@ class Finetune:
                 + ("" if self.seed is None else f"-seed{self.seed}"))
 
 
+GROUPED = ("general", "narrow", "drift")  # solutions that train together (emlib.vecgroup): same rows
+
+
+def group_key(job: Finetune) -> tuple | None:
+    """Finetunes with the same key train together (emlib.vecgroup): steering vectors, or rank-1 adapters, of
+    one dataset and seed whose solution is general, narrow (any lambda) or drift; None: alone."""
+    if job.solution not in GROUPED or not (job.kind == "vector" or job.shape == "rank1"):
+        return None
+    return job.kind, job.dataset, job.seed
+
+
+def train_groups(jobs: Sequence[Finetune]) -> list[tuple[Finetune, ...]]:
+    """``jobs`` as training tasks, in their order: those of one :func:`group_key` form one task where one of
+    them has a KL term (a general solution with nothing to share keeps emlib.train's step); every other
+    finetune is a task of its own. ``Experiment.train_group`` trains a task; ``emlib.record`` submits them."""
+    tasks: list[tuple[Finetune, ...]] = []
+    where: dict[tuple, int] = {}
+    for job in jobs:
+        key = group_key(job)
+        if key is not None and key in where:
+            tasks[where[key]] += (job,)
+            continue
+        if key is not None:
+            where[key] = len(tasks)
+        tasks.append((job,))
+    out: list[tuple[Finetune, ...]] = []
+    for task in tasks:
+        if len(task) > 1 and any(j.solution != "general" for j in task):
+            out.append(task)
+        else:
+            out.extend((j,) for j in task)
+    return out
+
+
 def sweep_scales(kl_sweep: Sequence[float]) -> list[float]:
     """The lambda multipliers chapter 3 trains: 1 (the profile's lambda) and the sweep's, sorted, once each."""
     return sorted({1.0, *map(float, kl_sweep)})

@@ -245,6 +245,19 @@ class Experiment:
                    for sol, m, seed in solutions]
         return vecgroup.train_loras(self.model, self.tok, self.rows(dataset), members, shape, **self._lora_shape(shape))
 
+    def train_group(self, jobs) -> list[train.TrainResult]:
+        """Train (or load) one task of :func:`emlib.chapters.train_groups`: steering vectors together
+        (:meth:`vectors`), rank-1 adapters together (:meth:`loras`), or a single finetune of any kind (its
+        adapter detached again). Returns each finetune's result, in order (adapters without their model)."""
+        first = jobs[0]
+        if len(jobs) > 1:
+            together = self.vectors if first.kind == "vector" else self.loras
+            return together(first.dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
+        if first.kind == "vector":
+            return [self.vector(first.dataset, first.solution, kl_scale=first.kl_scale, seed=first.seed)]
+        with self.lora(first.dataset, first.shape, first.solution, kl_scale=first.kl_scale, seed=first.seed) as res:
+            return [res]
+
     def lora_path(self, dataset: str, shape: str = "rank1", solution: str = "general", kl_scale: float = 1.0,
                   seed: int | None = None) -> Path:
         """The adapter folder of a finetune, training it first when the run directory lacks it."""

@@ -23,7 +23,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .chapters import sweep_scales
+from .chapters import CHAPTERS, sweep_scales, train_groups
 from .chat import response_loss
 from .timing import timed
 from .train import kl_to_reference
@@ -96,10 +96,13 @@ def measure_solutions(exp, dataset: str) -> tuple[pd.DataFrame, dict, dict]:
     base_loss = response_loss(exp.model, exp.tok, loss_rows, batch_size=c.metric_batch_size, max_length=c.max_length)
     scales = sweep_scales(c.kl_sweep)
     if vecgroup.can_group(exp.model):
-        # trained together first where not finished (emlib.vecgroup: same rows, the frozen layers once; 1.1-1.3x
-        # faster than one at a time on 2 CPU cores, 2.6x for the vectors on an H200: bench/README.md); loaded below
-        exp.vectors(dataset, [("general", 1.0, None), ("drift", 1.0, None)] + [("narrow", m, None) for m in scales])
-        exp.loras(dataset, [("general", 1.0, None)] + [("narrow", m, None) for m in scales])
+        # this chapter's finetunes, those that read the same rows trained together first where not finished
+        # (emlib.vecgroup: the frozen layers once; 1.1-1.3x faster than one at a time on 2 CPU cores, 2.6x for
+        # the vectors on an H200: bench/README.md), each loaded below
+        needs = CHAPTERS["03"].needs([dataset], c.kl_sweep, ())
+        for task in train_groups(sorted(needs, key=lambda j: (j.kind, j.solution, j.kl_scale))):
+            if len(task) > 1:
+                exp.train_group(task)
     recs, dirs, logs = [], {}, {}
     for sol, m in [("general", 1.0), ("drift", 1.0), ("mixed", 1.0)] + [("narrow", m) for m in scales]:
         res = exp.vector(dataset, sol, kl_scale=m)

@@ -53,6 +53,7 @@ from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
 from .chapters import FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, extra_seeds, followups, speculative
+from .chapters import train_groups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
@@ -251,12 +252,8 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     """Train (or find finished) one finetune in this process (a pool worker; :func:`worker_experiment`);
     ``config``: its config fields. Returns its timing and summary."""
     t0 = time.time()
-    with worker_experiment(profile, config) as exp:
-        if job.kind == "vector":  # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
-            res = exp.vector(job.dataset, job.solution, kl_scale=job.kl_scale, seed=job.seed)
-        else:
-            with exp.lora(job.dataset, job.shape, job.solution, kl_scale=job.kl_scale, seed=job.seed) as r:
-                res = r
+    with worker_experiment(profile, config) as exp:  # alone: emlib.train's graph step (3x faster than a group
+        (res,) = exp.train_group((job,))  # of one: bench/README.md)
         return _job_summary(job, res.out_dir, t0)
 
 
@@ -276,44 +273,17 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
     and summary."""
     t0 = time.time()
     with worker_experiment(profile, config) as exp:
-        together = exp.vectors if jobs[0].kind == "vector" else exp.loras
-        results = together(jobs[0].dataset, [(j.solution, j.kl_scale, j.seed) for j in jobs])
+        results = exp.train_group(jobs)
         return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
 
 
-GROUPED = ("general", "narrow", "drift")  # solutions that train together (emlib.vecgroup): same rows
-
-
-def group_key(job: Job) -> tuple | None:
-    """Finetunes with the same key train together (emlib.vecgroup): steering vectors, or rank-1 adapters, of
-    one dataset and seed whose solution is general, narrow (any lambda) or drift; None: alone."""
-    if job.solution not in GROUPED or not (job.kind == "vector" or job.shape == "rank1"):
-        return None
-    return job.kind, job.dataset, job.seed
-
-
 def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
-    """The finetunes as pool tasks: those of one :func:`group_key` form one task (they read the same rows;
-    emlib.vecgroup trains them at once) where one has a KL term; every other finetune is a task of its own. In
-    the pool's order: the rank-32 adapters (chapters 1-2, the longest chapter, wait for them), then the groups
-    at the config's seed, then the other tasks whose finetunes are all in ``first`` (chapter 3's: its lambda
-    sweep decides what chapters 4-6 use), then the other groups, then the rest, each in the planned order."""
-    tasks: list[tuple[Job, ...]] = []
-    where: dict[tuple, int] = {}
-    for job in jobs:
-        key = group_key(job)
-        if key is not None and key in where:
-            tasks[where[key]] += (job,)
-            continue
-        if key is not None:
-            where[key] = len(tasks)
-        tasks.append((job,))
-    out: list[tuple[Job, ...]] = []
-    for task in tasks:  # a general solution with nothing to share (no KL member) keeps the plain path
-        if len(task) > 1 and any(j.solution != "general" for j in task):
-            out.append(task)
-        else:
-            out.extend((j,) for j in task)
+    """The finetunes as pool tasks (:func:`emlib.chapters.train_groups`: the solutions of one dataset and seed
+    that read the same rows form one task, trained at once by emlib.vecgroup). In the pool's order: the
+    rank-32 adapters (chapters 1-2, the longest chapter, wait for them), then the groups at the config's seed,
+    then the other tasks whose finetunes are all in ``first`` (chapter 3's: its lambda sweep decides what
+    chapters 4-6 use), then the other groups, then the rest, each in the planned order."""
+    out = train_groups(jobs)
 
     def rank(t: tuple[Job, ...]) -> int:
         if t[0].shape == "rank32":
