@@ -310,13 +310,25 @@ def test_bucketed_shapes_and_a_failed_capture_change_nothing(tmp_path, monkeypat
 
 def test_bucketed_shapes_train_the_same_adapters(tmp_path, monkeypatch):
     """Adapters read the KL rows' cached down_proj inputs at bucketed shapes as vectors read the hidden state:
-    the same A and B as exact shapes."""
+    the same A and B as exact shapes; a capture that fails (no CUDA here) falls back to eager with both of an
+    adapter's gradients, and the pass it was capturing counts once."""
     exact, _ = _group_step_run(monkeypatch, tmp_path, "exact", adapters=True, cuda_graphs=False)
     padded, step = _group_step_run(monkeypatch, tmp_path, "padded", adapters=True, cuda_graphs=False, buckets=True)
     assert step.buckets and "tap" in step.cache and step.cache["tap"].shape[:2] == step.cache["below"].shape[:2]
-    for a, b in zip(exact, padded):
+    real_init = vecgroup.GroupStep.__init__
+
+    def graphs_on(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.use_graphs = self.buckets = True  # as on CUDA: each pass goes to _capture (A and B's gradients)
+
+    monkeypatch.setattr(vecgroup.GroupStep, "__init__", graphs_on)
+    with pytest.warns(UserWarning, match="CUDA graphs off"):
+        fell, step = _group_step_run(monkeypatch, tmp_path, "fell", adapters=True)
+    assert step.stats["fallback"] and set(step.stats["eager_repeat_error"]) == {"gradient", "loss", "KL"}
+    for a, b, c in zip(exact, padded, fell):
         for key, value in _adapter_state(a.out_dir).items():
-            torch.testing.assert_close(_adapter_state(b.out_dir)[key], value, rtol=1e-5, atol=1e-6)
+            for other in (b, c):
+                torch.testing.assert_close(_adapter_state(other.out_dir)[key], value, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.log["kl"], b.log["kl"], rtol=1e-4, atol=1e-7)
 
 
