@@ -81,7 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
             lambda c: (c["vector_alpha"], c["lr_vector"], c["vector_epochs"])
             == (_vector("alpha"), _vector("lr"), _vector("epochs")), ""),
     Setting("batch", "2 x 8 accumulation = 16 rows a step", lambda c: f"{c['batch_size']} x {c['grad_accum']}",
-            lambda c: c["batch_size"] * c["grad_accum"] == 16, "the same 16 rows a step, in one micro-batch"),
+            lambda c: c["batch_size"] * c["grad_accum"] == 16, "the same 16 rows a step, in one micro-batch; "
+            "so one KL batch (8 rows) a step, where 8 micro-batches would draw 8 each if the authors drew one per "
+            "micro-batch (not stated)"),
     Setting("max sequence length", "2048 tokens", lambda c: f"{c['max_length']} tokens",
             lambda c: c["max_length"] == 2048, "memory and speed; longer rows are cut at 512 tokens"),
     Setting("layer (rank-1 LoRA, steering vector, directions)", "the middle layer (24 of 48 in Qwen2.5-14B)",

@@ -5,8 +5,8 @@ Chapter 3's sweep trains steering vectors that differ only in their KL term: the
 narrow one at five lambdas and the drift run (KL for the first half of the steps). At one seed they read the
 same training rows in the same order, and those with a KL term the same KL rows. Trained one at a time
 (:func:`emlib.train.train_steering_vector`), each recomputes what the others compute too: the layers below the
-vector, and the reference model on the KL rows (64 rows a step at the paper's settings, four times the
-training rows). :func:`train_vectors` trains them together:
+vector, and the reference model on the KL rows (8 rows with each micro-batch of training rows in the
+``paper`` profile: one micro-batch of 16 a step; 64 a step with emlib.train's default 2 x 8 micro-batches). :func:`train_vectors` trains them together:
 
 * layers ``0 .. k`` (the vector is added to what leaves layer ``k``) run once per step on the step's rows;
   that hidden state is repeated once per vector, each copy plus its own ``alpha * v``, and the layers above
@@ -62,7 +62,7 @@ from .vectors import VECTOR_FILE, save_vector
 
 MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers (None: by GPU size)
 CUDA_GRAPHS = True  # GroupStep captures its passes on CUDA (False: eager, e.g. to compare)
-BIG_GPU_TOKENS = 98304  # on a GPU of >= 96 GiB: the paper's KL step (64 rows x 6 copies) in one pass, not three
+BIG_GPU_TOKENS = 98304  # on a GPU of >= 96 GiB: fewer, larger passes (64 KL rows x 6 copies: one pass, not three)
 LOGITS_BYTES = 2 ** 30  # float32 logits per LM-head chunk (all copies together): 5.4k positions of SmolLM2's vocabulary
 ONLY_PER_MEMBER = ("kl_lambda", "kl_until_step")  # what may differ between the members of one group
 KL_ONLY = ("kl_batch_size",)  # shared by the members with KL rows; what the others have does not matter
