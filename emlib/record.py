@@ -14,7 +14,8 @@
    80 GB) is retried once, alone, after the others have ended. Chapters 4-5 repeat chapter 3's chosen narrow
    solutions at extra seeds: the rank-1 adapters are trained once chapter 3 has chosen, the steering vectors
    (on a GPU, ``--speculate``) at every lambda up front, in one group per seed. Each process gets
-   ``cores // (workers + parallel chapters)`` CPU threads (at least 2; ``OMP_NUM_THREADS`` set by the user wins).
+   ``cores // (workers + parallel chapters)`` CPU threads (at least 2 with a GPU, 1 without;
+   ``OMP_NUM_THREADS`` set by the user wins).
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
    kernel, its output in ``RUN_DIR/logs/``) as soon as the finetunes it needs are done, several at once;
    executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
@@ -544,6 +545,13 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
     return summary
 
 
+def threads_for(processes: int, cores: int | None = None) -> int:
+    """CPU threads of each of a run's ``processes``: a share of the cores, at least 2 on a machine with a GPU
+    (each process needs a core free to launch its kernels) and at least 1 without one (there, two threads per
+    process on fewer cores than threads wait for each other at every operation: bench/README.md)."""
+    return runner.threads_per_process(processes, cores, floor=2 if runner.visible_gpus() else 1)
+
+
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
@@ -563,7 +571,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
           f"run dir {plan.run}", flush=True)
     state = RunState.of(plan)
     state.t0 = t_start
-    state.threads = runner.threads_per_process(workers + max_parallel_chapters)
+    state.threads = threads_for(workers + max_parallel_chapters)
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)

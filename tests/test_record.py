@@ -688,9 +688,14 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, 
 
 
 def test_each_process_gets_a_share_of_the_cores(monkeypatch):
-    """CPU threads per GPU process: cores // processes, at least the floor; a user's OMP_NUM_THREADS wins."""
+    """CPU threads per process: cores // processes, at least the floor (2 with a GPU, 1 without); a user's
+    OMP_NUM_THREADS wins."""
     assert runner.threads_per_process(14, cores=16) == 2 and runner.threads_per_process(4, cores=16) == 4
     assert runner.threads_per_process(1, cores=1, floor=1) == 1
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
+    assert record.threads_for(8, cores=2) == 2  # a GPU process keeps a core to launch kernels
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    assert record.threads_for(8, cores=2) == 1 and record.threads_for(2, cores=16) == 8  # no GPU: no spare thread
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     env = runner.thread_env(2)
