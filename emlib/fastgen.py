@@ -56,7 +56,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 import torch
 
-from .fused import fused_layers, fused_rms_norms  # noqa: F401 -- fused_rms_norms: its old home, kept importable
+from .fused import fused_layers, fused_rms_norms
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
 from .hooks import row_window
 from .models import env_switch

@@ -114,7 +114,6 @@ def switched_on(setting: str, device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda" if setting == "auto" else setting == "on"
 
 
-
 # --------------------------------------------------------------------------- tiny model
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with no merges (256 byte tokens + ChatML specials), built in memory."""

@@ -253,8 +253,9 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     """Train (or find finished) one finetune in this process (a pool worker; :func:`worker_experiment`);
     ``config``: its config fields. Returns its timing and summary."""
     t0 = time.time()
-    with worker_experiment(profile, config) as exp:  # alone: emlib.train's graph step (3x faster than a group
-        (res,) = exp.train_group((job,))  # of one: bench/README.md)
+    # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
+    with worker_experiment(profile, config) as exp:
+        (res,) = exp.train_group((job,))
         return _job_summary(job, res.out_dir, t0)
 
 

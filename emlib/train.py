@@ -934,7 +934,6 @@ def train_lora(model, tok, rows: list[dict], out_dir: str | Path, shape: str = "
         raise
 
 
-
 def vector_setup(model, layer: int | None = None, layer_fraction: float = 0.5, alpha: float = 256.0, *,
                  lr: float | None = None, epochs: int | None = None, batch_size: int = 2, grad_accum: int = 8,
                  weight_decay: float = 0.01, warmup_steps: int = 5, max_length: int = 2048,

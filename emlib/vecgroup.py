@@ -90,7 +90,9 @@ class SplitDecoder:
         self.tap = None if tap is None else self.layers[k].get_submodule(tap)
         self._calls: dict[int, tuple[tuple, dict]] = {}  # padded length -> (args, kwargs) of the layers above k
 
-    def _run_until(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple, dict] | None]:
+    def _run_until(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple, dict] | None,
+                                                            torch.Tensor | None]:
+        """(what leaves layer k, the arguments of the layers above it, what entered the tap or None)."""
         box: dict = {}
         tapped = None
         if self.tap is not None:
@@ -118,8 +120,7 @@ class SplitDecoder:
                 tapped.remove()
         if "h" not in box:
             raise RuntimeError("SplitDecoder: the decoder did not reach the vector's layer.")
-        self._tapped = box.get("tap")
-        return box["h"], box.get("call")
+        return box["h"], box.get("call"), box.get("tap")
 
     def below(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What leaves layer ``k`` [b, s, d] for right-padded ``input_ids`` [b, s] (no gradient)."""
@@ -129,8 +130,7 @@ class SplitDecoder:
         """(what leaves layer ``k`` [b, s, d], what entered the tap [b, s, d_tap] or None without one), no
         gradient."""
         with torch.no_grad():
-            h = self._run_until(input_ids)[0]
-        tapped, self._tapped = self._tapped, None
+            h, _, tapped = self._run_until(input_ids)
         return h, tapped
 
     def _call(self, s: int, like: torch.Tensor, pad_id: int) -> tuple[tuple, dict]:
