@@ -470,15 +470,32 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         print(f"[record] chapter {stem} FAILED in {secs} s: {_last_error_line(log)} (log: {log})", flush=True)
 
 
-def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int) -> None:
-    """Every finetune in a pool of long-lived worker processes, each chapter as soon as its finetunes exist."""
+def head_and_rest(tasks: list[tuple[Job, ...]], head_start: bool) -> tuple[list, list]:
+    """With ``head_start``, the rank-32 adapters (chapters 1-2 wait for them: the longest path of a run) go
+    first with the GPU to themselves, and the other tasks once they have ended; without it, all at once."""
+    if not head_start:
+        return tasks, []
+    head = [t for t in tasks if t[0].shape == "rank32"]
+    return (head, [t for t in tasks if t not in head]) if head else (tasks, [])
+
+
+def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int,
+            head_start: bool = False) -> None:
+    """Every finetune in a pool of long-lived worker processes, each chapter as soon as its finetunes exist
+    (``head_start``: :func:`head_and_rest`)."""
     # long-lived workers: each loads the model once (worker_experiment) and gives back what a finetune allocated
     pool = runner.process_pool(workers, threads=state.threads)
     ended = 0
+    head, rest = head_and_rest(pool_tasks(plan.finetunes, first=chapter_3_needs(plan)), head_start)
     try:
-        for task in pool_tasks(plan.finetunes, first=chapter_3_needs(plan)):
+        for task in head:
             submit_finetune(plan, state, pool, task)
         while state.unfinished():
+            if rest and not any(state.finetunes[j.name] in (RUNNING, WAITING) for t in head for j in t):
+                print(f"[record] head start over at {time.time() - state.t0:.0f} s: {len(rest)} more tasks", flush=True)
+                for task in rest:
+                    submit_finetune(plan, state, pool, task)
+                rest = []
             plan_followups(plan, state, pool)
             retry_alone(plan, state, pool)
             start_ready_chapters(plan, state, max_parallel_chapters)
@@ -556,11 +573,12 @@ def threads_for(processes: int, cores: int | None = None) -> int:
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
-        speculate: bool | None = None) -> dict:
+        speculate: bool | None = None, head_start: bool = False) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
-    processes' kernels run side by side; ``record.json``'s ``mps`` says whether it was on.
+    processes' kernels run side by side; ``record.json``'s ``mps`` says whether it was on. ``head_start``: the
+    rank-32 adapters train before anything else (:func:`head_and_rest`; ``timings.head_start``).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -576,7 +594,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)
-        run_all(plan, state, workers, max_parallel_chapters)
+        state.timings["head_start"] = head_start
+        run_all(plan, state, workers, max_parallel_chapters, head_start)
         summary = write_summary(plan, state, workers)
     print(f"[record] finished in {state.timings['total_s']} s; failures: {sorted(state.failures) or 'none'}",
           flush=True)
@@ -756,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--speculate", choices=("auto", "on", "off"), default="auto",
                    help="train chapter 4-5's narrow steering vectors at every lambda before chapter 3 chooses "
                         "(auto: on a GPU)")
+    r.add_argument("--head-start", choices=("on", "off"), default="off",
+                   help="train the rank-32 adapters (chapters 1-2 wait for them) before the other finetunes")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
@@ -794,7 +815,8 @@ def _main(a) -> int:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config), mps=a.mps,
-                      speculate={"auto": None, "on": True, "off": False}[a.speculate])
+                      speculate={"auto": None, "on": True, "off": False}[a.speculate],
+                      head_start=a.head_start == "on")
         if summary["failures"]:
             from .cli import ChapterFailed
 

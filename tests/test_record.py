@@ -791,3 +791,45 @@ def test_the_pool_is_freed_once_no_finetune_can_come(tmp_path):
     done = record.RunState.of(alone)
     done.finetunes = dict.fromkeys(done.finetunes, record.DONE)
     assert record.no_more_finetunes(alone, done)
+
+
+class _InstantPool:
+    """A stand-in for the worker pool: each task 'trains' when submitted; ``order`` keeps the first job's name
+    of every task with whether a rank-32 adapter was still running (not yet collected) when it was submitted."""
+
+    def __init__(self, state):
+        self.order, self.state = [], state
+
+    def submit(self, fn, profile, config, jobs):
+        from concurrent.futures import Future
+
+        group = jobs if isinstance(jobs, tuple) else (jobs,)
+        busy = any(v == record.RUNNING for n, v in self.state.finetunes.items() if "rank32" in n)
+        self.order.append((group[0].name, busy))
+        fut = Future()
+        res = {"seconds": 0.0}
+        fut.set_result([res] * len(group) if isinstance(jobs, tuple) else res)
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+@pytest.mark.parametrize("head_start", [False, True])
+def test_head_start_trains_the_rank32_adapters_before_anything_else(root, tmp_path, monkeypatch, head_start):
+    """``--head-start on``: the rank-32 adapters are the only tasks in the pool until they have ended, then every
+    other task follows; off: every task is submitted at once, rank-32 first. Each finetune is trained once."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["01", "03"], speculate=False)
+    state = record.RunState.of(plan)
+    pool = _InstantPool(state)
+    monkeypatch.setattr(runner, "process_pool", lambda *a, **k: pool)
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+    monkeypatch.setattr(record, "write_summary", lambda *a, **k: {})
+    record.run_all(plan, state, workers=2, max_parallel_chapters=2, head_start=head_start)
+    names = [n for n, _ in pool.order]
+    rank32 = [n for n in names if "rank32" in n]
+    assert len(rank32) >= 1 and names[:len(rank32)] == rank32  # the rank-32 adapters first either way
+    assert state.futures == {} and set(state.finetunes.values()) == {record.DONE}
+    assert len(set(names)) == len(names) == len(record.pool_tasks(plan.finetunes))
+    # with a head start the next task waits until the rank-32 ones have been collected
+    assert pool.order[len(rank32)][1] is (not head_start), pool.order
