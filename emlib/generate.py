@@ -14,7 +14,9 @@ exactly reproducible for a seed and batch size, and a resumed run is a valid, se
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol, Sequence
 
@@ -23,6 +25,7 @@ import torch
 
 from .chat import chat_text
 from .cache import ResultCache, adapter_hash, as_cache, make_key, model_fingerprint
+from .data import file_lock
 from .timing import timed
 
 ANSWERS_TABLE = "answers"
@@ -206,6 +209,21 @@ def _model_name(model) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+@contextmanager
+def one_sampler(cache: ResultCache | None, keys: Sequence[str]):
+    """Hold a lock named by ``cache``'s file and the answer ``keys`` to be sampled, so that two processes
+    asking one cache for the same answers at once (chapter 1's answers of a finetune and chapter 2's first
+    round of its direction, in a run of record) sample them once: the second waits, then finds them cached.
+    Yields whether it waited. A ``flock`` (:func:`emlib.data.file_lock`) in the temporary folder: nothing is
+    added to the run directory, and a killed holder leaves no stale lock. No cache: nothing to share."""
+    if cache is None or not keys:
+        yield False
+        return
+    name = make_key(kind="sampling", cache=str(Path(cache.path).resolve()), keys=sorted(keys))[:32]
+    with file_lock(Path(tempfile.gettempdir()) / "emlib-sampling" / f"{name}.lock") as waited:
+        yield waited
+
+
 @timed("sample")
 def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, max_new_tokens: int = 600,
                    temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
@@ -264,29 +282,33 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
     found = cache.get_many(ANSWERS_TABLE, [it["key"] for it in items]) if cache is not None else {}
     results: dict[str, dict] = dict(found)
     todo = [it for it in items if it["key"] not in results]
-    bar = tqdm(total=len(todo), desc="sampling", unit="answer",
-               disable=(not todo) if progress is None else not progress)
     ctx = intervention if intervention is not None else nullcontext
     was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(todo), batch_size):
-            batch = todo[s:s + batch_size]
-            with intervention.make([b["c"] for b in batch]) if per_row else ctx():
-                gens = sampler(model, tok, [b["prompt"] for b in batch], [b["item_seed"] for b in batch], params)
-            if len(gens) != len(batch):
-                raise RuntimeError(f"The sampler returned {len(gens)} generations for {len(batch)} prompts.")
-            new = {b["key"]: {"answer": g.text, "n_tokens": int(g.n_tokens), "finished": bool(g.finished),
-                              "question_id": str(q.at[b["i"], "question_id"]), "sample": b["sample"],
-                              "model": fingerprint, "intervention": labels_of[b["c"]], "seed": int(seed)}
-                   for b, g in zip(batch, gens)}
-            if cache is not None:
-                cache.put_many(ANSWERS_TABLE, new)
-            results.update(new)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
+    with one_sampler(cache, [it["key"] for it in todo]) as waited:
+        if waited:  # another process sampled (some of) them meanwhile
+            results.update(cache.get_many(ANSWERS_TABLE, [it["key"] for it in todo]))
+            todo = [it for it in todo if it["key"] not in results]
+        bar = tqdm(total=len(todo), desc="sampling", unit="answer",
+                   disable=(not todo) if progress is None else not progress)
+        model.eval()
+        try:
+            for s in range(0, len(todo), batch_size):
+                batch = todo[s:s + batch_size]
+                with intervention.make([b["c"] for b in batch]) if per_row else ctx():
+                    gens = sampler(model, tok, [b["prompt"] for b in batch], [b["item_seed"] for b in batch], params)
+                if len(gens) != len(batch):
+                    raise RuntimeError(f"The sampler returned {len(gens)} generations for {len(batch)} prompts.")
+                new = {b["key"]: {"answer": g.text, "n_tokens": int(g.n_tokens), "finished": bool(g.finished),
+                                  "question_id": str(q.at[b["i"], "question_id"]), "sample": b["sample"],
+                                  "model": fingerprint, "intervention": labels_of[b["c"]], "seed": int(seed)}
+                       for b, g in zip(batch, gens)}
+                if cache is not None:
+                    cache.put_many(ANSWERS_TABLE, new)
+                results.update(new)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            model.train(was_training)
 
     name = _model_name(model)
     recs = []

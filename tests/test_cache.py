@@ -227,3 +227,41 @@ def test_cache_keys_are_the_same_in_every_process():
     assert seen[0]["plain"] == make_key(kind="x", a=[1, "b"], f=0.1)
     assert seen[0]["one_module"] == seen[0]["legacy_one_module"]  # a one-element set: as before
     assert seen[0]["plain"] == hashlib.sha256(b'{"a":[1,"b"],"f":0.1,"kind":"x"}').hexdigest()
+
+
+def test_the_same_answers_asked_for_twice_at_once_are_sampled_once(tmp_path):
+    """Two askers (threads here; chapter processes in a run of record) want the same answers from one cache at
+    the same time: the first samples them, the second waits and reads them from the cache, calling its sampler
+    for none; both get the same answers. Different answers are not held up."""
+    import threading
+
+    from emlib.generate import hf_sampler, sample_answers
+
+    m, tok = tiny_model(seed=0)
+    q = pd.DataFrame({"id": [f"q{i}" for i in range(4)], "question": [f"Question number {i}?" for i in range(4)]})
+    started, calls = threading.Event(), {"first": 0, "second": 0}
+
+    def sampler_of(who, wait=0.0):
+        def sampler(model, tok, prompts, seeds, params):
+            calls[who] += len(prompts)
+            started.set()
+            time.sleep(wait)
+            return hf_sampler(model, tok, prompts, seeds, params)
+        sampler.sampler_id = hf_sampler.sampler_id
+        return sampler
+
+    out = {}
+
+    def ask(who, wait=0.0, seed=7):
+        out[who] = sample_answers(m, tok, q, 3, max_new_tokens=4, batch_size=4, seed=seed, cache=tmp_path / "c",
+                                  sampler=sampler_of(who, wait), progress=False)
+
+    first = threading.Thread(target=ask, args=("first", 0.2))
+    first.start()
+    assert started.wait(30)
+    ask("second")
+    first.join()
+    assert calls == {"first": 12, "second": 0}
+    pd.testing.assert_frame_equal(out["first"], out["second"])
+    ask("second", seed=8)  # other answers: sampled
+    assert calls["second"] == 12
