@@ -340,3 +340,69 @@ def as_cache(cache: "ResultCache | str | os.PathLike | None") -> ResultCache | N
     if cache is None or isinstance(cache, ResultCache):
         return cache
     return ResultCache(cache)
+
+
+# --------------------------------------------------------------------------- work claims
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+class Claims:
+    """Which process is computing which keys of one cache right now, so that processes sharing a cache (the
+    chapters of a run of record) compute each missing result once: a key claimed by a live process is left to
+    it and read from the cache once written (:func:`emlib.generate.sample_answers`).
+
+    A small SQLite file of its own in the temporary folder, named by the cache's path: the cache itself
+    holds results only. A claim names its owner (one per :class:`Claims` object) and process; the claim of a
+    process that has died is taken over, so a killed process holds nothing up."""
+
+    def __init__(self, cache: "ResultCache", folder: str | Path | None = None):
+        import tempfile
+        import uuid
+
+        where = Path(folder) if folder else Path(tempfile.gettempdir()) / "emlib-claims"
+        where.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(str(Path(cache.path).resolve()).encode()).hexdigest()[:24]
+        self.path = where / f"{name}.sqlite"
+        self.owner, self.pid = uuid.uuid4().hex, os.getpid()
+        self._con = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._con.execute("PRAGMA busy_timeout=60000")
+        self._con.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+                          "pid INTEGER NOT NULL) WITHOUT ROWID")
+
+    def claim(self, keys: Iterable[str]) -> set[str]:
+        """Claim those ``keys`` that no live process holds; returns the keys this owner holds now."""
+        keys = list(dict.fromkeys(keys))
+        mine: set[str] = set()
+        cur = self._con.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i:i + _CHUNK]
+                held = cur.execute(f"SELECT key, owner, pid FROM claims WHERE key IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+                dead = [k for k, o, p in held if o != self.owner and not _alive(p)]
+                cur.executemany("DELETE FROM claims WHERE key = ?", [(k,) for k in dead])
+                taken = {k for k, o, p in held if k not in dead and o != self.owner}
+                cur.executemany("INSERT OR IGNORE INTO claims (key, owner, pid) VALUES (?, ?, ?)",
+                                [(k, self.owner, self.pid) for k in chunk if k not in taken])
+                mine |= {k for k in chunk if k not in taken}
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return mine
+
+    def release(self) -> None:
+        """Drop every claim of this owner (its results are written, or it gave up on them)."""
+        self._con.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+
+    def close(self) -> None:
+        self.release()
+        self._con.close()

@@ -14,9 +14,8 @@ exactly reproducible for a seed and batch size, and a resumed run is a valid, se
 from __future__ import annotations
 
 import hashlib
-import tempfile
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol, Sequence
 
@@ -24,8 +23,7 @@ import pandas as pd
 import torch
 
 from .chat import chat_text
-from .cache import ResultCache, adapter_hash, as_cache, make_key, model_fingerprint
-from .data import file_lock
+from .cache import Claims, ResultCache, adapter_hash, as_cache, make_key, model_fingerprint
 from .timing import timed
 
 ANSWERS_TABLE = "answers"
@@ -209,19 +207,7 @@ def _model_name(model) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
-@contextmanager
-def one_sampler(cache: ResultCache | None, keys: Sequence[str]):
-    """Hold a lock named by ``cache``'s file and the answer ``keys`` to be sampled, so that two processes
-    asking one cache for the same answers at once (chapter 1's answers of a finetune and chapter 2's first
-    round of its direction, in a run of record) sample them once: the second waits, then finds them cached.
-    Yields whether it waited. A ``flock`` (:func:`emlib.data.file_lock`) in the temporary folder: nothing is
-    added to the run directory, and a killed holder leaves no stale lock. No cache: nothing to share."""
-    if cache is None or not keys:
-        yield False
-        return
-    name = make_key(kind="sampling", cache=str(Path(cache.path).resolve()), keys=sorted(keys))[:32]
-    with file_lock(Path(tempfile.gettempdir()) / "emlib-sampling" / f"{name}.lock") as waited:
-        yield waited
+CLAIM_POLL_S = 0.5  # how often answers another process is sampling are looked for in the cache
 
 
 @timed("sample")
@@ -242,7 +228,9 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
     ``intervention_label`` (or an :class:`Intervention`); or a :class:`PerRow`: every one of its conditions
     is sampled (``n_samples`` per question each), in batches that mix them, one row per condition's
     intervention. ``cache``: a :class:`ResultCache` or path; answers already there are reused, new ones are
-    written after every batch.
+    written after every batch, and answers another process is sampling into the same cache at that moment are
+    waited for and read, not sampled again (:class:`emlib.cache.Claims`; in a run of record chapters 1-3 ask
+    for some of the same answers at once).
     """
     from tqdm.auto import tqdm
 
@@ -282,33 +270,47 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
     found = cache.get_many(ANSWERS_TABLE, [it["key"] for it in items]) if cache is not None else {}
     results: dict[str, dict] = dict(found)
     todo = [it for it in items if it["key"] not in results]
+    bar = tqdm(total=len(todo), desc="sampling", unit="answer",
+               disable=(not todo) if progress is None else not progress)
     ctx = intervention if intervention is not None else nullcontext
+
+    def sample(part: list[dict]) -> None:
+        for s in range(0, len(part), batch_size):
+            batch = part[s:s + batch_size]
+            with intervention.make([b["c"] for b in batch]) if per_row else ctx():
+                gens = sampler(model, tok, [b["prompt"] for b in batch], [b["item_seed"] for b in batch], params)
+            if len(gens) != len(batch):
+                raise RuntimeError(f"The sampler returned {len(gens)} generations for {len(batch)} prompts.")
+            new = {b["key"]: {"answer": g.text, "n_tokens": int(g.n_tokens), "finished": bool(g.finished),
+                              "question_id": str(q.at[b["i"], "question_id"]), "sample": b["sample"],
+                              "model": fingerprint, "intervention": labels_of[b["c"]], "seed": int(seed)}
+                   for b, g in zip(batch, gens)}
+            if cache is not None:
+                cache.put_many(ANSWERS_TABLE, new)
+            results.update(new)
+            bar.update(len(batch))
+
     was_training = model.training
-    with one_sampler(cache, [it["key"] for it in todo]) as waited:
-        if waited:  # another process sampled (some of) them meanwhile
-            results.update(cache.get_many(ANSWERS_TABLE, [it["key"] for it in todo]))
+    model.eval()
+    claims = Claims(cache) if cache is not None and todo else None
+    try:
+        while todo:  # what another process is sampling into the same cache is waited for, then read
+            mine = claims.claim(it["key"] for it in todo) if claims else {it["key"] for it in todo}
+            sample([it for it in todo if it["key"] in mine])
+            if claims:
+                claims.release()
             todo = [it for it in todo if it["key"] not in results]
-        bar = tqdm(total=len(todo), desc="sampling", unit="answer",
-                   disable=(not todo) if progress is None else not progress)
-        model.eval()
-        try:
-            for s in range(0, len(todo), batch_size):
-                batch = todo[s:s + batch_size]
-                with intervention.make([b["c"] for b in batch]) if per_row else ctx():
-                    gens = sampler(model, tok, [b["prompt"] for b in batch], [b["item_seed"] for b in batch], params)
-                if len(gens) != len(batch):
-                    raise RuntimeError(f"The sampler returned {len(gens)} generations for {len(batch)} prompts.")
-                new = {b["key"]: {"answer": g.text, "n_tokens": int(g.n_tokens), "finished": bool(g.finished),
-                                  "question_id": str(q.at[b["i"], "question_id"]), "sample": b["sample"],
-                                  "model": fingerprint, "intervention": labels_of[b["c"]], "seed": int(seed)}
-                       for b, g in zip(batch, gens)}
-                if cache is not None:
-                    cache.put_many(ANSWERS_TABLE, new)
-                results.update(new)
-                bar.update(len(batch))
-        finally:
-            bar.close()
-            model.train(was_training)
+            if todo:
+                time.sleep(CLAIM_POLL_S)
+                done = cache.get_many(ANSWERS_TABLE, [it["key"] for it in todo])
+                results.update(done)
+                bar.update(len(done))
+                todo = [it for it in todo if it["key"] not in results]
+    finally:
+        bar.close()
+        model.train(was_training)
+        if claims:
+            claims.close()
 
     name = _model_name(model)
     recs = []

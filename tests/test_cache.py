@@ -229,12 +229,13 @@ def test_cache_keys_are_the_same_in_every_process():
     assert seen[0]["plain"] == hashlib.sha256(b'{"a":[1,"b"],"f":0.1,"kind":"x"}').hexdigest()
 
 
-def test_the_same_answers_asked_for_twice_at_once_are_sampled_once(tmp_path):
-    """Two askers (threads here; chapter processes in a run of record) want the same answers from one cache at
-    the same time: the first samples them, the second waits and reads them from the cache, calling its sampler
-    for none; both get the same answers. Different answers are not held up."""
+def test_answers_asked_for_twice_at_once_are_sampled_once(tmp_path):
+    """Two askers (threads here; chapter processes in a run of record) want overlapping answers from one cache
+    at the same time: each samples only what nobody is sampling, then waits for the rest and reads it from the
+    cache; both get the same answers for the same keys. A claim left by a process that has died is taken over."""
     import threading
 
+    from emlib.cache import Claims
     from emlib.generate import hf_sampler, sample_answers
 
     m, tok = tiny_model(seed=0)
@@ -252,16 +253,27 @@ def test_the_same_answers_asked_for_twice_at_once_are_sampled_once(tmp_path):
 
     out = {}
 
-    def ask(who, wait=0.0, seed=7):
-        out[who] = sample_answers(m, tok, q, 3, max_new_tokens=4, batch_size=4, seed=seed, cache=tmp_path / "c",
+    def ask(who, n=3, wait=0.0, seed=7):
+        out[who] = sample_answers(m, tok, q, n, max_new_tokens=4, batch_size=4, seed=seed, cache=tmp_path / "c",
                                   sampler=sampler_of(who, wait), progress=False)
 
-    first = threading.Thread(target=ask, args=("first", 0.2))
+    first = threading.Thread(target=ask, args=("first", 3, 0.3))
     first.start()
     assert started.wait(30)
-    ask("second")
+    ask("second", n=4)  # samples 0-2 of each question are the first asker's: only sample 3 is sampled here
     first.join()
-    assert calls == {"first": 12, "second": 0}
-    pd.testing.assert_frame_equal(out["first"], out["second"])
-    ask("second", seed=8)  # other answers: sampled
-    assert calls["second"] == 12
+    assert calls == {"first": 12, "second": 4}
+    shared = out["second"][out["second"]["sample"] < 3].reset_index(drop=True)
+    pd.testing.assert_frame_equal(out["first"], shared)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    keys = [f"k{i}" for i in range(3)]
+    ghost = Claims(ResultCache(tmp_path / "c"))
+    ghost.pid = int(dead.stdout)  # its claims now name a process that has ended
+    assert ghost.claim(keys) == set(keys)
+    other = Claims(ResultCache(tmp_path / "c"))
+    assert other.claim(keys + ["k9"]) == set(keys + ["k9"])  # taken over, and the free one
+    alive = Claims(ResultCache(tmp_path / "c"))
+    assert alive.claim(keys) == set()  # held by a live process
+    other.release()
+    assert alive.claim(keys) == set(keys)
