@@ -343,14 +343,25 @@ def as_cache(cache: "ResultCache | str | os.PathLike | None") -> ResultCache | N
 
 
 # --------------------------------------------------------------------------- work claims
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str:
+    """When process ``pid`` started (Linux: ``/proc/PID/stat``'s start time), so that a claim outlives no
+    process whose number was given to another; "" where that cannot be read (the number alone then)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]  # field 22; the name in parentheses may hold spaces
+
+
+def _alive(pid: int, started: str) -> bool:
+    """Whether the process that made a claim still runs (same number and, where known, same start time)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
-        return True
-    return True
+        pass
+    return not started or _started(pid) == started
 
 
 class Claims:
@@ -360,21 +371,28 @@ class Claims:
 
     A small SQLite file of its own in the temporary folder, named by the cache's path: the cache itself
     holds results only. A claim names its owner (one per :class:`Claims` object) and process; the claim of a
-    process that has died is taken over, so a killed process holds nothing up."""
+    process that has died is taken over, so a killed process holds nothing up. Not on Windows (:meth:`of`),
+    where no signal asks whether a process lives: there every process samples what it misses."""
 
     def __init__(self, cache: "ResultCache", folder: str | Path | None = None):
         import tempfile
         import uuid
 
-        where = Path(folder) if folder else Path(tempfile.gettempdir()) / "emlib-claims"
+        where = Path(folder) if folder else Path(tempfile.gettempdir()) / "emlib-claims-v2"
         where.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(str(Path(cache.path).resolve()).encode()).hexdigest()[:24]
         self.path = where / f"{name}.sqlite"
         self.owner, self.pid = uuid.uuid4().hex, os.getpid()
+        self.started = _started(self.pid)
         self._con = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
         self._con.execute("PRAGMA busy_timeout=60000")
         self._con.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, "
-                          "pid INTEGER NOT NULL) WITHOUT ROWID")
+                          "pid INTEGER NOT NULL, started TEXT NOT NULL) WITHOUT ROWID")
+
+    @classmethod
+    def of(cls, cache: "ResultCache | None") -> "Claims | None":
+        """Claims on ``cache``'s keys; None without a cache or on Windows."""
+        return cls(cache) if cache is not None and os.name != "nt" else None
 
     def claim(self, keys: Iterable[str]) -> set[str]:
         """Claim those ``keys`` that no live process holds; returns the keys this owner holds now."""
@@ -385,13 +403,13 @@ class Claims:
         try:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i:i + _CHUNK]
-                held = cur.execute(f"SELECT key, owner, pid FROM claims WHERE key IN ({','.join('?' * len(chunk))})",
-                                   chunk).fetchall()
-                dead = [k for k, o, p in held if o != self.owner and not _alive(p)]
+                held = cur.execute(f"SELECT key, owner, pid, started FROM claims WHERE key IN "
+                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                dead = [k for k, o, p, t in held if o != self.owner and not _alive(p, t)]
                 cur.executemany("DELETE FROM claims WHERE key = ?", [(k,) for k in dead])
-                taken = {k for k, o, p in held if k not in dead and o != self.owner}
-                cur.executemany("INSERT OR IGNORE INTO claims (key, owner, pid) VALUES (?, ?, ?)",
-                                [(k, self.owner, self.pid) for k in chunk if k not in taken])
+                taken = {k for k, o, p, t in held if k not in dead and o != self.owner}
+                cur.executemany("INSERT OR IGNORE INTO claims (key, owner, pid, started) VALUES (?, ?, ?, ?)",
+                                [(k, self.owner, self.pid, self.started) for k in chunk if k not in taken])
                 mine |= {k for k in chunk if k not in taken}
             cur.execute("COMMIT")
         except BaseException:

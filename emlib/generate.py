@@ -292,7 +292,7 @@ def sample_answers(model, tok, questions_df: pd.DataFrame, n_samples: int, *, ma
 
     was_training = model.training
     model.eval()
-    claims = Claims(cache) if cache is not None and todo else None
+    claims = Claims.of(cache) if todo else None
     try:
         while todo:  # what another process is sampling into the same cache is waited for, then read
             mine = claims.claim(it["key"] for it in todo) if claims else {it["key"] for it in todo}

@@ -271,8 +271,11 @@ def test_answers_asked_for_twice_at_once_are_sampled_once(tmp_path):
     ghost = Claims(ResultCache(tmp_path / "c"))
     ghost.pid = int(dead.stdout)  # its claims now name a process that has ended
     assert ghost.claim(keys) == set(keys)
+    reborn = Claims(ResultCache(tmp_path / "c"))
+    reborn.started = "1"  # this process's number, another start time: a process that has ended
+    assert reborn.claim(["k8"]) == {"k8"}
     other = Claims(ResultCache(tmp_path / "c"))
-    assert other.claim(keys + ["k9"]) == set(keys + ["k9"])  # taken over, and the free one
+    assert other.claim(keys + ["k8", "k9"]) == set(keys + ["k8", "k9"])  # taken over, and the free one
     alive = Claims(ResultCache(tmp_path / "c"))
     assert alive.claim(keys) == set()  # held by a live process
     other.release()
