@@ -20,8 +20,10 @@ import json
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -374,11 +376,8 @@ class Claims:
     process that has died is taken over, so a killed process holds nothing up. Not on Windows (:meth:`of`),
     where no signal asks whether a process lives: there every process samples what it misses."""
 
-    def __init__(self, cache: "ResultCache", folder: str | Path | None = None):
-        import tempfile
-        import uuid
-
-        where = Path(folder) if folder else Path(tempfile.gettempdir()) / "emlib-claims-v2"
+    def __init__(self, cache: "ResultCache"):
+        where = Path(tempfile.gettempdir()) / "emlib-claims-v2"
         where.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(str(Path(cache.path).resolve()).encode()).hexdigest()[:24]
         self.path = where / f"{name}.sqlite"

@@ -279,6 +279,11 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
         return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
 
 
+def gates_chapters_1_2(task: tuple[Job, ...]) -> bool:
+    """A rank-32 adapter: chapters 1-2 (the longest chapter) wait for these, so they go first."""
+    return task[0].shape == "rank32"
+
+
 def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
     """The finetunes as pool tasks (:func:`emlib.chapters.train_groups`: the solutions of one dataset and seed
     that read the same rows form one task, trained at once by emlib.vecgroup). In the pool's order: the
@@ -288,7 +293,7 @@ def pool_tasks(jobs, first: set[str] = frozenset()) -> list[tuple[Job, ...]]:
     out = train_groups(jobs)
 
     def rank(t: tuple[Job, ...]) -> int:
-        if t[0].shape == "rank32":
+        if gates_chapters_1_2(t):
             return 0
         if len(t) > 1 and t[0].seed is None:
             return 1
@@ -475,8 +480,8 @@ def head_and_rest(tasks: list[tuple[Job, ...]], head_start: bool) -> tuple[list,
     first with the GPU to themselves, and the other tasks once they have ended; without it, all at once."""
     if not head_start:
         return tasks, []
-    head = [t for t in tasks if t[0].shape == "rank32"]
-    return (head, [t for t in tasks if t not in head]) if head else (tasks, [])
+    head = [t for t in tasks if gates_chapters_1_2(t)]
+    return head, [t for t in tasks if t not in head]
 
 
 def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int,
@@ -491,7 +496,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
         for task in head:
             submit_finetune(plan, state, pool, task)
         while state.unfinished():
-            if rest and not any(state.finetunes[j.name] in (RUNNING, WAITING) for t in head for j in t):
+            if rest and not any(state.finetunes[j.name] == RUNNING for t in head for j in t):
                 print(f"[record] head start over at {time.time() - state.t0:.0f} s: {len(rest)} more tasks", flush=True)
                 for task in rest:
                     submit_finetune(plan, state, pool, task)
