@@ -164,6 +164,46 @@ def prepare_model(cfg: Config) -> float:
     return round(time.time() - t0, 1)
 
 
+# ------------------------------------------------------------------------------------ GPU memory admission
+# What one process of the run (a finetune worker at work, or a chapter) may come to hold on the GPU. Measured
+# on one H100 80GB (2026-12-05, SmolLM2-135M, `paper`): at the moments processes ran out of memory they held
+# 6-17 GiB each, most 11-13 GiB (bench/README.md). A rough figure, not a bound: --gib-per-process changes it.
+GIB_PER_PROCESS = 14.0
+RAMP_S = 45.0  # a process started this recently is counted as holding GIB_PER_PROCESS already
+
+
+@dataclass
+class Admission:
+    """Starts a finetune task or a chapter only while the GPU has room for one more process: the free memory
+    ``probe`` reads (GiB; None: no GPU, no limit) less ``need_gib`` for each process started in the last
+    ``ramp_s`` seconds (they have not reached their peak yet) must leave ``need_gib``. With none of the run's
+    processes at work, one may always start (memory held by others must not stall the run). ``need_gib`` 0:
+    no limit. On an H200 (139 GiB) eight workers and the chapters fit (peak 116 GiB); on an H100 (80 GB) the
+    same run ran out of memory in every process at once (2026-12-05): this keeps it inside the card."""
+
+    probe: object = None  # () -> float | None, e.g. runner.gpu_free_gib
+    need_gib: float = GIB_PER_PROCESS
+    ramp_s: float = RAMP_S
+    started: list = field(default_factory=list)  # when each admitted process started (time.time())
+    deferred: int = 0  # how often a start waited for room
+
+    def room(self, running: int, now: float | None = None) -> bool:
+        if running == 0 or self.probe is None or self.need_gib <= 0:
+            return True
+        free = self.probe()
+        if free is None:
+            return True
+        now = time.time() if now is None else now
+        recent = sum(1 for t in self.started if now - t < self.ramp_s)
+        if free - recent * self.need_gib >= self.need_gib:
+            return True
+        self.deferred += 1
+        return False
+
+    def note_start(self, now: float | None = None) -> None:
+        self.started.append(time.time() if now is None else now)
+
+
 # ------------------------------------------------------------------------------------------------ state
 WAITING, RUNNING, DONE, FAILED, RETRY = "waiting", "running", "done", "failed", "retry"
 
@@ -191,6 +231,8 @@ class RunState:
     sweep_ready: bool = False  # this run's chapter 3 has recorded its lambda sweep (or ended)
     sweep_before: object = None  # results.json's ch3_lambda_sweep when chapter 3 started (an earlier run's)
     t0: float = field(default_factory=time.time)  # the run's start: total_s, started_s and ended_s count from it
+    queue: list = field(default_factory=list)  # finetune tasks not in the pool yet, in the order they go (Admission)
+    admit: Admission = field(default_factory=Admission)  # room on the GPU for one more process (default: no limit)
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -205,8 +247,12 @@ class RunState:
         return any(v in (WAITING, RUNNING, RETRY) for t in (self.finetunes, self.chapters) for v in t.values())
 
     def quiet(self) -> bool:
-        """Nothing running or waiting (what a retry alone waits for)."""
-        return not (self.futures or self.processes or self.having(self.chapters, WAITING))
+        """Nothing running or waiting (what a chapter's retry alone waits for)."""
+        return not (self.futures or self.processes or self.queue or self.having(self.chapters, WAITING))
+
+    def busy(self) -> int:
+        """Processes of the run at work on the GPU: finetune tasks in the pool and chapters."""
+        return len(self.futures) + len(self.processes)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -335,9 +381,11 @@ def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
 
 def retry_alone(plan: Plan, state: RunState, pool) -> None:
     """Once everything else has ended, run one finetune, then one chapter, that ran out of memory again alone
-    (cached answers and checkpoints let a chapter resume where it stopped)."""
+    (cached answers and checkpoints let a chapter resume where it stopped). A finetune waits for the running
+    chapters too: on an H100 a retry beside four chapters ran out of memory again (2026-12-05); a chapter
+    that needs it meanwhile trains it itself or waits (``train.finetune_lock``)."""
     ft = state.having(state.finetunes, RETRY)
-    if ft and not state.futures:
+    if ft and not state.futures and not state.processes and not state.queue:
         job = next(f for f in (*plan.finetunes, *state.extra.values()) if f.name == ft[0])
         task = state.groups.get(job.name, job)
         print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
@@ -363,10 +411,10 @@ def note_sweep(plan: Plan, state: RunState) -> None:
         state.sweep_ready = state.chapters[ch3] == DONE
 
 
-def plan_followups(plan: Plan, state: RunState, pool) -> None:
+def plan_followups(plan: Plan, state: RunState) -> None:
     """Once chapter 3 has recorded its lambda sweep or is done (:func:`note_sweep`), submit chapters 4-5's
     narrow solutions at the extra seeds, at the lambda it chose (not at every lambda of the sweep; the ones
-    trained ahead, ``plan.speculative``, are not submitted again). Chapters 4-5 start without waiting for
+    trained ahead, ``plan.speculative``, are not submitted again), first in the queue (:func:`submit_queued`). Chapters 4-5 start without waiting for
     them: each asks for them when it gets there (chapter 5 does the steering vectors first) and waits for
     the worker training them (:func:`emlib.train.finetune_lock`)."""
     if not followups_may_come(plan, state):
@@ -376,6 +424,7 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
         return
     results = _results_of(plan.run)
     state.followed = True
+    follow: list[tuple[Job, ...]] = []
     chosen = chosen_scales(results)
     if chosen is None:
         return  # chapter 3 recorded no sweep: chapters 4-5 measure it themselves (one after the other)
@@ -386,7 +435,8 @@ def plan_followups(plan: Plan, state: RunState, pool) -> None:
             if job.name not in state.finetunes:
                 state.extra[job.name] = job
                 state.finetunes[job.name] = WAITING
-                submit_finetune(plan, state, pool, job)
+                follow.append((job,))
+    state.queue[:0] = follow  # before the other waiting tasks: chapters 4-5 are running and ask for these
     ahead = sorted(set().union(*state.extra_needs.values()) & set(plan.speculative))
     print(f"[record] chapter 3 chose {chosen}: {len(state.extra)} follow-up finetunes"
           + (f"; trained ahead: {', '.join(ahead)}" if ahead else ""), flush=True)
@@ -418,8 +468,11 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                 + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
         elif not waiting and all(state.finetunes[n] == DONE for n in needs):
+            if not state.admit.room(state.busy()):
+                return  # no room on the GPU: the next pass looks again
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s)", flush=True)
             start_chapter(plan, state, stem)
+            state.admit.note_start()
 
 
 def collect_finetunes(state: RunState, timeout: float = 5) -> None:
@@ -484,26 +537,33 @@ def head_and_rest(tasks: list[tuple[Job, ...]], head_start: bool) -> tuple[list,
     return head, [t for t in tasks if t not in head]
 
 
+def submit_queued(plan: Plan, state: RunState, pool, workers: int) -> None:
+    """Hand the queue's tasks to the pool in order while a worker is free and the GPU has room
+    (:class:`Admission`): a task in the pool's own queue would start whenever a worker frees, room or not."""
+    while state.queue and len(state.futures) < workers and state.admit.room(state.busy()):
+        submit_finetune(plan, state, pool, state.queue.pop(0))
+        state.admit.note_start()
+
+
 def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: int,
             head_start: bool = False) -> None:
     """Every finetune in a pool of long-lived worker processes, each chapter as soon as its finetunes exist
-    (``head_start``: :func:`head_and_rest`)."""
+    (``head_start``: :func:`head_and_rest`), each of them once the GPU has room (``state.admit``)."""
     # long-lived workers: each loads the model once (worker_experiment) and gives back what a finetune allocated
     pool = runner.process_pool(workers, threads=state.threads)
     ended = 0
     head, rest = head_and_rest(pool_tasks(plan.finetunes, first=chapter_3_needs(plan)), head_start)
+    state.queue = list(head)
     try:
-        for task in head:
-            submit_finetune(plan, state, pool, task)
         while state.unfinished():
-            if rest and not any(state.finetunes[j.name] == RUNNING for t in head for j in t):
+            if rest and all(state.finetunes[j.name] not in (WAITING, RUNNING) for t in head for j in t):
                 print(f"[record] head start over at {time.time() - state.t0:.0f} s: {len(rest)} more tasks", flush=True)
-                for task in rest:
-                    submit_finetune(plan, state, pool, task)
+                state.queue += rest
                 rest = []
-            plan_followups(plan, state, pool)
+            plan_followups(plan, state)
             retry_alone(plan, state, pool)
             start_ready_chapters(plan, state, max_parallel_chapters)
+            submit_queued(plan, state, pool, workers)
             if state.futures:
                 collect_finetunes(state)
             else:
@@ -527,7 +587,7 @@ def no_more_finetunes(plan: Plan, state: RunState) -> bool:
     """No finetune is queued, training or to be retried, and none can be added: chapter 3's follow-ups are
     planned, or this run has no chapter 3 (or no extra seeds) to plan them."""
     pending = any(v in (WAITING, RUNNING, RETRY) for v in state.finetunes.values())
-    return not state.futures and not pending and not followups_may_come(plan, state)
+    return not state.futures and not state.queue and not pending and not followups_may_come(plan, state)
 
 
 def followups_may_come(plan: Plan, state: RunState) -> bool:
@@ -556,6 +616,8 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
                "speculative": list(plan.speculative),
+               "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
+                             "ramp_s": state.admit.ramp_s, "deferred": state.admit.deferred},
                "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if not final:
@@ -578,12 +640,16 @@ def threads_for(processes: int, cores: int | None = None) -> int:
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
-        speculate: bool | None = None, head_start: bool = False) -> dict:
+        speculate: bool | None = None, head_start: bool = False,
+        gib_per_process: float = GIB_PER_PROCESS) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
     processes' kernels run side by side; ``record.json``'s ``mps`` says whether it was on. ``head_start``: the
     rank-32 adapters train before anything else (:func:`head_and_rest`; ``timings.head_start``).
+    ``gib_per_process``: GPU memory a finetune or chapter process may come to hold; one starts only while the
+    GPU has room for it (:class:`Admission`, on a machine with a GPU; 0: no limit; ``record.json``'s
+    ``admission``).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -596,6 +662,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state = RunState.of(plan)
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
+    if runner.visible_gpus():
+        state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)
@@ -782,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(auto: on a GPU)")
     r.add_argument("--head-start", choices=("on", "off"), default="off",
                    help="train the rank-32 adapters (chapters 1-2 wait for them) before the other finetunes")
+    r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
+                   help="GPU memory one finetune or chapter process may reach: a process starts only while the "
+                        f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; 0: no limit)")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),
@@ -821,7 +892,7 @@ def _main(a) -> int:
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config), mps=a.mps,
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
-                      head_start=a.head_start == "on")
+                      head_start=a.head_start == "on", gib_per_process=a.gib_per_process)
         if summary["failures"]:
             from .cli import ChapterFailed
 

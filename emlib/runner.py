@@ -344,6 +344,34 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
 
 
+def gpu_free_gib() -> float | None:
+    """Free memory (GiB) of the fullest GPU this process may use, from ``nvidia-smi`` (None: no GPU, or it
+    cannot tell). Other processes' memory counts too: what a new process could still allocate."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return free_gib_of(out.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def free_gib_of(table: str, visible: str | None = None) -> float | None:
+    """The least free memory (GiB) among the GPUs of ``nvidia-smi --query-gpu=index,memory.total,memory.used
+    --format=csv,noheader,nounits`` (MiB) that ``visible`` (``CUDA_VISIBLE_DEVICES``, indices) lets this
+    process use; None when none is listed."""
+    want = None if visible is None else {g.strip() for g in visible.split(",") if g.strip()}
+    free = []
+    for line in table.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 3 and all(x.replace(".", "", 1).isdigit() for x in parts) and (want is None or parts[0] in want):
+            free.append((float(parts[1]) - float(parts[2])) / 1024)
+    return min(free) if free else None
+
+
 def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None = None,
                 cores: int | None = None) -> tuple[int, list[str | None], int | None]:
     """(number of workers, the GPU each worker sees (None: no GPU), threads per worker (None: leave)).

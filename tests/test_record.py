@@ -576,7 +576,6 @@ def test_record_workers_and_chapters_die_with_their_parent(tmp_path):
 def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     """Chapters 4-5 repeat chapter 3's chosen narrow solution at extra seeds: planned after chapter 3 chose
     (one lambda, not the whole sweep), at once when an earlier run recorded the choice."""
-    from concurrent.futures import Future
 
     run = tmp_path / "rec"
     plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=False)
@@ -589,33 +588,25 @@ def test_extra_seeds_narrow_solutions_follow_chapter_3s_choice(root, tmp_path):
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": sweep}))
 
-    class Pool:
-        def __init__(self):
-            self.jobs = []
-
-        def submit(self, fn, *args):
-            self.jobs.append(args[-1])
-            return Future()
-
-    pool = Pool()
-    record.plan_followups(plan, state, pool)
-    names = sorted(j.name for j in pool.jobs)
+    state.queue = [("an earlier task",)]
+    record.plan_followups(plan, state)
+    names = sorted(t[0].name for t in state.queue[:-1])
     assert names == ["lora-medical-rank1-narrow-kl2-seed1", "vector-medical-narrow-kl2-seed1"]
+    assert state.queue[-1] == ("an earlier task",)  # follow-ups go first: chapters 4-5 ask for them
     assert state.extra_needs["04_efficiency"] == set(names) == state.extra_needs["05_stability"]
-    record.plan_followups(plan, state, pool)  # once only
-    assert len(pool.jobs) == 2
+    record.plan_followups(plan, state)  # once only
+    assert len(state.queue) == 3
     # while chapter 3 runs: planned once it has written this run's sweep, not on an earlier run's
     early = record.RunState.of(plan)
     early.chapters["03_narrow_needs_kl"] = record.RUNNING
     early.sweep_before = sweep  # what results.json held when chapter 3 started
-    pool2 = Pool()
-    record.plan_followups(plan, early, pool2)
-    assert pool2.jobs == [] and not early.followed
+    record.plan_followups(plan, early)
+    assert early.queue == [] and not early.followed
     new_sweep = [dict(r, chosen=r["kl_scale"] == 0.5) for r in sweep]
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": new_sweep}))
-    record.plan_followups(plan, early, pool2)
-    assert sorted(j.name for j in pool2.jobs) == ["lora-medical-rank1-narrow-kl0.5-seed1",
-                                                   "vector-medical-narrow-kl0.5-seed1"]
+    record.plan_followups(plan, early)
+    assert sorted(t[0].name for t in early.queue) == ["lora-medical-rank1-narrow-kl0.5-seed1",
+                                                      "vector-medical-narrow-kl0.5-seed1"]
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": sweep}))
     # a later run of chapter 4 alone reads the recorded choice and plans the same finetunes up front
     later = record.plan_run("smoke", str(run), chapters=["04"])
@@ -653,8 +644,6 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, 
     """With ``speculate``, the narrow vectors at every lambda at the extra seeds are planned up front (no
     chapter waits for them), and once chapter 3 chooses only the rank-1 adapter is submitted: chapters 4-5
     wait for the chosen vector, which is already planned. Without it, nothing is added."""
-    from concurrent.futures import Future
-
     run = tmp_path / "rec"
     plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=True)
     off = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=False)
@@ -668,14 +657,8 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, 
     (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": [
         {"kind": k, "solution": "narrow", "kl_scale": m, "chosen": m == 2.0}
         for k in ("steering vector", "rank-1 LoRA") for m in (0.5, 1.0, 2.0)]}))
-    submitted = []
-
-    class Pool:
-        def submit(self, fn, *args):
-            submitted.append(args[-1].name)
-            return Future()
-
-    record.plan_followups(plan, state, Pool())
+    record.plan_followups(plan, state)
+    submitted = [t[0].name for t in state.queue]
     assert submitted == ["lora-medical-rank1-narrow-kl2-seed1"]
     assert state.extra_needs["04_efficiency"] == {"lora-medical-rank1-narrow-kl2-seed1",
                                                   "vector-medical-narrow-kl2-seed1"}
@@ -833,3 +816,72 @@ def test_head_start_trains_the_rank32_adapters_before_anything_else(root, tmp_pa
     assert len(set(names)) == len(names) == len(record.pool_tasks(plan.finetunes))
     # with a head start the next task waits until the rank-32 ones have been collected
     assert pool.order[len(rank32)][1] is (not head_start), pool.order
+
+
+def test_admission_keeps_room_for_one_more_process_on_the_gpu():
+    """A process starts only while the free GPU memory, less what the processes started in the last ``ramp_s``
+    seconds are about to take, leaves room for one more; with none of the run's processes at work one always
+    starts; no GPU (None) or ``need_gib`` 0: no limit."""
+    free = [40.0]
+    a = record.Admission(lambda: free[0], need_gib=14, ramp_s=45)
+    assert a.room(running=3, now=0)  # 40 free
+    a.note_start(now=0)
+    a.note_start(now=1)
+    assert not a.room(running=5, now=10)  # 40 - 2 x 14 = 12 < 14: the two new ones have not grown yet
+    assert a.room(running=5, now=60)  # they have had time to take what they take: 40 GiB are free
+    free[0] = 10.0
+    assert not a.room(running=5, now=60) and a.deferred == 2
+    assert a.room(running=0, now=60)  # nothing of the run at work: never stall on others' memory
+    assert record.Admission(lambda: None).room(running=5) and record.Admission().room(running=5)
+    assert record.Admission(lambda: 0.0, need_gib=0).room(running=5)
+    table = "0, 81559, 70000\n1, 81559, 1000\n"
+    assert runner.free_gib_of(table) == pytest.approx((81559 - 70000) / 1024)
+    assert runner.free_gib_of(table, "1") == pytest.approx((81559 - 1000) / 1024)
+    assert runner.free_gib_of("", None) is None
+
+
+def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path, monkeypatch):
+    """With no room on the GPU (the probe says 0 GiB free) each finetune task and chapter starts only once
+    nothing else of the run is at work, and the run still ends with everything done; with room, they overlap."""
+    seen = {}
+    for free in (0.0, 1000.0):
+        plan = record.plan_run("smoke", str(tmp_path / f"rec{free:g}"), chapters=["00", "01", "03"], speculate=False)
+        state = record.RunState.of(plan)
+        state.admit = record.Admission(lambda: free, need_gib=14)
+        busy_at_start = []
+
+        class Pool(_InstantPool):
+            def submit(self, *args):
+                busy_at_start.append(state.busy())
+                return super().submit(*args)
+
+        def chapter(job, threads=None):
+            busy_at_start.append(state.busy())
+            return _Ended(0)
+
+        monkeypatch.setattr(runner, "process_pool", lambda *a, **k: Pool(state))
+        monkeypatch.setattr(record, "_run_chapter", chapter)
+        monkeypatch.setattr(record, "write_summary", lambda *a, **k: {})
+        record.run_all(plan, state, workers=4, max_parallel_chapters=4)
+        assert set(state.finetunes.values()) == {record.DONE} and set(state.chapters.values()) == {record.DONE}
+        seen[free] = busy_at_start
+    assert len(seen[0.0]) == len(seen[1000.0]) > 3
+    assert set(seen[0.0]) == {0}, seen[0.0]  # one at a time
+    assert max(seen[1000.0]) > 0, seen[1000.0]  # room: side by side
+
+
+def test_a_finetune_that_ran_out_of_memory_waits_for_the_chapters_too(root, tmp_path):
+    """A finetune's retry after running out of memory waits until no chapter runs either (beside chapters on an
+    H100 the retry ran out of memory again, 2026-12-05); then it is submitted, alone."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00", "03"], speculate=False)
+    state = record.RunState.of(plan)
+    name = next(iter(state.finetunes))
+    state.finetunes = dict.fromkeys(state.finetunes, record.DONE) | {name: record.RETRY}
+    state.attempts[name] = 1
+    state.processes["00_datasets"] = (_Ended(0), 0.0)
+    pool = _InstantPool(state)
+    record.retry_alone(plan, state, pool)
+    assert pool.order == [] and state.finetunes[name] == record.RETRY  # a chapter is running
+    record.collect_chapters(plan, state)
+    record.retry_alone(plan, state, pool)
+    assert [n for n, _ in pool.order] == [name] and state.attempts[name] == 2
