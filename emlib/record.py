@@ -59,10 +59,20 @@ from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
 
 
+# what a CUDA out-of-memory error says: torch's OutOfMemoryError, the driver's "CUDA error: out of memory" (an
+# AcceleratorError, e.g. in a kernel launch or a CUDA graph; chapters 2 and 6 on an H100, 2026-12-05), cuBLAS
+# failing to allocate its workspace
+OUT_OF_MEMORY_SIGNS = ("OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+
+
+def says_out_of_memory(text: str) -> bool:
+    """Whether ``text`` (an error, or the end of a chapter's log) is a CUDA out-of-memory error."""
+    return any(sign in text for sign in OUT_OF_MEMORY_SIGNS)
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """A CUDA out-of-memory error (also as re-raised across a process pool, or cuBLAS failing to allocate)."""
-    text = f"{type(err).__name__}: {err}"
-    return "OutOfMemoryError" in text or "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    return says_out_of_memory(f"{type(err).__name__}: {err}")
 
 
 def log_says_out_of_memory(log: Path) -> bool:
@@ -71,7 +81,7 @@ def log_says_out_of_memory(log: Path) -> bool:
         tail = log.read_text(errors="replace")[-20000:]
     except OSError:
         return False
-    return "OutOfMemoryError" in tail or "CUDA out of memory" in tail or "CUBLAS_STATUS_ALLOC_FAILED" in tail
+    return says_out_of_memory(tail)
 
 
 # ------------------------------------------------------------------------------------------------ plan

@@ -467,6 +467,12 @@ def test_failed_finetunes_stop_their_chapters_and_oom_is_recognised(root, tmp_pa
     assert record.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24 MiB"))
     assert record.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not record.is_out_of_memory(FloatingPointError("The gradient norm is nan"))
+    assert record.is_out_of_memory(RuntimeError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"))
+    log = tmp_path / "06.log"  # chapter 6's log on an H100 (2026-12-05): the driver's error, not torch's
+    log.write_text("06_pretraining_influence.py failed in cell In[4]: AcceleratorError: CUDA error: out of memory\n")
+    assert record.log_says_out_of_memory(log)
+    log.write_text("06_pretraining_influence.py failed in cell In[4]: ValueError: no such layer\n")
+    assert not record.log_says_out_of_memory(log)
 
 
 def test_a_chapter_that_runs_out_of_memory_runs_again_alone(root, tmp_path, monkeypatch):
