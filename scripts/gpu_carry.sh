@@ -15,17 +15,17 @@
 # reassembles ~/emlib-carry/<file>.gguf). Each folder also holds qwen-SHA256 ("<sha256>  <file name>")
 # and qwen-PARTS (how many parts there are), so any call can tell what is still missing.
 # It leaves the SmolLM2/data/Lee folders alone.
-#   bash scripts/gpu_carry.sh whl   splits .whl/ into .carry-whl-a/ and .carry-whl-b/ (two halves by size),
-# so the wheels can ride along with two model parts; `setup` installs whichever half a call carries.
+#   bash scripts/gpu_carry.sh whl   splits .whl/ into .carry-whl-a/, -b/ and -c/ (three thirds by size), so the
+# wheels ride along with three of the four model parts (`plan` says which); `setup` installs whichever it carries.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-if [ "${1:-}" = whl ]; then
-  rm -rf .carry-whl-a .carry-whl-b; mkdir -p .carry-whl-a .carry-whl-b
-  i=0
-  for f in $(ls -S .whl/*.whl); do  # largest first, alternating halves
-    if [ $((i % 2)) -eq 0 ]; then cp "$f" .carry-whl-a/; else cp "$f" .carry-whl-b/; fi; i=$((i + 1))
+if [ "${1:-}" = whl ]; then  # three folders of about equal size (largest wheel first, into the lightest folder)
+  rm -rf .carry-whl-a .carry-whl-b .carry-whl-c; mkdir -p .carry-whl-a .carry-whl-b .carry-whl-c
+  for f in $(ls -S .whl/*.whl); do
+    d=$(du -sb .carry-whl-a .carry-whl-b .carry-whl-c | sort -n | head -1 | cut -f2)
+    cp "$f" "$d/"
   done
-  du -sh .carry-whl-a .carry-whl-b; exit 0
+  du -sh .carry-whl-a .carry-whl-b .carry-whl-c; exit 0
 fi
 # split_model FILE PREFIX: FILE into .carry-PREFIX1/, .carry-PREFIX2/, ... each with one part PREFIX-part-NN,
 # PREFIX-SHA256 ("<sha256>  <file name>") and PREFIX-PARTS (how many parts); `gpu_record.sh setup` reassembles
