@@ -195,7 +195,7 @@ class Admission:
     need_gib: float = GIB_PER_PROCESS
     ramp_s: float = RAMP_S
     started: list = field(default_factory=list)  # when each admitted process started (time.time())
-    deferred: int = 0  # how often a start waited for room
+    deferred: int = 0  # checks that found no room (the run looks again every few seconds while something waits)
 
     def room(self, running: int, now: float | None = None) -> bool:
         if running == 0 or self.probe is None or self.need_gib <= 0:
