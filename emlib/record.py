@@ -414,11 +414,12 @@ def note_sweep(plan: Plan, state: RunState) -> None:
 
 
 def plan_followups(plan: Plan, state: RunState) -> None:
-    """Once chapter 3 has recorded its lambda sweep or is done (:func:`note_sweep`), submit chapters 4-5's
+    """Once chapter 3 has recorded its lambda sweep or is done (:func:`note_sweep`), queue chapters 4-5's
     narrow solutions at the extra seeds, at the lambda it chose (not at every lambda of the sweep; the ones
-    trained ahead, ``plan.speculative``, are not submitted again), first in the queue (:func:`submit_queued`). Chapters 4-5 start without waiting for
-    them: each asks for them when it gets there (chapter 5 does the steering vectors first) and waits for
-    the worker training them (:func:`emlib.train.finetune_lock`)."""
+    trained ahead, ``plan.speculative``, are not queued again), before the other waiting tasks
+    (:func:`submit_queued`). Chapters 4-5 start without waiting for them: each asks for them when it gets
+    there (chapter 5 does the steering vectors first), waits for a worker training one
+    (:func:`emlib.train.finetune_lock`) and trains one itself that no worker has started."""
     if not followups_may_come(plan, state):
         return
     note_sweep(plan, state)
