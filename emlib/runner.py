@@ -350,8 +350,8 @@ def gpu_free_gib() -> float | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.total,memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -360,15 +360,18 @@ def gpu_free_gib() -> float | None:
 
 
 def free_gib_of(table: str, visible: str | None = None) -> float | None:
-    """The least free memory (GiB) among the GPUs of ``nvidia-smi --query-gpu=index,memory.total,memory.used
-    --format=csv,noheader,nounits`` (MiB) that ``visible`` (``CUDA_VISIBLE_DEVICES``, indices) lets this
-    process use; None when none is listed."""
-    want = None if visible is None else {g.strip() for g in visible.split(",") if g.strip()}
+    """The least free memory (GiB) among the GPUs of ``nvidia-smi --query-gpu=index,uuid,memory.total,
+    memory.used --format=csv,noheader,nounits`` (MiB) that ``visible`` (``CUDA_VISIBLE_DEVICES``: indices or
+    UUIDs, also shortened ones) lets this process use; None when none is listed."""
+    want = None if visible is None else [g.strip() for g in visible.split(",") if g.strip()]
     free = []
     for line in table.splitlines():
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 3 and all(x.replace(".", "", 1).isdigit() for x in parts) and (want is None or parts[0] in want):
-            free.append((float(parts[1]) - float(parts[2])) / 1024)
+        if len(parts) != 4 or not all(x.replace(".", "", 1).isdigit() for x in (parts[0], *parts[2:])):
+            continue
+        index, uuid, total, used = parts
+        if want is None or any(w == index or (w.startswith("GPU-") and uuid.startswith(w)) for w in want):
+            free.append((float(total) - float(used)) / 1024)
     return min(free) if free else None
 
 

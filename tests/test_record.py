@@ -840,10 +840,11 @@ def test_admission_keeps_room_for_one_more_process_on_the_gpu():
     assert a.room(running=0, now=60)  # nothing of the run at work: never stall on others' memory
     assert record.Admission(lambda: None).room(running=5) and record.Admission().room(running=5)
     assert record.Admission(lambda: 0.0, need_gib=0).room(running=5)
-    table = "0, 81559, 70000\n1, 81559, 1000\n"
-    assert runner.free_gib_of(table) == pytest.approx((81559 - 70000) / 1024)
+    table = "0, GPU-aaaa-1111, 81559, 70000\n1, GPU-bbbb-2222, 81559, 1000\n"
+    assert runner.free_gib_of(table) == pytest.approx((81559 - 70000) / 1024)  # the fullest card
     assert runner.free_gib_of(table, "1") == pytest.approx((81559 - 1000) / 1024)
-    assert runner.free_gib_of("", None) is None
+    assert runner.free_gib_of(table, "GPU-bbbb") == pytest.approx((81559 - 1000) / 1024)  # a UUID, shortened
+    assert runner.free_gib_of(table, "2") is None and runner.free_gib_of("", None) is None
 
 
 def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path, monkeypatch):
