@@ -329,34 +329,33 @@ def spawn(job: Job, threads: int | None = None) -> subprocess.Popen:
 
 
 # ---------------------------------------------------------------------------------------------- pool
+def _nvidia_smi(fields: str) -> str | None:
+    """``nvidia-smi --query-gpu=FIELDS --format=csv,noheader,nounits``'s table, or None (no ``nvidia-smi``,
+    or it failed)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def visible_gpus() -> list[str]:
     """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi``."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
+    table = _nvidia_smi("index") or ""
+    return [line.strip() for line in table.splitlines() if line.strip().isdigit()]
 
 
 def gpu_free_gib() -> float | None:
     """Free memory (GiB) of the fullest GPU this process may use, from ``nvidia-smi`` (None: no GPU, or it
     cannot tell). Other processes' memory counts too: what a new process could still allocate."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.total,memory.used",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return free_gib_of(out.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    table = _nvidia_smi("index,uuid,memory.total,memory.used")
+    return None if table is None else free_gib_of(table, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def free_gib_of(table: str, visible: str | None = None) -> float | None:
