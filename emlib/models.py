@@ -79,15 +79,10 @@ def shared_gpu():
     memory a chapter held for sampling is free for the others when it moves on. Without it a process keeps
     the peak of everything it did: 6-17 GiB each on an H100 in a run of record (2026-12-05), where the free
     memory that ``emlib.record.Admission`` reads is what decides what starts next."""
-    before = os.environ.get(SHARED_GPU)
-    os.environ[SHARED_GPU] = "1"
-    try:
+    from .runner import environ
+
+    with environ({SHARED_GPU: "1"}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(SHARED_GPU, None)
-        else:
-            os.environ[SHARED_GPU] = before
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -425,6 +425,22 @@ MPS_CONTROL = "nvidia-cuda-mps-control"
 
 
 @contextmanager
+def environ(values: dict[str, str]):
+    """While active, ``values`` are set in ``os.environ`` (so every process started meanwhile inherits them);
+    on the way out each name is restored as it was, or removed where it was not set."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def mps_daemon(enabled: bool = True):
     """While active, an NVIDIA MPS control daemon of this run's own serves the GPU, so the kernels of the
     run's processes (finetune workers, chapters) run side by side instead of taking turns on the GPU. Without
@@ -447,27 +463,21 @@ def mps_daemon(enabled: bool = True):
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(Path(folder) / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(Path(folder) / "log")}
     for d in env.values():
         Path(d).mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in env}
     started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
     if started.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
         yield f"off (the daemon did not start: {(started.stderr or started.stdout).strip()[:200]})"
         return
-    os.environ.update(env)
-    try:
-        yield "on"
-    finally:
-        # "quit" waits for the daemon's clients to go; this process is one once it has touched CUDA, so the
-        # daemon may only stop when this process exits: ask, wait a little, and leave its folder if it is busy
-        quit_ = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, **env}, text=True)
+    with environ(env):
         try:
-            quit_.communicate("quit\n", timeout=10)
-            shutil.rmtree(folder, ignore_errors=True)
-        except subprocess.TimeoutExpired:
-            pass  # the request stands; the daemon stops when this process's CUDA context goes
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            yield "on"
+        finally:
+            # "quit" waits for the daemon's clients to go; this process is one once it has touched CUDA, so the
+            # daemon may only stop when this process exits: ask, wait a little, and leave its folder if it is busy
+            quit_ = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, **env}, text=True)
+            try:
+                quit_.communicate("quit\n", timeout=10)
+                shutil.rmtree(folder, ignore_errors=True)
+            except subprocess.TimeoutExpired:
+                pass  # the request stands; the daemon stops when this process's CUDA context goes

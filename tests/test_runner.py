@@ -159,3 +159,13 @@ def test_mps_daemon_off_says_why(tmp_path, monkeypatch):
         assert status == f"off ({runner.MPS_CONTROL} is not on PATH)"
     with runner.mps_daemon(False) as status:
         assert status == "off (not asked for)"
+
+
+def test_environ_sets_names_for_a_block_and_restores_each(monkeypatch):
+    monkeypatch.setenv("EMLIB_TEST_A", "before")
+    monkeypatch.delenv("EMLIB_TEST_B", raising=False)
+    with pytest.raises(RuntimeError):
+        with runner.environ({"EMLIB_TEST_A": "1", "EMLIB_TEST_B": "2"}):
+            assert os.environ["EMLIB_TEST_A"] == "1" and os.environ["EMLIB_TEST_B"] == "2"
+            raise RuntimeError("the block failed")
+    assert os.environ["EMLIB_TEST_A"] == "before" and "EMLIB_TEST_B" not in os.environ

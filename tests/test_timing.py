@@ -1,5 +1,6 @@
 """emlib.timing: phases nest exclusively, the tally is saved by a chapter's last cell, a run's table sums them."""
 import json
+import os
 
 import pytest
 
@@ -95,5 +96,5 @@ def test_a_process_sharing_its_gpu_gives_back_memory_between_phases(clock, monke
         with timing.phase("metrics"):
             pass
     assert calls == [0, 0]
-    assert timing.SHARED_GPU not in __import__("os").environ  # restored
+    assert timing.SHARED_GPU not in os.environ  # restored
     models.give_back_gpu_memory()  # no CUDA here: nothing to give back, no error
