@@ -7,6 +7,11 @@
 #   .whl/                          wheels for what the GPU image lacks (scripts/gpu_wheels.sh)
 # Usage: bash scripts/gpu_carry.sh   (from the repository root, after `make venv`)
 #        bash scripts/gpu_carry.sh plan   which folders to carry in which device call (each call <= 64 MiB)
+#        bash scripts/gpu_carry.sh aside  move record/ (27 MiB of the 31 MiB working tree, which every call carries and a
+#                                         run on the GPU never reads) out of the checkout to ../record-aside, so that
+#                                         `plan` fits the model, wheels and data in 3 calls instead of 4
+#        bash scripts/gpu_carry.sh back   put record/ back (from ../record-aside, else from git); run it once the
+#                                         GPU calls are done, before any commit
 #
 # Optional second model (a local GGUF, e.g. Qwen2.5-Coder-0.5B-Instruct Q4_K_M, never a default):
 #   bash scripts/gpu_carry.sh qwen /path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -31,9 +36,22 @@ fi
 # PREFIX-SHA256 ("<sha256>  <file name>") and PREFIX-PARTS (how many parts); `gpu_record.sh setup` reassembles
 # ~/emlib-carry/<file name> once every part has come. Parts fill what a call leaves beside the working tree
 # (64 MiB in all, 1.5 MiB to spare), or PART_MB MiB each when set (room for wheels or data in the same call).
-tree_bytes() {  # what every call carries anyway: tracked and untracked-not-ignored files
-  git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1
+tree_bytes() {  # what every call carries anyway: tracked and untracked-not-ignored files that are there now
+  git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | du -cb --files0-from=- | tail -1 | cut -f1
 }
+ASIDE=../record-aside
+if [ "${1:-}" = aside ]; then
+  [ -d record ] || { echo "no record/ here (already aside in $ASIDE?)"; exit 1; }
+  [ ! -e "$ASIDE" ] || { echo "$ASIDE exists: run \`bash scripts/gpu_carry.sh back\` first, or remove it"; exit 1; }
+  [ -z "$(git status --porcelain -- record)" ] || { echo "record/ has uncommitted changes: commit them first"; exit 1; }
+  mv record "$ASIDE" && echo "record/ is in $ASIDE until \`bash scripts/gpu_carry.sh back\`"; exit 0
+fi
+if [ "${1:-}" = back ]; then
+  [ ! -e record ] || { echo "record/ is here already"; exit 0; }
+  if [ -d "$ASIDE" ]; then mv "$ASIDE" record; else git checkout -- record; fi
+  [ -z "$(git status --porcelain -- record)" ] && echo "record/ is back, as committed"; exit 0
+fi
 room_bytes() {  # what a call (64 MiB) leaves beside the working tree, with 1.5 MiB to spare for later commits
   echo $(( 64 * 1024 * 1024 - $(tree_bytes) - 3 * 1024 * 1024 / 2 ))
 }
