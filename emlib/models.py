@@ -72,6 +72,17 @@ def give_back_gpu_memory(collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_peak_gib(reset: bool = False) -> float | None:
+    """The most GPU memory this process's torch has held (reserved, GiB, 2 decimals) since the last ``reset``
+    (the run of record keeps it per finetune task: what :class:`emlib.record.Admission` must leave room for);
+    None where CUDA was not used. ``reset``: start counting again from what is held now."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+
 @contextmanager
 def shared_gpu():
     """While active, this process and the processes it starts share a GPU (``$EMLIB_SHARED_GPU`` 1): each

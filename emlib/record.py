@@ -221,7 +221,7 @@ WAITING, RUNNING, DONE, FAILED, RETRY = "waiting", "running", "done", "failed", 
 @dataclass
 class RunState:
     """Where a run of record stands. Each finetune (by name) and chapter (by stem) has a status: waiting ->
-    running -> done | failed, or retry (it ran out of GPU memory: once more, alone, after everything else)."""
+    running -> done | failed, or retry (it ran out of GPU memory: once more, alone, after everything else; a group is split instead: split_group)."""
 
     finetunes: dict[str, str]
     chapters: dict[str, str]
@@ -282,6 +282,7 @@ def worker_experiment(profile: str, config: dict):
     from .experiment import Experiment
 
     timing.reset()  # a finetune's tally is its own (the worker's first includes loading the model)
+    models.gpu_peak_gib(reset=True)  # and so is its peak GPU memory (_job_summary)
     key = (profile, json.dumps(config, sort_keys=True, default=str))
     if _WORKER.get("key") != key:
         _WORKER.clear()
@@ -312,7 +313,8 @@ def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
     meta = train.read_meta(out_dir) or {}
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
             "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
-            "tokens": meta.get("tokens"), "phases": timing.summary(time.time() - t0)}
+            "tokens": meta.get("tokens"), "phases": timing.summary(time.time() - t0),
+            "peak_gib": models.gpu_peak_gib()}
 
 
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
@@ -478,6 +480,25 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
             state.admit.note_start()
 
 
+def split_group(state: RunState, jobs: tuple[Job, ...]) -> None:
+    """A group that ran out of GPU memory goes back to the front of the queue as two halves, each started once
+    the GPU has room (:class:`Admission`), instead of waiting, whole, for everything else to end: a group
+    trains each member as it would alone (``tests/test_vecgroup.py``), and its memory grows with its size (on
+    an H100, 2026-12-06, a group of six vectors ran out of memory beside seven other processes, and chapters
+    4-5 waited 390 s for its retry alone at the end). A half that runs out again is halved again; a single
+    finetune is retried alone at the end (:func:`retry_alone`). The failed attempt does not count as one of
+    its members' two."""
+    half = (len(jobs) + 1) // 2
+    parts = [jobs[:half], jobs[half:]]
+    for job in jobs:
+        state.finetunes[job.name] = WAITING
+        state.attempts[job.name] -= 1
+        state.groups.pop(job.name, None)
+    state.queue[:0] = parts
+    print(f"[record] a group of {len(jobs)} ({jobs[0].name}, ...) ran out of GPU memory: split into "
+          f"{len(parts[0])} + {len(parts[1])}, queued first", flush=True)
+
+
 def collect_finetunes(state: RunState, timeout: float = 5) -> None:
     """Wait up to ``timeout`` seconds for finetunes to end and record each (out of memory: retried later)."""
     finished, _ = wait(list(state.futures), timeout=timeout, return_when=FIRST_COMPLETED)
@@ -486,6 +507,9 @@ def collect_finetunes(state: RunState, timeout: float = 5) -> None:
         try:
             r = f.result()
         except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
+            if is_out_of_memory(err) and len(jobs) > 1:
+                split_group(state, jobs)
+                continue
             for job in jobs:
                 state.failures[job.name] = f"{type(err).__name__}: {err}"
                 if is_out_of_memory(err) and state.attempts[job.name] < 2:

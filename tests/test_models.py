@@ -229,3 +229,21 @@ def test_prepare_source_never_loads_weights(tmp_path):
     assert models.prepare_source("tiny") is None
     assert models.prepare_source(str(tmp_path)) == str(tmp_path)  # a local folder is used as is
     assert models.prepare_source("someone/some-model") is None    # a hub id: downloaded by load_model
+
+
+def test_gpu_peak_gib_is_none_where_cuda_was_not_used():
+    """The peak GPU memory a finetune task reports (emlib.record) is None on a machine that never used CUDA."""
+    from emlib import models
+
+    assert models.gpu_peak_gib() is None and models.gpu_peak_gib(reset=True) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peak_gib_counts_from_its_reset():
+    from emlib import models
+
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+    assert models.gpu_peak_gib(reset=True) >= 0.25
+    del x
+    models.give_back_gpu_memory()
+    assert models.gpu_peak_gib(reset=True) < 0.25

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from run_tables import make_run
 
 from emlib.config import get_config
@@ -233,7 +234,8 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
         names = tar.getnames()
     assert "executed/04_efficiency.ipynb" in names and "results.json" in names
     assert "logs/phases/04_efficiency.json" in names  # where the chapter's time went (emlib.timing)
-    assert "phases" in summary["timings"]["jobs"][next(iter(summary["timings"]["jobs"]))]
+    first_job = summary["timings"]["jobs"][next(iter(summary["timings"]["jobs"]))]
+    assert "phases" in first_job and first_job["peak_gib"] is None  # GPU memory: none used on a CPU
     # a timeline: when each finetune ended and each chapter started and ended, from the run's start
     ch = summary["timings"]["chapters"]["04_efficiency"]
     last_finetune = max(j["ended_s"] for j in summary["timings"]["jobs"].values())
@@ -912,3 +914,46 @@ def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch):
     summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"])
     assert summary["failures"] == {} and seen == ["1"]
     assert timing.SHARED_GPU not in os.environ
+
+
+class _PoolOutOfMemoryAbove(_InstantPool):
+    """A pool stand-in whose tasks of more than ``most`` finetunes run out of GPU memory; ``sizes`` keeps each
+    submitted task's size."""
+
+    def __init__(self, state, most: int):
+        super().__init__(state)
+        self.most, self.sizes = most, []
+
+    def submit(self, fn, profile, config, jobs):
+        from concurrent.futures import Future
+
+        group = jobs if isinstance(jobs, tuple) else (jobs,)
+        self.sizes.append(len(group))
+        if len(group) <= self.most:
+            return super().submit(fn, profile, config, jobs)
+        fut = Future()
+        fut.set_exception(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 46.00 MiB"))
+        return fut
+
+
+@pytest.mark.parametrize("most", [1, 2])
+def test_a_group_that_runs_out_of_memory_is_split_and_queued_first(root, tmp_path, most):
+    """A group of finetunes that runs out of GPU memory goes back to the front of the queue in halves (halved
+    again while they do not fit), not whole to the end of the run; each member is trained once in the end, and
+    the attempts that ran out of memory do not count against it."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00", "02", "03"], speculate=False)
+    state = record.RunState.of(plan)
+    tasks = record.pool_tasks(plan.finetunes)
+    big = max(tasks, key=len)
+    assert len(big) > 2, "the smoke plan has a group of more than two finetunes"
+    state.queue = [big] + [t for t in tasks if t is not big]
+    pool = _PoolOutOfMemoryAbove(state, most)
+    for _ in range(100):
+        record.submit_queued(plan, state, pool, workers=1)
+        if not state.futures:
+            break
+        record.collect_finetunes(state, timeout=0)
+    assert set(state.finetunes.values()) == {record.DONE} and not state.failures
+    assert pool.sizes[0] == len(big) and pool.sizes[1] == (len(big) + 1) // 2  # the first half, next
+    assert all(state.attempts[j.name] == 1 for j in big)
+    assert sum(s for s in pool.sizes if s <= most) == len(plan.finetunes)  # each trained once
