@@ -484,8 +484,8 @@ def split_group(state: RunState, jobs: tuple[Job, ...]) -> None:
     """A group that ran out of GPU memory goes back to the front of the queue as two halves, each started once
     the GPU has room (:class:`Admission`), instead of waiting, whole, for everything else to end: a group
     trains each member as it would alone (``tests/test_vecgroup.py``), and its memory grows with its size (on
-    an H100, 2026-12-06, a group of six vectors ran out of memory beside seven other processes, and chapters
-    4-5 waited 390 s for its retry alone at the end). A half that runs out again is halved again; a single
+    an H100, 2026-12-06, a group of six vectors ran out of memory at about 120 s beside seven other processes;
+    its retry alone began at 508 s, once every chapter had ended, and chapters 4-5 waited for it until 574 s). A half that runs out again is halved again; a single
     finetune is retried alone at the end (:func:`retry_alone`). The failed attempt does not count as one of
     its members' two."""
     half = (len(jobs) + 1) // 2
