@@ -1,0 +1,60 @@
+"""The shell scripts that carry a run to the lent GPU machine (scripts/gpu_carry.sh): what they do to a
+checkout, run in a throw-away git repository."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/gpu_carry.sh", *args], cwd=repo, capture_output=True, text=True)
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    """A git repository with the script, a committed record/ of 3 MiB and a carry folder of 30 MiB."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    r = tmp_path / "checkout"
+    (r / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_carry.sh", r / "scripts")
+    (r / "record" / "m").mkdir(parents=True)
+    (r / "record" / "m" / "results.json").write_bytes(b"x" * 3 * 2**20)
+    (r / ".gitignore").write_text(".carry-*\n")
+    (r / ".carry-a").mkdir()
+    (r / ".carry-a" / "part").write_bytes(b"y" * 30 * 2**20)
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *cmd], cwd=r, check=True)
+    return r
+
+
+def test_record_goes_aside_for_the_carry_and_comes_back(repo):
+    """``aside`` moves record/ out of the checkout (the plan then counts a smaller working tree), refuses to
+    do it twice, and ``back`` restores it exactly as committed."""
+    before = _sh(repo, "plan").stdout
+    assert "the working tree is 3.0 MiB" in before
+    out = _sh(repo, "aside")
+    assert out.returncode == 0 and not (repo / "record").exists() and (repo.parent / "record-aside").is_dir()
+    assert "the working tree is 0.0 MiB" in _sh(repo, "plan").stdout
+    again = _sh(repo, "aside")
+    assert again.returncode != 0 and "no record/ here" in again.stdout
+    back = _sh(repo, "back")
+    assert back.returncode == 0 and "as committed" in back.stdout
+    assert (repo / "record" / "m" / "results.json").stat().st_size == 3 * 2**20
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+
+
+def test_record_with_uncommitted_changes_stays(repo):
+    (repo / "record" / "m" / "results.json").write_text("changed")
+    out = _sh(repo, "aside")
+    assert out.returncode != 0 and "uncommitted changes" in out.stdout and (repo / "record").is_dir()
+
+
+def test_back_without_the_aside_folder_restores_from_git(repo):
+    shutil.rmtree(repo / "record")
+    out = _sh(repo, "back")
+    assert out.returncode == 0 and (repo / "record" / "m" / "results.json").exists()
