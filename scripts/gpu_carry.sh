@@ -98,6 +98,7 @@ for i, c in enumerate(calls, 1):
     print(f"call {i}: carry {c!r} ({sum(size[n] for n in c) / 2**20:.1f} MiB) + `bash scripts/gpu_record.sh setup`")
 print(f"{len(calls)} calls; the working tree is {int(sys.argv[1]) / 2**20:.1f} MiB of each call's 64 MiB")
 PLAN
+  [ -d record ] || echo "record/ is aside in $ASIDE: \`bash scripts/gpu_carry.sh back\` once the GPU calls are done"
   exit 0
 fi
 if [ "${1:-}" = qwen ]; then

@@ -36,10 +36,11 @@ def test_record_goes_aside_for_the_carry_and_comes_back(repo):
     """``aside`` moves record/ out of the checkout (the plan then counts a smaller working tree), refuses to
     do it twice, and ``back`` restores it exactly as committed."""
     before = _sh(repo, "plan").stdout
-    assert "the working tree is 3.0 MiB" in before
+    assert "the working tree is 3.0 MiB" in before and "aside" not in before
     out = _sh(repo, "aside")
     assert out.returncode == 0 and not (repo / "record").exists() and (repo.parent / "record-aside").is_dir()
-    assert "the working tree is 0.0 MiB" in _sh(repo, "plan").stdout
+    plan = _sh(repo, "plan").stdout
+    assert "the working tree is 0.0 MiB" in plan and "record/ is aside" in plan
     again = _sh(repo, "aside")
     assert again.returncode != 0 and "no record/ here" in again.stdout
     back = _sh(repo, "back")
