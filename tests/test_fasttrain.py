@@ -450,5 +450,5 @@ def test_a_capture_gives_back_the_warm_ups_memory_when_the_gpu_is_shared(monkeyp
         static["out"].zero_()
         graph.replay()
         torch.cuda.synchronize()
-        assert static["out"].item() == 2 * 2**26
+        assert static["out"].item() == pytest.approx(2.0 * 2**26, rel=1e-3)  # the pass ran (float32 sum)
         del graph
