@@ -221,7 +221,8 @@ WAITING, RUNNING, DONE, FAILED, RETRY = "waiting", "running", "done", "failed", 
 @dataclass
 class RunState:
     """Where a run of record stands. Each finetune (by name) and chapter (by stem) has a status: waiting ->
-    running -> done | failed, or retry (it ran out of GPU memory: once more, alone, after everything else; a group is split instead: split_group)."""
+    running -> done | failed, or retry (it ran out of GPU memory: once more, alone, after everything else; a
+    group is split instead: :func:`split_group`)."""
 
     finetunes: dict[str, str]
     chapters: dict[str, str]
@@ -485,9 +486,9 @@ def split_group(state: RunState, jobs: tuple[Job, ...]) -> None:
     the GPU has room (:class:`Admission`), instead of waiting, whole, for everything else to end: a group
     trains each member as it would alone (``tests/test_vecgroup.py``), and its memory grows with its size (on
     an H100, 2026-12-06, a group of six vectors ran out of memory at about 120 s beside seven other processes;
-    its retry alone began at 508 s, once every chapter had ended, and chapters 4-5 waited for it until 574 s). A half that runs out again is halved again; a single
-    finetune is retried alone at the end (:func:`retry_alone`). The failed attempt does not count as one of
-    its members' two."""
+    its retry alone began at 508 s, once every chapter had ended, and chapters 4-5 waited for it until 574 s).
+    A half that runs out again is halved again; a single finetune is retried alone at the end
+    (:func:`retry_alone`). The failed attempt does not count as one of its members' two."""
     half = (len(jobs) + 1) // 2
     parts = [jobs[:half], jobs[half:]]
     for job in jobs:
