@@ -69,7 +69,6 @@ from typing import Any, Callable, ContextManager, Sequence
 import pandas as pd
 import torch
 
-from . import timing
 from .adapters import has_lora
 from .chat import IGNORE, Encoded, encode_rows, n_targets
 from .data import DataError
@@ -372,9 +371,7 @@ def one_sequence_per_row():
 def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
     """``run(static)`` captured as a CUDA graph after two warm-up runs on a side stream (library handles,
     autograd set-up; what they accumulate is the caller's to zero), in memory ``pool`` (a new one when None).
-    Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it.
-    In a process that shares its GPU, what the warm-ups left cached goes back to the driver afterwards
-    (:func:`emlib.timing.give_back_if_shared`)."""
+    Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -385,7 +382,6 @@ def capture(run: Callable[[dict], None], static: dict, device: torch.device, poo
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         run(static)
-    timing.give_back_if_shared()  # the warm-ups' cached memory: replays use the graph's pool
     return graph, pool
 
 

@@ -57,20 +57,13 @@ def phase(name: str) -> Iterator[None]:
         _totals[inner[0]] += now - inner[1]
         if _stack:  # the enclosing phase goes on from here
             _stack[-1][1] = now
-        else:
-            give_back_if_shared()
+        elif os.environ.get(SHARED_GPU) == "1":
+            _between_phases()
 
 
-def give_back_if_shared() -> None:
-    """In a process that shares its GPU (``emlib.models.shared_gpu``): what torch keeps cached on the GPU goes
-    back to the driver. Called out of every phase (not counted in any), and after each CUDA graph capture
-    (``fasttrain.capture``): the eager warm-up passes leave the memory of a whole pass cached beside the graph's
-    own pool, which the other processes on the card could use."""
-    if os.environ.get(SHARED_GPU) == "1":
-        _give_back()
-
-
-def _give_back() -> None:
+def _between_phases() -> None:
+    """Out of every phase, in a process that shares its GPU (``emlib.models.shared_gpu``): what torch keeps
+    cached on the GPU goes back to the driver (not counted in any phase)."""
     from .models import give_back_gpu_memory
 
     give_back_gpu_memory(collect=False)

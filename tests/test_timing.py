@@ -83,7 +83,7 @@ def test_a_process_sharing_its_gpu_gives_back_memory_between_phases(clock, monke
     from emlib import models
 
     calls = []
-    monkeypatch.setattr(timing, "_give_back", lambda: calls.append(len(timing._stack)))
+    monkeypatch.setattr(timing, "_between_phases", lambda: calls.append(len(timing._stack)))
     monkeypatch.delenv(timing.SHARED_GPU, raising=False)
     with timing.phase("sample"):
         pass
