@@ -83,6 +83,18 @@ def gpu_peak_gib(reset: bool = False) -> float | None:
     return round(torch.cuda.max_memory_reserved() / 2**30, 2)
 
 
+def gpu_held_gib() -> dict | None:
+    """What this process's torch still holds on the GPU (GiB, 2 decimals): ``allocated`` (tensors alive,
+    cuBLAS workspaces included) and ``reserved`` (that plus the cache :func:`give_back_gpu_memory` did not
+    return, e.g. CUDA graph pools still referenced); None where CUDA was not used. Read after a finetune's
+    give-back, it says whether an idle worker's share of the card is torch's or the driver's (context,
+    libraries)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return {"allocated": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "reserved": round(torch.cuda.memory_reserved() / 2**30, 2)}
+
+
 @contextmanager
 def shared_gpu():
     """While active, this process and the processes it starts share a GPU (``$EMLIB_SHARED_GPU`` 1): each

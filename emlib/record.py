@@ -304,7 +304,8 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
     with worker_experiment(profile, config) as exp:
         (res,) = exp.train_group((job,))
-        return _job_summary(job, res.out_dir, t0)
+        out = _job_summary(job, res.out_dir, t0)
+    return out | {"held_gib": models.gpu_held_gib()}  # after the give-back
 
 
 def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
@@ -325,7 +326,9 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
     t0 = time.time()
     with worker_experiment(profile, config) as exp:
         results = exp.train_group(jobs)
-        return [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
+        out = [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
+    held = models.gpu_held_gib()  # after the give-back
+    return [o | {"held_gib": held} for o in out]
 
 
 def gates_chapters_1_2(task: tuple[Job, ...]) -> bool:

@@ -28,18 +28,25 @@ set -uo pipefail
 STASH=$HOME/emlib-carry
 pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record pack), its log and monitor into DEST
   python3 -m emlib.record pack "$2" "$3" && cp "$HOME/record-$1.log" "$3/record-$1.log" \
-    && { [ ! -f "$HOME/monitor-$1.csv" ] || cp "$HOME/monitor-$1.csv" "$3/monitor-$1.csv"; }
+    && { [ ! -f "$HOME/monitor-$1.csv" ] || cp "$HOME/monitor-$1.csv" "$3/monitor-$1.csv"; } \
+    && { [ ! -f "$HOME/monitor-$1-apps.csv" ] || cp "$HOME/monitor-$1-apps.csv" "$3/monitor-$1-apps.csv"; }
 }
 monitor() {  # monitor NAME: every 5 s while the run lives, one CSV row: seconds since start, 1-min load,
   # busy share of all CPU cores (%), GPU utilization (%), GPU memory used (MiB)
-  local f=$HOME/monitor-$1.csv t0 prev cur
+  # (+ monitor-NAME-apps.csv: each process's GPU memory as nvidia-smi lists it, with its command line's start)
+  local f=$HOME/monitor-$1.csv a=$HOME/monitor-$1-apps.csv t0 prev cur t
   t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib" > "$f"
+  echo "t_s,pid,used_mib,command" > "$a"
   prev=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
   while sleep 5 && pgrep -f "emlib.record run" > /dev/null; do
     cur=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
     echo "$(( $(date +%s) - t0 )),$(cut -d' ' -f1 /proc/loadavg),$(echo "$prev $cur" \
       | awk '{d=$3-$1; printf "%.0f", (d > 0 ? 100 * (d - ($4 - $2)) / d : 0)}'),$(nvidia-smi \
       --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | head -1 | tr -d ' ')" >> "$f"
+    t=$(( $(date +%s) - t0 ))
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null | tr -d ' ' \
+      | while IFS=, read -r pid mib; do
+          echo "$t,$pid,$mib,$(ps -o args= -p "$pid" 2>/dev/null | tr -d ',' | cut -c1-80)"; done >> "$a"
     prev=$cur
   done
 }
