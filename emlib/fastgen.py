@@ -59,6 +59,7 @@ import torch
 from .fused import fused_layers, fused_rms_norms
 from .generate import Generation, SamplingParams, _batch_seed, end_token_ids, hf_sampler
 from .hooks import row_window
+from . import fasttrain
 from .models import env_switch
 
 ATTN_NAME = "emlib_static_kv"
@@ -508,7 +509,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
         use_graphs = cuda and opts.use_cuda_graphs
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        side = torch.cuda.Stream() if use_graphs else None
+        side = fasttrain.side_stream(device) if use_graphs else None
         compact = opts.compact and not opts.ignore_eos
         rows_of = None  # compacted: the call's rows that the batch still carries, [b_now]
         tokens_all, finished_all = tokens, finished  # every row's, written back at each compaction

@@ -368,11 +368,25 @@ def one_sequence_per_row():
         mu.find_packed_sequence_indices = orig
 
 
+_SIDE: dict[int, Any] = {}  # device index -> the stream warm-ups run on
+
+
+def side_stream(device: torch.device):
+    """One stream per device for the warm-ups before a capture, kept for the process's life. A new
+    ``torch.cuda.Stream`` each time cycles through torch's pool of 32, and cuBLAS keeps a workspace (32 MiB on
+    Hopper) per stream and thread for as long as the process lives, which ``empty_cache`` does not return."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SIDE:
+        _SIDE[index] = torch.cuda.Stream(index)
+    return _SIDE[index]
+
+
 def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
     """``run(static)`` captured as a CUDA graph after two warm-up runs on a side stream (library handles,
     autograd set-up; what they accumulate is the caller's to zero), in memory ``pool`` (a new one when None).
     Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it."""
-    side = torch.cuda.Stream(device)
+    side = side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(2):
