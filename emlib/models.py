@@ -72,15 +72,18 @@ def give_back_gpu_memory(collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
-def gpu_peak_gib(reset: bool = False) -> float | None:
+def gpu_peak_gib(reset: bool = False, allocated: bool = False) -> float | None:
     """The most GPU memory this process's torch has held (reserved, GiB, 2 decimals) since the last ``reset``
     (the run of record keeps it per finetune task: what :class:`emlib.record.Admission` must leave room for);
-    None where CUDA was not used. ``reset``: start counting again from what is held now."""
+    None where CUDA was not used. ``reset``: start counting again from what is held now. ``allocated``: the
+    most that live tensors took instead (the gap to the reserved peak is torch's cache: free blocks of the
+    CUDA graph pools and of the eager passes beside them)."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     if reset:
         torch.cuda.reset_peak_memory_stats()
-    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    peak = torch.cuda.max_memory_allocated() if allocated else torch.cuda.max_memory_reserved()
+    return round(peak / 2**30, 2)
 
 
 def gpu_held_gib() -> dict | None:

@@ -316,7 +316,7 @@ def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
     return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
             "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
             "tokens": meta.get("tokens"), "phases": timing.summary(time.time() - t0),
-            "peak_gib": models.gpu_peak_gib()}
+            "peak_gib": models.gpu_peak_gib(), "peak_allocated_gib": models.gpu_peak_gib(allocated=True)}
 
 
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:

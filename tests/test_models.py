@@ -236,7 +236,7 @@ def test_gpu_peak_gib_is_none_where_cuda_was_not_used():
     from emlib import models
 
     assert models.gpu_peak_gib() is None and models.gpu_peak_gib(reset=True) is None
-    assert models.gpu_held_gib() is None
+    assert models.gpu_held_gib() is None and models.gpu_peak_gib(allocated=True) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -244,7 +244,7 @@ def test_gpu_peak_gib_counts_from_its_reset():
     from emlib import models
 
     x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
-    assert models.gpu_peak_gib(reset=True) >= 0.25
+    assert models.gpu_peak_gib(reset=True) >= 0.25 and models.gpu_peak_gib(allocated=True) >= 0.25
     del x
     models.give_back_gpu_memory()
     assert models.gpu_peak_gib(reset=True) < 0.25

@@ -236,7 +236,7 @@ def test_record_run_smoke_trains_then_executes_and_packs(root, tmp_path):
     assert "logs/phases/04_efficiency.json" in names  # where the chapter's time went (emlib.timing)
     first_job = summary["timings"]["jobs"][next(iter(summary["timings"]["jobs"]))]
     assert "phases" in first_job and first_job["peak_gib"] is None  # GPU memory: none used on a CPU
-    assert first_job["held_gib"] is None  # nor held after the finetune's give-back
+    assert first_job["held_gib"] is None and first_job["peak_allocated_gib"] is None  # nor held, nor allocated
     # a timeline: when each finetune ended and each chapter started and ended, from the run's start
     ch = summary["timings"]["chapters"]["04_efficiency"]
     last_finetune = max(j["ended_s"] for j in summary["timings"]["jobs"].values())
