@@ -244,6 +244,7 @@ class RunState:
     t0: float = field(default_factory=time.time)  # the run's start: total_s, started_s and ended_s count from it
     queue: list = field(default_factory=list)  # finetune tasks not in the pool yet, in the order they go (Admission)
     admit: Admission = field(default_factory=Admission)  # room on the GPU for one more process (default: no limit)
+    ready: dict[str, float] = field(default_factory=dict)  # chapter stem -> when it could first start (time.time())
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -477,6 +478,7 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                 + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
         elif not waiting and all(state.finetunes[n] == DONE for n in needs):
+            state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
             if not state.admit.room(state.busy()):
                 return  # no room on the GPU: the next pass looks again
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s)", flush=True)
@@ -541,8 +543,9 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         secs = round(time.time() - t, 1)
         prev = state.timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
         began = round(t - state.t0, 1)  # seconds from the run's start
-        state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode, "started_s": began,
-                                           "ended_s": round(began + secs, 1)} | (
+        ready = round(min(state.ready.get(stem, t), t) - state.t0, 1)  # waited for room from ready_s to started_s
+        state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode, "ready_s": ready,
+                                           "started_s": began, "ended_s": round(began + secs, 1)} | (
             {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
         log = Path(plan.chapter(stem).log)
         if proc.returncode == 0:

@@ -323,8 +323,8 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     assert (tmp_path / "rec" / "logs" / f"{ch4}-out-of-memory.log").read_text().startswith("attempt 1")
     record.collect_chapters(plan, state)
     assert state.chapters[ch4] == record.FAILED and not state.unfinished()  # no third attempt
-    assert set(state.timings["chapters"][ch4]) == {"seconds", "returncode", "out_of_memory_attempt_s", "started_s",
-                                                   "ended_s"}
+    assert set(state.timings["chapters"][ch4]) == {"seconds", "returncode", "out_of_memory_attempt_s", "ready_s",
+                                                   "started_s", "ended_s"}
     assert state.failures[ch4].startswith("attempt 2")
 
 
@@ -878,6 +878,29 @@ def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path
     assert len(seen[0.0]) == len(seen[1000.0]) > 3
     assert set(seen[0.0]) == {0}, seen[0.0]  # one at a time
     assert max(seen[1000.0]) > 0, seen[1000.0]  # room: side by side
+
+
+def test_a_chapter_says_how_long_it_waited_for_room_on_the_gpu(root, tmp_path, monkeypatch):
+    """record.json's chapter timings keep when the chapter could first start (ready_s: its finetunes and earlier
+    chapters done) beside when it started: on an H100 the admission rule held chapters back 12-37 s (2026-12-06)."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00"], speculate=False)
+    state = record.RunState.of(plan)
+    free = [0.0]
+    state.admit = record.Admission(lambda: free[0], need_gib=14)
+    state.futures = {"a finetune": ()}  # something of the run is at work: the rule applies
+    clock = [1000.0]
+    monkeypatch.setattr(record.time, "time", lambda: clock[0])
+    state.t0 = 990.0
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+    record.start_ready_chapters(plan, state, max_parallel=2)
+    assert state.chapters["00_datasets"] == record.WAITING and state.ready["00_datasets"] == 1000.0
+    clock[0], free[0] = 1012.5, 100.0
+    record.start_ready_chapters(plan, state, max_parallel=2)
+    assert state.chapters["00_datasets"] == record.RUNNING
+    clock[0] = 1020.0
+    record.collect_chapters(plan, state)
+    t = state.timings["chapters"]["00_datasets"]
+    assert (t["ready_s"], t["started_s"], t["ended_s"]) == (10.0, 22.5, 30.0)
 
 
 def test_a_finetune_that_ran_out_of_memory_waits_for_the_chapters_too(root, tmp_path):
