@@ -385,7 +385,14 @@ def side_stream(device: torch.device):
 def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
     """``run(static)`` captured as a CUDA graph after two warm-up runs on a side stream (library handles,
     autograd set-up; what they accumulate is the caller's to zero), in memory ``pool`` (a new one when None).
-    Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it."""
+    Returns (graph, pool). :class:`TrainStep` and ``emlib.vecgroup.GroupStep`` capture their passes with it.
+
+    Torch's cache is emptied first: the caller's eager passes (``GroupStep`` checks each new shape eagerly twice)
+    left their blocks cached on the current stream, and the warm-ups, on another stream, cannot reuse them, so
+    both would be held at once beside the graph pool (torch empties the cache again as the capture begins). On
+    an H100 (2026-12-06) the groups reserved 28-31 GiB where a bench saw at most 9.5 GiB allocated: about three
+    passes' worth, which this should bring to two (not measured on a GPU yet: ``peak_gib`` in record.json)."""
+    torch.cuda.empty_cache()
     side = side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
