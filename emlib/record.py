@@ -284,7 +284,7 @@ def worker_experiment(profile: str, config: dict):
     from .experiment import Experiment
 
     timing.reset()  # a finetune's tally is its own (the worker's first includes loading the model)
-    models.gpu_peak_gib(reset=True)  # and so is its peak GPU memory (_job_summary)
+    models.gpu_peak_gib(reset=True)  # and so is its peak GPU memory (_process_summary)
     key = (profile, json.dumps(config, sort_keys=True, default=str))
     if _WORKER.get("key") != key:
         _WORKER.clear()
@@ -305,19 +305,30 @@ def finetune(profile: str, config: dict, job: Job) -> dict:
     # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
     with worker_experiment(profile, config) as exp:
         (res,) = exp.train_group((job,))
-        out = _job_summary(job, res.out_dir, t0)
+        out = _job_summary(job, res.out_dir, _process_summary(t0))
     return out | {"held_gib": models.gpu_held_gib()}  # after the give-back
 
 
-def _job_summary(job: Job, out_dir: Path, t0: float) -> dict:
-    """A finished finetune's timing and summary (from its train_meta.json), as record.json keeps it."""
-    from . import timing, train
+def _process_summary(t0: float) -> dict:
+    """The pool task's wall time, phase tally and peak GPU memory since ``t0``: read once per task, so the
+    members of a group carry the same numbers (``emlib.timing.run_table`` counts them once)."""
+    from . import timing
+
+    wall = time.time() - t0
+    return {"seconds": round(wall, 1), "phases": timing.summary(wall), "peak_gib": models.gpu_peak_gib(),
+            "peak_allocated_gib": models.gpu_peak_gib(allocated=True)}
+
+
+def _job_summary(job: Job, out_dir: Path, task: dict) -> dict:
+    """A finished finetune's timing and summary (from its train_meta.json), as record.json keeps it; ``task``:
+    its pool task's :func:`_process_summary`."""
+    from . import train
 
     meta = train.read_meta(out_dir) or {}
-    return {"job": job.name, "seconds": round(time.time() - t0, 1), "steps": meta.get("steps"),
+    return {"job": job.name, "seconds": task["seconds"], "steps": meta.get("steps"),
             "train_seconds": meta.get("seconds"), "final_loss": meta.get("final_loss"),
-            "tokens": meta.get("tokens"), "phases": timing.summary(time.time() - t0),
-            "peak_gib": models.gpu_peak_gib(), "peak_allocated_gib": models.gpu_peak_gib(allocated=True)}
+            "tokens": meta.get("tokens"), "phases": task["phases"], "peak_gib": task["peak_gib"],
+            "peak_allocated_gib": task["peak_allocated_gib"]}
 
 
 def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
@@ -327,7 +338,8 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
     t0 = time.time()
     with worker_experiment(profile, config) as exp:
         results = exp.train_group(jobs)
-        out = [_job_summary(job, res.out_dir, t0) | {"group": len(jobs)} for job, res in zip(jobs, results)]
+        task = _process_summary(t0)
+        out = [_job_summary(job, res.out_dir, task) | {"group": len(jobs)} for job, res in zip(jobs, results)]
     held = models.gpu_held_gib()  # after the give-back
     return [o | {"held_gib": held} for o in out]
 

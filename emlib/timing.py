@@ -111,6 +111,49 @@ def save(path: str | Path, wall: float | None = None) -> Path:
     return atomic_write_bytes(path, json.dumps(summary(wall), indent=1).encode("utf-8"))
 
 
+def _tasks(jobs: dict) -> list[tuple[dict, list[str]]]:
+    """record.json's finetunes once per pool task, each with the names of its members: a group's members
+    (trained together in one process) share their timing, so they are counted once."""
+    tasks: dict[str, tuple[dict, list[str]]] = {}
+    for name, job in jobs.items():
+        # the members of a group end together and share their training time; before 2026-12-06 each member's
+        # phase tally and seconds were read separately and could differ in the last digit
+        key = (f"group {job['group']} {job.get('ended_s', job.get('seconds'))} {job.get('train_seconds')}"
+               if job.get("group") else name)
+        tasks.setdefault(key, (job, []))[1].append(name)
+    return list(tasks.values())
+
+
+def run_timeline(run_dir: str | Path) -> "object":
+    """A run of record's processes on one timeline, from its ``record.json``: one row per finetune task (a
+    group once, ``members``) and per chapter, with when it could start (``ready_s``: chapters only), started
+    and ended (seconds from the run's start), and the GPU memory a finetune task's torch reserved at its peak,
+    allocated at its peak and still held after the task (GiB; None on a CPU or where the run predates them).
+    Sorted by start."""
+    import pandas as pd
+
+    rec = Path(run_dir) / "record.json"
+    if not rec.exists():
+        raise FileNotFoundError(f"{rec} does not exist: pass a run directory written by `python -m emlib.record run`.")
+    timings = json.loads(rec.read_text()).get("timings", {})
+    rows = []
+    for job, members in _tasks(timings.get("jobs", {})):
+        end, secs = job.get("ended_s"), job.get("seconds")
+        rows.append({"kind": "finetune", "name": members[0] + (f" (+{len(members) - 1})" if len(members) > 1 else ""),
+                     "members": len(members), "ready_s": None,
+                     "started_s": round(end - secs, 1) if end is not None and secs is not None else None,
+                     "ended_s": end, "seconds": secs, "peak_gib": job.get("peak_gib"),
+                     "peak_allocated_gib": job.get("peak_allocated_gib"),
+                     "held_gib": (job.get("held_gib") or {}).get("reserved")})
+    for stem, ch in timings.get("chapters", {}).items():
+        rows.append({"kind": "chapter", "name": stem, "members": 1, "ready_s": ch.get("ready_s"),
+                     "started_s": ch.get("started_s"), "ended_s": ch.get("ended_s"), "seconds": ch.get("seconds"),
+                     "peak_gib": None, "peak_allocated_gib": None, "held_gib": None})
+    frame = pd.DataFrame(rows, columns=["kind", "name", "members", "ready_s", "started_s", "ended_s", "seconds",
+                                        "peak_gib", "peak_allocated_gib", "held_gib"])
+    return frame.sort_values("started_s", kind="stable", na_position="last").reset_index(drop=True)
+
+
 def run_table(run_dir: str | Path) -> "object":
     """A run directory's time by phase, in process-seconds: one column per chapter that wrote
     ``logs/phases/<chapter>.json`` (:func:`emlib.book.executed_with`) and one, ``finetunes``, summing every
@@ -127,15 +170,8 @@ def run_table(run_dir: str | Path) -> "object":
     jobs = json.loads(rec.read_text()).get("timings", {}).get("jobs", {}) if rec.exists() else {}
     if jobs:
         total: dict[str, float] = {}
-        seen = set()
-        for job in jobs.values():
+        for job, _members in _tasks(jobs):
             ph = job.get("phases")
-            # a group's members (steering vectors trained together) share one process: count it once
-            key = (json.dumps(ph, sort_keys=True) if ph else
-                   f"group {job.get('seconds')} {job.get('train_seconds')}" if job.get("group") else job.get("job"))
-            if key in seen:
-                continue
-            seen.add(key)
             if not ph:
                 train = float(job.get("train_seconds") or 0.0)
                 ph = {"train": train, "other": max(0.0, float(job.get("seconds") or 0.0) - train),

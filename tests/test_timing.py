@@ -64,8 +64,11 @@ def test_a_runs_table_sums_chapters_and_finetunes_once_per_process(tmp_path):
     (run / "logs" / "phases" / "02_one_direction.json").write_text(json.dumps(
         {"load": 5.0, "sample": 40.0, "judge": 10.0, "other": 5.0, "wall": 60.0}))
     group = {"load": 3.0, "train": 100.0, "other": 2.0, "wall": 105.0}
-    jobs = {"vector-a": {"job": "vector-a", "seconds": 105.0, "phases": group, "group": 2},
-            "vector-b": {"job": "vector-b", "seconds": 105.0, "phases": group, "group": 2},
+    # before 2026-12-06 each member's tally was read separately: the last digit could differ (counted once anyway)
+    jobs = {"vector-a": {"job": "vector-a", "seconds": 105.0, "phases": group, "group": 2, "ended_s": 130.0,
+                         "train_seconds": 99.5},
+            "vector-b": {"job": "vector-b", "seconds": 105.0, "phases": group | {"other": 2.001}, "group": 2,
+                         "ended_s": 130.0, "train_seconds": 99.5},
             "lora-old": {"job": "lora-old", "seconds": 50.0, "train_seconds": 40.0}}  # recorded without phases
     (run / "record.json").write_text(json.dumps({"timings": {"jobs": jobs}}))
     t = timing.run_table(run)
@@ -75,6 +78,30 @@ def test_a_runs_table_sums_chapters_and_finetunes_once_per_process(tmp_path):
     assert t.loc["sample", "02_one_direction"] == 40.0 and t.loc["metrics", "all processes"] == 0.0
     with pytest.raises(FileNotFoundError, match="neither logs/phases"):
         timing.run_table(tmp_path / "empty")
+
+
+def test_a_runs_timeline_has_one_row_per_process_with_its_memory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    group = {"load": 3.0, "train": 100.0, "other": 2.0, "wall": 105.0}
+    mem = {"peak_gib": 30.9, "peak_allocated_gib": 9.5, "held_gib": {"allocated": 0.44, "reserved": 0.53}}
+    jobs = {"vector-a": {"seconds": 105.0, "ended_s": 125.0, "phases": group, "group": 2} | mem,
+            "vector-b": {"seconds": 105.0, "ended_s": 125.0, "phases": group, "group": 2} | mem,
+            "lora-c": {"seconds": 50.0, "ended_s": 70.0, "phases": {"train": 45.0, "wall": 50.0}, "peak_gib": None},
+            "lora-old": {"seconds": 40.0, "train_seconds": 35.0}}  # an older run: no end, no memory
+    chapters = {"02_one_direction": {"seconds": 60.0, "returncode": 0, "ready_s": 70.0, "started_s": 82.5,
+                                     "ended_s": 142.5}}
+    (run / "record.json").write_text(json.dumps({"timings": {"jobs": jobs, "chapters": chapters}}))
+    t = timing.run_timeline(run)
+    assert list(t["name"]) == ["vector-a (+1)", "lora-c", "02_one_direction", "lora-old"]  # by start; unknown last
+    g = t.iloc[0]
+    assert (g["members"], g["started_s"], g["ended_s"], g["peak_gib"], g["peak_allocated_gib"], g["held_gib"]) == (
+        2, 20.0, 125.0, 30.9, 9.5, 0.53)
+    ch = t[t["kind"] == "chapter"].iloc[0]
+    assert (ch["ready_s"], ch["started_s"]) == (70.0, 82.5)
+    assert t.iloc[3]["started_s"] is None or t.iloc[3]["started_s"] != t.iloc[3]["started_s"]  # None / NaN
+    with pytest.raises(FileNotFoundError, match="record.json does not exist"):
+        timing.run_timeline(tmp_path / "empty")
 
 
 def test_a_process_sharing_its_gpu_gives_back_memory_between_phases(clock, monkeypatch):
