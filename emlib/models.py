@@ -60,6 +60,11 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------- device / dtype
+def _cuda_used() -> bool:
+    """Whether this process has touched CUDA (its torch then has GPU memory to give back or count)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def give_back_gpu_memory(collect: bool = True) -> None:
     """Give the GPU memory this process's torch keeps cached but does not use back to the driver, for the
     other processes on the card (``collect``: first free what only the garbage collector would, e.g. a
@@ -68,7 +73,7 @@ def give_back_gpu_memory(collect: bool = True) -> None:
         import gc
 
         gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_used():
         torch.cuda.empty_cache()
 
 
@@ -78,7 +83,7 @@ def gpu_peak_gib(reset: bool = False, allocated: bool = False) -> float | None:
     None where CUDA was not used. ``reset``: start counting again from what is held now. ``allocated``: the
     most that live tensors took instead (the gap to the reserved peak is torch's cache: free blocks of the
     CUDA graph pools and of the eager passes beside them)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not _cuda_used():
         return None
     if reset:
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +97,7 @@ def gpu_held_gib() -> dict | None:
     return, e.g. CUDA graph pools still referenced); None where CUDA was not used. Read after a finetune's
     give-back, it says whether an idle worker's share of the card is torch's or the driver's (context,
     libraries)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not _cuda_used():
         return None
     return {"allocated": round(torch.cuda.memory_allocated() / 2**30, 2),
             "reserved": round(torch.cuda.memory_reserved() / 2**30, 2)}

@@ -298,15 +298,24 @@ def worker_experiment(profile: str, config: dict):
         models.give_back_gpu_memory()  # a finished step's CUDA graphs and buffers
 
 
-def finetune(profile: str, config: dict, job: Job) -> dict:
-    """Train (or find finished) one finetune in this process (a pool worker; :func:`worker_experiment`);
-    ``config``: its config fields. Returns its timing and summary."""
+def _train_task(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[dict]:
+    """Train (or find finished) ``jobs`` as one pool task in this process (a pool worker;
+    :func:`worker_experiment`): each one's timing and summary, with what the task's torch still holds on the
+    GPU once it has given back what it allocated (``held_gib``)."""
     t0 = time.time()
-    # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
     with worker_experiment(profile, config) as exp:
-        (res,) = exp.train_group((job,))
-        out = _job_summary(job, res.out_dir, _process_summary(t0))
-    return out | {"held_gib": models.gpu_held_gib()}  # after the give-back
+        results = exp.train_group(jobs)
+        task = _process_summary(t0)
+        out = [_job_summary(job, res.out_dir, task) for job, res in zip(jobs, results)]
+    held = models.gpu_held_gib()  # after the give-back
+    return [o | {"held_gib": held} for o in out]
+
+
+def finetune(profile: str, config: dict, job: Job) -> dict:
+    """Train (or find finished) one finetune in this process; ``config``: its config fields. Returns its timing
+    and summary."""
+    # alone: emlib.train's graph step (3x faster than a group of one: bench/README.md)
+    return _train_task(profile, config, (job,))[0]
 
 
 def _process_summary(t0: float) -> dict:
@@ -335,13 +344,7 @@ def finetune_group(profile: str, config: dict, jobs: tuple[Job, ...]) -> list[di
     """Train (or find finished) steering vectors, or rank-1 adapters, of one dataset and seed together in this
     process (a pool worker; :meth:`emlib.experiment.Experiment.vectors` / ``loras``). Returns each one's timing
     and summary."""
-    t0 = time.time()
-    with worker_experiment(profile, config) as exp:
-        results = exp.train_group(jobs)
-        task = _process_summary(t0)
-        out = [_job_summary(job, res.out_dir, task) | {"group": len(jobs)} for job, res in zip(jobs, results)]
-    held = models.gpu_held_gib()  # after the give-back
-    return [o | {"held_gib": held} for o in out]
+    return [o | {"group": len(jobs)} for o in _train_task(profile, config, jobs)]
 
 
 def gates_chapters_1_2(task: tuple[Job, ...]) -> bool:
