@@ -12,8 +12,8 @@
    dataset and seed, and the rank-1 adapters, train as one task each (:func:`pool_tasks`, emlib.vecgroup).
    A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
    80 GB) is retried once, alone, after the others have ended. Chapters 4-5 repeat chapter 3's chosen narrow
-   solutions at extra seeds: the rank-1 adapters are trained once chapter 3 has chosen, the steering vectors
-   (on a GPU, ``--speculate``) at every lambda up front, in one group per seed. Each process gets
+   solutions at extra seeds, trained once chapter 3 has chosen (``--speculate on``: the steering vectors at
+   every lambda up front instead, in one group per seed; slower on an H100). Each process gets
    ``cores // (workers + parallel chapters)`` CPU threads (at least 2 with a GPU, 1 without;
    ``OMP_NUM_THREADS`` set by the user wins).
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
@@ -108,13 +108,14 @@ class Plan:
 
 def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
              overrides: dict | None = None, chapters: list[str] | None = None,
-             speculate: bool | None = None) -> Plan:
+             speculate: bool | None = False) -> Plan:
     """Check every value and name (an error here writes nothing) and plan the finetunes the chapters need.
     ``params`` (``-p``) and ``overrides`` (``-c``) are both config fields (``params`` may also hold a chapter's
     own parameter, e.g. ``interactive``); ``params`` win where both set a field. ``speculate``: when chapters
     4-5 follow chapter 3 in this run, train the narrow steering vectors at the extra seeds at every lambda
     up front (:func:`emlib.chapters.speculative`); None: when this machine has a GPU (``nvidia-smi``, which
-    leaves CUDA untouched before the MPS daemon starts)."""
+    leaves CUDA untouched before the MPS daemon starts). Off by default: on one H100 the same run took 635 s
+    with it and 598 s without (SmolLM2-135M `paper`, 2026-12-06, bench/README "Session 23")."""
     from .config import FIELDS
 
     root = book.repo_root()
@@ -212,6 +213,19 @@ class Admission:
 
     def note_start(self, now: float | None = None) -> None:
         self.started.append(time.time() if now is None else now)
+
+
+# Chapters ready at the same moment start longest first, so the GPU's room goes to the run's longest path.
+# Each chapter's wall time beside the others, SmolLM2-135M `paper` on one H100 (2026-12-06, `--speculate off`,
+# bench/README "Session 23"): chapter 2 was ready with chapter 1 at 207 s and, started second, waited 33 s for
+# room while chapter 1 (75 s) ran. A chapter not listed goes last.
+CHAPTER_SECONDS = {"00": 15, "01": 75, "02": 350, "03": 261, "04": 220, "05": 340, "06": 169}
+
+
+def longest_first(stems: list[str]) -> list[str]:
+    """``stems`` (chapter file stems, e.g. ``02_one_direction``) by :data:`CHAPTER_SECONDS`, longest first;
+    ties keep their order."""
+    return sorted(stems, key=lambda st: -CHAPTER_SECONDS.get(st[:2], 0))
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -472,9 +486,9 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
     once); a chapter whose planned finetune or earlier chapter failed is not run (it would train the finetune
     again itself). Chapters 4-6 wait for chapter 3's recorded lambda sweep, not for its end (:func:`note_sweep`),
     and not for chapter 3's follow-up finetunes (:func:`plan_followups`); chapter 6 runs even when chapter 3
-    failed (it measures the sweep itself)."""
+    failed (it measures the sweep itself). Chapters ready together start longest first (:func:`longest_first`)."""
     note_sweep(plan, state)
-    for stem in state.having(state.chapters, WAITING):
+    for stem in longest_first(state.having(state.chapters, WAITING)):
         if len(state.processes) >= max_parallel:
             return
         needs = plan.needs[stem]  # not the follow-ups: a chapter waits for those itself (plan_followups)
@@ -611,8 +625,11 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
                 rest = []
             plan_followups(plan, state)
             retry_alone(plan, state, pool)
-            start_ready_chapters(plan, state, max_parallel_chapters)
+            # the queue before the chapters: a queued finetune is what a chapter waits for (chapters 4-5 wait for
+            # chapter 3's follow-ups: on an H100, 2026-12-06, chapters 4-6 took the room as chapter 3 chose, and
+            # the follow-ups started 55-136 s later); a ready chapter has what it needs
             submit_queued(plan, state, pool, workers)
+            start_ready_chapters(plan, state, max_parallel_chapters)
             if state.futures:
                 collect_finetunes(state)
             else:
@@ -689,7 +706,7 @@ def threads_for(processes: int, cores: int | None = None) -> int:
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
-        speculate: bool | None = None, head_start: bool = False,
+        speculate: bool | None = False, head_start: bool = False,
         gib_per_process: float = GIB_PER_PROCESS) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
@@ -894,9 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
     r.add_argument("--mps", action="store_true",
                    help="serve the GPU through an NVIDIA MPS daemon of this run's own (processes' kernels side by side)")
-    r.add_argument("--speculate", choices=("auto", "on", "off"), default="auto",
+    r.add_argument("--speculate", choices=("auto", "on", "off"), default="off",
                    help="train chapter 4-5's narrow steering vectors at every lambda before chapter 3 chooses "
-                        "(auto: on a GPU)")
+                        "(auto: on a GPU; off by default: slower on an H100, bench/README 'Session 23')")
     r.add_argument("--head-start", choices=("on", "off"), default="off",
                    help="train the rank-32 adapters (all chapter 2 waits for) before the other finetunes")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,

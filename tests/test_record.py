@@ -312,14 +312,14 @@ def test_run_state_steps_not_run_done_and_out_of_memory_retry(root, tmp_path, mo
     failed = sorted(plan.needs[ch3] - plan.needs[ch4])[0]  # a vector only chapter 3 uses
     state.finetunes = {n: record.FAILED if n == failed else record.DONE for n in state.finetunes}
     record.start_ready_chapters(plan, state, max_parallel=2)
-    assert started == ["00_datasets", ch4]
+    assert started == [ch4, "00_datasets"]  # longest first
     assert state.chapters == {"00_datasets": record.RUNNING, ch3: record.FAILED, ch4: record.RUNNING}
     assert state.failures == {ch3: f"not run: finetune(s) {failed} failed"}
     record.collect_chapters(plan, state)
     assert state.chapters == {"00_datasets": record.DONE, ch3: record.FAILED, ch4: record.RETRY}
     assert state.timings["chapters"]["00_datasets"]["returncode"] == 0 and state.unfinished()
     record.retry_alone(plan, state, pool=None)  # everything else has ended: 04 again, alone
-    assert started == ["00_datasets", ch4, ch4] and state.attempts[ch4] == 2
+    assert started == [ch4, "00_datasets", ch4] and state.attempts[ch4] == 2
     assert (tmp_path / "rec" / "logs" / f"{ch4}-out-of-memory.log").read_text().startswith("attempt 1")
     record.collect_chapters(plan, state)
     assert state.chapters[ch4] == record.FAILED and not state.unfinished()  # no third attempt
@@ -652,10 +652,16 @@ def test_a_whole_run_of_record_through_the_gpus_code_on_the_cpu(root, tmp_path, 
 def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, monkeypatch):
     """With ``speculate``, the narrow vectors at every lambda at the extra seeds are planned up front (no
     chapter waits for them), and once chapter 3 chooses only the rank-1 adapter is submitted: chapters 4-5
-    wait for the chosen vector, which is already planned. Without it, nothing is added."""
+    wait for the chosen vector, which is already planned. Without it (the default: slower on an H100,
+    2026-12-06), nothing is added."""
     run = tmp_path / "rec"
     plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=True)
-    off = record.plan_run("smoke", str(run), chapters=["03", "04", "05"], speculate=False)
+    off = record.plan_run("smoke", str(run), chapters=["03", "04", "05"])
+    seen = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: seen.append(k["speculate"]) or {"failures": {}})
+    assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli")]) == 0
+    assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), "--speculate", "auto"]) == 0
+    assert seen == [False, None]  # the command line's default is off too
     added = {f.name for f in plan.finetunes} - {f.name for f in off.finetunes}
     assert added == set(plan.speculative) == {"vector-medical-narrow-kl0.5-seed1", "vector-medical-narrow-seed1",
                                               "vector-medical-narrow-kl2-seed1"} and off.speculative == ()
@@ -880,6 +886,32 @@ def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path
     assert max(seen[1000.0]) > 0, seen[1000.0]  # room: side by side
 
 
+def test_queued_finetunes_take_the_room_before_ready_chapters(root, tmp_path, monkeypatch):
+    """When the GPU has room for one more process, a queued finetune (what some chapter waits for) starts before
+    a chapter that is ready: on an H100 (2026-12-06) chapters 4-6 took the room as chapter 3 chose, and chapter
+    3's follow-ups, which chapters 4-5 then waited for, started 55-136 s later."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["00", "01"], speculate=False)
+    state = record.RunState.of(plan)
+    state.admit = record.Admission(lambda: 20.0, need_gib=14)  # one start, then only once nothing runs
+    events = []
+
+    class Pool(_InstantPool):
+        def submit(self, fn, profile, config, jobs):
+            events.append("finetune")
+            return super().submit(fn, profile, config, jobs)
+
+    def chapter(job, threads=None):
+        events.append(job.chapter)
+        return _Ended(0)
+
+    monkeypatch.setattr(runner, "process_pool", lambda *a, **k: Pool(state))
+    monkeypatch.setattr(record, "_run_chapter", chapter)
+    monkeypatch.setattr(record, "write_summary", lambda *a, **k: {})
+    record.run_all(plan, state, workers=4, max_parallel_chapters=4)
+    assert set(state.chapters.values()) == {record.DONE} and "00_datasets" in events
+    assert events[0] == "finetune", events  # chapter 0 was ready from the start, and waited
+
+
 def test_a_chapter_says_how_long_it_waited_for_room_on_the_gpu(root, tmp_path, monkeypatch):
     """record.json's chapter timings keep when the chapter could first start (ready_s: its finetunes and earlier
     chapters done) beside when it started: on an H100 the admission rule held chapters back 12-37 s (2026-12-06)."""
@@ -901,6 +933,21 @@ def test_a_chapter_says_how_long_it_waited_for_room_on_the_gpu(root, tmp_path, m
     record.collect_chapters(plan, state)
     t = state.timings["chapters"]["00_datasets"]
     assert (t["ready_s"], t["started_s"], t["ended_s"]) == (10.0, 22.5, 30.0)
+
+
+def test_chapters_ready_together_start_longest_first(root, tmp_path, monkeypatch):
+    """With room on the GPU for one more process, of chapters 1 and 2 ready at once chapter 2 (the run's longest
+    path: on an H100 it waited 33 s behind chapter 1, 2026-12-06) starts, and chapter 1 waits for room."""
+    assert record.longest_first(["00_datasets", "01_em_emerges", "02_one_direction", "99_new"]) == [
+        "02_one_direction", "01_em_emerges", "00_datasets", "99_new"]
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["01", "02"], speculate=False)
+    state = record.RunState.of(plan)
+    state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+    state.admit = record.Admission(lambda: 20.0, need_gib=14)  # room for one; a second would be counted at 28
+    state.futures = {"a finetune": ()}  # something of the run is at work: the rule applies
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+    record.start_ready_chapters(plan, state, max_parallel=6)
+    assert state.chapters == {"01_em_emerges": record.WAITING, "02_one_direction": record.RUNNING}
 
 
 def test_a_finetune_that_ran_out_of_memory_waits_for_the_chapters_too(root, tmp_path):
