@@ -36,6 +36,7 @@ On a CPU the same command runs (slowly); ``--profile smoke`` checks the whole pi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -228,6 +229,22 @@ def longest_first(stems: list[str]) -> list[str]:
     return sorted(stems, key=lambda st: -CHAPTER_SECONDS.get(st[:2], 0))
 
 
+# Chapters with slack: in that run they ended at 37, 283 and 428 s, chapters 2 and 5 at 590 and 598 s. With
+# ``--low-priority`` (under MPS) their processes are MPS clients of BELOW_NORMAL priority, which MPS's scheduler
+# treats as advice: the GPU's time should go first to the chapters and finetunes on the run's longest paths.
+# Chapter 4 is not among them: it may train a follow-up finetune chapter 5 waits for. Not measured on a GPU yet.
+SLACK_CHAPTERS = ("00", "01", "06")
+MPS_BELOW_NORMAL = (("CUDA_MPS_CLIENT_PRIORITY", "1"),)  # 0: NORMAL (MPS's default), 1: BELOW_NORMAL
+
+
+def chapter_job(job: runner.Job, low_priority: bool) -> runner.Job:
+    """``job`` as a run of record starts it: with ``low_priority``, a chapter of :data:`SLACK_CHAPTERS` gets
+    :data:`MPS_BELOW_NORMAL` in its environment (without an MPS daemon the variable does nothing)."""
+    if low_priority and job.chapter[:2] in SLACK_CHAPTERS:
+        return dataclasses.replace(job, env=job.env + MPS_BELOW_NORMAL)
+    return job
+
+
 # ------------------------------------------------------------------------------------------------ state
 WAITING, RUNNING, DONE, FAILED, RETRY = "waiting", "running", "done", "failed", "retry"
 
@@ -245,6 +262,7 @@ class RunState:
     failures: dict[str, str] = field(default_factory=dict)  # name or stem -> why (a chapter: its log's tail)
     mps: str = "off (not asked for)"  # runner.mps_daemon's status
     threads: int | None = None  # CPU threads of each finetune's and chapter's torch (runner.threads_per_process)
+    low_priority: bool = False  # SLACK_CHAPTERS as MPS clients of BELOW_NORMAL priority (chapter_job)
     futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
@@ -414,7 +432,8 @@ def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
         state.sweep_before = _results_of(plan.run).get("ch3_lambda_sweep")
     state.chapters[stem] = RUNNING
     state.attempts[stem] = state.attempts.get(stem, 0) + 1
-    state.processes[stem] = (_run_chapter(plan.chapter(stem), state.threads), time.time())
+    state.processes[stem] = (_run_chapter(chapter_job(plan.chapter(stem), state.low_priority), state.threads),
+                             time.time())
 
 
 def retry_alone(plan: Plan, state: RunState, pool) -> None:
@@ -678,6 +697,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
+               "low_priority": [j.chapter for j in plan.chapters if chapter_job(j, state.low_priority).env],
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
@@ -707,7 +727,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
         speculate: bool | None = False, head_start: bool = False,
-        gib_per_process: float = GIB_PER_PROCESS) -> dict:
+        gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -715,7 +735,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     rank-32 adapters train before anything else (:func:`head_and_rest`; ``timings.head_start``).
     ``gib_per_process``: GPU memory a finetune or chapter process may come to hold; one starts only while the
     GPU has room for it (:class:`Admission`, on a machine with a GPU; 0: no limit; ``record.json``'s
-    ``admission``).
+    ``admission``). ``low_priority``: the chapters with slack run as MPS clients of lower priority
+    (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -728,6 +749,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state = RunState.of(plan)
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
+    state.low_priority = low_priority
     if runner.visible_gpus():
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
@@ -916,6 +938,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(auto: on a GPU; off by default: slower on an H100, bench/README 'Session 23')")
     r.add_argument("--head-start", choices=("on", "off"), default="off",
                    help="train the rank-32 adapters (all chapter 2 waits for) before the other finetunes")
+    r.add_argument("--low-priority", action="store_true",
+                   help=f"with --mps: chapters {', '.join(SLACK_CHAPTERS)} (slack in the measured runs) as MPS clients "
+                        "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (not measured yet)")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
                    help="GPU memory one finetune or chapter process may reach: a process starts only while the "
                         f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; 0: no limit)")
@@ -958,7 +983,8 @@ def _main(a) -> int:
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config), mps=a.mps,
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
-                      head_start=a.head_start == "on", gib_per_process=a.gib_per_process)
+                      head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
+                      low_priority=a.low_priority)
         if summary["failures"]:
             from .cli import ChapterFailed
 

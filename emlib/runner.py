@@ -205,6 +205,7 @@ class Job:
     cwd: str
     log: str | None = None
     timeout: int | None = None
+    env: tuple[tuple[str, str], ...] = ()  # environment variables its process gets on top of this one's (spawn)
 
     @property
     def chapter(self) -> str:
@@ -313,7 +314,8 @@ def threads_per_process(processes: int, cores: int | None = None, floor: int = 2
 def spawn(job: Job, threads: int | None = None) -> subprocess.Popen:
     """Start ``job`` in a process of its own (``python -m emlib.book run``, with ``--debug`` so that the log
     keeps the traceback above the one-line error), its output in ``job.log``. The process and its kernel stop
-    when this process dies (:mod:`emlib.lifeline`). ``threads``: CPU threads of its torch (:func:`thread_env`)."""
+    when this process dies (:mod:`emlib.lifeline`). ``threads``: CPU threads of its torch (:func:`thread_env`);
+    ``job.env``'s variables are added to this process's environment."""
     if not job.log:
         raise ValueError(f"{job.chapter}: a spawned chapter needs a log file (Job.log).")
     cmd = [sys.executable, "-m", "emlib.lifeline", str(os.getpid()), "emlib.book", "run", job.source, job.notebook,
@@ -325,7 +327,8 @@ def spawn(job: Job, threads: int | None = None) -> subprocess.Popen:
     log = Path(job.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=job.cwd, env=thread_env(threads))
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=job.cwd,
+                                env=thread_env(threads, {**os.environ, **dict(job.env)}))
 
 
 # ---------------------------------------------------------------------------------------------- pool

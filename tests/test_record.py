@@ -1,4 +1,5 @@
 """Runs of record (emlib.record), the generated results table (emlib.results) and the published site."""
+import dataclasses
 import json
 import multiprocessing as mp
 import tarfile
@@ -886,6 +887,30 @@ def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path
     assert max(seen[1000.0]) > 0, seen[1000.0]  # room: side by side
 
 
+def test_low_priority_chapters_get_mps_below_normal_in_their_environment(root, tmp_path, monkeypatch):
+    """``--low-priority``: the chapters with slack (0, 1, 6) start with ``CUDA_MPS_CLIENT_PRIORITY=1`` in their
+    process's environment, the others without it; without the flag none has it; record.json lists them."""
+    import subprocess
+
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["01", "02"], speculate=False)
+    one, two = plan.chapter("01_em_emerges"), plan.chapter("02_one_direction")
+    assert dict(record.chapter_job(one, True).env) == {"CUDA_MPS_CLIENT_PRIORITY": "1"}
+    assert record.chapter_job(two, True).env == () and record.chapter_job(one, False).env == ()
+    seen = {}
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **k: seen.update(k["env"]) or _Ended(0))
+    runner.spawn(dataclasses.replace(record.chapter_job(one, True), log=str(tmp_path / "one.log")), threads=2)
+    assert seen["CUDA_MPS_CLIENT_PRIORITY"] == "1" and seen["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("CUDA_MPS_CLIENT_PRIORITY", raising=False)
+    seen.clear()
+    runner.spawn(dataclasses.replace(two, log=str(tmp_path / "two.log")), threads=2)
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in seen
+    args = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["low_priority"]) or {"failures": {}})
+    for extra in ([], ["--low-priority"]):
+        assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
+    assert args == [False, True]
+
+
 def test_queued_finetunes_take_the_room_before_ready_chapters(root, tmp_path, monkeypatch):
     """When the GPU has room for one more process, a queued finetune (what some chapter waits for) starts before
     a chapter that is ready: on an H100 (2026-12-06) chapters 4-6 took the room as chapter 3 chose, and chapter
@@ -982,8 +1007,8 @@ def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch):
         return _Ended(0)
 
     monkeypatch.setattr(record, "_run_chapter", chapter)
-    summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"])
-    assert summary["failures"] == {} and seen == ["1"]
+    summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"], low_priority=True)
+    assert summary["failures"] == {} and seen == ["1"] and summary["low_priority"] == ["00_datasets"]
     assert timing.SHARED_GPU not in os.environ
 
 
