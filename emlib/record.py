@@ -750,6 +750,9 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
     state.low_priority = low_priority
+    if low_priority and not mps:
+        print("[record] --low-priority acts only through an MPS daemon: add --mps (without it every process "
+              "shares the GPU by time slices, and the setting does nothing)", flush=True)
     if runner.visible_gpus():
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:

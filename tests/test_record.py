@@ -992,9 +992,10 @@ def test_a_finetune_that_ran_out_of_memory_waits_for_the_chapters_too(root, tmp_
     assert [n for n, _ in pool.order] == [name] and state.attempts[name] == 2
 
 
-def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch):
+def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch, capsys):
     """The chapters and finetune workers of a run of record start with ``$EMLIB_SHARED_GPU`` 1 (each gives back
-    its cached GPU memory between phases: ``emlib.models.shared_gpu``); the setting ends with the run."""
+    its cached GPU memory between phases: ``emlib.models.shared_gpu``); the setting ends with the run.
+    ``low_priority`` without MPS is recorded and the run says it does nothing there."""
     import os
 
     from emlib import timing
@@ -1010,6 +1011,7 @@ def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch):
     summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"], low_priority=True)
     assert summary["failures"] == {} and seen == ["1"] and summary["low_priority"] == ["00_datasets"]
     assert timing.SHARED_GPU not in os.environ
+    assert "--low-priority acts only through an MPS daemon: add --mps" in capsys.readouterr().out
 
 
 class _PoolOutOfMemoryAbove(_InstantPool):
