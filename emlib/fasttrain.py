@@ -390,8 +390,8 @@ def capture(run: Callable[[dict], None], static: dict, device: torch.device, poo
     Torch's cache is emptied first: the caller's eager passes (``GroupStep`` checks each new shape eagerly twice)
     left their blocks cached on the current stream, and the warm-ups, on another stream, cannot reuse them, so
     both would be held at once beside the graph pool (torch empties the cache again as the capture begins). On
-    an H100 (2026-12-06) the groups reserved 28-31 GiB where a bench saw at most 9.5 GiB allocated: about three
-    passes' worth, which this should bring to two (not measured on a GPU yet: ``peak_gib`` in record.json)."""
+    an H100 (2026-12-06) the groups reserved 28-31 GiB at their peaks before this and 19.4-20.7 GiB after it,
+    8.5-9.2 GiB of it allocated (``peak_gib``, ``peak_allocated_gib`` in record.json; bench/README "Session 23")."""
     torch.cuda.empty_cache()
     side = side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))

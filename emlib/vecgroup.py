@@ -33,8 +33,8 @@ The step (:class:`GroupStep`) is captured as CUDA graphs on a GPU, each new shap
 one is slower than emlib.train's graph step (71.5 s against 26.3 s), so single vectors train there. On 2 CPU
 cores (the ``quick`` profile): four vectors 66 s against ~79 s, three rank-1 adapters 48 s against ~60 s.
 Rank-1 groups on one H100 (2026-12-05, alone): chapter 3's six adapters in 31.8 s of training against about 54 s one
-at a time; in the runs of record's command beside everything else (2026-12-06) the group of six took 152 s and
-reserved 28.5 GiB at its peak.
+at a time; in the runs of record's command beside everything else (2026-12-06) the group of six took 119-152 s
+and reserved 28.5 GiB at its peak, 19.4 GiB once ``fasttrain.capture`` empties the cache before its warm-ups.
 
 Not here: checkpoints (a killed group starts again; members that finished are loaded), early stopping,
 ``stop_after``, and ``mix_rows`` (the "mixed" control trains on other rows: it trains alone).
