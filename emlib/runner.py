@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import book, lifeline
 
@@ -398,11 +398,12 @@ def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None 
 
 
 def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None,
-                 threads: int | None = None) -> ProcessPoolExecutor:
+                 threads: int | None = None, warm: Callable[[], object] | None = None) -> ProcessPoolExecutor:
     """``workers`` spawned, long-lived processes that die with this one (:func:`emlib.lifeline.die_with_parent`:
     a killed parent leaves no worker running queued jobs). ``gpu_of``: the GPU each worker sees
-    (``worker_plan``); ``threads``: OMP/MKL threads per worker. A job that holds GPU memory gives it back
-    itself (``emlib.record.worker_experiment``)."""
+    (``worker_plan``); ``threads``: OMP/MKL threads per worker; ``warm``: a module-level function each worker
+    calls once as it starts (imports, a CUDA context: :func:`start_workers` starts them all before any job).
+    A job that holds GPU memory gives it back itself (``emlib.record.worker_experiment``)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork after CUDA / threads in the parent
@@ -413,14 +414,24 @@ def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None,
         for g in gpus:
             slots.put(g)
     return ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
-                               initargs=(os.getpid(), slots, threads))
+                               initargs=(os.getpid(), slots, threads, warm))
 
 
-def _init_worker(parent: int, slots, threads: int | None) -> None:
+def _init_worker(parent: int, slots, threads: int | None, warm: Callable[[], object] | None = None) -> None:
     lifeline.die_with_parent(parent)
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
     os.environ.update(thread_env(threads))
+    if warm is not None:
+        warm()
+
+
+def start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start ``pool``'s ``workers`` processes now rather than at their first jobs (a spawn-context pool starts
+    one per submitted job, as it is needed): one empty job each, not waited for. Their start-up (the
+    interpreter, imports, ``process_pool``'s ``warm``) then overlaps whatever the parent does next."""
+    for _ in range(max(1, workers)):
+        pool.submit(int)  # int() -> 0: picklable, does nothing
 
 
 # ---------------------------------------------------------------------------------------------- MPS

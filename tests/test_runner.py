@@ -169,3 +169,22 @@ def test_environ_sets_names_for_a_block_and_restores_each(monkeypatch):
             assert os.environ["EMLIB_TEST_A"] == "1" and os.environ["EMLIB_TEST_B"] == "2"
             raise RuntimeError("the block failed")
     assert os.environ["EMLIB_TEST_A"] == "before" and "EMLIB_TEST_B" not in os.environ
+
+
+def test_started_workers_are_warmed_before_their_first_job(tmp_path):
+    """``start_workers`` spawns every worker of a pool at once (a spawn pool would start one per job), and each
+    runs ``warm`` before any job: the run of record warms its finetune workers while it converts the model."""
+    import functools
+    import os
+
+    from emlib import record
+
+    flag = tmp_path / "warmed"
+    pool = runner.process_pool(2, warm=functools.partial(os.makedirs, str(flag), exist_ok=True))
+    try:
+        runner.start_workers(pool, 2)
+        assert len(pool._processes) == 2  # both spawned before any real job was submitted
+        assert pool.submit(os.path.isdir, str(flag)).result(timeout=120)
+    finally:
+        pool.shutdown(wait=True)
+    record.warm_worker()  # its imports exist; without a GPU it touches no device
