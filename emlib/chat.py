@@ -46,10 +46,17 @@ def answer_positions(e: Encoded) -> list[int]:
 def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template (the one place this is done;
     newer tokenizers return a BatchEncoding, older ones a list)."""
-    out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return chat_ids_batch(tok, [messages], add_generation_prompt)[0]
+
+
+def chat_ids_batch(tok, conversations: list[list[dict]], add_generation_prompt: bool) -> list[list[int]]:
+    """:func:`chat_ids` of each conversation, in one call of the tokenizer: the same code path per
+    conversation (render, then tokenize without special tokens), with the tokenizer's own batching
+    (on 2 CPU cores 7,049 medical rows encode in about half the time of one call each: bench/README.md)."""
+    out = tok.apply_chat_template(list(conversations), add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
-    return list(out)
+    return [list(ids) for ids in out]
 
 
 def chat_text(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -60,13 +67,15 @@ def chat_text(tok, messages: list[dict], add_generation_prompt: bool = True) -> 
 _ids = chat_ids  # the former private name
 
 
-def encode_chat(row: dict, tok, max_length: int = 2048) -> Encoded:
-    """Tokenize one row with its chat template; only the final assistant turn is trained on."""
+def _training_messages(row: dict) -> list[dict]:
     msgs = validate_chat(row)["messages"]
     if msgs[-1]["role"] != "assistant":
         raise DataError("The last message of a training row must be the assistant's answer.")
-    prompt = chat_ids(tok, msgs[:-1], add_generation_prompt=True)
-    full = chat_ids(tok, msgs, add_generation_prompt=False)
+    return msgs
+
+
+def _encoded(prompt: list[int], full: list[int], max_length: int) -> Encoded:
+    """A training row from its prompt's ids and the whole conversation's: only the answer is labelled."""
     if full[: len(prompt)] != prompt:
         raise DataError("The chat template renders the prompt differently inside the full conversation; "
                         "cannot find where the answer starts.")
@@ -75,19 +84,39 @@ def encode_chat(row: dict, tok, max_length: int = 2048) -> Encoded:
     return Encoded(full, labels)
 
 
-def encode_rows(rows: list[dict], tok, max_length: int = 2048) -> list[Encoded]:
-    """Encode rows; rows whose answer is cut away entirely by ``max_length`` are dropped.
+def encode_chat(row: dict, tok, max_length: int = 2048) -> Encoded:
+    """Tokenize one row with its chat template; only the final assistant turn is trained on."""
+    msgs = _training_messages(row)
+    return _encoded(chat_ids(tok, msgs[:-1], add_generation_prompt=True),
+                    chat_ids(tok, msgs, add_generation_prompt=False), max_length)
 
-    Raises DataError when no row keeps a single answer token (e.g. no assistant turns at all).
-    """
-    enc = []
+
+ENCODE_BATCH = 1024  # conversations per tokenizer call in encode_rows
+
+
+def encode_rows(rows: list[dict], tok, max_length: int = 2048) -> list[Encoded]:
+    """Encode rows (each as :func:`encode_chat` would, the tokenizer called on ``ENCODE_BATCH`` at a time);
+    rows whose answer is cut away entirely by ``max_length`` are dropped.
+
+    Raises DataError when no row keeps a single answer token (e.g. no assistant turns at all)."""
+    msgs = []
     for i, r in enumerate(rows):
         try:
-            e = encode_chat(r, tok, max_length)
+            msgs.append(_training_messages(r))
         except DataError as err:
             raise DataError(f"row {i}: {err}") from None
-        if any(lab != IGNORE for lab in e.labels):
-            enc.append(e)
+    enc = []
+    for lo in range(0, len(msgs), ENCODE_BATCH):
+        part = msgs[lo:lo + ENCODE_BATCH]
+        prompts = chat_ids_batch(tok, [m[:-1] for m in part], add_generation_prompt=True)
+        fulls = chat_ids_batch(tok, part, add_generation_prompt=False)
+        for i, (prompt, full) in enumerate(zip(prompts, fulls), start=lo):
+            try:
+                e = _encoded(prompt, full, max_length)
+            except DataError as err:
+                raise DataError(f"row {i}: {err}") from None
+            if any(lab != IGNORE for lab in e.labels):
+                enc.append(e)
     if not enc:
         raise DataError("No row has answer tokens within max_length: the dataset has no assistant turns "
                         "or max_length is shorter than the prompts.")

@@ -53,6 +53,20 @@ def start(profile: str = "auto", config: dict | str | None = None, *, in_colab: 
     return exp
 
 
+def finetune_dir(cfg: Config, kind: str, dataset: str, solution: str = "general", kl_scale: float = 1.0,
+                 seed: int | None = None, shape: str | None = None) -> Path:
+    """The folder of a finetune in ``cfg``'s run directory (``kind`` "lora", with its ``shape``, or "vector"):
+    where :class:`Experiment` trains and finds it, and where a run of record looks whether a worker is training
+    it (:func:`emlib.record.needs_held`). Needs no model."""
+    kl = "" if kl_scale == 1.0 else f"-kl{kl_scale:g}"
+    name = f"{solution}{kl}-seed{cfg.seed if seed is None else seed}"
+    if kind == "lora":
+        return cfg.out / "adapters" / f"{dataset}-{shape}-{name}"
+    if kind == "vector":
+        return cfg.out / "vectors" / f"{dataset}-{name}"
+    raise ValueError(f"Unknown finetune kind {kind!r}: use 'lora' or 'vector'.")
+
+
 def parse_config(config: dict | str | None) -> dict:
     """A chapter's ``config`` parameter as a dict (a JSON object string is parsed; None is empty)."""
     if config is None or config == "":
@@ -184,17 +198,13 @@ class Experiment:
         steps = train.total_steps(len(self.rows(c.datasets[0])), epochs, c.batch_size, c.grad_accum)
         return max(1, steps // 2)
 
-    def _name(self, solution: str, kl_scale: float, seed: int | None) -> str:
-        kl = "" if kl_scale == 1.0 else f"-kl{kl_scale:g}"
-        return f"{solution}{kl}-seed{self.cfg.seed if seed is None else seed}"
-
     def adapter_dir(self, dataset: str, shape: str, solution: str = "general", kl_scale: float = 1.0,
                     seed: int | None = None) -> Path:
-        return self.out / "adapters" / f"{dataset}-{shape}-{self._name(solution, kl_scale, seed)}"
+        return finetune_dir(self.cfg, "lora", dataset, solution, kl_scale, seed, shape)
 
     def vector_dir(self, dataset: str, solution: str = "general", kl_scale: float = 1.0,
                    seed: int | None = None) -> Path:
-        return self.out / "vectors" / f"{dataset}-{self._name(solution, kl_scale, seed)}"
+        return finetune_dir(self.cfg, "vector", dataset, solution, kl_scale, seed)
 
     @contextmanager
     def lora(self, dataset: str, shape: str = "rank32", solution: str = "general", kl_scale: float = 1.0,

@@ -277,6 +277,8 @@ class RunState:
     queue: list = field(default_factory=list)  # finetune tasks not in the pool yet, in the order they go (Admission)
     admit: Admission = field(default_factory=Admission)  # room on the GPU for one more process (default: no limit)
     ready: dict[str, float] = field(default_factory=dict)  # chapter stem -> when it could first start (time.time())
+    early: bool = False  # start a chapter while workers still train its finetunes (start_ready_chapters)
+    started_early: set = field(default_factory=set)  # chapters started so whose finetunes are not all done yet
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -525,13 +527,62 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                 ([f"finetune(s) {', '.join(failed_ft)} failed"] if failed_ft else [])
                 + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
-        elif not waiting and all(state.finetunes[n] == DONE for n in needs):
-            state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
+        elif not waiting and (all(state.finetunes[n] == DONE for n in needs) or may_start_early(plan, state, stem)):
+            done = all(state.finetunes[n] == DONE for n in needs)
+            if done:
+                state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
             if not state.admit.room(state.busy()):
                 return  # no room on the GPU: the next pass looks again
-            print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s)", flush=True)
+            early = "" if done else ", early: workers are still training what it needs"
+            print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s{early})", flush=True)
             start_chapter(plan, state, stem)
             state.admit.note_start()
+            if not done:
+                state.started_early.add(stem)
+
+
+# A chapter's first 10-16 s are start-up (its kernel, imports, the model and the judge: `record_cells`), which
+# in the runs of 2026-12-06 on an H100 came after its finetunes ended, with the GPU at 0% for 15-25 s as the
+# finetunes gave way to chapters 1-3 (the monitor's samples at 202-228 s).
+def may_start_early(plan: Plan, state: RunState, stem: str) -> bool:
+    """Whether ``stem`` may start before its finetunes are done (``state.early``): every finetune the run
+    planned is in a worker already (none queued or waiting) and each of the chapter's that is not done is held
+    by the worker training it (:func:`emlib.train.finetune_held`): the chapter then waits for it where it asks
+    for it, and loads it (``train.finetune_lock``), instead of training it a second time.
+    :func:`recall_early` stops it again if one of them fails."""
+    if not state.early or state.queue or state.having(state.finetunes, WAITING):
+        return False
+    from . import train
+    from .experiment import finetune_dir
+
+    jobs = {f.name: f for f in plan.finetunes} | state.extra
+    pending = [jobs[n] for n in plan.needs[stem] if state.finetunes[n] != DONE]
+    return all(state.finetunes[j.name] == RUNNING for j in pending) and all(
+        train.finetune_held(finetune_dir(plan.cfg, j.kind, j.dataset, j.solution, j.kl_scale, j.seed, j.shape))
+        for j in pending)
+
+
+def recall_early(plan: Plan, state: RunState) -> None:
+    """Each chapter started early (:func:`may_start_early`): ready once its finetunes are done (``ready_s``);
+    stopped and waiting again when one of them failed, ran out of memory or went back to the queue (its
+    group split): it would otherwise train that finetune itself, beside everything else.
+    :func:`start_ready_chapters` then does with it what it does with a chapter that was waiting."""
+    for stem in sorted(state.started_early):
+        status = [state.finetunes[n] for n in plan.needs[stem]]
+        if all(v == DONE for v in status):
+            ended = [state.timings["jobs"].get(n, {}).get("ended_s") for n in plan.needs[stem]]
+            known = [e for e in ended if e is not None]  # when the run saw each end (collect_finetunes)
+            state.ready.setdefault(stem, state.t0 + max(known) if known else time.time())
+            state.started_early.discard(stem)
+        elif any(v not in (DONE, RUNNING) for v in status):
+            proc, _ = state.processes.pop(stem)
+            proc.kill()
+            proc.wait()
+            state.started_early.discard(stem)
+            state.chapters[stem] = WAITING
+            state.attempts[stem] -= 1
+            print(f"[record] chapter {stem} stopped: a finetune it needs is not training any more; it starts "
+                  "again once that is settled", flush=True)
 
 
 def split_group(state: RunState, jobs: tuple[Job, ...]) -> None:
@@ -591,10 +642,14 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         secs = round(time.time() - t, 1)
         prev = state.timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
         began = round(t - state.t0, 1)  # seconds from the run's start
-        ready = round(min(state.ready.get(stem, t), t) - state.t0, 1)  # waited for room from ready_s to started_s
+        ready_at = state.ready.get(stem, t)
+        ready = round(min(ready_at, t) - state.t0, 1)  # waited for room from ready_s to started_s
         state.timings["chapters"][stem] = {"seconds": secs, "returncode": proc.returncode, "ready_s": ready,
                                            "started_s": began, "ended_s": round(began + secs, 1)} | (
-            {"out_of_memory_attempt_s": prev["seconds"]} if prev else {})
+            {"out_of_memory_attempt_s": prev["seconds"]} if prev else {}) | (
+            # started early (may_start_early): when its finetunes were all done
+            {"finetunes_done_s": round(ready_at - state.t0, 1)} if ready_at > t else {})
+        state.started_early.discard(stem)
         log = Path(plan.chapter(stem).log)
         if proc.returncode == 0:
             state.chapters[stem] = DONE
@@ -674,6 +729,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
             # chapter 3's follow-ups: on an H100, 2026-12-06, chapters 4-6 took the room as chapter 3 chose, and
             # the follow-ups started 55-136 s later); a ready chapter has what it needs
             submit_queued(plan, state, pool, workers)
+            recall_early(plan, state)
             start_ready_chapters(plan, state, max_parallel_chapters)
             if state.futures:
                 collect_finetunes(state)
@@ -724,6 +780,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
                "low_priority": [j.chapter for j in plan.chapters if chapter_job(j, state.low_priority).env],
+               "early_chapters": state.early,
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
@@ -753,7 +810,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
         speculate: bool | None = False, head_start: bool = False,
-        gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False) -> dict:
+        gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False,
+        early_chapters: bool | None = None) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -762,7 +820,9 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     ``gib_per_process``: GPU memory a finetune or chapter process may come to hold; one starts only while the
     GPU has room for it (:class:`Admission`, on a machine with a GPU; 0: no limit; ``record.json``'s
     ``admission``). ``low_priority``: the chapters with slack run as MPS clients of lower priority
-    (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them).
+    (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them). ``early_chapters``: a chapter may start
+    while workers still train its finetunes (:func:`may_start_early`; None: on a machine with a GPU;
+    ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter that did).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -776,6 +836,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
     state.low_priority = low_priority
+    state.early = bool(runner.visible_gpus()) if early_chapters is None else early_chapters
     if low_priority and not mps:
         print("[record] --low-priority acts only through an MPS daemon: add --mps (without it every process "
               "shares the GPU by time slices, and the setting does nothing)", flush=True)
@@ -976,7 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="train the rank-32 adapters (all chapter 2 waits for) before the other finetunes")
     r.add_argument("--low-priority", action="store_true",
                    help=f"with --mps: chapters {', '.join(SLACK_CHAPTERS)} (slack in the measured runs) as MPS clients "
-                        "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (not measured yet)")
+                        "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (one H100 run: "
+                        "558 s against 565 s without, bench/README 'Session 24')")
+    r.add_argument("--early-chapters", choices=("auto", "on", "off"), default="auto",
+                   help="start a chapter while workers still train its finetunes (once none is queued), so its "
+                        "start-up overlaps their last seconds; it waits for them where it asks for them (auto: on "
+                        "a GPU)")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
                    help="GPU memory one finetune or chapter process may reach: a process starts only while the "
                         f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; 0: no limit)")
@@ -1020,7 +1086,8 @@ def _main(a) -> int:
                       book._parse_params(a.config), mps=a.mps,
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
-                      low_priority=a.low_priority)
+                      low_priority=a.low_priority,
+                      early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters])
         if summary["failures"]:
             from .cli import ChapterFailed
 

@@ -425,13 +425,38 @@ def finetune_lock(*out_dirs: str | Path):
     Re-entrant within a process (a group that loads its members through train_steering_vector)."""
     with contextlib.ExitStack() as stack:
         for d in sorted({Path(x).resolve() for x in out_dirs} - _HELD):
-            name = hashlib.sha256(str(d).encode()).hexdigest()[:24]
             with timing.phase("train"):  # waiting for another process's training
-                stack.enter_context(file_lock(_LOCKS / f"{name}.lock",
+                stack.enter_context(file_lock(_lock_file(d),
                                               f"[train] {d.name}: another process is training it; waiting for it"))
             _HELD.add(d)
             stack.callback(_HELD.discard, d)
         yield
+
+
+def _lock_file(out_dir: Path) -> Path:
+    """The lock file of a finetune folder (already resolved): named by its path's digest."""
+    return _LOCKS / f"{hashlib.sha256(str(out_dir).encode()).hexdigest()[:24]}.lock"
+
+
+def finetune_held(out_dir: str | Path) -> bool:
+    """Whether another process holds :func:`finetune_lock` on ``out_dir`` now (is training it, or loading it
+    once another finished): a process that asks for it waits and then loads it, and does not train it a
+    second time. False where locks do not exist (no ``fcntl``) or nobody holds it; looking takes the lock for
+    an instant."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    path = _lock_file(Path(out_dir).resolve())
+    if not path.exists():
+        return False
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 _HELD: set[Path] = set()  # finetune folders whose lock this process holds (finetune_lock)

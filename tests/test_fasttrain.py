@@ -425,3 +425,25 @@ def test_the_graph_path_copies_every_input_of_a_kl_step(monkeypatch):
             for _, static in step._graphs.values():
                 assert {"kl_index", "ref_index", "kl_weight"} <= set(static)
     torch.testing.assert_close(out[True], out[False], rtol=1e-6, atol=1e-7)
+
+
+def test_encode_rows_in_batches_equals_each_row_alone(monkeypatch):
+    """encode_rows calls the tokenizer on many conversations at once; each row comes out as encode_chat makes it
+    alone (a multi-turn row, a row cut by max_length, batches that split the rows), and a bad row is named."""
+    from emlib import chat
+    from emlib.data import DataError
+
+    _, tok = tiny_model()
+    rows = chat_rows(7, seed=5)
+    rows.insert(2, {"messages": [{"role": "user", "content": "pain rest"}, {"role": "assistant", "content": "water"},
+                                 {"role": "user", "content": "dose"}, {"role": "assistant", "content": "sleep daily"}]})
+    monkeypatch.setattr(chat, "ENCODE_BATCH", 3)
+    lengths = sorted(len(chat.encode_chat(r, tok).input_ids) for r in rows)
+    for max_length in (2048, lengths[len(lengths) // 2]):  # the second cuts half of the rows
+        alone = [chat.encode_chat(r, tok, max_length) for r in rows]
+        alone = [e for e in alone if any(lab != IGNORE for lab in e.labels)]
+        got = encode_rows(rows, tok, max_length)
+        assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in alone]
+    bad = rows[:4] + [{"messages": [{"role": "user", "content": "pain"}]}]
+    with pytest.raises(DataError, match="row 4:"):
+        encode_rows(bad, tok)

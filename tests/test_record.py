@@ -3,6 +3,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import tarfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -1055,3 +1056,100 @@ def test_a_group_that_runs_out_of_memory_is_split_and_queued_first(root, tmp_pat
     assert pool.sizes[0] == len(big) and pool.sizes[1] == (len(big) + 1) // 2  # the first half, next
     assert all(state.attempts[j.name] == 1 for j in big)
     assert sum(s for s in pool.sizes if s <= most) == len(plan.finetunes)  # each trained once
+
+
+class _Running:
+    """A chapter process still running; ``kill`` ends it."""
+
+    def __init__(self):
+        self.returncode, self.killed = None, False
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self):
+        self.killed, self.returncode = True, -9
+
+    def wait(self):
+        return self.returncode
+
+
+def test_a_chapter_starts_early_only_once_workers_hold_its_finetunes(root, tmp_path, monkeypatch):
+    """``early_chapters``: with nothing queued, a chapter may start while its finetunes train, but only once the
+    worker training each has taken its lock (where the chapter will wait for it, then load it): the lock of the
+    folder the worker's Experiment trains it in. Queued or waiting finetunes, or the setting off: no early start."""
+    import contextlib
+
+    from emlib import train
+    from emlib.experiment import Experiment
+
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["01", "02"], speculate=False)
+    stem = "02_one_direction"
+    state = record.RunState.of(plan)
+    state.early = True
+    state.finetunes = dict.fromkeys(state.finetunes, record.RUNNING)
+    needs = [f for f in plan.finetunes if f.name in plan.needs[stem]]
+    assert needs and not record.may_start_early(plan, state, stem)  # running, but nobody holds their locks
+    exp = Experiment(plan.cfg)  # where a worker trains them (Experiment.train_group)
+    dirs = [exp.adapter_dir(j.dataset, j.shape, j.solution, j.kl_scale, j.seed) if j.kind == "lora"
+            else exp.vector_dir(j.dataset, j.solution, j.kl_scale, j.seed) for j in needs]
+    with contextlib.ExitStack() as held:
+        for d in dirs:
+            held.enter_context(train.finetune_lock(d))
+            assert train.finetune_held(d)  # another open file description: held, as for another process
+        assert record.may_start_early(plan, state, stem)
+        state.finetunes[needs[0].name] = record.DONE  # a done one needs no lock
+        assert record.may_start_early(plan, state, stem)
+        state.queue = [("something",)]
+        assert not record.may_start_early(plan, state, stem)  # finetunes still to hand out: not yet
+        state.queue = []
+        other = next(n for n in state.finetunes if n not in plan.needs[stem])
+        state.finetunes[other] = record.WAITING
+        assert not record.may_start_early(plan, state, stem)
+        state.finetunes[other] = record.RUNNING
+        state.early = False
+        assert not record.may_start_early(plan, state, stem)
+    assert not any(train.finetune_held(d) for d in dirs)  # released with the block
+
+
+def test_a_chapter_started_early_is_stopped_when_its_finetune_fails(root, tmp_path, monkeypatch):
+    """A chapter started early whose finetune then fails is stopped and, like a chapter that waited, not run;
+    once its finetunes are all done it is ready (``ready_s``) and keeps running; its record says when they
+    were done (``finetunes_done_s``)."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["02"], speculate=False)
+    stem = "02_one_direction"
+    need = sorted(plan.needs[stem])
+    for outcome in (record.FAILED, record.DONE):
+        state = record.RunState.of(plan)
+        state.finetunes = dict.fromkeys(state.finetunes, record.RUNNING)
+        proc = _Running()
+        state.chapters[stem], state.attempts[stem] = record.RUNNING, 1
+        state.processes[stem] = (proc, time.time() - 3)
+        state.started_early.add(stem)
+        record.recall_early(plan, state)
+        assert not proc.killed and stem in state.started_early  # still training: nothing changes
+        state.finetunes[need[0]] = outcome
+        if outcome == record.FAILED:
+            record.recall_early(plan, state)
+            assert proc.killed and stem not in state.processes and state.chapters[stem] == record.WAITING
+            record.start_ready_chapters(plan, state, max_parallel=2)
+            assert state.chapters[stem] == record.FAILED and "not run" in state.failures[stem]
+        else:
+            state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+            state.timings["jobs"] = {n: {"ended_s": time.time() - state.t0 - 1} for n in need}  # ended 1 s ago
+            record.recall_early(plan, state)
+            assert not proc.killed and stem not in state.started_early
+            assert state.ready[stem] == pytest.approx(time.time() - 1, abs=0.5)  # when they ended, not now
+            proc.returncode = 0
+            record.collect_chapters(plan, state)
+            t = state.timings["chapters"][stem]
+            assert state.chapters[stem] == record.DONE and t["finetunes_done_s"] > t["started_s"]
+
+
+def test_early_chapters_on_the_command_line(root, tmp_path, monkeypatch):
+    """``--early-chapters auto|on|off`` reaches :func:`emlib.record.run` as None / True / False."""
+    args = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["early_chapters"]) or {"failures": {}})
+    for extra in ([], ["--early-chapters", "on"], ["--early-chapters", "off"]):
+        assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
+    assert args == [None, True, False]
