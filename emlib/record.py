@@ -686,13 +686,23 @@ def warm_worker() -> None:
     """A finetune worker's start-up that needs no model: the package's imports (torch, transformers, peft) and,
     with a GPU, its CUDA context. :func:`run` starts the workers with it before it converts the model, so
     this overlaps the conversion instead of following it (on an H100, 2026-12-06: the model converted in
-    20 s, then each worker's first finetune spent 9.5-11 s loading before it trained)."""
+    20 s, then each worker's first finetune spent 9.5-11 s loading before it trained; with the package's
+    imports warmed still 7.7-11 s, while 8 warmed processes loaded the model in about 1 s each once
+    transformers' lazy imports were done: bench/README "Session 24")."""
     import torch
+    import transformers
 
     from . import experiment, fasttrain, vecgroup  # noqa: F401 - imported for their import time
 
+    # transformers imports lazily: what the first load_model reaches (2 CPU cores: the first load after the
+    # package's imports 2.1 s, a second one 1.3 s), for the book's two architectures (SmolLM2: Llama; Qwen2.5)
+    transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # noqa: B018
+    for arch in ("llama", "qwen2"):
+        getattr(getattr(transformers.models, arch), f"{arch.capitalize()}ForCausalLM", None)
     if torch.cuda.is_available():
-        torch.zeros(1, device="cuda")  # the context (through the MPS daemon when there is one)
+        x = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16)  # the context (through the MPS daemon when
+        (x @ x).sum().item()  # there is one) and cuBLAS's first handle
+        del x
         models.give_back_gpu_memory()
 
 
