@@ -229,11 +229,14 @@ def longest_first(stems: list[str]) -> list[str]:
     return sorted(stems, key=lambda st: -CHAPTER_SECONDS.get(st[:2], 0))
 
 
-# Chapters with slack: in that run they ended at 37, 283 and 428 s, chapters 2 and 5 at 590 and 598 s. With
-# ``--low-priority`` (under MPS) their processes are MPS clients of BELOW_NORMAL priority, which MPS's scheduler
-# treats as advice: the GPU's time should go first to the chapters and finetunes on the run's longest paths.
-# Chapter 4 is not among them: it may train a follow-up finetune chapter 5 waits for. Not measured on a GPU yet.
-SLACK_CHAPTERS = ("00", "01", "06")
+# Chapters with slack: in the `--speculate off` run (H100, session 23) chapters 0 and 1 ended at 37 and 283 s,
+# chapters 2 and 5 at 590 and 598 s. With ``--low-priority`` (under MPS) their processes are MPS clients of
+# BELOW_NORMAL priority, which MPS's scheduler treats as advice: the GPU's time should go first to the chapters
+# and finetunes on the run's longest paths. Chapter 4 is not among them: it may train a follow-up finetune chapter
+# 5 waits for. Chapter 6 was, until its one run (H100, session 24: 558 s against 565 s without the flag): it waits
+# for chapter 3's sweep, and at low priority it took 190 s instead of 158 s and ended the run 48 s after chapters
+# 2 and 5, so it is no longer slack once chapter 3's follow-ups go first. Without it: not measured.
+SLACK_CHAPTERS = ("00", "01")
 MPS_BELOW_NORMAL = (("CUDA_MPS_CLIENT_PRIORITY", "1"),)  # 0: NORMAL (MPS's default), 1: BELOW_NORMAL
 
 

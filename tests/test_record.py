@@ -889,7 +889,7 @@ def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path
 
 
 def test_low_priority_chapters_get_mps_below_normal_in_their_environment(root, tmp_path, monkeypatch):
-    """``--low-priority``: the chapters with slack (0, 1, 6) start with ``CUDA_MPS_CLIENT_PRIORITY=1`` in their
+    """``--low-priority``: the chapters with slack (0, 1) start with ``CUDA_MPS_CLIENT_PRIORITY=1`` in their
     process's environment, the others without it; without the flag none has it; record.json lists them."""
     import subprocess
 
