@@ -281,7 +281,7 @@ class RunState:
     admit: Admission = field(default_factory=Admission)  # room on the GPU for one more process (default: no limit)
     ready: dict[str, float] = field(default_factory=dict)  # chapter stem -> when it could first start (time.time())
     early: bool = False  # start a chapter while workers still train its finetunes (start_ready_chapters)
-    started_early: set = field(default_factory=set)  # chapters started so whose finetunes are not all done yet
+    started_early: set = field(default_factory=set)  # chapters started early whose finetunes are not all done yet
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -530,8 +530,8 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                 ([f"finetune(s) {', '.join(failed_ft)} failed"] if failed_ft else [])
                 + ([f"chapter(s) {', '.join(failed_ch)} failed"] if failed_ch else []))
             print(f"[record] chapter {stem} NOT RUN: {state.failures[stem]}", flush=True)
-        elif not waiting and (all(state.finetunes[n] == DONE for n in needs) or may_start_early(plan, state, stem)):
-            done = all(state.finetunes[n] == DONE for n in needs)
+        elif not waiting and ((done := all(state.finetunes[n] == DONE for n in needs))
+                              or may_start_early(plan, state, stem)):
             if done:
                 state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
             if not state.admit.room(state.busy()):
@@ -1050,8 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train the rank-32 adapters (all chapter 2 waits for) before the other finetunes")
     r.add_argument("--low-priority", action="store_true",
                    help=f"with --mps: chapters {', '.join(SLACK_CHAPTERS)} (slack in the measured runs) as MPS clients "
-                        "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (one H100 run: "
-                        "558 s against 565 s without, bench/README 'Session 24')")
+                        "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (one H100 run, "
+                        "chapter 6 low too: 558 s against 565 s without, bench/README 'Session 24')")
     r.add_argument("--early-chapters", choices=("auto", "on", "off"), default="auto",
                    help="start a chapter while workers still train its finetunes (once none is queued), so its "
                         "start-up overlaps their last seconds; it waits for them where it asks for them (auto: on "
