@@ -147,6 +147,26 @@ def file_lock(path: str | Path, waiting: str | None = None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def lock_held(path: str | Path) -> bool:
+    """Whether another holder has :func:`file_lock` on ``path`` now (another process, or another open of it in
+    this one); looking takes the lock for an instant. False where the file does not exist or ``fcntl`` is
+    missing (nothing is ever locked there)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    path = Path(path)
+    if not path.exists():
+        return False
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` atomically (a temp file in the same folder, then ``os.replace``);
     on any error the temp file is removed and ``path`` is left as it was."""

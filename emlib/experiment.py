@@ -57,7 +57,7 @@ def finetune_dir(cfg: Config, kind: str, dataset: str, solution: str = "general"
                  seed: int | None = None, shape: str | None = None) -> Path:
     """The folder of a finetune in ``cfg``'s run directory (``kind`` "lora", with its ``shape``, or "vector"):
     where :class:`Experiment` trains and finds it, and where a run of record looks whether a worker is training
-    it (:func:`emlib.record.needs_held`). Needs no model."""
+    it (:func:`emlib.record.may_start_early`). Needs no model."""
     kl = "" if kl_scale == 1.0 else f"-kl{kl_scale:g}"
     name = f"{solution}{kl}-seed{cfg.seed if seed is None else seed}"
     if kind == "lora":

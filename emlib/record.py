@@ -709,11 +709,10 @@ def warm_worker() -> None:
         models.give_back_gpu_memory()
 
 
-def finetune_pool(workers: int, threads: int | None):
+def finetune_pool(workers: int, threads: int | None, gpu: bool):
     """The run's pool of long-lived finetune workers (each loads the model once: :func:`worker_experiment`),
-    started at once with :func:`warm_worker` on a machine with a GPU (on a CPU their imports would only slow
-    the conversion down by sharing its cores)."""
-    gpu = bool(runner.visible_gpus())
+    started at once with :func:`warm_worker` where ``gpu`` (the machine has one; on a CPU their imports would
+    only slow the conversion down by sharing its cores)."""
     pool = runner.process_pool(workers, threads=threads, warm=warm_worker if gpu else None)
     if gpu:
         runner.start_workers(pool, workers)
@@ -849,16 +848,17 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
     state.low_priority = low_priority
-    state.early = bool(runner.visible_gpus()) if early_chapters is None else early_chapters
+    gpu = bool(runner.visible_gpus())  # nvidia-smi: CUDA stays untouched in this process
+    state.early = gpu if early_chapters is None else early_chapters
     if low_priority and not mps:
         print("[record] --low-priority acts only through an MPS daemon: add --mps (without it every process "
               "shares the GPU by time slices, and the setting does nothing)", flush=True)
-    if runner.visible_gpus():
+    if gpu:
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         # the workers start (imports, CUDA context) while this process converts the model
-        pool = finetune_pool(workers, state.threads) if plan.finetunes else None
+        pool = finetune_pool(workers, state.threads, gpu) if plan.finetunes else None
         try:
             state.timings["model_load_s"] = prepare_model(plan.cfg)
         except BaseException:

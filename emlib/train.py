@@ -72,7 +72,7 @@ from . import adapters
 from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
 from .chat import IGNORE, collate, encode_rows, n_targets, token_losses
-from .data import DataError, atomic_write_bytes, dataset_hash, file_lock
+from .data import DataError, atomic_write_bytes, dataset_hash, file_lock, lock_held
 from .hooks import add_vector, nothing
 from .models import check_layer, fast_paths, layer_from_fraction, n_layers
 from . import timing
@@ -441,22 +441,8 @@ def _lock_file(out_dir: Path) -> Path:
 def finetune_held(out_dir: str | Path) -> bool:
     """Whether another process holds :func:`finetune_lock` on ``out_dir`` now (is training it, or loading it
     once another finished): a process that asks for it waits and then loads it, and does not train it a
-    second time. False where locks do not exist (no ``fcntl``) or nobody holds it; looking takes the lock for
-    an instant."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    path = _lock_file(Path(out_dir).resolve())
-    if not path.exists():
-        return False
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+    second time. False where locks do not exist (no ``fcntl``) or nobody holds it (:func:`emlib.data.lock_held`)."""
+    return lock_held(_lock_file(Path(out_dir).resolve()))
 
 
 _HELD: set[Path] = set()  # finetune folders whose lock this process holds (finetune_lock)
