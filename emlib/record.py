@@ -182,38 +182,54 @@ def prepare_model(cfg: Config) -> float:
 # 6-17 GiB each, most 11-13 GiB (bench/README.md). A rough figure, not a bound: --gib-per-process changes it.
 GIB_PER_PROCESS = 14.0
 RAMP_S = 45.0  # a process started this recently is counted as holding GIB_PER_PROCESS already
+# Chapters counted for less than GIB_PER_PROCESS (a share of it, so --gib-per-process scales them too). On one H100
+# 80GB (2026-12-06, session 25, SmolLM2-135M `paper`; nvidia-smi's memory per process, bench/results/
+# record_timeline_smollm2_h100_s25_*) chapters 4 and 5 held at most 2.4-2.5 GiB and chapter 0 none; counted at
+# 14 GiB, chapter 5 (ready at 259 s, a path that ended the run) started at 342 s. At 0.25 (3.5 GiB) it would have
+# had room at about 295 s (not measured). The others stay whole: chapters 1 and 6 held 8.8-8.9 GiB, chapters 2 and 3
+# 23-24 (more than counted: the probe sees it once ``ramp_s`` has passed; counting it would delay the two chapters
+# on the run's longest paths), a finetune alone 2.7-7.8 and a group 19.4-20.7 (torch's peak), and chapters 2-3
+# were still growing 60 s after they started, which a smaller count for the finetunes would not have left room for.
+NEED_SHARE = {"00": 0.25, "04": 0.25, "05": 0.25}
+
+
+def need_share(stem: str | None) -> float:
+    """The share of ``gib_per_process`` the process ``stem`` (a chapter's file stem; None: a finetune task) is
+    counted for by :class:`Admission` (:data:`NEED_SHARE`; 1 when not listed)."""
+    return NEED_SHARE.get(stem[:2], 1.0) if stem else 1.0
 
 
 @dataclass
 class Admission:
-    """Starts a finetune task or a chapter only while the GPU has room for one more process: the free memory
-    ``probe`` reads (GiB; None: no GPU, no limit) less ``need_gib`` for each process started in the last
-    ``ramp_s`` seconds (they have not reached their peak yet) must leave ``need_gib``. With none of the run's
-    processes at work, one may always start (memory held by others must not stall the run). ``need_gib`` 0:
-    no limit. On an H200 (139 GiB) eight workers and the chapters fit (peak 116 GiB); on an H100 (80 GB) the
-    same run ran out of memory in every process at once (2026-12-05): this keeps it inside the card."""
+    """Starts a finetune task or a chapter only while the GPU has room for it: the free memory ``probe`` reads
+    (GiB; None: no GPU, no limit) less what each process started in the last ``ramp_s`` seconds is counted for
+    (they have not reached their peak yet) must leave what the new one is counted for: ``need_gib`` times its
+    ``share`` (:func:`need_share`). With none of the run's processes at work, one may always start (memory held
+    by others must not stall the run). ``need_gib`` 0: no limit. On an H200 (139 GiB) eight workers and the
+    chapters fit (peak 116 GiB); on an H100 (80 GB) the same run ran out of memory in every process at once
+    (2026-12-05): this keeps it inside the card."""
 
     probe: object = None  # () -> float | None, e.g. runner.gpu_free_gib
     need_gib: float = GIB_PER_PROCESS
     ramp_s: float = RAMP_S
-    started: list = field(default_factory=list)  # when each admitted process started (time.time())
+    started: list = field(default_factory=list)  # (when, GiB counted) of each admitted process (time.time())
     deferred: int = 0  # checks that found no room (the run looks again every few seconds while something waits)
 
-    def room(self, running: int, now: float | None = None) -> bool:
+    def room(self, running: int, now: float | None = None, share: float = 1.0) -> bool:
         if running == 0 or self.probe is None or self.need_gib <= 0:
             return True
         free = self.probe()
         if free is None:
             return True
         now = time.time() if now is None else now
-        recent = sum(1 for t in self.started if now - t < self.ramp_s)
-        if free - recent * self.need_gib >= self.need_gib:
+        recent = sum(gib for t, gib in self.started if now - t < self.ramp_s)
+        if free - recent >= self.need_gib * share:
             return True
         self.deferred += 1
         return False
 
-    def note_start(self, now: float | None = None) -> None:
-        self.started.append(time.time() if now is None else now)
+    def note_start(self, now: float | None = None, share: float = 1.0) -> None:
+        self.started.append((time.time() if now is None else now, self.need_gib * share))
 
 
 # Chapters ready at the same moment start longest first, so the GPU's room goes to the run's longest path.
@@ -534,12 +550,12 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                               or may_start_early(plan, state, stem)):
             if done:
                 state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
-            if not state.admit.room(state.busy()):
+            if not state.admit.room(state.busy(), share=need_share(stem)):
                 return  # no room on the GPU: the next pass looks again
             early = "" if done else ", early: workers are still training what it needs"
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s{early})", flush=True)
             start_chapter(plan, state, stem)
-            state.admit.note_start()
+            state.admit.note_start(share=need_share(stem))
             if not done:
                 state.started_early.add(stem)
 
@@ -798,6 +814,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "fused": fused.fused_setting(),
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
+                             "chapter_shares": NEED_SHARE,
                              "ramp_s": state.admit.ramp_s, "deferred": state.admit.deferred},
                "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
@@ -1058,7 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
                         "a GPU)")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
                    help="GPU memory one finetune or chapter process may reach: a process starts only while the "
-                        f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; 0: no limit)")
+                        f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; chapters "
+                        "0, 4 and 5 count a quarter of it; 0: no limit)")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a config field (into each chapter's config) or a chapter's own parameter")
     r.add_argument("-c", "--config", nargs=2, action="append", metavar=("NAME", "VALUE"),

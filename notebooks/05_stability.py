@@ -85,9 +85,11 @@ scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3'
 
 kw = dict(eps_grid=cfg.eps_grid, n_seeds=cfg.n_perturb_seeds, seed=cfg.seed, max_length=cfg.max_length,
           batch_size=cfg.metric_batch_size, cache_dir=metric_cache, progress=False)
+# seed by seed: the first seed's solutions exist once chapter 3 has chosen, while a run of record may still be
+# training the other seeds' narrow ones (this chapter waits for each where it asks for it)
 raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), noise=mode, **kw)
                  .assign(kind=kind, mode=mode, train_seed=s)
-                 for kind in inductive_kinds for mode in inductive.NOISE_MODES for s in seeds], ignore_index=True)
+                 for s in seeds for kind in inductive_kinds for mode in inductive.NOISE_MODES], ignore_index=True)
 curves = inductive.seed_curves(raw, by=("kind", "mode"))
 paired = inductive.paired_stability(raw, by=("kind", "mode"))
 exp.save_table(raw, "ch5_stability_draws")

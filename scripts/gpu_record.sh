@@ -26,6 +26,11 @@
 # `--model $HOME/emlib-carry/FILE.gguf` to the run (converted once into $EMLIB_CACHE).
 set -uo pipefail
 STASH=$HOME/emlib-carry
+# the run's own process only (`start` runs "python3 -m emlib.record run ...": its command line starts with python).
+# A bare `pgrep -f "emlib.record run"` also matched the shell of a device call whose command line held those
+# words, and `wait` then waited out its SECS after the run had ended (2026-12-06: 200 s of device time).
+RUN_PAT='^[^ ]*python[0-9.]* -m emlib[.]record run'
+running() { pgrep -f "$RUN_PAT" > /dev/null; }
 pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record pack), its log and monitor into DEST
   python3 -m emlib.record pack "$2" "$3" && cp "$HOME/record-$1.log" "$3/record-$1.log" \
     && { [ ! -f "$HOME/monitor-$1.csv" ] || cp "$HOME/monitor-$1.csv" "$3/monitor-$1.csv"; } \
@@ -38,7 +43,7 @@ monitor() {  # monitor NAME: every 5 s while the run lives, one CSV row: seconds
   t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib" > "$f"
   echo "t_s,pid,used_mib,command" > "$a"
   prev=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
-  while sleep 5 && pgrep -f "emlib.record run" > /dev/null; do
+  while sleep 5 && running; do
     cur=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
     echo "$(( $(date +%s) - t0 )),$(cut -d' ' -f1 /proc/loadavg),$(echo "$prev $cur" \
       | awk '{d=$3-$1; printf "%.0f", (d > 0 ? 100 * (d - ($4 - $2)) / d : 0)}'),$(nvidia-smi \
@@ -109,9 +114,9 @@ case "$cmd" in
     ;;
   wait)
     name=$1; secs=${2:-540}; run=${3:-}; t0=$(date +%s)
-    while pgrep -f "emlib.record run" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$secs" ]; do sleep 10; done
+    while running && [ $(( $(date +%s) - t0 )) -lt "$secs" ]; do sleep 10; done
     grep -v -i "warning\|TCP without\|Loading weights\|de-quantizing" "$HOME/record-$name.log" | tail -40
-    pgrep -f "emlib.record run" > /dev/null && echo "STILL RUNNING" || echo "RUN ENDED"
+    running && echo "STILL RUNNING" || echo "RUN ENDED"
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     if [ -n "$run" ] && [ -n "${OUT:-}" ]; then  # what the run has so far comes back with every call: a
       pack_into "$name" "$run" "$OUT/so-far" > /dev/null   # machine taken back between calls loses nothing packed

@@ -858,6 +858,47 @@ def test_admission_keeps_room_for_one_more_process_on_the_gpu():
     assert runner.free_gib_of(table, "2") is None and runner.free_gib_of("", None) is None
 
 
+def test_chapters_that_hold_little_are_counted_for_their_share():
+    """Chapters 0, 4 and 5 (2.4-2.5 GiB at most on an H100, 2026-12-06) are counted for a quarter of
+    ``gib_per_process``: with 7 GiB free, chapter 5 starts where chapter 2 waits, and once started it is counted
+    for 3.5 GiB, not 14, until ``ramp_s`` has passed; finetunes and the other chapters count whole."""
+    assert record.need_share("05_stability") == record.need_share("04_efficiency") == 0.25
+    assert record.need_share("00_datasets") == 0.25
+    assert record.need_share("02_one_direction") == record.need_share(None) == record.need_share("99_new") == 1.0
+    free = [7.0]
+    a = record.Admission(lambda: free[0], need_gib=14, ramp_s=45)
+    assert not a.room(running=3, now=0, share=record.need_share("02_one_direction"))
+    assert a.room(running=3, now=0, share=record.need_share("05_stability"))
+    a.note_start(now=0, share=record.need_share("05_stability"))
+    free[0] = 30.0  # the probe does not see chapter 5's memory yet: it is counted for 3.5 GiB
+    assert a.room(running=4, now=10)  # 30 - 3.5 >= 14
+    a.note_start(now=10)
+    assert not a.room(running=5, now=20)  # 30 - 3.5 - 14 = 12.5 < 14
+    assert a.room(running=5, now=20, share=0.25)  # 12.5 >= 3.5
+    assert a.room(running=5, now=60)  # both ramps over: 30 free
+
+
+def test_chapter_5_starts_where_a_whole_chapter_would_wait(root, tmp_path, monkeypatch):
+    """In a run with 7 GiB free on the GPU, chapter 5 (a quarter share) starts and chapter 2 (whole) waits;
+    record.json's admission lists the shares."""
+    seen = {}
+    for ch in ("02", "05"):
+        plan = record.plan_run("smoke", str(tmp_path / f"rec{ch}"), chapters=[ch], speculate=False)
+        state = record.RunState.of(plan)
+        state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+        state.sweep_ready = True  # chapter 5 reads chapter 3's sweep only
+        state.admit = record.Admission(lambda: 7.0, need_gib=14)
+        state.futures = {"a finetune": ()}  # something of the run is at work: the rule applies
+        monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+        record.start_ready_chapters(plan, state, max_parallel=6)
+        seen.update(state.chapters)
+    assert seen == {"02_one_direction": record.WAITING, "05_stability": record.RUNNING}
+    assert state.admit.started[-1][1] == pytest.approx(3.5)
+    summary = record.write_summary(plan, state, workers=2)
+    assert summary["admission"]["chapter_shares"] == {"00": 0.25, "04": 0.25, "05": 0.25}
+    assert json.loads(Path(plan.run, "record.json").read_text())["admission"]["chapter_shares"]["05"] == 0.25
+
+
 def test_a_full_gpu_runs_the_finetunes_and_chapters_one_at_a_time(root, tmp_path, monkeypatch):
     """With no room on the GPU (the probe says 0 GiB free) each finetune task and chapter starts only once
     nothing else of the run is at work, and the run still ends with everything done; with room, they overlap."""
