@@ -231,10 +231,10 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """(hidden states at the positions that predict a labelled token [n, d], their targets [n], LM head)
     of a right-padded batch without attention mask; ``target_index`` / ``targets`` when the batch has them
     (fixed shapes: padding targets carry the ignore label), else from ``labels``."""
-    from .fused import fused_layers
+    from .fused import fused_forward
 
     decoder, head = decoder_and_head(model)
-    with fused_layers(model):  # on CUDA (emlib.fused); a no-op inside TrainStep.kernels, which fused them already
+    with fused_forward(model):  # on CUDA (emlib.fused); a no-op inside TrainStep.kernels, which fused them already
         hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
     if "target_index" in batch:
         index, targets = batch["target_index"], batch["targets"]

@@ -250,6 +250,16 @@ def test_metric_forwards_are_the_same_fused(monkeypatch):
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-5 * abs(b), (got, want)
     assert not any("forward" in m.__dict__ for m in pm.modules())
+    from emlib.fused import fused_forward
+
+    n_norms = sum(type(m).__name__.endswith("RMSNorm") for m in pm.modules())
+    with fused_forward(pm) as n:  # the switch is on: the RMSNorms too (each one F.rms_norm while it lasts)
+        assert n["norms"] == n_norms > 0 and n["mlp"] > 0
+        assert all("forward" in m.__dict__ for m in pm.modules() if type(m).__name__.endswith("RMSNorm"))
+    monkeypatch.setenv(FUSED_ENV, "off")
+    with fused_forward(pm) as n:
+        assert n["norms"] == 0 == n["mlp"]
+    assert not any("forward" in m.__dict__ for m in pm.modules())
 
 
 def test_signed_sin_is_kept_per_tensor_while_it_lives():
