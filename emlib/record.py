@@ -878,6 +878,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         pool = finetune_pool(workers, state.threads, gpu) if plan.finetunes else None
         try:
             state.timings["model_load_s"] = prepare_model(plan.cfg)
+            if models.LAST_CONVERSION:  # converted here: where its seconds went (models.LAST_CONVERSION)
+                state.timings["model_conversion"] = dict(models.LAST_CONVERSION)
         except BaseException:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)

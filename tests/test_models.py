@@ -175,6 +175,9 @@ def test_embedded_smollm2_from_clean_cache(tmp_path, monkeypatch):
     m, tok = models.load_model("embedded", device="cpu")
     assert m.emlib_info.source == "embedded-gguf"
     assert (tmp_path / "models" / "SmolLM2-135M-Instruct-bf16" / "model.safetensors").exists()
+    steps = models.LAST_CONVERSION  # what a run of record keeps as timings.model_conversion
+    assert set(steps) == {"imports_s", "tokenizer_s", "model_s", "save_s", "total_s"}
+    assert 0 < steps["model_s"] <= steps["total_s"] and steps["tokenizer_s"] > 0
     assert m.config.num_hidden_layers == 30 and m.config.hidden_size == 576
     enc = tok.apply_chat_template([{"role": "user", "content": "hey I feel bored"}],
                                   add_generation_prompt=True, return_dict=True, return_tensors="pt")

@@ -12,7 +12,7 @@ import torch
 from run_tables import make_run
 
 from emlib.config import get_config
-from emlib import book, experiment, record, results, runner
+from emlib import book, experiment, models, record, results, runner
 
 
 
@@ -1194,3 +1194,21 @@ def test_early_chapters_on_the_command_line(root, tmp_path, monkeypatch):
     for extra in ([], ["--early-chapters", "on"], ["--early-chapters", "off"]):
         assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
     assert args == [None, True, False]
+
+
+def test_a_run_that_converts_the_model_says_where_the_conversion_went(root, tmp_path, monkeypatch):
+    """record.json's timings keep the seconds of each conversion step when the run converted the model
+    (``models.LAST_CONVERSION``), and leave them out when it did not (the model was converted before)."""
+    steps = {"imports_s": 0.5, "tokenizer_s": 3.8, "model_s": 3.3, "save_s": 0.1, "total_s": 7.7}
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+    for converted in (True, False):
+        def prepare(cfg, converted=converted):
+            models.LAST_CONVERSION.clear()
+            models.LAST_CONVERSION.update(steps if converted else {})
+            return 7.7
+
+        monkeypatch.setattr(record, "prepare_model", prepare)
+        summary = record.run("smoke", str(tmp_path / f"rec{converted}"), workers=1, chapters=["00"])
+        assert summary["failures"] == {}
+        assert summary["timings"].get("model_conversion") == (steps if converted else None)
+    models.LAST_CONVERSION.clear()
