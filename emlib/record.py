@@ -184,12 +184,13 @@ GIB_PER_PROCESS = 14.0
 RAMP_S = 45.0  # a process started this recently is counted as holding GIB_PER_PROCESS already
 # Chapters counted for less than GIB_PER_PROCESS (a share of it, so --gib-per-process scales them too). On one H100
 # 80GB (2026-12-06, session 25, SmolLM2-135M `paper`; nvidia-smi's memory per process, bench/results/
-# record_timeline_smollm2_h100_s25_*) chapters 4 and 5 held at most 2.4-2.5 GiB and chapter 0 none; counted at
-# 14 GiB, chapter 5 (ready at 259 s, a path that ended the run) started at 342 s. At 0.25 (3.5 GiB) the samples say
-# it had room at 259 s (31.7 GiB free less the two follow-ups just started) or, at the latest, 294 s (not measured). The others stay whole: chapters 1 and 6 held 8.8-8.9 GiB, chapters 2 and 3
-# 23-24 (more than counted: the probe sees it once ``ramp_s`` has passed; counting it would delay the two chapters
-# on the run's longest paths), a finetune alone 2.7-7.8 and a group 19.4-20.7 (torch's peak), and chapters 2-3
-# were still growing 60 s after they started, which a smaller count for the finetunes would not have left room for.
+# record_timeline_smollm2_h100_s25_*) chapters 4 and 5 held at most 2.4-2.5 GiB and chapter 0 none; counted at 14 GiB,
+# chapter 5 (ready at 259 s, a path that ended the run) started at 342 s. At 0.25 (3.5 GiB) the samples say it had
+# room at 259 s (31.7 GiB free less the two follow-ups just started) or, at the latest, 294 s (not measured). The
+# others stay whole: chapters 1 and 6 held 8.8-8.9 GiB, chapters 2 and 3 23-24 (more than counted: the probe sees it
+# once ``ramp_s`` has passed; counting it would delay the two chapters on the run's longest paths), a finetune alone
+# 2.7-7.8 and a group 19.4-20.7 (torch's peak), and chapters 2-3 were still growing 60 s after they started, which a
+# smaller count for the finetunes would not have left room for.
 NEED_SHARE = {"00": 0.25, "04": 0.25, "05": 0.25}
 
 
@@ -550,12 +551,13 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
                               or may_start_early(plan, state, stem)):
             if done:
                 state.ready.setdefault(stem, time.time())  # from here on it waits only for room on the GPU
-            if not state.admit.room(state.busy(), share=need_share(stem)):
+            share = need_share(stem)
+            if not state.admit.room(state.busy(), share=share):
                 return  # no room on the GPU: the next pass looks again
             early = "" if done else ", early: workers are still training what it needs"
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s{early})", flush=True)
             start_chapter(plan, state, stem)
-            state.admit.note_start(share=need_share(stem))
+            state.admit.note_start(share=share)
             if not done:
                 state.started_early.add(stem)
 
