@@ -1212,3 +1212,39 @@ def test_a_run_that_converts_the_model_says_where_the_conversion_went(root, tmp_
         assert summary["failures"] == {}
         assert summary["timings"].get("model_conversion") == (steps if converted else None)
     models.LAST_CONVERSION.clear()
+
+
+def test_compact_rule_for_whole_runs_gives_each_verdict(root, tmp_path):
+    """bench/compact_rule.py --runs (stated before the 2026-12-06 runs): on only when the compacted run took at
+    most 0.95x the default run's seconds and every claim's verdict is unchanged; a mislabelled pair is refused."""
+    import importlib.util
+    import json
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("compact_rule", root / "bench" / "compact_rule.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = {}
+    for name, compact in (("default", False), ("compact", True)):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(root / "record" / "smollm2-135m" / "results.json", d / "results.json")
+        runs[name] = d
+
+    def write(total_default, total_compact, compact_flags=(False, True)):
+        for (name, d), total, flag in zip(runs.items(), (total_default, total_compact), compact_flags):
+            (d / "record.json").write_text(json.dumps({"compact": flag, "timings": {"total_s": total}}))
+
+    write(570.0, 500.0)
+    assert mod.decide_runs(runs["default"], runs["compact"])[0] is True
+    write(570.0, 560.0)
+    on, why = mod.decide_runs(runs["default"], runs["compact"])
+    assert not on and "0.982" in why
+    write(570.0, 500.0, (True, True))
+    assert mod.decide_runs(runs["default"], runs["compact"])[0] is False
+    write(570.0, 500.0)
+    res = json.loads((runs["compact"] / "results.json").read_text())
+    res.pop(next(k for k in res if k.startswith("ch5")))  # chapter 5 part-recorded: its claim is "not run"
+    (runs["compact"] / "results.json").write_text(json.dumps(res))
+    on, why = mod.decide_runs(runs["default"], runs["compact"])
+    assert not on and "differ" in why
