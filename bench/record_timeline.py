@@ -5,6 +5,10 @@ and allocated at its peak and held after it; with ``--apps`` (``monitor-NAME-app
 
     python bench/record_timeline.py RUN_DIR [--apps monitor-s-apps.csv] [--out timeline.json]
 
+With the chapters' phase spans (runs from 2026-12-06 on: :func:`emlib.timing.phase_spans`), the JSON also holds
+``spans`` (each chapter's outermost load / sample / judge / ... calls on the run's clock) and ``busy``: per
+5-second bin, how many chapters were inside a phase (what a GPU monitor's idle samples can be set against).
+
 A chapter's ``waited_s`` is the time from ``ready_s`` (its finetunes and earlier chapters done) to its start:
 the wait for room on the GPU (``emlib.record.Admission``). Runs before 2026-12-06 have no ``ready_s``.
 """
@@ -37,6 +41,19 @@ def processes(apps_csv: str | Path) -> pd.DataFrame:
     return out.sort_values(["first_s", "pid"]).reset_index(drop=True)
 
 
+def busy_bins(spans: pd.DataFrame, width: float = 5.0) -> list[dict]:
+    """Per ``width``-second bin of the run: the chapters inside a phase at any time in it, by phase."""
+    if spans.empty:
+        return []
+    out = []
+    t, end = 0.0, float(spans["end_s"].max())
+    while t < end:
+        inside = spans[(spans["start_s"] < t + width) & (spans["end_s"] > t)]
+        out.append({"t_s": t, "phases": {f"{r.chapter[:2]}": r.phase for r in inside.itertuples()}})
+        t += width
+    return out
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
@@ -60,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     t["waited_s"] = (t["started_s"] - t["ready_s"]).round(1)
     print(_markdown(t))
     out = {"run_dir": a.run_dir, "label": a.label, "timeline": json.loads(t.to_json(orient="records"))}
+    spans = timing.phase_spans(a.run_dir)
+    if len(spans):
+        out["spans"] = json.loads(spans.to_json(orient="records"))
+        out["busy"] = busy_bins(spans)
     if a.apps:
         p = processes(a.apps)
         print()

@@ -805,6 +805,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
     from . import experiment, fastgen, fused, models
 
     state.timings["total_s"] = round(time.time() - state.t0, 1)
+    state.timings["t0_unix"] = round(state.t0, 3)  # the chapters' phase spans (logs/phases/*.events.json) are unix times
     summary = {"profile": plan.profile, "params": {k: v for k, v in plan.params.items() if k != "run_dir"}
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",

@@ -34,6 +34,11 @@ SHARED_GPU = "EMLIB_SHARED_GPU"  # "1": this process shares its GPU with others 
 
 _totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 _stack: list[list] = []  # [phase, time it (re)started] for each open phase, innermost last
+# each outermost phase's span: [phase, start, end] on the wall clock (time.time(), comparable across processes
+# and with record.json's t0), so a run's timeline shows what each chapter did when (the GPU idle at 200-230 s
+# in the runs of 2026-12-06 fell inside chapter 2's sampling cell). Bounded: the first MAX_EVENTS only.
+_events: list[list] = []
+MAX_EVENTS = 20000
 
 F = TypeVar("F", bound=Callable)
 
@@ -48,6 +53,8 @@ def phase(name: str) -> Iterator[None]:
     if _stack:  # pause the enclosing phase
         outer = _stack[-1]
         _totals[outer[0]] += now - outer[1]
+    outermost = not _stack
+    wall0 = time.time()
     _stack.append([name, now])
     try:
         yield
@@ -55,6 +62,8 @@ def phase(name: str) -> Iterator[None]:
         now = time.perf_counter()
         inner = _stack.pop()
         _totals[inner[0]] += now - inner[1]
+        if outermost and len(_events) < MAX_EVENTS:
+            _events.append([name, round(wall0, 3), round(time.time(), 3)])
         if _stack:  # the enclosing phase goes on from here
             _stack[-1][1] = now
         elif os.environ.get(SHARED_GPU) == "1":
@@ -92,6 +101,13 @@ def reset() -> None:
     """Start the tally again (tests; a process that times several things one after another)."""
     for k in _totals:
         _totals[k] = 0.0
+    _events.clear()
+
+
+def events() -> list[list]:
+    """Each outermost phase so far: ``[phase, start, end]`` (``time.time()`` seconds; nested phases are inside
+    their outermost one's span)."""
+    return [list(e) for e in _events]
 
 
 def summary(wall: float | None = None) -> dict[str, float]:
@@ -105,10 +121,16 @@ def summary(wall: float | None = None) -> dict[str, float]:
 
 
 def save(path: str | Path, wall: float | None = None) -> Path:
-    """Write :func:`summary` as JSON (atomically: never a partial file)."""
+    """Write :func:`summary` as JSON (atomically: never a partial file), and :func:`events` beside it as
+    ``<stem>.events.json`` (a list of ``[phase, start, end]``, which :func:`run_table` does not count)."""
     from .data import atomic_write_bytes
 
+    path = Path(path)
+    atomic_write_bytes(path.with_name(path.stem + EVENTS_SUFFIX), json.dumps(events()).encode("utf-8"))
     return atomic_write_bytes(path, json.dumps(summary(wall), indent=1).encode("utf-8"))
+
+
+EVENTS_SUFFIX = ".events.json"
 
 
 def _tasks(jobs: dict) -> list[tuple[dict, list[str]]]:
@@ -154,6 +176,24 @@ def run_timeline(run_dir: str | Path) -> "object":
     return frame.sort_values("started_s", kind="stable", na_position="last").reset_index(drop=True)
 
 
+def phase_spans(run_dir: str | Path) -> "object":
+    """Each chapter's outermost phases on the run's clock: one row per span (chapter, phase, start_s, end_s,
+    seconds from the run's start), from ``logs/phases/<chapter>.events.json`` and ``record.json``'s
+    ``t0_unix`` (runs from 2026-12-06 on; empty where either is missing)."""
+    import pandas as pd
+
+    run = Path(run_dir)
+    rec = run / "record.json"
+    t0 = json.loads(rec.read_text()).get("timings", {}).get("t0_unix") if rec.exists() else None
+    rows = []
+    for f in sorted((run / "logs" / "phases").glob("*" + EVENTS_SUFFIX)) if t0 is not None else []:
+        for name, start, end in json.loads(f.read_text()):
+            rows.append({"chapter": f.name[:-len(EVENTS_SUFFIX)], "phase": name, "start_s": round(start - t0, 2),
+                         "end_s": round(end - t0, 2)})
+    frame = pd.DataFrame(rows, columns=["chapter", "phase", "start_s", "end_s"])
+    return frame.sort_values(["start_s", "chapter"], kind="stable").reset_index(drop=True)
+
+
 def run_table(run_dir: str | Path) -> "object":
     """A run directory's time by phase, in process-seconds: one column per chapter that wrote
     ``logs/phases/<chapter>.json`` (:func:`emlib.book.executed_with`) and one, ``finetunes``, summing every
@@ -165,7 +205,8 @@ def run_table(run_dir: str | Path) -> "object":
     run = Path(run_dir)
     cols: dict[str, dict[str, float]] = {}
     for f in sorted((run / "logs" / "phases").glob("*.json")):
-        cols[f.stem] = json.loads(f.read_text())
+        if not f.name.endswith(EVENTS_SUFFIX):  # a chapter's phase spans (save), not its totals
+            cols[f.stem] = json.loads(f.read_text())
     rec = run / "record.json"
     jobs = json.loads(rec.read_text()).get("timings", {}).get("jobs", {}) if rec.exists() else {}
     if jobs:

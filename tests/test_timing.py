@@ -125,3 +125,31 @@ def test_a_process_sharing_its_gpu_gives_back_memory_between_phases(clock, monke
     assert calls == [0, 0]
     assert timing.SHARED_GPU not in os.environ  # restored
     models.give_back_gpu_memory()  # no CUDA here: nothing to give back, no error
+
+
+def test_outermost_phases_are_kept_as_spans_on_the_runs_clock(tmp_path, clock, monkeypatch):
+    """Each outermost phase's wall-clock span is saved beside the totals; the run's table does not count that
+    file, and phase_spans puts the spans on the run's clock (record.json's t0_unix)."""
+    wall = [1000.0]
+    monkeypatch.setattr(timing.time, "time", lambda: wall[0])
+    with timing.phase("load"):
+        wall[0] += 4.0
+    wall[0] += 10.0  # between phases: no span
+    with timing.phase("sample"):
+        wall[0] += 3.0
+        with timing.phase("judge"):  # nested: inside the sample span, not a span of its own
+            wall[0] += 1.0
+    assert timing.events() == [["load", 1000.0, 1004.0], ["sample", 1014.0, 1018.0]]
+    run = tmp_path / "run"
+    out = run / "logs" / "phases" / "02_one_direction.json"
+    out.parent.mkdir(parents=True)
+    timing.save(out, wall=20.0)
+    assert (out.parent / "02_one_direction.events.json").exists()
+    (run / "record.json").write_text(json.dumps({"timings": {"t0_unix": 990.0}}))
+    assert list(timing.run_table(run).columns) == ["02_one_direction", "all processes"]
+    spans = timing.phase_spans(run)
+    assert spans.to_dict(orient="records") == [
+        {"chapter": "02_one_direction", "phase": "load", "start_s": 10.0, "end_s": 14.0},
+        {"chapter": "02_one_direction", "phase": "sample", "start_s": 24.0, "end_s": 28.0}]
+    (run / "record.json").write_text(json.dumps({"timings": {}}))  # a run before t0_unix: no spans
+    assert timing.phase_spans(run).empty
