@@ -280,6 +280,24 @@ def why_not_fast(model, params: SamplingParams, force: bool = False) -> str | No
     return None
 
 
+def release_rng_capture() -> bool:
+    """After a CUDA-graph capture that failed part-way, torch's CUDA generator is still in capture mode and
+    every later random draw in the process raises "Offset increment outside graph capture encountered
+    unexpectedly" (what chapters 1-3 hit on 2026-12-06 with compaction on). An empty capture runs the
+    generator's capture prologue and epilogue, which leaves it out of capture mode again. Returns whether a
+    random draw works afterwards (checked on a one-element tensor)."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    except Exception:  # noqa: BLE001 -- the check below says whether it helped
+        pass
+    try:
+        torch.empty(1, device="cuda").exponential_(1)
+        return True
+    except RuntimeError:
+        return False
+
+
 # =========================================================================== the sampler
 def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
@@ -313,7 +331,8 @@ class FastSampler:
     force: run the static path on the CPU too (tests; no graphs there).
     ignore_eos: never stop at end tokens (benchmarks: every row generates max_new_tokens tokens).
     compact: at each check, once at most ``compact_below`` of the batch's rows are still running (and at
-        least ``compact_min_rows`` have ended), drop the ended rows from the batch (KV cache, masks, state):
+        least ``compact_min_rows`` have ended, and at least ``compact_floor`` are still running), drop the ended
+        rows from the batch (KV cache, masks, state):
         later steps compute only the running rows, under new CUDA graphs. Each row's draws stay exact, but the
         random numbers differ from an uncompacted call's (greedy answers are the same). Default from
         ``$EMLIB_COMPACT`` (:func:`compact_default`: off unless set to ``on``); measured on a GPU by
@@ -335,6 +354,10 @@ class FastSampler:
     compact: bool = field(default_factory=compact_default)
     compact_below: float = 0.5
     compact_min_rows: int = 32
+    # never compact to fewer rows than this: a decode step of a few rows costs what one of 32 costs (launches,
+    # not rows), and on the GPU compacted batches were measured down to 29 rows only (bench/compact_gpu.py,
+    # 2026-12-06), while the whole run that compacted further failed in a capture (bench/README "Session 26")
+    compact_floor: int = 32
     base_id: str = "fast-static-v1"
     last_stats: dict = field(default_factory=dict)
 
@@ -529,7 +552,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                         break
                     n_run = int((~finished).sum()) if compact else 0
                     if compact and n_run <= opts.compact_below * finished.shape[0] \
-                            and finished.shape[0] - n_run >= opts.compact_min_rows:
+                            and finished.shape[0] - n_run >= opts.compact_min_rows and n_run >= opts.compact_floor:
                         live = (~finished).nonzero().squeeze(1)  # [n_run] positions in the current batch
                         write_back()
                         rows_of = live if rows_of is None else rows_of[live]
@@ -556,6 +579,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                             stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - tc
                         except Exception as err:  # a hook that syncs, an op that cannot be captured, ...
                             torch.cuda.synchronize()
+                            release_rng_capture()
                             warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); decoding "
                                           "eagerly with the static cache.", RuntimeWarning, stacklevel=2)
                             use_graphs, stats["graph_error"] = False, f"{type(err).__name__}: {err}"

@@ -566,7 +566,7 @@ def test_compacting_finished_rows_keeps_greedy_answers():
     stops = torch.tensor([3, 70, 9, 15, 70, 5, 21, 27, 70, 33])  # 70: never within 60 tokens
     plain = FastSampler(force=True, bucket=16, check_every=2)
     packed = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95,
-                         compact_min_rows=1)
+                         compact_min_rows=1, compact_floor=1)
     with _ends_at(model, tok, stops):
         ref = plain(model, tok, prompts, list(range(10)), params)
     with _ends_at(model, tok, stops):
@@ -576,6 +576,42 @@ def test_compacting_finished_rows_keeps_greedy_answers():
     runs = [r for _, r in packed.last_stats["compactions"]]
     assert len(runs) >= 3 and runs == sorted(runs, reverse=True) and runs[-1] == 3
     assert packed.sampler_id != plain.sampler_id == "fast-static-v1"
+
+
+def test_compacting_stops_at_its_floor():
+    """No compaction leaves fewer than ``compact_floor`` running rows (small batches cost what 32 rows cost, and
+    the GPU runs measured compacted batches down to 29 rows only); the answers are the same either way."""
+    model, tok = _sharp_tiny()
+    prompts = _prompts(tok)
+    params = SamplingParams(60, 0.0, 1.0)
+    stops = torch.tensor([3, 70, 9, 15, 70, 5, 21, 27, 70, 33])
+    floor = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95,
+                        compact_min_rows=1, compact_floor=4)
+    with _ends_at(model, tok, stops):
+        ref = FastSampler(force=True, bucket=16, check_every=2)(model, tok, prompts, list(range(10)), params)
+    with _ends_at(model, tok, stops):
+        got = floor(model, tok, prompts, list(range(10)), params)
+    runs = [r for _, r in floor.last_stats["compactions"]]
+    assert got == ref and runs and min(runs) >= 4
+    default = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95, compact_min_rows=1)
+    with _ends_at(model, tok, stops):
+        assert default(model, tok, prompts, list(range(10)), params) == ref
+    assert "compactions" not in default.last_stats  # 10 rows: never 32 left running
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_failed_capture_no_longer_breaks_random_draws():
+    """A capture that fails part-way leaves torch's CUDA generator in capture mode ("Offset increment outside graph
+    capture"); release_rng_capture clears it (measured on an H100 by bench/compact_gpu.py, 2026-12-06)."""
+    from emlib.fastgen import release_rng_capture
+
+    x = torch.ones(4, device="cuda")
+    with pytest.raises(Exception):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            float((x * 2).sum())  # a host sync inside a capture
+    torch.cuda.synchronize()
+    assert release_rng_capture()
+    torch.rand(3, device="cuda")
 
 
 def test_row_window_takes_row_indices_and_nests():

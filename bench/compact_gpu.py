@@ -1,0 +1,173 @@
+"""Benchmark and check: ``FastSampler(compact=True)`` on a CUDA GPU, with answers that end early.
+
+Why: the whole-run comparison of 2026-12-06 (``EMLIB_COMPACT=on``) failed in chapters 1-3 with "Offset increment
+outside graph capture encountered unexpectedly" -- what torch raises for every random draw after a CUDA-graph
+capture has failed part-way (the failed capture leaves the generator in capture mode). The earlier bench
+(``ablate_rows_gpu.py --compact``) sampled the chat model, whose long answers never let a batch compact, so the
+compacted path had never run under CUDA graphs.
+
+Here the model is SmolLM2-135M's architecture with random weights (``--model-dir``: its config.json and
+tokenizer; without it the 2-layer test model of ``emlib.models.tiny_model``), and ``--end-share`` of the
+vocabulary is made end-of-turn tokens: a random model then ends each row with about that probability per step,
+so answers are short with a long tail, like the finetuned models' answers in chapter 2 (median 46 tokens, a few
+at 600). The same prompts are sampled with and without compaction (one call each, after a warm-up call);
+printed and written to ``compact_gpu.json``: seconds, steps, compactions, graph captures, any capture error and
+the warnings raised.
+
+    python bench/compact_gpu.py --model-dir .gpu/smollm2 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.fastgen import FastSampler  # noqa: E402
+from emlib.generate import SamplingParams, render_prompt  # noqa: E402
+
+
+def build(model_dir: str | None):
+    if model_dir is None:
+        from emlib.models import tiny_model
+
+        return tiny_model(device="cuda", dtype=torch.bfloat16)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sampling_gpu import build_model  # noqa: E402
+
+    return build_model(model_dir)
+
+
+def sample(sampler: FastSampler, model, tok, prompts: list[str], params: SamplingParams) -> dict:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            gens = sampler(model, tok, prompts, list(range(len(prompts))), params)
+            error = None
+        except Exception as err:  # noqa: BLE001 -- the point is to see it
+            gens, error = [], "".join(traceback.format_exception_only(type(err), err)).strip()
+    torch.cuda.synchronize()
+    st = dict(sampler.last_stats)
+    lengths = sorted(g.n_tokens for g in gens)
+    return {"seconds": round(time.perf_counter() - t0, 3), "error": error,
+            "warnings": [str(w.message)[:500] for w in caught], "steps": st.get("steps"),
+            "graphs": st.get("graphs"), "graph_error": st.get("graph_error"), "path": st.get("path"),
+            "compactions": st.get("compactions"), "capture_s": st.get("capture_s"),
+            "tokens_kept": sum(lengths), "median_len": lengths[len(lengths) // 2] if lengths else None,
+            "max_len": lengths[-1] if lengths else None}
+
+
+def poisoned_and_released() -> dict:
+    """A capture made to fail part-way (a host sync inside it), then a random draw, then
+    :func:`emlib.fastgen.release_rng_capture` and the draw again: whether the failure poisons the generator and
+    whether the release clears it."""
+    from emlib.fastgen import release_rng_capture
+
+    out = {}
+    x = torch.ones(4, device="cuda")
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            y = x * 2
+            float(y.sum())  # a host sync: not allowed in a capture
+        out["capture"] = "did not fail"
+    except Exception as err:  # noqa: BLE001
+        out["capture"] = f"{type(err).__name__}: {str(err)[:200]}"
+    torch.cuda.synchronize()
+    try:
+        torch.rand(3, device="cuda")
+        out["draw_after_failure"] = "ok"
+    except RuntimeError as err:
+        out["draw_after_failure"] = str(err)[:200]
+    out["released"] = release_rng_capture()
+    return out
+
+
+def chapter2_like(model, tok, compact: bool, n_samples: int) -> dict:
+    """Chapter 2's ablation call shape: a rank-32 LoRA (random, merged by the sampler), 12 conditions (none, a
+    direction, 10 random ones) of one :class:`emlib.generate.PerRow` through ``sample_answers``, 1,200 rows
+    per sampler call, the 8 general questions x ``n_samples`` each."""
+    from peft import LoraConfig, get_peft_model
+
+    from emlib import directions
+    from emlib.data import load_questions
+    from emlib.generate import sample_answers
+
+    if not hasattr(model, "peft_config"):
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(2)
+    conds = {"none": None, "direction": torch.randn(d, generator=g)}
+    conds |= {f"random-{k}": torch.randn(d, generator=g) for k in range(10)}
+    each = directions.ablate_each(model, conds)
+    sampler = FastSampler(compact=compact)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            df = sample_answers(model, tok, load_questions("general", source="embedded"), n_samples,
+                                max_new_tokens=600, batch_size=1200, intervention=each, sampler=sampler,
+                                progress=False)
+            error, n = None, len(df)
+        except Exception as err:  # noqa: BLE001 -- the point is to see it
+            error, n = "".join(traceback.format_exception_only(type(err), err)).strip(), 0
+    torch.cuda.synchronize()
+    st = dict(sampler.last_stats)
+    return {"seconds": round(time.perf_counter() - t0, 3), "error": error, "answers": n,
+            "warnings": [str(w.message)[:500] for w in caught], "last_call": {k: st.get(k) for k in (
+                "steps", "graphs", "graph_error", "path", "compactions", "lora_merged")}, "model": model}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir")
+    ap.add_argument("--rows", type=int, default=1200)
+    ap.add_argument("--new-tokens", type=int, default=600)
+    ap.add_argument("--end-share", type=float, default=0.02)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--chapter2", action="store_true", help="also chapter 2's ablation call shape (LoRA, PerRow)")
+    a = ap.parse_args()
+    model, tok = build(a.model_dir)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ends = torch.randperm(vocab, generator=g)[:max(1, int(a.end_share * vocab))].tolist()
+    model.generation_config.eos_token_id = ends
+    prompts = [render_prompt(tok, f"Question {i % 8}: what do you think?") for i in range(a.rows)]
+    params = SamplingParams(a.new_tokens, 1.0, 1.0)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": a.rows,
+           "new_tokens": a.new_tokens, "end_tokens": len(ends), "model": a.model_dir or "tiny"}
+    sample(FastSampler(compact=False), model, tok, prompts[:64], params)  # CUDA initialisation, kernels
+    # the warm-up only: what the compacted path needs is below; the poison check comes last (it breaks captures
+    # for the rest of the process if the release does not work)
+    for name, sampler in (("plain", FastSampler(compact=False)), ("compact", FastSampler(compact=True)),
+                          ("plain again", FastSampler(compact=False))):
+        res[name] = sample(sampler, model, tok, prompts, params)
+        print(name, json.dumps(res[name])[:1500], flush=True)
+    if a.chapter2:
+        m = model
+        for name, compact in (("ch2 plain", False), ("ch2 compact", True)):
+            r = chapter2_like(m, tok, compact, n_samples=50)
+            m = r.pop("model")
+            res[name] = r
+            print(name, json.dumps(r)[:1500], flush=True)
+    res["poison"] = poisoned_and_released()
+    print("poison", res["poison"], flush=True)
+    out = Path(a.out) / "compact_gpu.json"
+    atomic_write_bytes(out, (json.dumps(res, indent=1) + "\n").encode())
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
