@@ -12,6 +12,8 @@
 #                                               + monitor-NAME.csv (CPU load and GPU use every 5 s while it ran)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
 # back to back until `pack` has run and its files came back (a machine that went back loses everything).
+# At most 8 files come back from $OUT per call: `pack` (and `wait ... RUN_DIR`) writes 6, so one run's files per
+# call (2026-12-06: a call that packed a finished run and waited on the next lost the second's logs).
 # A machine can also be taken back during a call (2026-12-05: 370 s of a run lost, nothing returned): keep
 # each `wait` to about 270 s with RUN_DIR, so what the run has so far comes back at least that often.
 # Environment it sets: PYTHONPATH (/tmp/site + the checkout), EMLIB_EMBEDDED_GGUF (the reassembled model),
