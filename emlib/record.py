@@ -223,14 +223,22 @@ class Admission:
         if free is None:
             return True
         now = time.time() if now is None else now
-        recent = sum(gib for t, gib in self.started if now - t < self.ramp_s)
+        recent = sum(entry[1] for entry in self.started if now - entry[0] < self.ramp_s)
         if free - recent >= self.need_gib * share:
             return True
         self.deferred += 1
         return False
 
-    def note_start(self, now: float | None = None, share: float = 1.0) -> None:
-        self.started.append((time.time() if now is None else now, self.need_gib * share))
+    def note_start(self, now: float | None = None, share: float = 1.0, key: str | None = None) -> None:
+        """A process started: counted for ``need_gib * share`` for ``ramp_s`` seconds, or until
+        :meth:`note_end` of its ``key``."""
+        self.started.append((time.time() if now is None else now, self.need_gib * share, key))
+
+    def note_end(self, key: str) -> None:
+        """The process started under ``key`` has ended: it is no longer growing, and what it still holds (or
+        gave back) is what the probe reads. (On an H100, 2026-12-06, three finetunes that had ended at 179-186 s
+        were still counted as 42 GiB about to be taken, and chapters 1 and 3 waited until 200 s.)"""
+        self.started = [entry for entry in self.started if entry[2] != key]
 
 
 # Chapters ready at the same moment start longest first, so the GPU's room goes to the run's longest path.
@@ -557,7 +565,7 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
             early = "" if done else ", early: workers are still training what it needs"
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s{early})", flush=True)
             start_chapter(plan, state, stem)
-            state.admit.note_start(share=share)
+            state.admit.note_start(share=share, key=stem)
             if not done:
                 state.started_early.add(stem)
 
@@ -599,6 +607,7 @@ def recall_early(plan: Plan, state: RunState) -> None:
             proc, _ = state.processes.pop(stem)
             proc.kill()
             proc.wait()
+            state.admit.note_end(stem)
             state.started_early.discard(stem)
             state.chapters[stem] = WAITING
             state.attempts[stem] -= 1
@@ -630,6 +639,7 @@ def collect_finetunes(state: RunState, timeout: float = 5) -> None:
     finished, _ = wait(list(state.futures), timeout=timeout, return_when=FIRST_COMPLETED)
     for f in finished:
         jobs = state.futures.pop(f)
+        state.admit.note_end(admission_key(jobs))
         try:
             r = f.result()
         except Exception as err:  # noqa: BLE001 - reported; chapters that need it are not run
@@ -660,6 +670,7 @@ def collect_chapters(plan: Plan, state: RunState) -> None:
         if proc.poll() is None:
             continue
         del state.processes[stem]
+        state.admit.note_end(stem)
         secs = round(time.time() - t, 1)
         prev = state.timings["chapters"].get(stem)  # an attempt that ran out of memory, if any
         began = round(t - state.t0, 1)  # seconds from the run's start
@@ -695,12 +706,19 @@ def head_and_rest(tasks: list[tuple[Job, ...]], head_start: bool) -> tuple[list,
     return head, [t for t in tasks if t not in head]
 
 
+def admission_key(task) -> str:
+    """What :class:`Admission` knows a finetune task by (its first job's name): the key of its start and end."""
+    jobs = task if isinstance(task, tuple) else (task,)
+    return "finetune " + jobs[0].name
+
+
 def submit_queued(plan: Plan, state: RunState, pool, workers: int) -> None:
     """Hand the queue's tasks to the pool in order while a worker is free and the GPU has room
     (:class:`Admission`): a task in the pool's own queue would start whenever a worker frees, room or not."""
     while state.queue and len(state.futures) < workers and state.admit.room(state.busy()):
-        submit_finetune(plan, state, pool, state.queue.pop(0))
-        state.admit.note_start()
+        task = state.queue.pop(0)
+        submit_finetune(plan, state, pool, task)
+        state.admit.note_start(key=admission_key(task))
 
 
 def warm_worker() -> None:

@@ -858,6 +858,22 @@ def test_admission_keeps_room_for_one_more_process_on_the_gpu():
     assert runner.free_gib_of(table, "2") is None and runner.free_gib_of("", None) is None
 
 
+def test_a_process_that_ended_is_no_longer_counted_as_growing():
+    """A finetune or chapter that has ended leaves the ramp count at once (note_end): on an H100 (2026-12-06)
+    three finetunes that had ended were still counted for 42 GiB and kept chapters 1 and 3 waiting 14 s."""
+    a = record.Admission(lambda: 30.0, need_gib=14, ramp_s=45)
+    a.note_start(now=0, key="finetune a")
+    a.note_start(now=1, key="02_one_direction")
+    assert not a.room(running=2, now=10)  # 30 - 28 < 14
+    a.note_end("finetune a")
+    assert a.room(running=2, now=10)  # 30 - 14 >= 14
+    a.note_end("finetune a")  # twice, or a key never started: nothing changes
+    a.note_end("unknown")
+    assert [e[2] for e in a.started] == ["02_one_direction"]
+    job = record.Job("lora", "medical", "general", "rank32")
+    assert record.admission_key((job,)) == record.admission_key(job) == "finetune " + job.name
+
+
 def test_chapters_that_hold_little_are_counted_for_their_share():
     """Chapters 0, 4 and 5 (2.4-2.5 GiB at most on an H100, 2026-12-06) are counted for a quarter of
     ``gib_per_process``: with 7 GiB free, chapter 5 starts where chapter 2 waits, and once started it is counted
