@@ -14,7 +14,7 @@ at 600). The same prompts are sampled with and without compaction (one call each
 printed and written to ``compact_gpu.json``: seconds, steps, compactions, graph captures, any capture error and
 the warnings raised. Then two checks of what a failed capture does: inside a sampler call (a hook that syncs
 while capturing: the call should end eagerly, the next one capture again), and on its own (whether the generator
-is left in capture mode and whether ``fastgen.release_rng_capture`` clears it).
+is left in capture mode and whether ``fasttrain.release_rng_capture`` clears it).
 
 Measured 2026-12-06 on an H100 (``results/compact_gpu_*``): compacted 0.61x the time alone, chapter 2's call
 shape 0.66x; a failed capture poisons the generator and the release clears it (the check inside a call was
@@ -75,9 +75,9 @@ def sample(sampler: FastSampler, model, tok, prompts: list[str], params: Samplin
 
 def poisoned_and_released() -> dict:
     """A capture made to fail part-way (a host sync inside it), then a random draw, then
-    :func:`emlib.fastgen.release_rng_capture` and the draw again: whether the failure poisons the generator and
+    :func:`emlib.fasttrain.release_rng_capture` and the draw again: whether the failure poisons the generator and
     whether the release clears it."""
-    from emlib.fastgen import release_rng_capture
+    from emlib.fasttrain import release_rng_capture
 
     out = {}
     x = torch.ones(4, device="cuda")

@@ -280,24 +280,6 @@ def why_not_fast(model, params: SamplingParams, force: bool = False) -> str | No
     return None
 
 
-def release_rng_capture() -> bool:
-    """After a CUDA-graph capture that failed part-way, torch's CUDA generator is still in capture mode and
-    every later random draw in the process raises "Offset increment outside graph capture encountered
-    unexpectedly" (what chapters 1-3 hit on 2026-12-06 with compaction on). An empty capture runs the
-    generator's capture prologue and epilogue, which leaves it out of capture mode again. Returns whether a
-    random draw works afterwards (checked on a one-element tensor)."""
-    try:
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            pass
-    except Exception:  # noqa: BLE001 -- the check below says whether it helped
-        pass
-    try:
-        torch.empty(1, device="cuda").exponential_(1)
-        return True
-    except RuntimeError:
-        return False
-
-
 # =========================================================================== the sampler
 def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
@@ -579,7 +561,7 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                             stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - tc
                         except Exception as err:  # a hook that syncs, an op that cannot be captured, ...
                             torch.cuda.synchronize()
-                            release_rng_capture()
+                            fasttrain.release_rng_capture()  # the failed capture left the generator in capture mode
                             warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); decoding "
                                           "eagerly with the static cache.", RuntimeWarning, stacklevel=2)
                             use_graphs, stats["graph_error"] = False, f"{type(err).__name__}: {err}"

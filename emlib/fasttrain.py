@@ -382,6 +382,28 @@ def side_stream(device: torch.device):
     return _SIDE[index]
 
 
+def release_rng_capture() -> bool:
+    """After a CUDA-graph capture that failed part-way, torch's CUDA generator is still in capture mode and
+    every later random draw in the process raises "Offset increment outside graph capture encountered
+    unexpectedly" (what chapters 1-3 hit on 2026-12-06 with the sampler's compaction on; a finetune worker would
+    hit it at its next adapter's random initialisation). An empty capture runs the generator's capture prologue
+    and epilogue, which leaves it out of capture mode again (measured on an H100: bench/compact_gpu.py). Every
+    capture fallback (the sampler's, the train step's, the vector group's) calls it. Returns whether a random
+    draw works afterwards (checked on a one-element tensor); True at once without CUDA (nothing was captured)."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    except Exception:  # noqa: BLE001 -- the check below says whether it helped
+        pass
+    try:
+        torch.empty(1, device="cuda").exponential_(1)
+        return True
+    except RuntimeError:
+        return False
+
+
 def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
     """``run(static)`` captured as a CUDA graph after two warm-up runs on a side stream (library handles,
     autograd set-up; what they accumulate is the caller's to zero), in memory ``pool`` (a new one when None).
@@ -621,6 +643,7 @@ class TrainStep:
 
             self.use_graphs = False
             self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
+            release_rng_capture()
             for p, g in zip(self.params, self._grads):
                 p.grad = g
             warnings.warn(f"CUDA graph capture failed ({self.stats['fallback'][:200]}); training eagerly.",

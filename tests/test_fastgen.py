@@ -603,7 +603,7 @@ def test_compacting_stops_at_its_floor():
 def test_a_failed_capture_no_longer_breaks_random_draws():
     """A capture that fails part-way leaves torch's CUDA generator in capture mode ("Offset increment outside graph
     capture"); release_rng_capture clears it (measured on an H100 by bench/compact_gpu.py, 2026-12-06)."""
-    from emlib.fastgen import release_rng_capture
+    from emlib.fasttrain import release_rng_capture
 
     x = torch.ones(4, device="cuda")
     with pytest.raises(Exception):
