@@ -17,8 +17,9 @@ while capturing: the call should end eagerly, the next one capture again), and o
 is left in capture mode and whether ``fasttrain.release_rng_capture`` clears it).
 
 Measured 2026-12-06 on an H100 (``results/compact_gpu_*``): compacted 0.61x the time alone, chapter 2's call
-shape 0.66x; a failed capture poisons the generator and the release clears it (the check inside a call was
-added after that session).
+shape 0.66x; a failed capture poisons the generator and the release clears it. Added after that session, not
+run yet: the check inside a call, and "sharp" cases (10% of the vocabulary as end tokens) where compaction
+without its floor of 32 rows reaches a handful of rows -- whether small batches are what failed in the run.
 
     python bench/compact_gpu.py --model-dir .gpu/smollm2 --out $OUT
 """
@@ -183,6 +184,16 @@ def main() -> None:
                           ("plain again", FastSampler(compact=False))):
         res[name] = sample(sampler, model, tok, prompts, params)
         print(name, json.dumps(res[name])[:1500], flush=True)
+    # answers that end fast (10% of the vocabulary as end tokens: median ~7 tokens), so that compaction without
+    # its floor reaches a handful of rows, as the run's short-answer calls could (the floor is 32 since the
+    # compacted run of 2026-12-06 failed; the benches before it never went below 29 rows)
+    model.generation_config.eos_token_id = torch.randperm(vocab, generator=g)[:max(1, vocab // 10)].tolist()
+    for name, sampler in (("sharp plain", FastSampler(compact=False)),
+                          ("sharp compact, floor 32", FastSampler(compact=True)),
+                          ("sharp compact, no floor", FastSampler(compact=True, compact_floor=1))):
+        res[name] = sample(sampler, model, tok, prompts, params)
+        print(name, json.dumps(res[name])[:1500], flush=True)
+    model.generation_config.eos_token_id = ends
     if a.chapter2:
         m = model
         for name, compact in (("ch2 plain", False), ("ch2 compact", True)):
