@@ -53,25 +53,30 @@ def build(model_dir: str | None):
     return build_model(model_dir)
 
 
-def sample(sampler: FastSampler, model, tok, prompts: list[str], params: SamplingParams) -> dict:
+def observed(fn) -> tuple[object, dict]:
+    """``fn()`` timed between two CUDA syncs, its exception (if any) and the warnings it raised kept, not raised:
+    (its result or None, {"seconds", "error", "warnings"})."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            gens = sampler(model, tok, prompts, list(range(len(prompts))), params)
-            error = None
+            out, error = fn(), None
         except Exception as err:  # noqa: BLE001 -- the point is to see it
-            gens, error = [], "".join(traceback.format_exception_only(type(err), err)).strip()
+            out, error = None, "".join(traceback.format_exception_only(type(err), err)).strip()
     torch.cuda.synchronize()
+    return out, {"seconds": round(time.perf_counter() - t0, 3), "error": error,
+                 "warnings": [str(w.message)[:500] for w in caught]}
+
+
+def sample(sampler: FastSampler, model, tok, prompts: list[str], params: SamplingParams) -> dict:
+    gens, res = observed(lambda: sampler(model, tok, prompts, list(range(len(prompts))), params))
     st = dict(sampler.last_stats)
-    lengths = sorted(g.n_tokens for g in gens)
-    return {"seconds": round(time.perf_counter() - t0, 3), "error": error,
-            "warnings": [str(w.message)[:500] for w in caught], "steps": st.get("steps"),
-            "graphs": st.get("graphs"), "graph_error": st.get("graph_error"), "path": st.get("path"),
-            "compactions": st.get("compactions"), "capture_s": st.get("capture_s"),
-            "tokens_kept": sum(lengths), "median_len": lengths[len(lengths) // 2] if lengths else None,
-            "max_len": lengths[-1] if lengths else None}
+    lengths = sorted(g.n_tokens for g in gens or [])
+    return res | {"steps": st.get("steps"), "graphs": st.get("graphs"), "graph_error": st.get("graph_error"),
+                  "path": st.get("path"), "compactions": st.get("compactions"), "capture_s": st.get("capture_s"),
+                  "tokens_kept": sum(lengths), "median_len": lengths[len(lengths) // 2] if lengths else None,
+                  "max_len": lengths[-1] if lengths else None}
 
 
 def poisoned_and_released() -> dict:
@@ -119,22 +124,12 @@ def chapter2_like(model, tok, compact: bool, n_samples: int) -> dict:
     conds |= {f"random-{k}": torch.randn(d, generator=g) for k in range(10)}
     each = directions.ablate_each(model, conds)
     sampler = FastSampler(compact=compact)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            df = sample_answers(model, tok, load_questions("general", source="embedded"), n_samples,
-                                max_new_tokens=600, batch_size=1200, intervention=each, sampler=sampler,
-                                progress=False)
-            error, n = None, len(df)
-        except Exception as err:  # noqa: BLE001 -- the point is to see it
-            error, n = "".join(traceback.format_exception_only(type(err), err)).strip(), 0
-    torch.cuda.synchronize()
+    df, res = observed(lambda: sample_answers(model, tok, load_questions("general", source="embedded"), n_samples,
+                                              max_new_tokens=600, batch_size=1200, intervention=each,
+                                              sampler=sampler, progress=False))
     st = dict(sampler.last_stats)
-    return {"seconds": round(time.perf_counter() - t0, 3), "error": error, "answers": n,
-            "warnings": [str(w.message)[:500] for w in caught], "last_call": {k: st.get(k) for k in (
-                "steps", "graphs", "graph_error", "path", "compactions", "lora_merged")}, "model": model}
+    return res | {"answers": 0 if df is None else len(df), "last_call": {k: st.get(k) for k in (
+        "steps", "graphs", "graph_error", "path", "compactions", "lora_merged")}, "model": model}
 
 
 def failing_capture_in_a_call(model, tok, prompts: list[str]) -> dict:

@@ -213,7 +213,7 @@ class Admission:
     probe: object = None  # () -> float | None, e.g. runner.gpu_free_gib
     need_gib: float = GIB_PER_PROCESS
     ramp_s: float = RAMP_S
-    started: list = field(default_factory=list)  # (when, GiB counted) of each admitted process (time.time())
+    started: list = field(default_factory=list)  # (when, GiB counted, key) of each admitted process (time.time())
     deferred: int = 0  # checks that found no room (the run looks again every few seconds while something waits)
 
     def room(self, running: int, now: float | None = None, share: float = 1.0) -> bool:
@@ -223,7 +223,7 @@ class Admission:
         if free is None:
             return True
         now = time.time() if now is None else now
-        recent = sum(entry[1] for entry in self.started if now - entry[0] < self.ramp_s)
+        recent = sum(gib for when, gib, _key in self.started if now - when < self.ramp_s)
         if free - recent >= self.need_gib * share:
             return True
         self.deferred += 1
@@ -238,7 +238,7 @@ class Admission:
         """The process started under ``key`` has ended: it is no longer growing, and what it still holds (or
         gave back) is what the probe reads. (On an H100, 2026-12-06, three finetunes that had ended at 179-186 s
         were still counted as 42 GiB about to be taken, and chapters 1 and 3 waited until 200 s.)"""
-        self.started = [entry for entry in self.started if entry[2] != key]
+        self.started = [(when, gib, k) for when, gib, k in self.started if k != key]
 
 
 # Chapters ready at the same moment start longest first, so the GPU's room goes to the run's longest path.

@@ -54,7 +54,7 @@ def phase(name: str) -> Iterator[None]:
         outer = _stack[-1]
         _totals[outer[0]] += now - outer[1]
     outermost = not _stack
-    wall0 = time.time()
+    wall0 = time.time() if outermost else None  # a nested phase's span is inside its outermost one's
     _stack.append([name, now])
     try:
         yield
