@@ -104,6 +104,46 @@ def poisoned_and_released() -> dict:
     return out
 
 
+def pool_reused_after_its_graphs_are_gone() -> dict:
+    """The mechanism that failed the compacted runs, alone: a graph captured into a pool, a tensor made during the
+    capture kept alive, the graph destroyed, then a second capture into the same pool (what the sampler did at a
+    compaction until session 27) and one into a fresh pool (what it does now)."""
+    from emlib.fasttrain import release_rng_capture
+
+    out, x = {}, torch.ones(4, device="cuda")
+    pool = torch.cuda.graph_pool_handle()
+    first = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first, pool=pool):
+        kept = x * 2  # noqa: F841 -- alive after the capture, like a hook's stored output
+    del first
+    for name, handle in (("same pool", pool), ("fresh pool", torch.cuda.graph_pool_handle())):
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=handle):
+                _ = x * 3
+            out[name] = "captured"
+        except Exception as err:  # noqa: BLE001
+            torch.cuda.synchronize()
+            out[name] = f"{type(err).__name__}: {str(err)[:200]}"
+            release_rng_capture()
+    return out
+
+
+def held_tensor_compaction(model, tok, prompts: list[str], params: SamplingParams) -> dict:
+    """A compacted call while a forward hook keeps the first layer's output (made during the captures): the
+    compaction must capture again (a fresh pool) instead of decoding the rest of the call eagerly."""
+    layer = model.get_decoder().layers[0] if hasattr(model, "get_decoder") else model.model.layers[0]
+    kept = {}
+
+    def keep(_module, _args, out):
+        kept["last"] = out
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        return sample(FastSampler(compact=True), model, tok, prompts, params)
+    finally:
+        handle.remove()
+
+
 def chapter2_like(model, tok, compact: bool, n_samples: int) -> dict:
     """Chapter 2's ablation call shape: a rank-32 LoRA (random, merged by the sampler), 12 conditions (none, a
     direction, 10 random ones) of one :class:`emlib.generate.PerRow` through ``sample_answers``, 1,200 rows
@@ -196,6 +236,10 @@ def main() -> None:
             m = r.pop("model")
             res[name] = r
             print(name, json.dumps(r)[:1500], flush=True)
+    res["held tensor, compact"] = held_tensor_compaction(model, tok, prompts, params)
+    print("held tensor, compact", json.dumps(res["held tensor, compact"])[:1500], flush=True)
+    res["pool_reuse"] = pool_reused_after_its_graphs_are_gone()
+    print("pool reuse", res["pool_reuse"], flush=True)
     res["failing_capture"] = failing_capture_in_a_call(model, tok, prompts)
     print("failing capture", json.dumps(res["failing_capture"])[:1500], flush=True)
     res["poison"] = poisoned_and_released()

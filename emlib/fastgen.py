@@ -337,8 +337,8 @@ class FastSampler:
     compact_below: float = 0.5
     compact_min_rows: int = 32
     # never compact to fewer rows than this: a decode step of a few rows costs what one of 32 costs (launches,
-    # not rows), and on the GPU compacted batches were measured down to 29 rows only (bench/compact_gpu.py,
-    # 2026-12-06), while the whole run that compacted further failed in a capture (bench/README "Session 26")
+    # not rows). (Compacting to 3 rows captured fine on an H100, bench/compact_gpu.py 2026-12-06 session 27: small
+    # batches were not what failed the compacted runs; re-using the graph memory pool was, see the decode loop.)
     compact_floor: int = 32
     base_id: str = "fast-static-v1"
     last_stats: dict = field(default_factory=dict)
@@ -539,6 +539,11 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                         write_back()
                         rows_of = live if rows_of is None else rows_of[live]
                         graphs.clear()  # captured for the old buffers
+                        # and a fresh memory pool for the new graphs: with every graph of the old pool destroyed,
+                        # a tensor made during one of their captures that is still alive keeps that pool's
+                        # entry at a use count of 0, and capturing into it again fails torch's internal assert
+                        # "use_count > 0" (what failed every chapter's first compaction on 2026-12-06)
+                        pool = torch.cuda.graph_pool_handle() if use_graphs else None
                         cache.k = [t.index_select(0, live) for t in cache.k]
                         cache.v = [t.index_select(0, live) for t in cache.v]
                         key_mask, cur, pos = key_mask[live], cur[live], pos[live]

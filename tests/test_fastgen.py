@@ -13,7 +13,7 @@ from train_fixtures import assert_same_adapters, chat_rows
 
 from emlib import hooks
 from emlib.fastgen import FastSampler, merged_lora, sample_from_logits, why_not_fast
-from emlib.generate import SamplingParams, hf_sampler, sample_answers
+from emlib.generate import SamplingParams, hf_sampler, render_prompt, sample_answers
 from emlib.models import tiny_model, tiny_tokenizer
 
 @pytest.fixture(autouse=True, scope="module")
@@ -612,6 +612,32 @@ def test_a_failed_capture_no_longer_breaks_random_draws():
     torch.cuda.synchronize()
     assert release_rng_capture()
     torch.rand(3, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_compaction_captures_again_while_a_captured_tensor_lives():
+    """A tensor made during a decode-step capture and still alive at a compaction (here a hook keeps the layer's
+    last output) kept the old graph pool's entry at a use count of 0, and the next capture into that pool failed
+    torch's assert "use_count > 0" (every chapter's first compaction, 2026-12-06): a compaction starts a fresh
+    pool, so the call keeps its graphs."""
+    model, tok = tiny_model(device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    model.generation_config.eos_token_id = torch.randperm(model.config.vocab_size, generator=g)[:40].tolist()
+    kept = {}
+
+    def keep(_module, _args, out):  # runs while capturing (not at replays): the kept tensor is the pool's
+        kept["last"] = out
+
+    handle = model.model.layers[0].register_forward_hook(keep)
+    sampler = FastSampler(bucket=16, check_every=4, compact=True, compact_min_rows=1, compact_floor=1)
+    try:
+        prompts = [render_prompt(tok, f"Question {i}?") for i in range(64)]
+        sampler(model, tok, prompts, list(range(64)), SamplingParams(80, 1.0, 1.0))
+    finally:
+        handle.remove()
+    st = sampler.last_stats
+    assert st.get("compactions"), st
+    assert st.get("graph_error") is None and st["graphs"] > len(st["compactions"]), st
 
 
 def test_row_window_takes_row_indices_and_nests():
