@@ -17,9 +17,13 @@ while capturing: the call should end eagerly, the next one capture again), and o
 is left in capture mode and whether ``fasttrain.release_rng_capture`` clears it).
 
 Measured 2026-12-06 on an H100 (``results/compact_gpu_*``): compacted 0.61x the time alone, chapter 2's call
-shape 0.66x; a failed capture poisons the generator and the release clears it. Added after that session, not
-run yet: the check inside a call, and "sharp" cases (10% of the vocabulary as end tokens) where compaction
-without its floor of 32 rows reaches a handful of rows -- whether small batches are what failed in the run.
+shape 0.66x; a failed capture poisons the generator and the release clears it. Session 27
+(``results/compact_gpu_s27_h100_2026-12-06.json``): compacting to 3 rows (no floor) captured fine, and a capture
+made to fail inside a call ends that call eagerly while the next call captures again. The compacted whole run of
+that session then showed what had failed: torch's assert "use_count > 0" when a compaction re-captured into the
+graph pool whose graphs it had just destroyed while a tensor made in one of their captures was still alive. The
+sampler now gives each compaction a fresh pool; ``held tensor, compact`` and ``pool_reuse`` (the mechanism
+alone) check that (added after the session, not run yet).
 
     python bench/compact_gpu.py --model-dir .gpu/smollm2 --out $OUT
 """

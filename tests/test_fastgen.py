@@ -579,8 +579,8 @@ def test_compacting_finished_rows_keeps_greedy_answers():
 
 
 def test_compacting_stops_at_its_floor():
-    """No compaction leaves fewer than ``compact_floor`` running rows (small batches cost what 32 rows cost, and
-    the GPU runs measured compacted batches down to 29 rows only); the answers are the same either way."""
+    """No compaction leaves fewer than ``compact_floor`` running rows (a step of a few rows costs what one of 32
+    costs); the answers are the same either way."""
     model, tok = _sharp_tiny()
     prompts = _prompts(tok)
     params = SamplingParams(60, 0.0, 1.0)
