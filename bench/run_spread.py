@@ -71,8 +71,9 @@ def cosines_to(ref: dict, dirs: dict) -> dict:
 
 
 def ablated_scores(run: Run) -> list[dict]:
-    """Mean judge scores of chapter 2's ablation answers per finetune and condition (the random directions
-    pooled), where the run kept them (``tables/ch2_ablation_answers.csv.gz``; the runs of record do not)."""
+    """Mean judge scores of chapter 2's ablation answers per finetune and condition (each random direction on
+    its own: the same vectors in every run), where the run kept them (``tables/ch2_ablation_answers.csv.gz``;
+    the runs of record do not)."""
     import pandas as pd
 
     f = next((run.path / "tables" / n for n in ("ch2_ablation_answers.csv.gz", "ch2_ablation_answers.csv")
@@ -80,7 +81,7 @@ def ablated_scores(run: Run) -> list[dict]:
     if f is None:
         return []
     df = pd.read_csv(f)
-    df["condition"] = df["ablated"].where(~df["ablated"].str.startswith("random"), "random")
+    df["condition"] = df["ablated"]
     g = df.groupby(["finetune", "condition"]).agg(n=("aligned", "size"), aligned=("aligned", "mean"),
                                                   coherent=("coherent", "mean"))
     return g.round(2).reset_index().to_dict(orient="records")
@@ -136,6 +137,26 @@ def cosine_to_mean_vs_cut(runs: list[dict], dirs: dict, dataset: str = "medical"
             "cosine_max": round(float(cos.max()), 3), "pearson_r": round(float(np.corrcoef(cos, cut)[0, 1]), 3)}
 
 
+def score_spread(runs: list[dict]) -> dict:
+    """Per finetune and condition, the standard deviation across runs of the mean aligned score: whether an
+    ablation whose direction is the same in every run (the random ones: fixed seeds) gives the same scores
+    from run to run, against the direction (estimated anew in every run) and no ablation."""
+    import statistics as st
+
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        for a in r["ablated_scores"]:
+            cells.setdefault((a["finetune"], a["condition"]), []).append(a["aligned"])
+    out: dict[str, dict] = {}
+    for (ft, cond), v in sorted(cells.items()):
+        if len(v) >= 3:
+            out.setdefault(ft, {})[cond] = {"runs": len(v), "mean": round(st.mean(v), 2), "sd": round(st.stdev(v), 2)}
+    for ft, conds in out.items():
+        rnd = [c["sd"] for k, c in conds.items() if k.startswith("random")]
+        conds["random_sd_mean"] = round(sum(rnd) / len(rnd), 2) if rnd else None
+    return out
+
+
 def markdown(runs: list[dict]) -> str:
     lines = ["| run | device | claim 2 checks (steering / ablation / cosine) | ablation: EM none -> direction "
              "(random mean), per finetune | direction's cosine with the first run's |", "| --- | --- | --- | --- | --- |"]
@@ -162,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {r["run"]: directions_of(Path(r["run"])) for r in runs}
     for r in runs:  # how far each run's directions are from the first run's (the run of record, when first)
         r["direction_cosine_to_first"] = cosines_to(ref, dirs[r["run"]])
-    res = {"runs": runs, "summary": summary(runs) | {"cosine_to_mean_vs_cut": cosine_to_mean_vs_cut(runs, dirs)}}
+    res = {"runs": runs, "summary": summary(runs) | {"cosine_to_mean_vs_cut": cosine_to_mean_vs_cut(runs, dirs),
+                                                    "aligned_score_spread": score_spread(runs)}}
     print(markdown(runs))
     print(json.dumps(res["summary"], indent=1))
     if a.out:

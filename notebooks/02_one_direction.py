@@ -211,6 +211,10 @@ print(exp.verdict(2))
 # * Steering norms are fractions of the residual norm, not the paper's absolute scale 8 (residual norms
 #   differ between models); large fractions also destroy coherence, which the coherent column shows.
 # * EM rates are judged by the judge printed above, whose agreement chapter 1 reports.
+# * One run's ablation is one draw: over 16 runs of the `paper` profile on SmolLM2 the same code cut flagged EM
+#   by anything from -68% to 94%, because the estimated direction changes from run to run while the
+#   finetunes, the sampling and fixed random directions reproduce ({doc}`../book/results`, "How much claim
+#   2's ablation moves between runs").
 # :::
 #
 # ## Last executed with, and where the time went
