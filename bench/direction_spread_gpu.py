@@ -7,7 +7,8 @@ cut (high where it was high), and the mean of the runs' directions should tell w
 stable direction. If the cuts here do not follow the runs' own, the cause lies elsewhere (the finetunes, or
 how the run applied the ablation).
 
-Inputs (``--directions``, a git-ignored carry folder built from stored runs): ``medical_directions.safetensors``
+Inputs (``--directions``, a git-ignored carry folder built from stored runs by ``--build``:
+``python bench/direction_spread_gpu.py --directions .carry-dirs --build record/smollm2-135m runs/*/x runs/*/final/x``): ``medical_directions.safetensors``
 ({run name: [d] the medical direction at the steering layer}) and ``own_cuts.json`` ({run name: {finetune:
 cut in its own run}}). The finetune (``--finetune``, default financial, rank 32) is trained as chapter 2's, in
 a run directory of its own (``--run-dir``); every condition (no ablation, each run's direction, their unit
@@ -45,6 +46,27 @@ def load_directions(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
     return load_file(str(f)), json.loads(cuts.read_text())
 
 
+def build(runs: list[str], folder: Path) -> None:
+    """The two input files from stored run directories (results.json, tables/, directions/): each run's medical
+    direction at its steering layer and its own ablation cuts, named by the run's path."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_spread import ablation_rows, directions_of  # noqa: E402
+
+    from emlib.verdicts import Run
+
+    vecs, cuts = {}, {}
+    for path in runs:
+        name = path.rstrip("/").replace("/final/x", "").replace("/x", "").replace("runs/", "").replace("/", "-")
+        vecs[name] = directions_of(Path(path))["medical"].contiguous()
+        cuts[name] = {a["finetune"]: a["cut"] for a in ablation_rows(Run(path))}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(vecs, str(folder / "medical_directions.safetensors"))
+    atomic_write_bytes(folder / "own_cuts.json", (json.dumps(cuts, indent=1) + "\n").encode())
+    print(f"wrote {len(vecs)} directions to {folder}")
+
+
 def correlations(xs: list[float], ys: list[float]) -> dict:
     from scipy import stats
 
@@ -63,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default="runs/direction-spread")
     ap.add_argument("--config", default="{}", help="more Config fields as JSON (a CPU check: small sizes)")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--build", nargs="+", metavar="RUN_DIR",
+                    help="make the --directions folder from these stored runs instead (on the CPU, before carrying)")
     a = ap.parse_args(argv)
+    if a.build:
+        build(a.build, Path(a.directions))
+        return 0
     dirs, own = load_directions(Path(a.directions))
 
     from emlib import chapters, directions, experiment
