@@ -1264,3 +1264,36 @@ def test_compact_rule_for_whole_runs_gives_each_verdict(root, tmp_path):
     (runs["compact"] / "results.json").write_text(json.dumps(res))
     on, why = mod.decide_runs(runs["default"], runs["compact"])
     assert not on and "differ" in why
+
+
+def test_run_spread_reads_the_ablation_of_each_run_and_summarises_the_cuts(root, tmp_path):
+    """bench/run_spread.py: each run's chapter-2 ablation as cuts (1 - direction / none), the rule's checks, and
+    the spread of the cuts across runs; a folder that is not a run is refused with what to pass."""
+    import importlib.util
+    import json
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("run_spread", root / "bench" / "run_spread.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = root / "record" / "smollm2-135m"
+    other = tmp_path / "other"
+    other.mkdir()
+    res = json.loads((rec / "results.json").read_text())
+    for row in res["ch2_ablation"]:  # a run where projecting the direction out changed nothing
+        if row["ablated"] == "direction":
+            none = next(r for r in res["ch2_ablation"] if r["finetune"] == row["finetune"] and r["ablated"] == "none")
+            row.update({k: none[k] for k in ("em", "ci_low", "ci_high", "n", "n_em")})
+    (other / "results.json").write_text(json.dumps(res))
+    shutil.copytree(rec / "directions", other / "directions")
+    a, b = mod.one_run(str(rec)), mod.one_run(str(other))
+    fin = next(r for r in a["ablation"] if r["finetune"] == "financial")
+    assert fin["none"] == 0.225 and fin["direction"] == 0.13 and fin["cut"] == round(1 - 0.13 / 0.225, 3)
+    assert fin["below_every_random"] and a["claim2_checks"]["ablation"]
+    assert all(r["cut"] == 0 for r in b["ablation"]) and not b["claim2_checks"]["ablation"]
+    s = mod.summary([a, b])
+    assert s["ablation_check_passed"] == 1 and s["ablation_cut"]["financial"]["min"] == 0
+    assert mod.cosines_to(mod.directions_of(rec), mod.directions_of(other)) == {"financial": 1.0, "medical": 1.0,
+                                                                                 "sport": 1.0}
+    with pytest.raises(SystemExit):
+        mod.main(["--runs", str(tmp_path)])
