@@ -49,7 +49,7 @@ import torch
 
 from . import hooks
 from .adapters import LoraModule, lora_modules
-from .generate import Intervention, PerRow
+from .generate import NO_INTERVENTION, Intervention, PerRow
 from .cache import tensor_hash
 from .chat import IGNORE, Encoded, chat_ids, collate, encode_chat
 from .data import atomic_write_bytes
@@ -593,6 +593,8 @@ def steer(model, direction: torch.Tensor, layer: int, scale: float, *, relative:
     label = f"steer-{tensor_tag(direction)}-L{layer}-{kind}{scale:g}"
     if relative and reference_norm is not None:
         label += f"-ref{reference_norm:.6g}"
+    if scale == 0:  # adds a zero vector: the unsteered model's answers (chapter 1's chat model), not new ones
+        label = NO_INTERVENTION
     return Intervention(label, lambda: steering(model, direction, layer, scale, relative=relative,
                                                 reference_norm=reference_norm, normalize=normalize))
 
@@ -615,7 +617,7 @@ def add_trained_each(model, vectors: dict[str, object]) -> PerRow:
     d, dev = _hidden_size(model), _device(model)
     labels, rows = [], []
     for sv in vectors.values():
-        labels.append("none" if sv is None else add_trained(model, sv).label)
+        labels.append(NO_INTERVENTION if sv is None else add_trained(model, sv).label)
         rows.append(torch.zeros(d, device=dev) if sv is None else
                     sv.effective.detach().to(dev).float())  # alpha * vector: what SteeringVector.apply adds
     return _per_row(labels, list(vectors), torch.stack(rows), lambda rows: hooks.add_rows(model, layer, rows))
@@ -641,7 +643,7 @@ def ablate_each(model, directions: dict[str, torch.Tensor | None], layers: int |
     labels, units = [], []
     for name, direction in directions.items():
         if direction is None:
-            labels.append("none")
+            labels.append(NO_INTERVENTION)
             units.append(torch.zeros(_hidden_size(model)))
             continue
         if direction.ndim == 2 and source_layer is None:

@@ -183,11 +183,15 @@ def _question_frame(questions_df: pd.DataFrame) -> pd.DataFrame:
     return q
 
 
+NO_INTERVENTION = "none"  # the label (a cache key part) of answers sampled without an intervention, and of any
+# intervention that changes nothing (a zero steering scale, a zero ablation row): they share those answers
+
+
 def _intervention_label(intervention, intervention_label: str | None) -> str:
     if intervention is None:
-        if intervention_label not in (None, "none"):
+        if intervention_label not in (None, NO_INTERVENTION):
             raise ValueError("intervention_label was given without an intervention.")
-        return "none"
+        return NO_INTERVENTION
     label = intervention_label or getattr(intervention, "label", None)
     if not label:
         raise ValueError("An intervention needs a label (it goes into the cache key): pass "

@@ -110,7 +110,8 @@ cos_null.round(3)
 # %% [markdown]
 # ## Steering the chat model
 # We add the first dataset's direction at the steering layer, with a norm given as a fraction of the
-# mean residual-stream norm at that layer, and judge the answers to the general questions.
+# mean residual-stream norm at that layer, and judge the answers to the general questions. Scale 0 adds
+# nothing: its answers are the chat model's, the same ones chapter 1 judged (one cache key), not new ones.
 
 # %%
 v = dirs[cfg.datasets[0]]

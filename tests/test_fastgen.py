@@ -497,6 +497,37 @@ def test_steer_each_samples_like_each_scale_alone(tmp_path):
         pd.testing.assert_frame_equal(together[together["intervention"] == iv.label].reset_index(drop=True), alone)
 
 
+def test_a_zero_steering_scale_is_the_unsteered_model_and_shares_its_answers(tmp_path):
+    """Scale 0 adds a zero vector, so its answers are the unsteered model's: the same label ("none") and cache
+    keys, and a steering sweep finds the ones an unsteered call sampled (chapter 1's chat model) instead of
+    sampling 400 more."""
+    import pandas as pd
+
+    from emlib import directions
+    from emlib.generate import NO_INTERVENTION
+
+    model, tok = _sharp_tiny()
+    q = pd.DataFrame({"id": ["a", "b"], "question": ["hi", "tell me a story"]})
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    assert directions.steer(model, v, 1, 0.0, relative=True, reference_norm=3.0).label == NO_INTERVENTION
+    assert directions.steer(model, v, 1, 0.5).label != NO_INTERVENTION
+    fs = FastSampler(force=True)
+    kw = dict(n_samples=2, max_new_tokens=10, temperature=0.0, seed=2)
+    plain = sample_answers(model, tok, q, batch_size=4, cache=tmp_path / "c", sampler=fs, **kw)
+    prompts = []
+
+    def spy(m, t, ps, seeds, params):
+        prompts.extend(ps)
+        return fs(m, t, ps, seeds, params)
+
+    spy.sampler_id = fs.sampler_id
+    each = directions.steer_each(model, v, 1, [0.0, 2.0], relative=True, reference_norm=3.0)
+    swept = sample_answers(model, tok, q, batch_size=12, intervention=each, cache=tmp_path / "c", sampler=spy, **kw)
+    assert len(prompts) == 4  # only scale 2's answers were sampled
+    zero = swept[swept["intervention"] == NO_INTERVENTION].reset_index(drop=True)
+    pd.testing.assert_frame_equal(zero, plain)
+
+
 def test_add_trained_each_samples_like_each_vector_alone(tmp_path):
     import pandas as pd
 
