@@ -115,7 +115,10 @@ def summary(runs: list[dict]) -> dict:
         for c, v in r["verdicts"].items():
             claims.setdefault(c, {})[v] = claims.setdefault(c, {}).get(v, 0) + 1
     passed = sum(bool(r["claim2_checks"].get("ablation")) for r in runs if r["ablation"])
+    components = {k: sum(bool(r["claim2_checks"].get(k)) for r in runs)
+                  for k in ("steering", "ablation", "cosine", "cosine_above_null")}
     return {"runs": len(runs), "ablation_cut": cuts, "ablation_check_passed": passed,
+            "claim2_components_passed": components,
             "rule_verdicts": {str(c): v for c, v in sorted(claims.items())}}
 
 
