@@ -1297,3 +1297,38 @@ def test_run_spread_reads_the_ablation_of_each_run_and_summarises_the_cuts(root,
                                                                                  "sport": 1.0}
     with pytest.raises(SystemExit):
         mod.main(["--runs", str(tmp_path)])
+
+
+def test_direction_proxy_scores_each_runs_direction_on_one_model(root, tmp_path):
+    """bench/direction_proxy.py: every stored run's direction projected out of one fixed model; per direction the
+    rise of the flagged-misaligned answers' loss minus the aligned ones', and its correlation with the runs' own
+    cuts; a set too small for --n is refused with the size to ask for."""
+    import importlib.util
+    import json
+
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("direction_proxy", root / "bench" / "direction_proxy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from emlib.models import tiny_model
+
+    d = tiny_model()[0].config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    names = ["a", "b", "c"]
+    save_file({n: torch.randn(d, generator=g) for n in names}, str(tmp_path / "medical_directions.safetensors"))
+    (tmp_path / "own_cuts.json").write_text(json.dumps({n: {"financial": 0.1 * i} for i, n in enumerate(names)}))
+    rows = [{"condition": "medical rank32", "question": f"q{i}?", "answer": f"answer number {i}",
+             "aligned": 10 if i % 2 else 90, "coherent": 80} for i in range(8)]
+    pd.DataFrame(rows + [{**rows[0], "condition": "chat model"}]).to_csv(tmp_path / "ans.csv.gz", index=False)
+    out = tmp_path / "proxy.json"
+    assert mod.main(["--directions", str(tmp_path), "--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny",
+                     "--n", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["directions"]) == set(names) and res["score_vs_own_cut"]["n"] == 3
+    for v in res["directions"].values():
+        assert v["score"] == pytest.approx(v["d_mis"] - v["d_al"], abs=1e-4)
+    with pytest.raises(SystemExit, match="--n 4 or fewer"):
+        mod.main(["--directions", str(tmp_path), "--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny",
+                  "--n", "5"])
