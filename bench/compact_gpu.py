@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emlib.data import atomic_write_bytes  # noqa: E402
 from emlib.fastgen import FastSampler  # noqa: E402
 from emlib.generate import SamplingParams, render_prompt  # noqa: E402
+from emlib.models import decoder_layers  # noqa: E402
 
 
 def build(model_dir: str | None):
@@ -135,7 +136,7 @@ def pool_reused_after_its_graphs_are_gone() -> dict:
 def held_tensor_compaction(model, tok, prompts: list[str], params: SamplingParams) -> dict:
     """A compacted call while a forward hook keeps the first layer's output (made during the captures): the
     compaction must capture again (a fresh pool) instead of decoding the rest of the call eagerly."""
-    layer = model.get_decoder().layers[0] if hasattr(model, "get_decoder") else model.model.layers[0]
+    layer = decoder_layers(model)[0]
     kept = {}
 
     def keep(_module, _args, out):
@@ -180,7 +181,7 @@ def failing_capture_in_a_call(model, tok, prompts: list[str]) -> dict:
     """A sampler call whose decode-step capture fails (a forward hook that syncs with the host while the stream
     is capturing): the call should finish eagerly with a warning naming the error, and the next call (hook
     removed) should capture and draw again."""
-    layer = model.get_decoder().layers[0] if hasattr(model, "get_decoder") else model.model.layers[0]
+    layer = decoder_layers(model)[0]
 
     def sync_in_capture(_module, _args, out):
         if torch.cuda.is_current_stream_capturing():

@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emlib.data import atomic_write_bytes  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_spread import correlations  # noqa: E402
+
 
 def answer_sets(answers: Path, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """``n`` misaligned and ``n`` aligned answers of the rank-32 finetunes (chat rows), by the stored judge scores."""
@@ -80,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import numpy as np
     from safetensors.torch import load_file
-    from scipy import stats
 
     from emlib import chat, hooks
 
@@ -124,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
            "answers": a.answers, "n_each": a.n, "max_length": a.max_length, "base_loss": base,
            "layers": "every" if a.layer is None else [a.layer], "mean_of_runs": mean,
            "seconds": round(time.time() - t0, 1), "directions": per,
-           "score_vs_own_cut": {"pearson": round(float(stats.pearsonr(x, y)[0]), 3),
-                                "spearman": round(float(stats.spearmanr(x, y)[0]), 3), "n": len(x)}}
+           "score_vs_own_cut": correlations(x, y)}
     print(json.dumps(res["score_vs_own_cut"]))
     if a.out:
         atomic_write_bytes(Path(a.out), (json.dumps(res, indent=1) + "\n").encode())

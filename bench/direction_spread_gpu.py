@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emlib.data import atomic_write_bytes  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_spread import ablation_rows, correlations, directions_of  # noqa: E402
+
 
 def load_directions(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     from safetensors.torch import load_file
@@ -51,9 +54,6 @@ def build(runs: list[str], folder: Path) -> None:
     direction at its steering layer and its own ablation cuts, named by the run's path."""
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_spread import ablation_rows, directions_of  # noqa: E402
-
     from emlib.verdicts import Run
 
     vecs, cuts = {}, {}
@@ -65,15 +65,6 @@ def build(runs: list[str], folder: Path) -> None:
     save_file(vecs, str(folder / "medical_directions.safetensors"))
     atomic_write_bytes(folder / "own_cuts.json", (json.dumps(cuts, indent=1) + "\n").encode())
     print(f"wrote {len(vecs)} directions to {folder}")
-
-
-def correlations(xs: list[float], ys: list[float]) -> dict:
-    from scipy import stats
-
-    if len(xs) < 3:
-        return {}
-    return {"pearson": round(float(stats.pearsonr(xs, ys)[0]), 3),
-            "spearman": round(float(stats.spearmanr(xs, ys)[0]), 3), "n": len(xs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string())
     print(json.dumps({k: res[k] for k in ("em", "own_vs_here", "timings")}, indent=1))
     out = Path(a.out) / "direction_spread.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(res, indent=1) + "\n").encode())
     print("wrote", out)
     return 0

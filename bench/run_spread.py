@@ -114,12 +114,21 @@ def summary(runs: list[dict]) -> dict:
     for r in runs:
         for c, v in r["verdicts"].items():
             claims.setdefault(c, {})[v] = claims.setdefault(c, {}).get(v, 0) + 1
-    passed = sum(bool(r["claim2_checks"].get("ablation")) for r in runs if r["ablation"])
     components = {k: sum(bool(r["claim2_checks"].get(k)) for r in runs)
                   for k in ("steering", "ablation", "cosine", "cosine_above_null")}
-    return {"runs": len(runs), "ablation_cut": cuts, "ablation_check_passed": passed,
+    return {"runs": len(runs), "ablation_cut": cuts, "ablation_check_passed": components["ablation"],
             "claim2_components_passed": components,
             "rule_verdicts": {str(c): v for c, v in sorted(claims.items())}}
+
+
+def correlations(xs: list[float], ys: list[float]) -> dict:
+    """Pearson and Spearman correlations of two equal-length lists, rounded ({} with fewer than 3 points)."""
+    from scipy import stats
+
+    if len(xs) < 3:
+        return {}
+    return {"pearson": round(float(stats.pearsonr(xs, ys)[0]), 3),
+            "spearman": round(float(stats.spearmanr(xs, ys)[0]), 3), "n": len(xs)}
 
 
 def cosine_to_mean_vs_cut(runs: list[dict], dirs: dict, dataset: str = "medical") -> dict:
