@@ -290,9 +290,11 @@ COMPACT_ENV = "EMLIB_COMPACT"
 
 def compact_default() -> bool:
     """Whether :class:`FastSampler` drops ended rows from its batches unless told (``compact``):
-    ``$EMLIB_COMPACT`` ``on`` or ``off`` (the default). Read when a sampler is built, i.e. at import for the
-    module's :data:`fast_sampler`, so a run sets it before it starts its processes."""
-    return env_switch(COMPACT_ENV, "off", ("on", "off"), "on or off") == "on"
+    ``$EMLIB_COMPACT`` ``on`` (the default since 2026-12-06: rule 2 of ``bench/compact_rule.py`` held on one H100,
+    two compacted ``paper`` runs 0.943x and 0.938x the default's wall with every verdict equal) or ``off``. Read
+    when a sampler is built, i.e. at import for the module's :data:`fast_sampler`, so a run sets it before it
+    starts its processes."""
+    return env_switch(COMPACT_ENV, "on", ("on", "off"), "on or off") == "on"
 
 
 @dataclass
@@ -317,8 +319,8 @@ class FastSampler:
         rows from the batch (KV cache, masks, state):
         later steps compute only the running rows, under new CUDA graphs. Each row's draws stay exact, but the
         random numbers differ from an uncompacted call's (greedy answers are the same). Default from
-        ``$EMLIB_COMPACT`` (:func:`compact_default`: off unless set to ``on``); measured on a GPU by
-        ``bench/ablate_rows_gpu.py --compact``.
+        ``$EMLIB_COMPACT`` (:func:`compact_default`: on unless set to ``off``); measured on a GPU by
+        ``bench/ablate_rows_gpu.py --compact``, ``bench/compact_gpu.py`` and whole runs (``bench/compact_rule.py``).
     """
 
     use_cuda_graphs: bool = True

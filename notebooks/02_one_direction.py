@@ -212,12 +212,13 @@ print(exp.verdict(2))
 # * Steering norms are fractions of the residual norm, not the paper's absolute scale 8 (residual norms
 #   differ between models); large fractions also destroy coherence, which the coherent column shows.
 # * EM rates are judged by the judge printed above, whose agreement chapter 1 reports.
-# * One run's ablation is one draw: over 16 runs of the `paper` profile on SmolLM2 the same code cut flagged EM
+# * One run's ablation is one draw: over 19 runs of the `paper` profile on SmolLM2 the same code cut flagged EM
 #   by anything from -68% to 94%, because the estimated direction changes from run to run while the
-#   finetunes, the sampling and fixed random directions reproduce; how much a run's direction cuts can be
-#   read off it without sampling (projected out of the chat model, it raises the loss of flagged answers more
-#   than that of aligned ones in step with the cut: {doc}`../book/results`, "How much claim 2's ablation
-#   moves between runs").
+#   finetunes, the sampling and fixed random directions reproduce. Each run's direction, projected out of one
+#   other finetune, cuts about what it cut in its own run (sampled: Spearman 0.97 over 16 directions), and how
+#   much it cuts can be read off it without sampling (projected out of the chat model, it raises the loss of
+#   flagged answers more than that of aligned ones in step with the cut): {doc}`../book/results`, "How much
+#   claim 2's ablation moves between runs".
 # :::
 #
 # ## Last executed with, and where the time went

@@ -595,7 +595,7 @@ def test_compacting_finished_rows_keeps_greedy_answers():
     prompts = _prompts(tok)
     params = SamplingParams(60, 0.0, 1.0)
     stops = torch.tensor([3, 70, 9, 15, 70, 5, 21, 27, 70, 33])  # 70: never within 60 tokens
-    plain = FastSampler(force=True, bucket=16, check_every=2)
+    plain = FastSampler(force=True, bucket=16, check_every=2, compact=False)
     packed = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95,
                          compact_min_rows=1, compact_floor=1)
     with _ends_at(model, tok, stops):
@@ -619,7 +619,8 @@ def test_compacting_stops_at_its_floor():
     floor = FastSampler(force=True, bucket=16, check_every=2, compact=True, compact_below=0.95,
                         compact_min_rows=1, compact_floor=4)
     with _ends_at(model, tok, stops):
-        ref = FastSampler(force=True, bucket=16, check_every=2)(model, tok, prompts, list(range(10)), params)
+        plain = FastSampler(force=True, bucket=16, check_every=2, compact=False)
+        ref = plain(model, tok, prompts, list(range(10)), params)
     with _ends_at(model, tok, stops):
         got = floor(model, tok, prompts, list(range(10)), params)
     runs = [r for _, r in floor.last_stats["compactions"]]
@@ -710,6 +711,8 @@ def test_emlib_compact_sets_the_samplers_default_and_its_cache_key(monkeypatch):
     from emlib import fastgen
 
     monkeypatch.delenv(fastgen.COMPACT_ENV, raising=False)
+    assert fastgen.FastSampler().compact  # on by default since 2026-12-06 (bench/compact_rule.py, rule 2)
+    monkeypatch.setenv(fastgen.COMPACT_ENV, "off")
     plain = fastgen.FastSampler()
     assert not plain.compact and plain.sampler_id == "fast-static-v1"
     monkeypatch.setenv(fastgen.COMPACT_ENV, "on")
