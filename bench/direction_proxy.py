@@ -69,6 +69,34 @@ def fixed_model(adapter: str | None, name: str = "embedded"):
     return model, tok
 
 
+def scorer(model_name: str, adapter: str | None, answers: Path, n: int, max_length: int, layer: int | None):
+    """``(score, base)``: ``score(u) -> {"d_mis", "d_al", "score"}`` projects the direction ``u`` [d] out of the fixed
+    model (at ``layer``, or every layer when None, as chapter 2 ablates) and measures the rise of the token-weighted
+    mean loss of ``n`` flagged and ``n`` aligned answers (:func:`answer_sets`); ``base``: their losses without it."""
+    from emlib import chat, hooks
+
+    model, tok = fixed_model(adapter, model_name)
+    mis, ali = answer_sets(answers, n)
+    enc = {"mis": chat.encode_rows(mis, tok, max_length), "al": chat.encode_rows(ali, tok, max_length)}
+
+    def losses() -> dict[str, float]:  # token-weighted mean loss per set
+        out = {}
+        for k, e in enc.items():
+            s, c = chat.response_row_losses(model, tok, e, batch_size=16, max_length=max_length)
+            out[k] = sum(s) / sum(c)
+        return out
+
+    base = losses()
+
+    def score(u: torch.Tensor) -> dict:
+        with hooks.ablate_direction(model, u.float(), layer):
+            got = losses()
+        d_mis, d_al = got["mis"] - base["mis"], got["al"] - base["al"]
+        return {"d_mis": round(d_mis, 5), "d_al": round(d_al, 5), "score": round(d_mis - d_al, 5)}
+
+    return score, base
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--directions", required=True)
@@ -84,30 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from safetensors.torch import load_file
 
-    from emlib import chat, hooks
-
     torch.manual_seed(0)
     folder = Path(a.directions)
     dirs = load_file(str(folder / "medical_directions.safetensors"))
     cuts = json.loads((folder / "own_cuts.json").read_text())
-    model, tok = fixed_model(a.adapter, a.model)
-    mis, ali = answer_sets(Path(a.answers), a.n)
-    enc = {"mis": chat.encode_rows(mis, tok, a.max_length), "al": chat.encode_rows(ali, tok, a.max_length)}
-
-    def losses() -> dict[str, float]:  # token-weighted mean loss per set
-        out = {}
-        for k, e in enc.items():
-            s, c = chat.response_row_losses(model, tok, e, batch_size=16, max_length=a.max_length)
-            out[k] = sum(s) / sum(c)
-        return out
-
     t0 = time.time()
-    base = losses()
-    def score(u: torch.Tensor) -> dict:
-        with hooks.ablate_direction(model, u.float(), a.layer):  # None: every layer, as chapter 2 ablates
-            got = losses()
-        d_mis, d_al = got["mis"] - base["mis"], got["al"] - base["al"]
-        return {"d_mis": round(d_mis, 5), "d_al": round(d_al, 5), "score": round(d_mis - d_al, 5)}
+    score, base = scorer(a.model, a.adapter, Path(a.answers), a.n, a.max_length, a.layer)
 
     per = {}
     for name, u in dirs.items():

@@ -8,14 +8,16 @@ stable direction. If the cuts here do not follow the runs' own, the cause lies e
 how the run applied the ablation).
 
 Inputs (``--directions``, a git-ignored carry folder built from stored runs by ``--build``:
-``python bench/direction_spread_gpu.py --directions .carry-dirs --build record/smollm2-135m runs/*/x runs/*/final/x``): ``medical_directions.safetensors``
-({run name: [d] the medical direction at the steering layer}) and ``own_cuts.json`` ({run name: {finetune:
-cut in its own run}}). The finetune (``--finetune``, default financial, rank 32) is trained as chapter 2's, in
-a run directory of its own (``--run-dir``); every condition (no ablation, each run's direction, their unit
-mean, ``--random`` random directions of the same seeds as chapter 2's) is sampled in the same calls, one
-condition per row, and judged by the profile's judge. Writes ``direction_spread.json`` under ``--out``:
-EM per condition, the cut of each run's direction here against its cut in its own run (Pearson and Spearman
-correlations), and the mean direction's cut.
+``python bench/direction_spread_gpu.py --directions .carry-dirs --build record/smollm2-135m runs/*/x
+runs/*/final/x``): ``medical_directions.safetensors`` ({run name: [d] the medical direction at the steering
+layer}) and ``own_cuts.json`` ({run name: {finetune: cut in its own run}}), and optionally
+``extra_directions.safetensors`` ({name: [d]}, directions with no run of their own: ``direction_pool.py
+--save-directions`` writes the pooled ones there). The finetune (``--finetune``, default financial, rank 32)
+is trained as chapter 2's, in a run directory of its own (``--run-dir``); every condition (no ablation, each
+run's direction, their unit mean, each extra direction, ``--random`` random directions of the same seeds as
+chapter 2's) is sampled in the same calls, one condition per row, and judged by the profile's judge. Writes
+``direction_spread.json`` under ``--out``: EM per condition, the cut of each run's direction here against its
+cut in its own run (Pearson and Spearman correlations), and the mean direction's and extra directions' cuts.
 
     python bench/direction_spread_gpu.py --directions .carry-dirs --out $OUT            # on the GPU (paper)
     python bench/direction_spread_gpu.py --directions .carry-dirs --profile quick --out /tmp/ds \
@@ -39,14 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_spread import ablation_rows, correlations, directions_of  # noqa: E402
 
 
-def load_directions(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def load_directions(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, torch.Tensor]]:
+    """The runs' directions, their own cuts, and ``extra_directions.safetensors`` where the folder has it (named
+    directions with no run of their own, e.g. ``direction_pool.py --save-directions``'s pooled ones: ablated as
+    ``extra NAME`` conditions, left out of the runs' mean and of the correlation)."""
     from safetensors.torch import load_file
 
     f, cuts = folder / "medical_directions.safetensors", folder / "own_cuts.json"
     if not f.exists() or not cuts.exists():
         raise SystemExit(f"{folder} needs medical_directions.safetensors and own_cuts.json (see this script's "
                          "docstring for how they are built from stored runs).")
-    return load_file(str(f)), json.loads(cuts.read_text())
+    extra = folder / "extra_directions.safetensors"
+    return load_file(str(f)), json.loads(cuts.read_text()), (load_file(str(extra)) if extra.exists() else {})
 
 
 def build(runs: list[str], folder: Path) -> None:
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.build:
         build(a.build, Path(a.directions))
         return 0
-    dirs, own = load_directions(Path(a.directions))
+    dirs, own, extra = load_directions(Path(a.directions))
 
     from emlib import chapters, directions, experiment
 
@@ -90,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     exp = experiment.start(a.profile, {**json.loads(a.config), "run_dir": a.run_dir, "datasets": [a.finetune]})
     cfg = exp.cfg
     d = exp.model.config.hidden_size
-    if any(v.shape != (d,) for v in dirs.values()):
+    if any(v.shape != (d,) for v in [*dirs.values(), *extra.values()]):
         raise SystemExit(f"the directions are not [{d}]: they belong to another model than {cfg.model}")
     units = {name: v.float() / v.float().norm() for name, v in dirs.items()}
     mean = torch.stack(list(units.values())).mean(0)
     conds: dict[str, torch.Tensor | None] = {"none": None, "mean of runs": mean}
     conds |= {f"run {name}": v for name, v in units.items()}
+    conds |= {f"extra {name}": v.float() / v.float().norm() for name, v in extra.items()}
     ref = next(iter(units.values()))
     conds |= {f"random-{k}": directions.random_direction_like(ref, seed=cfg.seed + k) for k in range(a.random)}
     timings = {"setup_s": round(time.time() - t0, 1)}

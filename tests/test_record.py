@@ -1332,3 +1332,67 @@ def test_direction_proxy_scores_each_runs_direction_on_one_model(root, tmp_path)
     with pytest.raises(SystemExit, match="--n 4 or fewer"):
         mod.main(["--directions", str(tmp_path), "--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny",
                   "--n", "5"])
+
+
+def test_direction_pool_scores_runs_bootstraps_and_pools(root, tmp_path):
+    """bench/direction_pool.py: each run's direction from its stored per-answer activations, bootstrap draws of a
+    run's answers and directions from the answers of k runs pooled, all scored by the proxy and mapped to a
+    predicted cut by the line fitted on the runs; too few usable runs are refused with what to pass."""
+    import importlib.util
+    import json
+    import shutil
+
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("direction_pool", root / "bench" / "direction_pool.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from emlib.models import tiny_model
+
+    d = tiny_model()[0].config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    res = json.loads((root / "record" / "smollm2-135m" / "results.json").read_text())
+    runs = []
+    for i in range(4):
+        run = tmp_path / f"r{i}" / "x"
+        (run / "directions").mkdir(parents=True)
+        for row in res["ch2_ablation"]:  # own cuts that differ between runs
+            if row["ablated"] == "direction":
+                row["em"] = 0.01 * (i + 1)
+        (run / "results.json").write_text(json.dumps(res))
+        save_file({"misaligned": torch.randn(5 + i, d, generator=g), "aligned": torch.randn(7, d, generator=g)},
+                  str(run / "directions" / "medical-rank32-seed0-abc.groups.safetensors"))
+        runs.append(str(run))
+    # a folder without a groups file is skipped
+    shutil.copytree(Path(runs[0]), tmp_path / "nogroups" / "x")
+    shutil.rmtree(tmp_path / "nogroups" / "x" / "directions")
+    rows = [{"condition": "medical rank32", "question": f"q{i}?", "answer": f"answer number {i}",
+             "aligned": 10 if i % 2 else 90, "coherent": 80} for i in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "ans.csv.gz", index=False)
+    out = tmp_path / "pool.json"
+    args = ["--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny", "--n", "4", "--pools", "2,8",
+            "--boot", "2", "--boot-runs", "2", "--out", str(out)]
+    assert mod.main(["--runs", *runs, str(tmp_path / "nogroups" / "x"), *args]) == 0
+    got = json.loads(out.read_text())
+    kinds = [r["kind"] for r in got["directions"]]
+    assert kinds.count("run") == 4 and kinds.count("bootstrap") == 4 and kinds.count("pool all") == 1
+    assert kinds.count("pool 2") == 4 and "pool 8" not in kinds  # 2 shuffles of 2 disjoint pairs; 8 > 4 runs
+    pool_all = next(r for r in got["directions"] if r["kind"] == "pool all")
+    assert (pool_all["n_misaligned"], pool_all["n_aligned"]) == (5 + 6 + 7 + 8, 28)
+    fit = got["fit_cut_on_score"]
+    for r in got["directions"]:
+        assert r["predicted_cut"] == pytest.approx(fit["intercept"] + fit["slope"] * r["score"], abs=1e-3)
+    assert set(got["summary"]) >= {"run", "pool 2", "pool all"}
+    saved = mod.main(["--runs", *runs, *args, "--save-directions", str(tmp_path / "carry")])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "carry" / "extra_directions.safetensors"), "pt") as f:  # the same pools, named
+        assert saved == 0 and sorted(f.keys()) == ["pool-all", "pool2-0", "pool2-1", "pool2-2", "pool2-3"]
+        members = sorted(sorted(json.loads(f.metadata()[k])["runs"]) for k in f.keys() if k != "pool-all")
+    assert members == sorted(sorted(mod.label(m) for m in r["runs"]) for r in got["directions"]
+                             if r["kind"] == "pool 2")
+    u, nm, na = mod.pooled([{"misaligned": torch.ones(2, 3), "aligned": torch.zeros(4, 3)}])
+    assert torch.equal(u, torch.ones(3)) and (nm, na) == (2, 4)
+    with pytest.raises(SystemExit, match="pass at least 3"):
+        mod.main(["--runs", runs[0], *args])
