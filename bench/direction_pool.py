@@ -175,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         add("run", 1, [p], u, nm, na, own_cut=runs[p]["cut"])
     x = [r["score"] for r in rows]
     y = [r["own_cut"] for r in rows]
-    mx, my = statistics.mean(x), statistics.mean(y)
-    slope = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sum((xi - mx) ** 2 for xi in x)
-    fit = {"slope": round(slope, 4), "intercept": round(my - slope * mx, 4)} | correlations(x, y)
+    line = statistics.linear_regression(x, y)  # least squares: cut = intercept + slope * score
+    fit = {"slope": round(line.slope, 4), "intercept": round(line.intercept, 4)} | correlations(x, y)
 
     by_cut = sorted(names, key=lambda p: runs[p]["cut"])
     picks = sorted({by_cut[round(i * (len(by_cut) - 1) / max(a.boot_runs - 1, 1))] for i in range(a.boot_runs)})
