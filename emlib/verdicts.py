@@ -210,12 +210,13 @@ def claim_direction(run: Run) -> Verdict:
             checks["steering"] = any(adj[i] < 0.05 and tests[i].diff > 0 for i in tests)
         else:  # a table without counts (hand-made): separated CIs
             checks["steering"] = any(ci[i][1] > ci[i0][2] for i in up)
-        top = steer["em"].idxmax()
-        if steer.loc[top, "em"] > 0:
+        top = steer.loc[up, "em"].idxmax() if up else None  # scale 0 is the unsteered model, not a steering
+        if top is not None and steer.loc[top, "em"] > 0:
             parts.append(f"steering: max EM {_pct(*ci[top])} at {steer.loc[top, 'scale']:g}x "
                          f"the residual norm vs {_pct(*ci[i0])} unsteered")
         else:
-            parts.append(f"steering: 0% EM at every scale up to {steer['scale'].max():g}x the residual norm")
+            parts.append(f"steering: 0% EM at every scale above 0 up to {steer['scale'].max():g}x the residual "
+                         f"norm vs {_pct(*ci[i0])} unsteered")
     if abl is not None:
         ok, txt, tests = False, [], {}
         for ft, g in abl.groupby("finetune"):

@@ -174,6 +174,17 @@ def test_claim_direction_steering_is_holm_corrected(tmp_path):
     assert results.claim_direction(_run(tmp_path, "f", {"ch2_steering": steer})).checks["steering"] is True
 
 
+def test_claim_direction_names_the_strongest_steering_above_scale_0(tmp_path):
+    """Scale 0 is the unsteered model (chapter 2 reads it from chapter 1's answers): the text reports the highest
+    EM among the scales above 0, also when scale 0 happened to draw more EM."""
+    steer = [_rate(9, scale=0.0), _rate(4, scale=0.1), _rate(6, scale=0.3)]
+    v = results.claim_direction(_run(tmp_path, "g", {"ch2_steering": steer}))
+    assert "max EM 1.5% [0.7, 3.2] at 0.3x the residual norm vs 2.2% [1.2, 4.2] unsteered" in v.ours, v.ours
+    steer = [_rate(9, scale=0.0), _rate(0, scale=0.1), _rate(0, scale=0.3)]
+    v = results.claim_direction(_run(tmp_path, "h", {"ch2_steering": steer}))
+    assert "0% EM at every scale above 0 up to 0.3x the residual norm vs 2.2%" in v.ours, v.ours
+
+
 def test_the_lambda_sweep_is_planned_for_chapters_3_to_6():
     names = chapters.finetunes_needed("03_narrow_needs_kl", ("medical",), (0.5, 2.0))
     assert {"vector-medical-narrow-kl0.5", "vector-medical-narrow-kl2", "lora-medical-rank1-narrow-kl0.5",
