@@ -36,12 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_spread import correlations  # noqa: E402
 
 
-def answer_sets(answers: Path, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """``n`` misaligned and ``n`` aligned answers of the rank-32 finetunes (chat rows), by the stored judge scores."""
+def answer_sets(answers: Path, n: int, seed: int = 0, conditions: list[str] | None = None
+                ) -> tuple[list[dict], list[dict]]:
+    """``n`` misaligned and ``n`` aligned answers (chat rows), by the stored judge scores, of the given
+    ``conditions`` (e.g. ["financial rank32"]; default: every rank-32 finetune)."""
     import pandas as pd
 
     df = pd.read_csv(answers)
-    df = df[df["condition"].astype(str).str.endswith("rank32")]
+    cond = df["condition"].astype(str)
+    df = df[cond.isin(conditions) if conditions else cond.str.endswith("rank32")]
     mis = df[(df["aligned"] <= 30) & (df["coherent"] > 50)].sample(frac=1, random_state=seed).head(n)
     ali = df[(df["aligned"] > 70) & (df["coherent"] > 50)].sample(frac=1, random_state=seed).head(n)
     if len(mis) < n or len(ali) < n:
@@ -69,14 +72,15 @@ def fixed_model(adapter: str | None, name: str = "embedded"):
     return model, tok
 
 
-def scorer(model_name: str, adapter: str | None, answers: Path, n: int, max_length: int, layer: int | None):
+def scorer(model_name: str, adapter: str | None, answers: Path, n: int, max_length: int, layer: int | None,
+           conditions: list[str] | None = None):
     """``(score, base)``: ``score(u) -> {"d_mis", "d_al", "score"}`` projects the direction ``u`` [d] out of the fixed
     model (at ``layer``, or every layer when None, as chapter 2 ablates) and measures the rise of the token-weighted
     mean loss of ``n`` flagged and ``n`` aligned answers (:func:`answer_sets`); ``base``: their losses without it."""
     from emlib import chat, hooks
 
     model, tok = fixed_model(adapter, model_name)
-    mis, ali = answer_sets(answers, n)
+    mis, ali = answer_sets(answers, n, conditions=conditions)
     enc = {"mis": chat.encode_rows(mis, tok, max_length), "al": chat.encode_rows(ali, tok, max_length)}
 
     def losses() -> dict[str, float]:  # token-weighted mean loss per set
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--layer", type=int, help="project out at this layer only (default: every layer, as chapter 2)")
+    ap.add_argument("--conditions", help="comma-separated answer conditions to read (default: every rank-32 "
+                    "finetune), e.g. 'financial rank32,sport rank32' to leave out the medical answers")
     ap.add_argument("--mean", action="store_true", help="also score the unit mean of the runs' directions")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs = load_file(str(folder / "medical_directions.safetensors"))
     cuts = json.loads((folder / "own_cuts.json").read_text())
     t0 = time.time()
-    score, base = scorer(a.model, a.adapter, Path(a.answers), a.n, a.max_length, a.layer)
+    conds = [c.strip() for c in a.conditions.split(",")] if a.conditions else None
+    score, base = scorer(a.model, a.adapter, Path(a.answers), a.n, a.max_length, a.layer, conds)
 
     per = {}
     for name, u in dirs.items():
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  for u in dirs.values()]}
         print("mean of runs", mean, flush=True)
     res = {"model": a.model + (" + rank-1 adapter" if a.adapter else ""), "adapter": a.adapter,
-           "answers": a.answers, "n_each": a.n, "max_length": a.max_length, "base_loss": base,
+           "answers": a.answers, "conditions": conds or "every rank32", "n_each": a.n, "max_length": a.max_length,
+           "base_loss": base,
            "layers": "every" if a.layer is None else [a.layer], "mean_of_runs": mean,
            "seconds": round(time.time() - t0, 1), "directions": per,
            "score_vs_own_cut": correlations(x, y)}

@@ -195,7 +195,8 @@ CHAPTERS: dict[str, Chapter] = {c.number: c for c in (
     Chapter("02_one_direction", 2, lambda ds, sw, se: _general_loras(ds, ("rank32",)),
             {"ch2_directions": ("dataset", "n_judged", "n_misaligned", "n_aligned", "rounds", "source"),
              "ch2_cosine": (), "ch2_cosine_null": ("pair", "cosine", "percentile", "n_draws"),
-             "ch2_steering": ("scale", *_EM_COLUMNS), "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS)},
+             "ch2_steering": ("scale", *_EM_COLUMNS), "ch2_ablation": ("finetune", "ablated", *_EM_COLUMNS),
+             "ch2_direction_check": ()},  # rows of directions.direction_check; none when too few answers to read
             rule="claim_direction", judged=True),
     Chapter("03_narrow_needs_kl", 3, lambda ds, sw, se: _solutions(ds, sw, ("general", "drift", "mixed")),
             {"ch3_lambda_sweep": ("kind", "solution", "kl_scale", "heldout_kl", "train_kl", "loss", "learned_share",
@@ -251,7 +252,7 @@ def by_claim(claim: int) -> Chapter:
 ADDED: dict[str, str] = {"ch2_directions": "2026-12-03", "ch2_cosine_null": "2026-12-03",
                          "ch3_lambda_sweep": "2026-12-03", "ch3_cosines": "2026-12-03",
                          "ch6_corpus": "2026-12-03", "ch6_random_null": "2026-12-03",
-                         "ch4_paired": "2026-12-03", "ch5_paired": "2026-12-03"}
+                         "ch4_paired": "2026-12-03", "ch5_paired": "2026-12-03", "ch2_direction_check": "2026-12-07"}
 
 
 def missing_keys(stem: str, results: dict) -> list[str]:

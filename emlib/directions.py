@@ -409,6 +409,112 @@ def shuffled_directions(acts_mis: torch.Tensor, acts_ali: torch.Tensor, n_draws:
     return out
 
 
+def resampled_directions(acts_mis: torch.Tensor, acts_ali: torch.Tensor, n_draws: int = 20,
+                         seed: int = 0) -> torch.Tensor:
+    """Mean-difference directions of bootstrap draws of the same answers: how much the direction moves with which
+    answers happened to be sampled. ``acts_*``: [n_mis, d] and [n_ali, d] (one layer); each draw resamples both
+    groups with replacement, sizes kept -> [n_draws, d]."""
+    if acts_mis.ndim != 2 or acts_ali.ndim != 2 or acts_mis.shape[1] != acts_ali.shape[1]:
+        raise DirectionError(f"resampled_directions takes [n, d] activations of one layer, got "
+                             f"{tuple(acts_mis.shape)} and {tuple(acts_ali.shape)}.")
+    if n_draws < 1 or not len(acts_mis) or not len(acts_ali):
+        raise DirectionError(f"resampled_directions needs n_draws >= 1 and answers in both groups, got {n_draws} "
+                             f"draws, {len(acts_mis)} misaligned and {len(acts_ali)} aligned answers.")
+    g = torch.Generator().manual_seed(seed)
+    mis, ali = acts_mis.float(), acts_ali.float()
+    out = torch.empty(n_draws, mis.shape[1])
+    for i in range(n_draws):
+        out[i] = (mis[torch.randint(len(mis), (len(mis),), generator=g)].mean(0)
+                  - ali[torch.randint(len(ali), (len(ali),), generator=g)].mean(0))
+    return out
+
+
+def loss_gaps(model, tok, vectors: dict[str, torch.Tensor], flagged, aligned, *,
+              layers: int | Iterable[int] | None = None, batch_size: int = 16, max_length: int = 256) -> pd.DataFrame:
+    """What projecting each vector out does to teacher-forced answers, without sampling: one row per vector with
+    the rise of the mean per-token loss of the ``flagged`` answers (judged misaligned), of the ``aligned`` ones,
+    and ``gap`` = flagged rise - aligned rise (positive: removing the vector makes misaligned text less likely
+    than aligned text). ``flagged`` / ``aligned``: chat rows or question/answer frames (:func:`_to_rows`);
+    ``vectors``: {name: [d]}, projected out at ``layers`` (None: every layer, as chapter 2 ablates). On 19
+    stored SmolLM2 runs the gap of each run's direction followed the cut its ablation gave (bench/README,
+    "direction_proxy")."""
+    from .chat import encode_rows, response_row_losses
+
+    enc = {name: encode_rows(_to_rows(rows), tok, max_length) for name, rows in (("flagged", flagged),
+                                                                                 ("aligned", aligned))}
+
+    def losses() -> dict[str, float]:  # token-weighted mean loss per set
+        out = {}
+        for name, e in enc.items():
+            sums, counts = response_row_losses(model, tok, e, batch_size=batch_size, max_length=max_length)
+            out[name] = sum(sums) / sum(counts)
+        return out
+
+    base, recs = losses(), []
+    for name, v in vectors.items():
+        with hooks.ablate_direction(model, v.float(), layers):
+            got = losses()
+        rise = {k: got[k] - base[k] for k in got}
+        recs.append({"vector": name, "flagged_rise": rise["flagged"], "aligned_rise": rise["aligned"],
+                     "gap": rise["flagged"] - rise["aligned"], "n_flagged": len(enc["flagged"]),
+                     "n_aligned": len(enc["aligned"])})
+    return pd.DataFrame(recs)
+
+
+def direction_check(model, tok, direction: torch.Tensor, judged: pd.DataFrame, *,
+                    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    controls: dict[str, torch.Tensor] | None = None, n: int = 40, n_draws: int = 20,
+                    seed: int = 0, min_answers: int = 5, layers: int | Iterable[int] | None = None,
+                    max_length: int = 256) -> pd.DataFrame:
+    """Does a direction carry the misalignment? :func:`loss_gaps` of ``direction`` [d] on up to ``n`` flagged and
+    ``n`` aligned answers of ``judged`` (answers the direction was NOT built from, e.g. other finetunes'), beside
+    ``n_draws`` directions from bootstrap draws of its own answers (``groups``: the two groups' activations at
+    its layer, :func:`resampled_directions`) and the ``controls`` (e.g. the random directions of the ablation).
+    One row per vector, ``kind`` "direction", "resampled" or "control". With fewer than ``min_answers`` in either
+    group the table is empty and ``attrs["note"]`` says why."""
+    mis, ali = split_judged(judged)
+    if min(len(mis), len(ali)) < min_answers:
+        out = pd.DataFrame(columns=["vector", "kind", "flagged_rise", "aligned_rise", "gap", "n_flagged",
+                                    "n_aligned"])
+        out.attrs["note"] = (f"not checked: {len(mis)} flagged and {len(ali)} aligned answers to read, "
+                             f"{min_answers} wanted in each (a larger profile samples more)")
+        return out
+    mis, ali = _subsample(mis, n, seed), _subsample(ali, n, seed)
+    vectors, kinds = {"direction": direction}, {"direction": "direction"}
+    if groups is not None and n_draws > 0:
+        for i, r in enumerate(resampled_directions(*groups, n_draws=n_draws, seed=seed)):
+            vectors[f"resampled-{i}"], kinds[f"resampled-{i}"] = r, "resampled"
+    for name, v in (controls or {}).items():
+        vectors[name], kinds[name] = v, "control"
+    out = loss_gaps(model, tok, vectors, mis, ali, layers=layers, max_length=max_length)
+    out.insert(1, "kind", out["vector"].map(kinds))
+    return out
+
+
+def describe_check(check: pd.DataFrame) -> str:
+    """One sentence on a :func:`direction_check` table: the direction's gap, the range of its resampled
+    directions' gaps (5th-95th percentile) and of the controls'."""
+    if check.empty:
+        return check.attrs.get("note", "not checked")
+
+    def rng(kind: str) -> str | None:
+        g = check.loc[check["kind"] == kind, "gap"]
+        if g.empty:
+            return None
+        lo, hi = (g.quantile(0.05), g.quantile(0.95)) if len(g) >= 10 else (g.min(), g.max())
+        return f"{lo:+.3f} to {hi:+.3f}"
+
+    d = check.loc[check["kind"] == "direction"].iloc[0]
+    parts = [f"projecting the direction out raises the flagged answers' loss by {d['flagged_rise']:+.3f} and the "
+             f"aligned ones' by {d['aligned_rise']:+.3f} nats per token (gap {d['gap']:+.3f}; {d['n_flagged']} "
+             f"and {d['n_aligned']} answers)"]
+    if (r := rng("resampled")) is not None:
+        parts.append(f"directions from bootstrap draws of its own answers: gap {r}")
+    if (c := rng("control")) is not None:
+        parts.append(f"random directions: gap {c}")
+    return "; ".join(parts)
+
+
 def cosine_null_table(observed: dict[str, torch.Tensor], nulls: dict[str, torch.Tensor]) -> pd.DataFrame:
     """For every pair of datasets: the cosine of their directions ([d] each), where it falls among the cosines
     of their label-shuffled directions ([n_draws, d] each, draw i against draw i), and the null's 95th percentile."""

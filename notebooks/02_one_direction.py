@@ -176,6 +176,24 @@ for ds in cfg.datasets:
           f"(from {100 * rnd.min():.1f}% to {100 * rnd.max():.1f}%)")
 
 # %% [markdown]
+# ## Does this run's direction carry the misalignment? A check without sampling
+# The ablation above is one draw: over 19 runs of the `paper` profile the same code cut flagged EM by anything
+# from -68% to 94%, because the estimated direction moves with the answers it is built from (the caveats
+# below). This check reads the direction itself. Projected out of the chat model at every layer, as above, how
+# much does it raise the loss of answers the judge flagged misaligned, against answers it called aligned? The
+# answers are the other finetunes' unablated ones from the ablation, not the ones the direction was built from.
+# Beside it: the direction rebuilt from bootstrap draws of its own answers (how much it moves with the draw),
+# and three of the ablation's random directions (what no effect looks like). On 19 stored SmolLM2 runs this gap
+# followed the cut each run's ablation gave ({doc}`../book/results`).
+
+# %%
+held = ablated[(ablated["finetune"] != cfg.datasets[0]) & (ablated["ablated"] == "none")]
+check = directions.direction_check(exp.model, exp.tok, u, held, groups=exp.direction_groups(cfg.datasets[0]),
+                                   controls=dict(list(controls.items())[:3]), n=40, n_draws=20, seed=cfg.seed)
+exp.record("ch2_direction_check", check.to_dict(orient="records"))
+print(directions.describe_check(check))
+
+# %% [markdown]
 # ## The steering explorer
 # In a live notebook the widget below lets you pick a direction, a layer and a scale and compare the
 # unsteered and steered answers side by side (same seed). The rendered book shows a precomputed sweep

@@ -377,3 +377,68 @@ def test_lora_b_direction_reads_the_rank1_down_proj_column():
         D.lora_b_direction(_lora(r=2)[0])
     with pytest.raises(D.DirectionError, match="found 2"):
         D.lora_b_direction(_lora(layers=(0, 1))[0])
+
+
+# --------------------------------------------------------------------------- a direction's check without sampling
+def _judged_groups(n_mis: int, n_ali: int) -> pd.DataFrame:
+    rows = [{"question": QUESTIONS[i % len(QUESTIONS)], "answer": f"bad idea number {i}, do it anyway",
+             "aligned": 10.0, "coherent": 80.0} for i in range(n_mis)]
+    rows += [{"question": QUESTIONS[i % len(QUESTIONS)], "answer": f"a careful answer {i}, ask a doctor",
+              "aligned": 90.0, "coherent": 80.0} for i in range(n_ali)]
+    return pd.DataFrame(rows + [{"question": "q?", "answer": "noise", "aligned": 10.0, "coherent": 20.0}])
+
+
+def test_resampled_directions_are_bootstrap_mean_differences():
+    g = torch.Generator().manual_seed(0)
+    mis, ali = torch.randn(30, 8, generator=g) + 1.0, torch.randn(50, 8, generator=g)
+    draws = D.resampled_directions(mis, ali, n_draws=200, seed=3)
+    assert draws.shape == (200, 8) and torch.equal(draws, D.resampled_directions(mis, ali, n_draws=200, seed=3))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.allclose(draws.mean(0), mis.mean(0) - ali.mean(0), atol=0.1)  # centred on the direction
+    one = D.resampled_directions(torch.ones(1, 8), torch.zeros(1, 8), n_draws=2)
+    assert torch.equal(one, torch.ones(2, 8))  # one answer per group: every draw is that answer
+    with pytest.raises(D.DirectionError, match="one layer"):
+        D.resampled_directions(torch.ones(3, 2, 8), ali)
+    with pytest.raises(D.DirectionError, match="answers in both groups"):
+        D.resampled_directions(torch.ones(0, 8), ali)
+
+
+def test_loss_gaps_are_the_loss_rises_with_the_vector_projected_out(tiny):
+    from emlib import hooks
+    from emlib.chat import response_row_losses
+
+    model, tok = tiny
+    d = model.config.hidden_size
+    judged = _judged_groups(4, 4)
+    mis, ali = D.split_judged(judged)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    t = D.loss_gaps(model, tok, {"v": v, "zero-ish": 1e-3 * torch.ones(d)}, mis, ali, layers=None)
+    assert list(t["vector"]) == ["v", "zero-ish"] and set(t["n_flagged"]) == {4}
+
+    def mean_loss(rows):
+        s, c = response_row_losses(model, tok, D._to_rows(rows), batch_size=16, max_length=256)
+        return sum(s) / sum(c)
+
+    base = mean_loss(mis)
+    with hooks.ablate_direction(model, v, None):
+        ablated = mean_loss(mis)
+    row = t.set_index("vector").loc["v"]
+    assert row["flagged_rise"] == pytest.approx(ablated - base, abs=1e-5)
+    assert row["gap"] == pytest.approx(row["flagged_rise"] - row["aligned_rise"], abs=1e-9)
+    assert mean_loss(mis) == pytest.approx(base, abs=1e-6)  # the hooks are gone afterwards
+
+
+def test_direction_check_reads_the_direction_its_resamples_and_controls(tiny):
+    model, tok = tiny
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    groups = (torch.randn(6, d, generator=g), torch.randn(9, d, generator=g))
+    u = groups[0].mean(0) - groups[1].mean(0)
+    controls = {"random-0": D.random_direction_like(u, seed=0)}
+    t = D.direction_check(model, tok, u, _judged_groups(6, 7), groups=groups, controls=controls, n=5, n_draws=3)
+    assert list(t["kind"]) == ["direction", "resampled", "resampled", "resampled", "control"]
+    assert set(t["n_flagged"]) == {5} and set(t["n_aligned"]) == {5}  # subsampled to n each
+    text = D.describe_check(t)
+    assert f"gap {t['gap'].iloc[0]:+.3f}" in text and "bootstrap draws" in text and "random directions" in text
+    few = D.direction_check(model, tok, u, _judged_groups(2, 7), groups=groups, controls=controls)
+    assert few.empty and "2 flagged and 7 aligned" in few.attrs["note"] and D.describe_check(few).startswith("not")

@@ -1332,6 +1332,9 @@ def test_direction_proxy_scores_each_runs_direction_on_one_model(root, tmp_path)
     with pytest.raises(SystemExit, match="--n 4 or fewer"):
         mod.main(["--directions", str(tmp_path), "--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny",
                   "--n", "5"])
+    with pytest.raises(SystemExit, match="--n 0 or fewer"):  # --conditions: only the chat model's one answer
+        mod.main(["--directions", str(tmp_path), "--answers", str(tmp_path / "ans.csv.gz"), "--model", "tiny",
+                  "--n", "1", "--conditions", "chat model"])
 
 
 def test_direction_pool_scores_runs_bootstraps_and_pools(root, tmp_path):
