@@ -160,24 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.time()
     torch.manual_seed(a.seed)
-    score, base = scorer(a.model, None, Path(a.answers), a.n, a.max_length, None)
-    rows = []
+    rows, vectors = [], {}
 
     def add(kind: str, k: int, members: list[str], u: torch.Tensor, n_mis: int, n_al: int, **extra) -> None:
-        s = score(u)
-        rows.append({"kind": kind, "k": k, "runs": members, "n_misaligned": n_mis, "n_aligned": n_al,
-                     "score": s["score"], "d_mis": s["d_mis"], "d_al": s["d_al"]} | extra)
-        print(kind, k, len(members), n_mis, n_al, s["score"], flush=True)
+        vectors[str(len(rows))] = u  # scored together below
+        rows.append({"kind": kind, "k": k, "runs": members, "n_misaligned": n_mis, "n_aligned": n_al} | extra)
 
     names = list(runs)
     for p in names:
         u, nm, na = pooled([runs[p]["groups"]])
         add("run", 1, [p], u, nm, na, own_cut=runs[p]["cut"])
-    x = [r["score"] for r in rows]
-    y = [r["own_cut"] for r in rows]
-    line = statistics.linear_regression(x, y)  # least squares: cut = intercept + slope * score
-    fit = {"slope": round(line.slope, 4), "intercept": round(line.intercept, 4)} | correlations(x, y)
-
     by_cut = sorted(names, key=lambda p: runs[p]["cut"])
     picks = sorted({by_cut[round(i * (len(by_cut) - 1) / max(a.boot_runs - 1, 1))] for i in range(a.boot_runs)})
     gen = torch.Generator().manual_seed(a.seed)
@@ -187,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             add("bootstrap", 1, [p], u, nm, na, draw=b, own_cut=runs[p]["cut"])
     for kind, k, members, u, nm, na in pool_directions(runs, a.pools, a.shuffles, a.seed):
         add(kind, k, members, u, nm, na)
+
+    scored, base = scorer(a.model, None, Path(a.answers), a.n, a.max_length, None)(vectors)
+    for i, r in enumerate(rows):
+        s = scored[str(i)]
+        r.update(score=s["score"], d_mis=s["d_mis"], d_al=s["d_al"])
+        print(r["kind"], r["k"], r["n_misaligned"], r["n_aligned"], s["score"], flush=True)
+    runs_rows = [r for r in rows if r["kind"] == "run"]
+    x, y = [r["score"] for r in runs_rows], [r["own_cut"] for r in runs_rows]
+    line = statistics.linear_regression(x, y)  # least squares: cut = intercept + slope * score
+    fit = {"slope": round(line.slope, 4), "intercept": round(line.intercept, 4)} | correlations(x, y)
 
     for r in rows:
         r["predicted_cut"] = round(fit["intercept"] + fit["slope"] * r["score"], 4)

@@ -74,31 +74,22 @@ def fixed_model(adapter: str | None, name: str = "embedded"):
 
 def scorer(model_name: str, adapter: str | None, answers: Path, n: int, max_length: int, layer: int | None,
            conditions: list[str] | None = None):
-    """``(score, base)``: ``score(u) -> {"d_mis", "d_al", "score"}`` projects the direction ``u`` [d] out of the fixed
-    model (at ``layer``, or every layer when None, as chapter 2 ablates) and measures the rise of the token-weighted
-    mean loss of ``n`` flagged and ``n`` aligned answers (:func:`answer_sets`); ``base``: their losses without it."""
-    from emlib import chat, hooks
+    """``score(vectors) -> ({name: {"d_mis", "d_al", "score"}}, {"mis": loss, "al": loss})``: each direction [d]
+    projected out of the fixed model (at ``layer``, or every layer when None, as chapter 2 ablates), the rise of
+    the token-weighted mean loss of ``n`` flagged and ``n`` aligned answers (:func:`answer_sets`), by
+    :func:`emlib.directions.loss_gaps`; the second dict: their losses without a direction."""
+    from emlib import directions
 
     model, tok = fixed_model(adapter, model_name)
     mis, ali = answer_sets(answers, n, conditions=conditions)
-    enc = {"mis": chat.encode_rows(mis, tok, max_length), "al": chat.encode_rows(ali, tok, max_length)}
 
-    def losses() -> dict[str, float]:  # token-weighted mean loss per set
-        out = {}
-        for k, e in enc.items():
-            s, c = chat.response_row_losses(model, tok, e, batch_size=16, max_length=max_length)
-            out[k] = sum(s) / sum(c)
-        return out
+    def score(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, float]]:
+        t = directions.loss_gaps(model, tok, vectors, mis, ali, layers=layer, max_length=max_length)
+        per = {r.vector: {"d_mis": round(r.flagged_rise, 5), "d_al": round(r.aligned_rise, 5),
+                          "score": round(r.gap, 5)} for r in t.itertuples()}
+        return per, {"mis": float(t["flagged_base"].iloc[0]), "al": float(t["aligned_base"].iloc[0])}
 
-    base = losses()
-
-    def score(u: torch.Tensor) -> dict:
-        with hooks.ablate_direction(model, u.float(), layer):
-            got = losses()
-        d_mis, d_al = got["mis"] - base["mis"], got["al"] - base["al"]
-        return {"d_mis": round(d_mis, 5), "d_al": round(d_al, 5), "score": round(d_mis - d_al, 5)}
-
-    return score, base
+    return score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,20 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     cuts = json.loads((folder / "own_cuts.json").read_text())
     t0 = time.time()
     conds = [c.strip() for c in a.conditions.split(",")] if a.conditions else None
-    score, base = scorer(a.model, a.adapter, Path(a.answers), a.n, a.max_length, a.layer, conds)
+    score = scorer(a.model, a.adapter, Path(a.answers), a.n, a.max_length, a.layer, conds)
 
+    scored, base = score(dict(dirs))
     per = {}
-    for name, u in dirs.items():
+    for name in dirs:
         own = [v for v in cuts[name].values() if v is not None]
-        per[name] = score(u) | {"own_cut_mean": round(float(np.mean(own)), 4)}
+        per[name] = scored[name] | {"own_cut_mean": round(float(np.mean(own)), 4)}
         print(name, per[name], flush=True)
     x = [v["score"] for v in per.values()]
     y = [v["own_cut_mean"] for v in per.values()]
     mean = None
     if a.mean:  # the runs' unit directions averaged: no run's own cut to compare with
         m = torch.stack([u.float() / u.float().norm() for u in dirs.values()]).mean(0)
-        mean = score(m) | {"cosine_with_runs": [round(float(torch.nn.functional.cosine_similarity(m, u.float(), dim=0)), 3)
-                                                 for u in dirs.values()]}
+        mean = score({"mean": m})[0]["mean"] | {
+            "cosine_with_runs": [round(float(torch.nn.functional.cosine_similarity(m, u.float(), dim=0)), 3)
+                                 for u in dirs.values()]}
         print("mean of runs", mean, flush=True)
     res = {"model": a.model + (" + rank-1 adapter" if a.adapter else ""), "adapter": a.adapter,
            "answers": a.answers, "conditions": conds or "every rank32", "n_each": a.n, "max_length": a.max_length,

@@ -434,10 +434,10 @@ def loss_gaps(model, tok, vectors: dict[str, torch.Tensor], flagged, aligned, *,
     """What projecting each vector out does to teacher-forced answers, without sampling: one row per vector with
     the rise of the mean per-token loss of the ``flagged`` answers (judged misaligned), of the ``aligned`` ones,
     and ``gap`` = flagged rise - aligned rise (positive: removing the vector makes misaligned text less likely
-    than aligned text). ``flagged`` / ``aligned``: chat rows or question/answer frames (:func:`_to_rows`);
-    ``vectors``: {name: [d]}, projected out at ``layers`` (None: every layer, as chapter 2 ablates). On 19
-    stored SmolLM2 runs the gap of each run's direction followed the cut its ablation gave (bench/README,
-    "direction_proxy")."""
+    than aligned text); ``*_base``: the two sets' losses without it. ``flagged`` / ``aligned``: chat rows or
+    question/answer frames (:func:`_to_rows`); ``vectors``: {name: [d]}, projected out at ``layers`` (None:
+    every layer, as chapter 2 ablates). On 19 stored SmolLM2 runs the gap of each run's direction followed the
+    cut its ablation gave (bench/README, "direction_proxy")."""
     from .chat import encode_rows, response_row_losses
 
     enc = {name: encode_rows(_to_rows(rows), tok, max_length) for name, rows in (("flagged", flagged),
@@ -457,7 +457,8 @@ def loss_gaps(model, tok, vectors: dict[str, torch.Tensor], flagged, aligned, *,
         rise = {k: got[k] - base[k] for k in got}
         recs.append({"vector": name, "flagged_rise": rise["flagged"], "aligned_rise": rise["aligned"],
                      "gap": rise["flagged"] - rise["aligned"], "n_flagged": len(enc["flagged"]),
-                     "n_aligned": len(enc["aligned"])})
+                     "n_aligned": len(enc["aligned"]), "flagged_base": base["flagged"],
+                     "aligned_base": base["aligned"]})
     return pd.DataFrame(recs)
 
 
@@ -475,7 +476,7 @@ def direction_check(model, tok, direction: torch.Tensor, judged: pd.DataFrame, *
     mis, ali = split_judged(judged)
     if min(len(mis), len(ali)) < min_answers:
         out = pd.DataFrame(columns=["vector", "kind", "flagged_rise", "aligned_rise", "gap", "n_flagged",
-                                    "n_aligned"])
+                                    "n_aligned", "flagged_base", "aligned_base"])
         out.attrs["note"] = (f"not checked: {len(mis)} flagged and {len(ali)} aligned answers to read, "
                              f"{min_answers} wanted in each (a larger profile samples more)")
         return out
