@@ -183,8 +183,9 @@ for ds in cfg.datasets:
 # much does it raise the loss of answers the judge flagged misaligned, against answers it called aligned? The
 # answers are the other finetunes' unablated ones from the ablation, not the ones the direction was built from.
 # Beside it: the direction rebuilt from bootstrap draws of its own answers (how much it moves with the draw),
-# and three of the ablation's random directions (what no effect looks like). On 19 stored SmolLM2 runs this gap
-# followed the cut each run's ablation gave ({doc}`../book/results`).
+# and three of the ablation's random directions (what no effect looks like). On 19 stored SmolLM2 runs, read on
+# answers held out in the same way, this gap followed the cut each run's ablation gave (Spearman 0.94;
+# {doc}`../book/results`).
 
 # %%
 held = ablated[(ablated["finetune"] != cfg.datasets[0]) & (ablated["ablated"] == "none")]
