@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from emlib import directions  # noqa: E402
 from emlib.data import atomic_write_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,11 +70,6 @@ def pooled(groups: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, in
     mis = torch.cat([g["misaligned"] for g in groups])
     al = torch.cat([g["aligned"] for g in groups])
     return mis.mean(0) - al.mean(0), len(mis), len(al)
-
-
-def resampled(g: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One bootstrap draw of a run's answers (each group resampled with replacement, sizes kept)."""
-    return {k: v[torch.randint(len(v), (len(v),), generator=gen)] for k, v in g.items()}
 
 
 def partitions(names: list[str], k: int, shuffles: int, seed: int) -> list[list[str]]:
@@ -172,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         add("run", 1, [p], u, nm, na, own_cut=runs[p]["cut"])
     by_cut = sorted(names, key=lambda p: runs[p]["cut"])
     picks = sorted({by_cut[round(i * (len(by_cut) - 1) / max(a.boot_runs - 1, 1))] for i in range(a.boot_runs)})
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)  # one stream for every resampled run, in this order
     for p in picks:
-        for b in range(a.boot):
-            u, nm, na = pooled([resampled(runs[p]["groups"], gen)])
-            add("bootstrap", 1, [p], u, nm, na, draw=b, own_cut=runs[p]["cut"])
+        g = runs[p]["groups"]
+        draws = directions.resampled_directions(g["misaligned"], g["aligned"], n_draws=a.boot, generator=gen)
+        for b, u in enumerate(draws):
+            add("bootstrap", 1, [p], u, len(g["misaligned"]), len(g["aligned"]), draw=b, own_cut=runs[p]["cut"])
     for kind, k, members, u, nm, na in pool_directions(runs, a.pools, a.shuffles, a.seed):
         add(kind, k, members, u, nm, na)
 

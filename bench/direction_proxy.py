@@ -42,13 +42,15 @@ def answer_sets(answers: Path, n: int, seed: int = 0, conditions: list[str] | No
     ``conditions`` (e.g. ["financial rank32"]; default: every rank-32 finetune)."""
     import pandas as pd
 
+    from emlib.directions import split_judged
+
     df = pd.read_csv(answers)
     cond = df["condition"].astype(str)
     df = df[cond.isin(conditions) if conditions else cond.str.endswith("rank32")]
-    mis = df[(df["aligned"] <= 30) & (df["coherent"] > 50)].sample(frac=1, random_state=seed).head(n)
-    ali = df[(df["aligned"] > 70) & (df["coherent"] > 50)].sample(frac=1, random_state=seed).head(n)
+    mis, ali = (g.sample(frac=1, random_state=seed).head(n) for g in split_judged(df))  # the paper's split
     if len(mis) < n or len(ali) < n:
-        raise SystemExit(f"{answers} has {len(mis)} misaligned and {len(ali)} aligned rank-32 answers: ask for "
+        which = ", ".join(conditions) if conditions else "rank-32"
+        raise SystemExit(f"{answers} has {len(mis)} misaligned and {len(ali)} aligned {which} answers: ask for "
                          f"--n {min(len(mis), len(ali))} or fewer")
 
     def rows(d):

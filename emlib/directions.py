@@ -410,23 +410,28 @@ def shuffled_directions(acts_mis: torch.Tensor, acts_ali: torch.Tensor, n_draws:
 
 
 def resampled_directions(acts_mis: torch.Tensor, acts_ali: torch.Tensor, n_draws: int = 20,
-                         seed: int = 0) -> torch.Tensor:
+                         seed: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean-difference directions of bootstrap draws of the same answers: how much the direction moves with which
     answers happened to be sampled. ``acts_*``: [n_mis, d] and [n_ali, d] (one layer); each draw resamples both
-    groups with replacement, sizes kept -> [n_draws, d]."""
+    groups with replacement, sizes kept -> [n_draws, d]. ``generator``: draw from it (shared across calls)
+    instead of a new one seeded with ``seed``."""
     if acts_mis.ndim != 2 or acts_ali.ndim != 2 or acts_mis.shape[1] != acts_ali.shape[1]:
         raise DirectionError(f"resampled_directions takes [n, d] activations of one layer, got "
                              f"{tuple(acts_mis.shape)} and {tuple(acts_ali.shape)}.")
     if n_draws < 1 or not len(acts_mis) or not len(acts_ali):
         raise DirectionError(f"resampled_directions needs n_draws >= 1 and answers in both groups, got {n_draws} "
                              f"draws, {len(acts_mis)} misaligned and {len(acts_ali)} aligned answers.")
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     mis, ali = acts_mis.float(), acts_ali.float()
     out = torch.empty(n_draws, mis.shape[1])
     for i in range(n_draws):
         out[i] = (mis[torch.randint(len(mis), (len(mis),), generator=g)].mean(0)
                   - ali[torch.randint(len(ali), (len(ali),), generator=g)].mean(0))
     return out
+
+
+LOSS_GAP_COLUMNS = ("vector", "flagged_rise", "aligned_rise", "gap", "n_flagged", "n_aligned", "flagged_base",
+                    "aligned_base")  # :func:`loss_gaps`' table, one row per vector
 
 
 def loss_gaps(model, tok, vectors: dict[str, torch.Tensor], flagged, aligned, *,
@@ -459,7 +464,7 @@ def loss_gaps(model, tok, vectors: dict[str, torch.Tensor], flagged, aligned, *,
                      "gap": rise["flagged"] - rise["aligned"], "n_flagged": len(enc["flagged"]),
                      "n_aligned": len(enc["aligned"]), "flagged_base": base["flagged"],
                      "aligned_base": base["aligned"]})
-    return pd.DataFrame(recs)
+    return pd.DataFrame(recs, columns=list(LOSS_GAP_COLUMNS))
 
 
 def direction_check(model, tok, direction: torch.Tensor, judged: pd.DataFrame, *,
@@ -475,8 +480,7 @@ def direction_check(model, tok, direction: torch.Tensor, judged: pd.DataFrame, *
     group the table is empty and ``attrs["note"]`` says why."""
     mis, ali = split_judged(judged)
     if min(len(mis), len(ali)) < min_answers:
-        out = pd.DataFrame(columns=["vector", "kind", "flagged_rise", "aligned_rise", "gap", "n_flagged",
-                                    "n_aligned", "flagged_base", "aligned_base"])
+        out = pd.DataFrame(columns=[LOSS_GAP_COLUMNS[0], "kind", *LOSS_GAP_COLUMNS[1:]])
         out.attrs["note"] = (f"not checked: {len(mis)} flagged and {len(ali)} aligned answers to read, "
                              f"{min_answers} wanted in each (a larger profile samples more)")
         return out
