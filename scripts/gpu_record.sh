@@ -39,17 +39,19 @@ pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record p
     && { [ ! -f "$HOME/monitor-$1-apps.csv" ] || cp "$HOME/monitor-$1-apps.csv" "$3/monitor-$1-apps.csv"; }
 }
 monitor() {  # monitor NAME: every 5 s while the run lives, one CSV row: seconds since start, 1-min load,
-  # busy share of all CPU cores (%), GPU utilization (%), GPU memory used (MiB)
+  # busy share of all CPU cores (%), GPU utilization (%), GPU memory used (MiB), board power (W) and SM clock
+  # (MHz): "utilization" only says a kernel was running; the power drawn says how hard the card worked
+  # (an H100 SXM idles near 70 W and is rated 700 W)
   # (+ monitor-NAME-apps.csv: each process's GPU memory as nvidia-smi lists it, with its command line's start)
   local f=$HOME/monitor-$1.csv a=$HOME/monitor-$1-apps.csv t0 prev cur t
-  t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib" > "$f"
+  t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib,gpu_power_w,sm_clock_mhz" > "$f"
   echo "t_s,pid,used_mib,command" > "$a"
   prev=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
   while sleep 5 && running; do
     cur=$(awk '/^cpu /{printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat)
     echo "$(( $(date +%s) - t0 )),$(cut -d' ' -f1 /proc/loadavg),$(echo "$prev $cur" \
       | awk '{d=$3-$1; printf "%.0f", (d > 0 ? 100 * (d - ($4 - $2)) / d : 0)}'),$(nvidia-smi \
-      --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | head -1 | tr -d ' ')" >> "$f"
+      --query-gpu=utilization.gpu,memory.used,power.draw,clocks.sm --format=csv,noheader,nounits | head -1 | tr -d ' ')" >> "$f"
     t=$(( $(date +%s) - t0 ))
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null | tr -d ' ' \
       | while IFS=, read -r pid mib; do
