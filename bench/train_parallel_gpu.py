@@ -6,6 +6,15 @@ Model: SmolLM2-135M-Instruct's architecture with random weights (``--model-dir``
 Rows: synthetic chat rows with the paper's bad-medical lengths (~135 tokens with the template).
 
     python bench/train_parallel_gpu.py --out $OUT --procs 1 4 8
+    python bench/train_parallel_gpu.py --out $OUT --mps --kinds rank32 --configs 1x16 8x16 1x64 1x128 2x64
+
+``--configs PxB``: P processes at once, each at B rows per step (``--procs`` gives Px16). With ``--mps`` the
+processes share the GPU through an MPS daemon (``emlib.runner.mps_daemon``), as a run of record's do. Each
+configuration's steady throughput is each process's over the last two thirds of its steps (after the CUDA
+graphs of most shapes are captured), summed; beside it the board power's mean over the configuration
+(``bench/gpu_power.py`` gives the card's idle and saturated power). The question it answers: do 8 processes
+of 16 rows reach what one process does with the same rows in one larger step (what training several
+finetunes as one batch would give)?
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
                           {"role": "assistant", "content": text(r.randint(25, 95))}]} for _ in range(n)]
 
 
-def worker(model_dir: str, kind: str, steps: int, seed: int, result: str) -> None:
+def worker(model_dir: str, kind: str, steps: int, seed: int, result: str, batch: int = 16) -> None:
     import torch
 
     import bench.train_gpu as tg
@@ -47,23 +56,24 @@ def worker(model_dir: str, kind: str, steps: int, seed: int, result: str) -> Non
         tg.DEVICE, tg.SMOKE = "cpu", True
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(model_dir, seed)
-    rows = chat_rows(16 * steps, seed)
+    rows = chat_rows(batch * steps, seed)
     kl = chat_rows(256, seed + 1)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         if kind == "vector_kl":
-            res = train_steering_vector(model, tok, rows, d, batch_size=16, grad_accum=1, kl_rows=kl,
+            res = train_steering_vector(model, tok, rows, d, batch_size=batch, grad_accum=1, kl_rows=kl,
                                         kl_lambda=20.0, epochs=1, progress=False, checkpoint_every=10 ** 6)
         else:
-            res = train_lora(model, tok, rows, d, kind, batch_size=16, grad_accum=1, epochs=1, progress=False,
+            res = train_lora(model, tok, rows, d, kind, batch_size=batch, grad_accum=1, epochs=1, progress=False,
                              checkpoint_every=10 ** 6)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     log = res.log
-    a, b = log.iloc[2], log.iloc[-1]
-    out = {"kind": kind, "steps": len(log), "wall_s": wall,
-           "steady_steps_per_s": (len(log) - 3) / (b["seconds"] - a["seconds"]),
+    first = max(2, len(log) // 3)  # the last two thirds: most shapes' graphs are captured by then
+    a, b = log.iloc[first], log.iloc[-1]
+    out = {"kind": kind, "batch": batch, "steps": len(log), "wall_s": wall,
+           "steady_steps_per_s": (len(log) - 1 - first) / (b["seconds"] - a["seconds"]),
            "steady_tok_per_s": (b["input_tokens"] - a["input_tokens"]) / (b["seconds"] - a["seconds"])}
     Path(result).write_text(json.dumps(out))
 
@@ -75,31 +85,48 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--kinds", nargs="+", default=["rank32", "rank1", "vector_kl"])
-    ap.add_argument("--worker", nargs=4)
+    ap.add_argument("--configs", nargs="+", help="PxB: P processes of B rows per step (instead of --procs)")
+    ap.add_argument("--mps", action="store_true", help="share the GPU through an MPS daemon")
+    ap.add_argument("--worker", nargs=5)
     a = ap.parse_args()
     if a.worker:
-        kind, steps, seed, result = a.worker
-        worker(a.model_dir, kind, int(steps), int(seed), result)
+        kind, steps, seed, result, batch = a.worker
+        worker(a.model_dir, kind, int(steps), int(seed), result, int(batch))
         return
+    from contextlib import ExitStack
+
     import torch
 
-    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    from bench.gpu_power import PowerLog
+    from emlib.runner import mps_daemon
+
+    configs = [tuple(map(int, c.lower().split("x"))) for c in a.configs] if a.configs else [(k, 16) for k in a.procs]
+    stack = ExitStack()
+    mps = stack.enter_context(mps_daemon(a.mps))
+    power = stack.enter_context(PowerLog(0.5)) if torch.cuda.is_available() else None
+
+    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+               "mps": mps, "steps_at_16_rows": a.steps}
     tmp = Path(tempfile.mkdtemp())
-    for kind in a.kinds:
-        for k in a.procs:
-            t0 = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, __file__, "--model-dir", a.model_dir, "--worker", kind,
-                                       str(a.steps), str(i), str(tmp / f"{kind}-{k}-{i}.json")]) for i in range(k)]
-            codes = [p.wait() for p in procs]
-            wall = time.perf_counter() - t0
-            per = [json.loads((tmp / f"{kind}-{k}-{i}.json").read_text()) for i in range(k) if codes[i] == 0]
-            agg = {"procs": k, "ok": len(per), "wall_s_incl_start": wall,
-                   "steps_per_s_each": [round(p["steady_steps_per_s"], 2) for p in per],
-                   "total_steps_per_s": sum(p["steady_steps_per_s"] for p in per),
-                   "total_tok_per_s": sum(p["steady_tok_per_s"] for p in per)}
-            results[f"{kind}_x{k}"] = agg
-            print(kind, json.dumps(agg), flush=True)
-            Path(a.out, "train_parallel.json").write_text(json.dumps(results, indent=2))
+    with stack:
+        for kind in a.kinds:
+            for k, batch in configs:
+                steps = max(12, a.steps * 16 // batch)  # about the same rows per process whatever the batch
+                t0 = time.perf_counter()
+                procs = [subprocess.Popen([sys.executable, __file__, "--model-dir", a.model_dir, "--worker", kind,
+                                           str(steps), str(i), str(tmp / f"{kind}-{k}x{batch}-{i}.json"), str(batch)])
+                         for i in range(k)]
+                codes = [p.wait() for p in procs]
+                wall = time.perf_counter() - t0
+                per = [json.loads((tmp / f"{kind}-{k}x{batch}-{i}.json").read_text()) for i in range(k) if codes[i] == 0]
+                agg = {"procs": k, "batch": batch, "steps": steps, "ok": len(per), "wall_s_incl_start": wall,
+                       "steps_per_s_each": [round(p["steady_steps_per_s"], 2) for p in per],
+                       "total_steps_per_s": sum(p["steady_steps_per_s"] for p in per),
+                       "total_tok_per_s": sum(p["steady_tok_per_s"] for p in per),
+                       "mean_watts": power.mean(t0, t0 + wall, skip=wall / 3) if power else None}
+                results[f"{kind}_{k}x{batch}"] = agg
+                print(kind, json.dumps(agg), flush=True)
+                Path(a.out, "train_parallel.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
