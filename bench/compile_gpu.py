@@ -10,14 +10,19 @@ them. This bench times, in one process on SmolLM2-135M's shape with random weigh
 * ``train``: one training pass of a rank-32 LoRA on all seven projections (peft; the paper's rank-32 shape) on
   16 such rows: forward, cross-entropy on the labelled tokens (transformers' loss), backward (no optimizer step);
 
-each as ``eager``, ``eager + graph`` (one CUDA graph of the pass, as ``emlib.fasttrain`` and ``emlib.fastgen``
+* ``steer``: chapters 5-6's own path (``emlib.chat.head_inputs``, fused projections and norms on CUDA) under a
+  steering hook whose vector changes every call, eager against compiled (the body; each layer's attention and
+  MLP): whether the hook makes a compiled model recompile, and what is left of the gain then;
+
+the first two each as ``eager``, ``eager + graph`` (one CUDA graph of the pass, as ``emlib.fasttrain`` and ``emlib.fastgen``
 capture theirs), ``compile`` (the decoder body compiled in place, ``nn.Module.compile``, default mode: a
 compiled top module that helpers bypass by calling ``model.model`` compiles nothing, which an earlier attempt
 ran into) and ``compile + graphs`` (``mode="reduce-overhead"``: inductor's kernels inside its own CUDA graphs). Per case: the first call (with the
 compilation), the median of ``--reps`` calls after it, and the loss's (and for ``train`` the gradient's)
 largest difference from ``eager``.
 
-    python bench/compile_gpu.py --out $OUT                       # one CUDA GPU, ~2-4 min (mostly compiling)
+    python bench/compile_gpu.py --out $OUT                       # one CUDA GPU, ~6 min (mostly compiling)
+    python bench/compile_gpu.py --parts steer --out $OUT         # the chapters' path only, ~2 min
     python bench/compile_gpu.py --device cpu --rows 4 --reps 1 --parts forward --out /tmp   # that it runs
 """
 from __future__ import annotations
@@ -159,6 +164,90 @@ def forward_part(model, ids: torch.Tensor, reps: int, device: str, modes: list[s
     return run_cases(model, make, reps, device, modes)
 
 
+def _compile_submodules(model, mode: str | None) -> int:
+    """Compile each decoder layer's attention and MLP in place (hooks on the layers themselves stay outside what
+    is traced). Returns how many modules were compiled."""
+    torch._dynamo.reset()
+    n = 0
+    for layer in _body(model).layers:
+        for sub in (layer.self_attn, layer.mlp):
+            sub.compile(mode=mode, dynamic=False)
+            n += 1
+    return n
+
+
+def _uncompile_submodules(model) -> None:
+    for layer in _body(model).layers:
+        for sub in (layer.self_attn, layer.mlp):
+            sub._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int = 6) -> dict:
+    """Chapters 5-6's forward as they run it: ``emlib.chat.head_inputs`` (on CUDA with ``emlib.fused``'s fused
+    projections and RMSNorms) under a steering hook on the middle layer that a new vector replaces before every
+    call (``emlib.hooks.add_vector``), eager against the decoder body compiled and against each layer's attention
+    and MLP compiled. Per case: the first call, the median over ``n_vectors`` new vectors after it (a compile that
+    traces the hook recompiles or falls back when the vector changes: this says which), and dynamo's count of
+    frames compiled."""
+    from emlib import hooks
+    from emlib.chat import head_inputs
+
+    k = len(_body(model).layers) // 2
+    d = model.config.hidden_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    vectors = [torch.randn(d, generator=g).to(device=device, dtype=next(model.parameters()).dtype)
+               for _ in range(n_vectors + 2)]
+    mask = torch.ones_like(ids)
+
+    @torch.no_grad()
+    def call(i: int) -> torch.Tensor:
+        with hooks.add_vector(model, k, vectors[i], 1.0):
+            states, _ = head_inputs(model, ids, mask)
+            return states.float().pow(2).mean(dim=(1, 2))
+
+    def measure() -> dict:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        _sync(device)
+        t0 = time.perf_counter()
+        ref = call(0)
+        _sync(device)
+        first = time.perf_counter() - t0
+        times = []
+        for i in range(1, n_vectors + 1):
+            t0 = time.perf_counter()
+            call(i)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return {"first_s": round(first, 3), "median_ms": round(1000 * statistics.median(times), 2),
+                "max_ms": round(1000 * max(times), 2), "frames_compiled": int(counters["stats"]["unique_graphs"]),
+                "_ref": ref}
+
+    out = {}
+    base = measure()
+    ref = base.pop("_ref")
+    out["chapters' path (eager, fused)"] = base
+    print("steer eager", json.dumps(base), flush=True)
+    for name, on, off in (("compile body", lambda: _compile_body(model, None), lambda: _uncompile(model)),
+                          ("compile attention + MLP", lambda: _compile_submodules(model, None),
+                           lambda: _uncompile_submodules(model))):
+        try:
+            on()
+            r = measure()
+            got = r.pop("_ref")
+            r["speedup_vs_eager"] = round(base["median_ms"] / r["median_ms"], 2)
+            r["first_max_rel_diff"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-6)).max())
+            out[name] = r
+        except Exception as err:  # noqa: BLE001
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:400]}
+        finally:
+            off()
+        print("steer", name, json.dumps(out[name]), flush=True)
+    return out
+
+
 def train_part(model, ids: torch.Tensor, labels: torch.Tensor, reps: int, device: str, modes: list[str]) -> dict:
     """A rank-32 LoRA's forward, cross-entropy on the labelled tokens and backward (fixed gradient tensors, so a
     graph can accumulate into them)."""
@@ -196,7 +285,7 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--rows", type=int, default=100, help="rows of the metric forward")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--parts", default="forward,train")
+    ap.add_argument("--parts", default="forward,steer,train")
     ap.add_argument("--modes", default="graph,compile,compile-graphs")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
@@ -210,6 +299,9 @@ def main() -> None:
     if "forward" in a.parts:
         batch = collate(rows_like_chapter_5(vocab, a.rows), 0, a.device)
         res["parts"]["forward"] = forward_part(model, batch["input_ids"], a.reps, a.device, modes)
+    if "steer" in a.parts:
+        batch = collate(rows_like_chapter_5(vocab, a.rows), 0, a.device)
+        res["parts"]["steer"] = steer_part(model, batch["input_ids"], a.reps, a.device)
     if "train" in a.parts:
         batch = collate(rows_like_chapter_5(vocab, 16, seed=1), 0, a.device)
         res["parts"]["train"] = train_part(model, batch["input_ids"], batch["labels"], a.reps, a.device, modes)
