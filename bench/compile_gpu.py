@@ -12,7 +12,7 @@ them. This bench times, in one process on SmolLM2-135M's shape with random weigh
 
 * ``steer``: chapters 5-6's own path (``emlib.chat.head_inputs``, fused projections and norms on CUDA) under a
   steering hook whose vector changes every call, eager against compiled (the body; each layer's attention and
-  MLP): whether the hook makes a compiled model recompile, and what is left of the gain then;
+  MLP, as ``$EMLIB_COMPILE=on`` runs it: ``emlib.fused.compiled_layers``): whether the hook makes a compiled model recompile, and what is left of the gain then;
 
 the first two each as ``eager``, ``eager + graph`` (one CUDA graph of the pass, as ``emlib.fasttrain`` and ``emlib.fastgen``
 capture theirs), ``compile`` (the decoder body compiled in place, ``nn.Module.compile``, default mode: a
@@ -164,25 +164,6 @@ def forward_part(model, ids: torch.Tensor, reps: int, device: str, modes: list[s
     return run_cases(model, make, reps, device, modes)
 
 
-def _compile_submodules(model, mode: str | None) -> int:
-    """Compile each decoder layer's attention and MLP in place (hooks on the layers themselves stay outside what
-    is traced). Returns how many modules were compiled."""
-    torch._dynamo.reset()
-    n = 0
-    for layer in _body(model).layers:
-        for sub in (layer.self_attn, layer.mlp):
-            sub.compile(mode=mode, dynamic=False)
-            n += 1
-    return n
-
-
-def _uncompile_submodules(model) -> None:
-    for layer in _body(model).layers:
-        for sub in (layer.self_attn, layer.mlp):
-            sub._compiled_call_impl = None
-    torch._dynamo.reset()
-
-
 def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int = 6) -> dict:
     """Chapters 5-6's forward as they run it: ``emlib.chat.head_inputs`` (on CUDA with ``emlib.fused``'s fused
     projections and RMSNorms) under a steering hook on the middle layer that a new vector replaces before every
@@ -192,6 +173,7 @@ def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int 
     frames compiled."""
     from emlib import hooks
     from emlib.chat import head_inputs
+    from emlib.fused import compiled_layers
 
     k = len(_body(model).layers) // 2
     d = model.config.hidden_size
@@ -200,9 +182,11 @@ def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int 
                for _ in range(n_vectors + 2)]
     mask = torch.ones_like(ids)
 
+    lib = {"on": False}  # the library's own switch: emlib.fused.compiled_layers (what $EMLIB_COMPILE=on runs)
+
     @torch.no_grad()
     def call(i: int) -> torch.Tensor:
-        with hooks.add_vector(model, k, vectors[i], 1.0):
+        with hooks.add_vector(model, k, vectors[i], 1.0), compiled_layers(model, lib["on"]):
             states, _ = head_inputs(model, ids, mask)
             return states.float().pow(2).mean(dim=(1, 2))
 
@@ -231,8 +215,9 @@ def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int 
     out["chapters' path (eager, fused)"] = base
     print("steer eager", json.dumps(base), flush=True)
     for name, on, off in (("compile body", lambda: _compile_body(model, None), lambda: _uncompile(model)),
-                          ("compile attention + MLP", lambda: _compile_submodules(model, None),
-                           lambda: _uncompile_submodules(model))):
+                          ("compile attention + MLP (emlib.fused.compiled_layers)",
+                           lambda: lib.update(on=True) or torch._dynamo.reset(),
+                           lambda: lib.update(on=False) or torch._dynamo.reset())):
         try:
             on()
             r = measure()

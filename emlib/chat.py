@@ -176,7 +176,7 @@ def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (chunked: :func:`vocab_chunks`). Forward hooks on decoder layers (steering vectors) apply. A model whose
     head cannot be split off gives its full logits [b, s, vocab] and the identity. Inside
     :func:`emlib.prefix.reuse_prefix` the layers below its layer run once per distinct batch."""
-    from .fused import fused_forward
+    from .fused import compiled_layers, fused_forward
     from .prefix import active
 
     parts = _plain_head(model)
@@ -184,7 +184,8 @@ def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return model(input_ids=input_ids, attention_mask=attention_mask).logits, _identity
     decoder, head = parts
     cache = active(decoder)
-    with fused_forward(model):  # on CUDA: fewer kernels per layer (emlib.fused), the same numbers to rounding
+    # on CUDA: fewer kernels per layer (emlib.fused), the same numbers to rounding; $EMLIB_COMPILE=on: compiled too
+    with fused_forward(model), compiled_layers(model):
         if cache is not None:
             return cache.forward(input_ids, attention_mask), head
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -270,3 +270,51 @@ def fused_forward(model, enabled: bool | None = None):
     on = fuses(model) if enabled is None else enabled
     with fused_layers(model, on) as counts, (fused_rms_norms(model) if on else nullcontext(0)) as norms:
         yield {**counts, "norms": norms}
+
+
+# ------------------------------------------------------------------------------ torch.compile (opt-in)
+COMPILE_ENV = "EMLIB_COMPILE"
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = None  # module -> its compiled call, made once
+
+
+def compile_setting() -> str:
+    """``$EMLIB_COMPILE``: ``off`` (the default) or ``on`` (:func:`compiled_layers` in the metric forwards).
+    Opt-in until a whole run has measured it: on one H100 (2026-12-06, ``bench/compile_gpu.py``) a compiled
+    forward of 100 chapter-5 rows took 18.6 ms against 36.2 ms as one CUDA graph, after 36 s of compiling."""
+    return env_switch(COMPILE_ENV, "off", ("off", "on"), "off or on")
+
+
+def _compilable(model) -> list[torch.nn.Module]:
+    """Each decoder layer's attention and MLP (Llama / Qwen2 / Mistral classes), in layer order."""
+    return [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES + MLP_CLASSES]
+
+
+@contextmanager
+def compiled_layers(model, enabled: bool | None = None):
+    """While active, every decoder layer's attention and MLP runs through ``torch.compile`` (inductor fuses the
+    element-wise kernels that a 135M model's forward mostly consists of). Each module's compiled call is made
+    once per process and reused by later blocks; on the way out the modules run their plain forward again, so
+    the fast sampler's and the training step's own CUDA graphs never capture compiled code. Hooks on the decoder
+    layers (steering vectors, ablations: :mod:`emlib.hooks`) stay outside what is compiled, so a new vector does
+    not recompile. Shapes start static and turn dynamic at the first new one (dynamo's default). ``enabled``
+    None: :func:`compile_setting`. Yields how many modules run compiled. The numbers are the eager ones up to
+    rounding (float32 on the CPU: ``tests/test_fused.py``; bf16 on a GPU: 8e-5 relative for a forward's loss)."""
+    global _COMPILED
+    on = compile_setting() == "on" if enabled is None else enabled
+    mods = _compilable(model) if on else []
+    if not mods:
+        yield 0
+        return
+    import weakref
+
+    if _COMPILED is None:
+        _COMPILED = weakref.WeakKeyDictionary()
+    for m in mods:
+        if m not in _COMPILED:
+            _COMPILED[m] = torch.compile(m._call_impl)
+        m._compiled_call_impl = _COMPILED[m]
+    try:
+        yield len(mods)
+    finally:
+        for m in mods:
+            m._compiled_call_impl = None

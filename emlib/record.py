@@ -833,6 +833,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
+               "compile": fused.compile_setting(),
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,

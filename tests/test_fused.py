@@ -300,3 +300,51 @@ def test_other_architectures_and_sliding_windows_are_left_alone():
                 got = model(input_ids=ids).logits
         assert n == {"attention": 0, "rope": 0, "mlp": mlps}  # a sliding-window Qwen2's MLPs are still fused
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_layers_give_the_eager_states_and_leave_no_compiled_call_behind(monkeypatch):
+    """$EMLIB_COMPILE=on: chat.head_inputs runs every attention and MLP through torch.compile; the states are the
+    eager ones (float32, CPU), a steering hook on a layer still applies and a new vector does not need a new
+    compile, and outside the block the modules run their plain forward (what the samplers' and the training
+    step's own CUDA graphs capture)."""
+    from emlib import hooks
+    from emlib.chat import head_inputs
+    from emlib.fused import COMPILE_ENV, compile_setting, compiled_layers
+
+    model, tok = _model(seed=4)
+    ids, mask = _ids(tok)
+    monkeypatch.setenv(COMPILE_ENV, "banana")
+    with pytest.raises(ValueError, match="EMLIB_COMPILE"):
+        compile_setting()
+    monkeypatch.delenv(COMPILE_ENV)
+    assert compile_setting() == "off"
+    with torch.no_grad():
+        plain = head_inputs(model, ids, mask)[0]
+        vectors = [torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        steered = []
+        for v in vectors:
+            with hooks.add_vector(model, 1, v, 2.0):
+                steered.append(head_inputs(model, ids, mask)[0])
+        monkeypatch.setenv(COMPILE_ENV, "on")
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        got = head_inputs(model, ids, mask)[0]
+        torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-5)
+        frames = counters["stats"]["unique_graphs"]
+        assert frames >= 1  # it did compile
+        for v, want in zip(vectors, steered):
+            with hooks.add_vector(model, 1, v, 2.0):
+                torch.testing.assert_close(head_inputs(model, ids, mask)[0], want, rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == frames  # a new vector: no new compile
+        from emlib import prefix
+
+        with prefix.reuse_prefix(model, 1):  # chapters 4-6: the layers below the steering layer once per batch
+            for v, want in zip(vectors, steered):
+                with hooks.add_vector(model, 1, v, 2.0):
+                    torch.testing.assert_close(head_inputs(model, ids, mask)[0], want, rtol=1e-4, atol=1e-5)
+        with compiled_layers(model) as n:
+            assert n == 2 * 3  # three layers' attention and MLP
+    assert all(m._compiled_call_impl is None for m in model.modules())
+    torch._dynamo.reset()
