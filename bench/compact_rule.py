@@ -14,6 +14,7 @@ stated before its measurement; prints ``on`` or ``off`` and why (to stderr).
 
     EMLIB_COMPACT=$(python bench/compact_rule.py ablate_rows_embedded.json) python -m emlib.record run ...
     python bench/compact_rule.py --runs DEFAULT_RUN_DIR COMPACT_RUN_DIR
+    python bench/compact_rule.py --switch compile --runs PLAIN_RUN_DIR COMPILED_RUN_DIR   # $EMLIB_COMPILE, rule 2
 """
 from __future__ import annotations
 
@@ -35,17 +36,24 @@ def decide(result: dict) -> tuple[bool, str]:
                            f"[{lo:.4f}, {hi:.4f}]")
 
 
-def decide_runs(default_dir, compact_dir) -> tuple[bool, str]:
-    """Rule 2: two run directories (each with record.json and results.json) of the same profile and model."""
+def _on(value) -> bool:
+    """A switch as record.json writes it: ``compact`` true/false, ``compile`` "on"/"off"."""
+    return value is True or value == "on"
+
+
+def decide_runs(default_dir, compact_dir, switch: str = "compact") -> tuple[bool, str]:
+    """Rule 2: two run directories (each with record.json and results.json) of the same profile and model, the
+    first run with ``switch`` off and the second with it on (record.json's key of that name). The same rule
+    decides ``$EMLIB_COMPILE`` (``--switch compile``; stated 2026-12-06, session 29, before any such run)."""
     from pathlib import Path
 
     from emlib import chapters
 
     rec = {k: json.loads((Path(d) / "record.json").read_text()) for k, d in
            (("default", default_dir), ("compact", compact_dir))}
-    if rec["default"].get("compact") or not rec["compact"].get("compact"):
-        return False, ("the first run must have run without compaction and the second with it (record.json's "
-                       f"'compact': {rec['default'].get('compact')} and {rec['compact'].get('compact')})")
+    if _on(rec["default"].get(switch)) or not _on(rec["compact"].get(switch)):
+        return False, (f"the first run must have run with {switch} off and the second with it on (record.json's "
+                       f"{switch!r}: {rec['default'].get(switch)} and {rec['compact'].get(switch)})")
     ratio = rec["compact"]["timings"]["total_s"] / rec["default"]["timings"]["total_s"]
     differ = []
     for claim in chapters.CLAIMS:
@@ -59,8 +67,11 @@ def decide_runs(default_dir, compact_dir) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    switch = "compact"
+    if len(argv) >= 2 and argv[0] == "--switch":
+        switch, argv = argv[1], argv[2:]
     if len(argv) == 3 and argv[0] == "--runs":
-        on, why = decide_runs(argv[1], argv[2])
+        on, why = decide_runs(argv[1], argv[2], switch)
     elif len(argv) == 1:
         with open(argv[0]) as f:
             on, why = decide(json.load(f))
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     print("on" if on else "off")
-    print(f"compact {'on' if on else 'off'}: {why}", file=sys.stderr)
+    print(f"{switch} {'on' if on else 'off'}: {why}", file=sys.stderr)
     return 0
 
 

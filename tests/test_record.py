@@ -1264,6 +1264,13 @@ def test_compact_rule_for_whole_runs_gives_each_verdict(root, tmp_path):
     (runs["compact"] / "results.json").write_text(json.dumps(res))
     on, why = mod.decide_runs(runs["default"], runs["compact"])
     assert not on and "differ" in why
+    # the same rule decides $EMLIB_COMPILE, which record.json writes as "off" / "on"
+    shutil.copy(runs["default"] / "results.json", runs["compact"] / "results.json")
+    for (name, d), total, flag in zip(runs.items(), (570.0, 500.0), ("off", "on")):
+        (d / "record.json").write_text(json.dumps({"compact": True, "compile": flag, "timings": {"total_s": total}}))
+    assert mod.decide_runs(runs["default"], runs["compact"], "compile")[0] is True
+    on, why = mod.decide_runs(runs["compact"], runs["default"], "compile")
+    assert not on and "'compile': on and off" in why
 
 
 def test_run_spread_reads_the_ablation_of_each_run_and_summarises_the_cuts(root, tmp_path):
