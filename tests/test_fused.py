@@ -346,5 +346,18 @@ def test_compiled_layers_give_the_eager_states_and_leave_no_compiled_call_behind
                     torch.testing.assert_close(head_inputs(model, ids, mask)[0], want, rtol=1e-4, atol=1e-5)
         with compiled_layers(model) as n:
             assert n == 2 * 3  # three layers' attention and MLP
+        # a peft LoRA model, adapters unmerged (chapter 3's metrics on its solutions)
+        from peft import LoraConfig, get_peft_model
+
+        monkeypatch.setenv(COMPILE_ENV, "off")
+        torch.manual_seed(5)
+        lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        eager = head_inputs(lora, ids, mask)[0]
+        monkeypatch.setenv(COMPILE_ENV, "on")
+        torch.testing.assert_close(head_inputs(lora, ids, mask)[0], eager, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(eager, plain, atol=1e-3)  # the adapters count
     assert all(m._compiled_call_impl is None for m in model.modules())
     torch._dynamo.reset()
