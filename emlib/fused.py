@@ -274,7 +274,6 @@ def fused_forward(model, enabled: bool | None = None):
 
 # ------------------------------------------------------------------------------ torch.compile (opt-in)
 COMPILE_ENV = "EMLIB_COMPILE"
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = None  # module -> its compiled call, made once
 
 
 def compile_setting() -> str:
@@ -292,27 +291,22 @@ def _compilable(model) -> list[torch.nn.Module]:
 @contextmanager
 def compiled_layers(model, enabled: bool | None = None):
     """While active, every decoder layer's attention and MLP runs through ``torch.compile`` (inductor fuses the
-    element-wise kernels that a 135M model's forward mostly consists of). Each module's compiled call is made
-    once per process and reused by later blocks; on the way out the modules run their plain forward again, so
-    the fast sampler's and the training step's own CUDA graphs never capture compiled code. Hooks on the decoder
+    element-wise kernels that a 135M model's forward mostly consists of). On the way out the modules run their
+    plain forward again, so the fast sampler's and the training step's own CUDA graphs never capture compiled
+    code. Hooks on the decoder
     layers (steering vectors, ablations: :mod:`emlib.hooks`) stay outside what is compiled, so a new vector does
-    not recompile. Shapes start static and turn dynamic at the first new one (dynamo's default). ``enabled``
+    not recompile. Shapes start static and turn dynamic at the first new one (dynamo's default). What dynamo
+    compiled stays cached with the code it compiled, so a later block compiles nothing again (the wrappers made
+    here are dropped on the way out: nothing of them outlives the block or keeps a model alive). ``enabled``
     None: :func:`compile_setting`. Yields how many modules run compiled. The numbers are the eager ones up to
     rounding (float32 on the CPU: ``tests/test_fused.py``; bf16 on a GPU: 8e-5 relative for a forward's loss)."""
-    global _COMPILED
     on = compile_setting() == "on" if enabled is None else enabled
     mods = _compilable(model) if on else []
     if not mods:
         yield 0
         return
-    import weakref
-
-    if _COMPILED is None:
-        _COMPILED = weakref.WeakKeyDictionary()
     for m in mods:
-        if m not in _COMPILED:
-            _COMPILED[m] = torch.compile(m._call_impl)
-        m._compiled_call_impl = _COMPILED[m]
+        m._compiled_call_impl = torch.compile(m._call_impl)
     try:
         yield len(mods)
     finally:
