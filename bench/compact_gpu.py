@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.data import write_json  # noqa: E402
 from emlib.fastgen import FastSampler  # noqa: E402
 from emlib.generate import SamplingParams, render_prompt  # noqa: E402
 from emlib.models import decoder_layers  # noqa: E402
@@ -250,7 +250,7 @@ def main() -> None:
     res["poison"] = poisoned_and_released()
     print("poison", res["poison"], flush=True)
     out = Path(a.out) / "compact_gpu.json"
-    atomic_write_bytes(out, (json.dumps(res, indent=1) + "\n").encode())
+    write_json(out, res)
     print("wrote", out)
 
 

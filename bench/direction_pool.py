@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emlib import directions  # noqa: E402
-from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.data import write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from direction_proxy import scorer  # noqa: E402
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
            "summary": summary, "directions": rows}
     print(json.dumps({"fit": fit, "summary": summary}, indent=1))
     if a.out:
-        atomic_write_bytes(Path(a.out), (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.out, res)
         print("wrote", a.out)
     return 0
 

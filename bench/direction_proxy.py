@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.data import write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_spread import correlations  # noqa: E402
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
            "score_vs_own_cut": correlations(x, y)}
     print(json.dumps(res["score_vs_own_cut"]))
     if a.out:
-        atomic_write_bytes(Path(a.out), (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.out, res)
         print("wrote", a.out)
     return 0
 

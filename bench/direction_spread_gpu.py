@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.data import write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_spread import ablation_rows, correlations, directions_of  # noqa: E402
@@ -69,7 +69,7 @@ def build(runs: list[str], folder: Path) -> None:
         cuts[name] = {a["finetune"]: a["cut"] for a in ablation_rows(Run(path))}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(vecs, str(folder / "medical_directions.safetensors"))
-    atomic_write_bytes(folder / "own_cuts.json", (json.dumps(cuts, indent=1) + "\n").encode())
+    write_json(folder / "own_cuts.json", cuts)
     print(f"wrote {len(vecs)} directions to {folder}")
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string())
     print(json.dumps({k: res[k] for k in ("em", "own_vs_here", "timings")}, indent=1))
     out = Path(a.out) / "direction_spread.json"
-    atomic_write_bytes(out, (json.dumps(res, indent=1) + "\n").encode())
+    write_json(out, res)
     print("wrote", out)
     return 0
 

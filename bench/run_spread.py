@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emlib.data import atomic_write_bytes  # noqa: E402
+from emlib.data import write_json  # noqa: E402
 from emlib.results import verdicts  # noqa: E402
 from emlib.verdicts import Run, rate_ci  # noqa: E402
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(runs))
     print(json.dumps(res["summary"], indent=1))
     if a.out:
-        atomic_write_bytes(Path(a.out), (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.out, res)
         print("wrote", a.out)
     return 0
 

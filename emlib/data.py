@@ -226,6 +226,12 @@ def read_csv_table(path: str | Path, **kwargs) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(raw), **kwargs)
 
 
+def write_json(path: str | Path, obj, indent: int = 1) -> Path:
+    """``obj`` as indented JSON with a final newline, written atomically (:func:`atomic_write_bytes`): the result
+    files of ``bench/`` and ``emlib.distill``."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     """Write rows atomically; gzip (reproducibly: no timestamp, no file name) when the name ends in .gz."""
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import atomic_write_bytes
+from .data import atomic_write_bytes, write_json
 from .judge.distilled import FORMAT_VERSION, WEIGHTS_FILES, check_weights, load_scorer, resource_weights_dir
 from .judge.distilled import packaged_judge_id, validation  # noqa: F401  (old names: distill.packaged_judge_id ...)
 from .judge.scorer import (OUTPUTS, TARGETS, DistillConfig, Scorer, device_autocast, length_batches, load_base,
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = measure_speed(sc, sub_df["question"].tolist(), sub_df["answer"].tolist(), batch_size=a.batch_size)
         print(json.dumps(res))
         if a.json:
-            atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+            write_json(a.json, res)
         return 0
     if a.limit:
         df = df.head(a.limit)
