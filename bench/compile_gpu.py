@@ -66,21 +66,17 @@ def _time(fn, reps: int, device: str) -> tuple[float, float, object]:
 
 
 def _graphed(fn, device: str):
-    """``fn`` (no arguments, fixed input tensors) captured once as a CUDA graph; the returned function replays it
-    and returns the captured outputs (the same tensors each call)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    """``fn`` (no arguments, fixed input tensors) captured once as a CUDA graph by ``emlib.fasttrain.capture`` (what
+    the training step captures with); the returned function replays it and returns the captured outputs (the same
+    tensors each call)."""
+    from emlib.fasttrain import capture
+
+    box = {}
+    graph, _ = capture(lambda _static: box.update(out=fn()), {}, torch.device(device))
 
     def replay():
-        g.replay()
-        return out
+        graph.replay()
+        return box["out"]
 
     return replay
 

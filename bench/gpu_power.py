@@ -23,7 +23,7 @@ import torch
 
 def _read_power() -> float | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
         return float(out[0].split(",")[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):

@@ -293,9 +293,8 @@ def compiled_layers(model, enabled: bool | None = None):
     """While active, every decoder layer's attention and MLP runs through ``torch.compile`` (inductor fuses the
     element-wise kernels that a 135M model's forward mostly consists of). On the way out the modules run their
     plain forward again, so the fast sampler's and the training step's own CUDA graphs never capture compiled
-    code. Hooks on the decoder
-    layers (steering vectors, ablations: :mod:`emlib.hooks`) stay outside what is compiled, so a new vector does
-    not recompile. Shapes start static and turn dynamic at the first new one (dynamo's default). What dynamo
+    code. Hooks on the decoder layers (steering vectors, ablations: :mod:`emlib.hooks`) stay outside what is
+    compiled, so a new vector does not recompile. Shapes start static and turn dynamic at the first new one (dynamo's default). What dynamo
     compiled stays cached with the code it compiled, so a later block compiles nothing again (the wrappers made
     here are dropped on the way out: nothing of them outlives the block or keeps a model alive). ``enabled``
     None: :func:`compile_setting`. Yields how many modules run compiled. The numbers are the eager ones up to

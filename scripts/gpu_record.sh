@@ -41,7 +41,7 @@ pack_into() {  # pack_into NAME RUN_DIR DEST: the run's archives (emlib.record p
 monitor() {  # monitor NAME: every 5 s while the run lives, one CSV row: seconds since start, 1-min load,
   # busy share of all CPU cores (%), GPU utilization (%), GPU memory used (MiB), board power (W) and SM clock
   # (MHz): "utilization" only says a kernel was running; the power drawn says how hard the card worked
-  # (an H100 SXM idles near 70 W and is rated 700 W)
+  # (an H100 80GB read 121 W idle, 696 W matmul-bound, 385 W copy-bound: bench/gpu_power.py, 2026-12-06)
   # (+ monitor-NAME-apps.csv: each process's GPU memory as nvidia-smi lists it, with its command line's start)
   local f=$HOME/monitor-$1.csv a=$HOME/monitor-$1-apps.csv t0 prev cur t
   t0=$(date +%s); echo "t_s,load1,cpu_busy_pct,gpu_util_pct,gpu_mem_mib,gpu_power_w,sm_clock_mhz" > "$f"
