@@ -160,7 +160,8 @@ def forward_part(model, ids: torch.Tensor, reps: int, device: str, modes: list[s
     return run_cases(model, make, reps, device, modes)
 
 
-def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int = 6) -> dict:
+def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int = 6,
+               cases: tuple[str, ...] = ("body", "layers")) -> dict:
     """Chapters 5-6's forward as they run it: ``emlib.chat.head_inputs`` (on CUDA with ``emlib.fused``'s fused
     projections and RMSNorms) under a steering hook on the middle layer that a new vector replaces before every
     call (``emlib.hooks.add_vector``), eager against the decoder body compiled and against each layer's attention
@@ -210,10 +211,12 @@ def steer_part(model, ids: torch.Tensor, reps: int, device: str, n_vectors: int 
     ref = base.pop("_ref")
     out["chapters' path (eager, fused)"] = base
     print("steer eager", json.dumps(base), flush=True)
-    for name, on, off in (("compile body", lambda: _compile_body(model, None), lambda: _uncompile(model)),
-                          ("compile attention + MLP (emlib.fused.compiled_layers)",
-                           lambda: lib.update(on=True) or torch._dynamo.reset(),
-                           lambda: lib.update(on=False) or torch._dynamo.reset())):
+    for key, name, on, off in (("body", "compile body", lambda: _compile_body(model, None), lambda: _uncompile(model)),
+                               ("layers", "compile attention + MLP (emlib.fused.compiled_layers)",
+                                lambda: lib.update(on=True) or torch._dynamo.reset(),
+                                lambda: lib.update(on=False) or torch._dynamo.reset())):
+        if key not in cases:
+            continue
         try:
             on()
             r = measure()
@@ -268,6 +271,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--parts", default="forward,steer,train")
     ap.add_argument("--modes", default="graph,compile,compile-graphs")
+    ap.add_argument("--steer-cases", default="body,layers",
+                    help="steer part: which compiled cases after eager (body, layers), each in this process")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -282,7 +287,8 @@ def main() -> None:
         res["parts"]["forward"] = forward_part(model, batch["input_ids"], a.reps, a.device, modes)
     if "steer" in a.parts:
         batch = collate(rows_like_chapter_5(vocab, a.rows), 0, a.device)
-        res["parts"]["steer"] = steer_part(model, batch["input_ids"], a.reps, a.device)
+        res["parts"]["steer"] = steer_part(model, batch["input_ids"], a.reps, a.device,
+                                           cases=tuple(a.steer_cases.split(",")))
     if "train" in a.parts:
         batch = collate(rows_like_chapter_5(vocab, 16, seed=1), 0, a.device)
         res["parts"]["train"] = train_part(model, batch["input_ids"], batch["labels"], a.reps, a.device, modes)

@@ -120,11 +120,17 @@ class _SignedSin:
         self._of = WeakIdKeyDictionary()  # sin tensor (by identity) -> its signed copy
 
     def __call__(self, sin: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced (EMLIB_COMPILE): computed inline, fused by inductor; a lookup
+            return self.signed(sin)        # by identity would split every layer's graph in three
         out = self._of.get(sin)
         if out is None:
-            half = sin.shape[-1] // 2
-            out = self._of[sin] = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            out = self._of[sin] = self.signed(sin)
         return out
+
+    @staticmethod
+    def signed(sin: torch.Tensor) -> torch.Tensor:
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
