@@ -127,8 +127,9 @@ def decode_ops(model, tok, on: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- rank-1
 def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: int, graphs: bool = True,
-         count: bool = False, adapter: str = "rank1") -> dict:
-    """TrainStep for a LoRA adapter of ``adapter`` shape; with KL rows (8 a step, lambda 2) when given."""
+         count: bool = False, adapter: str = "rank1", profile: dict | None = None) -> dict:
+    """TrainStep for a LoRA adapter of ``adapter`` shape; with KL rows (8 a step, lambda 2) when given.
+    ``profile``: filled by ``kl_step_gpu.run_steps`` (one more step under the profiler)."""
     from emlib.fasttrain import TrainStep
 
     fused(on)
@@ -144,14 +145,14 @@ def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: i
         if kl_rows:
             step.reference_states()
         per_step, out, ops = run_steps(lambda b, n, kl: step.grads(b, n, kl, 2.0)[0], opt, rows, kl_rows, steps,
-                                       warmup, device, count)
+                                       warmup, device, count, profile=profile)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
             "fused_layers": step.stats.get("fused_layers"), "loss": per_token(out), "ops": ops and counts(ops)}
 
 
 # ---------------------------------------------------------------------------------------------------- group
 def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: int, graphs: bool = True,
-          count: bool = False) -> dict:
+          count: bool = False, profile: dict | None = None) -> dict:
     import contextlib
     from contextlib import nullcontext
 
@@ -183,7 +184,7 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
         coef = [2.0 * m for m in (0.1, 0.3, 1.0, 3.0, 10.0, 1.0)]
 
         per_step, out, ops = run_steps(lambda b, n, kl: step.run(b, n, kl, coef)[0], opt, rows, kl_rows, steps,
-                                       warmup, device, count)
+                                       warmup, device, count, profile=profile)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
             "fused_layers": dict(n_fused), "loss": per_token(out), "ops": ops and counts(ops)}
 

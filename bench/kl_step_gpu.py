@@ -127,19 +127,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str, count: bool, kl_batch: int = 8
-              ) -> tuple[float, list, Counter | None]:
+def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str, count: bool, kl_batch: int = 8,
+              profile: dict | None = None) -> tuple[float, list, Counter | None]:
     """``warmup + steps`` optimizer steps: ``one_step(batch, n_tok, kl_batches)`` on 16 training rows (and
     ``kl_batch`` KL rows when ``kl_rows``), then ``opt.step()``. Returns (seconds per timed step, [(what
-    one_step returned, n_tok)] per step, the aten operations of the last step's ``one_step`` when ``count``)."""
+    one_step returned, n_tok)] per step, the aten operations of the last step's ``one_step`` when ``count``).
+    ``profile``, a dict: one more step after the timed ones runs under ``torch.profiler`` and the dict gets its
+    GPU kernel time by kind (``metric_profile_gpu.kernel_summary``) and the step's tokens."""
     out, ops, t0 = [], None, None
+
+    def batch_of(s: int):
+        batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
+        kl = [[(kl_batch * s + i) % len(kl_rows) for i in range(kl_batch)]] if kl_rows else []
+        return batch, sum(n_targets(e) for e in batch), kl
+
     for s in range(warmup + steps):
         if s == warmup:
             sync(device)
             t0 = time.perf_counter()
-        batch = rows[(16 * s) % len(rows):(16 * s) % len(rows) + 16]
-        n_tok = sum(n_targets(e) for e in batch)
-        kl = [[(kl_batch * s + i) % len(kl_rows) for i in range(kl_batch)]] if kl_rows else []
+        batch, n_tok, kl = batch_of(s)
         if count and s == warmup + steps - 1:
             with OpCounter() as c:
                 got = one_step(batch, n_tok, kl)
@@ -149,7 +155,23 @@ def run_steps(one_step, opt, rows, kl_rows, steps: int, warmup: int, device: str
         opt.step()
         out.append((got, n_tok))
     sync(device)
-    return (time.perf_counter() - t0) / steps, out, ops
+    per_step = (time.perf_counter() - t0) / steps
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        from metric_profile_gpu import kernel_summary
+
+        batch, n_tok, kl = batch_of(warmup + steps)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        t1 = time.perf_counter()
+        with profiler(activities=acts) as prof:
+            one_step(batch, n_tok, kl)
+            opt.step()
+            sync(device)
+        profile.update(kernel_summary(prof, (time.perf_counter() - t1) * 1e6),
+                       train_tokens=int(sum(len(e.input_ids) for e in batch)), target_tokens=int(n_tok))
+    return per_step, out, ops
 
 
 def run(variant: str, shape: str, device: str, rows, kl_rows, steps: int, warmup: int, kl_batch: int,

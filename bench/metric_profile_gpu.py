@@ -84,7 +84,8 @@ def timed_reps(fn, reps: int, device: str) -> tuple[list[float], object]:
     return times, res
 
 
-KINDS = (("attention", ("fmha", "flash", "attention", "attn")),
+KINDS = (("optimizer", ("adam", "multi_tensor", "foreach")),  # a training step's fused AdamW (bench/step_profile_gpu.py)
+         ("attention", ("fmha", "flash", "attention", "attn")),
          ("matmul", ("gemm", "cutlass", "xmma", "cublas", "matmul", "sm90", "sm80")),
          ("cross-entropy / head", ("softmax", "cross_entropy", "nll", "logsumexp")),
          ("copies", ("memcpy", "memset", "copy", "cat")),
@@ -113,6 +114,12 @@ def profile_once(model, rows: list[Encoded], plan, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
     wall_us = (time.perf_counter() - t0) * 1e6
+    return kernel_summary(prof, wall_us)
+
+
+def kernel_summary(prof, wall_us: float, top: int = 15) -> dict:
+    """GPU kernel time of a finished ``torch.profiler.profile`` by kind (:func:`kind_of`), its share of ``wall_us``
+    (the profiled code's wall time; the rest is the GPU waiting for the host) and the ``top`` kernels by time."""
     by_kind: dict[str, float] = {}
     names: dict[str, list] = {}
     n_kernels = 0
@@ -127,11 +134,11 @@ def profile_once(model, rows: list[Encoded], plan, device: str) -> dict:
         names[e.name[:90]][0] += 1
         names[e.name[:90]][1] += us
     gpu_us = sum(by_kind.values())
-    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+    best = sorted(names.items(), key=lambda kv: -kv[1][1])[:top]
     return {"wall_ms_profiled": round(wall_us / 1e3, 2), "kernels": n_kernels,
             "kernel_ms": round(gpu_us / 1e3, 2), "kernel_share_of_wall": round(gpu_us / wall_us, 3) if wall_us else None,
             "ms_by_kind": {k: round(v / 1e3, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": n, "calls": c, "ms": round(t / 1e3, 2)} for n, (c, t) in top]}
+            "top_kernels": [{"name": n, "calls": c, "ms": round(t / 1e3, 2)} for n, (c, t) in best]}
 
 
 def main() -> None:
