@@ -8,6 +8,7 @@
 #   bash scripts/gpu_record.sh wait NAME SECS [RUN_DIR]   print progress until the run ends or SECS pass; with
 #                                               RUN_DIR, pack what the run has so far into $OUT/so-far
 #   bash scripts/gpu_record.sh py SCRIPT ARGS   a Python script (a bench) in the same environment
+#   bash scripts/gpu_record.sh stop             stop the started run, its workers and kernels and its MPS daemon
 #   bash scripts/gpu_record.sh pack NAME RUN_DIR [DEST]   record.tar.gz + cache.tar.gz + adapters.tar.gz (rank-1 weights) + the log into DEST ($OUT)
 #                                               + monitor-NAME.csv (CPU load and GPU use every 5 s while it ran)
 # The lent machine is given back 30 s after a call ends, background runs or not: keep `wait` calls going
@@ -130,11 +131,28 @@ case "$cmd" in
   pack)
     pack_into "$1" "$2" "${3:-$OUT}"
     ;;
+  stop)  # stop a started run and what it started: its workers and chapter kernels, its MPS daemon
+    # (2026-12-06: `pkill -f 'emlib.record run'` or `pkill -f ipykernel_launcher` typed into a device call matched
+    # that call's own shell, whose command line holds the words, and ended the call; these patterns live here)
+    if ! running; then echo "no run is running"; else
+      pkill -INT -f "$RUN_PAT"  # KeyboardInterrupt: the run's own clean-up runs; its workers stop with it
+      for _ in $(seq 20); do running || break; sleep 1; done
+      if running; then pkill -KILL -f "$RUN_PAT"; echo "the run did not stop in 20 s: killed"; else echo "the run stopped"; fi
+    fi
+    sleep 2
+    pkill -KILL -f 'ipykernel[_]launcher' && echo "killed leftover chapter kernels"
+    pkill -KILL -f 'multiprocessing[.]spawn' && echo "killed leftover workers"
+    for pipe in /tmp/emlib-mps-*/pipe; do  # emlib.runner.mps_daemon's folders
+      [ -d "$pipe" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe timeout 10 nvidia-cuda-mps-control > /dev/null 2>&1 \
+        && echo "asked the MPS daemon of $(dirname "$pipe") to quit"
+    done
+    echo "processes on the GPU: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | wc -l)"
+    ;;
   py)  # a Python script in the run's environment (a bench before the run: py bench/ablate_rows_gpu.py --out $OUT)
     python3 "$@"
     ;;
   monitor)  # started by `start`
     monitor "$1"
     ;;
-  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | py SCRIPT ARGS... | pack NAME RUN_DIR [DEST]"; exit 2;;
+  *) echo "usage: $0 setup | start NAME ARGS... | wait NAME SECS [RUN_DIR] | py SCRIPT ARGS... | pack NAME RUN_DIR [DEST] | stop"; exit 2;;
 esac
