@@ -1406,3 +1406,20 @@ def test_direction_pool_scores_runs_bootstraps_and_pools(root, tmp_path):
     assert torch.equal(u, torch.ones(3)) and (nm, na) == (2, 4)
     with pytest.raises(SystemExit, match="pass at least 3"):
         mod.main(["--runs", runs[0], *args])
+
+
+def test_record_energy_integrates_the_monitor_power_and_refuses_unordered_samples(root):
+    """bench/record_energy.py (the session-30 bound on a run's wall from its energy): trapezoid joules in all and
+    above idle, and the seconds each would last at the card's full draw."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_energy", root / "bench" / "record_energy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.energy([0, 10, 20], [100, 300, 500], idle_w=100, full_w=500)
+    assert got["energy_kj"] == 6.0  # 10 s x 200 W + 10 s x 400 W
+    assert got["above_idle_kj"] == 4.0  # 10 s x 100 W + 10 s x 300 W
+    assert got["seconds_at_full_draw"] == 12.0 and got["seconds_at_full_draw_above_idle"] == 10.0
+    assert got["seconds_at_or_above_0.8_full"] == 10.0 and got["mean_w"] == 300.0
+    with pytest.raises(ValueError, match="increasing"):
+        mod.energy([0, 10, 5], [1, 2, 3], idle_w=0, full_w=1)
