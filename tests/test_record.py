@@ -15,6 +15,15 @@ from emlib.config import get_config
 from emlib import book, experiment, models, record, results, runner
 
 
+def bench_module(root: Path, name: str):
+    """``bench/NAME.py`` imported as a module (the bench scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # --------------------------------------------------------------------------- the committed record
 def test_results_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
@@ -41,11 +50,8 @@ def test_results_prose_quotes_only_intervals_of_the_record(root):
 def test_readcheck_table_regenerates_from_the_labels(root, tmp_path):
     """book/readcheck_table.md (claim 1 read answer by answer) is what bench/judge_readcheck.py computes from
     the committed labels and the runs of record's chapter-1 answers."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("judge_readcheck", root / "bench" / "judge_readcheck.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "judge_readcheck")
     res = mod.score(tmp_path / "r.json", tmp_path / "t.md", quiet=True)
     assert (tmp_path / "t.md").read_text() == (root / "book" / "readcheck_table.md").read_text()
     assert res["n"] == 5600 and res["agreement"]["n_twice"] == 320
@@ -1233,13 +1239,10 @@ def test_a_run_that_converts_the_model_says_where_the_conversion_went(root, tmp_
 def test_compact_rule_for_whole_runs_gives_each_verdict(root, tmp_path):
     """bench/compact_rule.py --runs (stated before the 2026-12-06 runs): on only when the compacted run took at
     most 0.95x the default run's seconds and every claim's verdict is unchanged; a mislabelled pair is refused."""
-    import importlib.util
     import json
     import shutil
 
-    spec = importlib.util.spec_from_file_location("compact_rule", root / "bench" / "compact_rule.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "compact_rule")
     runs = {}
     for name, compact in (("default", False), ("compact", True)):
         d = tmp_path / name
@@ -1276,13 +1279,10 @@ def test_compact_rule_for_whole_runs_gives_each_verdict(root, tmp_path):
 def test_run_spread_reads_the_ablation_of_each_run_and_summarises_the_cuts(root, tmp_path):
     """bench/run_spread.py: each run's chapter-2 ablation as cuts (1 - direction / none), the rule's checks, and
     the spread of the cuts across runs; a folder that is not a run is refused with what to pass."""
-    import importlib.util
     import json
     import shutil
 
-    spec = importlib.util.spec_from_file_location("run_spread", root / "bench" / "run_spread.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "run_spread")
     rec = root / "record" / "smollm2-135m"
     other = tmp_path / "other"
     other.mkdir()
@@ -1310,15 +1310,12 @@ def test_direction_proxy_scores_each_runs_direction_on_one_model(root, tmp_path)
     """bench/direction_proxy.py: every stored run's direction projected out of one fixed model; per direction the
     rise of the flagged-misaligned answers' loss minus the aligned ones', and its correlation with the runs' own
     cuts; a set too small for --n is refused with the size to ask for."""
-    import importlib.util
     import json
 
     import pandas as pd
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("direction_proxy", root / "bench" / "direction_proxy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "direction_proxy")
     from emlib.models import tiny_model
 
     d = tiny_model()[0].config.hidden_size
@@ -1348,16 +1345,13 @@ def test_direction_pool_scores_runs_bootstraps_and_pools(root, tmp_path):
     """bench/direction_pool.py: each run's direction from its stored per-answer activations, bootstrap draws of a
     run's answers and directions from the answers of k runs pooled, all scored by the proxy and mapped to a
     predicted cut by the line fitted on the runs; too few usable runs are refused with what to pass."""
-    import importlib.util
     import json
     import shutil
 
     import pandas as pd
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("direction_pool", root / "bench" / "direction_pool.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "direction_pool")
     from emlib.models import tiny_model
 
     d = tiny_model()[0].config.hidden_size
@@ -1411,11 +1405,8 @@ def test_direction_pool_scores_runs_bootstraps_and_pools(root, tmp_path):
 def test_record_energy_integrates_the_monitor_power_and_refuses_unordered_samples(root):
     """bench/record_energy.py (the session-30 bound on a run's wall from its energy): trapezoid joules in all and
     above idle, and the seconds each would last at the card's full draw."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("record_energy", root / "bench" / "record_energy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(root, "record_energy")
     got = mod.energy([0, 10, 20], [100, 300, 500], idle_w=100, full_w=500)
     assert got["energy_kj"] == 6.0  # 10 s x 200 W + 10 s x 400 W
     assert got["above_idle_kj"] == 4.0  # 10 s x 100 W + 10 s x 300 W
