@@ -30,11 +30,12 @@ def energy(t_s: np.ndarray, watts: np.ndarray, idle_w: float, full_w: float, abo
     if len(t_s) < 2 or np.any(np.diff(t_s) <= 0):
         raise ValueError("need at least two power samples at increasing times")
     dt = np.diff(t_s)
+    span = float(t_s[-1] - t_s[0])
     mid = (watts[1:] + watts[:-1]) / 2
     joules = float(np.sum(dt * mid))
     above_idle = float(np.sum(dt * np.clip(mid - idle_w, 0, None)))
-    return {"span_s": float(t_s[-1] - t_s[0]), "energy_kj": round(joules / 1e3, 1),
-            "above_idle_kj": round(above_idle / 1e3, 1), "mean_w": round(joules / float(t_s[-1] - t_s[0]), 1),
+    return {"span_s": span, "energy_kj": round(joules / 1e3, 1),
+            "above_idle_kj": round(above_idle / 1e3, 1), "mean_w": round(joules / span, 1),
             "seconds_at_full_draw": round(joules / full_w, 1),
             "seconds_at_full_draw_above_idle": round(above_idle / (full_w - idle_w), 1),
             f"seconds_at_or_above_{above:g}_full": round(float(np.sum(dt[mid >= above * full_w])), 1)}
