@@ -147,7 +147,8 @@ def lora(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: i
         per_step, out, ops = run_steps(lambda b, n, kl: step.grads(b, n, kl, 2.0)[0], opt, rows, kl_rows, steps,
                                        warmup, device, count, profile=profile)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
-            "fused_layers": step.stats.get("fused_layers"), "loss": per_token(out), "ops": ops and counts(ops)}
+            "fused_layers": step.stats.get("fused_layers"), "packed": step.stats.get("packed"),
+            "loss": per_token(out), "ops": ops and counts(ops)}
 
 
 # ---------------------------------------------------------------------------------------------------- group

@@ -135,10 +135,14 @@ def kernel_summary(prof, wall_us: float, top: int = 15) -> dict:
         names[e.name[:90]][1] += us
     gpu_us = sum(by_kind.values())
     best = sorted(names.items(), key=lambda kv: -kv[1][1])[:top]
+    # the operators that launched them (an eager pass only: a replayed CUDA graph names no operator)
+    ops = [(a.key, a.count, getattr(a, "self_device_time_total", 0.0)) for a in prof.key_averages()]
+    ops = sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])[:top]
     return {"wall_ms_profiled": round(wall_us / 1e3, 2), "kernels": n_kernels,
             "kernel_ms": round(gpu_us / 1e3, 2), "kernel_share_of_wall": round(gpu_us / wall_us, 3) if wall_us else None,
             "ms_by_kind": {k: round(v / 1e3, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": n, "calls": c, "ms": round(t / 1e3, 2)} for n, (c, t) in best]}
+            "top_kernels": [{"name": n, "calls": c, "ms": round(t / 1e3, 2)} for n, (c, t) in best],
+            "top_operators": [{"name": n, "calls": c, "ms": round(t / 1e3, 2)} for n, c, t in ops]}
 
 
 def main() -> None:

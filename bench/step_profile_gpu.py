@@ -13,7 +13,7 @@ weights of SmolLM2-135M's shape, synthetic rows of the medical set's lengths):
 Each part runs twice: with the step as CUDA graphs (what the runs use; seconds per step over ``--steps``) and
 eagerly; after its timed steps, one more step runs under ``torch.profiler``: GPU kernel time by kind (optimizer,
 attention, matmul, cross-entropy / head, copies, element-wise / norms, other: ``metric_profile_gpu.kind_of``),
-its share of that step's wall time, the 15 longest kernels. The eager step's kernels are the graph's kernels
+its share of that step's wall time, the 15 longest kernels (eager: also the 15 operators that launched most kernel time). The eager step's kernels are the graph's kernels
 (a graph replays what was captured); ``kernel_share_of_wall`` of the graphed step near 1 means the step is
 bound by its kernels, and then only fewer or cheaper kernels make it faster.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--n-kl", type=int, default=800, help="KL rows (the paper's 800; fewer on a CPU)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tag", default="", help="appended to the file name (e.g. _pack-off)")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("No CUDA device: pass --device cpu (with --steps 1 --warmup 0 --n-kl 16).")
@@ -64,9 +66,9 @@ def main() -> None:
     rows = synthetic_rows(16 * (a.steps + a.warmup + 1), vocab)
     kl_rows = kl_rows_of(a.n_kl, vocab)
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-           "shape": a.shape, "steps": a.steps, "warmup": a.warmup,
+           "pack": os.environ.get("EMLIB_PACK", "auto"), "shape": a.shape, "steps": a.steps, "warmup": a.warmup,
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "parts": {}}
-    path = a.out / f"step_profile_{a.shape}_{a.device}.json"
+    path = a.out / f"step_profile_{a.shape}_{a.device}{a.tag}.json"
     for name in a.parts.split(","):
         fn, with_kl = PARTS[name]
         res["parts"][name] = {}
@@ -76,8 +78,10 @@ def main() -> None:
                      graphs=graphs, profile=prof)
             case = "graphs" if graphs else "eager"
             res["parts"][name][case] = {"seconds_per_step": round(got["seconds_per_step"], 5),
-                                        "graphs_captured": got["graphs"], "fallback": got["fallback"], "profile": prof}
-            print(name, case, json.dumps({k: v for k, v in res["parts"][name][case].items() if k != "profile"}),
+                                        "graphs_captured": got["graphs"], "fallback": got["fallback"],
+                                        "packed": got.get("packed"), "profile": prof, "loss_per_token": got["loss"]}
+            print(name, case, json.dumps({k: v for k, v in res["parts"][name][case].items()
+                                          if k not in ("profile", "loss_per_token")}),
                   json.dumps({k: prof.get(k) for k in ("kernel_ms", "kernel_share_of_wall", "ms_by_kind")}), flush=True)
             write_json(path, res)
     print("wrote", path)

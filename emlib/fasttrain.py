@@ -25,6 +25,12 @@ What is faster:
   micro-batches as ``max_tokens_per_micro`` padded tokens allow (gradient accumulation only beyond that).
 * **Right padding, no attention mask.** With causal attention a real token never sees the pad tail, so the
   loss is unchanged and attention runs as the plain causal kernel (flash on a GPU).
+* **Packed rows** (on CUDA where :func:`emlib.fused.packing_works`; ``$EMLIB_PACK``): a micro-batch's rows
+  run end to end as one sequence (position ids restart at each row; torch's variable-length flash attention
+  keeps each row to itself: :func:`emlib.fused.packed_attention`), padded only to a bucketed total, so the
+  pad tokens a padded batch computes are gone: at the paper's step (16 medical rows + 8 KL rows) 30% of a
+  padded batch's positions were padding, ~4% of a packed one's. The targets, their order and the loss are
+  the padded batch's (``tests/test_fasttrain.py`` compares both with the eager loop).
 * **Logits only at answer tokens** (:func:`fast_token_losses`): the decoder's hidden states at labelled
   positions go through the LM head in chunks under activation checkpointing, so no ``[batch, seq, vocab]``
   tensor exists (it is 6.4 GB in float32 for 32k tokens of SmolLM2).
@@ -60,6 +66,7 @@ on CUDA, with or without the KL term.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -341,7 +348,7 @@ def fused_lora_linears(model):
 
 
 # =========================================================================== the train step
-Shape = tuple[int, int, int]  # (rows, padded length, answer targets) of a micro-batch
+Shape = tuple[int, ...]  # (rows, padded length, answer targets) of a micro-batch; packed: + a bound on the longest row
 
 
 def _float_dtype(model) -> torch.dtype | None:
@@ -463,7 +470,7 @@ class TrainStep:
                  max_grad_norm: float | None = 1.0, per_octave: int | None = 4, cuda_graphs: bool = True,
                  autocast: bool | None = None, current: Callable[[], ContextManager] | None = None,
                  reference: Callable[[], ContextManager] | None = None,
-                 kl_rows: Sequence[Encoded] | None = None, kl_chunk: int = 2048):
+                 kl_rows: Sequence[Encoded] | None = None, kl_chunk: int = 2048, pack: bool | None = None):
         self.params = list(params)
         if not self.params:
             raise ValueError("TrainStep needs trainable parameters: got none.")
@@ -495,13 +502,33 @@ class TrainStep:
         # (shape, KL positions) -> (graph, its input buffers); KL positions 0: a micro-batch without KL rows
         self._graphs: dict[tuple[Shape, int], tuple[Any, dict[str, torch.Tensor]]] = {}
         self._pool = None
+        self._pack = pack  # None: emlib.fused.packing_works, decided at the first shape (after kernels())
+
+    def packed(self) -> bool:
+        """Whether each micro-batch's rows run packed into one sequence (:meth:`_inputs`): ``pack`` as given, else
+        :func:`emlib.fused.packing_works` the first time a shape is needed (enter :meth:`kernels` before)."""
+        if self._pack is None:
+            from .fused import packing_works
+
+            self._pack = packing_works(self.model)
+            self.stats["packed"] = self._pack
+        return self._pack
 
     # ---------------------------------------------------------------- shapes
     def shape(self, rows: Sequence[Encoded], targets: int | None = None) -> Shape:
         """The (bucketed) shape of one micro-batch of ``rows`` (``targets``: its cross-entropy targets,
-        default every answer token of ``rows``)."""
+        default every answer token of ``rows``): (rows, padded length, targets), or packed (:meth:`packed`)
+        (rows, packed length with at least one pad token, targets, a bound on the longest row: the power of two
+        at or above it)."""
         longest = max(len(e.input_ids) for e in rows)
         n_t = sum(n_targets(e) for e in rows) if targets is None else targets
+        if self.packed():
+            total = sum(len(e.input_ids) for e in rows) + 1
+            if self.per_octave is None:
+                return (len(rows), total, n_t, longest)
+            po = self.per_octave
+            return (len(rows), bucket(total, 2 * po, self.pad_multiple), bucket(max(n_t, 1), max(1, po // 2), 8),
+                    bucket(longest, 1))
         if self.per_octave is None:
             return (len(rows), _round_up(longest, self.pad_multiple), n_t)
         po = self.per_octave
@@ -572,13 +599,19 @@ class TrainStep:
         return self._ref
 
     # ---------------------------------------------------------------- the step
-    def _pass(self, x: dict[str, torch.Tensor]) -> None:
+    def _pass(self, x: dict[str, torch.Tensor], longest: int = 0) -> None:
         """Forward, loss and backward of one micro-batch: the cross-entropy at ``target_index`` / ``targets``
         (divided by the step's answer-token count) and, when the batch has KL rows, the weighted KL to the
-        cached reference states at ``kl_index`` (``kl_weight`` per position: 1 / its KL batch's count)."""
+        cached reference states at ``kl_index`` (``kl_weight`` per position: 1 / its KL batch's count). A
+        packed micro-batch (``cu_seqlens`` in ``x``; ``longest`` bounds its longest row) is one row whose
+        attention stays within each packed sequence (:func:`emlib.fused.packed_attention`)."""
+        from .fused import PACKED_KWARG
+
         decoder, head = decoder_and_head(self.model)
+        kw = ({"position_ids": x["position_ids"], PACKED_KWARG: (x["cu_seqlens"], longest)}
+              if "cu_seqlens" in x else {})
         with self._current(), self._amp(), one_sequence_per_row():
-            hidden = decoder(input_ids=x["input_ids"], use_cache=False).last_hidden_state  # [b, s, d]
+            hidden = decoder(input_ids=x["input_ids"], use_cache=False, **kw).last_hidden_state  # [b, s, d]
             flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b * (s-1), d]
             ce = _chunked_ce(flat.index_select(0, x["target_index"]), head, x["targets"], self.ce_chunk)
             loss = ce / self._n  # token-weighted mean over the whole step
@@ -595,13 +628,18 @@ class TrainStep:
                 shape: Shape, n_kl: int) -> dict[str, torch.Tensor]:
         """The input buffers of one micro-batch (CPU tensors): ``rows`` = its training rows (the first
         ``n_sft``) then its KL rows, ``kl_items`` = (KL row index, weight) of those KL rows."""
-        b, s, t = shape
-        padded = collate_right(rows, self.pad, shape=(b, s, sum(n_targets(e) for e in rows)))
-        ids, nxt = padded["input_ids"], padded["labels"][:, 1:]  # [b, s], [b, s-1]: each position's next token
-        sft, klp = nxt.clone(), nxt.clone()
-        sft[n_sft:], klp[:n_sft] = IGNORE, IGNORE
+        t = shape[2]
+        if len(shape) == 4:  # packed: one row, the rows end to end, then pad tokens (a sequence of their own)
+            x, ids, sft, klp = self._packed_inputs(rows, n_sft, shape)
+        else:
+            b, s, _ = shape
+            padded = collate_right(rows, self.pad, shape=(b, s, sum(n_targets(e) for e in rows)))
+            ids, nxt = padded["input_ids"], padded["labels"][:, 1:]  # [b, s], [b, s-1]: each position's next token
+            sft, klp = nxt.clone(), nxt.clone()
+            sft[n_sft:], klp[:n_sft] = IGNORE, IGNORE
+            x = {}
         index = (sft.reshape(-1) != IGNORE).nonzero().squeeze(1)  # row by row, positions in order
-        x = {"input_ids": ids,
+        x |= {"input_ids": ids,
              "target_index": torch.cat([index, index.new_zeros(t - index.numel())]),
              "targets": torch.cat([sft.reshape(-1)[index], index.new_full((t - index.numel(),), IGNORE)])}
         if n_kl:
@@ -615,10 +653,46 @@ class TrainStep:
                      kl_weight=torch.tensor(weight + [0.0] * extra, dtype=torch.float32))
         return x
 
+    def _packed_inputs(self, rows: Sequence[Encoded], n_sft: int, shape: Shape
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A packed micro-batch's position ids and sequence bounds, its ``input_ids`` [1, length] and next-token
+        labels [1, length - 1] of the training rows (``sft``) and of the KL rows (``klp``). A row's first token
+        is never a target (as in a padded row, nothing precedes it), so the last position of the row before it
+        predicts nothing."""
+        n, length = shape[0], shape[1]
+        ids = torch.full((length,), self.pad, dtype=torch.long)
+        lab = torch.full((length,), IGNORE, dtype=torch.long)
+        pos = torch.zeros(length, dtype=torch.long)
+        owner = torch.full((length,), n, dtype=torch.long)  # which row a position belongs to (n: padding)
+        cu, at = [0], 0
+        for i, e in enumerate(rows):
+            k = len(e.input_ids)
+            ids[at:at + k] = torch.tensor(e.input_ids)
+            lab[at:at + k] = torch.tensor(e.labels)
+            lab[at] = IGNORE
+            pos[at:at + k] = torch.arange(k)
+            owner[at:at + k] = i
+            at += k
+            cu.append(at)
+        if at >= length or len(rows) != n:
+            raise ValueError(f"packed shape {shape} does not hold these {len(rows)} rows of {at} tokens.")
+        pos[at:] = torch.arange(length - at)
+        cu.append(length)
+        nxt, src = lab[1:], owner[:-1]  # [length - 1]: the label each position predicts, the row it is in
+        sft = torch.where(src < n_sft, nxt, IGNORE)
+        klp = torch.where((src >= n_sft) & (src < n), nxt, IGNORE)
+        x = {"position_ids": pos[None], "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+        return x, ids[None], sft[None], klp[None]
+
     def _static(self, shape: Shape, n_kl: int) -> dict[str, torch.Tensor]:
-        b, s, t = shape
+        b, s, t = shape[:3]
         dev = self.device
-        x = {"input_ids": torch.full((b, s), self.pad, dtype=torch.long, device=dev),
+        x = {}
+        if len(shape) == 4:  # packed: b rows in one sequence of s tokens
+            x = {"position_ids": torch.zeros((1, s), dtype=torch.long, device=dev),
+                 "cu_seqlens": torch.zeros(b + 2, dtype=torch.int32, device=dev)}
+            b = 1
+        x |= {"input_ids": torch.full((b, s), self.pad, dtype=torch.long, device=dev),
              "target_index": torch.zeros(t, dtype=torch.long, device=dev),
              "targets": torch.full((t,), IGNORE, dtype=torch.long, device=dev)}
         if n_kl:
@@ -633,7 +707,8 @@ class TrainStep:
         t0 = time.perf_counter()
         try:
             static = self._static(shape, n_kl)
-            graph, self._pool = capture(self._pass, static, self.device, self._pool)  # gradients are zeroed later
+            run = functools.partial(self._pass, longest=shape[3] if len(shape) == 4 else 0)
+            graph, self._pool = capture(run, static, self.device, self._pool)  # gradients are zeroed later
             if any(p.grad is not g for p, g in zip(self.params, self._grads)):
                 raise RuntimeError("the backward replaced a .grad tensor during capture")
             self._graphs[(shape, n_kl)] = (graph, static)
@@ -657,7 +732,7 @@ class TrainStep:
                 buf.copy_(x[k].pin_memory(), non_blocking=True)
             graph.replay()
         else:
-            self._pass({k: v.to(self.device) for k, v in x.items()})
+            self._pass({k: v.to(self.device) for k, v in x.items()}, longest=shape[3] if len(shape) == 4 else 0)
 
     def grads(self, rows: Sequence[Encoded], n_tok: int, kl_batches: Sequence[Sequence[int]] = (),
               kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

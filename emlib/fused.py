@@ -157,6 +157,7 @@ def _attention_forward(mod, w: torch.Tensor | None, b: torch.Tensor | None, sign
     """A Llama / Qwen2 / Mistral attention's forward with q and k rotated together, and q, k, v from one matmul
     on the concatenated weights ``w`` (and biases ``b``) where those still stand for the projections."""
     cache = cache if cache is not None else past_key_values
+    packed = kwargs.pop(PACKED_KWARG, None)  # (cu_seqlens, longest): rows packed into one (emlib.fasttrain)
     bsz, s = hidden_states.shape[:2]
     d, n_q, n_kv = mod.head_dim, mod.config.num_attention_heads, mod.config.num_key_value_heads
     if w is not None and _usable(mod.q_proj, mod.k_proj, mod.v_proj):
@@ -167,6 +168,11 @@ def _attention_forward(mod, w: torch.Tensor | None, b: torch.Tensor | None, sign
         v = mod.v_proj(hidden_states).view(bsz, s, n_kv, d)
     cos, sin = position_embeddings  # [b, s, d]
     qk = rope(qk, cos.unsqueeze(2), signed(sin).unsqueeze(2))  # [b, s, n_q + n_kv, d]
+    if packed is not None:
+        if bsz != 1 or cache is not None or (mod.training and mod.attention_dropout):
+            raise ValueError("packed rows need one packed row, no cache and no attention dropout")
+        out = packed_attention(qk[0, :, :n_q], qk[0, :, n_q:], v[0], packed[0], packed[1], mod.scaling)  # [s, n_q, d]
+        return mod.o_proj(out.reshape(1, s, -1)), None
     q = qk[:, :, :n_q].transpose(1, 2)  # [b, n_q, s, d]
     k = qk[:, :, n_q:].transpose(1, 2)
     v = v.transpose(1, 2)
@@ -176,6 +182,68 @@ def _attention_forward(mod, w: torch.Tensor | None, b: torch.Tensor | None, sign
                                       dropout=0.0 if not mod.training else mod.attention_dropout,
                                       scaling=mod.scaling, **kwargs)
     return mod.o_proj(out.reshape(bsz, s, -1).contiguous()), weights
+
+
+# ------------------------------------------------------------------------------------------ packed rows
+PACKED_KWARG = "emlib_packed"  # the decoder kwarg that carries (cu_seqlens, longest row) to a fused attention
+PACK_ENV = "EMLIB_PACK"
+
+
+def pack_setting() -> str:
+    """``$EMLIB_PACK``: ``auto`` (the default: packed training rows where :func:`packing_works`), ``on`` (also on
+    a CPU, through the masked fallback of :func:`packed_attention`: for tests) or ``off``."""
+    return env_switch(PACK_ENV, "auto", ("auto", "on", "off"), "auto (CUDA only), on or off")
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen():
+    """(torch's variable-length flash attention, whether it takes ``window_size``) or None where torch lacks it."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def packing_works(model) -> bool:
+    """Whether a training step may pack its rows into one sequence for ``model`` now: the switch allows it, every
+    decoder attention runs :func:`fused_layers`' forward (which reads the packed rows' bounds; enter it first),
+    and on a GPU torch has variable-length flash attention (``torch.nn.attention.varlen``)."""
+    setting = pack_setting()
+    if setting == "off":
+        return False
+    attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
+    patched = bool(attn) and all(getattr(m.__dict__.get("forward"), "func", None) is _attention_forward for m in attn)
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return patched and _varlen() is not None
+    return patched and setting == "on"
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,
+                     scale: float) -> torch.Tensor:
+    """Causal attention within each of the sequences packed end to end in q [t, n_q, d], k and v [t, n_kv, d]
+    (``cu_seqlens`` [n + 1] int32: where each starts, then the total; ``longest``: at least the longest's length).
+    On CUDA torch's variable-length flash attention (no padding computed); elsewhere one masked ``sdpa`` call
+    (the same numbers, for tests). Returns [t, n_q, d]."""
+    rep = q.shape[1] // k.shape[1]
+    fn = _varlen() if q.is_cuda else None
+    if fn is not None:
+        varlen_attn, windowed = fn
+        if rep > 1:  # grouped query heads: torch 2.11's varlen_attn has no enable_gqa
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        causal = {"window_size": (-1, 0)} if windowed else {"is_causal": True}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, **causal)
+    t = q.shape[0]
+    pos = torch.arange(t, device=q.device)
+    seg = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)  # [t]: which sequence
+    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # [t, t]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+        scale=scale, enable_gqa=rep > 1)  # [1, n_q, t, d]
+    return out[0].transpose(0, 1)
 
 
 def _mlp_forward(mod, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

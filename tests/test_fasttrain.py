@@ -176,19 +176,24 @@ def test_fast_step_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
         torch.testing.assert_close(m2.B, m1.B, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind,fused", [("lora", "auto"), ("vector", "auto"), ("lora", "on"), ("rank1", "on"),
-                                        ("vector", "on")])
-def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused):
+@pytest.mark.parametrize("kind,fused,pack", [("lora", "auto", "auto"), ("vector", "auto", "auto"),
+                                             ("lora", "on", "off"), ("rank1", "on", "off"), ("vector", "on", "off"),
+                                             ("lora", "on", "on"), ("rank1", "on", "on"), ("vector", "on", "on")])
+def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused, pack):
     """With the KL term (8 KL batches a step, each its own micro-batch) the fast step gives the eager loop's
     losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs). ``fused``
-    ($EMLIB_FUSED): "on" runs the step's frozen projections fused (emlib.fused) on the CPU too."""
-    from emlib.fused import FUSED_ENV
+    ($EMLIB_FUSED): "on" runs the step's frozen projections fused (emlib.fused) on the CPU too; ``pack``
+    ($EMLIB_PACK): "on" packs each micro-batch's rows into one sequence (the masked fallback of
+    ``emlib.fused.packed_attention`` on the CPU)."""
+    from emlib.fused import FUSED_ENV, PACK_ENV
 
     monkeypatch.setenv(FUSED_ENV, fused)
+    monkeypatch.setenv(PACK_ENV, pack)
     kw = dict(kl_rows=_chat_rows(12, seed=9), kl_lambda=50.0, kind=kind)
     ref = _train(tmp_path, "eager", False, monkeypatch, **kw)
     got = _train(tmp_path, "fast", True, monkeypatch, **kw)
     assert ref.meta["fast_step"] is None and got.meta["fast_step"]["cuda_graphs"] is False
+    assert got.meta["fast_step"]["packed"] is (pack == "on")
     n_fused = {"lora": 0, "rank1": 2, "vector": 2}[kind] if fused == "on" else 0  # rank-32 wraps every projection
     assert got.meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": 2 if fused == "on" else 0,
                                                      "mlp": n_fused}

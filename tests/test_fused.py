@@ -389,3 +389,42 @@ def test_compiled_fused_layers_trace_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_packed_attention_is_each_sequence_attended_alone():
+    """Sequences packed end to end (with a pad tail as a sequence of its own) attend only within themselves,
+    causally, grouped query heads included: each one's output is plain causal sdpa on it alone."""
+    from emlib.fused import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    lens, n_q, n_kv, d = [5, 1, 7, 3], 4, 2, 8
+    t = sum(lens)
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (n_q, n_kv, n_kv))
+    cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+    got = packed_attention(q, k, v, cu, max(lens), 0.3)  # [t, n_q, d]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=0.3,
+            enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(got[a:b], want, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_needs_the_fused_attention_and_follows_its_switch(monkeypatch):
+    """``packing_works``: never with $EMLIB_PACK=off, on a CPU only with "on", and only while every attention
+    runs the fused forward (which reads the packed rows' bounds); a packed decoder call outside it would
+    attend across rows, so the step must not pack then."""
+    from emlib.fused import PACK_ENV, packing_works
+
+    model, _ = tiny_model(seed=0)
+    monkeypatch.setenv(FUSED_ENV, "on")
+    for setting, inside, want in (("auto", True, False), ("on", True, True), ("on", False, False),
+                                  ("off", True, False)):
+        monkeypatch.setenv(PACK_ENV, setting)
+        if inside:
+            with fused_layers(model):
+                assert packing_works(model) is want, setting
+        else:
+            assert packing_works(model) is want, setting
+    monkeypatch.setenv(PACK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="EMLIB_PACK"):
+        packing_works(model)
