@@ -834,6 +834,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
                "compile": fused.compile_setting(),
+               "pack": fused.pack_setting(),
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,
