@@ -518,17 +518,20 @@ class TrainStep:
     def shape(self, rows: Sequence[Encoded], targets: int | None = None) -> Shape:
         """The (bucketed) shape of one micro-batch of ``rows`` (``targets``: its cross-entropy targets,
         default every answer token of ``rows``): (rows, padded length, targets), or packed (:meth:`packed`)
-        (rows, packed length with at least one pad token, targets, a bound on the longest row: the power of two
-        at or above it)."""
+        (rows, packed length with at least one pad token, targets, a bound on the longest sequence, the pad
+        tail included: a power of two, or the exact longest without bucketing)."""
         longest = max(len(e.input_ids) for e in rows)
         n_t = sum(n_targets(e) for e in rows) if targets is None else targets
         if self.packed():
             total = sum(len(e.input_ids) for e in rows) + 1
             if self.per_octave is None:
-                return (len(rows), total, n_t, longest)
+                return (len(rows), total, n_t, longest)  # the pad tail: one token
             po = self.per_octave
-            return (len(rows), bucket(total, 2 * po, self.pad_multiple), bucket(max(n_t, 1), max(1, po // 2), 8),
-                    bucket(longest, 1))
+            length = bucket(total, 2 * po, self.pad_multiple)
+            # the pad tail is a sequence too: flash attention computes no position past the bound, and a pad
+            # position left unwritten can hold NaN, which a weight gradient then reads (0 x NaN)
+            return (len(rows), length, bucket(max(n_t, 1), max(1, po // 2), 8),
+                    bucket(max(longest, length - total + 1), 1))
         if self.per_octave is None:
             return (len(rows), _round_up(longest, self.pad_multiple), n_t)
         po = self.per_octave

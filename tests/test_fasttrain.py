@@ -452,3 +452,20 @@ def test_encode_rows_in_batches_equals_each_row_alone(monkeypatch):
     bad = rows[:4] + [{"messages": [{"role": "user", "content": "pain"}]}]
     with pytest.raises(DataError, match="row 4:"):
         encode_rows(bad, tok)
+
+
+def test_a_packed_shape_bounds_the_pad_tail_too(monkeypatch):
+    """The bound a packed shape gives the attention covers every sequence of the packed row, the pad tail
+    included: a tail longer than any row (short rows, a bucketed length) was left partly uncomputed by flash
+    attention on a GPU, and the NaN there reached the weight gradients (2026-12-07, H100, 64 rows a step)."""
+    from emlib.fused import PACK_ENV
+
+    monkeypatch.setenv(PACK_ENV, "on")
+    model, tok = tiny_model(seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(model, params, 0, pad_multiple=16, pack=True)
+    for lens in ([3, 3], [5] * 7, [40, 2, 9], [130] * 16):
+        rows = [Encoded(list(range(1, k + 1)), [IGNORE] + list(range(2, k + 1))) for k in lens]
+        n, length, _, bound = step.shape(rows)
+        assert n == len(lens) and length > sum(lens)
+        assert bound >= max(max(lens), length - sum(lens)), (lens, length, bound)
