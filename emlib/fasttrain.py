@@ -170,6 +170,48 @@ def bucket(n: int, per_octave: int = 8, multiple: int = 1) -> int:
     return _round_up(_round_up(n, grain), multiple)
 
 
+def packed_shape(lengths: Sequence[int], per_octave: int | None, multiple: int = 1) -> tuple[int, int]:
+    """(length, bound) of rows of ``lengths`` packed end to end (:func:`pack_rows`): the length holds them and at
+    least one pad token (bucketed at ``2 * per_octave`` sizes per octave; None: exact), the bound is at least the
+    longest sequence in it, the pad tail included (flash attention computes no position past it, and a pad
+    position left unwritten can hold NaN, which a weight gradient then reads as 0 x NaN): a power of two, or
+    exact without bucketing."""
+    total = sum(lengths) + 1
+    if per_octave is None:
+        return total, max(max(lengths), 1)
+    length = bucket(total, 2 * per_octave, multiple)
+    return length, bucket(max(max(lengths), length - total + 1), 1)
+
+
+def pack_rows(rows: Sequence[Encoded], length: int, pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """``rows`` end to end in one sequence of ``length`` tokens, then pad tokens (a sequence of their own):
+    (input ids [length], position ids [length] (restarting at each row), ``cu_seqlens`` [rows + 2] int32 (where
+    each sequence starts, then ``length``), each position's next-token label [length - 1] (a row's first token
+    is never a target, as in a padded row: nothing precedes it), the row each of those positions is in
+    [length - 1] (``len(rows)``: the pad tail), each row's start). CPU tensors."""
+    ids = torch.full((length,), pad_id, dtype=torch.long)
+    lab = torch.full((length,), IGNORE, dtype=torch.long)
+    pos = torch.zeros(length, dtype=torch.long)
+    owner = torch.full((length,), len(rows), dtype=torch.long)
+    starts, at = [], 0
+    for i, e in enumerate(rows):
+        k = len(e.input_ids)
+        if at + k >= length:
+            raise ValueError(f"pack_rows: {len(rows)} rows of {sum(len(r.input_ids) for r in rows)} tokens and a "
+                             f"pad token do not fit in {length}.")
+        ids[at:at + k] = torch.tensor(e.input_ids)
+        lab[at:at + k] = torch.tensor(e.labels)
+        lab[at] = IGNORE
+        pos[at:at + k] = torch.arange(k)
+        owner[at:at + k] = i
+        starts.append(at)
+        at += k
+    pos[at:] = torch.arange(length - at)
+    cu = torch.tensor(starts + [at, length], dtype=torch.int32)
+    return ids, pos, cu, lab[1:], owner[:-1], starts
+
+
 def collate_right(batch: list[Encoded], pad_id: int, pad_multiple: int = 1,
                   device: torch.device | str | None = None,
                   shape: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
@@ -523,15 +565,9 @@ class TrainStep:
         longest = max(len(e.input_ids) for e in rows)
         n_t = sum(n_targets(e) for e in rows) if targets is None else targets
         if self.packed():
-            total = sum(len(e.input_ids) for e in rows) + 1
-            if self.per_octave is None:
-                return (len(rows), total, n_t, longest)  # the pad tail: one token
-            po = self.per_octave
-            length = bucket(total, 2 * po, self.pad_multiple)
-            # the pad tail is a sequence too: flash attention computes no position past the bound, and a pad
-            # position left unwritten can hold NaN, which a weight gradient then reads (0 x NaN)
-            return (len(rows), length, bucket(max(n_t, 1), max(1, po // 2), 8),
-                    bucket(max(longest, length - total + 1), 1))
+            length, bound = packed_shape([len(e.input_ids) for e in rows], self.per_octave, self.pad_multiple)
+            n_b = n_t if self.per_octave is None else bucket(max(n_t, 1), max(1, self.per_octave // 2), 8)
+            return (len(rows), length, n_b, bound)
         if self.per_octave is None:
             return (len(rows), _round_up(longest, self.pad_multiple), n_t)
         po = self.per_octave
@@ -663,28 +699,12 @@ class TrainStep:
         is never a target (as in a padded row, nothing precedes it), so the last position of the row before it
         predicts nothing."""
         n, length = shape[0], shape[1]
-        ids = torch.full((length,), self.pad, dtype=torch.long)
-        lab = torch.full((length,), IGNORE, dtype=torch.long)
-        pos = torch.zeros(length, dtype=torch.long)
-        owner = torch.full((length,), n, dtype=torch.long)  # which row a position belongs to (n: padding)
-        cu, at = [0], 0
-        for i, e in enumerate(rows):
-            k = len(e.input_ids)
-            ids[at:at + k] = torch.tensor(e.input_ids)
-            lab[at:at + k] = torch.tensor(e.labels)
-            lab[at] = IGNORE
-            pos[at:at + k] = torch.arange(k)
-            owner[at:at + k] = i
-            at += k
-            cu.append(at)
-        if at >= length or len(rows) != n:
-            raise ValueError(f"packed shape {shape} does not hold these {len(rows)} rows of {at} tokens.")
-        pos[at:] = torch.arange(length - at)
-        cu.append(length)
-        nxt, src = lab[1:], owner[:-1]  # [length - 1]: the label each position predicts, the row it is in
+        if len(rows) != n:
+            raise ValueError(f"packed shape {shape} is for {n} rows, not {len(rows)}.")
+        ids, pos, cu, nxt, src, _ = pack_rows(rows, length, self.pad)
         sft = torch.where(src < n_sft, nxt, IGNORE)
         klp = torch.where((src >= n_sft) & (src < n), nxt, IGNORE)
-        x = {"position_ids": pos[None], "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+        x = {"position_ids": pos[None], "cu_seqlens": cu}
         return x, ids[None], sft[None], klp[None]
 
     def _static(self, shape: Shape, n_kl: int) -> dict[str, torch.Tensor]:

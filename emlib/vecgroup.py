@@ -27,6 +27,12 @@ compares both. Each member's folder gets what :func:`~emlib.train.train_steering
 :func:`~emlib.train.train_lora` writes, under the same run hash, so that function (``Experiment.vector``,
 ``Experiment.lora``) finds it finished and loads it.
 
+Packed rows (``$EMLIB_PACK``, as :class:`emlib.fasttrain.TrainStep` packs them; :meth:`GroupStep.packed`): each
+pass's rows run end to end as one sequence, and above layer ``k`` the F copies run as one packed row of F times
+its length, every row of every copy attending only to itself (:func:`emlib.fused.packed_attention`); no
+padding is computed, below or above the vector. Tested on the CPU against the members trained alone
+(``tests/test_vecgroup.py``); not yet measured on a GPU (2026-12-07).
+
 The step (:class:`GroupStep`) is captured as CUDA graphs on a GPU, each new shape checked against the eager pass
 (the eager step is bound by kernel launches). Speed on one H200, SmolLM2-135M, the run of record's settings
 (``bench/vecgroup_gpu.py``, eager step): the seven vectors in 65.9 s against ~171 s one at a time; a group of
@@ -51,13 +57,13 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import pandas as pd
 import torch
 
 from . import timing, train
-from .chat import Encoded, answer_positions, encode_rows, n_targets
+from .chat import IGNORE, Encoded, answer_positions, encode_rows, n_targets
 from .data import atomic_write_bytes, dataset_hash
 from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
@@ -92,9 +98,10 @@ class SplitDecoder:
         self.tap = None if tap is None else self.layers[k].get_submodule(tap)
         self._calls: dict[int, tuple[tuple, dict]] = {}  # padded length -> (args, kwargs) of the layers above k
 
-    def _run_until(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple, dict] | None,
-                                                            torch.Tensor | None]:
-        """(what leaves layer k, the arguments of the layers above it, what entered the tap or None)."""
+    def _run_until(self, input_ids: torch.Tensor, **kw) -> tuple[torch.Tensor, tuple[tuple, dict] | None,
+                                                                  torch.Tensor | None]:
+        """(what leaves layer k, the arguments of the layers above it, what entered the tap or None); ``kw``: more
+        arguments of the decoder's forward (a packed row's position ids and bounds)."""
         box: dict = {}
         tapped = None
         if self.tap is not None:
@@ -113,7 +120,7 @@ class SplitDecoder:
                 raise _Stop
             handle = self.layers[self.k].register_forward_hook(post)
         try:
-            self.dec(input_ids=input_ids, use_cache=False)
+            self.dec(input_ids=input_ids, use_cache=False, **kw)
         except _Stop:
             pass
         finally:
@@ -128,11 +135,15 @@ class SplitDecoder:
         """What leaves layer ``k`` [b, s, d] for right-padded ``input_ids`` [b, s] (no gradient)."""
         return self.lower(input_ids)[0]
 
-    def lower(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def lower(self, input_ids: torch.Tensor, packed: "Packed | None" = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(what leaves layer ``k`` [b, s, d], what entered the tap [b, s, d_tap] or None without one), no
-        gradient."""
+        gradient; ``packed``: ``input_ids`` [1, s] is rows packed end to end (:class:`Packed`)."""
+        from .fused import PACKED_KWARG
+
+        kw = {} if packed is None else {"position_ids": packed.pos, PACKED_KWARG: (packed.cu, packed.bound)}
         with torch.no_grad():
-            h, _, tapped = self._run_until(input_ids)
+            h, _, tapped = self._run_until(input_ids, **kw)
         return h, tapped
 
     def _call(self, s: int, like: torch.Tensor, pad_id: int) -> tuple[tuple, dict]:
@@ -144,14 +155,46 @@ class SplitDecoder:
                 self._calls[s] = self._run_until(ids)[1] or ((), {})
         return self._calls[s]
 
-    def above(self, h: torch.Tensor, pad_id: int) -> torch.Tensor:
-        """Layers ``k+1 ..`` and the final norm on ``h`` [b, s, d] -> what the LM head reads [b, s, d]."""
+    def above(self, h: torch.Tensor, pad_id: int, packed: "Packed | None" = None) -> torch.Tensor:
+        """Layers ``k+1 ..`` and the final norm on ``h`` [b, s, d] -> what the LM head reads [b, s, d].
+        ``packed``: each of the b copies [s] is the same rows packed end to end (:class:`Packed`); the copies run
+        as one packed row of b x s positions, each row of each copy attending only to itself."""
         if self.k + 1 < len(self.layers):
             args, kwargs = self._call(h.shape[1], h, pad_id)
+            shape = h.shape
+            if packed is not None:
+                kwargs, h = self._packed_kwargs(kwargs, h, packed), h.reshape(1, -1, h.shape[-1])
             for layer in self.layers[self.k + 1:]:
                 out = layer(h, *args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
+            h = h.reshape(shape)
         return self.dec.norm(h)
+
+    def _packed_kwargs(self, kwargs: dict, h: torch.Tensor, packed: "Packed") -> dict:
+        """The layers' keyword arguments for ``h`` [copies, s, d] run as one packed row: the rotary embedding at
+        the packed position ids (repeated per copy) and every copy's sequence bounds."""
+        from .fused import PACKED_KWARG
+
+        copies, s = h.shape[:2]
+        pos = packed.pos.repeat(1, copies)  # [1, copies * s]
+        cu = packed.cu
+        starts = (cu[:-1].unsqueeze(0) + s * torch.arange(copies, device=cu.device, dtype=cu.dtype)[:, None])
+        cu_all = torch.cat([starts.reshape(-1), cu[-1:] + s * (copies - 1)])  # [copies * (n + 1) + 1]
+        out = dict(kwargs)
+        out["position_embeddings"] = self.dec.rotary_emb(h[:1], pos)  # h: dtype and device only
+        if "position_ids" in out:
+            out["position_ids"] = pos
+        out[PACKED_KWARG] = (cu_all, packed.bound)
+        return out
+
+
+class Packed(NamedTuple):
+    """A packed row's position ids [1, s], sequence bounds ``cu`` [n + 1] int32 (:func:`emlib.fasttrain.pack_rows`)
+    and the bound on its longest sequence (an int: a CUDA graph's shape)."""
+
+    pos: torch.Tensor
+    cu: torch.Tensor
+    bound: int
 
 
 # =========================================================================== the losses
@@ -608,8 +651,9 @@ class GroupStep:
 
     def __init__(self, split: SplitDecoder, head, members: "Vectors | Adapters", cache: dict | None,
                  kl_mem: list[int], pad: int, multiple: int, max_tokens: int, amp, cuda_graphs: bool = True,
-                 per_octave: int = 4, buckets: bool | None = None):
+                 per_octave: int = 4, buckets: bool | None = None, pack: bool | None = None):
         self.split, self.head, self.mem, self.cache = split, head, members, cache
+        self._pack = pack  # None: emlib.fused.packing_works on the decoder, at the first pass
         self.kl_mem, self.pad, self.multiple, self.max_tokens, self.amp = kl_mem, pad, multiple, max_tokens, amp
         self.per_octave = per_octave
         self.params = list(members.params)
@@ -631,6 +675,22 @@ class GroupStep:
                             "fallback": None}
 
     # ---------------------------------------------------------------- shapes and inputs
+    def packed(self) -> bool:
+        """Whether the passes run their rows packed into one sequence (as :meth:`emlib.fasttrain.TrainStep.packed`):
+        ``pack`` as given, else :func:`emlib.fused.packing_works` (the fused attention is in place on every layer)
+        and the decoder has the rotary module the upper layers' packed positions need."""
+        if self._pack is None:
+            from .fused import packing_works
+
+            self._pack = packing_works(self.split.dec) and hasattr(self.split.dec, "rotary_emb")
+            self.stats["packed"] = self._pack
+        return self._pack
+
+    def _packed_shape(self, lengths: Sequence[int]) -> tuple[int, int]:
+        from .fasttrain import packed_shape
+
+        return packed_shape(lengths, self.per_octave if self.buckets else None, self.multiple)
+
     def _size(self, n: int, multiple: int = 1, per_octave: int | None = None) -> int:
         from .fasttrain import bucket
 
@@ -641,8 +701,16 @@ class GroupStep:
     def _sft_inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         """The rows right-padded to this pass's shape with their answer positions and targets
         (:func:`emlib.fasttrain.collate_right`: padding positions carry the ignore label)."""
-        from .fasttrain import collate_right
+        from .fasttrain import collate_right, pack_rows
 
+        if self.packed():  # one row: the rows end to end, then pad tokens
+            length, bound = self._packed_shape([len(e.input_ids) for e in batch])
+            ids, pos, cu, nxt, _, _ = pack_rows(batch, length, self.pad)
+            index = (nxt != IGNORE).nonzero().squeeze(1)
+            n = self._size(index.numel(), 8, max(1, self.per_octave // 2))
+            return {"ids": ids[None], "pos": pos[None], "cu": cu, "bound": torch.zeros(bound, dtype=torch.uint8),
+                    "index": torch.cat([index, index.new_zeros(n - index.numel())]),
+                    "targets": torch.cat([nxt[index], index.new_full((n - index.numel(),), IGNORE)])}
         b = self._size(len(batch))
         s = self._size(max(len(e.input_ids) for e in batch), self.multiple)
         n = self._size(sum(n_targets(e) for e in batch), 8, max(1, self.per_octave // 2))
@@ -651,6 +719,8 @@ class GroupStep:
 
     def _kl_inputs(self, items: list[tuple[int, int]], inv: list[float]) -> dict[str, torch.Tensor]:
         c = self.cache
+        if self.packed():
+            return self._kl_packed_inputs(items, inv)
         b = self._size(len(items))
         # bucketed, but never past the cache's width (which holds the longest row): a larger bucket would
         # read positions the cache does not have
@@ -671,12 +741,42 @@ class GroupStep:
         return {"rows": rows, "index": index, "weights": weights, "ref_idx": ref_idx,
                 "length": torch.zeros(s, dtype=torch.uint8)}  # the padded length, as a shape
 
+    def _kl_packed_inputs(self, items: list[tuple[int, int]], inv: list[float]) -> dict[str, torch.Tensor]:
+        """The KL rows of ``items`` packed end to end: ``gather`` [length] (each position's flat index into the
+        cache's ``below`` [rows x width]; the pad tail reads row 0), position ids, bounds, and the answer
+        positions' packed ``index`` [n] with their ``weights`` and reference rows ``ref_idx``."""
+        c = self.cache
+        width = c["below"].shape[1]
+        lens = [c["lengths"][i] for _, i in items]
+        length, bound = self._packed_shape(lens)
+        n_real = sum(len(c["pos"][i]) for _, i in items)
+        n = self._size(n_real, 8, max(1, self.per_octave // 2))
+        gather, pos = torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long)
+        index, weights, ref_idx = torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n, dtype=torch.long)
+        starts, at, flat, w, ref = [], 0, [], [], []
+        for (bt, i), k in zip(items, lens):
+            gather[at:at + k] = i * width + torch.arange(k)
+            pos[at:at + k] = torch.arange(k)
+            flat += [at + q for q in c["pos"][i]]
+            w += [inv[bt]] * len(c["pos"][i])
+            ref += range(c["offset"][i], c["offset"][i + 1])
+            starts.append(at)
+            at += k
+        pos[at:] = torch.arange(length - at)
+        if flat:
+            index[:n_real], weights[:n_real], ref_idx[:n_real] = (torch.tensor(flat), torch.tensor(w),
+                                                                  torch.tensor(ref))
+        return {"gather": gather, "pos": pos[None], "cu": torch.tensor(starts + [at, length], dtype=torch.int32),
+                "bound": torch.zeros(bound, dtype=torch.uint8), "index": index, "weights": weights,
+                "ref_idx": ref_idx}
+
     # ---------------------------------------------------------------- the passes (eager, or captured)
     def _sft_pass(self, x: dict[str, torch.Tensor]) -> None:
         b, s = x["ids"].shape
+        packed = Packed(x["pos"], x["cu"], x["bound"].shape[0]) if "cu" in x else None
         with self.amp():
-            h = self.mem.steered(*self.split.lower(x["ids"]), None)  # [F * b, s, d]
-            final = self.split.above(h, self.pad)
+            h = self.mem.steered(*self.split.lower(x["ids"], packed), None)  # [F * b, s, d]
+            final = self.split.above(h, self.pad, packed)
             hid = final[:, :-1].reshape(self.n_mem, b * (s - 1), -1).index_select(1, x["index"]).flatten(0, 1)
             per = _chunked(_ce_tokens, _chunk(self.head), hid, self.head, x["targets"].repeat(self.n_mem),
                            token_dim=(0, -1, 0))  # [F * n]; ignored positions add 0
@@ -685,12 +785,22 @@ class GroupStep:
         self.sft.add_(sums.detach())
 
     def _kl_pass(self, x: dict[str, torch.Tensor]) -> None:
-        s, b = x["length"].shape[0], x["rows"].shape[0]
+        packed = Packed(x["pos"], x["cu"], x["bound"].shape[0]) if "cu" in x else None
+        if packed is not None:  # one packed row gathered from the cache
+            s, b = x["gather"].shape[0], 1
+        else:
+            s, b = x["length"].shape[0], x["rows"].shape[0]
         with self.amp():
-            h = self.cache["below"].index_select(0, x["rows"])[:, :s]  # [b, s, d]
-            a = self.cache["tap"].index_select(0, x["rows"])[:, :s] if "tap" in self.cache else None  # [b, s, d_ff]
+            if packed is not None:
+                below = self.cache["below"]
+                h = below.reshape(-1, below.shape[-1]).index_select(0, x["gather"])[None]  # [1, s, d]
+                tap = self.cache.get("tap")
+                a = tap.reshape(-1, tap.shape[-1]).index_select(0, x["gather"])[None] if tap is not None else None
+            else:
+                h = self.cache["below"].index_select(0, x["rows"])[:, :s]  # [b, s, d]
+                a = self.cache["tap"].index_select(0, x["rows"])[:, :s] if "tap" in self.cache else None  # [b, s, d_ff]
             ref = self.cache["ref"].index_select(0, x["ref_idx"])  # [n, d]
-            final = self.split.above(self.mem.steered(h, a, self.which), self.pad)  # [F_kl * b, s, d]
+            final = self.split.above(self.mem.steered(h, a, self.which), self.pad, packed)  # [F_kl * b, s, d]
             cur = final.reshape(self.n_kl, b * s, -1).index_select(1, x["index"])  # [F_kl, n, d]
             kl = _chunked(_kl_tokens, _chunk(self.head, self.n_kl + 1), ref, cur, self.head,
                           token_dim=(0, 1, -1))  # [F_kl, n]

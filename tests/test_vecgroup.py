@@ -37,21 +37,25 @@ def _alone(tmp_path, layer: int, monkeypatch) -> dict[str, train.TrainResult]:
     return out
 
 
-@pytest.mark.parametrize("layer,fused", [(0, "auto"), (1, "auto"), (0, "on")])  # the first, and the last
-def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer, fused):  # layer (nothing above but the norm)
+@pytest.mark.parametrize("layer,fused,pack", [(0, "auto", "auto"), (1, "auto", "auto"), (0, "on", "off"),
+                                              (0, "on", "on"), (1, "on", "on")])  # the first, and the last
+def test_a_group_trains_each_vector_as_alone(tmp_path, monkeypatch, layer, fused, pack):  # layer (only the norm above)
     """General, narrow and drift vectors trained together: the same vectors, losses, KL, gradient norms and
     run hashes as each trained alone by emlib.train's eager loop (float32 rounding), and
     train_steering_vector afterwards loads them instead of training. ``fused`` ($EMLIB_FUSED): "on" runs the
-    group's frozen projections fused (emlib.fused) on the CPU too."""
-    from emlib.fused import FUSED_ENV
+    group's frozen projections fused (emlib.fused) on the CPU too; ``pack`` ($EMLIB_PACK): "on" packs each
+    pass's rows into one sequence (the copies above the layer too)."""
+    from emlib.fused import FUSED_ENV, PACK_ENV
 
     alone = _alone(tmp_path, layer, monkeypatch)
     monkeypatch.setenv(FUSED_ENV, fused)
+    monkeypatch.setenv(PACK_ENV, pack)
     model, tok = tiny_model(seed=0)
     members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
     got = vecgroup.train_vectors(model, tok, ROWS, members, layer=layer, alpha=4.0, lr=5e-2)
     n_fused = 2 if fused == "on" else 0
     assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": n_fused, "mlp": n_fused}
+    assert got[0].meta["fast_step"]["packed"] is (pack == "on")
     for (name, ref), res in zip(alone.items(), got):
         assert res.meta["run_hash"] == ref.meta["run_hash"] and res.meta["group"]["size"] == 3
         assert res.vector.layer == layer and res.vector.vector.abs().max() > 0
@@ -76,14 +80,15 @@ def _adapter_state(out) -> dict[str, torch.Tensor]:
     return LoraAdapter.load(out).state
 
 
-@pytest.mark.parametrize("layer,rank,fused", [(0, 1, "auto"), (1, 1, "on"), (0, 2, "auto")])
-def test_a_group_trains_each_adapter_as_alone(tmp_path, monkeypatch, layer, rank, fused):
+@pytest.mark.parametrize("layer,rank,fused,pack", [(0, 1, "auto", "auto"), (1, 1, "on", "off"), (0, 2, "auto", "auto"),
+                                                   (0, 1, "on", "on"), (0, 2, "on", "on")])
+def test_a_group_trains_each_adapter_as_alone(tmp_path, monkeypatch, layer, rank, fused, pack):
     """Rank-1 (and rank-2) adapters on one layer's down_proj, general, narrow and drift, trained together: the
     same A and B, losses, KL, gradient and parameter norms and run hashes as each trained alone by
     emlib.train's eager loop (float32 rounding); train_lora afterwards loads them (Experiment.lora) and the
     loaded adapter computes what the alone one computes."""
     from emlib.adapters import has_lora
-    from emlib.fused import FUSED_ENV
+    from emlib.fused import FUSED_ENV, PACK_ENV
 
     monkeypatch.setattr(train, "FAST_STEP", False)  # the eager loop: the reference implementation
     shape = dict(layers=layer, rank=rank, lr=5e-2)
@@ -94,9 +99,11 @@ def test_a_group_trains_each_adapter_as_alone(tmp_path, monkeypatch, layer, rank
         res.model.unload()
         alone[name] = res
     monkeypatch.setenv(FUSED_ENV, fused)
+    monkeypatch.setenv(PACK_ENV, pack)
     model, tok = tiny_model(seed=0)
     members = [(tmp_path / f"group-{n}", {**COMMON, **kw}) for n, kw in MEMBERS.items()]
     got = vecgroup.train_loras(model, tok, ROWS, members, "rank1", **shape)
+    assert got[0].meta["fast_step"]["packed"] is (pack == "on")
     assert not has_lora(model) and not any(p.requires_grad is False for p in model.parameters())
     n_fused = 2 if fused == "on" else 0
     assert got[0].meta["fast_step"]["fused_layers"] == {"attention": n_fused, "rope": n_fused, "mlp": n_fused}
