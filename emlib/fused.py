@@ -191,7 +191,7 @@ PACK_ENV = "EMLIB_PACK"
 
 def pack_setting() -> str:
     """``$EMLIB_PACK``: ``auto`` (the default: packed training rows where :func:`packing_works`), ``on`` (also on
-    a CPU, through the masked fallback of :func:`packed_attention`: for tests) or ``off``."""
+    a CPU, through the sequence-by-sequence fallback of :func:`packed_attention`: for tests) or ``off``."""
     return env_switch(PACK_ENV, "auto", ("auto", "on", "off"), "auto (CUDA only), on or off")
 
 
@@ -226,8 +226,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      scale: float) -> torch.Tensor:
     """Causal attention within each of the sequences packed end to end in q [t, n_q, d], k and v [t, n_kv, d]
     (``cu_seqlens`` [n + 1] int32: where each starts, then the total; ``longest``: at least the longest's length).
-    On CUDA torch's variable-length flash attention (no padding computed); elsewhere one masked ``sdpa`` call
-    (the same numbers, for tests). Returns [t, n_q, d]."""
+    On CUDA torch's variable-length flash attention (no padding computed); elsewhere causal ``sdpa`` on each
+    sequence in turn (the same numbers, for tests and CPUs). Returns [t, n_q, d]."""
     rep = q.shape[1] // k.shape[1]
     fn = _varlen() if q.is_cuda else None
     if fn is not None:
@@ -236,14 +236,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         causal = {"window_size": (-1, 0)} if windowed else {"is_causal": True}
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, **causal)
-    t = q.shape[0]
-    pos = torch.arange(t, device=q.device)
-    seg = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)  # [t]: which sequence
-    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # [t, t]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
-        scale=scale, enable_gqa=rep > 1)  # [1, n_q, t, d]
-    return out[0].transpose(0, 1)
+    bounds = cu_seqlens.tolist()  # on the host: this path is for CPUs (a GPU's packing needs varlen_attn)
+    if rep > 1:  # heads repeated here: sdpa's enable_gqa takes its math path, which keeps every score matrix
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale
+    ).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]  # [len, n_q, d]
+    return torch.cat(parts) if parts else q.new_zeros(q.shape)
 
 
 def _mlp_forward(mod, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def test_kl_fast_step_equals_eager_loop(tmp_path, monkeypatch, kind, fused, pack
     """With the KL term (8 KL batches a step, each its own micro-batch) the fast step gives the eager loop's
     losses, KL values, gradient norms and weights; the KL is what moved them (lambda 0 differs). ``fused``
     ($EMLIB_FUSED): "on" runs the step's frozen projections fused (emlib.fused) on the CPU too; ``pack``
-    ($EMLIB_PACK): "on" packs each micro-batch's rows into one sequence (the masked fallback of
+    ($EMLIB_PACK): "on" packs each micro-batch's rows into one sequence (the CPU fallback of
     ``emlib.fused.packed_attention`` on the CPU)."""
     from emlib.fused import FUSED_ENV, PACK_ENV
 
