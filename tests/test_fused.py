@@ -428,3 +428,31 @@ def test_packing_needs_the_fused_attention_and_follows_its_switch(monkeypatch):
     monkeypatch.setenv(PACK_ENV, "sometimes")
     with pytest.raises(ValueError, match="EMLIB_PACK"):
         packing_works(model)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_packed_row_is_each_row_run_alone(arch, monkeypatch):
+    """Rows packed end to end with a pad tail, through the decoder under fused_layers with their position ids and
+    bounds (emlib.fused.PACKED_KWARG): each row's final hidden states are those of the row run alone, for
+    Qwen2 (q/k/v biases) and Llama, with the projections fused and with them run as modules."""
+    from emlib.chat import IGNORE, Encoded
+    from emlib.fasttrain import one_sequence_per_row, pack_rows
+    from emlib.fused import PACKED_KWARG
+
+    model = _model()[0] if arch == "qwen2" else _llama()
+    g = torch.Generator().manual_seed(5)
+    rows = [Encoded(torch.randint(3, 250, (k,), generator=g).tolist(), [IGNORE] * k) for k in (7, 3, 11)]
+    ids, pos, cu, *_ = pack_rows(rows, 26, 0)
+    dec = model.get_decoder()
+    with torch.no_grad():
+        alone = [dec(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0] for e in rows]
+        for unfused in (False, True):
+            if unfused:  # the projections through their modules (as with LoRA adapters on them)
+                for m in model.modules():
+                    if hasattr(m, "q_proj"):
+                        monkeypatch.setattr(m.q_proj, "_forward_hooks", {0: lambda *a: None})
+            with fused_layers(model, enabled=True), one_sequence_per_row():
+                packed = dec(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                             **{PACKED_KWARG: (cu, 16)}).last_hidden_state[0]
+            for (a, b), want in zip(zip(cu[:-2].tolist(), cu[1:-1].tolist()), alone):
+                torch.testing.assert_close(packed[a:b], want, rtol=1e-4, atol=1e-5)
