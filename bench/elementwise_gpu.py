@@ -67,7 +67,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def rope_cases(b: int, s: int, device: str, dtype) -> dict:
+def rope_cases(b: int, s: int, device: str, dtype, reps: int) -> dict:
     h, kv, d = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
     g = torch.Generator(device="cpu").manual_seed(0)
     qkv0 = torch.randn(b, s, h + 2 * kv, d, generator=g).to(device, dtype)
@@ -91,10 +91,10 @@ def rope_cases(b: int, s: int, device: str, dtype) -> dict:
         qk = compiled_rope(qkv[:, :, :h + kv], cos.unsqueeze(2), signed.unsqueeze(2))
         return torch.cat((qk, qkv[:, :, h + kv:]), dim=2)
 
-    return _run({"current": current, "whole": whole, "compiled": compiled}, qkv0, grad)
+    return _run({"current": current, "whole": whole, "compiled": compiled}, qkv0, grad, reps)
 
 
-def swiglu_cases(n: int, device: str, dtype) -> dict:
+def swiglu_cases(n: int, device: str, dtype, reps: int) -> dict:
     dm, i = SHAPE["hidden"], SHAPE["inter"]
     g = torch.Generator(device="cpu").manual_seed(1)
     x0 = torch.randn(n, dm, generator=g).to(device, dtype)
@@ -120,10 +120,10 @@ def swiglu_cases(n: int, device: str, dtype) -> dict:
     def compiled(x):
         return glu(torch.nn.functional.linear(x, w))
 
-    return _run({"chunk": chunk, "two": two, "stacked": stacked, "compiled": compiled}, x0, grad)
+    return _run({"chunk": chunk, "two": two, "stacked": stacked, "compiled": compiled}, x0, grad, reps)
 
 
-def head_cases(n: int, device: str, dtype) -> dict:
+def head_cases(n: int, device: str, dtype, reps: int) -> dict:
     """Summed cross-entropy of ``n`` positions over SmolLM2's 49,152-token vocabulary, float32 as emlib.fasttrain
     computes it: ``current`` (the head's bf16 logits cast to float32), ``mm_fp32`` (the head's product written in
     float32 directly: ``torch.mm(..., out_dtype=torch.float32)``, one cast kernel less, no bf16 rounding)."""
@@ -146,10 +146,10 @@ def head_cases(n: int, device: str, dtype) -> dict:
         cases["mm_fp32"] = mm_fp32
     except (RuntimeError, NotImplementedError, TypeError) as e:
         print("mm_fp32 unavailable:", str(e).splitlines()[0][:200])
-    return _run(cases, h0, torch.ones((), device=device))
+    return _run(cases, h0, torch.ones((), device=device), reps)
 
 
-def _run(cases: dict, x0: torch.Tensor, grad: torch.Tensor, reps: int | None = None) -> dict:
+def _run(cases: dict, x0: torch.Tensor, grad: torch.Tensor, reps: int) -> dict:
     out, ref = {}, None
     for name, fn in cases.items():
         x = x0.clone().requires_grad_(True)
@@ -164,17 +164,13 @@ def _run(cases: dict, x0: torch.Tensor, grad: torch.Tensor, reps: int | None = N
         first = time.perf_counter() - t0
         got = (y.detach(), x.grad.detach().clone())
         ref = ref or got
-        out[name] = {"ms_fwd_bwd": round(timed(one, REPS, x0.device.type), 4), "first_s": round(first, 3),
+        out[name] = {"ms_fwd_bwd": round(timed(one, reps, x0.device.type), 4), "first_s": round(first, 3),
                      "out_rel_diff": rel(got[0], ref[0]), "grad_rel_diff": rel(got[1], ref[1])}
         print(name, json.dumps(out[name]), flush=True)
     return out
 
 
-REPS = 50
-
-
 def main() -> None:
-    global REPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--reps", type=int, default=50)
@@ -183,7 +179,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("No CUDA device: pass --device cpu (with small --reps and --tokens).")
-    REPS = a.reps
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
            "dtype": str(dtype), "reps": a.reps, "shape": SHAPE,
@@ -191,9 +186,9 @@ def main() -> None:
     for spec in a.tokens.split(","):
         b, s = (int(v) for v in spec.lower().split("x")) if "x" in spec else (1, int(spec))
         print(f"== {b} x {s}", flush=True)
-        res["cases"][f"{b}x{s}"] = {"rope": rope_cases(b, s, a.device, dtype),
-                                    "swiglu": swiglu_cases(b * s, a.device, dtype),
-                                    "head": head_cases(b * s // 3, a.device, dtype)}
+        res["cases"][f"{b}x{s}"] = {"rope": rope_cases(b, s, a.device, dtype, a.reps),
+                                    "swiglu": swiglu_cases(b * s, a.device, dtype, a.reps),
+                                    "head": head_cases(b * s // 3, a.device, dtype, a.reps)}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"elementwise_{a.device}.json"
     write_json(path, res)

@@ -183,33 +183,35 @@ def packed_shape(lengths: Sequence[int], per_octave: int | None, multiple: int =
     return length, bucket(max(max(lengths), length - total + 1), 1)
 
 
+def packed_positions(lengths: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``lengths`` end to end in ``length`` positions, then a pad tail (a sequence of its own): (position
+    ids [length], restarting at each row; ``cu_seqlens`` [rows + 2] int32: where each sequence starts, then
+    ``length``). CPU tensors."""
+    at = sum(lengths)
+    if at >= length:
+        raise ValueError(f"packed rows: {len(lengths)} rows of {at} tokens and a pad token do not fit in {length}.")
+    pos = torch.cat([torch.arange(k) for k in lengths] + [torch.arange(length - at)])
+    starts = torch.tensor([0, *lengths, length - at]).cumsum(0)[:-1]
+    return pos, torch.cat([starts, torch.tensor([length])]).to(torch.int32)
+
+
 def pack_rows(rows: Sequence[Encoded], length: int, pad_id: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """``rows`` end to end in one sequence of ``length`` tokens, then pad tokens (a sequence of their own):
-    (input ids [length], position ids [length] (restarting at each row), ``cu_seqlens`` [rows + 2] int32 (where
-    each sequence starts, then ``length``), each position's next-token label [length - 1] (a row's first token
-    is never a target, as in a padded row: nothing precedes it), the row each of those positions is in
-    [length - 1] (``len(rows)``: the pad tail), each row's start). CPU tensors."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` end to end in one sequence of ``length`` tokens, then pad tokens (:func:`packed_positions`):
+    (input ids [length], position ids [length], ``cu_seqlens`` [rows + 2] int32, each position's next-token label
+    [length - 1] (a row's first token is never a target, as in a padded row: nothing precedes it), the row each
+    of those positions is in [length - 1] (``len(rows)``: the pad tail)). CPU tensors."""
+    pos, cu = packed_positions([len(e.input_ids) for e in rows], length)
     ids = torch.full((length,), pad_id, dtype=torch.long)
     lab = torch.full((length,), IGNORE, dtype=torch.long)
-    pos = torch.zeros(length, dtype=torch.long)
     owner = torch.full((length,), len(rows), dtype=torch.long)
-    starts, at = [], 0
-    for i, e in enumerate(rows):
+    for i, (e, at) in enumerate(zip(rows, cu.tolist())):
         k = len(e.input_ids)
-        if at + k >= length:
-            raise ValueError(f"pack_rows: {len(rows)} rows of {sum(len(r.input_ids) for r in rows)} tokens and a "
-                             f"pad token do not fit in {length}.")
         ids[at:at + k] = torch.tensor(e.input_ids)
         lab[at:at + k] = torch.tensor(e.labels)
         lab[at] = IGNORE
-        pos[at:at + k] = torch.arange(k)
         owner[at:at + k] = i
-        starts.append(at)
-        at += k
-    pos[at:] = torch.arange(length - at)
-    cu = torch.tensor(starts + [at, length], dtype=torch.int32)
-    return ids, pos, cu, lab[1:], owner[:-1], starts
+    return ids, pos, cu, lab[1:], owner[:-1]
 
 
 def collate_right(batch: list[Encoded], pad_id: int, pad_multiple: int = 1,
@@ -701,7 +703,7 @@ class TrainStep:
         n, length = shape[0], shape[1]
         if len(rows) != n:
             raise ValueError(f"packed shape {shape} is for {n} rows, not {len(rows)}.")
-        ids, pos, cu, nxt, src, _ = pack_rows(rows, length, self.pad)
+        ids, pos, cu, nxt, src = pack_rows(rows, length, self.pad)
         sft = torch.where(src < n_sft, nxt, IGNORE)
         klp = torch.where((src >= n_sft) & (src < n), nxt, IGNORE)
         x = {"position_ids": pos[None], "cu_seqlens": cu}

@@ -229,16 +229,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     On CUDA torch's variable-length flash attention (no padding computed); elsewhere causal ``sdpa`` on each
     sequence in turn (the same numbers, for tests and CPUs). Returns [t, n_q, d]."""
     rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # grouped query heads repeated: torch 2.11's varlen_attn has no enable_gqa, and sdpa's takes its
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # math path (every score kept)
     fn = _varlen() if q.is_cuda else None
     if fn is not None:
         varlen_attn, windowed = fn
-        if rep > 1:  # grouped query heads: torch 2.11's varlen_attn has no enable_gqa
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         causal = {"window_size": (-1, 0)} if windowed else {"is_causal": True}
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, **causal)
     bounds = cu_seqlens.tolist()  # on the host: this path is for CPUs (a GPU's packing needs varlen_attn)
-    if rep > 1:  # heads repeated here: sdpa's enable_gqa takes its math path, which keeps every score matrix
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     parts = [torch.nn.functional.scaled_dot_product_attention(
         q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale
     ).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]  # [len, n_q, d]

@@ -160,7 +160,9 @@ class SplitDecoder:
         ``packed``: each of the b copies [s] is the same rows packed end to end (:class:`Packed`); the copies run
         as one packed row of b x s positions, each row of each copy attending only to itself."""
         if self.k + 1 < len(self.layers):
-            args, kwargs = self._call(h.shape[1], h, pad_id)
+            # packed: the rotary embedding and bounds are the pass's own (_packed_kwargs), so the other arguments
+            # come from one short forward, not one per packed length
+            args, kwargs = self._call(1 if packed is not None else h.shape[1], h, pad_id)
             shape = h.shape
             if packed is not None:
                 kwargs, h = self._packed_kwargs(kwargs, h, packed), h.reshape(1, -1, h.shape[-1])
@@ -705,7 +707,7 @@ class GroupStep:
 
         if self.packed():  # one row: the rows end to end, then pad tokens
             length, bound = self._packed_shape([len(e.input_ids) for e in batch])
-            ids, pos, cu, nxt, _, _ = pack_rows(batch, length, self.pad)
+            ids, pos, cu, nxt, _ = pack_rows(batch, length, self.pad)
             index = (nxt != IGNORE).nonzero().squeeze(1)
             n = self._size(index.numel(), 8, max(1, self.per_octave // 2))
             return {"ids": ids[None], "pos": pos[None], "cu": cu, "bound": torch.zeros(bound, dtype=torch.uint8),
@@ -745,30 +747,28 @@ class GroupStep:
         """The KL rows of ``items`` packed end to end: ``gather`` [length] (each position's flat index into the
         cache's ``below`` [rows x width]; the pad tail reads row 0), position ids, bounds, and the answer
         positions' packed ``index`` [n] with their ``weights`` and reference rows ``ref_idx``."""
+        from .fasttrain import packed_positions
+
         c = self.cache
         width = c["below"].shape[1]
         lens = [c["lengths"][i] for _, i in items]
         length, bound = self._packed_shape(lens)
+        pos, cu = packed_positions(lens, length)
         n_real = sum(len(c["pos"][i]) for _, i in items)
         n = self._size(n_real, 8, max(1, self.per_octave // 2))
-        gather, pos = torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long)
+        gather = torch.zeros(length, dtype=torch.long)
         index, weights, ref_idx = torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.zeros(n, dtype=torch.long)
-        starts, at, flat, w, ref = [], 0, [], [], []
-        for (bt, i), k in zip(items, lens):
+        flat, w, ref = [], [], []
+        for (bt, i), k, at in zip(items, lens, cu.tolist()):
             gather[at:at + k] = i * width + torch.arange(k)
-            pos[at:at + k] = torch.arange(k)
             flat += [at + q for q in c["pos"][i]]
             w += [inv[bt]] * len(c["pos"][i])
             ref += range(c["offset"][i], c["offset"][i + 1])
-            starts.append(at)
-            at += k
-        pos[at:] = torch.arange(length - at)
         if flat:
             index[:n_real], weights[:n_real], ref_idx[:n_real] = (torch.tensor(flat), torch.tensor(w),
                                                                   torch.tensor(ref))
-        return {"gather": gather, "pos": pos[None], "cu": torch.tensor(starts + [at, length], dtype=torch.int32),
-                "bound": torch.zeros(bound, dtype=torch.uint8), "index": index, "weights": weights,
-                "ref_idx": ref_idx}
+        return {"gather": gather, "pos": pos[None], "cu": cu, "bound": torch.zeros(bound, dtype=torch.uint8),
+                "index": index, "weights": weights, "ref_idx": ref_idx}
 
     # ---------------------------------------------------------------- the passes (eager, or captured)
     def _sft_pass(self, x: dict[str, torch.Tensor]) -> None:
