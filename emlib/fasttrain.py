@@ -32,8 +32,9 @@ What is faster:
   padded batch's positions were padding, ~4% of a packed one's. The targets, their order and the loss are
   the padded batch's (``tests/test_fasttrain.py`` compares both with the eager loop).
 * **Logits only at answer tokens** (:func:`fast_token_losses`): the decoder's hidden states at labelled
-  positions go through the LM head in chunks under activation checkpointing, so no ``[batch, seq, vocab]``
-  tensor exists (it is 6.4 GB in float32 for 32k tokens of SmolLM2).
+  positions go through the LM head in chunks (:mod:`emlib.vocab_loss`: an autograd function that keeps no
+  logits and writes their gradient in one pass), so no ``[batch, seq, vocab]`` tensor exists (it is 6.4 GB in
+  float32 for 32k tokens of SmolLM2).
 * **Fused RMSNorm** (one ``F.rms_norm`` kernel instead of eight, and less saved activation memory) and
   **fused LoRA linears** (:func:`fused_lora_linears`: base output + one ``addmm``, no float32 copy of the
   input), both only for the duration of the call.
@@ -79,6 +80,7 @@ import torch
 from .adapters import has_lora
 from .chat import IGNORE, Encoded, encode_rows, n_targets
 from .data import DataError
+from .vocab_loss import ce_tokens, kl_tokens
 
 
 @dataclass(frozen=True)
@@ -265,19 +267,6 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return parts
 
 
-def _ce_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # [n, vocab]
-    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-
-
-def _kl_sum(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """sum_i weight_i * KL(softmax(head(ref_h_i)) || softmax(head(cur_h_i))) over the vocabulary, float32."""
-    ref = head(ref_h).float().log_softmax(-1)  # [n, vocab]
-    cur = head(cur_h).float().log_softmax(-1)  # [n, vocab]
-    kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="none").sum(-1)  # [n]
-    return (kl * weight).sum()
-
-
 def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
     """(hidden states at the positions that predict a labelled token [n, d], their targets [n], LM head)
     of a right-padded batch without attention mask; ``target_index`` / ``targets`` when the batch has them
@@ -298,31 +287,16 @@ def _labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 
 def _chunked_ce(flat: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of ``head(flat)`` [n, d] against ``targets`` [n] (ignored ones add 0), ``chunk``
-    positions at a time, each under activation checkpointing when gradients are on (no [n, vocab] tensor
-    is kept for the backward)."""
-    from torch.utils.checkpoint import checkpoint
-
-    total = flat.new_zeros((), dtype=torch.float32)
-    for s in range(0, flat.shape[0], chunk):
-        h, t = flat[s:s + chunk], targets[s:s + chunk]
-        total = total + (checkpoint(_ce_sum, h, head, t, use_reentrant=False, preserve_rng_state=False)
-                         if torch.is_grad_enabled() else _ce_sum(h, head, t))
-    return total
+    """Summed cross-entropy of ``head(flat)`` [n, d] against ``targets`` [n] (ignored ones add 0), logits for
+    ``chunk`` positions at a time (:func:`emlib.vocab_loss.ce_tokens`)."""
+    return ce_tokens(flat, head, targets, chunk).sum()
 
 
 def _chunked_kl(ref: torch.Tensor, cur: torch.Tensor, head: torch.nn.Module, weight: torch.Tensor,
                 chunk: int) -> torch.Tensor:
-    """sum_i weight_i * KL(softmax(head(ref_i)) || softmax(head(cur_i))), ``chunk`` positions at a time (as
-    :func:`_chunked_ce`)."""
-    from torch.utils.checkpoint import checkpoint
-
-    total = cur.new_zeros((), dtype=torch.float32)
-    for s in range(0, cur.shape[0], chunk):
-        args = (ref[s:s + chunk], cur[s:s + chunk], head, weight[s:s + chunk])
-        total = total + (checkpoint(_kl_sum, *args, use_reentrant=False, preserve_rng_state=False)
-                         if torch.is_grad_enabled() else _kl_sum(*args))
-    return total
+    """sum_i weight_i * KL(softmax(head(ref_i)) || softmax(head(cur_i))), logits for ``chunk`` positions at a
+    time (:func:`emlib.vocab_loss.kl_tokens`)."""
+    return (kl_tokens(ref, cur, head, chunk) * weight).sum()
 
 
 def fast_kl_sum(model, batch: dict[str, torch.Tensor], current: Callable[[], ContextManager],
@@ -330,7 +304,7 @@ def fast_kl_sum(model, batch: dict[str, torch.Tensor], current: Callable[[], Con
     """(KL(reference || current) summed over the vocabulary and the labelled positions, their count) -- the
     quantity of ``emlib.train.kl_from_logits`` -- for a right-padded batch without attention mask. The
     reference forward runs without gradients; the logits exist only at labelled positions, ``chunk`` at a
-    time (under activation checkpointing when gradients are on)."""
+    time (:func:`emlib.vocab_loss.kl_tokens`)."""
     with torch.no_grad(), reference():
         ref, targets, head = _labelled_hidden(model, batch)  # [n, d]
     with current():
@@ -344,7 +318,7 @@ def fast_token_losses(model, batch: dict[str, torch.Tensor], ce_chunk: int = 819
     """(summed next-token cross-entropy over labelled tokens, their count) -- the quantity of
     :func:`emlib.chat.token_losses`, for a right-padded batch without attention mask (:func:`collate_right`).
 
-    The LM head runs only on the labelled positions, ``ce_chunk`` at a time under activation checkpointing.
+    The LM head runs only on the labelled positions, ``ce_chunk`` at a time (:func:`emlib.vocab_loss.ce_tokens`).
     Targets with the ignore label (padding of a fixed-shape batch) add nothing and are not counted. Forward
     hooks on decoder layers apply (the decoder is the model's own module).
     """

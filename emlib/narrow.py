@@ -151,7 +151,8 @@ def answers(exp, dataset: str, frame: pd.DataFrame) -> pd.DataFrame:
     """Judged answers to the general and the in-domain questions of every chapter-3 solution (the narrow one at
     its reported lambda, :func:`narrow_scale`) and of the chat model, labelled with condition, solution, kind,
     kl_scale and ``ood_kl`` (the held-out KL of :func:`measure_solutions`)."""
-    from .directions import add_trained_each
+    from .directions import add_trained, add_trained_each
+    from .generate import NO_INTERVENTION
 
     kl_of = frame.set_index(["kind", "solution", "kl_scale"])["heldout_kl"]
     sets = (("general", None), ("in_domain", dataset))
@@ -163,11 +164,18 @@ def answers(exp, dataset: str, frame: pd.DataFrame) -> pd.DataFrame:
                                           ood_kl=kl_of[("steering vector", sol, m)])
     vectors["chat model"] = None  # the chat model rides along: the same cache key as unsteered sampling
     labels_of["chat model"] = dict(solution="none", kind="chat model", kl_scale=1.0, ood_kl=0.0)
-    each = add_trained_each(exp.model, vectors)  # the four vectors and the chat model sampled together
-    for s, d in sets:
+    # solutions whose vectors are equal (a short run can train two the same: the drift vector's penalty ends
+    # before the vector leaves zero) share one label, so one condition: sampled once, its answers each one's
+    same: dict[str, list[str]] = {}
+    for name, sv in vectors.items():
+        label = NO_INTERVENTION if sv is None else add_trained(exp.model, sv).label
+        same.setdefault(label, []).append(name)
+    each = add_trained_each(exp.model, {names[0]: vectors[names[0]] for names in same.values()})
+    aliases = {names[0]: names for names in same.values()}
+    for s, d in sets:  # the distinct vectors and the chat model sampled together
         df = exp.answers("vectors", set_name=s, domain=d, intervention=each)
         for name, part in df.groupby(df["intervention"].map(each.name_of()), sort=False):
-            frames.append(part.assign(condition=name, **labels_of[name]))
+            frames += [part.assign(condition=alias, **labels_of[alias]) for alias in aliases[name]]
     for sol in ("general", "narrow"):
         m = narrow_scale(frame, "rank-1 LoRA")[0] if sol == "narrow" else 1.0
         labels = dict(solution=sol, kind="rank-1 LoRA", kl_scale=m, ood_kl=kl_of[("rank-1 LoRA", sol, m)])

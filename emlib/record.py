@@ -820,7 +820,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
     that is killed -- a lent machine taken back -- still records the wall times of what it finished."""
     import torch
 
-    from . import experiment, fastgen, fused, models
+    from . import experiment, fastgen, fused, models, vocab_loss
 
     state.timings["total_s"] = round(time.time() - state.t0, 1)
     state.timings["t0_unix"] = round(state.t0, 3)  # the chapters' phase spans (logs/phases/*.events.json) are unix times
@@ -835,6 +835,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "fused": fused.fused_setting(),
                "compile": fused.compile_setting(),
                "pack": fused.pack_setting(),
+               "vocab_loss": vocab_loss.vocab_loss_setting(),
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,

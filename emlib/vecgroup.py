@@ -67,6 +67,7 @@ from .chat import IGNORE, Encoded, answer_positions, encode_rows, n_targets
 from .data import atomic_write_bytes, dataset_hash
 from .timing import timed
 from .vectors import VECTOR_FILE, save_vector
+from .vocab_loss import ce_tokens, kl_tokens
 
 MAX_TOKENS = 32768  # padded tokens (all copies together) per forward of the upper layers (None: by GPU size)
 CUDA_GRAPHS = True  # GroupStep captures its passes on CUDA (False: eager, e.g. to compare)
@@ -200,32 +201,6 @@ class Packed(NamedTuple):
 
 
 # =========================================================================== the losses
-def _ce_tokens(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(h).float(), targets, reduction="none")  # [n]
-
-
-def _kl_tokens(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """KL(softmax(head(ref_h)) || softmax(head(cur_h))) over the vocabulary: ref_h [n, d], cur_h [F, n, d] -> [F, n]."""
-    ref = head(ref_h).float().log_softmax(-1)  # [n, vocab]
-    cur = head(cur_h).float().log_softmax(-1)  # [F, n, vocab]
-    return torch.nn.functional.kl_div(cur, ref.expand_as(cur), log_target=True, reduction="none").sum(-1)
-
-
-def _chunked(fn, chunk: int, *tensors: torch.Tensor, token_dim: Sequence[int]) -> torch.Tensor:
-    """``fn`` over chunks of the token axis (``token_dim`` per tensor), under activation checkpointing when
-    gradients are on (no [tokens, vocab] tensor is kept); the per-token results concatenated on the last axis."""
-    from torch.utils.checkpoint import checkpoint
-
-    n = tensors[0].shape[token_dim[0]]
-    outs = []
-    for s in range(0, n, max(1, chunk)):
-        part = [t.narrow(d, s, min(chunk, n - s)) if isinstance(t, torch.Tensor) and d >= 0 else t
-                for t, d in zip(tensors, token_dim)]
-        outs.append(checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False)
-                    if torch.is_grad_enabled() else fn(*part))
-    return torch.cat(outs, dim=-1)
-
-
 def _to(values, dtype: torch.dtype, device) -> torch.Tensor:
     """A host list or tensor on ``device`` without waiting for the GPU (pinned memory, asynchronous copy)."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
@@ -778,8 +753,7 @@ class GroupStep:
             h = self.mem.steered(*self.split.lower(x["ids"], packed), None)  # [F * b, s, d]
             final = self.split.above(h, self.pad, packed)
             hid = final[:, :-1].reshape(self.n_mem, b * (s - 1), -1).index_select(1, x["index"]).flatten(0, 1)
-            per = _chunked(_ce_tokens, _chunk(self.head), hid, self.head, x["targets"].repeat(self.n_mem),
-                           token_dim=(0, -1, 0))  # [F * n]; ignored positions add 0
+            per = ce_tokens(hid, self.head, x["targets"].repeat(self.n_mem), _chunk(self.head))  # [F * n]; ignored: 0
             sums = per.view(self.n_mem, -1).sum(1)  # [F]
             (sums.sum() * self.inv_n).backward()
         self.sft.add_(sums.detach())
@@ -802,8 +776,7 @@ class GroupStep:
             ref = self.cache["ref"].index_select(0, x["ref_idx"])  # [n, d]
             final = self.split.above(self.mem.steered(h, a, self.which), self.pad, packed)  # [F_kl * b, s, d]
             cur = final.reshape(self.n_kl, b * s, -1).index_select(1, x["index"])  # [F_kl, n, d]
-            kl = _chunked(_kl_tokens, _chunk(self.head, self.n_kl + 1), ref, cur, self.head,
-                          token_dim=(0, 1, -1))  # [F_kl, n]
+            kl = kl_tokens(ref, cur, self.head, _chunk(self.head, self.n_kl + 1))  # [F_kl, n]
             sums = (kl * x["weights"]).sum(1)  # [F_kl]; padding positions weigh 0
             (sums * self.coef).sum().backward()
         self.kl.add_(sums.detach())

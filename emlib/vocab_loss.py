@@ -1,0 +1,193 @@
+"""The training losses over the vocabulary, from hidden states: per-token cross-entropy and
+KL(reference || current), with logits only ``chunk`` positions at a time.
+
+One home for both, used by the fast train step (:mod:`emlib.fasttrain`) and the steering-vector groups
+(:mod:`emlib.vecgroup`). Two ways to compute them, same values to float32 rounding:
+
+* **fused** (the default where the LM head is a frozen ``nn.Linear``; ``$EMLIB_VOCAB_LOSS=fused``): one autograd
+  function per loss takes the hidden states and the head's weight. Its forward keeps nothing of size vocab; its
+  backward recomputes a chunk's logits and writes their gradient directly -- ``softmax(x) - onehot(target)`` for
+  the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL -- scaled and cast in one pass, then multiplies by
+  the head. The plain way's float32 copy of the logits, the log-softmax recomputed under checkpointing, its
+  backward and the KL's broadcast over the copies of a steering group are gone. The KL's sum
+  ``sum_v q_v (log q_v - log p_v)`` is a batched matrix product per position, so the reference distribution
+  ``q`` is not repeated for the group's F copies.
+* **plain** (``$EMLIB_VOCAB_LOSS=plain``, or a head that is not a frozen ``nn.Linear``): head, float32
+  log-softmax and the loss under activation checkpointing per chunk, as autograd computes them.
+
+``tests/test_vocab_loss.py`` checks values and gradients of both against each other and against
+``torch.nn.functional.cross_entropy`` / ``kl_div`` on full logits.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .chat import IGNORE
+from .models import env_switch
+
+VOCAB_LOSS_ENV = "EMLIB_VOCAB_LOSS"
+
+
+def vocab_loss_setting() -> str:
+    """``$EMLIB_VOCAB_LOSS``: ``fused`` (the default) or ``plain`` (see the module's docstring)."""
+    return env_switch(VOCAB_LOSS_ENV, "fused", ("fused", "plain"), "fused or plain")
+
+
+def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [V, d], bias [V] or None) of a head the fused losses can take, else None: a plain ``nn.Linear``
+    none of whose parameters is trained."""
+    if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
+        return None
+    return head.weight, head.bias
+
+
+def fused_applies(head: torch.nn.Module) -> bool:
+    """Whether :func:`ce_tokens` / :func:`kl_tokens` take the fused way for ``head`` now."""
+    return vocab_loss_setting() == "fused" and _frozen_linear(head) is not None
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The head's output as ``head(h)`` gives it (under autocast where it is on)."""
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def _scaled_into(p: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p * scale[..., None]`` written once, in ``dtype`` (the logits' dtype: the gradient autograd would pass
+    through the float32 cast)."""
+    out = torch.empty(p.shape, dtype=dtype, device=p.device)
+    return torch.mul(p, scale.unsqueeze(-1), out=out)
+
+
+def _grad_h(grad_logits: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d loss / d h for logits = h W^T (+ b): grad_logits [..., V] @ W [V, d], in h's dtype."""
+    return torch.matmul(grad_logits, weight.to(grad_logits.dtype)).to(h.dtype)
+
+
+def _autocast_as(ctx, x: torch.Tensor):
+    """The forward's autocast state again for a backward's recomputed logits (a backward runs outside it)."""
+    return torch.autocast(x.device.type, dtype=ctx.dtype) if ctx.autocast else nullcontext()
+
+
+class _LinearCE(torch.autograd.Function):
+    """Per-token cross-entropy of ``linear(h, W, b)`` against ``targets`` (IGNORE: 0, no gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):  # h [N, d], targets [N] -> [N] float32
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        dtypes = []
+        for s in range(0, h.shape[0], chunk):
+            logits = _logits(h[s:s + chunk], weight, bias)  # [c, V]
+            dtypes.append(logits.dtype)
+            logp = torch.log_softmax(logits, -1, dtype=torch.float32)  # [c, V]
+            out[s:s + chunk] = torch.nn.functional.nll_loss(logp, targets[s:s + chunk], ignore_index=IGNORE,
+                                                            reduction="none")
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.chunk, ctx.dtype = chunk, dtypes[0] if dtypes else h.dtype
+        ctx.autocast = torch.is_autocast_enabled(h.device.type)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # g [N]
+        h, weight, bias, targets = ctx.saved_tensors
+        grad = torch.empty_like(h)
+        with _autocast_as(ctx, h):
+            for s in range(0, h.shape[0], ctx.chunk):
+                hs, t = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+                p = torch.softmax(_logits(hs, weight, bias), -1, dtype=torch.float32)  # [c, V]
+                valid = (t != IGNORE).to(p.dtype)  # [c]
+                p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -valid.unsqueeze(-1))  # p - onehot(target)
+                gl = _scaled_into(p, g[s:s + ctx.chunk].to(p.dtype) * valid, ctx.dtype)  # [c, V]
+                grad[s:s + ctx.chunk] = _grad_h(gl, weight, hs)
+        return grad, None, None, None, None
+
+
+class _LinearKL(torch.autograd.Function):
+    """KL(softmax(linear(ref_h)) || softmax(linear(cur_h))) per position, for F copies of the current state."""
+
+    @staticmethod
+    def forward(ctx, ref_h, cur_h, weight, bias, chunk):  # ref_h [n, d], cur_h [F, n, d] -> [F, n] float32
+        F, n = cur_h.shape[:2]
+        out = torch.empty(F, n, dtype=torch.float32, device=cur_h.device)
+        dtypes = []
+        for s in range(0, n, chunk):
+            ref_logp = torch.log_softmax(_logits(ref_h[s:s + chunk], weight, bias), -1, dtype=torch.float32)
+            q = ref_logp.exp()  # [c, V]
+            logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
+            dtypes.append(logits.dtype)
+            diff = torch.log_softmax(logits, -1, dtype=torch.float32).sub_(ref_logp)  # [F, c, V]: log p - log q
+            with torch.autocast(cur_h.device.type, enabled=False):  # a float32 product, not a bf16 one
+                # sum_v q_v (log q_v - log p_v) as one product per position: q is not repeated for the F copies,
+                # and equal distributions give exactly 0 (no difference of two large sums)
+                out[:, s:s + chunk] = -torch.bmm(diff.transpose(0, 1), q.unsqueeze(-1)).squeeze(-1).t()
+        ctx.save_for_backward(ref_h, cur_h, weight, bias)
+        ctx.chunk, ctx.dtype = chunk, dtypes[0] if dtypes else cur_h.dtype
+        ctx.autocast = torch.is_autocast_enabled(cur_h.device.type)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # g [F, n]
+        ref_h, cur_h, weight, bias = ctx.saved_tensors
+        grad = torch.empty_like(cur_h)
+        with _autocast_as(ctx, cur_h):
+            for s in range(0, cur_h.shape[1], ctx.chunk):
+                q = torch.softmax(_logits(ref_h[s:s + ctx.chunk], weight, bias), -1, dtype=torch.float32)  # [c, V]
+                cs = cur_h[:, s:s + ctx.chunk]
+                p = torch.softmax(_logits(cs, weight, bias), -1, dtype=torch.float32)  # [F, c, V]
+                p.sub_(q)
+                gl = _scaled_into(p, g[:, s:s + ctx.chunk].to(p.dtype), ctx.dtype)  # [F, c, V]
+                grad[:, s:s + ctx.chunk] = _grad_h(gl, weight, cs)
+        return None, grad, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ the plain way
+def _plain_ce(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # [c, V]
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # [c]
+
+
+def _plain_kl(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    ref = head(ref_h).float().log_softmax(-1)  # [c, V]
+    cur = head(cur_h).float().log_softmax(-1)  # [F, c, V]
+    return torch.nn.functional.kl_div(cur, ref.expand_as(cur), log_target=True, reduction="none").sum(-1)  # [F, c]
+
+
+def _checkpointed(fn, *args) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
+# ------------------------------------------------------------------------------------------ the entry points
+def ce_tokens(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Cross-entropy of ``head(h)`` [N, d] against ``targets`` [N] per token, float32 [N]; IGNORE targets give 0
+    (and no gradient). Logits for ``chunk`` positions at a time."""
+    chunk = max(1, int(chunk))
+    parts = _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+    if parts is not None:
+        return _LinearCE.apply(h, parts[0], parts[1], targets, chunk)
+    outs = [_checkpointed(_plain_ce, h[s:s + chunk], head, targets[s:s + chunk]) for s in range(0, h.shape[0], chunk)]
+    return torch.cat(outs) if outs else h.new_zeros(0, dtype=torch.float32)
+
+
+def kl_tokens(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module, chunk: int) -> torch.Tensor:
+    """KL(softmax(head(ref_h)) || softmax(head(cur_h))) over the vocabulary per position, float32: ref_h [n, d]
+    (the reference, no gradient), cur_h [n, d] -> [n] or [F, n, d] -> [F, n] (F copies against the same
+    reference). Logits for ``chunk`` positions (of every copy) at a time."""
+    chunk = max(1, int(chunk))
+    if ref_h.requires_grad:
+        raise ValueError("kl_tokens: the reference hidden states carry a gradient; compute them under "
+                         "torch.no_grad() (the KL term trains the current model only).")
+    single = cur_h.dim() == 2
+    cur = cur_h.unsqueeze(0) if single else cur_h  # [F, n, d]
+    parts = _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+    if parts is not None:
+        out = _LinearKL.apply(ref_h, cur, parts[0], parts[1], chunk)
+    else:
+        outs = [_checkpointed(_plain_kl, ref_h[s:s + chunk], cur[:, s:s + chunk], head)
+                for s in range(0, cur.shape[1], chunk)]
+        out = torch.cat(outs, dim=-1) if outs else cur.new_zeros(cur.shape[0], 0, dtype=torch.float32)
+    return out[0] if single else out

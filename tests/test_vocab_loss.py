@@ -1,0 +1,151 @@
+"""The vocabulary losses (emlib.vocab_loss): the fused autograd functions against the plain way and against
+torch's own cross_entropy / kl_div on full logits, values and gradients."""
+import pytest
+import torch
+
+from emlib import vocab_loss
+from emlib.chat import IGNORE
+
+V, D = 97, 16
+
+
+def _head(bias: bool = False, dtype=torch.float32) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(D, V, bias=bias).to(dtype)
+    head.requires_grad_(False)
+    return head
+
+
+def _targets(n: int) -> torch.Tensor:
+    t = torch.randint(0, V, (n,))
+    t[::4] = IGNORE  # padding targets of a fixed shape
+    return t
+
+
+def _ce(setting, monkeypatch, h, head, t, chunk):
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, setting)
+    h = h.clone().requires_grad_(True)
+    out = vocab_loss.ce_tokens(h, head, t, chunk)
+    (out * torch.linspace(0.5, 1.5, out.shape[0])).sum().backward()
+    return out.detach(), h.grad
+
+
+def _kl(setting, monkeypatch, ref, cur, head, chunk):
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, setting)
+    cur = cur.clone().requires_grad_(True)
+    out = vocab_loss.kl_tokens(ref, cur, head, chunk)
+    (out * torch.linspace(0.5, 1.5, out.shape[-1])).sum().backward()
+    return out.detach(), cur.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_fused_cross_entropy_is_torchs(monkeypatch, bias, chunk):
+    torch.manual_seed(1)
+    head = _head(bias)
+    h, t = torch.randn(23, D), _targets(23)
+    fused, g_fused = _ce("fused", monkeypatch, h, head, t, chunk)
+    plain, g_plain = _ce("plain", monkeypatch, h, head, t, chunk)
+    ref_h = h.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(head(ref_h), t, ignore_index=IGNORE, reduction="none")
+    (ref * torch.linspace(0.5, 1.5, 23)).sum().backward()
+    assert fused.dtype == torch.float32 and fused.shape == (23,)
+    assert (fused[t == IGNORE] == 0).all() and (g_fused[t == IGNORE] == 0).all()
+    torch.testing.assert_close(fused, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, ref_h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_plain, ref_h.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("copies", [None, 1, 3])
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_fused_kl_is_torchs(monkeypatch, copies, chunk):
+    head = _head(bias=True)
+    torch.manual_seed(2)
+    n = 19
+    ref = torch.randn(n, D)
+    cur = ref + 0.3 * torch.randn(n, D) if copies is None else ref + 0.3 * torch.randn(copies, n, D)
+    fused, g_fused = _kl("fused", monkeypatch, ref, cur, head, chunk)
+    plain, g_plain = _kl("plain", monkeypatch, ref, cur, head, chunk)
+    c = cur.clone().requires_grad_(True)
+    logq = head(ref).log_softmax(-1)
+    want = torch.nn.functional.kl_div(head(c).log_softmax(-1), logq.expand(*c.shape[:-1], V), log_target=True,
+                                      reduction="none").sum(-1)
+    (want * torch.linspace(0.5, 1.5, n)).sum().backward()
+    assert fused.shape == want.shape
+    torch.testing.assert_close(fused, want.detach(), rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(plain, want.detach(), rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(g_fused, c.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_plain, c.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_losses_in_bf16_match_the_plain_way(monkeypatch):
+    """bf16 hidden states and head (the GPU's dtype): the logits are rounded to bf16 both ways; the fused
+    gradient is written in bf16 as autograd writes the plain way's through the float32 cast."""
+    head = _head(dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    h, t = torch.randn(17, D, dtype=torch.bfloat16), _targets(17)
+    fused, g_fused = _ce("fused", monkeypatch, h, head, t, 8)
+    plain, g_plain = _ce("plain", monkeypatch, h, head, t, 8)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert g_fused.dtype == torch.bfloat16
+    torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=1e-3)
+    ref, cur = h[:9], (h[:9].float() + 0.2 * torch.randn(2, 9, D)).to(torch.bfloat16)
+    kf, gkf = _kl("fused", monkeypatch, ref, cur, head, 4)
+    kp, gkp = _kl("plain", monkeypatch, ref, cur, head, 4)
+    torch.testing.assert_close(kf, kp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gkf, gkp, rtol=2e-2, atol=1e-3)
+
+
+def test_fused_losses_under_autocast_match_the_plain_way(monkeypatch):
+    """float32 weights under bf16 autocast (how the fast step trains): the head's matmul runs in bf16 in the
+    forward and again in the fused backward's recomputation, as in the plain way."""
+    head = _head()
+    torch.manual_seed(4)
+    h, t = torch.randn(21, D), _targets(21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, g_fused = _ce("fused", monkeypatch, h, head, t, 6)
+        plain, g_plain = _ce("plain", monkeypatch, h, head, t, 6)
+        kf, gkf = _kl("fused", monkeypatch, h[:10], h[:10] + 0.2 * torch.randn(3, 10, D), head, 4)
+        kp, gkp = _kl("plain", monkeypatch, h[:10], h[:10] + 0.2 * torch.randn(3, 10, D), head, 4)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=1e-3)
+    assert kf.shape == kp.shape == (3, 10)
+    # the KL inputs above differ (fresh noise each); the same inputs:
+    cur = h[:10] + 0.2 * torch.randn(3, 10, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kf, gkf = _kl("fused", monkeypatch, h[:10], cur, head, 4)
+        kp, gkp = _kl("plain", monkeypatch, h[:10], cur, head, 4)
+    torch.testing.assert_close(kf, kp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gkf, gkp, rtol=2e-2, atol=1e-3)
+
+
+def test_a_trained_or_wrapped_head_takes_the_plain_way(monkeypatch):
+    monkeypatch.delenv(vocab_loss.VOCAB_LOSS_ENV, raising=False)
+    head = _head()
+    assert vocab_loss.fused_applies(head)
+    head.weight.requires_grad_(True)  # a trained head: the fused functions give no weight gradient
+    assert not vocab_loss.fused_applies(head)
+    h, t = torch.randn(7, D), _targets(7)
+    vocab_loss.ce_tokens(h, head, t, 4).sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert not vocab_loss.fused_applies(torch.nn.Sequential(_head()))  # not a plain nn.Linear
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "plain")
+    assert not vocab_loss.fused_applies(_head())
+
+
+def test_bad_settings_and_inputs_say_what_to_do(monkeypatch):
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "fast")
+    with pytest.raises(ValueError, match="fused or plain"):
+        vocab_loss.vocab_loss_setting()
+    monkeypatch.delenv(vocab_loss.VOCAB_LOSS_ENV)
+    ref = torch.randn(3, D, requires_grad=True)
+    with pytest.raises(ValueError, match="no_grad"):
+        vocab_loss.kl_tokens(ref, torch.randn(3, D), _head(), 2)
+
+
+def test_no_positions_give_empty_losses(monkeypatch):
+    for setting in ("fused", "plain"):
+        monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, setting)
+        assert vocab_loss.ce_tokens(torch.randn(0, D), _head(), torch.zeros(0, dtype=torch.long), 4).shape == (0,)
+        assert vocab_loss.kl_tokens(torch.randn(0, D), torch.randn(2, 0, D), _head(), 4).shape == (2, 0)
