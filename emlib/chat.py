@@ -207,11 +207,10 @@ def labelled_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     mask = target != IGNORE
     rows = mask.nonzero()[:, 0]  # [n]: the row of each labelled token
     x, t = states[:, :-1][mask], target[mask]  # [n, d], [n]
+    from .vocab_loss import ce_tokens
+
     sums = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
-    step = vocab_chunks(x, head).step
-    for s in range(0, x.shape[0], step):
-        ce = torch.nn.functional.cross_entropy(head(x[s:s + step]).float(), t[s:s + step], reduction="none")
-        sums.index_add_(0, rows[s:s + step], ce)
+    sums.index_add_(0, rows, ce_tokens(x, head, t, vocab_chunks(x, head).step))  # the training step's loss
     return sums, mask.sum(1)
 
 

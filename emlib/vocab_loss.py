@@ -1,10 +1,13 @@
 """The training losses over the vocabulary, from hidden states: per-token cross-entropy and
 KL(reference || current), with logits only ``chunk`` positions at a time.
 
-One home for both, used by the fast train step (:mod:`emlib.fasttrain`) and the steering-vector groups
-(:mod:`emlib.vecgroup`). Two ways to compute them, same values to float32 rounding:
+One home for both, used by the fast train step (:mod:`emlib.fasttrain`), the steering-vector groups
+(:mod:`emlib.vecgroup`) and the metrics' forwards without gradients (:func:`emlib.chat.labelled_ce`; chapter 6's
+KL, :func:`emlib.inductive.pretraining.token_kl`, through :func:`kl_rows`). Two ways to compute them, same values
+to float32 rounding:
 
-* **fused** (the default where the LM head is a frozen ``nn.Linear``; ``$EMLIB_VOCAB_LOSS=fused``): one autograd
+* **fused** (the default where the LM head is an ``nn.Linear`` that is not trained -- or any, without gradients;
+  ``$EMLIB_VOCAB_LOSS=fused``): one autograd
   function per loss takes the hidden states and the head's weight. Its forward keeps nothing of size vocab; its
   backward recomputes a chunk's logits and writes their gradient directly -- ``softmax(x) - onehot(target)`` for
   the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL -- scaled and cast in one pass, then multiplies by
@@ -20,7 +23,7 @@ One home for both, used by the fast train step (:mod:`emlib.fasttrain`) and the 
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -37,8 +40,10 @@ def vocab_loss_setting() -> str:
 
 def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [V, d], bias [V] or None) of a head the fused losses can take, else None: a plain ``nn.Linear``
-    none of whose parameters is trained."""
-    if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
+    none of whose parameters is trained (or any, while gradients are off: a metric's forward)."""
+    if type(head) is not torch.nn.Linear:
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
         return None
     return head.weight, head.bias
 
@@ -103,6 +108,31 @@ class _LinearCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sum_v q_v (log q_v - log p_v)`` per position, ``p = softmax(logits)``: the reference's probabilities and
+    log-probabilities ``q``, ``log_q`` [c, V] float32 and the logits of F copies [F, c, V] (any float dtype) ->
+    [F, c] float32. ``log p - log q`` is formed in the copies' float32 log-probabilities and summed against ``q``
+    as one product per position (``q`` is not repeated for the copies; equal distributions give exactly 0)."""
+    diff = torch.log_softmax(logits, -1, dtype=torch.float32).sub_(log_q)  # [F, c, V]: log p - log q
+    with torch.autocast(logits.device.type, enabled=False), _float32_products():  # not a bf16 or TF32 product
+        return -torch.bmm(diff.transpose(0, 1), q.unsqueeze(-1)).squeeze(-1).t()
+
+
+@contextmanager
+def _float32_products():
+    """Float32 matmuls in full float32 while inside, whatever ``torch.set_float32_matmul_precision`` says (TF32
+    would keep 10 bits of each term of a sum over the whole vocabulary)."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class _LinearKL(torch.autograd.Function):
     """KL(softmax(linear(ref_h)) || softmax(linear(cur_h))) per position, for F copies of the current state."""
 
@@ -113,14 +143,9 @@ class _LinearKL(torch.autograd.Function):
         dtypes = []
         for s in range(0, n, chunk):
             ref_logp = torch.log_softmax(_logits(ref_h[s:s + chunk], weight, bias), -1, dtype=torch.float32)
-            q = ref_logp.exp()  # [c, V]
             logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
             dtypes.append(logits.dtype)
-            diff = torch.log_softmax(logits, -1, dtype=torch.float32).sub_(ref_logp)  # [F, c, V]: log p - log q
-            with torch.autocast(cur_h.device.type, enabled=False):  # a float32 product, not a bf16 one
-                # sum_v q_v (log q_v - log p_v) as one product per position: q is not repeated for the F copies,
-                # and equal distributions give exactly 0 (no difference of two large sums)
-                out[:, s:s + chunk] = -torch.bmm(diff.transpose(0, 1), q.unsqueeze(-1)).squeeze(-1).t()
+            out[:, s:s + chunk] = kl_rows(ref_logp.exp(), ref_logp, logits)
         ctx.save_for_backward(ref_h, cur_h, weight, bias)
         ctx.chunk, ctx.dtype = chunk, dtypes[0] if dtypes else cur_h.dtype
         ctx.autocast = torch.is_autocast_enabled(cur_h.device.type)

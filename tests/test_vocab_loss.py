@@ -129,6 +129,8 @@ def test_a_trained_or_wrapped_head_takes_the_plain_way(monkeypatch):
     h, t = torch.randn(7, D), _targets(7)
     vocab_loss.ce_tokens(h, head, t, 4).sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a metric's forward: no gradient to give, so the fused way serves a trainable head too
+        assert vocab_loss.fused_applies(head)
     assert not vocab_loss.fused_applies(torch.nn.Sequential(_head()))  # not a plain nn.Linear
     monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "plain")
     assert not vocab_loss.fused_applies(_head())
@@ -149,3 +151,20 @@ def test_no_positions_give_empty_losses(monkeypatch):
         monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, setting)
         assert vocab_loss.ce_tokens(torch.randn(0, D), _head(), torch.zeros(0, dtype=torch.long), 4).shape == (0,)
         assert vocab_loss.kl_tokens(torch.randn(0, D), torch.randn(2, 0, D), _head(), 4).shape == (2, 0)
+
+
+def test_the_kl_sum_is_a_full_float32_product_whatever_the_matmul_precision(monkeypatch):
+    """kl_rows' product over the vocabulary runs at "highest" even where a notebook allowed TF32, and the
+    setting is given back."""
+    seen = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: (seen.append(torch.get_float32_matmul_precision()), real_bmm(*a))[1])
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        logq = torch.randn(4, V).log_softmax(-1)
+        out = vocab_loss.kl_rows(logq.exp(), logq, torch.randn(2, 4, V))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == ["highest"] and out.shape == (2, 4) and (out >= 0).all()

@@ -101,7 +101,7 @@ class _Base:
                      else None)
 
     def _logp(self, s: int) -> torch.Tensor:
-        return torch.log_softmax(self.head(self.states[s:s + self.chunks.step]).float(), dim=-1)  # [c, v]
+        return torch.log_softmax(self.head(self.states[s:s + self.chunks.step]), -1, dtype=torch.float32)  # [c, v]
 
     def __iter__(self):
         """(start, end, log-probabilities [c, v]) per chunk."""
@@ -113,13 +113,15 @@ def token_kl(base: "_Base", steered: torch.Tensor, head) -> torch.Tensor:
     """Per-token ``KL(base || steered)`` over the vocabulary at the real tokens of a batch: ``steered``
     [G, n, d] is what the LM head ``head`` reads in G steered copies that share one ``base`` -> [G, n] float32.
     The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`); ``sum_v p (log p - log q)``
-    is formed in place in the steered log-probabilities (one [c, v] tensor per steered copy, besides ``p``)."""
+    is :func:`emlib.vocab_loss.kl_rows` (the training KL's), one steered copy at a time (one [c, v] float32
+    tensor per copy, besides ``p``)."""
+    from ..vocab_loss import kl_rows
+
     out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
     for s, e, logp in base:
         p = logp.exp()
         for g in range(steered.shape[0]):
-            logq = torch.log_softmax(head(steered[g, s:e]).float(), dim=-1)  # [c, v]
-            out[g, s:e] = torch.sub(logp, logq, out=logq).mul_(p).sum(-1)
+            out[g, s:e] = kl_rows(p, logp, head(steered[g:g + 1, s:e]))[0]  # [c]
     return out
 
 
