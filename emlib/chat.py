@@ -202,13 +202,13 @@ def vocab_chunks(states: torch.Tensor, head: Callable[[torch.Tensor], torch.Tens
 def labelled_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed next-token cross-entropy over its labelled tokens [b] (float32) and their count [b]
     -- :func:`token_losses` row by row -- with the logits computed only at labelled positions, in chunks."""
+    from .vocab_loss import ce_tokens
+
     states, head = head_inputs(model, batch["input_ids"], batch["attention_mask"])
     target = batch["labels"][:, 1:]  # [b, s-1]
     mask = target != IGNORE
     rows = mask.nonzero()[:, 0]  # [n]: the row of each labelled token
     x, t = states[:, :-1][mask], target[mask]  # [n, d], [n]
-    from .vocab_loss import ce_tokens
-
     sums = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
     sums.index_add_(0, rows, ce_tokens(x, head, t, vocab_chunks(x, head).step))  # the training step's loss
     return sums, mask.sum(1)
