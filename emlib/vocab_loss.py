@@ -71,8 +71,9 @@ def _grad_h(grad_logits: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) ->
 
 
 def _autocast_as(ctx, x: torch.Tensor):
-    """The forward's autocast state again for a backward's recomputed logits (a backward runs outside it)."""
-    return torch.autocast(x.device.type, dtype=ctx.dtype) if ctx.autocast else nullcontext()
+    """The forward's autocast state again for a backward's recomputed logits (a backward runs outside it); no
+    cast cache, as the fast step's own autocast (a replayed CUDA graph must read the current weights)."""
+    return torch.autocast(x.device.type, dtype=ctx.dtype, cache_enabled=False) if ctx.autocast else nullcontext()
 
 
 class _LinearCE(torch.autograd.Function):
