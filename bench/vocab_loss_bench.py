@@ -20,24 +20,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metric_profile_gpu import timed_reps  # noqa: E402
+
 from emlib import vocab_loss  # noqa: E402
 from emlib.data import write_json  # noqa: E402
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, reps: int, device: str) -> float:
-    fn()  # warm-up (allocator, kernels' first launch)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / reps
 
 
 def main() -> None:
@@ -78,7 +66,8 @@ def main() -> None:
             got[way] = run(kind)
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row[f"{way}_ms"] = round(1e3 * _time(lambda: run(kind), a.reps, dev), 3)
+            times, _ = timed_reps(lambda: run(kind), a.reps, dev)  # after one warm-up call
+            row[f"{way}_ms"] = round(1e3 * sum(times) / len(times), 3)
             if dev == "cuda":
                 row[f"{way}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         (vp, gp), (vf, gf) = got["plain"], got["fused"]

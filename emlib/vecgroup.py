@@ -200,7 +200,7 @@ class Packed(NamedTuple):
     bound: int
 
 
-# =========================================================================== the losses
+# =========================================================================== helpers
 def _to(values, dtype: torch.dtype, device) -> torch.Tensor:
     """A host list or tensor on ``device`` without waiting for the GPU (pinned memory, asynchronous copy)."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)

@@ -48,9 +48,14 @@ def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     return head.weight, head.bias
 
 
+def _fused_parts(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The head's (weight, bias) where :func:`ce_tokens` / :func:`kl_tokens` take the fused way now, else None."""
+    return _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+
+
 def fused_applies(head: torch.nn.Module) -> bool:
     """Whether :func:`ce_tokens` / :func:`kl_tokens` take the fused way for ``head`` now."""
-    return vocab_loss_setting() == "fused" and _frozen_linear(head) is not None
+    return _fused_parts(head) is not None
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,15 +87,15 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk):  # h [N, d], targets [N] -> [N] float32
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        dtypes = []
+        ctx.dtype = h.dtype  # the logits' dtype (autocast's, where it is on), set by the first chunk
         for s in range(0, h.shape[0], chunk):
             logits = _logits(h[s:s + chunk], weight, bias)  # [c, V]
-            dtypes.append(logits.dtype)
+            ctx.dtype = logits.dtype
             logp = torch.log_softmax(logits, -1, dtype=torch.float32)  # [c, V]
             out[s:s + chunk] = torch.nn.functional.nll_loss(logp, targets[s:s + chunk], ignore_index=IGNORE,
                                                             reduction="none")
         ctx.save_for_backward(h, weight, bias, targets)
-        ctx.chunk, ctx.dtype = chunk, dtypes[0] if dtypes else h.dtype
+        ctx.chunk = chunk
         ctx.autocast = torch.is_autocast_enabled(h.device.type)
         return out
 
@@ -141,14 +146,14 @@ class _LinearKL(torch.autograd.Function):
     def forward(ctx, ref_h, cur_h, weight, bias, chunk):  # ref_h [n, d], cur_h [F, n, d] -> [F, n] float32
         F, n = cur_h.shape[:2]
         out = torch.empty(F, n, dtype=torch.float32, device=cur_h.device)
-        dtypes = []
+        ctx.dtype = cur_h.dtype  # the logits' dtype, as in _LinearCE
         for s in range(0, n, chunk):
             ref_logp = torch.log_softmax(_logits(ref_h[s:s + chunk], weight, bias), -1, dtype=torch.float32)
             logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
-            dtypes.append(logits.dtype)
+            ctx.dtype = logits.dtype
             out[:, s:s + chunk] = kl_rows(ref_logp.exp(), ref_logp, logits)
         ctx.save_for_backward(ref_h, cur_h, weight, bias)
-        ctx.chunk, ctx.dtype = chunk, dtypes[0] if dtypes else cur_h.dtype
+        ctx.chunk = chunk
         ctx.autocast = torch.is_autocast_enabled(cur_h.device.type)
         return out
 
@@ -192,7 +197,7 @@ def ce_tokens(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chu
     """Cross-entropy of ``head(h)`` [N, d] against ``targets`` [N] per token, float32 [N]; IGNORE targets give 0
     (and no gradient). Logits for ``chunk`` positions at a time."""
     chunk = max(1, int(chunk))
-    parts = _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+    parts = _fused_parts(head)
     if parts is not None:
         return _LinearCE.apply(h, parts[0], parts[1], targets, chunk)
     outs = [_checkpointed(_plain_ce, h[s:s + chunk], head, targets[s:s + chunk]) for s in range(0, h.shape[0], chunk)]
@@ -209,7 +214,7 @@ def kl_tokens(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module, c
                          "torch.no_grad() (the KL term trains the current model only).")
     single = cur_h.dim() == 2
     cur = cur_h.unsqueeze(0) if single else cur_h  # [F, n, d]
-    parts = _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+    parts = _fused_parts(head)
     if parts is not None:
         out = _LinearKL.apply(ref_h, cur, parts[0], parts[1], chunk)
     else:
