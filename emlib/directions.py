@@ -663,14 +663,8 @@ def _per_row(labels: Sequence[str], names: Sequence[str], table: torch.Tensor,
              enter: Callable[[torch.Tensor], ContextManager]) -> PerRow:
     """A :class:`emlib.generate.PerRow` whose batch gets ``enter(rows)``: ``rows`` [b, d] holds, for each row of
     the batch, the row of ``table`` [conditions, d] of that row's condition (the ``*_each`` builders). Two
-    conditions with one label (the same direction, scale or vector under two names) are refused here, by name."""
-    seen: dict[str, str] = {}
-    for label, name in zip(labels, names):
-        if label in seen:
-            raise DirectionError(f"{seen[label]!r} and {name!r} are the same intervention (label {label!r}): their "
-                                 "answers would share one cache key. Pass it once and give its answers to both names.")
-        seen[label] = name
-
+    conditions with one label (the same direction, scale or vector under two names) are refused by
+    :class:`emlib.generate.PerRow`, which names both."""
     def make(conditions: list[int]) -> ContextManager:
         return enter(table[torch.tensor(conditions, device=table.device)])
 

@@ -89,11 +89,16 @@ class PerRow:
     def __post_init__(self):
         if not self.labels or any(not lab for lab in self.labels):
             raise ValueError("PerRow needs at least one condition, each with a non-empty label.")
-        if len(set(self.labels)) != len(self.labels):
-            dup = next(lab for lab in self.labels if self.labels.count(lab) > 1)
-            raise ValueError(f"PerRow's labels must differ (they are cache keys): {dup!r} comes twice.")
         if self.names is not None and len(self.names) != len(self.labels):
             raise ValueError(f"PerRow got {len(self.names)} names for {len(self.labels)} labels.")
+        if len(set(self.labels)) != len(self.labels):
+            again = next(i for i, lab in enumerate(self.labels) if lab in self.labels[:i])  # its second coming
+            first = self.labels.index(self.labels[again])
+            msg = f"PerRow's labels must differ (they are cache keys): {self.labels[first]!r} comes twice."
+            if self.names is not None:  # the *_each builders' conditions: say which two, and what to do
+                msg += (f" {self.names[first]!r} and {self.names[again]!r} are the same intervention: pass it once "
+                        "and give its answers to both names.")
+            raise ValueError(msg)
 
     def name_of(self) -> dict[str, str]:
         """label -> name (the label itself where no names were given)."""

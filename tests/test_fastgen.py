@@ -462,11 +462,11 @@ def test_per_row_needs_distinct_labels_and_one_direction_per_row():
     with pytest.raises(directions.DirectionError, match="source_layer"):
         directions.ablate_each(model, {"layers": torch.randn(len(model.model.layers), model.config.hidden_size)})
     v = torch.randn(model.config.hidden_size)
-    with pytest.raises(directions.DirectionError, match="'a' and 'b' are the same intervention"):
+    with pytest.raises(ValueError, match="comes twice. 'a' and 'b' are the same intervention"):
         directions.ablate_each(model, {"a": v, "b": v.clone()})  # equal content, one label
-    with pytest.raises(directions.DirectionError, match="'0.5' and '0.5' are the same"):
+    with pytest.raises(ValueError, match="'0.5' and '0.5' are the same"):
         directions.steer_each(model, v, 1, [0.5, 0.5])
-    with pytest.raises(directions.DirectionError, match="'x' and 'y' are the same"):
+    with pytest.raises(ValueError, match="'x' and 'y' are the same"):
         directions.add_trained_each(model, {"x": None, "y": None})
 
 
