@@ -187,7 +187,8 @@ def group(shape: str, device: str, on: bool, rows, kl_rows, steps: int, warmup: 
         per_step, out, ops = run_steps(lambda b, n, kl: step.run(b, n, kl, coef)[0], opt, rows, kl_rows, steps,
                                        warmup, device, count, profile=profile)
     return {"seconds_per_step": per_step, "graphs": step.stats["graphs"], "fallback": step.stats["fallback"],
-            "fused_layers": dict(n_fused), "loss": per_token(out), "ops": ops and counts(ops)}
+            "fused_layers": dict(n_fused), "packed": step.stats.get("packed"), "loss": per_token(out),
+            "ops": ops and counts(ops)}
 
 
 def metric(shape: str, device: str, on: bool, rows, calls: int, count: bool = False) -> dict:

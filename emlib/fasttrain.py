@@ -413,7 +413,8 @@ def release_rng_capture() -> bool:
     unexpectedly" (what chapters 1-3 hit on 2026-12-06 with the sampler's compaction on; a finetune worker would
     hit it at its next adapter's random initialisation). An empty capture runs the generator's capture prologue
     and epilogue, which leaves it out of capture mode again (measured on an H100: bench/compact_gpu.py). Every
-    capture fallback (the sampler's, the train step's, the vector group's) calls it. Returns whether a random
+    capture fallback (the sampler's, the train step's, the vector group's) calls it, through
+    :func:`abandon_graphs`. Returns whether a random
     draw works afterwards (checked on a one-element tensor); True at once without CUDA (nothing was captured)."""
     if not torch.cuda.is_available():
         return True
@@ -427,6 +428,23 @@ def release_rng_capture() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def abandon_graphs(graphs: dict) -> bool:
+    """What every capture fallback (the train step's, the vector group's, the sampler's) does once a capture
+    failed and the rest of the work runs eagerly: drop the graphs captured so far (``graphs`` is emptied: their
+    static inputs and their memory pool go with them), return torch's cached blocks to the device, and take the
+    generator out of capture mode (:func:`release_rng_capture`, whose answer it returns). Without the first two,
+    a capture that failed for memory left the eager fallback short of it too: ``bench/train_gpu.py``'s 1,024-row
+    step on an H100 80GB (2026-12-07) failed its 10th capture with 43.6 GiB held in graph pools, fell back, and
+    the eager step then failed for memory as well."""
+    graphs.clear()
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()  # a graph's pool is freed once nothing refers to the graph
+        torch.cuda.empty_cache()
+    return release_rng_capture()
 
 
 def capture(run: Callable[[dict], None], static: dict, device: torch.device, pool=None) -> tuple[Any, Any]:
@@ -715,9 +733,9 @@ class TrainStep:
         except Exception as err:  # noqa: BLE001 -- any capture failure: train eagerly, say why
             import warnings
 
-            self.use_graphs = False
+            self.use_graphs, self._pool = False, None
             self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
-            release_rng_capture()
+            abandon_graphs(self._graphs)
             for p, g in zip(self.params, self._grads):
                 p.grad = g
             warnings.warn(f"CUDA graph capture failed ({self.stats['fallback'][:200]}); training eagerly.",

@@ -850,9 +850,10 @@ class GroupStep:
 
             self.use_graphs = self.buckets = False
             self.stats.update(cuda_graphs=False, fallback=f"{type(err).__name__}: {err}"[:500])
-            from .fasttrain import release_rng_capture
+            from .fasttrain import abandon_graphs
 
-            release_rng_capture()  # a capture that failed part-way left the generator in capture mode
+            self._pool = None
+            abandon_graphs(self._graphs)  # their memory, and the generator out of capture mode
             warnings.warn(f"vecgroup: CUDA graphs off ({self.stats['fallback'][:200]}); training eagerly.",
                           stacklevel=3)
             self._restore_grads()

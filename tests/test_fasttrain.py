@@ -105,6 +105,42 @@ def test_graphs_are_captured_with_the_fixed_gradient_tensors(monkeypatch):
     assert seen == [True] and all(p.grad is g for p, g in zip(params, step._grads))
 
 
+def test_a_failed_capture_lets_go_of_the_graphs_captured_before_it(monkeypatch):
+    """A capture that fails (on an H100, for memory: 43.6 GiB held in graph pools at the 1,024-row step) turns
+    the step eager and drops the graphs captured before it, their static inputs and pool, so the eager steps
+    have that memory; the step's gradients are then those of a step that never tried graphs."""
+    from emlib import fasttrain
+
+    model, tok = tiny_model(seed=0)
+    params = [p for p in model.parameters()][:3]
+    rows = encode_rows(_chat_rows(12, seed=1), tok)
+    steps = [rows[:4], rows[4:12]]  # two shapes: the first captures, the second fails
+    n_tok = [sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in s) for s in steps]
+
+    def grads(step):
+        return [[g.clone() for g in (step.grads(s, n)[0], *step._grads)] for s, n in zip(steps, n_tok)]
+
+    ref = grads(TrainStep(model, params, tok.pad_token_id, max_tokens_per_micro=100_000))
+    calls = []
+
+    def capture(run, static, device, pool=None):  # the first capture works, the second runs out of memory
+        calls.append(static)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return object(), "pool"
+
+    monkeypatch.setattr(fasttrain, "capture", capture)
+    step = TrainStep(model, params, tok.pad_token_id, max_tokens_per_micro=100_000)
+    step.use_graphs = True
+    with pytest.warns(UserWarning, match="capture failed .*OutOfMemoryError"):
+        step.prepare(steps)
+    assert len(calls) == 2 and step.stats["graphs"] == 1 and "OutOfMemoryError" in step.stats["fallback"]
+    assert step._graphs == {} and step._pool is None and not step.use_graphs
+    for a, b in zip(ref, grads(step)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+
+
 # =========================================================================== the step against the eager loop
 def _train(tmp_path, name: str, fast: bool | None, monkeypatch, kind: str = "lora", **kw):
     monkeypatch.setattr(train, "FAST_STEP", fast)
