@@ -48,6 +48,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from . import book, models, runner
 from .config import Config, _check_keys, get_config
@@ -265,12 +266,39 @@ SLACK_CHAPTERS = ("00", "01")
 MPS_BELOW_NORMAL = (("CUDA_MPS_CLIENT_PRIORITY", "1"),)  # 0: NORMAL (MPS's default), 1: BELOW_NORMAL
 
 
-def chapter_job(job: runner.Job, low_priority: bool) -> runner.Job:
-    """``job`` as a run of record starts it: with ``low_priority``, a chapter of :data:`SLACK_CHAPTERS` gets
-    :data:`MPS_BELOW_NORMAL` in its environment (without an MPS daemon the variable does nothing)."""
-    if low_priority and job.chapter[:2] in SLACK_CHAPTERS:
+def low_chapter(chapter: str, low_priority: bool, favour: Sequence[str] = ()) -> bool:
+    """Whether a run of record starts ``chapter`` (a stem or its number) as an MPS client of BELOW_NORMAL
+    priority: with ``favour`` (chapter numbers), every chapter not in it; else, with ``low_priority``, the
+    chapters of :data:`SLACK_CHAPTERS`. The one rule :func:`chapter_job` and ``record.json`` follow."""
+    if favour:
+        return chapter[:2] not in favour
+    return low_priority and chapter[:2] in SLACK_CHAPTERS
+
+
+def chapter_job(job: runner.Job, low_priority: bool, favour: Sequence[str] = ()) -> runner.Job:
+    """``job`` as a run of record starts it: a chapter :func:`low_chapter` names gets :data:`MPS_BELOW_NORMAL`
+    in its environment (without an MPS daemon the variable does nothing)."""
+    if low_chapter(job.chapter, low_priority, favour):
         return dataclasses.replace(job, env=job.env + MPS_BELOW_NORMAL)
     return job
+
+
+def check_favour(favour: Sequence[str], plan_chapters: Sequence[str], low_priority: bool) -> tuple[str, ...]:
+    """``favour`` as chapter numbers ("2" -> "02"), checked against the run's chapters (stems); one clear
+    message for a number the run does not have or for ``favour`` with ``low_priority`` (two rules for one
+    setting: choose one)."""
+    if not favour:
+        return ()
+    if low_priority:
+        raise ValueError("--favour and --low-priority both set which processes run at BELOW_NORMAL priority: "
+                         "pass one of them.")
+    numbers = {c[:2] for c in plan_chapters}
+    out = tuple(dict.fromkeys(str(f).strip().zfill(2)[:2] for f in favour))
+    unknown = [f for f in out if f not in numbers]
+    if unknown:
+        raise ValueError(f"--favour {' '.join(unknown)}: not a chapter of this run (its chapters: "
+                         f"{', '.join(sorted(numbers))}).")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -291,6 +319,7 @@ class RunState:
     mps: str = "off (not asked for)"  # runner.mps_daemon's status
     threads: int | None = None  # CPU threads of each finetune's and chapter's torch (runner.threads_per_process)
     low_priority: bool = False  # SLACK_CHAPTERS as MPS clients of BELOW_NORMAL priority (chapter_job)
+    favour: tuple[str, ...] = ()  # else these chapters NORMAL, the other chapters and the workers BELOW_NORMAL
     futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
@@ -462,8 +491,8 @@ def start_chapter(plan: Plan, state: RunState, stem: str) -> None:
         state.sweep_before = _results_of(plan.run).get("ch3_lambda_sweep")
     state.chapters[stem] = RUNNING
     state.attempts[stem] = state.attempts.get(stem, 0) + 1
-    state.processes[stem] = (_run_chapter(chapter_job(plan.chapter(stem), state.low_priority), state.threads),
-                             time.time())
+    job = chapter_job(plan.chapter(stem), state.low_priority, state.favour)
+    state.processes[stem] = (_run_chapter(job, state.threads), time.time())
 
 
 def retry_alone(plan: Plan, state: RunState, pool) -> None:
@@ -745,11 +774,13 @@ def warm_worker() -> None:
         models.give_back_gpu_memory()
 
 
-def finetune_pool(workers: int, threads: int | None, gpu: bool):
+def finetune_pool(workers: int, threads: int | None, gpu: bool, low: bool = False):
     """The run's pool of long-lived finetune workers (each loads the model once: :func:`worker_experiment`),
     started at once with :func:`warm_worker` where ``gpu`` (the machine has one; on a CPU their imports would
-    only slow the conversion down by sharing its cores)."""
-    pool = runner.process_pool(workers, threads=threads, warm=warm_worker if gpu else None)
+    only slow the conversion down by sharing its cores). ``low``: each worker an MPS client of BELOW_NORMAL
+    priority (``--favour``)."""
+    pool = runner.process_pool(workers, threads=threads, warm=warm_worker if gpu else None,
+                               env=dict(MPS_BELOW_NORMAL) if low else None)
     if gpu:
         runner.start_workers(pool, workers)
     return pool
@@ -828,7 +859,9 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                | {"profile": plan.profile}, "overrides": plan.overrides,
                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
-               "low_priority": [j.chapter for j in plan.chapters if chapter_job(j, state.low_priority).env],
+               "low_priority": [j.chapter for j in plan.chapters
+                                if chapter_job(j, state.low_priority, state.favour).env],
+               "favour": {"chapters": list(state.favour), "workers_low_priority": True} if state.favour else None,
                "early_chapters": state.early,
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
@@ -864,7 +897,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
         speculate: bool | None = False, head_start: bool = False,
         gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False,
-        early_chapters: bool | None = None) -> dict:
+        early_chapters: bool | None = None, favour: Sequence[str] = ()) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -873,33 +906,36 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     ``gib_per_process``: GPU memory a finetune or chapter process may come to hold; one starts only while the
     GPU has room for it (:class:`Admission`, on a machine with a GPU; 0: no limit; ``record.json``'s
     ``admission``). ``low_priority``: the chapters with slack run as MPS clients of lower priority
-    (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them). ``early_chapters``: a chapter may start
-    while workers still train its finetunes (:func:`may_start_early`; None: on a machine with a GPU;
-    ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter that did).
+    (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them). ``favour`` (chapter numbers, instead of
+    ``low_priority``): those chapters keep MPS's NORMAL priority and every other process of the run, the other
+    chapters and the finetune workers, runs at BELOW_NORMAL (``record.json``'s ``favour``). ``early_chapters``: a
+    chapter may start while workers still train its finetunes (:func:`may_start_early`; None: on a machine with a
+    GPU; ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter that did).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
     ``record.json`` keeps both. Everything is checked before anything runs or is written."""
     t_start = time.time()
     plan = plan_run(profile, run_dir, params, overrides, chapters, speculate)
+    favour = check_favour(favour, [j.chapter for j in plan.chapters], low_priority)
     plan.cfg.save()
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
     state = RunState.of(plan)
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
-    state.low_priority = low_priority
+    state.low_priority, state.favour = low_priority, favour
     gpu = bool(runner.visible_gpus())  # nvidia-smi: CUDA stays untouched in this process
     state.early = gpu if early_chapters is None else early_chapters
-    if low_priority and not mps:
-        print("[record] --low-priority acts only through an MPS daemon: add --mps (without it every process "
-              "shares the GPU by time slices, and the setting does nothing)", flush=True)
+    if (low_priority or favour) and not mps:
+        print(f"[record] --{'favour' if favour else 'low-priority'} acts only through an MPS daemon: add --mps "
+              "(without it every process shares the GPU by time slices, and the setting does nothing)", flush=True)
     if gpu:
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
         # the workers start (imports, CUDA context) while this process converts the model
-        pool = finetune_pool(workers, state.threads, gpu) if plan.finetunes else None
+        pool = finetune_pool(workers, state.threads, gpu, low=bool(favour)) if plan.finetunes else None
         try:
             state.timings["model_load_s"] = prepare_model(plan.cfg)
             if models.LAST_CONVERSION:  # converted here: where its seconds went (models.LAST_CONVERSION)
@@ -1095,6 +1131,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"with --mps: chapters {', '.join(SLACK_CHAPTERS)} (slack in the measured runs) as MPS clients "
                         "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (one H100 run, "
                         "chapter 6 low too: 558 s against 565 s without, bench/README 'Session 24')")
+    r.add_argument("--favour", nargs="+", metavar="CHAPTER",
+                   help="with --mps: these chapters (numbers, e.g. 02: the longest path of the SmolLM2 paper runs) "
+                        "keep NORMAL priority; every other chapter and the finetune workers run as MPS clients of "
+                        "BELOW_NORMAL priority (not with --low-priority; not measured yet: bench/README 'Session 34')")
     r.add_argument("--early-chapters", choices=("auto", "on", "off"), default="auto",
                    help="start a chapter while workers still train its finetunes (once none is queued), so its "
                         "start-up overlaps their last seconds; it waits for them where it asks for them (auto: on "
@@ -1143,7 +1183,7 @@ def _main(a) -> int:
                       book._parse_params(a.config), mps=a.mps,
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
-                      low_priority=a.low_priority,
+                      low_priority=a.low_priority, favour=a.favour or (),
                       early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters])
         if summary["failures"]:
             from .cli import ChapterFailed

@@ -398,11 +398,13 @@ def worker_plan(n_jobs: int, workers: int | None = None, gpus: list[str] | None 
 
 
 def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None,
-                 threads: int | None = None, warm: Callable[[], object] | None = None) -> ProcessPoolExecutor:
+                 threads: int | None = None, warm: Callable[[], object] | None = None,
+                 env: dict[str, str] | None = None) -> ProcessPoolExecutor:
     """``workers`` spawned, long-lived processes that die with this one (:func:`emlib.lifeline.die_with_parent`:
     a killed parent leaves no worker running queued jobs). ``gpu_of``: the GPU each worker sees
     (``worker_plan``); ``threads``: OMP/MKL threads per worker; ``warm``: a module-level function each worker
-    calls once as it starts (imports, a CUDA context: :func:`start_workers` starts them all before any job).
+    calls once as it starts (imports, a CUDA context: :func:`start_workers` starts them all before any job);
+    ``env``: variables each worker sets before ``warm`` (so before its CUDA context: e.g. an MPS priority).
     A job that holds GPU memory gives it back itself (``emlib.record.worker_experiment``)."""
     import multiprocessing as mp
 
@@ -414,14 +416,16 @@ def process_pool(workers: int, gpu_of: Sequence[str | None] | None = None,
         for g in gpus:
             slots.put(g)
     return ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
-                               initargs=(os.getpid(), slots, threads, warm))
+                               initargs=(os.getpid(), slots, threads, warm, dict(env or {})))
 
 
-def _init_worker(parent: int, slots, threads: int | None, warm: Callable[[], object] | None = None) -> None:
+def _init_worker(parent: int, slots, threads: int | None, warm: Callable[[], object] | None = None,
+                 env: dict[str, str] | None = None) -> None:
     lifeline.die_with_parent(parent)
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
     os.environ.update(thread_env(threads))
+    os.environ.update(env or {})
     if warm is not None:
         warm()
 

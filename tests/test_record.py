@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -975,6 +976,41 @@ def test_low_priority_chapters_get_mps_below_normal_in_their_environment(root, t
     assert args == [False, True]
 
 
+def test_favour_keeps_its_chapters_normal_and_lowers_every_other_process(root, tmp_path, monkeypatch):
+    """``--favour 02``: chapter 2 starts without an MPS priority, every other chapter with BELOW_NORMAL, and the
+    finetune workers set BELOW_NORMAL before their CUDA context (``runner.process_pool``'s ``env``); a number the
+    run lacks, or ``--favour`` with ``--low-priority``, stops the run before anything is written."""
+    plan = record.plan_run("smoke", str(tmp_path / "rec"), chapters=["01", "02"], speculate=False)
+    one, two = plan.chapter("01_em_emerges"), plan.chapter("02_one_direction")
+    assert record.chapter_job(two, False, ("02",)).env == ()
+    assert dict(record.chapter_job(one, False, ("02",)).env) == {"CUDA_MPS_CLIENT_PRIORITY": "1"}
+    assert record.low_chapter("00_datasets", True) and not record.low_chapter("00_datasets", True, ("00",))
+    stems = [j.chapter for j in plan.chapters]
+    assert record.check_favour(["2", "02_one_direction"], stems, False) == ("02",)
+    assert record.check_favour([], stems, True) == ()
+    with pytest.raises(ValueError, match=r"--favour 05: not a chapter of this run \(its chapters: 01, 02\)"):
+        record.check_favour(["05"], stems, False)
+    with pytest.raises(ValueError, match="pass one of them"):
+        record.check_favour(["02"], stems, True)
+    with pytest.raises(ValueError, match="not a chapter of this run"):
+        record.run("smoke", str(tmp_path / "bad"), workers=1, chapters=["00"], favour=["02"])
+    assert not (tmp_path / "bad").exists()
+
+    pool = runner.process_pool(1, env=dict(record.MPS_BELOW_NORMAL))
+    try:
+        assert pool.submit(os.getenv, "CUDA_MPS_CLIENT_PRIORITY").result(timeout=120) == "1"
+    finally:
+        pool.shutdown()
+    made = []
+    monkeypatch.setattr(runner, "process_pool", lambda *a, **k: made.append(k.get("env")) or "pool")
+    assert record.finetune_pool(2, 1, gpu=False, low=True) == "pool" and made == [{"CUDA_MPS_CLIENT_PRIORITY": "1"}]
+    args = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["favour"]) or {"failures": {}})
+    for extra in ([], ["--favour", "02", "05"]):
+        assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
+    assert args == [(), ["02", "05"]]
+
+
 def test_queued_finetunes_take_the_room_before_ready_chapters(root, tmp_path, monkeypatch):
     """When the GPU has room for one more process, a queued finetune (what some chapter waits for) starts before
     a chapter that is ready: on an H100 (2026-12-06) chapters 4-6 took the room as chapter 3 chose, and chapter
@@ -1074,8 +1110,12 @@ def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch, 
     monkeypatch.setattr(record, "_run_chapter", chapter)
     summary = record.run("smoke", str(tmp_path / "rec"), workers=1, chapters=["00"], low_priority=True)
     assert summary["failures"] == {} and seen == ["1"] and summary["low_priority"] == ["00_datasets"]
+    assert summary["favour"] is None
     assert timing.SHARED_GPU not in os.environ
     assert "--low-priority acts only through an MPS daemon: add --mps" in capsys.readouterr().out
+    summary = record.run("smoke", str(tmp_path / "rec2"), workers=1, chapters=["00"], favour=["0"])
+    assert summary["low_priority"] == [] and summary["favour"] == {"chapters": ["00"], "workers_low_priority": True}
+    assert "--favour acts only through an MPS daemon" in capsys.readouterr().out
 
 
 class _PoolOutOfMemoryAbove(_InstantPool):
