@@ -1454,3 +1454,61 @@ def test_record_energy_integrates_the_monitor_power_and_refuses_unordered_sample
     assert got["seconds_at_or_above_0.8_full"] == 10.0 and got["mean_w"] == 300.0
     with pytest.raises(ValueError, match="increasing"):
         mod.energy([0, 10, 5], [1, 2, 3], idle_w=0, full_w=1)
+
+
+def test_record_files_names_a_pack_and_refuses_to_overwrite(root, tmp_path, monkeypatch):
+    """bench/record_files.py: a pack of `gpu_record.sh pack NAME` (record.tar.gz, monitor-NAME.csv, its -apps,
+    record-NAME.log) is extracted and filed as {kind}_{model}_{card}_{tag}_{date}; each analysis is called on the
+    extracted run; a second filing under the same names stops before writing; a folder that is not a pack gets
+    one message naming what it holds."""
+    import io
+    import sys
+
+    mod = bench_module(root, "record_files")
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    data = json.dumps({"profile": "paper"}).encode()
+    with tarfile.open(pack / "record.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("record.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    for name, text in (("monitor-s.csv", "t_s,gpu_power_w\n5,100\n"), ("monitor-s-apps.csv", "t_s\n"),
+                       ("record-s.log", "[record] finished\n")):
+        (pack / name).write_text(text)
+    called = []
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    for name in ("record_phases", "record_cells", "record_timeline", "record_energy"):
+        fake = type(sys)(name)
+        fake.main = lambda argv, name=name: called.append((name, argv)) or 0
+        monkeypatch.setitem(sys.modules, name, fake)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu_power_h100_2026-12-06.json").write_text("{}")
+    args = [str(pack), "--card", "h100", "--tag", "s9_x", "--date", "2026-12-08", "--results", str(results),
+            "--extract", str(tmp_path / "run")]
+    assert mod.main(args) == 0
+    stem = "smollm2_h100_s9_x_2026-12-08"
+    assert json.loads((results / f"record_{stem}.json").read_text()) == {"profile": "paper"}
+    assert (results / f"record_log_{stem}.txt").read_text() == "[record] finished\n"
+    assert (results / f"monitor_apps_{stem}.csv").exists() and (results / f"monitor_{stem}.csv").exists()
+    assert [c[0] for c in called] == ["record_phases", "record_cells", "record_timeline", "record_energy"]
+    assert called[0][1] == [str(tmp_path / "run"), "--out", str(results / f"record_phases_{stem}.json")]
+    assert called[3][1] == [str(results / f"monitor_{stem}.csv"), "--scale",
+                            str(results / "gpu_power_h100_2026-12-06.json"), "--out",
+                            str(results / f"record_energy_{stem}.json")]
+    (results / f"record_phases_{stem}.json").write_text("{}")  # as the real analysis would have
+    before = sorted(p.name for p in results.iterdir())
+    with pytest.raises(SystemExit, match=f"already in .*record_{stem}.json.*--force"):
+        mod.main(args)
+    assert sorted(p.name for p in results.iterdir()) == before
+    def broken(argv):
+        raise RuntimeError("no phases")
+
+    monkeypatch.setattr(sys.modules["record_cells"], "main", broken)
+    with pytest.raises(RuntimeError, match="no phases"):
+        mod.main([*args[:4], "s9_y", *args[5:]])
+    assert sorted(p.name for p in results.iterdir()) == before  # nothing of the failed filing is left
+    with pytest.raises(SystemExit, match="expected record.tar.gz and one monitor-NAME.csv.*'x.json'"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "x.json").write_text("{}")
+        mod.main([str(tmp_path / "other"), "--card", "h100", "--tag", "t"])
