@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     import record_timeline
 
     a.results.mkdir(parents=True, exist_ok=True)
-    try:  # all or nothing: an analysis that fails takes this filing's files with it
+    existed = {p for p in out.values() if p.exists()}  # only with --force: a failure leaves these be
+    try:  # all or nothing: an analysis that fails takes the files this filing made with it
         shutil.copyfile(run / "record.json", out["record"])
         for role in ("monitor", "apps", "log"):
             shutil.copyfile(files[role], out[role])
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"no power scale for {a.card} in {a.results} (bench/gpu_power.py): no energy file")
     except BaseException:
-        for p in out.values():
+        for p in set(out.values()) - existed:
             p.unlink(missing_ok=True)
         raise
     print("filed:", ", ".join(p.name for p in out.values() if p.exists()))

@@ -568,7 +568,6 @@ def _static_generate(model, tok, prompts: list[str], seeds: list[int], params: S
                             stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - tc
                         except Exception as err:  # a hook that syncs, an op that cannot be captured, ...
                             torch.cuda.synchronize()
-                            pool = None
                             fasttrain.abandon_graphs(graphs)  # their memory; the generator out of capture mode
                             warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); decoding "
                                           "eagerly with the static cache.", RuntimeWarning, stacklevel=2)

@@ -87,7 +87,7 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk):  # h [N, d], targets [N] -> [N] float32
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        ctx.dtype = h.dtype  # the logits' dtype (autocast's, where it is on), set by the first chunk
+        ctx.dtype = h.dtype  # the logits' dtype (autocast's where it is on; every chunk's is the same)
         for s in range(0, h.shape[0], chunk):
             logits = _logits(h[s:s + chunk], weight, bias)  # [c, V]
             ctx.dtype = logits.dtype
