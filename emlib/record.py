@@ -283,6 +283,17 @@ def chapter_job(job: runner.Job, low_priority: bool, favour: Sequence[str] = ())
     return job
 
 
+def auto_favour(plan_chapters: Sequence[str], mps_on: bool, low_priority: bool) -> tuple[str, ...]:
+    """What a run favours when ``--favour`` is not given (``auto``): with an MPS daemon on and without
+    ``low_priority``, the run's longest chapter by :data:`CHAPTER_SECONDS` (chapter 2 in a whole run); else
+    nothing. One H100, SmolLM2-135M `paper` (bench/README "Session 35"): 464.4 s without a favoured chapter,
+    427.8 s with chapters 2 and 5, 423.6 s with chapter 2 alone (on a second machine of the same kind)."""
+    if not mps_on or low_priority or not plan_chapters:
+        return ()
+    first = longest_first(list(plan_chapters))[0]
+    return (first[:2],) if CHAPTER_SECONDS.get(first[:2], 0) > 0 else ()
+
+
 def check_favour(favour: Sequence[str], plan_chapters: Sequence[str], low_priority: bool) -> tuple[str, ...]:
     """``favour`` as chapter numbers ("2" -> "02"), checked against the run's chapters (stems); one clear
     message for a number the run does not have or for ``favour`` with ``low_priority`` (two rules for one
@@ -320,6 +331,7 @@ class RunState:
     threads: int | None = None  # CPU threads of each finetune's and chapter's torch (runner.threads_per_process)
     low_priority: bool = False  # SLACK_CHAPTERS as MPS clients of BELOW_NORMAL priority (chapter_job)
     favour: tuple[str, ...] = ()  # else these chapters NORMAL, the other chapters and the workers BELOW_NORMAL
+    favour_auto: bool = False  # ``favour`` was chosen by auto_favour (no --favour given)
     futures: dict[Future, tuple[Job, ...]] = field(default_factory=dict)  # finetunes in the pool (a task each)
     groups: dict[str, tuple[Job, ...]] = field(default_factory=dict)  # name -> the vectors it trains with
     processes: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)  # chapters running
@@ -861,7 +873,8 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "workers": workers, "mps": state.mps, "threads_per_process": state.threads,
                "low_priority": [j.chapter for j in plan.chapters
                                 if chapter_job(j, state.low_priority, state.favour).env],
-               "favour": {"chapters": list(state.favour), "workers_low_priority": True} if state.favour else None,
+               "favour": {"chapters": list(state.favour), "workers_low_priority": True,
+                          "auto": state.favour_auto} if state.favour else None,
                "early_chapters": state.early,
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
@@ -897,7 +910,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
         speculate: bool | None = False, head_start: bool = False,
         gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False,
-        early_chapters: bool | None = None, favour: Sequence[str] = ()) -> dict:
+        early_chapters: bool | None = None, favour: Sequence[str] | None = None) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -908,7 +921,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     ``admission``). ``low_priority``: the chapters with slack run as MPS clients of lower priority
     (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them). ``favour`` (chapter numbers, instead of
     ``low_priority``): those chapters keep MPS's NORMAL priority and every other process of the run, the other
-    chapters and the finetune workers, runs at BELOW_NORMAL (``record.json``'s ``favour``). ``early_chapters``: a
+    chapters and the finetune workers, runs at BELOW_NORMAL (``record.json``'s ``favour``); None (the default):
+    :func:`auto_favour` once the MPS daemon is known to be on (the longest chapter), () to favour none. ``early_chapters``: a
     chapter may start while workers still train its finetunes (:func:`may_start_early`; None: on a machine with a
     GPU; ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter that did).
 
@@ -917,7 +931,9 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     ``record.json`` keeps both. Everything is checked before anything runs or is written."""
     t_start = time.time()
     plan = plan_run(profile, run_dir, params, overrides, chapters, speculate)
-    favour = check_favour(favour, [j.chapter for j in plan.chapters], low_priority)
+    stems = [j.chapter for j in plan.chapters]
+    asked = favour is not None  # None: auto_favour, once the MPS daemon is known to be on
+    favour = check_favour(favour, stems, low_priority) if asked else ()
     plan.cfg.save()
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
@@ -934,6 +950,12 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
+        if not asked:
+            favour = state.favour = auto_favour(stems, state.mps == "on", low_priority)
+            if favour:
+                print(f"[record] favouring chapter(s) {' '.join(favour)} (the longest path; --favour none: no "
+                      "chapter)", flush=True)
+        state.favour_auto = not asked
         # the workers start (imports, CUDA context) while this process converts the model
         pool = finetune_pool(workers, state.threads, gpu, low=bool(favour)) if plan.finetunes else None
         try:
@@ -1131,10 +1153,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"with --mps: chapters {', '.join(SLACK_CHAPTERS)} (slack in the measured runs) as MPS clients "
                         "of BELOW_NORMAL priority, so the GPU's time goes first to the longest paths (one H100 run, "
                         "chapter 6 low too: 558 s against 565 s without, bench/README 'Session 24')")
-    r.add_argument("--favour", nargs="+", metavar="CHAPTER",
-                   help="with --mps: these chapters (numbers, e.g. 02: the longest path of the SmolLM2 paper runs) "
-                        "keep NORMAL priority; every other chapter and the finetune workers run as MPS clients of "
-                        "BELOW_NORMAL priority (not with --low-priority; not measured yet: bench/README 'Session 34')")
+    r.add_argument("--favour", nargs="+", metavar="CHAPTER", default=["auto"],
+                   help="with --mps: these chapters (numbers, e.g. 02) keep NORMAL priority; every other chapter and "
+                        "the finetune workers run as MPS clients of BELOW_NORMAL priority (not with --low-priority). "
+                        "auto (the default): the run's longest chapter, 02 in a whole run, when MPS is on and "
+                        "--low-priority is not set; none: no chapter. One H100: 464 s without, 424-428 s with "
+                        "(bench/README 'Session 35')")
     r.add_argument("--early-chapters", choices=("auto", "on", "off"), default="auto",
                    help="start a chapter while workers still train its finetunes (once none is queued), so its "
                         "start-up overlaps their last seconds; it waits for them where it asks for them (auto: on "
@@ -1165,6 +1189,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _main(a), debug=a.debug)
 
 
+def favour_arg(words: Sequence[str]) -> tuple[str, ...] | None:
+    """``--favour``'s words as :func:`run` takes them: ``auto`` -> None (:func:`auto_favour`), ``none`` -> (),
+    else the chapter numbers (checked by :func:`check_favour`); auto or none beside a number is one clear error."""
+    low = [w.strip().lower() for w in words]
+    if low in (["auto"], ["none"]):
+        return None if low == ["auto"] else ()
+    if {"auto", "none"} & set(low):
+        raise ValueError(f"--favour {' '.join(words)}: auto and none stand alone; give chapter numbers, auto or none.")
+    return tuple(words)
+
+
 def _main(a) -> int:
     if a.cmd == "from-log":
         summary = adopt_log_summary(a.run_dir, a.log, a.device)
@@ -1183,7 +1218,7 @@ def _main(a) -> int:
                       book._parse_params(a.config), mps=a.mps,
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
-                      low_priority=a.low_priority, favour=a.favour or (),
+                      low_priority=a.low_priority, favour=favour_arg(a.favour),
                       early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters])
         if summary["failures"]:
             from .cli import ChapterFailed

@@ -1,4 +1,5 @@
 """Runs of record (emlib.record), the generated results table (emlib.results) and the published site."""
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -1006,9 +1007,35 @@ def test_favour_keeps_its_chapters_normal_and_lowers_every_other_process(root, t
     assert record.finetune_pool(2, 1, gpu=False, low=True) == "pool" and made == [{"CUDA_MPS_CLIENT_PRIORITY": "1"}]
     args = []
     monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["favour"]) or {"failures": {}})
-    for extra in ([], ["--favour", "02", "05"]):
+    for extra in ([], ["--favour", "02", "05"], ["--favour", "none"], ["--favour", "auto"]):
         assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
-    assert args == [(), ["02", "05"]]
+    assert args == [None, ("02", "05"), (), None]
+    with pytest.raises(ValueError, match="auto and none stand alone"):
+        record.favour_arg(["auto", "02"])
+
+
+def test_a_run_favours_its_longest_chapter_when_mps_is_on_unless_told_otherwise(root, tmp_path, monkeypatch):
+    """No ``--favour`` (auto): with the MPS daemon on, the run's longest chapter by ``CHAPTER_SECONDS`` keeps
+    NORMAL priority and the workers go low (chapter 2 in a whole run: 464 s against 424-428 s on one H100,
+    session 35); without MPS, with ``--low-priority`` or with ``--favour none``, no chapter is favoured."""
+    whole = [j.chapter for j in record.plan_run("smoke", str(tmp_path / "p"), speculate=False).chapters]
+    assert record.auto_favour(whole, True, False) == ("02",)
+    assert record.auto_favour(["03_narrow_needs_kl", "05_stability"], True, False) == ("05",)
+    assert record.auto_favour(whole, False, False) == () and record.auto_favour(whole, True, True) == ()
+    assert record.auto_favour(["09_extra"], True, False) == ()
+
+    @contextlib.contextmanager
+    def daemon(enabled=True):
+        yield "on" if enabled else "off (not asked for)"
+
+    monkeypatch.setattr(runner, "mps_daemon", daemon)
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: _Ended(0))
+    seen = {}
+    for name, kw in {"auto": {}, "none": {"favour": ()}, "low": {"low_priority": True}, "nomps": {"mps": False}}.items():
+        summary = record.run("smoke", str(tmp_path / name), workers=1, chapters=["00"], **({"mps": True} | kw))
+        seen[name] = summary["favour"]
+    assert seen == {"auto": {"chapters": ["00"], "workers_low_priority": True, "auto": True},
+                    "none": None, "low": None, "nomps": None}
 
 
 def test_queued_finetunes_take_the_room_before_ready_chapters(root, tmp_path, monkeypatch):
@@ -1114,7 +1141,8 @@ def test_a_runs_processes_share_the_gpu_and_say_so(root, tmp_path, monkeypatch, 
     assert timing.SHARED_GPU not in os.environ
     assert "--low-priority acts only through an MPS daemon: add --mps" in capsys.readouterr().out
     summary = record.run("smoke", str(tmp_path / "rec2"), workers=1, chapters=["00"], favour=["0"])
-    assert summary["low_priority"] == [] and summary["favour"] == {"chapters": ["00"], "workers_low_priority": True}
+    assert summary["low_priority"] == [] and summary["favour"] == {"chapters": ["00"], "workers_low_priority": True,
+                                                                   "auto": False}
     assert "--favour acts only through an MPS daemon" in capsys.readouterr().out
 
 
