@@ -6,7 +6,8 @@
 #   .carry-lee/                    the Lee news corpus files (offline text for chapter 6, from gensim)
 #   .whl/                          wheels for what the GPU image lacks (scripts/gpu_wheels.sh)
 # Usage: bash scripts/gpu_carry.sh   (from the repository root, after `make venv`)
-#        bash scripts/gpu_carry.sh plan   which folders to carry in which device call (each call <= 64 MiB)
+#        bash scripts/gpu_carry.sh plan   which folders to carry in which device call (each call <= 64 MiB);
+#                                         `plan qwen` adds the Qwen parts (.carry-qwenN, left out otherwise)
 #        bash scripts/gpu_carry.sh aside  move record/ (27 MiB of the 31 MiB working tree, which every call carries and a
 #                                         run on the GPU never reads) out of the checkout to ../record-aside, so that
 #                                         `plan` fits the model, wheels and data in 3 calls instead of 4
@@ -82,12 +83,16 @@ split_model() {
   echo "$(basename "$src"): $size bytes, sha256 $sha, $n parts of <= $chunk bytes in .carry-${prefix}1..$n"
   du -sh .carry-"$prefix"[0-9]*
 }
-if [ "${1:-}" = plan ]; then  # which .carry-* folders to carry in which device call (first fit, largest first)
-  python3 - "$(tree_bytes)" "$(room_bytes)" <<'PLAN'
+if [ "${1:-}" = plan ]; then  # which .carry-* folders to carry in which device call (first fit, largest first);
+  # the .carry-qwenN parts only with `plan qwen` (a SmolLM2 run does not need them: 9 calls more)
+  python3 - "$(tree_bytes)" "$(room_bytes)" "${2:-}" <<'PLAN'
+import re
 import sys
 from pathlib import Path
 room = int(sys.argv[2])
-size = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in Path(".").glob(".carry-*") if d.is_dir()}
+qwen = sys.argv[3] == "qwen"
+size = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in Path(".").glob(".carry-*")
+        if d.is_dir() and (qwen or not re.fullmatch(r"\.carry-qwen[0-9]+", d.name))}
 calls: list[list[str]] = []
 for name in sorted(size, key=lambda n: -size[n]):
     if size[name] > room:

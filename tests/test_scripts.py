@@ -59,3 +59,13 @@ def test_back_without_the_aside_folder_restores_from_git(repo):
     shutil.rmtree(repo / "record")
     out = _sh(repo, "back")
     assert out.returncode == 0 and (repo / "record" / "m" / "results.json").exists()
+
+
+def test_the_plan_leaves_the_qwen_parts_out_unless_asked(repo):
+    """A SmolLM2 run needs none of the second model's parts: ``plan`` leaves ``.carry-qwenN`` out (nine calls
+    of ~53 MiB more), ``plan qwen`` counts them in."""
+    (repo / ".carry-qwen1").mkdir()
+    (repo / ".carry-qwen1" / "qwen-part-00").write_bytes(b"q" * 20 * 2**20)
+    plain, qwen = _sh(repo, "plan").stdout, _sh(repo, "plan", "qwen").stdout
+    assert ".carry-a" in plain and ".carry-qwen1" not in plain and "1 calls" in plain
+    assert ".carry-a" in qwen and ".carry-qwen1" in qwen
