@@ -14,7 +14,9 @@ configuration's steady throughput is each process's over the last two thirds of 
 graphs of most shapes are captured), summed; beside it the board power's mean over the configuration
 (``bench/gpu_power.py`` gives the card's idle and saturated power). The question it answers: do 8 processes
 of 16 rows reach what one process does with the same rows in one larger step (what training several
-finetunes as one batch would give)?
+finetunes as one batch would give)? And at what energy per token (``steady_watts``, ``joules_per_token``: the
+power over the window in which every process trained steadily): a run whose card is at its power limit (an H200,
+bench/README "Session 30") is paid in joules, not in seconds of one process.
 """
 from __future__ import annotations
 
@@ -68,14 +70,33 @@ def worker(model_dir: str, kind: str, steps: int, seed: int, result: str, batch:
                              checkpoint_every=10 ** 6)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+        t_end = time.perf_counter()  # CLOCK_MONOTONIC: the parent's power log reads the same clock
+        wall = t_end - t0
     log = res.log
     first = max(2, len(log) // 3)  # the last two thirds: most shapes' graphs are captured by then
     a, b = log.iloc[first], log.iloc[-1]
+    span = b["seconds"] - a["seconds"]
+    # the steady window on the shared clock, anchored at the end (the last row is timed after the GPU finished;
+    # what follows it, writing the adapter, is under a second)
     out = {"kind": kind, "batch": batch, "steps": len(log), "wall_s": wall,
-           "steady_steps_per_s": (len(log) - 1 - first) / (b["seconds"] - a["seconds"]),
-           "steady_tok_per_s": (b["input_tokens"] - a["input_tokens"]) / (b["seconds"] - a["seconds"])}
+           "steady_steps_per_s": (len(log) - 1 - first) / span,
+           "steady_tok_per_s": (b["input_tokens"] - a["input_tokens"]) / span,
+           "steady_window": [t_end - span, t_end]}
     Path(result).write_text(json.dumps(out))
+
+
+def steady_energy(per: list[dict], power, tok_per_s: float) -> dict:
+    """Board power over the window in which every process of a configuration trained at its steady rate (the
+    intersection of their ``steady_window``), and the energy per training token it gives (J/token, the card's
+    idle draw included). ``mean_watts`` averages the configuration's last two thirds, start-up included: in
+    session 29 (H100) one process of 128 rows read 203 W over 26 s of which its steady steps were about 4 s,
+    which says little of what that step draws."""
+    if not per or power is None:
+        return {"steady_watts": None, "steady_window_s": None, "joules_per_token": None}
+    lo, hi = max(p["steady_window"][0] for p in per), min(p["steady_window"][1] for p in per)
+    watts = power.mean(lo, hi, skip=0.0) if hi > lo else None
+    return {"steady_watts": watts, "steady_window_s": round(max(hi - lo, 0.0), 2),
+            "joules_per_token": round(watts / tok_per_s, 6) if watts and tok_per_s else None}
 
 
 def main() -> None:
@@ -103,7 +124,7 @@ def main() -> None:
     configs = [tuple(map(int, c.lower().split("x"))) for c in a.configs] if a.configs else [(k, 16) for k in a.procs]
     stack = ExitStack()
     mps = stack.enter_context(mps_daemon(a.mps))
-    power = stack.enter_context(PowerLog(0.5)) if torch.cuda.is_available() else None
+    power = stack.enter_context(PowerLog(0.25)) if torch.cuda.is_available() else None
 
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                "mps": mps, "steps_at_16_rows": a.steps}
@@ -124,6 +145,7 @@ def main() -> None:
                        "total_steps_per_s": sum(p["steady_steps_per_s"] for p in per),
                        "total_tok_per_s": sum(p["steady_tok_per_s"] for p in per),
                        "mean_watts": power.mean(t0, t0 + wall, skip=wall / 3) if power else None}
+                agg.update(steady_energy(per, power, agg["total_tok_per_s"]))
                 results[f"{kind}_{k}x{batch}"] = agg
                 print(kind, json.dumps(agg), flush=True)
                 Path(a.out, "train_parallel.json").write_text(json.dumps(results, indent=2))

@@ -1540,3 +1540,17 @@ def test_record_files_names_a_pack_and_refuses_to_overwrite(root, tmp_path, monk
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "x.json").write_text("{}")
         mod.main([str(tmp_path / "other"), "--card", "h100", "--tag", "t"])
+
+
+def test_train_parallel_reads_power_over_the_window_every_process_trained_steadily(root):
+    """bench/train_parallel_gpu.py's energy per token: the board power over the intersection of the processes'
+    steady windows (not the configuration's last two thirds, start-up included), divided by their summed rate."""
+    mod = bench_module(root, "train_parallel_gpu")
+    power = bench_module(root, "gpu_power").PowerLog()
+    power.rows = [(t, 100.0 if t < 10 else 500.0) for t in range(0, 30)]  # start-up at 100 W, training at 500 W
+    per = [{"steady_window": [10.0, 25.0]}, {"steady_window": [12.0, 29.0]}]
+    got = mod.steady_energy(per, power, tok_per_s=1000.0)
+    assert got == {"steady_watts": 500.0, "steady_window_s": 13.0, "joules_per_token": 0.5}
+    assert mod.steady_energy(per, None, 1000.0)["joules_per_token"] is None
+    apart = [{"steady_window": [0.0, 5.0]}, {"steady_window": [6.0, 9.0]}]  # no moment where both trained
+    assert mod.steady_energy(apart, power, 1000.0)["steady_watts"] is None
