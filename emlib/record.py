@@ -922,9 +922,10 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     (:func:`chapter_job`; ``record.json``'s ``low_priority`` lists them). ``favour`` (chapter numbers, instead of
     ``low_priority``): those chapters keep MPS's NORMAL priority and every other process of the run, the other
     chapters and the finetune workers, runs at BELOW_NORMAL (``record.json``'s ``favour``); None (the default):
-    :func:`auto_favour` once the MPS daemon is known to be on (the longest chapter), () to favour none. ``early_chapters``: a
-    chapter may start while workers still train its finetunes (:func:`may_start_early`; None: on a machine with a
-    GPU; ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter that did).
+    :func:`auto_favour` once the MPS daemon is known to be on (the longest chapter), () to favour none.
+    ``early_chapters``: a chapter may start while workers still train its finetunes (:func:`may_start_early`;
+    None: on a machine with a GPU; ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter
+    that did).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
