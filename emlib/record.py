@@ -941,7 +941,7 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state = RunState.of(plan)
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
-    state.low_priority, state.favour = low_priority, favour
+    state.low_priority, state.favour, state.favour_auto = low_priority, favour, not asked
     gpu = bool(runner.visible_gpus())  # nvidia-smi: CUDA stays untouched in this process
     state.early = gpu if early_chapters is None else early_chapters
     if (low_priority or favour) and not mps:
@@ -951,14 +951,13 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         state.admit = Admission(runner.gpu_free_gib, gib_per_process)
     with models.shared_gpu(), runner.mps_daemon(mps) as state.mps:
         print(f"[record] MPS {state.mps}", flush=True)
-        if not asked:
-            favour = state.favour = auto_favour(stems, state.mps == "on", low_priority)
-            if favour:
-                print(f"[record] favouring chapter(s) {' '.join(favour)} (the longest path; --favour none: no "
-                      "chapter)", flush=True)
-        state.favour_auto = not asked
+        if state.favour_auto:
+            state.favour = auto_favour(stems, state.mps == "on", low_priority)
+            if state.favour:
+                print(f"[record] favouring chapter(s) {' '.join(state.favour)} (the longest path; --favour none: "
+                      "no chapter)", flush=True)
         # the workers start (imports, CUDA context) while this process converts the model
-        pool = finetune_pool(workers, state.threads, gpu, low=bool(favour)) if plan.finetunes else None
+        pool = finetune_pool(workers, state.threads, gpu, low=bool(state.favour)) if plan.finetunes else None
         try:
             state.timings["model_load_s"] = prepare_model(plan.cfg)
             if models.LAST_CONVERSION:  # converted here: where its seconds went (models.LAST_CONVERSION)
