@@ -18,7 +18,15 @@ to float32 rounding:
 * **plain** (``$EMLIB_VOCAB_LOSS=plain``, or a head that is not a frozen ``nn.Linear``): head, float32
   log-softmax and the loss under activation checkpointing per chunk, as autograd computes them.
 
-``tests/test_vocab_loss.py`` checks values and gradients of both against each other and against
+* **compiled** (``$EMLIB_VOCAB_LOSS=compiled``, opt-in): the fused autograd functions, with each chunk's work over
+  the vocabulary after the head's matmul -- the loss from the logits, and in the backward the logits' gradient --
+  as small functions under ``torch.compile`` (:func:`_compiled`): one generated kernel reads a chunk's logits a
+  few times instead of writing float32 log-probabilities and reading them back (the eager fused way moves about 8
+  bytes per element of a chunk forward and 14 backward, the KL's ``q`` and ``log q`` besides). Same formulas, same
+  values to float32 rounding. Not the default: measured per call (``bench/vocab_loss_bench.py --ways``), not in a
+  whole run yet; each process compiles on its first calls (seconds; inductor's cache on disk serves the next).
+
+``tests/test_vocab_loss.py`` checks values and gradients of every way against each other and against
 ``torch.nn.functional.cross_entropy`` / ``kl_div`` on full logits.
 """
 from __future__ import annotations
@@ -33,9 +41,12 @@ from .models import env_switch
 VOCAB_LOSS_ENV = "EMLIB_VOCAB_LOSS"
 
 
+WAYS = ("fused", "plain", "compiled")
+
+
 def vocab_loss_setting() -> str:
-    """``$EMLIB_VOCAB_LOSS``: ``fused`` (the default) or ``plain`` (see the module's docstring)."""
-    return env_switch(VOCAB_LOSS_ENV, "fused", ("fused", "plain"), "fused or plain")
+    """``$EMLIB_VOCAB_LOSS``: ``fused`` (the default), ``plain`` or ``compiled`` (see the module's docstring)."""
+    return env_switch(VOCAB_LOSS_ENV, "fused", WAYS, "fused, plain or compiled")
 
 
 def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -50,7 +61,7 @@ def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
 
 def _fused_parts(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The head's (weight, bias) where :func:`ce_tokens` / :func:`kl_tokens` take the fused way now, else None."""
-    return _frozen_linear(head) if vocab_loss_setting() == "fused" else None
+    return _frozen_linear(head) if vocab_loss_setting() != "plain" else None
 
 
 def fused_applies(head: torch.nn.Module) -> bool:
@@ -88,9 +99,13 @@ class _LinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, chunk):  # h [N, d], targets [N] -> [N] float32
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         ctx.dtype = h.dtype  # the logits' dtype (autocast's where it is on; every chunk's is the same)
+        ctx.compiled = vocab_loss_setting() == "compiled"
         for s in range(0, h.shape[0], chunk):
             logits = _logits(h[s:s + chunk], weight, bias)  # [c, V]
             ctx.dtype = logits.dtype
+            if ctx.compiled:
+                out[s:s + chunk] = _compiled(_ce_math)(logits, targets[s:s + chunk])
+                continue
             logp = torch.log_softmax(logits, -1, dtype=torch.float32)  # [c, V]
             out[s:s + chunk] = torch.nn.functional.nll_loss(logp, targets[s:s + chunk], ignore_index=IGNORE,
                                                             reduction="none")
@@ -106,6 +121,10 @@ class _LinearCE(torch.autograd.Function):
         with _autocast_as(ctx, h):
             for s in range(0, h.shape[0], ctx.chunk):
                 hs, t = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+                if ctx.compiled:
+                    gl = _compiled(_ce_grad_math)(_logits(hs, weight, bias), t, g[s:s + ctx.chunk], ctx.dtype)
+                    grad[s:s + ctx.chunk] = _grad_h(gl, weight, hs)
+                    continue
                 p = torch.softmax(_logits(hs, weight, bias), -1, dtype=torch.float32)  # [c, V]
                 valid = (t != IGNORE).to(p.dtype)  # [c]
                 p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -valid.unsqueeze(-1))  # p - onehot(target)
@@ -118,7 +137,10 @@ def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch
     """``sum_v q_v (log q_v - log p_v)`` per position, ``p = softmax(logits)``: the reference's probabilities and
     log-probabilities ``q``, ``log_q`` [c, V] float32 and the logits of F copies [F, c, V] (any float dtype) ->
     [F, c] float32. ``log p - log q`` is formed in the copies' float32 log-probabilities and summed against ``q``
-    as one product per position (``q`` is not repeated for the copies; equal distributions give exactly 0)."""
+    as one product per position (``q`` is not repeated for the copies; equal distributions give exactly 0).
+    ``$EMLIB_VOCAB_LOSS=compiled``: the same sum as one generated reduction (:func:`_kl_rows_math`)."""
+    if vocab_loss_setting() == "compiled":
+        return _compiled(_kl_rows_math)(q, log_q, logits)
     diff = torch.log_softmax(logits, -1, dtype=torch.float32).sub_(log_q)  # [F, c, V]: log p - log q
     with torch.autocast(logits.device.type, enabled=False), _float32_products():  # not a bf16 or TF32 product
         return -torch.bmm(diff.transpose(0, 1), q.unsqueeze(-1)).squeeze(-1).t()
@@ -147,7 +169,13 @@ class _LinearKL(torch.autograd.Function):
         F, n = cur_h.shape[:2]
         out = torch.empty(F, n, dtype=torch.float32, device=cur_h.device)
         ctx.dtype = cur_h.dtype  # the logits' dtype, as in _LinearCE
+        ctx.compiled = vocab_loss_setting() == "compiled"
         for s in range(0, n, chunk):
+            if ctx.compiled:
+                logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
+                ctx.dtype = logits.dtype
+                out[:, s:s + chunk] = _compiled(_kl_math)(_logits(ref_h[s:s + chunk], weight, bias), logits)
+                continue
             ref_logp = torch.log_softmax(_logits(ref_h[s:s + chunk], weight, bias), -1, dtype=torch.float32)
             logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
             ctx.dtype = logits.dtype
@@ -163,6 +191,12 @@ class _LinearKL(torch.autograd.Function):
         grad = torch.empty_like(cur_h)
         with _autocast_as(ctx, cur_h):
             for s in range(0, cur_h.shape[1], ctx.chunk):
+                if ctx.compiled:
+                    cs = cur_h[:, s:s + ctx.chunk]
+                    gl = _compiled(_kl_grad_math)(_logits(ref_h[s:s + ctx.chunk], weight, bias),
+                                                  _logits(cs, weight, bias), g[:, s:s + ctx.chunk], ctx.dtype)
+                    grad[:, s:s + ctx.chunk] = _grad_h(gl, weight, cs)
+                    continue
                 q = torch.softmax(_logits(ref_h[s:s + ctx.chunk], weight, bias), -1, dtype=torch.float32)  # [c, V]
                 cs = cur_h[:, s:s + ctx.chunk]
                 p = torch.softmax(_logits(cs, weight, bias), -1, dtype=torch.float32)  # [F, c, V]
@@ -170,6 +204,56 @@ class _LinearKL(torch.autograd.Function):
                 gl = _scaled_into(p, g[:, s:s + ctx.chunk].to(p.dtype), ctx.dtype)  # [F, c, V]
                 grad[:, s:s + ctx.chunk] = _grad_h(gl, weight, cs)
         return None, grad, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ the compiled way
+# Each takes a chunk's logits (any float dtype) and does all its work over the vocabulary in float32; under
+# torch.compile (:func:`_compiled`) each is one or two generated kernels. Called uncompiled they give the same
+# values (the tests compare both).
+def _ce_math(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position: logits [c, V], targets [c] (IGNORE: 0) -> [c] float32 (``logsumexp - x_t``)."""
+    x = logits.float()
+    valid = targets != IGNORE
+    picked = x.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [c]
+    return torch.where(valid, torch.logsumexp(x, -1) - picked, 0.0)
+
+
+def _ce_grad_math(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d logits of :func:`_ce_math` scaled by ``g`` [c]: ``(softmax(x) - onehot(t)) * g``, 0 at IGNORE
+    targets, in ``dtype`` [c, V]."""
+    p = torch.softmax(logits.float(), -1)  # [c, V]
+    hit = torch.arange(p.shape[-1], device=p.device) == targets.unsqueeze(-1)  # [c, V]; IGNORE hits nothing
+    scale = torch.where(targets != IGNORE, g.float(), 0.0).unsqueeze(-1)  # [c, 1]
+    return ((p - hit.float()) * scale).to(dtype)
+
+
+def _kl_math(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(ref) || softmax(x)) per position: ref [c, V], x [F, c, V] -> [F, c] float32."""
+    log_q = torch.log_softmax(ref_logits.float(), -1)  # [c, V]
+    return (log_q.exp() * (log_q - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+
+def _kl_grad_math(ref_logits: torch.Tensor, logits: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d KL / d logits of :func:`_kl_math` scaled by ``g`` [F, c]: ``(softmax(x) - softmax(ref)) * g`` in
+    ``dtype`` [F, c, V]."""
+    q = torch.softmax(ref_logits.float(), -1)  # [c, V]
+    return ((torch.softmax(logits.float(), -1) - q) * g.float().unsqueeze(-1)).to(dtype)
+
+
+def _kl_rows_math(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`kl_rows`' sum as one reduction: q, log_q [c, V] float32, logits [F, c, V] -> [F, c] float32."""
+    return (q * (log_q - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``fn`` under ``torch.compile`` (made once per process; sizes that change between calls -- a last, shorter
+    chunk -- are compiled once more as dynamic, torch's default)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 # ------------------------------------------------------------------------------------------ the plain way

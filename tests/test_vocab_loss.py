@@ -138,7 +138,7 @@ def test_a_trained_or_wrapped_head_takes_the_plain_way(monkeypatch):
 
 def test_bad_settings_and_inputs_say_what_to_do(monkeypatch):
     monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "fast")
-    with pytest.raises(ValueError, match="fused or plain"):
+    with pytest.raises(ValueError, match="fused, plain or compiled"):
         vocab_loss.vocab_loss_setting()
     monkeypatch.delenv(vocab_loss.VOCAB_LOSS_ENV)
     ref = torch.randn(3, D, requires_grad=True)
@@ -147,7 +147,7 @@ def test_bad_settings_and_inputs_say_what_to_do(monkeypatch):
 
 
 def test_no_positions_give_empty_losses(monkeypatch):
-    for setting in ("fused", "plain"):
+    for setting in vocab_loss.WAYS:
         monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, setting)
         assert vocab_loss.ce_tokens(torch.randn(0, D), _head(), torch.zeros(0, dtype=torch.long), 4).shape == (0,)
         assert vocab_loss.kl_tokens(torch.randn(0, D), torch.randn(2, 0, D), _head(), 4).shape == (2, 0)
@@ -168,3 +168,76 @@ def test_the_kl_sum_is_a_full_float32_product_whatever_the_matmul_precision(monk
     finally:
         torch.set_float32_matmul_precision(before)
     assert seen == ["highest"] and out.shape == (2, 4) and (out >= 0).all()
+
+
+def _uncompiled(monkeypatch):
+    """The compiled way's formulas called as they are (no compiler): what they compute, checked fast."""
+    monkeypatch.setattr(vocab_loss, "_compiled", lambda fn: fn)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_the_compiled_ways_formulas_give_the_fused_values_and_gradients(monkeypatch, bias, chunk):
+    _uncompiled(monkeypatch)
+    head = _head(bias)
+    torch.manual_seed(5)
+    h, t = torch.randn(23, D), _targets(23)
+    got, g_got = _ce("compiled", monkeypatch, h, head, t, chunk)
+    want, g_want = _ce("fused", monkeypatch, h, head, t, chunk)
+    assert (got[t == IGNORE] == 0).all() and (g_got[t == IGNORE] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    ref = torch.randn(19, D)
+    for cur in (ref + 0.3 * torch.randn(19, D), ref + 0.3 * torch.randn(3, 19, D)):
+        got, g_got = _kl("compiled", monkeypatch, ref, cur, head, chunk)
+        want, g_want = _kl("fused", monkeypatch, ref, cur, head, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+    same, _ = _kl("compiled", monkeypatch, ref, ref.clone(), head, chunk)
+    assert (same == 0).all()  # equal distributions: exactly 0, as the fused way
+
+
+def test_the_compiled_ways_formulas_in_bf16_and_under_autocast(monkeypatch):
+    """bf16 logits (the GPU's): the gradient comes back in bf16 like the fused way's; under autocast the
+    backward's recomputed logits are bf16 too."""
+    _uncompiled(monkeypatch)
+    head = _head(dtype=torch.bfloat16)
+    torch.manual_seed(6)
+    h, t = torch.randn(17, D, dtype=torch.bfloat16), _targets(17)
+    got, g_got = _ce("compiled", monkeypatch, h, head, t, 8)
+    want, g_want = _ce("fused", monkeypatch, h, head, t, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert g_got.dtype == torch.bfloat16
+    torch.testing.assert_close(g_got, g_want, rtol=2e-2, atol=1e-3)
+    head32 = _head()
+    h32, cur = torch.randn(10, D), torch.randn(10, D) + 0.2 * torch.randn(3, 10, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kc, gkc = _kl("compiled", monkeypatch, h32, cur, head32, 4)
+        kf, gkf = _kl("fused", monkeypatch, h32, cur, head32, 4)
+    torch.testing.assert_close(kc, kf, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gkc, gkf, rtol=2e-2, atol=1e-3)
+    logq = torch.randn(4, V).log_softmax(-1)
+    x = torch.randn(2, 4, V, dtype=torch.bfloat16)
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "compiled")
+    kc = vocab_loss.kl_rows(logq.exp(), logq, x)
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "fused")
+    torch.testing.assert_close(kc, vocab_loss.kl_rows(logq.exp(), logq, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_way_under_torch_compile_matches_the_fused_way(monkeypatch):
+    """The real thing, once: the formulas through torch.compile (inductor's C++ kernels on the CPU; Triton on a
+    GPU), values and gradients of both losses and kl_rows, a last shorter chunk included."""
+    head = _head(bias=True)
+    torch.manual_seed(7)
+    h, t = torch.randn(13, D), _targets(13)
+    got, g_got = _ce("compiled", monkeypatch, h, head, t, 8)
+    want, g_want = _ce("fused", monkeypatch, h, head, t, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    ref = torch.randn(9, D)
+    cur = ref + 0.3 * torch.randn(2, 9, D)
+    got, g_got = _kl("compiled", monkeypatch, ref, cur, head, 8)
+    want, g_want = _kl("fused", monkeypatch, ref, cur, head, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+    assert vocab_loss._COMPILED  # the compiled functions were made, not bypassed
