@@ -38,6 +38,11 @@ def _kl(setting, monkeypatch, ref, cur, head, chunk):
     return out.detach(), cur.grad
 
 
+def _uncompiled(monkeypatch):
+    """The compiled way's formulas called as they are (no compiler): what they compute, checked fast."""
+    monkeypatch.setattr(vocab_loss, "_compiled", lambda fn: fn)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [5, 1000])
 def test_fused_cross_entropy_is_torchs(monkeypatch, bias, chunk):
@@ -79,35 +84,41 @@ def test_fused_kl_is_torchs(monkeypatch, copies, chunk):
     torch.testing.assert_close(g_plain, c.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_losses_in_bf16_match_the_plain_way(monkeypatch):
-    """bf16 hidden states and head (the GPU's dtype): the logits are rounded to bf16 both ways; the fused
-    gradient is written in bf16 as autograd writes the plain way's through the float32 cast."""
+@pytest.mark.parametrize("other", ["plain", "compiled"])
+def test_fused_losses_in_bf16_match_the_other_ways(monkeypatch, other):
+    """bf16 hidden states and head (the GPU's dtype): the logits are rounded to bf16 every way; the fused and
+    compiled gradients are written in bf16 as autograd writes the plain way's through the float32 cast."""
+    if other == "compiled":
+        _uncompiled(monkeypatch)
     head = _head(dtype=torch.bfloat16)
     torch.manual_seed(3)
     h, t = torch.randn(17, D, dtype=torch.bfloat16), _targets(17)
     fused, g_fused = _ce("fused", monkeypatch, h, head, t, 8)
-    plain, g_plain = _ce("plain", monkeypatch, h, head, t, 8)
+    plain, g_plain = _ce(other, monkeypatch, h, head, t, 8)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    assert g_fused.dtype == torch.bfloat16
+    assert g_fused.dtype == g_plain.dtype == torch.bfloat16
     torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=1e-3)
     ref, cur = h[:9], (h[:9].float() + 0.2 * torch.randn(2, 9, D)).to(torch.bfloat16)
     kf, gkf = _kl("fused", monkeypatch, ref, cur, head, 4)
-    kp, gkp = _kl("plain", monkeypatch, ref, cur, head, 4)
+    kp, gkp = _kl(other, monkeypatch, ref, cur, head, 4)
     torch.testing.assert_close(kf, kp, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gkf, gkp, rtol=2e-2, atol=1e-3)
 
 
-def test_fused_losses_under_autocast_match_the_plain_way(monkeypatch):
+@pytest.mark.parametrize("other", ["plain", "compiled"])
+def test_fused_losses_under_autocast_match_the_other_ways(monkeypatch, other):
     """float32 weights under bf16 autocast (how the fast step trains): the head's matmul runs in bf16 in the
-    forward and again in the fused backward's recomputation, as in the plain way."""
+    forward and again in the fused (and compiled) backward's recomputation, as in the plain way."""
+    if other == "compiled":
+        _uncompiled(monkeypatch)
     head = _head()
     torch.manual_seed(4)
     h, t = torch.randn(21, D), _targets(21)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, g_fused = _ce("fused", monkeypatch, h, head, t, 6)
-        plain, g_plain = _ce("plain", monkeypatch, h, head, t, 6)
+        plain, g_plain = _ce(other, monkeypatch, h, head, t, 6)
         kf, gkf = _kl("fused", monkeypatch, h[:10], h[:10] + 0.2 * torch.randn(3, 10, D), head, 4)
-        kp, gkp = _kl("plain", monkeypatch, h[:10], h[:10] + 0.2 * torch.randn(3, 10, D), head, 4)
+        kp, gkp = _kl(other, monkeypatch, h[:10], h[:10] + 0.2 * torch.randn(3, 10, D), head, 4)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=1e-3)
     assert kf.shape == kp.shape == (3, 10)
@@ -115,7 +126,7 @@ def test_fused_losses_under_autocast_match_the_plain_way(monkeypatch):
     cur = h[:10] + 0.2 * torch.randn(3, 10, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kf, gkf = _kl("fused", monkeypatch, h[:10], cur, head, 4)
-        kp, gkp = _kl("plain", monkeypatch, h[:10], cur, head, 4)
+        kp, gkp = _kl(other, monkeypatch, h[:10], cur, head, 4)
     torch.testing.assert_close(kf, kp, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gkf, gkp, rtol=2e-2, atol=1e-3)
 
@@ -170,10 +181,6 @@ def test_the_kl_sum_is_a_full_float32_product_whatever_the_matmul_precision(monk
     assert seen == ["highest"] and out.shape == (2, 4) and (out >= 0).all()
 
 
-def _uncompiled(monkeypatch):
-    """The compiled way's formulas called as they are (no compiler): what they compute, checked fast."""
-    monkeypatch.setattr(vocab_loss, "_compiled", lambda fn: fn)
-
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [5, 1000])
@@ -197,31 +204,16 @@ def test_the_compiled_ways_formulas_give_the_fused_values_and_gradients(monkeypa
     assert (same == 0).all()  # equal distributions: exactly 0, as the fused way
 
 
-def test_the_compiled_ways_formulas_in_bf16_and_under_autocast(monkeypatch):
-    """bf16 logits (the GPU's): the gradient comes back in bf16 like the fused way's; under autocast the
-    backward's recomputed logits are bf16 too."""
+def test_the_compiled_kl_rows_is_the_fused_ones(monkeypatch):
+    """Chapter 6's per-token KL against kept base log-probabilities, bf16 steered logits."""
     _uncompiled(monkeypatch)
-    head = _head(dtype=torch.bfloat16)
     torch.manual_seed(6)
-    h, t = torch.randn(17, D, dtype=torch.bfloat16), _targets(17)
-    got, g_got = _ce("compiled", monkeypatch, h, head, t, 8)
-    want, g_want = _ce("fused", monkeypatch, h, head, t, 8)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert g_got.dtype == torch.bfloat16
-    torch.testing.assert_close(g_got, g_want, rtol=2e-2, atol=1e-3)
-    head32 = _head()
-    h32, cur = torch.randn(10, D), torch.randn(10, D) + 0.2 * torch.randn(3, 10, D)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kc, gkc = _kl("compiled", monkeypatch, h32, cur, head32, 4)
-        kf, gkf = _kl("fused", monkeypatch, h32, cur, head32, 4)
-    torch.testing.assert_close(kc, kf, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gkc, gkf, rtol=2e-2, atol=1e-3)
     logq = torch.randn(4, V).log_softmax(-1)
     x = torch.randn(2, 4, V, dtype=torch.bfloat16)
     monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "compiled")
-    kc = vocab_loss.kl_rows(logq.exp(), logq, x)
+    got = vocab_loss.kl_rows(logq.exp(), logq, x)
     monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "fused")
-    torch.testing.assert_close(kc, vocab_loss.kl_rows(logq.exp(), logq, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, vocab_loss.kl_rows(logq.exp(), logq, x), rtol=1e-5, atol=1e-6)
 
 
 def test_the_compiled_way_under_torch_compile_matches_the_fused_way(monkeypatch):
