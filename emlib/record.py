@@ -613,14 +613,18 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
 
 # A chapter's first 10-16 s are start-up (its kernel, imports, the model and the judge: `record_cells`), which
 # in the runs of 2026-12-06 on an H100 came after its finetunes ended, with the GPU at 0% for 15-25 s as the
-# finetunes gave way to chapters 1-3 (the monitor's samples at 202-228 s).
+# finetunes gave way to chapters 1-3 (the monitor's samples at 202-228 s). Until 2026-12-07 a chapter started
+# early only once no finetune was queued: the short finetunes go last, so the queue emptied a few seconds before
+# the long ones ended, and the card still sat near idle for 15-18 s as chapters 1-3 started up (SmolLM2, H100,
+# session 35: 117-166 W from 160 to 175 s; Qwen2.5-Coder-0.5B, session 36: 127-236 W at 331-336 s). Now it
+# may start as soon as workers hold its finetunes; since that can be long before they end, the admission rule
+# counts it again from when they are done (recall_early), when chapters 2-3 start to grow (to 24-27 GB on an H100).
 def may_start_early(plan: Plan, state: RunState, stem: str) -> bool:
-    """Whether ``stem`` may start before its finetunes are done (``state.early``): every finetune the run
-    planned is in a worker already (none queued or waiting) and each of the chapter's that is not done is held
-    by the worker training it (:func:`emlib.train.finetune_held`): the chapter then waits for it where it asks
-    for it, and loads it (``train.finetune_lock``), instead of training it a second time.
-    :func:`recall_early` stops it again if one of them fails."""
-    if not state.early or state.queue or state.having(state.finetunes, WAITING):
+    """Whether ``stem`` may start before its finetunes are done (``state.early``): each of the chapter's that is
+    not done is in a worker and held by it (:func:`emlib.train.finetune_held`), whatever else is still queued:
+    the chapter then waits for it where it asks for it, and loads it (``train.finetune_lock``), instead of
+    training it a second time. :func:`recall_early` stops it again if one of them fails."""
+    if not state.early:
         return False
     from . import train
     from .experiment import finetune_dir
@@ -633,8 +637,8 @@ def may_start_early(plan: Plan, state: RunState, stem: str) -> bool:
 
 
 def recall_early(plan: Plan, state: RunState) -> None:
-    """Each chapter started early (:func:`may_start_early`): ready once its finetunes are done (``ready_s``);
-    stopped and waiting again when one of them failed, ran out of memory or went back to the queue (its
+    """Each chapter started early (:func:`may_start_early`): ready once its finetunes are done (``ready_s``), and
+    from then on counted again by the admission rule for ``ramp_s`` (it grows only now); stopped and waiting again when one of them failed, ran out of memory or went back to the queue (its
     group split): it would otherwise train that finetune itself, beside everything else.
     :func:`start_ready_chapters` then does with it what it does with a chapter that was waiting."""
     for stem in sorted(state.started_early):
@@ -644,6 +648,8 @@ def recall_early(plan: Plan, state: RunState) -> None:
             known = [e for e in ended if e is not None]  # when the run saw each end (collect_finetunes)
             state.ready.setdefault(stem, state.t0 + max(known) if known else time.time())
             state.started_early.discard(stem)
+            state.admit.note_end(stem)  # counted again from now on: it starts to grow (see may_start_early)
+            state.admit.note_start(share=need_share(stem), key=stem)
         elif any(v not in (DONE, RUNNING) for v in status):
             proc, _ = state.processes.pop(stem)
             proc.kill()
@@ -1160,8 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--low-priority is not set; none: no chapter. One H100: 464 s without, 424-428 s with "
                         "(bench/README 'Session 35')")
     r.add_argument("--early-chapters", choices=("auto", "on", "off"), default="auto",
-                   help="start a chapter while workers still train its finetunes (once none is queued), so its "
-                        "start-up overlaps their last seconds; it waits for them where it asks for them (auto: on "
+                   help="start a chapter while workers still train its finetunes (once workers hold them all), so "
+                        "its start-up overlaps their training; it waits for them where it asks for them (auto: on "
                         "a GPU)")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
                    help="GPU memory one finetune or chapter process may reach: a process starts only while the "

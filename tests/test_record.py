@@ -1206,9 +1206,10 @@ class _Running:
 
 
 def test_a_chapter_starts_early_only_once_workers_hold_its_finetunes(root, tmp_path, monkeypatch):
-    """``early_chapters``: with nothing queued, a chapter may start while its finetunes train, but only once the
-    worker training each has taken its lock (where the chapter will wait for it, then load it): the lock of the
-    folder the worker's Experiment trains it in. Queued or waiting finetunes, or the setting off: no early start."""
+    """``early_chapters``: a chapter may start while its finetunes train, but only once the worker training each
+    has taken its lock (where the chapter will wait for it, then load it): the lock of the folder the worker's
+    Experiment trains it in. Other finetunes still queued or waiting do not hold it back (the short ones go last:
+    session 36); one of its own waiting, or the setting off: no early start."""
     import contextlib
 
     from emlib import train
@@ -1232,12 +1233,12 @@ def test_a_chapter_starts_early_only_once_workers_hold_its_finetunes(root, tmp_p
         state.finetunes[needs[0].name] = record.DONE  # a done one needs no lock
         assert record.may_start_early(plan, state, stem)
         state.queue = [("something",)]
-        assert not record.may_start_early(plan, state, stem)  # finetunes still to hand out: not yet
-        state.queue = []
         other = next(n for n in state.finetunes if n not in plan.needs[stem])
         state.finetunes[other] = record.WAITING
-        assert not record.may_start_early(plan, state, stem)
-        state.finetunes[other] = record.RUNNING
+        assert record.may_start_early(plan, state, stem)  # others still to hand out: no matter
+        state.finetunes[needs[1].name] = record.WAITING
+        assert not record.may_start_early(plan, state, stem)  # one of its own not in a worker yet: not yet
+        state.finetunes[needs[1].name] = record.RUNNING
         state.early = False
         assert not record.may_start_early(plan, state, stem)
     assert not any(train.finetune_held(d) for d in dirs)  # released with the block
@@ -1268,9 +1269,13 @@ def test_a_chapter_started_early_is_stopped_when_its_finetune_fails(root, tmp_pa
         else:
             state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
             state.timings["jobs"] = {n: {"ended_s": time.time() - state.t0 - 1} for n in need}  # ended 1 s ago
+            state.admit = record.Admission(probe=lambda: 20.0, need_gib=14.0, ramp_s=45.0)
+            state.admit.note_start(now=time.time() - 100, key=stem)  # its early start, long past its ramp
             record.recall_early(plan, state)
             assert not proc.killed and stem not in state.started_early
             assert state.ready[stem] == pytest.approx(time.time() - 1, abs=0.5)  # when they ended, not now
+            assert [k for _, _, k in state.admit.started] == [stem]  # counted again from now: it grows now
+            assert not state.admit.room(1)  # 20 GiB free, 14 of them counted for it: no room for another
             proc.returncode = 0
             record.collect_chapters(plan, state)
             t = state.timings["chapters"][stem]
