@@ -638,8 +638,9 @@ def may_start_early(plan: Plan, state: RunState, stem: str) -> bool:
 
 def recall_early(plan: Plan, state: RunState) -> None:
     """Each chapter started early (:func:`may_start_early`): ready once its finetunes are done (``ready_s``), and
-    from then on counted again by the admission rule for ``ramp_s`` (it grows only now); stopped and waiting again when one of them failed, ran out of memory or went back to the queue (its
-    group split): it would otherwise train that finetune itself, beside everything else.
+    from then on counted again by the admission rule for ``ramp_s`` (it grows only now); stopped and waiting
+    again when one of them failed, ran out of memory or went back to the queue (its group split): it would
+    otherwise train that finetune itself, beside everything else.
     :func:`start_ready_chapters` then does with it what it does with a chapter that was waiting."""
     for stem in sorted(state.started_early):
         status = [state.finetunes[n] for n in plan.needs[stem]]
