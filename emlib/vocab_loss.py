@@ -8,21 +8,24 @@ to float32 rounding:
 
 * **fused** (the default where the LM head is an ``nn.Linear`` that is not trained -- or any, without gradients;
   ``$EMLIB_VOCAB_LOSS=fused``): one autograd
-  function per loss takes the hidden states and the head's weight. Its forward keeps nothing of size vocab; its
-  backward recomputes a chunk's logits and writes their gradient directly -- ``softmax(x) - onehot(target)`` for
-  the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL -- scaled and cast in one pass, then multiplies by
-  the head. The plain way's float32 copy of the logits, the log-softmax recomputed under checkpointing, its
-  backward and the KL's broadcast over the copies of a steering group are gone. The KL's sum
+  function per loss takes the hidden states and the head's weight and keeps nothing of size vocab. When a
+  gradient is wanted, its forward computes it while a chunk's logits exist -- ``softmax(x) - onehot(target)`` for
+  the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL, cast to the logits' dtype, times the head -- and
+  keeps ``d loss / d h`` per position ([N, d]); the backward only scales it by the incoming gradient. So the
+  head's matmul runs twice per position (logits, gradient), not three times as when the backward recomputed the
+  logits (until 2026-12-07; for the KL also the reference's). The plain way's float32 copy of the logits, the
+  log-softmax recomputed under checkpointing, its backward and the KL's broadcast over the copies of a steering
+  group are gone. The KL's sum
   ``sum_v q_v (log q_v - log p_v)`` is a batched matrix product per position, so the reference distribution
   ``q`` is not repeated for the group's F copies.
 * **plain** (``$EMLIB_VOCAB_LOSS=plain``, or a head that is not a frozen ``nn.Linear``): head, float32
   log-softmax and the loss under activation checkpointing per chunk, as autograd computes them.
 
 * **compiled** (``$EMLIB_VOCAB_LOSS=compiled``, opt-in): the fused autograd functions, with each chunk's work over
-  the vocabulary after the head's matmul -- the loss from the logits, and in the backward the logits' gradient --
+  the vocabulary after the head's matmul -- the loss from the logits and, with a gradient, the logits' gradient --
   as small functions under ``torch.compile`` (:func:`_compiled`): one generated kernel reads a chunk's logits a
   few times instead of writing float32 log-probabilities and reading them back (the eager fused way moves about 8
-  bytes per element of a chunk forward and 14 backward, the KL's ``q`` and ``log q`` besides). Same formulas, same
+  bytes per element of a chunk for the loss and 14 more for its gradient, the KL's ``q`` and ``log q`` besides). Same formulas, same
   values to float32 rounding. Not the default: measured per call (``bench/vocab_loss_bench.py --ways``), not in a
   whole run yet; each process compiles on its first calls (seconds; inductor's cache on disk serves the next).
 
@@ -31,7 +34,7 @@ to float32 rounding:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -81,56 +84,53 @@ def _scaled_into(p: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
     return torch.mul(p, scale.unsqueeze(-1), out=out)
 
 
+def _grad_wanted(h: torch.Tensor) -> bool:
+    """Whether a loss of ``h`` will be differentiated with respect to it: gradients on and ``h`` requiring one
+    (the fused functions then compute it in their forward; a metric's forward under ``no_grad`` does not)."""
+    return torch.is_grad_enabled() and h.requires_grad
+
+
 def _grad_h(grad_logits: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """d loss / d h for logits = h W^T (+ b): grad_logits [..., V] @ W [V, d], in h's dtype."""
     return torch.matmul(grad_logits, weight.to(grad_logits.dtype)).to(h.dtype)
 
 
-def _autocast_as(ctx, x: torch.Tensor):
-    """The forward's autocast state again for a backward's recomputed logits (a backward runs outside it); no
-    cast cache, as the fast step's own autocast (a replayed CUDA graph must read the current weights)."""
-    return torch.autocast(x.device.type, dtype=ctx.dtype, cache_enabled=False) if ctx.autocast else nullcontext()
-
-
 class _LinearCE(torch.autograd.Function):
-    """Per-token cross-entropy of ``linear(h, W, b)`` against ``targets`` (IGNORE: 0, no gradient)."""
+    """Per-token cross-entropy of ``linear(h, W, b)`` against ``targets`` (IGNORE: 0, no gradient). With
+    ``grad`` (a gradient for ``h`` is wanted), the forward also computes each position's ``d loss / d h`` while
+    the chunk's logits exist, and the backward only scales it: no logits are computed twice."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk):  # h [N, d], targets [N] -> [N] float32
+    def forward(ctx, h, weight, bias, targets, chunk, grad):  # h [N, d], targets [N] -> [N] float32
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        ctx.dtype = h.dtype  # the logits' dtype (autocast's where it is on; every chunk's is the same)
-        ctx.compiled = vocab_loss_setting() == "compiled"
+        dh = torch.empty_like(h) if grad else None  # [N, d]: d loss_i / d h_i
+        compiled = vocab_loss_setting() == "compiled"
         for s in range(0, h.shape[0], chunk):
-            logits = _logits(h[s:s + chunk], weight, bias)  # [c, V]
-            ctx.dtype = logits.dtype
-            if ctx.compiled:
-                out[s:s + chunk] = _compiled(_ce_math)(logits, targets[s:s + chunk])
+            hs, t = h[s:s + chunk], targets[s:s + chunk]
+            logits = _logits(hs, weight, bias)  # [c, V]
+            if compiled:
+                if grad:
+                    out[s:s + chunk], gl = _compiled(_ce_and_grad_math)(logits, t, logits.dtype)
+                    dh[s:s + chunk] = _grad_h(gl, weight, hs)
+                else:
+                    out[s:s + chunk] = _compiled(_ce_math)(logits, t)
                 continue
             logp = torch.log_softmax(logits, -1, dtype=torch.float32)  # [c, V]
-            out[s:s + chunk] = torch.nn.functional.nll_loss(logp, targets[s:s + chunk], ignore_index=IGNORE,
-                                                            reduction="none")
-        ctx.save_for_backward(h, weight, bias, targets)
-        ctx.chunk = chunk
-        ctx.autocast = torch.is_autocast_enabled(h.device.type)
+            out[s:s + chunk] = torch.nn.functional.nll_loss(logp, t, ignore_index=IGNORE, reduction="none")
+            if grad:
+                p = logp.exp_()  # softmax, in place of the log-probabilities
+                valid = (t != IGNORE).to(p.dtype)  # [c]
+                p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -valid.unsqueeze(-1))  # p - onehot(target)
+                dh[s:s + chunk] = _grad_h(_scaled_into(p, valid, logits.dtype), weight, hs)
+        if grad:
+            ctx.save_for_backward(dh)
         return out
 
     @staticmethod
     def backward(ctx, g):  # g [N]
-        h, weight, bias, targets = ctx.saved_tensors
-        grad = torch.empty_like(h)
-        with _autocast_as(ctx, h):
-            for s in range(0, h.shape[0], ctx.chunk):
-                hs, t = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-                if ctx.compiled:
-                    gl = _compiled(_ce_grad_math)(_logits(hs, weight, bias), t, g[s:s + ctx.chunk], ctx.dtype)
-                    grad[s:s + ctx.chunk] = _grad_h(gl, weight, hs)
-                    continue
-                p = torch.softmax(_logits(hs, weight, bias), -1, dtype=torch.float32)  # [c, V]
-                valid = (t != IGNORE).to(p.dtype)  # [c]
-                p.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), -valid.unsqueeze(-1))  # p - onehot(target)
-                gl = _scaled_into(p, g[s:s + ctx.chunk].to(p.dtype) * valid, ctx.dtype)  # [c, V]
-                grad[s:s + ctx.chunk] = _grad_h(gl, weight, hs)
-        return grad, None, None, None, None
+        (dh,) = ctx.saved_tensors
+        return (dh.float() * g.unsqueeze(-1)).to(dh.dtype), None, None, None, None, None
+
 
 
 def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -162,48 +162,41 @@ def _float32_products():
 
 
 class _LinearKL(torch.autograd.Function):
-    """KL(softmax(linear(ref_h)) || softmax(linear(cur_h))) per position, for F copies of the current state."""
+    """KL(softmax(linear(ref_h)) || softmax(linear(cur_h))) per position, for F copies of the current state.
+    With ``grad``, the forward also computes ``d KL / d cur_h`` per position (as :class:`_LinearCE`)."""
 
     @staticmethod
-    def forward(ctx, ref_h, cur_h, weight, bias, chunk):  # ref_h [n, d], cur_h [F, n, d] -> [F, n] float32
+    def forward(ctx, ref_h, cur_h, weight, bias, chunk, grad):  # ref_h [n, d], cur_h [F, n, d] -> [F, n] float32
         F, n = cur_h.shape[:2]
         out = torch.empty(F, n, dtype=torch.float32, device=cur_h.device)
-        ctx.dtype = cur_h.dtype  # the logits' dtype, as in _LinearCE
-        ctx.compiled = vocab_loss_setting() == "compiled"
+        dh = torch.empty_like(cur_h) if grad else None  # [F, n, d]
+        compiled = vocab_loss_setting() == "compiled"
         for s in range(0, n, chunk):
-            if ctx.compiled:
-                logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
-                ctx.dtype = logits.dtype
-                out[:, s:s + chunk] = _compiled(_kl_math)(_logits(ref_h[s:s + chunk], weight, bias), logits)
+            ref_logits = _logits(ref_h[s:s + chunk], weight, bias)  # [c, V]
+            cs = cur_h[:, s:s + chunk]
+            logits = _logits(cs, weight, bias)  # [F, c, V]
+            if compiled:
+                if grad:
+                    out[:, s:s + chunk], gl = _compiled(_kl_and_grad_math)(ref_logits, logits, logits.dtype)
+                    dh[:, s:s + chunk] = _grad_h(gl, weight, cs)
+                else:
+                    out[:, s:s + chunk] = _compiled(_kl_math)(ref_logits, logits)
                 continue
-            ref_logp = torch.log_softmax(_logits(ref_h[s:s + chunk], weight, bias), -1, dtype=torch.float32)
-            logits = _logits(cur_h[:, s:s + chunk], weight, bias)  # [F, c, V]
-            ctx.dtype = logits.dtype
-            out[:, s:s + chunk] = kl_rows(ref_logp.exp(), ref_logp, logits)
-        ctx.save_for_backward(ref_h, cur_h, weight, bias)
-        ctx.chunk = chunk
-        ctx.autocast = torch.is_autocast_enabled(cur_h.device.type)
+            ref_logp = torch.log_softmax(ref_logits, -1, dtype=torch.float32)
+            q = ref_logp.exp()
+            out[:, s:s + chunk] = kl_rows(q, ref_logp, logits)
+            if grad:
+                p = torch.softmax(logits, -1, dtype=torch.float32).sub_(q)  # [F, c, V]: softmax(x) - softmax(x_ref)
+                dh[:, s:s + chunk] = _grad_h(p.to(logits.dtype), weight, cs)
+        if grad:
+            ctx.save_for_backward(dh)
         return out
 
     @staticmethod
     def backward(ctx, g):  # g [F, n]
-        ref_h, cur_h, weight, bias = ctx.saved_tensors
-        grad = torch.empty_like(cur_h)
-        with _autocast_as(ctx, cur_h):
-            for s in range(0, cur_h.shape[1], ctx.chunk):
-                if ctx.compiled:
-                    cs = cur_h[:, s:s + ctx.chunk]
-                    gl = _compiled(_kl_grad_math)(_logits(ref_h[s:s + ctx.chunk], weight, bias),
-                                                  _logits(cs, weight, bias), g[:, s:s + ctx.chunk], ctx.dtype)
-                    grad[:, s:s + ctx.chunk] = _grad_h(gl, weight, cs)
-                    continue
-                q = torch.softmax(_logits(ref_h[s:s + ctx.chunk], weight, bias), -1, dtype=torch.float32)  # [c, V]
-                cs = cur_h[:, s:s + ctx.chunk]
-                p = torch.softmax(_logits(cs, weight, bias), -1, dtype=torch.float32)  # [F, c, V]
-                p.sub_(q)
-                gl = _scaled_into(p, g[:, s:s + ctx.chunk].to(p.dtype), ctx.dtype)  # [F, c, V]
-                grad[:, s:s + ctx.chunk] = _grad_h(gl, weight, cs)
-        return None, grad, None, None, None
+        (dh,) = ctx.saved_tensors
+        return None, (dh.float() * g.unsqueeze(-1)).to(dh.dtype), None, None, None, None
+
 
 
 # ------------------------------------------------------------------------------------------ the compiled way
@@ -218,13 +211,14 @@ def _ce_math(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, torch.logsumexp(x, -1) - picked, 0.0)
 
 
-def _ce_grad_math(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d logits of :func:`_ce_math` scaled by ``g`` [c]: ``(softmax(x) - onehot(t)) * g``, 0 at IGNORE
-    targets, in ``dtype`` [c, V]."""
-    p = torch.softmax(logits.float(), -1)  # [c, V]
+def _ce_and_grad_math(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    """:func:`_ce_math` and its gradient with respect to the logits, ``softmax(x) - onehot(t)`` (0 at IGNORE
+    targets) in ``dtype``: ([c] float32, [c, V])."""
+    x = logits.float()
+    p = torch.softmax(x, -1)  # [c, V]
     hit = torch.arange(p.shape[-1], device=p.device) == targets.unsqueeze(-1)  # [c, V]; IGNORE hits nothing
-    scale = torch.where(targets != IGNORE, g.float(), 0.0).unsqueeze(-1)  # [c, 1]
-    return ((p - hit.float()) * scale).to(dtype)
+    valid = (targets != IGNORE).unsqueeze(-1)  # [c, 1]
+    return _ce_math(logits, targets), torch.where(valid, p - hit.float(), 0.0).to(dtype)
 
 
 def _kl_math(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -233,11 +227,11 @@ def _kl_math(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (log_q.exp() * (log_q - torch.log_softmax(logits.float(), -1))).sum(-1)
 
 
-def _kl_grad_math(ref_logits: torch.Tensor, logits: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d KL / d logits of :func:`_kl_math` scaled by ``g`` [F, c]: ``(softmax(x) - softmax(ref)) * g`` in
-    ``dtype`` [F, c, V]."""
+def _kl_and_grad_math(ref_logits: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype):
+    """:func:`_kl_math` and its gradient with respect to ``x``, ``softmax(x) - softmax(ref)`` in ``dtype``:
+    ([F, c] float32, [F, c, V])."""
     q = torch.softmax(ref_logits.float(), -1)  # [c, V]
-    return ((torch.softmax(logits.float(), -1) - q) * g.float().unsqueeze(-1)).to(dtype)
+    return _kl_math(ref_logits, logits), (torch.softmax(logits.float(), -1) - q).to(dtype)
 
 
 def _kl_rows_math(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -283,7 +277,7 @@ def ce_tokens(h: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chu
     chunk = max(1, int(chunk))
     parts = _fused_parts(head)
     if parts is not None:
-        return _LinearCE.apply(h, parts[0], parts[1], targets, chunk)
+        return _LinearCE.apply(h, parts[0], parts[1], targets, chunk, _grad_wanted(h))
     outs = [_checkpointed(_plain_ce, h[s:s + chunk], head, targets[s:s + chunk]) for s in range(0, h.shape[0], chunk)]
     return torch.cat(outs) if outs else h.new_zeros(0, dtype=torch.float32)
 
@@ -300,7 +294,7 @@ def kl_tokens(ref_h: torch.Tensor, cur_h: torch.Tensor, head: torch.nn.Module, c
     cur = cur_h.unsqueeze(0) if single else cur_h  # [F, n, d]
     parts = _fused_parts(head)
     if parts is not None:
-        out = _LinearKL.apply(ref_h, cur, parts[0], parts[1], chunk)
+        out = _LinearKL.apply(ref_h, cur, parts[0], parts[1], chunk, _grad_wanted(cur))
     else:
         outs = [_checkpointed(_plain_kl, ref_h[s:s + chunk], cur[:, s:s + chunk], head)
                 for s in range(0, cur.shape[1], chunk)]

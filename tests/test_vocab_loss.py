@@ -233,3 +233,33 @@ def test_the_compiled_way_under_torch_compile_matches_the_fused_way(monkeypatch)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
     assert vocab_loss._COMPILED  # the compiled functions were made, not bypassed
+
+
+@pytest.mark.parametrize("way", ["fused", "compiled"])
+def test_the_head_runs_twice_per_position_with_a_gradient_and_once_without(monkeypatch, way):
+    """The gradient is computed in the forward while a chunk's logits exist: with a backward, the head's matmul
+    runs once for the logits (twice for the KL: the reference's too) and once for the gradient per chunk, none in
+    the backward; a metric's forward under no_grad computes no gradient at all."""
+    _uncompiled(monkeypatch)
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, way)
+    calls = {"logits": 0, "grad": 0}
+    real_logits, real_grad = vocab_loss._logits, vocab_loss._grad_h
+    monkeypatch.setattr(vocab_loss, "_logits", lambda *a: (calls.__setitem__("logits", calls["logits"] + 1),
+                                                          real_logits(*a))[1])
+    monkeypatch.setattr(vocab_loss, "_grad_h", lambda *a: (calls.__setitem__("grad", calls["grad"] + 1),
+                                                          real_grad(*a))[1])
+    head = _head()
+    h, t = torch.randn(10, D, requires_grad=True), _targets(10)
+    out = vocab_loss.ce_tokens(h, head, t, 4)  # 3 chunks
+    assert calls == {"logits": 3, "grad": 3}
+    out.sum().backward()
+    assert calls == {"logits": 3, "grad": 3} and h.grad is not None  # the backward computed no logits
+    cur = torch.randn(2, 10, D, requires_grad=True)
+    calls.update(logits=0, grad=0)
+    vocab_loss.kl_tokens(torch.randn(10, D), cur, head, 4).sum().backward()
+    assert calls == {"logits": 6, "grad": 3}  # the reference's and the copies' logits per chunk
+    calls.update(logits=0, grad=0)
+    with torch.no_grad():
+        vocab_loss.ce_tokens(h, head, t, 4)
+        vocab_loss.kl_tokens(torch.randn(10, D), cur, head, 4)
+    assert calls == {"logits": 9, "grad": 0}
