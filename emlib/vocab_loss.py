@@ -7,27 +7,25 @@ KL, :func:`emlib.inductive.pretraining.token_kl`, through :func:`kl_rows`). Thre
 to float32 rounding:
 
 * **fused** (the default where the LM head is an ``nn.Linear`` that is not trained -- or any, without gradients;
-  ``$EMLIB_VOCAB_LOSS=fused``): one autograd
-  function per loss takes the hidden states and the head's weight and keeps nothing of size vocab. When a
-  gradient is wanted, its forward computes it while a chunk's logits exist -- ``softmax(x) - onehot(target)`` for
-  the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL, cast to the logits' dtype, times the head -- and
-  keeps ``d loss / d h`` per position ([N, d]); the backward only scales it by the incoming gradient. So the
-  head's matmul runs twice per position (logits, gradient), not three times as when the backward recomputed the
-  logits (until 2026-12-07; for the KL also the reference's). The plain way's float32 copy of the logits, the
-  log-softmax recomputed under checkpointing, its backward and the KL's broadcast over the copies of a steering
-  group are gone. The KL's sum
-  ``sum_v q_v (log q_v - log p_v)`` is a batched matrix product per position, so the reference distribution
-  ``q`` is not repeated for the group's F copies.
+  ``$EMLIB_VOCAB_LOSS=fused``): one autograd function per loss takes the hidden states and the head's weight and
+  keeps nothing of size vocab. When a gradient is wanted, its forward computes it while a chunk's logits exist --
+  ``softmax(x) - onehot(target)`` for the cross-entropy, ``softmax(x) - softmax(x_ref)`` for the KL, cast to the
+  logits' dtype, times the head -- and keeps ``d loss / d h`` per position ([N, d]); the backward only scales it
+  by the incoming gradient. So the head's matmul runs twice per position (logits, gradient), not three times as
+  when the backward recomputed the logits (until 2026-12-07; for the KL also the reference's). The plain way's
+  float32 copy of the logits, the log-softmax recomputed under checkpointing, its backward and the KL's broadcast
+  over the copies of a steering group are gone. The KL's sum ``sum_v q_v (log q_v - log p_v)`` is a batched
+  matrix product per position, so the reference distribution ``q`` is not repeated for the group's F copies.
 * **plain** (``$EMLIB_VOCAB_LOSS=plain``, or a head that is not a frozen ``nn.Linear``): head, float32
   log-softmax and the loss under activation checkpointing per chunk, as autograd computes them.
-
 * **compiled** (``$EMLIB_VOCAB_LOSS=compiled``, opt-in): the fused autograd functions, with each chunk's work over
   the vocabulary after the head's matmul -- the loss from the logits and, with a gradient, the logits' gradient --
-  as small functions under ``torch.compile`` (:func:`_compiled`): one generated kernel reads a chunk's logits a
+  as small functions under ``torch.compile`` (:func:`_compiled`): the generated kernels read a chunk's logits a
   few times instead of writing float32 log-probabilities and reading them back (the eager fused way moves about 8
-  bytes per element of a chunk for the loss and 14 more for its gradient, the KL's ``q`` and ``log q`` besides). Same formulas, same
-  values to float32 rounding. Not the default: measured per call (``bench/vocab_loss_bench.py --ways``), not in a
-  whole run yet; each process compiles on its first calls (seconds; inductor's cache on disk serves the next).
+  bytes per element of a chunk for the loss and 14 more for its gradient, the KL's ``q`` and ``log q`` besides).
+  Same formulas, same values to float32 rounding. Not the default: measured per call on the CPU only
+  (``bench/vocab_loss_bench.py --ways``), not in a whole run yet; each process compiles on its first calls
+  (seconds; inductor's cache on disk serves the next).
 
 ``tests/test_vocab_loss.py`` checks values and gradients of every way against each other and against
 ``torch.nn.functional.cross_entropy`` / ``kl_div`` on full logits.
