@@ -31,6 +31,7 @@ from metric_profile_gpu import timed_reps  # noqa: E402
 from emlib import vocab_loss  # noqa: E402
 from emlib.chat import LOGIT_ELEMENTS, IGNORE  # noqa: E402
 from emlib.data import write_json  # noqa: E402
+from emlib.inductive.pretraining import _Base, token_kl  # noqa: E402
 
 SHAPES = {"smollm2": (576, 49152), "qwen": (896, 151936)}
 KINDS = ("ce", "kl", "ce_metric", "null_kl")  # the first two trained (forward + backward), the others no_grad
@@ -64,7 +65,7 @@ def main() -> None:
     n_metric = max(1, LOGIT_ELEMENTS // V)  # one chunk of the metrics' logits (emlib.chat.vocab_chunks)
     h_metric = torch.randn(n_metric, d, device=dev, dtype=dtype)
     t_metric = torch.randint(0, V, (n_metric,), device=dev)
-    base = torch.log_softmax(head(h_metric), -1, dtype=torch.float32)  # the kept base log-probabilities
+    base = _Base(h_metric, head)  # the unsteered log-probabilities, kept (made once, as per document batch)
     steered = (h_metric + 0.1 * torch.randn(a.null_copies, n_metric, d, device=dev, dtype=dtype)).to(dtype)
 
     def run(kind: str):
@@ -72,10 +73,8 @@ def main() -> None:
             with torch.no_grad():
                 return vocab_loss.ce_tokens(h_metric, head, t_metric, n_metric), None
         if kind == "null_kl":
-            with torch.no_grad():  # as token_kl: one steered copy at a time against the kept base
-                q = base.exp()
-                return torch.cat([vocab_loss.kl_rows(q, base, head(steered[g:g + 1]))
-                                  for g in range(steered.shape[0])]), None
+            with torch.no_grad():  # chapter 6's own per-token KL against the base's kept log-probabilities
+                return token_kl(base, steered, head), None
         x = (h if kind == "ce" else cur).detach().clone().requires_grad_(True)
         out = (vocab_loss.ce_tokens(x, head, targets, chunk_ce) if kind == "ce"
                else vocab_loss.kl_tokens(ref, x, head, chunk_kl))

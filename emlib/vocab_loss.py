@@ -130,7 +130,6 @@ class _LinearCE(torch.autograd.Function):
         return (dh.float() * g.unsqueeze(-1)).to(dh.dtype), None, None, None, None, None
 
 
-
 def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``sum_v q_v (log q_v - log p_v)`` per position, ``p = softmax(logits)``: the reference's probabilities and
     log-probabilities ``q``, ``log_q`` [c, V] float32 and the logits of F copies [F, c, V] (any float dtype) ->
@@ -196,7 +195,6 @@ class _LinearKL(torch.autograd.Function):
         return None, (dh.float() * g.unsqueeze(-1)).to(dh.dtype), None, None, None, None
 
 
-
 # ------------------------------------------------------------------------------------------ the compiled way
 # Each takes a chunk's logits (any float dtype) and does all its work over the vocabulary in float32; under
 # torch.compile (:func:`_compiled`) each is one or two generated kernels. Called uncompiled they give the same
@@ -222,7 +220,7 @@ def _ce_and_grad_math(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.
 def _kl_math(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(ref) || softmax(x)) per position: ref [c, V], x [F, c, V] -> [F, c] float32."""
     log_q = torch.log_softmax(ref_logits.float(), -1)  # [c, V]
-    return (log_q.exp() * (log_q - torch.log_softmax(logits.float(), -1))).sum(-1)
+    return _kl_rows_math(log_q.exp(), log_q, logits)
 
 
 def _kl_and_grad_math(ref_logits: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype):
