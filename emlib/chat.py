@@ -123,6 +123,35 @@ def encode_rows(rows: list[dict], tok, max_length: int = 2048) -> list[Encoded]:
     return enc
 
 
+# what a forward pass costs beyond its padded tokens, in tokens: :func:`length_batches` cuts a metric loop's rows
+# into one more forward only where that removes more padding than this (kernel launches, small matmuls)
+FORWARD_TOKENS = 1024
+
+
+def length_batches(lengths: list[int], max_rows: int, forward_tokens: int = FORWARD_TOKENS) -> list[list[int]]:
+    """Row indices (into ``lengths``) in forwards of at most ``max_rows`` rows for a right-padded metric loop:
+    rows of similar length together, so that few padded positions are computed. Sorted longest first and cut
+    where the padded tokens plus ``forward_tokens`` per forward are fewest (an exact partition, dynamic
+    programming over the sorted rows). Each forward's indices ascend; forwards go longest first. The medical
+    set's first 100 rows (SmolLM2's tokens) in one padded batch are 31% padding; cut this way (3 forwards), 9%."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}.")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):  # a forward of sorted rows i..j-1, padded to row i's length
+            c = best[i] + (j - i) * lengths[order[i]] + forward_tokens
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return out[::-1]
+
+
 def collate(batch: list[Encoded], pad_id: int, device=None) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded rows -> input_ids/attention_mask/labels [batch, seq]."""
     n = max(len(e.input_ids) for e in batch)
@@ -230,19 +259,19 @@ def response_loss(model, tok, rows: list[dict] | list[Encoded], batch_size: int 
 def response_row_losses(model, tok, rows: list[dict] | list[Encoded], batch_size: int = 8,
                         max_length: int = 512) -> tuple[list[float], list[int]]:
     """Per row: the summed cross-entropy on its assistant tokens and their count (``sum(sums) / sum(counts)``
-    is :func:`response_loss`; ``sums[i] / counts[i]`` is row i's per-token loss). ``batch_size`` rows per
-    forward; the logits exist only at labelled positions, in chunks (:func:`labelled_ce`)."""
+    is :func:`response_loss`; ``sums[i] / counts[i]`` is row i's per-token loss). At most ``batch_size`` rows per
+    forward, rows of similar length together (:func:`length_batches`); the logits exist only at labelled
+    positions, in chunks (:func:`labelled_ce`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
-    sums, counts = [], []
+    sums, counts = [0.0] * len(enc), [0] * len(enc)
     with eval_mode(model):
-        for i in range(0, len(enc), batch_size):
-            b = collate(enc[i:i + batch_size], tok.pad_token_id, device)
-            s, c = labelled_ce(model, b)
-            sums += s.tolist()
-            counts += c.tolist()
+        for idx in length_batches([len(e.input_ids) for e in enc], batch_size):
+            s, c = labelled_ce(model, collate([enc[i] for i in idx], tok.pad_token_id, device))
+            for i, a, b in zip(idx, s.tolist(), c.tolist()):
+                sums[i], counts[i] = a, b
     if not all(math.isfinite(s) for s in sums):
         raise FloatingPointError("A row's responses-only loss is not finite (NaN/inf): check the model's dtype and weights.")
     return sums, counts

@@ -71,7 +71,7 @@ import torch
 from . import adapters
 from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
-from .chat import IGNORE, collate, encode_rows, n_targets, token_losses
+from .chat import IGNORE, collate, encode_rows, length_batches, n_targets, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash, file_lock, lock_held
 from .hooks import add_vector, nothing
 from .models import check_layer, fast_paths, layer_from_fraction, n_layers
@@ -260,7 +260,8 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     averaged over answer tokens; see the module docstring for how this relates to the authors' lambda).
 
     Reference = the chat model: ``model`` with its LoRA adapter disabled, or ``model`` without ``vector``.
-    Rows are right-padded without attention mask and the LM head runs only at answer positions, a chunk of
+    Rows of similar length share a forward (:func:`emlib.chat.length_batches`, at most ``batch_size``), right-padded
+    without attention mask, and the LM head runs only at answer positions, a chunk of
     them at a time (:func:`emlib.fasttrain.fast_kl_sum`), so ``batch_size`` can be a GPU's worth of rows: no
     ``[rows, tokens, vocabulary]`` tensor is built. A model whose logits are more than its LM head's output
     (e.g. Gemma-2's soft-capping: :func:`emlib.chat._plain_head`) goes through its own forward instead, with
@@ -279,12 +280,12 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     total, count = 0.0, 0
     try:
         with one_sequence_per_row() if plain else contextlib.nullcontext():
-            for i in range(0, len(enc), batch_size):
+            for idx in length_batches([len(e.input_ids) for e in enc], batch_size):
+                batch = [enc[i] for i in idx]
                 if plain:
-                    s, c = fast_kl_sum(model, collate_right(enc[i:i + batch_size], pad, device=device),
-                                       current, reference)
+                    s, c = fast_kl_sum(model, collate_right(batch, pad, device=device), current, reference)
                 else:
-                    s, c = _batch_kl(model, collate(enc[i:i + batch_size], pad, device), current, reference)
+                    s, c = _batch_kl(model, collate(batch, pad, device), current, reference)
                 total, count = total + float(s), count + int(c)
     finally:
         model.train(was_training)

@@ -101,6 +101,31 @@ def test_response_loss_is_the_full_logit_loss_at_any_batch_size(model_tok, lora,
     assert response_loss(lora, tok, rows) != pytest.approx(response_loss(model, tok, rows), rel=1e-3)  # it is on
 
 
+def _padded(lengths, batches) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8, 128])
+def test_length_batches_cover_every_row_once_and_pad_least(max_rows):
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(20, 400, size=57)]
+    for forward in (0, 64, 1024, 10 ** 9):
+        batches = chat.length_batches(lengths, max_rows, forward)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= max_rows and b == sorted(b) for b in batches)
+        # cost (padded tokens + forward x forwards) no higher than fixed batches in file order or sorted ones
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for fixed in ([list(range(i, min(i + max_rows, 57))) for i in range(0, 57, max_rows)],
+                      [order[i:i + max_rows] for i in range(0, 57, max_rows)]):
+            assert (_padded(lengths, batches) + forward * len(batches)
+                    <= _padded(lengths, fixed) + forward * len(fixed))
+    assert _padded(lengths, chat.length_batches(lengths, max_rows, 0)) == sum(lengths)  # free forwards: no pad
+    assert len(chat.length_batches(lengths, max_rows, 10 ** 9)) == -(-57 // max_rows)  # dear ones: fewest
+    assert chat.length_batches([], max_rows) == []
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        chat.length_batches(lengths, 0)
+
+
 def test_a_head_that_cannot_be_split_off_uses_the_full_logits(model_tok, monkeypatch):
     model, tok = model_tok
     rows = _rows(4)
