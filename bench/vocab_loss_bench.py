@@ -1,8 +1,9 @@
 """The losses over the vocabulary alone (:mod:`emlib.vocab_loss`), each way of ``$EMLIB_VOCAB_LOSS`` on the same
 inputs in one process: forward + backward of the cross-entropy at a step's answer tokens and of the KL for a
 group of F steering copies (training), and without gradients the metrics' cross-entropy (chapters 3-5's losses,
-:func:`emlib.chat.labelled_ce`) and chapter 6's null (:func:`emlib.inductive.pretraining.token_kl`: G steered
-copies against one base's kept log-probabilities). The model's LM head only, random weights, bf16 on a GPU (float32
+:func:`emlib.chat.labelled_ce`) and chapter 6's null (:class:`emlib.vocab_loss.KLReference`: G steered
+copies against one base: float32 logits and one log-sum-exp a copy, the same whatever ``$EMLIB_VOCAB_LOSS``
+says since session 37). The model's LM head only, random weights, bf16 on a GPU (float32
 on a CPU): ``--shape smollm2`` (576 -> 49,152) or ``qwen`` (Qwen2.5-0.5B: 896 -> 151,936). Training sizes are one
 paper step of chapter 3's group of seven vectors (``bench/step_profile_gpu.py``: 1,066 target tokens a copy, KL
 rows ~8 x 100 tokens); the metrics' are one chunk of ``emlib.chat.LOGIT_ELEMENTS`` logits (chapter 6: 16 copies).
@@ -31,7 +32,7 @@ from metric_profile_gpu import timed_reps  # noqa: E402
 from emlib import vocab_loss  # noqa: E402
 from emlib.chat import LOGIT_ELEMENTS, IGNORE  # noqa: E402
 from emlib.data import write_json  # noqa: E402
-from emlib.inductive.pretraining import _Base, token_kl  # noqa: E402
+from emlib.vocab_loss import KLReference  # noqa: E402
 
 SHAPES = {"smollm2": (576, 49152), "qwen": (896, 151936)}
 KINDS = ("ce", "kl", "ce_metric", "null_kl")  # the first two trained (forward + backward), the others no_grad
@@ -65,7 +66,7 @@ def main() -> None:
     n_metric = max(1, LOGIT_ELEMENTS // V)  # one chunk of the metrics' logits (emlib.chat.vocab_chunks)
     h_metric = torch.randn(n_metric, d, device=dev, dtype=dtype)
     t_metric = torch.randint(0, V, (n_metric,), device=dev)
-    base = _Base(h_metric, head)  # the unsteered log-probabilities, kept (made once, as per document batch)
+    base = KLReference(h_metric, head)  # what the KL needs of the unsteered distribution (made once, as per document batch)
     steered = (h_metric + 0.1 * torch.randn(a.null_copies, n_metric, d, device=dev, dtype=dtype)).to(dtype)
 
     def run(kind: str):
@@ -73,8 +74,8 @@ def main() -> None:
             with torch.no_grad():
                 return vocab_loss.ce_tokens(h_metric, head, t_metric, n_metric), None
         if kind == "null_kl":
-            with torch.no_grad():  # chapter 6's own per-token KL against the base's kept log-probabilities
-                return token_kl(base, steered, head), None
+            with torch.no_grad():  # chapter 6's own per-token KL
+                return base.kl(steered), None
         x = (h if kind == "ce" else cur).detach().clone().requires_grad_(True)
         out = (vocab_loss.ce_tokens(x, head, targets, chunk_ce) if kind == "ce"
                else vocab_loss.kl_tokens(ref, x, head, chunk_kl))

@@ -12,7 +12,6 @@ import torch
 from emlib import chat, config
 from emlib import inductive as ind
 from emlib.chat import IGNORE, collate, encode_rows, response_loss, response_row_losses
-from emlib.inductive import pretraining
 from emlib.models import tiny_model
 
 LAYER = 1
@@ -62,9 +61,8 @@ def chunking(request):
 
 @pytest.fixture
 def small_chunks(monkeypatch, model_tok):
-    """Logits 5 tokens at a time, and chapter 6's base log-probabilities recomputed for every pass."""
+    """Logits 5 tokens at a time."""
     monkeypatch.setattr(chat, "LOGIT_ELEMENTS", 5 * model_tok[0].config.vocab_size)
-    monkeypatch.setattr(pretraining, "KEEP_BASE_ELEMENTS", 0)
 
 
 def _full_logit_row_losses(model, tok, rows) -> tuple[list[float], list[int]]:
@@ -276,17 +274,3 @@ def test_kl_to_reference_any_batch_equals_full_logits(model_tok, lora, vectors, 
     want = _full_logit_kl(model, tok, rows, lambda: vec.apply(model), train.nothing)
     monkeypatch.setattr(fasttrain.fast_kl_sum, "__defaults__", (2,))  # logits 2 positions at a time
     assert train.kl_to_reference(model, tok, rows, vector=vec, batch_size=batch_size) == pytest.approx(want, rel=1e-4)
-
-
-def test_keep_base_by_size_and_by_free_cuda_memory(monkeypatch):
-    """Chapter 6's unsteered log-probabilities are kept up to KEEP_BASE_ELEMENTS values, on a CUDA device also
-    when they take at most a quarter of its free memory, and never with KEEP_BASE_ELEMENTS = 0."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    qwen_paper = 50 * 512 * 151936  # 15.6 GB of float32
-    assert pretraining.keep_base(2 ** 20, cpu) and not pretraining.keep_base(qwen_paper, cpu)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2 ** 30, 141 * 2 ** 30))
-    assert pretraining.keep_base(qwen_paper, cuda)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2 ** 30, 141 * 2 ** 30))
-    assert not pretraining.keep_base(qwen_paper, cuda) and pretraining.keep_base(2 ** 20, cuda)
-    monkeypatch.setattr(pretraining, "KEEP_BASE_ELEMENTS", 0)
-    assert not pretraining.keep_base(2 ** 20, cpu)

@@ -42,3 +42,70 @@ def test_add_rows_needs_one_vector_per_row(tiny):
     with pytest.raises(ValueError, match="one vector per batch row"):
         with hooks.add_rows(model, 0, torch.zeros(model.config.hidden_size)):
             pass
+
+
+def _exact_kl(h: torch.Tensor, h2: torch.Tensor, head) -> torch.Tensor:
+    """KL(softmax(head(h)) || softmax(head(h2))) per token in float64 from the same hidden states [n, d]."""
+    w = head.weight.double()
+    b = head.bias.double() if head.bias is not None else 0.0
+    lp, lq = torch.log_softmax(h.double() @ w.t() + b, -1), torch.log_softmax(h2.double() @ w.t() + b, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def test_token_kl_of_bf16_states_is_the_exact_kl_of_those_states():
+    """A bf16 model's hidden states: the KL from float32 logits and u . (h' - h) is the float64 KL of the same
+    states to 1e-3 of its mean, where a KL over bf16-rounded logits is biased (the reason it changed)."""
+    from emlib.vocab_loss import KLReference
+    from emlib.vocab_loss import kl_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab = 300, 64, 2000
+    head = torch.nn.Linear(d, vocab, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, d, generator=g) * 0.6)
+        head.bias.copy_(torch.randn(vocab, generator=g))
+    h = (torch.randn(n, d, generator=g) * 2).to(torch.bfloat16)
+    steered = torch.stack([(h.float() + s * torch.randn(n, d, generator=g)).to(torch.bfloat16)
+                           for s in (0.02, 0.2)])  # [2, n, d]
+    with torch.no_grad():
+        got = KLReference(h, head).kl(steered)  # [2, n]
+        for i in range(2):
+            want = _exact_kl(h, steered[i], head)
+            assert abs(got[i].double().mean() / want.mean() - 1) < 1e-3, (i, got[i].mean(), want.mean())
+            assert torch.allclose(got[i].double(), want, rtol=1e-2, atol=1e-5)
+        # the same states through bf16 logits (the earlier way): off by more at the small step
+        lp = torch.log_softmax(head(h), -1, dtype=torch.float32)
+        old = kl_rows(lp.exp(), lp, head(steered[:1]))[0].double()
+        want = _exact_kl(h, steered[0], head)
+        assert abs(old.mean() / want.mean() - 1) > abs(got[0].double().mean() / want.mean() - 1)
+        assert (KLReference(h, head).kl(h[None]) == 0).all()  # the unsteered states: exactly 0
+
+
+def test_token_kl_with_a_head_that_is_not_linear_uses_the_log_probabilities():
+    from emlib.vocab_loss import KLReference
+
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Sequential(lin)  # not an nn.Linear: the log-probabilities' path
+    h = torch.randn(40, 16, generator=g)
+    steered = (h + 0.3 * torch.randn(40, 16, generator=g))[None]
+    with torch.no_grad():
+        base = KLReference(h, head)
+        assert base.u is None
+        got = base.kl(steered)[0].double()
+        assert torch.allclose(got, _exact_kl(h, steered[0], lin), rtol=1e-4, atol=1e-7)
+        assert torch.allclose(got.float(), KLReference(h, lin).kl(steered)[0], rtol=1e-4, atol=1e-7)
+
+
+def test_token_kl_compiled_log_sum_exp_gives_the_same_numbers(monkeypatch):
+    from emlib.vocab_loss import KLReference
+
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 300, bias=False)
+    h = torch.randn(30, 16, generator=g)
+    steered = torch.stack([h + 0.2 * torch.randn(30, 16, generator=g) for _ in range(2)])
+    eager = KLReference(h, head).kl(steered)
+    monkeypatch.setenv("EMLIB_VOCAB_LOSS", "compiled")
+    compiled = KLReference(h, head)
+    assert torch.allclose(compiled.kl(steered), eager, rtol=1e-3, atol=1e-6)
+    assert (compiled.kl(h[None]) == 0).all()

@@ -22,6 +22,7 @@ from ..stats import ratio_ci
 from ..vectors import SteeringVector, random_vector
 from .common import PAPER_NORM_FRACTIONS, cached, key_parts, load_solution, progress_bar
 from ..timing import timed
+from ..vocab_loss import KLReference
 
 
 def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size: int, pad_id: int):
@@ -44,8 +45,9 @@ def _token_batches(tok, texts: Sequence[str], max_tokens: int | None, batch_size
 def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batch_size: int):
     """The number of document batches, and a generator of them on the model's device with the unsteered model
     at their real tokens: (inp [b, s], att [b, s], base), ``base`` holding what its LM head reads there
-    ([n, d], ``n`` real tokens in row order; :func:`emlib.chat.head_inputs`) and its log-probabilities chunk
-    by chunk (:class:`_Base`): no ``[b, s, vocab]`` tensor is made; no gradients, eval mode (restored afterwards)."""
+    ([n, d], ``n`` real tokens in row order; :func:`emlib.chat.head_inputs`) and what the KL needs of its
+    distribution (:class:`emlib.vocab_loss.KLReference`): no ``[b, s, vocab]`` tensor is kept; no gradients, eval mode (restored
+    afterwards)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
@@ -60,69 +62,11 @@ def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batc
                 for _, inp, att in batches:
                     inp, att = inp.to(device), att.to(device)
                     states, head = head_inputs(model, inp, att)
-                    yield inp, att, _Base(states[att.bool()], head)
+                    yield inp, att, KLReference(states[att.bool()], head)
         finally:
             model.train(was_training)
 
     return len(batches), passes()
-
-
-# the unsteered log-probabilities of a document batch are kept (float32) when they fit: up to this many values
-# (1 GiB: the quick profile's 8 documents of 128 tokens keep theirs), or on a CUDA device in a quarter of its free
-# memory (the paper's 50 x 512 tokens of Qwen2.5's 152k vocabulary, 15.6 GB, on an H200); otherwise they are
-# recomputed from the LM head's inputs chunk by chunk for every steered pass (the same numbers, more work)
-KEEP_BASE_ELEMENTS = 2 ** 28
-KEEP_BASE_FREE_FRACTION = 0.25
-
-
-def keep_base(n_values: int, device: torch.device) -> bool:
-    """Whether ``n_values`` float32 unsteered log-probabilities are kept in memory: at most
-    :data:`KEEP_BASE_ELEMENTS` of them, or on a CUDA device at most :data:`KEEP_BASE_FREE_FRACTION` of its free
-    memory (``KEEP_BASE_ELEMENTS = 0``: never kept)."""
-    if KEEP_BASE_ELEMENTS <= 0:
-        return False
-    if n_values <= KEEP_BASE_ELEMENTS:
-        return True
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 4 * n_values <= KEEP_BASE_FREE_FRACTION * free
-    return False
-
-
-class _Base:
-    """The unsteered model at a batch's real tokens: what the LM head reads [n, d] and, chunk by chunk, its
-    log-probabilities (kept when :func:`keep_base` says so)."""
-
-    def __init__(self, states: torch.Tensor, head):
-        self.states, self.head = states, head
-        self.chunks = vocab_chunks(states, head)
-        vocab = head(states[:1]).shape[-1] if states.shape[0] else 0
-        self.kept = ([self._logp(s) for s in self.chunks] if keep_base(states.shape[0] * vocab, states.device)
-                     else None)
-
-    def _logp(self, s: int) -> torch.Tensor:
-        return torch.log_softmax(self.head(self.states[s:s + self.chunks.step]), -1, dtype=torch.float32)  # [c, v]
-
-    def __iter__(self):
-        """(start, end, log-probabilities [c, v]) per chunk."""
-        for i, s in enumerate(self.chunks):
-            yield s, s + self.chunks.step, (self.kept[i] if self.kept is not None else self._logp(s))
-
-
-def token_kl(base: "_Base", steered: torch.Tensor, head) -> torch.Tensor:
-    """Per-token ``KL(base || steered)`` over the vocabulary at the real tokens of a batch: ``steered``
-    [G, n, d] is what the LM head ``head`` reads in G steered copies that share one ``base`` -> [G, n] float32.
-    The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`); ``sum_v p (log p - log q)``
-    is :func:`emlib.vocab_loss.kl_rows` (the training KL's), one steered copy at a time (one [c, v] float32
-    tensor per copy, besides ``p``)."""
-    from ..vocab_loss import kl_rows
-
-    out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
-    for s, e, logp in base:
-        p = logp.exp()
-        for g in range(steered.shape[0]):
-            out[g, s:e] = kl_rows(p, logp, head(steered[g:g + 1, s:e]))[0]  # [c]
-    return out
 
 
 def _doc_sums(kl: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +87,7 @@ def _steered_sums(model, passes, sols: Mapping, grid: Sequence[float], bar) -> d
             for target in grid:
                 with torch.no_grad(), sol.rescaled(target).apply(model):
                     states, head = head_inputs(model, inp, att)
-                    s, c = _doc_sums(token_kl(base, states[real][None], head)[0], att)
+                    s, c = _doc_sums(base.kl(states[real][None])[0], att)
                 per_doc.setdefault((name, target), []).extend(zip(s.tolist(), c.tolist()))
                 bar.update()
     return per_doc
@@ -162,7 +106,7 @@ def pretraining_kl(model, tok, texts: Sequence[str], vector, layer: int | None =
     vectors. ``include_random`` adds a Gaussian "random" direction (``random_seed``) on the same grid.
     Returns one row per (solution, norm): kl (token-weighted mean), ci_low/ci_high (bootstrap over
     documents), scale, n_docs, n_tokens. The base forward pass is computed once per batch of ``batch_size``
-    documents (any size: the logits are chunked, :func:`token_kl`).
+    documents (any size: the logits are chunked, :class:`emlib.vocab_loss.KLReference`).
     """
     vecs = dict(vector) if isinstance(vector, Mapping) else {"vector": vector}
     sols = {k: load_solution(v, layer=layer) for k, v in vecs.items()}
@@ -250,7 +194,7 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
                         with torch.no_grad(), add_rows(model, at, vecs):
                             states, head = head_inputs(model, rep_inp, rep_att)  # [G*b, s, d]
                             steered = states.view(len(g), b, *states.shape[1:])[:, real]  # [G, n, d]
-                            kl = token_kl(base, steered, head)  # [G, n]
+                            kl = base.kl(steered)  # [G, n]
                         sums[g, j] += kl.sum(1).double().cpu()
                         bar.update()
         bar.close()
