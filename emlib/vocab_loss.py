@@ -146,14 +146,15 @@ def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch
 
 
 @contextmanager
-def _float32_products():
+def _float32_products(precision: str = "highest"):
     """Float32 matmuls in full float32 while inside, whatever ``torch.set_float32_matmul_precision`` says (TF32
-    would keep 10 bits of each term of a sum over the whole vocabulary)."""
+    would keep 10 bits of each term of a sum over the whole vocabulary). ``precision="high"`` (TF32) where every
+    factor is a bf16 or fp16 value, which TF32 holds exactly."""
     before = torch.get_float32_matmul_precision()
-    if before == "highest":
+    if before == precision:
         yield
         return
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
@@ -324,12 +325,14 @@ def logits32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     to bf16 (a bf16 logit of magnitude 20 is off by up to 0.06, which the KL of two nearby distributions
     reads as divergence). On CUDA the bf16 product accumulates into float32 output (``torch.mm(...,
     out_dtype=float32)``, the bf16 matmul's speed); elsewhere a float32 product (``weight32``: ``weight`` in
-    float32, when the caller keeps one)."""
+    float32, when the caller keeps one), TF32 where ``x`` and ``weight`` are half precision (the same products)."""
     if _fast_path(x, weight):
         z = torch.mm(x, weight.t(), out_dtype=torch.float32)
-    else:
+    else:  # float32 products; TF32 ones where both factors are half-precision values (exact in TF32)
         w = weight32 if weight32 is not None else weight.float()
-        with torch.autocast(x.device.type, enabled=False), _float32_products():
+        half = (torch.bfloat16, torch.float16)
+        with (torch.autocast(x.device.type, enabled=False),
+              _float32_products("high" if x.dtype in half and weight.dtype in half else "highest")):
             z = x.float() @ w.t()
     return z + bias.float() if bias is not None else z
 
