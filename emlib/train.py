@@ -71,7 +71,7 @@ import torch
 from . import adapters
 from .adapters import ADAPTER_DIR, has_lora, load_lora
 from .cache import canonical_json, json_default
-from .chat import IGNORE, collate, encode_rows, length_batches, n_targets, token_losses
+from .chat import IGNORE, collate, encode_rows, forward_tokens, length_batches, n_targets, token_losses
 from .data import DataError, atomic_write_bytes, dataset_hash, file_lock, lock_held
 from .hooks import add_vector, nothing
 from .models import check_layer, fast_paths, layer_from_fraction, n_layers
@@ -280,7 +280,7 @@ def kl_to_reference(model, tok, rows: list[dict], *, vector: SteeringVector | No
     total, count = 0.0, 0
     try:
         with one_sequence_per_row() if plain else contextlib.nullcontext():
-            for idx in length_batches([len(e.input_ids) for e in enc], batch_size):
+            for idx in length_batches([len(e.input_ids) for e in enc], batch_size, forward_tokens(device)):
                 batch = [enc[i] for i in idx]
                 if plain:
                     s, c = fast_kl_sum(model, collate_right(batch, pad, device=device), current, reference)
