@@ -3,7 +3,7 @@ KL(reference || current), with logits only ``chunk`` positions at a time.
 
 One home for both, used by the fast train step (:mod:`emlib.fasttrain`), the steering-vector groups
 (:mod:`emlib.vecgroup`) and the metrics' forwards without gradients (:func:`emlib.chat.labelled_ce`; chapter 6's
-KL where the LM head is not linear, :func:`emlib.inductive.pretraining.token_kl`, through :func:`kl_rows`). Three ways to compute them, same values
+KL where the LM head is not linear, :func:`token_kl`, through :func:`kl_rows`). Three ways to compute them, same values
 to float32 rounding:
 
 * **fused** (the default where the LM head is an ``nn.Linear`` that is not trained -- or any, without gradients;
