@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..cache import text_hash
-from ..chat import head_inputs, vocab_chunks
+from ..chat import head_inputs
 from ..hooks import add_rows
 from ..models import check_layer
 from ..prefix import reuse_prefix
@@ -46,8 +46,8 @@ def _base_batches(model, tok, texts: Sequence[str], max_tokens: int | None, batc
     """The number of document batches, and a generator of them on the model's device with the unsteered model
     at their real tokens: (inp [b, s], att [b, s], base), ``base`` holding what its LM head reads there
     ([n, d], ``n`` real tokens in row order; :func:`emlib.chat.head_inputs`) and what the KL needs of its
-    distribution (:class:`emlib.vocab_loss.KLReference`): no ``[b, s, vocab]`` tensor is kept; no gradients, eval mode (restored
-    afterwards)."""
+    distribution (:class:`emlib.vocab_loss.KLReference`): no ``[b, s, vocab]`` tensor is kept; no gradients, eval
+    mode (restored afterwards)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
