@@ -304,15 +304,15 @@ def fast_kl_sum(model, batch: dict[str, torch.Tensor], current: Callable[[], Con
     """(KL(reference || current) summed over the vocabulary and the labelled positions, their count) -- the
     quantity of ``emlib.train.kl_from_logits`` -- for a right-padded batch without attention mask. The
     reference forward runs without gradients; the logits exist only at labelled positions, ``chunk`` at a
-    time (:func:`emlib.vocab_loss.kl_tokens`). Without gradients (a metric: chapter 3's held-out KL) and with a
-    linear head, the KL of :class:`emlib.vocab_loss.KLReference` instead: float32 logits, not bf16 ones, whose
+    time (:func:`emlib.vocab_loss.kl_tokens`). Without gradients (a metric: chapter 3's held-out KL), the KL of
+    :class:`emlib.vocab_loss.KLReference` instead: for a linear head from float32 logits, not bf16 ones, whose
     rounding a KL of nearby distributions reads as divergence (``chunk`` unused; its own chunks)."""
     with torch.no_grad(), reference():
         ref, targets, head = _labelled_hidden(model, batch)  # [n, d]
     with current():
         cur, _, _ = _labelled_hidden(model, batch)  # [n, d]
     weight = (targets != IGNORE).float()  # [n]: padding targets of a fixed shape add nothing
-    if not torch.is_grad_enabled() and isinstance(head, torch.nn.Linear):
+    if not torch.is_grad_enabled():
         from .vocab_loss import KLReference
 
         return (KLReference(ref, head).kl(cur[None])[0] * weight).sum(), (targets != IGNORE).sum()

@@ -3,7 +3,7 @@ KL(reference || current), with logits only ``chunk`` positions at a time.
 
 One home for both, used by the fast train step (:mod:`emlib.fasttrain`), the steering-vector groups
 (:mod:`emlib.vecgroup`) and the metrics' forwards without gradients (:func:`emlib.chat.labelled_ce`; chapter 6's
-KL where the LM head is not linear, :func:`token_kl`, through :func:`kl_rows`). Three ways to compute them, same values
+KL where the LM head is not linear, :meth:`KLReference.kl`, through :func:`kl_rows`). Three ways to compute them, same values
 to float32 rounding:
 
 * **fused** (the default where the LM head is an ``nn.Linear`` that is not trained -- or any, without gradients;
@@ -338,29 +338,28 @@ def logits32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 class KLReference:
-    """A reference distribution at n positions, as the KL to other copies needs it, without gradients (the metrics:
-    chapter 6's pretraining KL and its null, chapter 3's held-out KL).
+    """A reference distribution at n positions, as the KL to other copies needs it, without gradients (the
+    metrics: chapter 6's pretraining KL and its null, chapter 3's held-out KL through
+    :func:`emlib.fasttrain.fast_kl_sum`).
 
-    With a linear LM head ``z = W h (+ b)`` (every model the book runs): ``KL(p || q)`` for ``p = softmax(z)``,
-    ``q = softmax(z')`` is ``LSE(z') - LSE(z) - u . (h' - h)`` with ``u = W^T p``, so each token keeps its
-    log-normaliser ``LSE(z)`` [n] and ``u`` [n, d] (float32, made once per document batch), and a steered copy
-    costs its logits and one log-sum-exp: the unsteered log-probabilities ([n, V], 15.6 GB for the paper's 50 x
-    512 tokens of Qwen2.5) are never kept or re-read. Every logit is float32 (:func:`logits32`); the difference
-    ``h' - h`` is formed before the product, so no two large numbers cancel (SmolLM2-135M in bf16, 4 x 256
-    tokens: mean KL within 1e-4 of the float64 KL of the same hidden states, where bf16 logits read 21% high at
-    the paper grid's smallest norm; bench/README.md, session 37; :func:`emlib.fasttrain.fast_kl_sum` without
-    gradients too). Any other head: the log-probabilities
-    chunk by chunk, recomputed for each copy (:meth:`__iter__`)."""
+    With a plain linear LM head ``z = W h (+ b)`` (:func:`_frozen_linear`; every model the book runs):
+    ``KL(p || q)`` for ``p = softmax(z)``, ``q = softmax(z')`` is ``LSE(z') - LSE(z) - u . (h' - h)`` with
+    ``u = W^T p``, so each position keeps its log-normaliser ``LSE(z)`` [n] and ``u`` [n, d] (float32, made once),
+    and a copy costs its logits and one log-sum-exp: the reference's log-probabilities ([n, V], 15.6 GB for the
+    paper's 50 x 512 tokens of Qwen2.5) are never kept or re-read. Every logit is float32 (:func:`logits32`); the
+    difference ``h' - h`` is formed before the product, so no two large numbers cancel (SmolLM2-135M in bf16, 4 x
+    256 tokens: mean KL within 1e-4 of the float64 KL of the same hidden states, where bf16 logits read 21% high
+    at the paper grid's smallest norm; bench/README.md, session 37). Any other head: ``sum_v p (log p - log q)``
+    (:func:`kl_rows`, the training KL's), the log-probabilities recomputed chunk by chunk for each copy."""
 
     @torch.no_grad()
     def __init__(self, states: torch.Tensor, head):
         self.states, self.head = states, head
         self.chunks = vocab_chunks(states, head)
-        linear = isinstance(head, torch.nn.Linear)
-        self.weight = head.weight if linear else None
-        self.bias = head.bias if linear else None
+        parts = _frozen_linear(head)  # under no_grad: any plain nn.Linear
+        self.weight, self.bias = parts if parts is not None else (None, None)
         self.lse = self.u = self.weight32 = None
-        if linear:
+        if parts is not None:
             w32 = self.weight.float()  # [V, d] (the weight itself when float32)
             if not _fast_path(states, self.weight):
                 self.weight32 = w32  # kept for the float32 products of every copy
@@ -375,19 +374,33 @@ class KLReference:
             self.lse = torch.cat(sums) if sums else states.new_zeros(0, dtype=torch.float32)
             self.u = torch.cat(u) if u else states.new_zeros((0, d), dtype=torch.float32)
 
-    def kl(self, steered: torch.Tensor) -> torch.Tensor:
-        """:func:`token_kl` of the copies ``steered`` [G, n, d] -> [G, n] float32."""
-        return token_kl(self, steered)
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[c, d] -> the head's float32 logits [c, V] (linear heads: :func:`logits32`)."""
         return logits32(x, self.weight, self.bias, self.weight32)
 
-    def __iter__(self):
-        """(start, end, log-probabilities [c, V]) per chunk (heads that are not linear)."""
+    @torch.no_grad()
+    def kl(self, steered: torch.Tensor) -> torch.Tensor:
+        """Per-position ``KL(reference || copy)`` over the vocabulary for G copies: ``steered`` [G, n, d] is what
+        the LM head reads in each -> [G, n] float32. The logits exist one chunk of positions at a time
+        (:func:`emlib.chat.vocab_chunks`), one [c, V] float32 tensor per copy (its log-sum-exp compiled with
+        ``$EMLIB_VOCAB_LOSS=compiled``)."""
+        out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
+        step = self.chunks.step
+        lse = _lse()
         for s in self.chunks:
-            yield s, s + self.chunks.step, torch.log_softmax(self.head(self.states[s:s + self.chunks.step]), -1,
-                                                             dtype=torch.float32)
+            e = s + step
+            if self.u is None:  # not a linear head: through the log-probabilities
+                logp = torch.log_softmax(self.head(self.states[s:e]), -1, dtype=torch.float32)  # [c, V]
+                p = logp.exp()
+                for g in range(steered.shape[0]):
+                    out[g, s:e] = kl_rows(p, logp, self.head(steered[g:g + 1, s:e]))[0]  # [c]
+                continue
+            h = self.states[s:e].float()  # [c, d]
+            for g in range(steered.shape[0]):
+                x = steered[g, s:e]
+                first = ((x.float() - h) * self.u[s:e]).sum(-1)  # [c]: u . (h' - h), summed in float32
+                out[g, s:e] = lse(self.logits(x)) - self.lse[s:e] - first
+        return out
 
 
 def _lse_math(z: torch.Tensor) -> torch.Tensor:
@@ -398,30 +411,3 @@ def _lse_math(z: torch.Tensor) -> torch.Tensor:
 def _lse():
     """The log-sum-exp the reference and its copies use (one choice for both, so equal logits give exactly 0)."""
     return _compiled(_lse_math) if vocab_loss_setting() == "compiled" else _lse_math
-
-
-@torch.no_grad()
-def token_kl(base: "KLReference", steered: torch.Tensor) -> torch.Tensor:
-    """Per-position ``KL(reference || copy)`` over the vocabulary: ``steered`` [G, n, d] is what the LM head reads
-    in G copies that share one reference ``base`` -> [G, n] float32.
-    The logits exist one chunk of tokens at a time (:func:`emlib.chat.vocab_chunks`). A linear head: ``LSE(z')
-    - LSE(z) - u . (h' - h)`` (:class:`KLReference`), one [c, V] float32 tensor per copy (its log-sum-exp
-    compiled with ``$EMLIB_VOCAB_LOSS=compiled``); otherwise ``sum_v p (log p -
-    log q)`` (:func:`emlib.vocab_loss.kl_rows`, the training KL's)."""
-    out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
-    if base.u is not None:
-        lse = _lse()
-        step = base.chunks.step
-        for s in base.chunks:
-            e = s + step
-            h = base.states[s:e].float()  # [c, d]
-            for g in range(steered.shape[0]):
-                x = steered[g, s:e]
-                first = ((x.float() - h) * base.u[s:e]).sum(-1)  # [c]: u . (h' - h), summed in float32
-                out[g, s:e] = lse(base.logits(x)) - base.lse[s:e] - first
-        return out
-    for s, e, logp in base:
-        p = logp.exp()
-        for g in range(steered.shape[0]):
-            out[g, s:e] = kl_rows(p, logp, base.head(steered[g:g + 1, s:e]))[0]  # [c]
-    return out

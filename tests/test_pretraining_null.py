@@ -52,7 +52,7 @@ def _exact_kl(h: torch.Tensor, h2: torch.Tensor, head) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def test_token_kl_of_bf16_states_is_the_exact_kl_of_those_states():
+def test_kl_reference_of_bf16_states_is_the_exact_kl_of_those_states():
     """A bf16 model's hidden states: the KL from float32 logits and u . (h' - h) is the float64 KL of the same
     states to 1e-3 of its mean, where a KL over bf16-rounded logits is biased (the reason it changed)."""
     from emlib.vocab_loss import KLReference
@@ -81,7 +81,7 @@ def test_token_kl_of_bf16_states_is_the_exact_kl_of_those_states():
         assert (KLReference(h, head).kl(h[None]) == 0).all()  # the unsteered states: exactly 0
 
 
-def test_token_kl_with_a_head_that_is_not_linear_uses_the_log_probabilities():
+def test_kl_reference_with_a_head_that_is_not_linear_uses_the_log_probabilities():
     from emlib.vocab_loss import KLReference
 
     g = torch.Generator().manual_seed(1)
@@ -97,7 +97,7 @@ def test_token_kl_with_a_head_that_is_not_linear_uses_the_log_probabilities():
         assert torch.allclose(got.float(), KLReference(h, lin).kl(steered)[0], rtol=1e-4, atol=1e-7)
 
 
-def test_token_kl_compiled_log_sum_exp_gives_the_same_numbers(monkeypatch):
+def test_kl_reference_compiled_log_sum_exp_gives_the_same_numbers(monkeypatch):
     from emlib.vocab_loss import KLReference
 
     g = torch.Generator().manual_seed(2)
