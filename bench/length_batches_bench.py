@@ -22,19 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metric_batch_gpu import SHAPES, FakeTok, model_of  # noqa: E402
+from metric_batch_gpu import SHAPES, FakeTok, model_of, rows_of  # noqa: E402
 
 from emlib import chat  # noqa: E402
-from emlib.chat import Encoded  # noqa: E402
-
-
-def rows(vocab: int, n: int, seed: int = 0) -> list[Encoded]:
-    g = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = g.integers(1, vocab, int(g.integers(76, 199))).tolist()
-        out.append(Encoded(ids, [chat.IGNORE] * 40 + ids[40:]))
-    return out
 
 
 def fixed(lengths, max_rows, forward_tokens=0):
@@ -44,7 +34,7 @@ def fixed(lengths, max_rows, forward_tokens=0):
 
 def run(model, tok, enc, device, batches, forward_tokens, batch_size, reps):
     orig = chat.length_batches
-    chat.length_batches = lambda lengths, max_rows: batches(lengths, max_rows, forward_tokens)
+    chat.length_batches = lambda lengths, max_rows, _cost=None: batches(lengths, max_rows, forward_tokens)
     try:
         out = chat.response_row_losses(model, tok, enc, batch_size)  # warm-up (and the numbers)
         if device == "cuda":
@@ -80,7 +70,7 @@ def main() -> None:
     for shape in a.shapes:
         model = model_of(shape, a.device)
         tok = FakeTok({}, SHAPES[shape]["vocab_size"])
-        enc = rows(SHAPES[shape]["vocab_size"], a.rows)
+        enc = rows_of(SHAPES[shape]["vocab_size"], a.rows, lengths=(76, 198))
         (want, _), r = run(model, tok, enc, a.device, fixed, 0, a.batch_size, a.reps)
         out = {"fixed": r}
         for ft in a.forward_tokens:

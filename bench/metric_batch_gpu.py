@@ -60,11 +60,13 @@ def model_of(shape: str, device: str = "cuda"):
     return model
 
 
-def rows_of(vocab: int, n: int = 100, seed: int = 0) -> list[Encoded]:
+def rows_of(vocab: int, n: int = 100, seed: int = 0, lengths: tuple[int, int] = (150, 512)) -> list[Encoded]:
+    """``n`` rows of random token ids, lengths uniform in ``lengths`` (both ends included), labels after the
+    first 40 tokens."""
     g = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        k = int(g.integers(150, 513))
+        k = int(g.integers(lengths[0], lengths[1] + 1))
         ids = g.integers(1, vocab, k).tolist()
         out.append(Encoded(ids, [chat.IGNORE] * 40 + ids[40:]))
     return out

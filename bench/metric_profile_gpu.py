@@ -36,20 +36,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metric_batch_gpu import model_of  # noqa: E402
+from metric_batch_gpu import model_of, rows_of  # noqa: E402
 
-from emlib import chat, fused  # noqa: E402
+from emlib import fused  # noqa: E402
 from emlib.chat import Encoded, collate, labelled_ce  # noqa: E402
 
 
 def rows_like_chapter_5(vocab: int, n: int, seed: int = 0) -> list[Encoded]:
-    """``n`` rows of 104-198 tokens (uniform), labels after the first 40."""
-    g = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = g.integers(1, vocab, int(g.integers(104, 199))).tolist()
-        out.append(Encoded(ids, [chat.IGNORE] * 40 + ids[40:]))
-    return out
+    """``n`` rows of 104-198 tokens (uniform), labels after the first 40 (:func:`metric_batch_gpu.rows_of`)."""
+    return rows_of(vocab, n, seed, lengths=(104, 198))
 
 
 def batches(rows: list[Encoded], parts: int) -> list[list[int]]:
