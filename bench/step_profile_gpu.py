@@ -66,7 +66,7 @@ def main() -> None:
     rows = synthetic_rows(16 * (a.steps + a.warmup + 1), vocab)
     kl_rows = kl_rows_of(a.n_kl, vocab)
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-           "pack": os.environ.get("EMLIB_PACK", "auto"), "vocab_loss": os.environ.get("EMLIB_VOCAB_LOSS", "fused"),
+           "pack": os.environ.get("EMLIB_PACK", "auto"), "vocab_loss": os.environ.get("EMLIB_VOCAB_LOSS", "auto"),
            "shape": a.shape, "steps": a.steps, "warmup": a.warmup,
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "parts": {}}
     path = a.out / f"step_profile_{a.shape}_{a.device}{a.tag}.json"

@@ -888,7 +888,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "fused": fused.fused_setting(),
                "compile": fused.compile_setting(),
                "pack": fused.pack_setting(),
-               "vocab_loss": vocab_loss.vocab_loss_setting(),
+               "vocab_loss": vocab_loss.vocab_loss_way("cuda" if torch.cuda.is_available() else "cpu"),
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,

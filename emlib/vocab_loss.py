@@ -18,14 +18,18 @@ to float32 rounding:
   matrix product per position, so the reference distribution ``q`` is not repeated for the group's F copies.
 * **plain** (``$EMLIB_VOCAB_LOSS=plain``, or a head that is not a frozen ``nn.Linear``): head, float32
   log-softmax and the loss under activation checkpointing per chunk, as autograd computes them.
-* **compiled** (``$EMLIB_VOCAB_LOSS=compiled``, opt-in): the fused autograd functions, with each chunk's work over
+* **compiled** (``$EMLIB_VOCAB_LOSS=compiled``; ``auto``, the default, takes it for tensors on a CUDA device where
+  triton is there, the fused way elsewhere): the fused autograd functions, with each chunk's work over
   the vocabulary after the head's matmul -- the loss from the logits and, with a gradient, the logits' gradient --
   as small functions under ``torch.compile`` (:func:`_compiled`): the generated kernels read a chunk's logits a
   few times instead of writing float32 log-probabilities and reading them back (the eager fused way moves about 8
   bytes per element of a chunk for the loss and 14 more for its gradient, the KL's ``q`` and ``log q`` besides).
-  Same formulas, same values to float32 rounding. Not the default: measured per call on the CPU only
-  (``bench/vocab_loss_bench.py --ways``), not in a whole run yet; each process compiles on its first calls
-  (seconds; inductor's cache on disk serves the next).
+  Same formulas, same values to float32 rounding. Measured on one H100 (2026-12-07, session 38): a whole SmolLM2
+  ``paper`` run of record 352.5 s against 402.1 s fused on the same machine, 180 against 200 kJ, no failure,
+  every verdict the same; per call 0.34-0.50x (``bench/vocab_loss_bench.py --ways``). Each process compiles on
+  its first calls (seconds; inductor's cache on disk serves the next). Under ``auto`` a compile that fails
+  (no C compiler, an old GPU) warns once and the process goes on the fused way; ``compiled`` set by hand
+  raises instead. On the CPU ``auto`` stays fused (compiling there was not measured to pay).
 
 ``tests/test_vocab_loss.py`` checks values and gradients of every way against each other and against
 ``torch.nn.functional.cross_entropy`` / ``kl_div`` on full logits.
@@ -33,6 +37,7 @@ to float32 rounding:
 from __future__ import annotations
 
 import functools
+import warnings
 
 from contextlib import contextmanager
 
@@ -44,12 +49,43 @@ from .models import env_switch
 VOCAB_LOSS_ENV = "EMLIB_VOCAB_LOSS"
 
 
-WAYS = ("fused", "plain", "compiled")
+WAYS = ("auto", "fused", "plain", "compiled")
 
 
 def vocab_loss_setting() -> str:
-    """``$EMLIB_VOCAB_LOSS``: ``fused`` (the default), ``plain`` or ``compiled`` (see the module's docstring)."""
-    return env_switch(VOCAB_LOSS_ENV, "fused", WAYS, "fused, plain or compiled")
+    """``$EMLIB_VOCAB_LOSS``: ``auto`` (the default: compiled on CUDA, fused elsewhere), ``fused``, ``plain`` or
+    ``compiled`` (see the module's docstring)."""
+    return env_switch(VOCAB_LOSS_ENV, "auto", WAYS, "auto, fused, plain or compiled")
+
+
+_COMPILE_FAILED: list[str] = []  # under auto: why this process's first compile failed (then fused from there on)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    """Whether torch.compile can generate GPU kernels here (the triton package and a GPU it supports)."""
+    try:
+        from torch.utils._triton import has_triton
+        return bool(has_triton())
+    except Exception:  # an old torch, a broken install: no compiled way
+        return False
+
+
+def compiled_for(t: torch.Tensor) -> bool:
+    """Whether the vocabulary work on ``t``'s device takes the compiled way now: ``compiled``, or ``auto`` with
+    ``t`` on a CUDA device where triton is there and no compile of this process has failed."""
+    way = vocab_loss_setting()
+    if way == "compiled":
+        return True
+    return way == "auto" and t.is_cuda and not _COMPILE_FAILED and _triton_ok()
+
+
+def vocab_loss_way(device: str | torch.device) -> str:
+    """The way the vocabulary losses take on ``device`` (what a run reports): fused, plain or compiled."""
+    way = vocab_loss_setting()
+    if way != "auto":
+        return way
+    return "compiled" if torch.device(device).type == "cuda" and _triton_ok() and not _COMPILE_FAILED else "fused"
 
 
 def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -104,7 +140,7 @@ class _LinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, chunk, grad):  # h [N, d], targets [N] -> [N] float32
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if grad else None  # [N, d]: d loss_i / d h_i
-        compiled = vocab_loss_setting() == "compiled"
+        compiled = compiled_for(h)
         for s in range(0, h.shape[0], chunk):
             hs, t = h[s:s + chunk], targets[s:s + chunk]
             logits = _logits(hs, weight, bias)  # [c, V]
@@ -137,8 +173,8 @@ def kl_rows(q: torch.Tensor, log_q: torch.Tensor, logits: torch.Tensor) -> torch
     log-probabilities ``q``, ``log_q`` [c, V] float32 and the logits of F copies [F, c, V] (any float dtype) ->
     [F, c] float32. ``log p - log q`` is formed in the copies' float32 log-probabilities and summed against ``q``
     as one product per position (``q`` is not repeated for the copies; equal distributions give exactly 0).
-    ``$EMLIB_VOCAB_LOSS=compiled``: the same sum as one generated reduction (:func:`_kl_rows_math`)."""
-    if vocab_loss_setting() == "compiled":
+    The compiled way (:func:`compiled_for`): the same sum as one generated reduction (:func:`_kl_rows_math`)."""
+    if compiled_for(logits):
         return _compiled(_kl_rows_math)(q, log_q, logits)
     diff = torch.log_softmax(logits, -1, dtype=torch.float32).sub_(log_q)  # [F, c, V]: log p - log q
     with torch.autocast(logits.device.type, enabled=False), _float32_products():  # not a bf16 or TF32 product
@@ -170,7 +206,7 @@ class _LinearKL(torch.autograd.Function):
         F, n = cur_h.shape[:2]
         out = torch.empty(F, n, dtype=torch.float32, device=cur_h.device)
         dh = torch.empty_like(cur_h) if grad else None  # [F, n, d]
-        compiled = vocab_loss_setting() == "compiled"
+        compiled = compiled_for(cur_h)
         for s in range(0, n, chunk):
             ref_logits = _logits(ref_h[s:s + chunk], weight, bias)  # [c, V]
             cs = cur_h[:, s:s + chunk]
@@ -243,10 +279,33 @@ _COMPILED: dict = {}
 
 def _compiled(fn):
     """``fn`` under ``torch.compile`` (made once per process; sizes that change between calls -- a last, shorter
-    chunk -- are compiled once more as dynamic, torch's default)."""
+    chunk -- are compiled once more as dynamic, torch's default). Under ``auto`` a call whose compile fails warns
+    once, runs ``fn`` as it is, and :func:`compiled_for` says no from then on in this process."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
+        _COMPILED[fn] = _with_fallback(torch.compile(fn), fn)
     return _COMPILED[fn]
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a failure then is the capture's to handle)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _with_fallback(compiled_fn, fn):
+    """``compiled_fn`` (``fn`` under torch.compile), or ``fn`` itself once a compile failed under ``auto``."""
+    def call(*args):
+        if _COMPILE_FAILED:
+            return fn(*args)
+        try:
+            return compiled_fn(*args)
+        except Exception as e:  # torch._dynamo / inductor errors have no common public base class
+            if vocab_loss_setting() != "auto" or _capturing():
+                raise
+            _COMPILE_FAILED.append(f"{type(e).__name__}: {e}"[:300])
+            warnings.warn(f"emlib.vocab_loss: torch.compile failed ({_COMPILE_FAILED[0]}); this process takes the "
+                          f"fused way from now on (set ${VOCAB_LOSS_ENV}=fused to skip compiling).", RuntimeWarning)
+            return fn(*args)
+    return call
 
 
 # ------------------------------------------------------------------------------------------ the plain way
@@ -363,7 +422,7 @@ class KLReference:
             w32 = self.weight.float()  # [V, d] (the weight itself when float32)
             if not _fast_path(states, self.weight):
                 self.weight32 = w32  # kept for the float32 products of every copy
-            lse, sums, u = _lse(), [], []
+            lse, sums, u = _lse(states), [], []
             for s in self.chunks:
                 z = self.logits(states[s:s + self.chunks.step])  # [c, V]
                 m = lse(z)  # [c]
@@ -386,7 +445,7 @@ class KLReference:
         ``$EMLIB_VOCAB_LOSS=compiled``)."""
         out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
         step = self.chunks.step
-        lse = _lse()
+        lse = _lse(steered)
         for s in self.chunks:
             e = s + step
             if self.u is None:  # not a linear head: through the log-probabilities
@@ -404,10 +463,11 @@ class KLReference:
 
 
 def _lse_math(z: torch.Tensor) -> torch.Tensor:
-    """Log-sum-exp over the last axis (``$EMLIB_VOCAB_LOSS=compiled``: one generated reduction)."""
+    """Log-sum-exp over the last axis (the compiled way: one generated reduction)."""
     return torch.logsumexp(z, -1)
 
 
-def _lse():
-    """The log-sum-exp the reference and its copies use (one choice for both, so equal logits give exactly 0)."""
-    return _compiled(_lse_math) if vocab_loss_setting() == "compiled" else _lse_math
+def _lse(t: torch.Tensor):
+    """The log-sum-exp the reference and its copies use for tensors like ``t`` (one choice for both, so equal
+    logits give exactly 0)."""
+    return _compiled(_lse_math) if compiled_for(t) else _lse_math

@@ -1,5 +1,7 @@
 """The vocabulary losses (emlib.vocab_loss): the fused autograd functions against the plain way and against
 torch's own cross_entropy / kl_div on full logits, values and gradients."""
+import warnings
+
 import pytest
 import torch
 
@@ -263,3 +265,55 @@ def test_the_head_runs_twice_per_position_with_a_gradient_and_once_without(monke
         vocab_loss.ce_tokens(h, head, t, 4)
         vocab_loss.kl_tokens(torch.randn(10, D), cur, head, 4)
     assert calls == {"logits": 9, "grad": 0}
+
+
+class _Cudaish:
+    """Stands for a tensor on a CUDA device (what :func:`vocab_loss.compiled_for` reads of it)."""
+    is_cuda = True
+
+
+def test_auto_compiles_on_cuda_with_triton_only(monkeypatch):
+    """``auto`` (the default): the compiled way for tensors on a CUDA device where triton is there, fused on the
+    CPU or without triton; the explicit settings do what they say on either device."""
+    monkeypatch.delenv(vocab_loss.VOCAB_LOSS_ENV, raising=False)
+    monkeypatch.setattr(vocab_loss, "_COMPILE_FAILED", [])
+    assert vocab_loss.vocab_loss_setting() == "auto"
+    monkeypatch.setattr(vocab_loss, "_triton_ok", lambda: True)
+    assert vocab_loss.compiled_for(_Cudaish()) and not vocab_loss.compiled_for(torch.zeros(1))
+    assert (vocab_loss.vocab_loss_way("cuda"), vocab_loss.vocab_loss_way("cpu")) == ("compiled", "fused")
+    monkeypatch.setattr(vocab_loss, "_triton_ok", lambda: False)
+    assert not vocab_loss.compiled_for(_Cudaish()) and vocab_loss.vocab_loss_way("cuda") == "fused"
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "compiled")
+    assert vocab_loss.compiled_for(torch.zeros(1)) and vocab_loss.vocab_loss_way("cpu") == "compiled"
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "fused")
+    assert not vocab_loss.compiled_for(_Cudaish()) and vocab_loss.vocab_loss_way("cuda") == "fused"
+
+
+def test_a_failed_compile_under_auto_warns_once_and_goes_on_fused(monkeypatch):
+    """Under ``auto`` a compile that fails (here: a stand-in for torch.compile that raises) warns, returns the
+    formula's value computed as it is, and turns the compiled way off for the process; a hand-set ``compiled``
+    raises instead."""
+    monkeypatch.setattr(vocab_loss, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(vocab_loss, "_COMPILED", {})
+
+    def broken(fn):
+        def call(*a):
+            raise RuntimeError("no C compiler")
+        return call
+
+    monkeypatch.setattr(vocab_loss.torch, "compile", broken)
+    z = torch.randn(3, 11)
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "compiled")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        vocab_loss._compiled(vocab_loss._lse_math)(z)
+    assert vocab_loss._COMPILE_FAILED == []
+    monkeypatch.setenv(vocab_loss.VOCAB_LOSS_ENV, "auto")
+    monkeypatch.setattr(vocab_loss, "_triton_ok", lambda: True)
+    assert vocab_loss.compiled_for(_Cudaish())
+    with pytest.warns(RuntimeWarning, match="no C compiler.*fused way"):
+        got = vocab_loss._compiled(vocab_loss._lse_math)(z)
+    torch.testing.assert_close(got, torch.logsumexp(z, -1))
+    assert not vocab_loss.compiled_for(_Cudaish()) and vocab_loss.vocab_loss_way("cuda") == "fused"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls run the formula quietly
+        torch.testing.assert_close(vocab_loss._compiled(vocab_loss._lse_math)(z), torch.logsumexp(z, -1))
