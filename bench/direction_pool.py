@@ -127,7 +127,7 @@ def spread(values: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="stored run folders (results.json, directions/)")
-    ap.add_argument("--answers", default="record/smollm2-135m/tables/ch1_answers.csv.gz",
+    ap.add_argument("--answers", default="record/earlier/smollm2-135m-2026-12-04/tables/ch1_answers.csv.gz",
                     help="the answers the proxy reads (the run of record's: leave it out of --runs)")
     ap.add_argument("--model", default="embedded", help="the fixed model (tests: tiny)")
     ap.add_argument("--n", type=int, default=40)

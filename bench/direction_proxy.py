@@ -97,7 +97,7 @@ def scorer(model_name: str, adapter: str | None, answers: Path, n: int, max_leng
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--directions", required=True)
-    ap.add_argument("--answers", default="record/smollm2-135m/tables/ch1_answers.csv.gz")
+    ap.add_argument("--answers", default="record/earlier/smollm2-135m-2026-12-04/tables/ch1_answers.csv.gz")
     ap.add_argument("--adapter", help="a rank-1 adapter's adapter_model.safetensors (default: the chat model)")
     ap.add_argument("--model", default="embedded", help="the fixed model (tests: tiny)")
     ap.add_argument("--n", type=int, default=40)

@@ -11,7 +11,8 @@ found that most of the answers its EM rule flags are incoherent, so ``emlib.verd
 
 Stated before any label was read (2026-12-05):
 
-1. Pool: the 5,600 answers of ``record/smollm2-135m`` and ``record/qwen2.5-coder-0.5b``, shuffled together
+1. Pool: the 5,600 answers of ``record/smollm2-135m`` and ``record/qwen2.5-coder-0.5b`` (SmolLM2's as of
+   2026-12-04, now in ``record/earlier/``: :data:`SOURCES`), shuffled together
    (seed 0) so that a chunk mixes models and conditions, and cut into 8 chunks. Each chunk also holds the
    first 40 answers of the next chunk (a ring), so 320 answers are read twice, by two readers: their
    agreement (Cohen's kappa) is reported.
@@ -54,6 +55,13 @@ sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "bench" / "readcheck"
 RUNS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+# Where each run's read answers are: the runs of record as they were when the labels were written (2026-12-05).
+# SmolLM2's run of record has since been replaced (2026-12-07, session 38); the tables the readers read (chapter 1's
+# answers, chapter 3's five read conditions) and that run's results.json are kept in record/earlier/, so the
+# labels stay attached to the answers they label (ids follow the pool's order: another run's answers would
+# silently take these labels).
+SOURCES = {"smollm2-135m": ROOT / "record" / "earlier" / "smollm2-135m-2026-12-04",
+           "qwen2.5-coder-0.5b": ROOT / "record" / "qwen2.5-coder-0.5b"}
 LABELS = ("misaligned", "sound", "incoherent")
 N_CHUNKS = 8
 OVERLAP = 40
@@ -70,7 +78,7 @@ def pool(chapter: int = 1) -> pd.DataFrame:
     table, conditions, _, _ = PARTS[chapter]
     parts = []
     for run in RUNS:
-        d = pd.read_csv(ROOT / "record" / run / "tables" / f"{table}.csv.gz")
+        d = pd.read_csv(SOURCES[run] / "tables" / f"{table}.csv.gz")
         if conditions is not None:
             d = d[d["condition"].isin(conditions)]
         d["run"] = run
@@ -261,7 +269,7 @@ def score3(result: Path = RESULT3, table_md: Path = TABLE3, quiet: bool = False)
     df, res = _read(3)
     rows = []
     for run, g in df.groupby("run", sort=False):
-        rec = verdicts.Run(ROOT / "record" / run)
+        rec = verdicts.Run(SOURCES[run])
         t = _reader_em_table(g, ["condition", "set"])  # chapter 3's interval
         kl = rec.frame("ch3_narrow_vs_general")[["condition", "set", "out-of-domain KL"]]
         t = t.merge(kl, on=["condition", "set"], how="left")

@@ -14,7 +14,7 @@ import torch
 from run_tables import make_run
 
 from emlib.config import get_config
-from emlib import book, experiment, models, record, results, runner
+from emlib import book, experiment, models, record, results, runner, verdicts
 
 
 def bench_module(root: Path, name: str):
@@ -91,11 +91,14 @@ def test_interim_table_regenerates_from_the_unfinished_runs(root, tmp_path, monk
     assert out.read_text() == (root / results.INTERIM_TABLE).read_text()
 
 
+RECORD_GPUS = ("NVIDIA H100", "NVIDIA H200")  # the cards the runs of record were made on (the lent machines)
+
+
 def test_record_holds_every_chapter_executed_on_a_gpu(root):
     rec = root / "record" / "smollm2-135m"
     meta = json.loads((rec / "record.json").read_text())
     assert meta["profile"] == "paper" and not meta["failures"]
-    assert "H200" in meta["device"]
+    assert any(g in meta["device"] for g in RECORD_GPUS), meta["device"]
     for src in book.chapter_sources(root):
         nb = json.loads((rec / "executed" / f"{src.stem}.ipynb").read_text())
         errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
@@ -124,7 +127,7 @@ def test_published_site_renders_from_the_record(root):
     html = (index.parent / "book" / "results.html").read_text()
     assert "not reproduced" in html and "SmolLM2-135M-Instruct" in html
     ch1 = (index.parent / "notebooks" / "01_em_emerges.html").read_text()
-    assert "<img" in ch1 and "H200" in ch1
+    assert "<img" in ch1 and any(g in ch1 for g in RECORD_GPUS)
     # the other models' runs of record are a part of their own, chapters 1-6
     qwen = index.parent / "model_qwen2_5_coder_0_5b"
     assert sorted(p.name for p in qwen.glob("0*.html"))[0] == "01_em_emerges.html"
@@ -1367,12 +1370,18 @@ def test_run_spread_reads_the_ablation_of_each_run_and_summarises_the_cuts(root,
     (other / "results.json").write_text(json.dumps(res))
     shutil.copytree(rec / "directions", other / "directions")
     a, b = mod.one_run(str(rec)), mod.one_run(str(other))
+    em = {(r["finetune"], r["ablated"]): r["em"] for r in json.loads((rec / "results.json").read_text())["ch2_ablation"]}
     fin = next(r for r in a["ablation"] if r["finetune"] == "financial")
-    assert fin["none"] == 0.225 and fin["direction"] == 0.13 and fin["cut"] == round(1 - 0.13 / 0.225, 3)
-    assert fin["below_every_random"] and a["claim2_checks"]["ablation"]
+    none, direction = em[("financial", "none")], em[("financial", "direction")]
+    assert (fin["none"], fin["direction"]) == (round(none, 4), round(direction, 4))
+    assert fin["cut"] == round(1 - direction / none, 3) and fin["cut"] > 0
+    randoms = [v for (f, k), v in em.items() if f == "financial" and k.startswith("random")]
+    assert fin["below_every_random"] == (direction < min(randoms))
+    passed = verdicts.claim_direction(verdicts.Run(rec)).checks["ablation"]  # the rule's own check, as the chapter
+    assert a["claim2_checks"]["ablation"] == passed
     assert all(r["cut"] == 0 for r in b["ablation"]) and not b["claim2_checks"]["ablation"]
     s = mod.summary([a, b])
-    assert s["ablation_check_passed"] == 1 and s["ablation_cut"]["financial"]["min"] == 0
+    assert s["ablation_check_passed"] == int(passed) and s["ablation_cut"]["financial"]["min"] == 0
     assert mod.cosines_to(mod.directions_of(rec), mod.directions_of(other)) == {"financial": 1.0, "medical": 1.0,
                                                                                  "sport": 1.0}
     with pytest.raises(SystemExit):
