@@ -71,21 +71,23 @@ def _triton_ok() -> bool:
         return False
 
 
+def _compile_on(cuda: bool) -> bool:
+    """Whether the compiled way is taken for work on a CUDA device (``cuda``) or elsewhere, now."""
+    way = vocab_loss_setting()
+    return way == "compiled" or (way == "auto" and cuda and not _COMPILE_FAILED and _triton_ok())
+
+
 def compiled_for(t: torch.Tensor) -> bool:
     """Whether the vocabulary work on ``t``'s device takes the compiled way now: ``compiled``, or ``auto`` with
     ``t`` on a CUDA device where triton is there and no compile of this process has failed."""
-    way = vocab_loss_setting()
-    if way == "compiled":
-        return True
-    return way == "auto" and t.is_cuda and not _COMPILE_FAILED and _triton_ok()
+    return _compile_on(t.is_cuda)
 
 
 def vocab_loss_way(device: str | torch.device) -> str:
     """The way the vocabulary losses take on ``device`` (what a run reports): fused, plain or compiled."""
-    way = vocab_loss_setting()
-    if way != "auto":
-        return way
-    return "compiled" if torch.device(device).type == "cuda" and _triton_ok() and not _COMPILE_FAILED else "fused"
+    if vocab_loss_setting() == "plain":
+        return "plain"
+    return "compiled" if _compile_on(torch.device(device).type == "cuda") else "fused"
 
 
 def _frozen_linear(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
