@@ -300,6 +300,8 @@ def _with_fallback(compiled_fn, fn):
             return fn(*args)
         try:
             return compiled_fn(*args)
+        except torch.cuda.OutOfMemoryError:  # not the compiler's: the run's own retry-alone handles it
+            raise
         except Exception as e:  # torch._dynamo / inductor errors have no common public base class
             if vocab_loss_setting() != "auto" or _capturing():
                 raise

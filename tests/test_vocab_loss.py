@@ -317,3 +317,15 @@ def test_a_failed_compile_under_auto_warns_once_and_goes_on_fused(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: later calls run the formula quietly
         torch.testing.assert_close(vocab_loss._compiled(vocab_loss._lse_math)(z), torch.logsumexp(z, -1))
+    monkeypatch.setattr(vocab_loss, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(vocab_loss, "_COMPILED", {})
+
+    def out_of_memory(fn):
+        def call(*a):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return call
+
+    monkeypatch.setattr(vocab_loss.torch, "compile", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not a compile failure: raised, the compiled way stays on
+        vocab_loss._compiled(vocab_loss._lse_math)(z)
+    assert vocab_loss.compiled_for(_Cudaish())
