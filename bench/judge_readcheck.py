@@ -94,10 +94,36 @@ def shuffled(chapter: int = 1) -> pd.DataFrame:
     return df
 
 
+def fingerprint(df: pd.DataFrame) -> str:
+    """sha256 of the pool in reading order (each id with its question and answer): what the labels label."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in df[["id", "question", "answer"]].itertuples(index=False):
+        h.update("\x1f".join(map(str, row)).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def _check_pool(chapter: int, df: pd.DataFrame) -> None:
+    """The pool must be the one the labels were written for (``POOL_SHA256`` beside them, written by
+    :func:`select`): a replaced run of record would otherwise take these labels answer by answer, silently."""
+    f = PARTS[chapter][2] / "POOL_SHA256"
+    if not f.exists():
+        raise SystemExit(f"{f} is missing: run `python bench/judge_readcheck.py select --chapter {chapter}` on the "
+                         "answers the labels were written for.")
+    if fingerprint(df) != f.read_text().strip():
+        raise SystemExit(f"the answers in {', '.join(str(SOURCES[r]) for r in RUNS)} are not the ones the labels in "
+                         f"{f.parent / 'labels'} were written for ({f.name} differs): point SOURCES at the runs that "
+                         "were read (a replaced run of record's tables go to record/earlier/).")
+
+
 def select(chapter: int = 1) -> None:
-    """Writes the chunks readers read (id, question, answer only); git-ignored, rebuilt by this command."""
+    """Writes the chunks readers read (id, question, answer only; git-ignored, rebuilt by this command) and the
+    pool's fingerprint (``POOL_SHA256``, committed with the labels)."""
     out = PARTS[chapter][2]
     df = shuffled(chapter)
+    (out / "POOL_SHA256").parent.mkdir(parents=True, exist_ok=True)
+    (out / "POOL_SHA256").write_text(fingerprint(df) + "\n")
     cuts = np.array_split(np.arange(len(df)), N_CHUNKS)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -171,6 +197,7 @@ def _read(chapter: int) -> tuple[pd.DataFrame, dict]:
     from emlib import metrics
 
     key = shuffled(chapter)
+    _check_pool(chapter, key)
     first, twice = _labels(chapter)
     df = key.merge(first, on="id", how="inner")
     if len(df) != len(key):

@@ -62,6 +62,19 @@ def test_readcheck_table_regenerates_from_the_labels(root, tmp_path):
     assert res3["n"] == 8000 and res3["agreement"]["n_twice"] == 320
 
 
+def test_readcheck_refuses_answers_its_labels_were_not_written_for(root, tmp_path, monkeypatch):
+    """The labels attach to answers by their place in the shuffled pool, so another run's answers would take them
+    silently: scoring checks the pool's fingerprint (bench/readcheck/POOL_SHA256) and stops with what to do. The
+    run of record that replaced SmolLM2's read run (2026-12-07) is such a pool."""
+    mod = bench_module(root, "judge_readcheck")
+    for chapter in (1, 3):
+        assert mod.fingerprint(mod.shuffled(chapter)) == (mod.PARTS[chapter][2] / "POOL_SHA256").read_text().strip()
+    monkeypatch.setitem(mod.SOURCES, "smollm2-135m", root / "record" / "smollm2-135m")
+    with pytest.raises(SystemExit, match="not the ones the labels"):
+        mod.score(tmp_path / "r.json", tmp_path / "t.md", quiet=True)
+    assert not (tmp_path / "t.md").exists()
+
+
 def test_rejudged_table_regenerates_from_the_record(root, tmp_path, monkeypatch):
     """book/results_table_distilled.md (claims 1-2 judged again by another judge) likewise, and only while
     there are rejudged runs: with none, neither the table nor an include of it is left in the book."""
