@@ -122,7 +122,7 @@ def select(chapter: int = 1) -> None:
     pool's fingerprint (``POOL_SHA256``, committed with the labels)."""
     out = PARTS[chapter][2]
     df = shuffled(chapter)
-    (out / "POOL_SHA256").parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "POOL_SHA256").write_text(fingerprint(df) + "\n")
     cuts = np.array_split(np.arange(len(df)), N_CHUNKS)
     (out / "chunks").mkdir(parents=True, exist_ok=True)

@@ -422,14 +422,15 @@ class KLReference:
         parts = _frozen_linear(head)  # under no_grad: any plain nn.Linear
         self.weight, self.bias = parts if parts is not None else (None, None)
         self.lse = self.u = self.weight32 = None
+        self.logsumexp = _lse(states)  # one choice for the reference and every copy: equal logits give exactly 0
         if parts is not None:
             w32 = self.weight.float()  # [V, d] (the weight itself when float32)
             if not _fast_path(states, self.weight):
                 self.weight32 = w32  # kept for the float32 products of every copy
-            lse, sums, u = _lse(states), [], []
+            sums, u = [], []
             for s in self.chunks:
                 z = self.logits(states[s:s + self.chunks.step])  # [c, V]
-                m = lse(z)  # [c]
+                m = self.logsumexp(z)  # [c]
                 with _float32_products():
                     u.append(torch.exp(z.sub_(m[:, None])) @ w32)  # [c, d]: W^T p
                 sums.append(m)
@@ -445,11 +446,10 @@ class KLReference:
     def kl(self, steered: torch.Tensor) -> torch.Tensor:
         """Per-position ``KL(reference || copy)`` over the vocabulary for G copies: ``steered`` [G, n, d] is what
         the LM head reads in each -> [G, n] float32. The logits exist one chunk of positions at a time
-        (:func:`emlib.chat.vocab_chunks`), one [c, V] float32 tensor per copy (its log-sum-exp compiled with
-        ``$EMLIB_VOCAB_LOSS=compiled``)."""
+        (:func:`emlib.chat.vocab_chunks`), one [c, V] float32 tensor per copy (its log-sum-exp compiled where
+        :func:`compiled_for` says so)."""
         out = torch.empty(steered.shape[:2], dtype=torch.float32, device=steered.device)
         step = self.chunks.step
-        lse = _lse(steered)
         for s in self.chunks:
             e = s + step
             if self.u is None:  # not a linear head: through the log-probabilities
@@ -462,7 +462,7 @@ class KLReference:
             for g in range(steered.shape[0]):
                 x = steered[g, s:e]
                 first = ((x.float() - h) * self.u[s:e]).sum(-1)  # [c]: u . (h' - h), summed in float32
-                out[g, s:e] = lse(self.logits(x)) - self.lse[s:e] - first
+                out[g, s:e] = self.logsumexp(self.logits(x)) - self.lse[s:e] - first
         return out
 
 
@@ -472,6 +472,5 @@ def _lse_math(z: torch.Tensor) -> torch.Tensor:
 
 
 def _lse(t: torch.Tensor):
-    """The log-sum-exp the reference and its copies use for tensors like ``t`` (one choice for both, so equal
-    logits give exactly 0)."""
+    """The log-sum-exp for tensors like ``t``: compiled where :func:`compiled_for` says so."""
     return _compiled(_lse_math) if compiled_for(t) else _lse_math
