@@ -133,6 +133,60 @@ FOLLOW_CHAPTER_3 = ("04_efficiency", "05_stability")  # they repeat chapter 3's 
 READS_CHAPTER_3 = ("06_pretraining_influence",)
 
 
+# A run of record may start chapter 5 before chapter 3 has chosen its narrow solutions (``emlib.record``), so that
+# it measures the general solutions meanwhile (they do not depend on the choice) and is up, its model loaded, when
+# the choice comes. While it may, this file in the run directory says so, naming the recording process: the
+# chapter's Experiment.narrow_scale waits while the file is there and that process lives (a file left by a killed
+# run does not hold a later one).
+CHOICE_PENDING = ".chapter-3-choosing.json"
+EARLY_FOR_CHOICE = ("05_stability",)  # the chapters a run of record may start before the choice
+
+
+def mark_choice_pending(run_dir: str | Path) -> None:
+    """Say in ``run_dir`` that this process will record chapter 3's choice there (see :data:`CHOICE_PENDING`)."""
+    import json
+    import os
+
+    from .data import atomic_write_bytes
+
+    atomic_write_bytes(Path(run_dir) / CHOICE_PENDING, json.dumps({"pid": os.getpid()}).encode())
+
+
+def clear_choice_pending(run_dir: str | Path) -> None:
+    (Path(run_dir) / CHOICE_PENDING).unlink(missing_ok=True)
+
+
+def choice_pending(run_dir: str | Path) -> bool:
+    """Whether a live run of record is still to record chapter 3's choice in ``run_dir``."""
+    import json
+    import os
+
+    f = Path(run_dir) / CHOICE_PENDING
+    try:
+        pid = int(json.loads(f.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no file (or one cut short): nothing to wait for
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def wait_for_choice(run_dir: str | Path, poll_s: float = 0.5) -> float:
+    """Wait while :func:`choice_pending`; returns the seconds waited."""
+    import time
+
+    t0 = time.time()
+    if choice_pending(run_dir):
+        print("waiting for chapter 3 (running beside this chapter) to choose its narrow solutions", flush=True)
+        while choice_pending(run_dir):
+            time.sleep(poll_s)
+    return time.time() - t0
+
+
 def followups(stem: str, datasets: Sequence[str], seeds: Sequence[int], chosen: dict[str, float]) -> set[Finetune]:
     """The finetunes a chapter needs once chapter 3 has chosen its narrow lambdas (``chosen``: kind -> factor,
     :func:`emlib.narrow.narrow_scale`): chapters 4-5's narrow solutions at every extra seed, at that lambda only."""

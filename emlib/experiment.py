@@ -287,6 +287,7 @@ class Experiment:
         the profile's own lambda (factor 1)."""
         from . import chapters, narrow
 
+        chapters.wait_for_choice(self.out)  # a run of record started this chapter before chapter 3 chose
         f = self.out / "results.json"
         chosen = chapters.chosen_scales(json.loads(f.read_text())) if f.exists() else None
         if chosen is not None:
@@ -299,13 +300,19 @@ class Experiment:
         """The two solutions chapters 4-6 compare, trained at ``seed``: ``{"general": file, "narrow": file}``,
         the narrow one at chapter 3's reported lambda (:meth:`narrow_scale`). ``kind``: "steering vector" (the
         vectors' safetensors files) or "rank-1 LoRA" (the adapter folders)."""
-        ds, m = self.cfg.datasets[0], self.narrow_scale(kind)
+        general = self.general_solution(kind, seed)  # an unknown kind stops here, before any waiting
+        return {**general, "narrow": self._solution(kind, "narrow", self.narrow_scale(kind), seed)}
+
+    def general_solution(self, kind: str, seed: int | None = None) -> dict[str, Path]:
+        """``{"general": file}`` of :meth:`compared_solutions`, without waiting for chapter 3's choice."""
+        return {"general": self._solution(kind, "general", 1.0, seed)}
+
+    def _solution(self, kind: str, solution: str, kl_scale: float, seed: int | None) -> Path:
+        ds = self.cfg.datasets[0]
         if kind == "steering vector":
-            return {"general": self.vector_path(ds, "general", seed=seed),
-                    "narrow": self.vector_path(ds, "narrow", kl_scale=m, seed=seed)}
+            return self.vector_path(ds, solution, kl_scale=kl_scale, seed=seed)
         if kind == "rank-1 LoRA":
-            return {"general": self.lora_path(ds, "rank1", "general", seed=seed),
-                    "narrow": self.lora_path(ds, "rank1", "narrow", kl_scale=m, seed=seed)}
+            return self.lora_path(ds, "rank1", solution, kl_scale=kl_scale, seed=seed)
         raise ValueError(f"Unknown solution kind {kind!r}: 'steering vector' or 'rank-1 LoRA'.")
 
     def train_seeds(self) -> list[int]:

@@ -55,7 +55,8 @@ from .config import Config, _check_keys, get_config
 from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
-from .chapters import FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, extra_seeds, followups, speculative
+from .chapters import (EARLY_FOR_CHOICE, FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, clear_choice_pending,
+                       extra_seeds, followups, mark_choice_pending, speculative)
 from .chapters import train_groups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
@@ -348,6 +349,9 @@ class RunState:
     ready: dict[str, float] = field(default_factory=dict)  # chapter stem -> when it could first start (time.time())
     early: bool = False  # start a chapter while workers still train its finetunes (start_ready_chapters)
     started_early: set = field(default_factory=set)  # chapters started early whose finetunes are not all done yet
+    early_choice: bool = False  # start chapters.EARLY_FOR_CHOICE while chapter 3 still chooses (before_choice)
+    before_choice: dict = field(default_factory=dict)  # chapter stem -> when it started before chapter 3 chose (s)
+    choice_marked: bool = False  # chapters.CHOICE_PENDING is in the run directory (this process wrote it)
 
     @classmethod
     def of(cls, plan: Plan) -> "RunState":
@@ -585,7 +589,12 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
 
         def settled(a: str) -> bool:  # an earlier chapter this one need not wait for any more
             return state.chapters.get(a) == DONE or (a.startswith("03") and (
-                state.sweep_ready or (stem in READS_CHAPTER_3 and state.chapters.get(a) == FAILED)))
+                state.sweep_ready or (stem in READS_CHAPTER_3 and state.chapters.get(a) == FAILED)
+                or before_choice(a)))
+
+        def before_choice(a: str) -> bool:  # it may start now and wait for the choice itself (release_choice)
+            return (state.early_choice and stem in EARLY_FOR_CHOICE and not state.sweep_ready
+                    and state.chapters.get(a) == RUNNING)
 
         failed_ft = sorted(n for n in needs if state.finetunes[n] == FAILED)
         failed_ch = sorted(a for a in plan.after.get(stem, ()) if state.chapters.get(a) == FAILED and not settled(a))
@@ -604,11 +613,48 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
             if not state.admit.room(state.busy(), share=share):
                 return  # no room on the GPU: the next pass looks again
             early = "" if done else ", early: workers are still training what it needs"
+            ch3 = [a for a in plan.after.get(stem, ()) if before_choice(a)]
+            if ch3:  # the marker first: the chapter must find it (Experiment.narrow_scale waits while it is there)
+                mark_choice_pending(plan.run)
+                state.choice_marked = True
+                state.before_choice[stem] = round(time.time() - state.t0, 1)
+                early += ", before chapter 3 has chosen: it measures the general solutions meanwhile"
             print(f"[record] chapter {stem} starts ({time.time() - state.t0:.0f} s{early})", flush=True)
             start_chapter(plan, state, stem)
             state.admit.note_start(share=share, key=stem)
             if not done:
                 state.started_early.add(stem)
+
+
+def stop_chapter(state: RunState, stem: str) -> None:
+    """Kill a running chapter's process and forget it (its status is the caller's to set)."""
+    proc, _ = state.processes.pop(stem)
+    proc.kill()
+    proc.wait()
+    state.admit.note_end(stem)
+    state.started_early.discard(stem)
+
+
+def release_choice(plan: Plan, state: RunState) -> None:
+    """Once chapter 3 has recorded its sweep or has ended (:func:`note_sweep`), remove the run directory's
+    :data:`~emlib.chapters.CHOICE_PENDING`, so a chapter started before the choice (``state.before_choice``) reads
+    it. If chapter 3 failed before recording a sweep, such a chapter is stopped and not run, as a chapter that
+    had waited for it is not (it would measure the sweep again itself). A chapter 3 retried after running out of
+    memory is still to choose: the marker stays."""
+    if not state.choice_marked:
+        return
+    ch3 = next(st for st in state.chapters if st.startswith("03"))
+    note_sweep(plan, state)
+    if not state.sweep_ready and state.chapters[ch3] != FAILED:
+        return
+    if not state.sweep_ready:
+        for stem in [st for st in state.before_choice if st in state.processes]:
+            stop_chapter(state, stem)
+            state.chapters[stem] = FAILED
+            state.failures[stem] = f"not run: chapter(s) {ch3} failed"
+            print(f"[record] chapter {stem} stopped, NOT RUN: {state.failures[stem]}", flush=True)
+    clear_choice_pending(plan.run)
+    state.choice_marked = False
 
 
 # A chapter's first 10-16 s are start-up (its kernel, imports, the model and the judge: `record_cells`), which
@@ -652,11 +698,7 @@ def recall_early(plan: Plan, state: RunState) -> None:
             state.admit.note_end(stem)  # counted again from now on: it starts to grow (see may_start_early)
             state.admit.note_start(share=need_share(stem), key=stem)
         elif any(v not in (DONE, RUNNING) for v in status):
-            proc, _ = state.processes.pop(stem)
-            proc.kill()
-            proc.wait()
-            state.admit.note_end(stem)
-            state.started_early.discard(stem)
+            stop_chapter(state, stem)
             state.chapters[stem] = WAITING
             state.attempts[stem] -= 1
             print(f"[record] chapter {stem} stopped: a finetune it needs is not training any more; it starts "
@@ -822,6 +864,7 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
                 state.queue += rest
                 rest = []
             plan_followups(plan, state)
+            release_choice(plan, state)
             retry_alone(plan, state, pool)
             # the queue before the chapters: a queued finetune is what a chapter waits for (chapters 4-5 wait for
             # chapter 3's follow-ups: on an H100, 2026-12-06, chapters 4-6 took the room as chapter 3 chose, and
@@ -846,6 +889,8 @@ def run_all(plan: Plan, state: RunState, workers: int, max_parallel_chapters: in
             pool.shutdown(wait=True, cancel_futures=True)
         for proc, _ in state.processes.values():
             proc.kill()
+        if state.choice_marked:
+            clear_choice_pending(plan.run)
 
 
 def no_more_finetunes(plan: Plan, state: RunState) -> bool:
@@ -883,6 +928,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "favour": {"chapters": list(state.favour), "workers_low_priority": True,
                           "auto": state.favour_auto} if state.favour else None,
                "early_chapters": state.early,
+               "early_choice": {"on": state.early_choice, "started_s": dict(state.before_choice)},
                "fast_paths": models.fast_paths_setting(),
                "compact": fastgen.compact_default(),
                "fused": fused.fused_setting(),
@@ -917,7 +963,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
         speculate: bool | None = False, head_start: bool = False,
         gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False,
-        early_chapters: bool | None = None, favour: Sequence[str] | None = None) -> dict:
+        early_chapters: bool | None = None, favour: Sequence[str] | None = None,
+        early_choice: bool | None = None) -> dict:
     """Finetunes in parallel processes, then every chapter as soon as its finetunes exist.
 
     ``mps``: serve the GPU through an MPS daemon of the run's own (:func:`emlib.runner.mps_daemon`), so the
@@ -932,7 +979,9 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     :func:`auto_favour` once the MPS daemon is known to be on (the longest chapter), () to favour none.
     ``early_chapters``: a chapter may start while workers still train its finetunes (:func:`may_start_early`;
     None: on a machine with a GPU; ``record.json``'s ``early_chapters``, and ``finetunes_done_s`` for each chapter
-    that did).
+    that did). ``early_choice``: chapter 5 (:data:`~emlib.chapters.EARLY_FOR_CHOICE`) may start while chapter 3
+    still chooses its narrow solutions; it measures the general ones meanwhile and waits for the choice where it
+    needs it (:func:`release_choice`; None: as ``early_chapters``; ``record.json``'s ``early_choice``).
 
     ``params`` (``-p``) and ``overrides`` (``-c``) are config fields (``params`` also a chapter's own
     parameter): every finetune gets them as arguments, every chapter inside its ``config`` parameter, and
@@ -951,6 +1000,8 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     state.low_priority, state.favour, state.favour_auto = low_priority, favour, not asked
     gpu = bool(runner.visible_gpus())  # nvidia-smi: CUDA stays untouched in this process
     state.early = gpu if early_chapters is None else early_chapters
+    state.early_choice = state.early if early_choice is None else early_choice
+    clear_choice_pending(plan.run)  # one a killed run left: no process of this run wrote it
     if (low_priority or favour) and not mps:
         print(f"[record] --{'favour' if favour else 'low-priority'} acts only through an MPS daemon: add --mps "
               "(without it every process shares the GPU by time slices, and the setting does nothing)", flush=True)
@@ -1170,6 +1221,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="start a chapter while workers still train its finetunes (once workers hold them all), so "
                         "its start-up overlaps their training; it waits for them where it asks for them (auto: on "
                         "a GPU)")
+    r.add_argument("--early-choice", choices=("auto", "on", "off"), default="auto",
+                   help="start chapter 5 while chapter 3 still chooses its narrow solutions: it measures the "
+                        "general solutions meanwhile and waits for the choice where it needs it (auto: as "
+                        "--early-chapters)")
     r.add_argument("--gib-per-process", type=float, default=GIB_PER_PROCESS,
                    help="GPU memory one finetune or chapter process may reach: a process starts only while the "
                         f"GPU has room for it (default {GIB_PER_PROCESS:g}, measured for SmolLM2-135M; chapters "
@@ -1226,7 +1281,8 @@ def _main(a) -> int:
                       speculate={"auto": None, "on": True, "off": False}[a.speculate],
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
                       low_priority=a.low_priority, favour=favour_arg(a.favour),
-                      early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters])
+                      early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters],
+                      early_choice={"auto": None, "on": True, "off": False}[a.early_choice])
         if summary["failures"]:
             from .cli import ChapterFailed
 

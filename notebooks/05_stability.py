@@ -80,13 +80,18 @@ print(f"eps grid {cfg.eps_grid}; {cfg.n_perturb_seeds} seeds; {len(rows)} {ds} t
 
 # %%
 seeds = exp.train_seeds()
-scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
-
-
 kw = dict(eps_grid=cfg.eps_grid, n_seeds=cfg.n_perturb_seeds, seed=cfg.seed, max_length=cfg.max_length,
           batch_size=cfg.metric_batch_size, cache_dir=metric_cache, progress=False)
-# seed by seed: the first seed's solutions exist once chapter 3 has chosen, while a run of record may still be
-# training the other seeds' narrow ones (this chapter waits for each where it asks for it)
+# the general solutions first: their draws do not depend on which narrow solution chapter 3 reports (each
+# solution is cached on its own), and a run of record starts this chapter while chapter 3 is still choosing
+for s in seeds:
+    for kind in inductive_kinds:
+        for mode in inductive.NOISE_MODES:
+            inductive.stability_losses(exp.model, exp.tok, rows, exp.general_solution(kind, s), noise=mode, **kw)
+scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
+# then the pairs, seed by seed (the general halves read back): the first seed's narrow solutions exist once
+# chapter 3 has chosen, while a run of record may still be training the other seeds' (this chapter waits for
+# each where it asks for it)
 raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), noise=mode, **kw)
                  .assign(kind=kind, mode=mode, train_seed=s)
                  for s in seeds for kind in inductive_kinds for mode in inductive.NOISE_MODES], ignore_index=True)

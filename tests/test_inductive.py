@@ -308,6 +308,34 @@ def test_stability_eps0_takes_no_forward_pass(model_tok, rows, vectors, tmp_path
         assert len(e0) == 2 * 3 and (e0["loss"] == e0["loss_orig"]).all() and (e0["normalised"] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["vectors", "adapters"])
+@pytest.mark.parametrize("noise", ["relative", "matched"])
+def test_stability_keeps_each_solution_apart(model_tok, rows, vectors, adapters, kind, noise, tmp_path, monkeypatch):
+    """One cache entry per solution: the general solution measured alone (chapter 5 does so before chapter 3
+    has chosen the narrow one) is read, not measured again, when the pair is asked for, and the pair's frame is
+    the one measured in one go."""
+    from emlib.inductive import stability
+
+    model, tok = model_tok
+    sols = vectors if kind == "vectors" else adapters[0]
+    kw = dict(eps_grid=(0.0, 0.5), n_seeds=2, noise=noise, **({"layer": LAYER} if kind == "vectors" else {}))
+    whole = ind.stability_losses(model, tok, rows, sols, cache_dir=tmp_path / "whole", **kw)
+    calls = []
+    real = stability.response_loss
+    monkeypatch.setattr(stability, "response_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    alone = ind.stability_losses(model, tok, rows, {"general": sols["general"]}, cache_dir=tmp_path, **kw)
+    assert len(calls) == 1 + 1 + 2  # the base model, the solution, its two draws at eps 0.5
+    pd.testing.assert_frame_equal(alone, whole[whole.solution == "general"].reset_index(drop=True))
+    calls.clear()
+    pair = ind.stability_losses(model, tok, rows, sols, cache_dir=tmp_path, **kw)
+    assert len(calls) == 1 + 1 + 2  # the narrow solution only
+    pd.testing.assert_frame_equal(pair, whole)
+    calls.clear()
+    renamed = ind.stability_losses(model, tok, rows, {"a": sols["general"]}, cache_dir=tmp_path,
+                                   **{**kw, "reference": "a"})
+    assert not calls and (renamed.solution == "a").all()  # the same solution under another name: read
+
+
 # ----------------------------------------------------------------------------- pretraining KL
 TEXTS = ["The council met on Tuesday to discuss the new budget for roads and schools in the district.",
          "Scientists say the drought has cut wheat yields across the region, and farmers want more support.",

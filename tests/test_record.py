@@ -1298,6 +1298,82 @@ def test_a_chapter_started_early_is_stopped_when_its_finetune_fails(root, tmp_pa
             assert state.chapters[stem] == record.DONE and t["finetunes_done_s"] > t["started_s"]
 
 
+def test_chapter_5_may_start_before_chapter_3_chooses_and_waits_for_the_choice(root, tmp_path, monkeypatch):
+    """``early_choice``: chapter 5 starts while chapter 3 runs and has not recorded its sweep (chapters 4 and 6
+    still wait for it), with the run directory's marker written first; once the sweep is recorded the marker
+    goes (chapter 5's narrow_scale reads the choice then). If chapter 3 fails before choosing, chapter 5 is
+    stopped and not run, as one that waited; the setting off: it waits as before."""
+    from emlib import chapters
+
+    run = tmp_path / "rec"
+    plan = record.plan_run("smoke", str(run), chapters=["03", "04", "05", "06"])
+    ch3, ch5 = "03_narrow_needs_kl", "05_stability"
+    seen = []
+    monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: seen.append(
+        (job.chapter, chapters.choice_pending(run))) or _Running())
+    run.mkdir(parents=True)
+
+    def fresh(on=True):
+        state = record.RunState.of(plan)
+        state.finetunes = dict.fromkeys(state.finetunes, record.DONE)
+        state.chapters[ch3], state.early_choice = record.RUNNING, on
+        seen.clear()
+        return state
+
+    state = fresh(on=False)
+    record.start_ready_chapters(plan, state, max_parallel=8)
+    assert seen == [] and not chapters.choice_pending(run)
+    for ch3_ends in ("chooses", "fails"):
+        state = fresh()
+        record.start_ready_chapters(plan, state, max_parallel=8)
+        assert seen == [(ch5, True)] and state.choice_marked and ch5 in state.before_choice  # marker before start
+        record.release_choice(plan, state)
+        assert chapters.choice_pending(run)  # chapter 3 still choosing: it stays
+        if ch3_ends == "chooses":
+            (run / "results.json").write_text(json.dumps({"ch3_lambda_sweep": [{"kind": "steering vector"}]}))
+            record.release_choice(plan, state)
+            assert not chapters.choice_pending(run) and state.chapters[ch5] == record.RUNNING
+            record.start_ready_chapters(plan, state, max_parallel=8)
+            assert sorted(c for c, _ in seen) == ["04_efficiency", ch5, "06_pretraining_influence"]
+            (run / "results.json").unlink()
+        else:
+            proc = state.processes[ch5][0]
+            state.chapters[ch3] = record.FAILED
+            record.release_choice(plan, state)
+            assert proc.killed and ch5 not in state.processes and state.chapters[ch5] == record.FAILED
+            assert state.failures[ch5] == f"not run: chapter(s) {ch3} failed"
+            assert not chapters.choice_pending(run)
+
+
+def test_narrow_scale_waits_while_a_live_run_is_to_choose(tmp_path):
+    """The marker holds a chapter only while the process named in it lives: a killed run's marker does not hold a
+    later notebook run; a live one's does until it is removed."""
+    import subprocess
+    import sys
+    import threading
+
+    from emlib import chapters
+
+    assert chapters.wait_for_choice(tmp_path) < 0.1  # no marker
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / chapters.CHOICE_PENDING).write_text(json.dumps({"pid": gone.pid}))
+    assert not chapters.choice_pending(tmp_path)  # its writer is dead
+    chapters.mark_choice_pending(tmp_path)  # this process: alive
+    assert chapters.choice_pending(tmp_path)
+    threading.Timer(0.3, chapters.clear_choice_pending, [tmp_path]).start()
+    assert chapters.wait_for_choice(tmp_path, poll_s=0.02) >= 0.25 and not chapters.choice_pending(tmp_path)
+
+
+def test_early_choice_on_the_command_line(root, tmp_path, monkeypatch):
+    """``--early-choice auto|on|off`` reaches :func:`emlib.record.run` as None / True / False."""
+    args = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["early_choice"]) or {"failures": {}})
+    for extra in ([], ["--early-choice", "on"], ["--early-choice", "off"]):
+        assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
+    assert args == [None, True, False]
+
+
 def test_early_chapters_on_the_command_line(root, tmp_path, monkeypatch):
     """``--early-chapters auto|on|off`` reaches :func:`emlib.record.run` as None / True / False."""
     args = []

@@ -155,13 +155,19 @@ def default_cache_dir() -> Path:
     return cache_root() / "metrics"
 
 
+def cache_path(metric: str, key: dict, cache_dir: str | Path | None) -> Path:
+    """Where :func:`cached` keeps the frame of ``metric`` under ``key``."""
+    full = {"metric": metric, "version": METRIC_VERSION, **key}
+    d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return d / f"{metric}-{make_key(**full)[:20]}.parquet"
+
+
 def cached(metric: str, key: dict, compute: Callable[[], pd.DataFrame], cache_dir: str | Path | None,
            use_cache: bool) -> pd.DataFrame:
     """Read ``<cache_dir>/<metric>-<key>.parquet`` if present, else compute it and write it atomically (with
     the key parts as JSON beside it). ``use_cache=False`` recomputes and rewrites."""
+    path = cache_path(metric, key, cache_dir)
     key = {"metric": metric, "version": METRIC_VERSION, **key}
-    d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = d / f"{metric}-{make_key(**key)[:20]}.parquet"
     if use_cache and path.exists():
         return pd.read_parquet(path)
     df = compute()

@@ -27,8 +27,9 @@ import torch
 
 from ..chat import response_loss
 from ..stats import mean_ci, paired_diff_seeds_ci
-from .common import (PAPER_EPS_GRID, applied, as_solutions, base, cached, encode, key_parts, noise_scale,
-                     progress_bar, reused_below, rows_fingerprint, session)
+from ..cache import model_fingerprint
+from .common import (PAPER_EPS_GRID, Solution, applied, as_solutions, base, cache_path, cached, encode, noise_scale,
+                     progress_bar, reused_below, rows_fingerprint, session, tok_fingerprint)
 from ..timing import timed
 
 NOISE_MODES = ("relative", "matched")
@@ -64,39 +65,58 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
     if noise == "matched" and reference not in sols:
         raise ValueError(f"The matched noise is eps x the norm of the reference solution {reference!r}, which is "
                          f"not among the solutions {sorted(sols)}.")
-    key = {**key_parts(model, tok, sols), "rows": rows_fingerprint(enc), "eps": list(eps_grid),
-           "n_seeds": n_seeds, "seed": seed, "layer": layer, "batch_size": batch_size, "max_length": max_length,
-           **({"noise": noise, "reference": reference} if noise != "relative" else {})}
+    common = {"model": model_fingerprint(model), "tok": tok_fingerprint(tok), "rows": rows_fingerprint(enc),
+              "eps": list(eps_grid), "n_seeds": n_seeds, "seed": seed, "layer": layer, "batch_size": batch_size,
+              "max_length": max_length,
+              **({"noise": noise, "reference": sols[reference].fingerprint()} if noise != "relative" else {})}
+    # one cache entry per solution: its draws do not depend on the others (draw k is seed + k for each; the
+    # matched noise on the reference's norm, which the key holds), so a solution measured in one call is read
+    # in another (chapter 5 measures the general solutions before chapter 3 has chosen the narrow ones)
+    keys = {name: {**common, "solution": sol.fingerprint()} for name, sol in sols.items()}
+    todo = [n for n in sols if not use_cache or not cache_path("stability", keys[n], cache_dir).exists()]
+    fresh = _measure(model, tok, enc, sols, todo, eps_grid, n_seeds, seed, batch_size, progress, noise,
+                     reference) if todo else {}
+    frames = [cached("stability", keys[n], (lambda n=n: fresh[n]), cache_dir, use_cache and n not in fresh)
+              .assign(solution=n) for n in sols]
+    return pd.concat(frames, ignore_index=True)[COLUMNS]
 
-    def compute() -> pd.DataFrame:
-        recs = []
-        with session(model, sols) as (m, adapters), reused_below(m, sols):
-            with base(m, sols):
-                loss_base = response_loss(m, tok, enc, batch_size)
-            ref = noise_scale(m, sols[reference], adapters.get(reference)) if noise == "matched" else None
-            bar = progress_bar(len(sols) * (1 + len(eps_grid) * n_seeds), "stability", progress)
-            for name, sol in sols.items():
-                with applied(m, sol, adapters.get(name)):
-                    orig = response_loss(m, tok, enc, batch_size)
-                bar.update()
-                den = loss_base - orig
-                for eps in eps_grid:
-                    for k in range(n_seeds):
-                        if eps == 0:  # no noise in either mode: the solution itself, measured above
-                            loss = orig
-                        else:
-                            g = torch.Generator().manual_seed(seed + k)
-                            how = ({"eps": float(eps)} if ref is None else {"noise": _scaled(ref, float(eps))})
-                            with applied(m, sol, adapters.get(name), generator=g, **how):
-                                loss = response_loss(m, tok, enc, batch_size)
-                        norm = (loss - orig) / den * 100 if abs(den) > 1e-9 and den > 0 else float("nan")
-                        recs.append({"solution": name, "eps": float(eps), "seed": seed + k, "loss": loss,
-                                     "loss_orig": orig, "loss_base": loss_base, "normalised": norm})
-                        bar.update()
-            bar.close()
-        return pd.DataFrame(recs)
 
-    return cached("stability", key, compute, cache_dir, use_cache)
+COLUMNS = ["solution", "eps", "seed", "loss", "loss_orig", "loss_base", "normalised"]
+
+
+def _measure(model, tok, enc, sols: Mapping[str, Solution], names: Sequence[str], eps_grid, n_seeds: int, seed: int,
+             batch_size: int, progress, noise: str, reference: str) -> dict[str, pd.DataFrame]:
+    """The draws of the solutions ``names`` (a frame each, :func:`stability_losses`'s columns); the base model's
+    loss once for all of them. The reference solution is attached too in the matched mode (its norms)."""
+    attach = {n: sols[n] for n in sols if n in names or (noise == "matched" and n == reference)}
+    out = {}
+    with session(model, attach) as (m, adapters), reused_below(m, {n: sols[n] for n in names}):
+        with base(m, attach):
+            loss_base = response_loss(m, tok, enc, batch_size)
+        ref = noise_scale(m, sols[reference], adapters.get(reference)) if noise == "matched" else None
+        bar = progress_bar(len(names) * (1 + len(eps_grid) * n_seeds), "stability", progress)
+        for name in names:
+            sol, recs = sols[name], []
+            with applied(m, sol, adapters.get(name)):
+                orig = response_loss(m, tok, enc, batch_size)
+            bar.update()
+            den = loss_base - orig
+            for eps in eps_grid:
+                for k in range(n_seeds):
+                    if eps == 0:  # no noise in either mode: the solution itself, measured above
+                        loss = orig
+                    else:
+                        g = torch.Generator().manual_seed(seed + k)
+                        how = ({"eps": float(eps)} if ref is None else {"noise": _scaled(ref, float(eps))})
+                        with applied(m, sol, adapters.get(name), generator=g, **how):
+                            loss = response_loss(m, tok, enc, batch_size)
+                    norm = (loss - orig) / den * 100 if abs(den) > 1e-9 and den > 0 else float("nan")
+                    recs.append({"solution": name, "eps": float(eps), "seed": seed + k, "loss": loss,
+                                 "loss_orig": orig, "loss_base": loss_base, "normalised": norm})
+                    bar.update()
+            out[name] = pd.DataFrame(recs, columns=COLUMNS)
+        bar.close()
+    return out
 
 
 def summarise_stability(raw: pd.DataFrame, ci: str = "bootstrap", level: float = 0.95, n_boot: int = 2000,
