@@ -19,7 +19,8 @@
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
    kernel, its output in ``RUN_DIR/logs/``) as soon as the finetunes it needs are done, several at once;
    executed notebooks go to ``RUN_DIR/executed/``. A chapter whose finetune
-   failed is not run (it would train the finetune again itself).
+   failed is not run (it would train the finetune again itself). Chapter 5 may start before chapter 3 has
+   chosen its narrow solutions (``--early-choice``, :func:`release_choice`): it measures the general ones first.
 3. **Summary**: wall time of every job and chapter and the whole run in ``RUN_DIR/results.json``
    (key ``timings``) and ``RUN_DIR/record.json``; with ``--pack DIR`` the run's outputs (executed notebooks,
    results, tables, figures, vectors, directions, training logs, the answer cache) are packed into
