@@ -366,9 +366,12 @@ class RunState:
     def unfinished(self) -> bool:
         return any(v in (WAITING, RUNNING, RETRY) for t in (self.finetunes, self.chapters) for v in t.values())
 
-    def quiet(self) -> bool:
-        """Nothing running or waiting (what a chapter's retry alone waits for)."""
-        return not (self.futures or self.processes or self.queue or self.having(self.chapters, WAITING))
+    def quiet(self, plan: Plan | None = None) -> bool:
+        """Nothing running or waiting (what a chapter's retry alone waits for); with ``plan``, a chapter waiting
+        for a chapter that is to be retried does not count (it waits for that retry: chapters 4-6 for chapter 3)."""
+        waiting = [st for st in self.having(self.chapters, WAITING) if plan is None or not any(
+            self.chapters.get(a) == RETRY for a in plan.after.get(st, ()))]
+        return not (self.futures or self.processes or self.queue or waiting)
 
     def busy(self) -> int:
         """Processes of the run at work on the GPU: finetune tasks in the pool and chapters."""
@@ -524,7 +527,7 @@ def retry_alone(plan: Plan, state: RunState, pool) -> None:
         print(f"[record] retrying {job.name} alone after running out of memory", flush=True)
         submit_finetune(plan, state, pool, task)
     ch = state.having(state.chapters, RETRY)
-    if ch and state.quiet() and not ft:
+    if ch and state.quiet(plan) and not ft:
         log = Path(plan.chapter(ch[0]).log)
         log.replace(log.with_name(f"{ch[0]}-out-of-memory.log"))
         print(f"[record] chapter {ch[0]} starts again alone after running out of memory", flush=True)
@@ -595,7 +598,7 @@ def start_ready_chapters(plan: Plan, state: RunState, max_parallel: int) -> None
 
         def before_choice(a: str) -> bool:  # it may start now and wait for the choice itself (release_choice)
             return (state.early_choice and stem in EARLY_FOR_CHOICE and not state.sweep_ready
-                    and state.chapters.get(a) == RUNNING)
+                    and state.chapters.get(a) == RUNNING and state.attempts.get(a, 1) <= 1)  # not its retry alone
 
         failed_ft = sorted(n for n in needs if state.finetunes[n] == FAILED)
         failed_ch = sorted(a for a in plan.after.get(stem, ()) if state.chapters.get(a) == FAILED and not settled(a))
@@ -640,20 +643,29 @@ def release_choice(plan: Plan, state: RunState) -> None:
     """Once chapter 3 has recorded its sweep or has ended (:func:`note_sweep`), remove the run directory's
     :data:`~emlib.chapters.CHOICE_PENDING`, so a chapter started before the choice (``state.before_choice``) reads
     it. If chapter 3 failed before recording a sweep, such a chapter is stopped and not run, as a chapter that
-    had waited for it is not (it would measure the sweep again itself). A chapter 3 retried after running out of
-    memory is still to choose: the marker stays."""
+    had waited for it is not (it would measure the sweep again itself). If chapter 3 ran out of memory first, such
+    a chapter is stopped and waits again (chapter 3's retry runs alone, once nothing else runs: a chapter waiting
+    for it would hold it back for ever), and starts once chapter 3 has chosen."""
     if not state.choice_marked:
         return
     ch3 = next(st for st in state.chapters if st.startswith("03"))
     note_sweep(plan, state)
-    if not state.sweep_ready and state.chapters[ch3] != FAILED:
+    status = state.chapters[ch3]
+    if not state.sweep_ready and status not in (FAILED, RETRY):
         return
     if not state.sweep_ready:
         for stem in [st for st in state.before_choice if st in state.processes]:
             stop_chapter(state, stem)
-            state.chapters[stem] = FAILED
-            state.failures[stem] = f"not run: chapter(s) {ch3} failed"
-            print(f"[record] chapter {stem} stopped, NOT RUN: {state.failures[stem]}", flush=True)
+            if status == FAILED:
+                state.chapters[stem] = FAILED
+                state.failures[stem] = f"not run: chapter(s) {ch3} failed"
+                print(f"[record] chapter {stem} stopped, NOT RUN: {state.failures[stem]}", flush=True)
+            else:  # chapter 3 runs again alone once nothing else runs (retry_alone): this one must not wait for it
+                state.chapters[stem] = WAITING
+                state.attempts[stem] -= 1
+                del state.before_choice[stem]
+                print(f"[record] chapter {stem} stopped: chapter 3 ran out of GPU memory before choosing; it "
+                      "starts again once chapter 3 has chosen", flush=True)
     clear_choice_pending(plan.run)
     state.choice_marked = False
 

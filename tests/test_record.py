@@ -1323,7 +1323,7 @@ def test_chapter_5_may_start_before_chapter_3_chooses_and_waits_for_the_choice(r
     state = fresh(on=False)
     record.start_ready_chapters(plan, state, max_parallel=8)
     assert seen == [] and not chapters.choice_pending(run)
-    for ch3_ends in ("chooses", "fails"):
+    for ch3_ends in ("chooses", "fails", "runs out of memory"):
         state = fresh()
         record.start_ready_chapters(plan, state, max_parallel=8)
         assert seen == [(ch5, True)] and state.choice_marked and ch5 in state.before_choice  # marker before start
@@ -1336,13 +1336,28 @@ def test_chapter_5_may_start_before_chapter_3_chooses_and_waits_for_the_choice(r
             record.start_ready_chapters(plan, state, max_parallel=8)
             assert sorted(c for c, _ in seen) == ["04_efficiency", ch5, "06_pretraining_influence"]
             (run / "results.json").unlink()
-        else:
+        elif ch3_ends == "fails":
             proc = state.processes[ch5][0]
             state.chapters[ch3] = record.FAILED
             record.release_choice(plan, state)
             assert proc.killed and ch5 not in state.processes and state.chapters[ch5] == record.FAILED
             assert state.failures[ch5] == f"not run: chapter(s) {ch3} failed"
             assert not chapters.choice_pending(run)
+        else:  # its retry runs alone once nothing else runs: chapter 5 must not be running, waiting for it
+            proc = state.processes[ch5][0]
+            state.chapters[ch3], state.attempts[ch3] = record.RETRY, 1
+            record.release_choice(plan, state)
+            assert proc.killed and state.chapters[ch5] == record.WAITING and not state.processes
+            assert not chapters.choice_pending(run)
+            log = Path(plan.chapter(ch3).log)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("CUDA out of memory")
+            seen.clear()
+            record.retry_alone(plan, state, pool=None)  # chapters 4-6 wait for it: they do not hold it back
+            assert [c for c, _ in seen] == [ch3] and state.chapters[ch3] == record.RUNNING
+            assert state.attempts[ch3] == 2
+            record.start_ready_chapters(plan, state, max_parallel=8)
+            assert [c for c, _ in seen] == [ch3] and not state.choice_marked  # not beside the retry before it chose
 
 
 def test_narrow_scale_waits_while_a_live_run_is_to_choose(tmp_path):
