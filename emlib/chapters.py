@@ -14,6 +14,9 @@ and a test checks every chapter's ``results.json`` against :func:`check_recorded
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -144,9 +147,6 @@ EARLY_FOR_CHOICE = ("05_stability",)  # the chapters a run of record may start b
 
 def mark_choice_pending(run_dir: str | Path) -> None:
     """Say in ``run_dir`` that this process will record chapter 3's choice there (see :data:`CHOICE_PENDING`)."""
-    import json
-    import os
-
     from .data import atomic_write_bytes
 
     atomic_write_bytes(Path(run_dir) / CHOICE_PENDING, json.dumps({"pid": os.getpid()}).encode())
@@ -158,9 +158,6 @@ def clear_choice_pending(run_dir: str | Path) -> None:
 
 def choice_pending(run_dir: str | Path) -> bool:
     """Whether a live run of record is still to record chapter 3's choice in ``run_dir``."""
-    import json
-    import os
-
     f = Path(run_dir) / CHOICE_PENDING
     try:
         pid = int(json.loads(f.read_text())["pid"])
@@ -171,14 +168,12 @@ def choice_pending(run_dir: str | Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, another user's
+        pass  # alive, another user's
     return True
 
 
 def wait_for_choice(run_dir: str | Path, poll_s: float = 0.5) -> float:
     """Wait while :func:`choice_pending`; returns the seconds waited."""
-    import time
-
     t0 = time.time()
     if choice_pending(run_dir):
         print("waiting for chapter 3 (running beside this chapter) to choose its narrow solutions", flush=True)

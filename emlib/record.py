@@ -366,11 +366,11 @@ class RunState:
     def unfinished(self) -> bool:
         return any(v in (WAITING, RUNNING, RETRY) for t in (self.finetunes, self.chapters) for v in t.values())
 
-    def quiet(self, plan: Plan | None = None) -> bool:
-        """Nothing running or waiting (what a chapter's retry alone waits for); with ``plan``, a chapter waiting
-        for a chapter that is to be retried does not count (it waits for that retry: chapters 4-6 for chapter 3)."""
-        waiting = [st for st in self.having(self.chapters, WAITING) if plan is None or not any(
-            self.chapters.get(a) == RETRY for a in plan.after.get(st, ()))]
+    def quiet(self, plan: Plan) -> bool:
+        """Nothing running or waiting (what a chapter's retry alone waits for); a chapter waiting for a chapter
+        that is to be retried does not count (it waits for that retry: chapters 4-6 for chapter 3)."""
+        waiting = [st for st in self.having(self.chapters, WAITING)
+                   if not any(self.chapters.get(a) == RETRY for a in plan.after.get(st, ()))]
         return not (self.futures or self.processes or self.queue or waiting)
 
     def busy(self) -> int:
