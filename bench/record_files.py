@@ -8,8 +8,9 @@ PACK_DIR is what ``bash scripts/gpu_record.sh pack NAME RUN_DIR`` wrote: record.
 monitor-NAME-apps.csv and record-NAME.log. The run is extracted (into ``--extract``, else a new temporary
 folder) and, as ``{kind}_{model}_{card}_{tag}_{date}``: record.json (``record_``), the monitors (``monitor_``,
 ``monitor_apps_``) and the log (``record_log_``, .txt) are copied, and ``record_phases.py``, ``record_cells.py``,
-``record_timeline.py`` and, where the card has a power scale (``gpu_power_{card}_*.json``, the newest, or
-``--scale``), ``record_energy.py`` write theirs. Nothing is written if a name is taken (``--force`` replaces).
+``record_timeline.py``, ``record_startup.py`` and, where the card has a power scale (``gpu_power_{card}_*.json``,
+the newest, or ``--scale``), ``record_energy.py`` write theirs. Nothing is written if a name is taken (``--force``
+replaces).
 The last line printed is the extracted folder, for ``python -m emlib.results record/smollm2-135m DIR ...``.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def targets(model: str, card: str, tag: str, date: str, results: Path = RESULTS)
     return {"record": results / f"record_{stem}.json", "monitor": results / f"monitor_{stem}.csv",
             "apps": results / f"monitor_apps_{stem}.csv", "log": results / f"record_log_{stem}.txt",
             "phases": results / f"record_phases_{stem}.json", "cells": results / f"record_cells_{stem}.json",
-            "timeline": results / f"record_timeline_{stem}.json", "energy": results / f"record_energy_{stem}.json"}
+            "timeline": results / f"record_timeline_{stem}.json", "energy": results / f"record_energy_{stem}.json",
+            "startup": results / f"record_startup_{stem}.json"}
 
 
 def power_scale(card: str, results: Path = RESULTS) -> Path | None:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import record_cells
     import record_energy
     import record_phases
+    import record_startup
     import record_timeline
 
     a.results.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         record_phases.main([str(run), "--out", str(out["phases"])])
         record_cells.main([str(run), "--out", str(out["cells"])])
         record_timeline.main([str(run), "--apps", str(out["apps"]), "--out", str(out["timeline"])])
+        record_startup.main([str(run), "--monitor", str(out["monitor"]), "--out", str(out["startup"])])
         if scale is not None:
             record_energy.main([str(out["monitor"]), "--scale", str(scale), "--out", str(out["energy"])])
         else:

@@ -1623,7 +1623,7 @@ def test_record_files_names_a_pack_and_refuses_to_overwrite(root, tmp_path, monk
         (pack / name).write_text(text)
     called = []
     monkeypatch.syspath_prepend(str(root / "bench"))
-    for name in ("record_phases", "record_cells", "record_timeline", "record_energy"):
+    for name in ("record_phases", "record_cells", "record_timeline", "record_startup", "record_energy"):
         fake = type(sys)(name)
         fake.main = lambda argv, name=name: called.append((name, argv)) or 0
         monkeypatch.setitem(sys.modules, name, fake)
@@ -1637,9 +1637,12 @@ def test_record_files_names_a_pack_and_refuses_to_overwrite(root, tmp_path, monk
     assert json.loads((results / f"record_{stem}.json").read_text()) == {"profile": "paper"}
     assert (results / f"record_log_{stem}.txt").read_text() == "[record] finished\n"
     assert (results / f"monitor_apps_{stem}.csv").exists() and (results / f"monitor_{stem}.csv").exists()
-    assert [c[0] for c in called] == ["record_phases", "record_cells", "record_timeline", "record_energy"]
+    assert [c[0] for c in called] == ["record_phases", "record_cells", "record_timeline", "record_startup",
+                                      "record_energy"]
+    assert called[3][1] == [str(tmp_path / "run"), "--monitor", str(results / f"monitor_{stem}.csv"), "--out",
+                            str(results / f"record_startup_{stem}.json")]
     assert called[0][1] == [str(tmp_path / "run"), "--out", str(results / f"record_phases_{stem}.json")]
-    assert called[3][1] == [str(results / f"monitor_{stem}.csv"), "--scale",
+    assert called[4][1] == [str(results / f"monitor_{stem}.csv"), "--scale",
                             str(results / "gpu_power_h100_2026-12-06.json"), "--out",
                             str(results / f"record_energy_{stem}.json")]
     (results / f"record_phases_{stem}.json").write_text("{}")  # as the real analysis would have
@@ -1672,3 +1675,41 @@ def test_train_parallel_reads_power_over_the_window_every_process_trained_steadi
     assert mod.steady_energy(per, None, 1000.0)["joules_per_token"] is None
     apart = [{"steady_window": [0.0, 5.0]}, {"steady_window": [6.0, 9.0]}]  # no moment where both trained
     assert mod.steady_energy(apart, power, 1000.0)["steady_watts"] is None
+
+
+def test_record_startup_lists_each_task_once_with_its_captures(root, tmp_path):
+    """bench/record_startup.py: one row per finetune task (a group's members share it), its start from record.json,
+    the time before its loop, its graphs and capture seconds from train_meta.json, the loop's first read from
+    train_log.csv, and when the card first got busy from the monitor."""
+    mod = bench_module(root, "record_startup")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"seed": 0}))
+    task = {"seconds": 100.0, "train_seconds": 80.0, "phases": {"load": 3.0}, "ended_s": 120.0, "group": 2}
+    jobs = {"vector-medical-general": task, "vector-medical-narrow": dict(task),
+            "lora-medical-rank1-general-seed1": {"seconds": 10.0, "train_seconds": 8.0, "phases": {"load": 0.5},
+                                                 "ended_s": 140.0}}
+    (run / "record.json").write_text(json.dumps({"timings": {"jobs": jobs}}))
+    for folder, graphs, first in (("vectors/medical-general-seed0", 4, 2.5), ("adapters/medical-rank1-general-seed1",
+                                                                              3, 0.25)):
+        d = run / folder
+        d.mkdir(parents=True)
+        (d / "train_meta.json").write_text(json.dumps({"fast_step": {"graphs": graphs, "capture_seconds": 1.25}}))
+        (d / "train_log.csv").write_text(f"step,loss,seconds\n8,2.0,{first}\n16,1.9,{first + 1}\n")
+    monitor = tmp_path / "monitor.csv"
+    monitor.write_text("t_s,gpu_util_pct,gpu_power_w\n5,0,80\n10,100,350\n15,100,500\n")
+    rows = mod.tasks(run)
+    assert [(r["task"], r["members"]) for r in rows] == [("vector-medical-general", 2),
+                                                           ("lora-medical-rank1-general-seed1", 1)]
+    first = rows[0]
+    assert (first["start_s"], first["load_s"], first["before_loop_s"], first["graphs"], first["capture_s"]) == (
+        20.0, 3.0, 17.0, 4, 1.2)
+    assert first["first_read_s"] == 2.5 and first["first_steps_s"] == 20.0 + 3.0 + 17.0 + 2.5
+    assert rows[1]["graphs"] == 3 and rows[1]["start_s"] == 130.0
+    assert mod.card_busy(monitor) == {"util_100_s": 10.0, "power_400w_s": 15.0}
+    out = tmp_path / "startup.json"
+    assert mod.main([str(run), "--monitor", str(monitor), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == {"tasks": 2, "capture_s_total": 2.4, "card": {"util_100_s": 10.0, "power_400w_s": 15.0}}
+    with pytest.raises(SystemExit, match="no record.json"):
+        mod.main([str(tmp_path)])

@@ -339,6 +339,69 @@ def test_bucketed_shapes_train_the_same_adapters(tmp_path, monkeypatch):
         np.testing.assert_allclose(a.log["kl"], b.log["kl"], rtol=1e-4, atol=1e-7)
 
 
+def _graphs_on_the_cpu(monkeypatch, noisy_kl_runs: int):
+    """GroupStep as on CUDA, on the CPU: each new shape goes to ``_capture``, whose graph is a stand-in that runs
+    the pass eagerly at each replay; the first ``noisy_kl_runs`` runs of the KL pass change the summed KL a little,
+    differently each time (two eager runs that disagree, as the KL at the members' zero initialisation did on a GPU)."""
+    from emlib import fasttrain
+
+    class EagerGraph:
+        def __init__(self, run, static):
+            self.run, self.static = run, static
+
+        def replay(self):
+            self.run(self.static)
+
+    real_init, real_kl = vecgroup.GroupStep.__init__, vecgroup.GroupStep._kl_pass
+    runs = {"kl": 0}
+
+    def graphs_on(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.use_graphs = self.buckets = True
+
+    def noisy(self, x):
+        real_kl(self, x)
+        runs["kl"] += 1
+        if runs["kl"] <= noisy_kl_runs:  # never 0, and 10% apart from one run to the next
+            self.kl.add_(1e-4 * runs["kl"]).mul_(1 + 0.1 * (runs["kl"] % 2))
+
+    monkeypatch.setattr(vecgroup.GroupStep, "__init__", graphs_on)
+    monkeypatch.setattr(vecgroup.GroupStep, "_kl_pass", noisy)
+    monkeypatch.setattr(fasttrain, "capture", lambda run, static, device, pool: (EagerGraph(run, static), pool))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **kw: self)
+
+
+def test_a_shape_whose_eager_runs_disagree_is_captured_later(tmp_path, monkeypatch):
+    """Two eager runs of a new shape that disagree (rounding noise: the KL members at their initialisation) cannot
+    check a replay: that pass counts once, eagerly, and the shape is captured when it comes again, not the whole
+    group sent to eager steps (Qwen2.5-Coder-0.5B's groups on an H100, session 40). The vectors are the eager
+    ones; the other shapes are captured and checked as before."""
+    exact, _ = _group_step_run(monkeypatch, tmp_path, "exact", cuda_graphs=False, buckets=True)
+    _graphs_on_the_cpu(monkeypatch, noisy_kl_runs=2)  # the first KL shape's two eager runs
+    later, step = _group_step_run(monkeypatch, tmp_path, "later")
+    assert step.stats["fallback"] is None and step.use_graphs
+    assert step.stats["deferred"] == 1 and step.stats["deferred_repeat_error"]["KL"] > vecgroup.REPLAY_TOLERANCE["KL"]
+    kl_graphs = [k for k in step._graphs if k[0] == "kl"]
+    assert kl_graphs and step.stats["graphs"] == len(step._graphs) == step.stats["checked"]
+    assert step.stats["eager_repeat_error"]["KL"] == 0.0  # the checks that went on to capture
+    for a, b in zip(exact, later):
+        torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.log["loss"], b.log["loss"], rtol=1e-5)
+
+
+def test_eager_runs_that_keep_disagreeing_end_in_eager_steps(tmp_path, monkeypatch):
+    """A shape whose eager runs still disagree after MAX_DEFERRED tries sends the group to eager steps, saying why;
+    every pass still counts once."""
+    exact, _ = _group_step_run(monkeypatch, tmp_path, "exact", cuda_graphs=False, buckets=True)
+    _graphs_on_the_cpu(monkeypatch, noisy_kl_runs=10 ** 6)
+    monkeypatch.setattr(vecgroup, "MAX_DEFERRED", 2)
+    with pytest.warns(UserWarning, match="CUDA graphs off"):
+        fell, step = _group_step_run(monkeypatch, tmp_path, "fell")
+    assert "still disagree" in step.stats["fallback"] and step.stats["deferred"] == 3
+    for a, b in zip(exact, fell):
+        torch.testing.assert_close(a.vector.vector, b.vector.vector, rtol=1e-5, atol=1e-6)
+
+
 def test_replay_error_is_relative_per_member():
     a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     assert vecgroup.replay_error(a, a.clone()) == 0.0
