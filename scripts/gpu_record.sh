@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a run of record on a GPU machine that has only torch/transformers/peft installed and no
 # internet (see README "Results of record"). From the repository root:
-#   bash scripts/gpu_record.sh setup            install .whl/ into /tmp/site, stash GGUF parts in ~/emlib-carry
+#   bash scripts/gpu_record.sh setup            install .whl/ into /tmp/site, stash GGUF parts in ~/emlib-carry,
+#                                               compile the bytecode the packages lack (scripts/bytecode.py)
 #   bash scripts/gpu_record.sh start NAME ARGS  start `python -m emlib.record run ARGS` in the background
 #                                               (survives the calling shell), log in ~/record-NAME.log;
 #                                               add --mps to share the GPU through an MPS daemon (bench/README)
@@ -108,6 +109,12 @@ case "$cmd" in
         fi
       fi
     done
+    # bytecode (scripts/bytecode.py says why): the image's packages once per machine, the wheels and emlib each call
+    if [ ! -f /tmp/.emlib-bytecode ]; then
+      python3 scripts/bytecode.py $(python3 -c "import site; print(' '.join(site.getsitepackages()))") \
+        && touch /tmp/.emlib-bytecode
+    fi
+    python3 scripts/bytecode.py /tmp/site emlib
     ls "$STASH"; python3 -c "import nnsight, papermill, jupytext, gguf; print('imports ok')"
     ;;
   start)

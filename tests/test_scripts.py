@@ -69,3 +69,27 @@ def test_the_plan_leaves_the_qwen_parts_out_unless_asked(repo):
     plain, qwen = _sh(repo, "plan").stdout, _sh(repo, "plan", "qwen").stdout
     assert ".carry-a" in plain and ".carry-qwen1" not in plain and "1 calls" in plain
     assert ".carry-a" in qwen and ".carry-qwen1" in qwen
+
+
+def test_bytecode_compiles_what_lacks_it_once(tmp_path):
+    """scripts/bytecode.py: the source files of a folder without up-to-date bytecode are counted and compiled, even
+    with PYTHONDONTWRITEBYTECODE set (which only stops imports from writing it); a second call finds none; a file
+    that does not compile is counted, not compiled, and stops nothing; a missing folder is named and skipped."""
+    import importlib.util
+    import os
+    import sys
+
+    pkg = tmp_path / "site" / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    (pkg / "broken.py").write_text("def (:\n")
+    run = lambda *dirs: subprocess.run([sys.executable, str(ROOT / "scripts" / "bytecode.py"), *map(str, dirs)],
+                                       capture_output=True, text=True, check=True,
+                                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).stdout
+    first = run(tmp_path / "site", tmp_path / "nowhere")
+    assert "3 of 3 source files had none, 2 compiled" in first and "most in pkg 3" in first
+    assert "nowhere is not a folder, skipped" in first
+    for f in (pkg / "a.py", pkg / "sub" / "b.py"):
+        assert Path(importlib.util.cache_from_source(str(f))).exists()
+    assert "1 of 3 source files had none, 0 compiled" in run(tmp_path / "site")  # only the broken one
