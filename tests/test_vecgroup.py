@@ -410,3 +410,24 @@ def test_replay_error_is_relative_per_member():
     assert vecgroup.replay_error(torch.zeros(2), torch.tensor([0.0, 1e-3])) == float("inf")
     for name in ("gradient", "loss", "KL"):  # a lost or doubled contribution never passes the check
         assert vecgroup.REPLAY_TOLERANCE[name] < 0.5
+
+
+def test_the_group_capture_bench_runs_on_the_cpu(tmp_path):
+    """bench/group_capture_gpu.py --small: both settings of MAX_DEFERRED train a group of a general and two narrow
+    vectors at each architecture's model class and write their stats (no graphs on the CPU); MAX_DEFERRED is left as
+    it was."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "group_capture_gpu.py"
+    spec = importlib.util.spec_from_file_location("group_capture_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = vecgroup.MAX_DEFERRED
+    assert mod.main(["--out", str(tmp_path), "--small", "--steps", "2", "--arch", "qwen", "smollm2"]) == 0
+    assert vecgroup.MAX_DEFERRED == before
+    runs = json.loads((tmp_path / "group_capture.json").read_text())["runs"]
+    assert [(r["arch"], r["max_deferred"]) for r in runs] == [("qwen", 0), ("qwen", before), ("smollm2", 0),
+                                                                ("smollm2", before)]
+    assert all(r["steps"] == 2 and len(r["vector_norms"]) == 3 and r["fast_step"] is not None for r in runs)
