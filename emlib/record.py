@@ -1275,6 +1275,10 @@ def favour_arg(words: Sequence[str]) -> tuple[str, ...] | None:
     return tuple(words)
 
 
+# an --auto/on/off flag as run() takes it: None (decided where it runs), True, False
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+
+
 def _main(a) -> int:
     if a.cmd == "from-log":
         summary = adopt_log_summary(a.run_dir, a.log, a.device)
@@ -1291,11 +1295,11 @@ def _main(a) -> int:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config), mps=a.mps,
-                      speculate={"auto": None, "on": True, "off": False}[a.speculate],
+                      speculate=AUTO_ON_OFF[a.speculate],
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
                       low_priority=a.low_priority, favour=favour_arg(a.favour),
-                      early_chapters={"auto": None, "on": True, "off": False}[a.early_chapters],
-                      early_choice={"auto": None, "on": True, "off": False}[a.early_choice])
+                      early_chapters=AUTO_ON_OFF[a.early_chapters],
+                      early_choice=AUTO_ON_OFF[a.early_choice])
         if summary["failures"]:
             from .cli import ChapterFailed
 

@@ -1380,20 +1380,13 @@ def test_narrow_scale_waits_while_a_live_run_is_to_choose(tmp_path):
     assert chapters.wait_for_choice(tmp_path, poll_s=0.02) >= 0.25 and not chapters.choice_pending(tmp_path)
 
 
-def test_early_choice_on_the_command_line(root, tmp_path, monkeypatch):
-    """``--early-choice auto|on|off`` reaches :func:`emlib.record.run` as None / True / False."""
+@pytest.mark.parametrize("flag", ["early-choice", "early-chapters"])
+def test_early_flags_on_the_command_line(root, tmp_path, monkeypatch, flag):
+    """``--early-choice`` / ``--early-chapters auto|on|off`` reach :func:`emlib.record.run` as None / True / False."""
     args = []
-    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["early_choice"]) or {"failures": {}})
-    for extra in ([], ["--early-choice", "on"], ["--early-choice", "off"]):
-        assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
-    assert args == [None, True, False]
-
-
-def test_early_chapters_on_the_command_line(root, tmp_path, monkeypatch):
-    """``--early-chapters auto|on|off`` reaches :func:`emlib.record.run` as None / True / False."""
-    args = []
-    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k["early_chapters"]) or {"failures": {}})
-    for extra in ([], ["--early-chapters", "on"], ["--early-chapters", "off"]):
+    key = flag.replace("-", "_")
+    monkeypatch.setattr(record, "run", lambda *a, **k: args.append(k[key]) or {"failures": {}})
+    for extra in ([], [f"--{flag}", "on"], [f"--{flag}", "off"]):
         assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), *extra]) == 0
     assert args == [None, True, False]
 

@@ -145,10 +145,14 @@ def rows_fingerprint(enc: Sequence[Encoded]) -> str:
     return text_hash(json.dumps([[e.input_ids, e.labels] for e in enc]))
 
 
+def base_key_parts(model, tok) -> dict:
+    """The cache-key parts of the base model and tokenizer (a metric that keys each solution apart adds its own)."""
+    return {"model": model_fingerprint(model), "tok": tok_fingerprint(tok)}
+
+
 def key_parts(model, tok, sols: Mapping[str, Solution]) -> dict:
     """The cache-key parts every metric has: base model, tokenizer, solutions."""
-    return {"model": model_fingerprint(model), "tok": tok_fingerprint(tok),
-            "solutions": {k: s.fingerprint() for k, s in sols.items()}}
+    return {**base_key_parts(model, tok), "solutions": {k: s.fingerprint() for k, s in sols.items()}}
 
 
 def default_cache_dir() -> Path:

@@ -20,7 +20,7 @@ from ..models import check_layer
 from ..prefix import reuse_prefix
 from ..stats import ratio_ci
 from ..vectors import SteeringVector, random_vector
-from .common import PAPER_NORM_FRACTIONS, cached, key_parts, load_solution, progress_bar
+from .common import PAPER_NORM_FRACTIONS, base_key_parts, cached, key_parts, load_solution, progress_bar
 from ..timing import timed
 from ..vocab_loss import KLReference
 
@@ -168,7 +168,7 @@ def random_null_kl(model, tok, texts: Sequence[str], layer: int, norms: Sequence
     at = check_layer(model, layer)
     grid = [float(n) for n in norms]
     texts = list(texts)
-    key = {"model": key_parts(model, tok, {})["model"], "tok": key_parts(model, tok, {})["tok"],
+    key = {**base_key_parts(model, tok),
            "texts": text_hash("\x00".join(texts)), "layer": at, "grid": grid, "n_draws": n_draws, "seed": seed,
            "max_tokens": max_tokens, "batch_size": batch_size}
 

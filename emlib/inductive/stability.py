@@ -27,9 +27,8 @@ import torch
 
 from ..chat import response_loss
 from ..stats import mean_ci, paired_diff_seeds_ci
-from ..cache import model_fingerprint
-from .common import (PAPER_EPS_GRID, Solution, applied, as_solutions, base, cache_path, cached, encode, noise_scale,
-                     progress_bar, reused_below, rows_fingerprint, session, tok_fingerprint)
+from .common import (PAPER_EPS_GRID, Solution, applied, as_solutions, base, base_key_parts, cache_path, cached, encode,
+                     noise_scale, progress_bar, reused_below, rows_fingerprint, session)
 from ..timing import timed
 
 NOISE_MODES = ("relative", "matched")
@@ -65,7 +64,7 @@ def stability_losses(model, tok, rows, solutions: Mapping, eps_grid: Sequence[fl
     if noise == "matched" and reference not in sols:
         raise ValueError(f"The matched noise is eps x the norm of the reference solution {reference!r}, which is "
                          f"not among the solutions {sorted(sols)}.")
-    common = {"model": model_fingerprint(model), "tok": tok_fingerprint(tok), "rows": rows_fingerprint(enc),
+    common = {**base_key_parts(model, tok), "rows": rows_fingerprint(enc),
               "eps": list(eps_grid), "n_seeds": n_seeds, "seed": seed, "layer": layer, "batch_size": batch_size,
               "max_length": max_length,
               **({"noise": noise, "reference": sols[reference].fingerprint()} if noise != "relative" else {})}
