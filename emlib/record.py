@@ -194,13 +194,38 @@ RAMP_S = 45.0  # a process started this recently is counted as holding GIB_PER_P
 # once ``ramp_s`` has passed; counting it would delay the two chapters on the run's longest paths), a finetune alone
 # 2.7-7.8 and a group 19.4-20.7 (torch's peak), and chapters 2-3 were still growing 60 s after they started, which a
 # smaller count for the finetunes would not have left room for.
-NEED_SHARE = {"00": 0.25, "04": 0.25, "05": 0.25}
+# Chapter 6 since: on one H100 (2026-12-07, session 41; nvidia-smi's memory per process every 5 s, bench/results/
+# monitor_apps_*_h100_s41_*) it held 3.1 GiB on SmolLM2-135M and 6.5 GiB on Qwen2.5-Coder-0.5B (the KL's logits in
+# chunks), not the 8.8-8.9 of session 25; counted at 14 GiB it waited 52-62 s (SmolLM2) and 81 s (Qwen, whose run
+# it then ended) for room it did not need. At 0.6 (8.4 GiB) it covers both models' measured peaks.
+NEED_SHARE = {"00": 0.25, "04": 0.25, "05": 0.25, "06": 0.6}
 
 
 def need_share(stem: str | None) -> float:
     """The share of ``gib_per_process`` the process ``stem`` (a chapter's file stem; None: a finetune task) is
     counted for by :class:`Admission` (:data:`NEED_SHARE`; 1 when not listed)."""
     return NEED_SHARE.get(stem[:2], 1.0) if stem else 1.0
+
+
+# A finetune task of one member is counted, once a task of its kind (:func:`finetune_kind`) has ended in the run,
+# for LEARN_FACTOR x the largest peak that kind reached (torch's reserved memory, ``peak_gib``) + CONTEXT_GIB (its
+# CUDA context), capped at ``need_gib``. Chapter 3's follow-ups (single narrow vectors and rank-1 adapters, with a
+# KL term) come after the general ones of their kind have ended, and reserve more: on one H100 (2026-12-07,
+# session 41, `record_timeline_*_h100_s41_*`) SmolLM2-135M's general vectors 2.5 GiB and rank-1 adapters 2.6,
+# the narrow follow-ups 3.5-3.6 (x1.4); Qwen2.5-Coder-0.5B's 6.3 and 6.6-6.8, follow-ups 7.9-8.3 (x1.25). Counted
+# at 14 GiB each, SmolLM2's four follow-ups started 168-210 s (each waiting out the others' ``ramp_s``), the last
+# one a path chapter 5 ended the run on; at 2.5 x 1.5 + 0.5 = 4.25 GiB they fit at once.
+LEARN_FACTOR = 1.5
+CONTEXT_GIB = 0.5
+
+
+def finetune_kind(task) -> str | None:
+    """What :class:`Admission` learns a finetune task's memory under: "vector", "lora-rank1", "lora-rank32", ...
+    for a task of one finetune; None for a group (emlib.vecgroup: its memory grows with its members)."""
+    jobs = task if isinstance(task, tuple) else (task,)
+    if len(jobs) != 1:
+        return None
+    return "-".join(x for x in (jobs[0].kind, jobs[0].shape) if x)
 
 
 @dataclass
@@ -218,6 +243,20 @@ class Admission:
     ramp_s: float = RAMP_S
     started: list = field(default_factory=list)  # (when, GiB counted, key) of each admitted process (time.time())
     deferred: int = 0  # checks that found no room (the run looks again every few seconds while something waits)
+    learned: dict = field(default_factory=dict)  # finetune_kind -> the largest peak GiB a finished task reached
+
+    def learn(self, kind: str | None, peak_gib: float | None) -> None:
+        """A finetune task of ``kind`` (:func:`finetune_kind`) ended having reserved ``peak_gib`` at its peak."""
+        if kind is not None and peak_gib is not None and peak_gib > 0:
+            self.learned[kind] = max(self.learned.get(kind, 0.0), float(peak_gib))
+
+    def finetune_share(self, task) -> float:
+        """The share of ``need_gib`` a finetune task is counted for: :data:`LEARN_FACTOR` x the peak its kind
+        reached in this run + :data:`CONTEXT_GIB` once one has ended (at most 1), else 1."""
+        peak = self.learned.get(finetune_kind(task))
+        if peak is None or self.need_gib <= 0:
+            return 1.0
+        return min(1.0, (LEARN_FACTOR * peak + CONTEXT_GIB) / self.need_gib)
 
     def room(self, running: int, now: float | None = None, share: float = 1.0) -> bool:
         if running == 0 or self.probe is None or self.need_gib <= 0:
@@ -759,7 +798,9 @@ def collect_finetunes(state: RunState, timeout: float = 5) -> None:
                     print(f"[record] finetune {job.name} FAILED: {state.failures[job.name]}", flush=True)
             continue
         ended = round(time.time() - state.t0, 1)  # when the runner saw it end (it polls every few seconds)
-        for job, res in zip(jobs, r if isinstance(r, list) else [r]):
+        results = r if isinstance(r, list) else [r]
+        state.admit.learn(finetune_kind(jobs), results[0].get("peak_gib") if results else None)
+        for job, res in zip(jobs, results):
             state.finetunes[job.name] = DONE
             state.timings["jobs"][job.name] = res | {"ended_s": ended}
             state.failures.pop(job.name, None)
@@ -818,10 +859,11 @@ def admission_key(task) -> str:
 def submit_queued(plan: Plan, state: RunState, pool, workers: int) -> None:
     """Hand the queue's tasks to the pool in order while a worker is free and the GPU has room
     (:class:`Admission`): a task in the pool's own queue would start whenever a worker frees, room or not."""
-    while state.queue and len(state.futures) < workers and state.admit.room(state.busy()):
+    while (state.queue and len(state.futures) < workers
+           and state.admit.room(state.busy(), share=(share := state.admit.finetune_share(state.queue[0])))):
         task = state.queue.pop(0)
         submit_finetune(plan, state, pool, task)
-        state.admit.note_start(key=admission_key(task))
+        state.admit.note_start(share=share, key=admission_key(task))
 
 
 def warm_worker() -> None:
@@ -951,7 +993,10 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "speculative": list(plan.speculative),
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,
-                             "ramp_s": state.admit.ramp_s, "deferred": state.admit.deferred},
+                             "ramp_s": state.admit.ramp_s, "deferred": state.admit.deferred,
+                             # the peaks finished single finetunes reached, by kind: what later ones counted for
+                             "learned_peak_gib": state.admit.learned, "learn_factor": LEARN_FACTOR,
+                             "context_gib": CONTEXT_GIB},
                "timings": state.timings, "failures": state.failures,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if not final:

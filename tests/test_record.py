@@ -904,6 +904,7 @@ def test_chapters_that_hold_little_are_counted_for_their_share():
     for 3.5 GiB, not 14, until ``ramp_s`` has passed; finetunes and the other chapters count whole."""
     assert record.need_share("05_stability") == record.need_share("04_efficiency") == 0.25
     assert record.need_share("00_datasets") == 0.25
+    assert record.need_share("06_pretraining_influence") == 0.6  # 3.1-6.5 GiB on an H100 (session 41)
     assert record.need_share("02_one_direction") == record.need_share(None) == record.need_share("99_new") == 1.0
     free = [7.0]
     a = record.Admission(lambda: free[0], need_gib=14, ramp_s=45)
@@ -916,6 +917,58 @@ def test_chapters_that_hold_little_are_counted_for_their_share():
     assert not a.room(running=5, now=20)  # 30 - 3.5 - 14 = 12.5 < 14
     assert a.room(running=5, now=20, share=0.25)  # 12.5 >= 3.5
     assert a.room(running=5, now=60)  # both ramps over: 30 free
+
+
+def test_a_finetune_is_counted_for_what_its_kind_reached_in_the_run():
+    """Until a task of its kind has ended a finetune counts whole (``need_gib``); after, a single one counts for
+    LEARN_FACTOR x the largest peak its kind reached + the CUDA context (at most whole); a group always whole."""
+    vec = record.Job("vector", "medical", "narrow", kl_scale=0.3, seed=1)
+    rank1 = record.Job("lora", "medical", "narrow", shape="rank1", seed=1)
+    rank32 = record.Job("lora", "medical", "general", shape="rank32")
+    assert [record.finetune_kind(t) for t in (vec, (vec,), (rank1,), rank32, (vec, vec))] == [
+        "vector", "vector", "lora-rank1", "lora-rank32", None]
+    a = record.Admission(lambda: 20.0, need_gib=14, ramp_s=45)
+    assert a.finetune_share((vec,)) == 1.0  # nothing of its kind has ended yet
+    a.learn("vector", 2.5)
+    a.learn("vector", 2.0)  # the largest peak is kept
+    a.learn(None, 9.0)  # a group teaches nothing
+    a.learn("lora-rank1", None)  # nor a task without a peak (no GPU)
+    assert a.learned == {"vector": 2.5}
+    assert a.finetune_share((vec,)) == pytest.approx((1.5 * 2.5 + 0.5) / 14)
+    assert a.finetune_share((rank1,)) == a.finetune_share((vec, vec)) == 1.0
+    a.learn("lora-rank32", 40.0)
+    assert a.finetune_share(rank32) == 1.0  # never more than whole
+
+
+def test_follow_up_finetunes_start_together_once_their_kind_is_known(root, tmp_path, monkeypatch):
+    """Three single vectors queued with 20 GiB free: counted whole (14 GiB) one starts and the others wait out
+    its ramp; once a vector has ended at a peak of 2.5 GiB (each then counted 4.25 GiB) all three start at once.
+    The peak is learned from what the finished task reports (``peak_gib``), as record.json then says."""
+    started = {}
+    for learned in (False, True):
+        plan = record.plan_run("smoke", str(tmp_path / f"rec{learned}"), chapters=["00"], speculate=False)
+        state = record.RunState.of(plan)
+        state.admit = record.Admission(lambda: 20.0, need_gib=14, ramp_s=45)
+        if learned:
+            from concurrent.futures import Future
+
+            done = Future()
+            done.set_result({"seconds": 1.0, "peak_gib": 2.5})
+            first = record.Job("vector", "medical", "general", seed=1)
+            state.finetunes[first.name] = record.RUNNING
+            state.futures = {done: (first,)}
+            record.collect_finetunes(state, timeout=0)
+            assert state.admit.learned == {"vector": 2.5}
+        jobs = [record.Job("vector", "medical", "narrow", seed=s) for s in (2, 3, 4)]
+        for j in jobs:
+            state.finetunes[j.name] = record.WAITING
+        state.queue = [(j,) for j in jobs]
+        state.futures = {"something at work": ()}  # the rule applies
+        monkeypatch.setattr(record, "submit_finetune", lambda plan, state, pool, task: state.futures.update(
+            {object(): task}))
+        record.submit_queued(plan, state, pool=None, workers=8)
+        started[learned] = 3 - len(state.queue)
+    assert started == {False: 1, True: 3}
 
 
 def test_chapter_5_starts_where_a_whole_chapter_would_wait(root, tmp_path, monkeypatch):
@@ -935,7 +988,8 @@ def test_chapter_5_starts_where_a_whole_chapter_would_wait(root, tmp_path, monke
     assert seen == {"02_one_direction": record.WAITING, "05_stability": record.RUNNING}
     assert state.admit.started[-1][1] == pytest.approx(3.5)
     summary = record.write_summary(plan, state, workers=2)
-    assert summary["admission"]["chapter_shares"] == {"00": 0.25, "04": 0.25, "05": 0.25}
+    assert summary["admission"]["chapter_shares"] == {"00": 0.25, "04": 0.25, "05": 0.25, "06": 0.6}
+    assert summary["admission"]["learned_peak_gib"] == {} and summary["admission"]["learn_factor"] == 1.5
     assert json.loads(Path(plan.run, "record.json").read_text())["admission"]["chapter_shares"]["05"] == 0.25
 
 
