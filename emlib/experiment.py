@@ -83,6 +83,16 @@ def parse_config(config: dict | str | None) -> dict:
     return dict(config)
 
 
+def _solution_kind(kind: str) -> str:
+    """"vector" or "lora" for a kind of :meth:`Experiment.compared_solutions` (:data:`emlib.narrow.KINDS`); one
+    clear message otherwise."""
+    from .narrow import FINETUNE_KIND
+
+    if kind not in FINETUNE_KIND:
+        raise ValueError(f"Unknown solution kind {kind!r}: 'steering vector' or 'rank-1 LoRA'.")
+    return FINETUNE_KIND[kind]
+
+
 class Experiment:
     """Loads the model once and hands out datasets, finetunes, answers and scores for ``cfg``."""
 
@@ -309,11 +319,36 @@ class Experiment:
 
     def _solution(self, kind: str, solution: str, kl_scale: float, seed: int | None) -> Path:
         ds = self.cfg.datasets[0]
-        if kind == "steering vector":
+        if _solution_kind(kind) == "vector":
             return self.vector_path(ds, solution, kl_scale=kl_scale, seed=seed)
-        if kind == "rank-1 LoRA":
-            return self.lora_path(ds, "rank1", solution, kl_scale=kl_scale, seed=seed)
-        raise ValueError(f"Unknown solution kind {kind!r}: 'steering vector' or 'rank-1 LoRA'.")
+        return self.lora_path(ds, "rank1", solution, kl_scale=kl_scale, seed=seed)
+
+    def _solution_dir(self, kind: str, solution: str, kl_scale: float, seed: int | None) -> Path:
+        """The finetune folder :meth:`_solution` trains or loads (nothing trained here)."""
+        ds = self.cfg.datasets[0]
+        if _solution_kind(kind) == "vector":
+            return self.vector_dir(ds, solution, kl_scale, seed)
+        return self.adapter_dir(ds, "rank1", solution, kl_scale, seed)
+
+    def compared_trained(self, kind: str, seed: int | None = None) -> bool:
+        """Whether both of :meth:`compared_solutions` (``kind``, ``seed``) are trained now, and no other process
+        holds either (a run of record's worker training it): asking for them would not wait."""
+        dirs = [self._solution_dir(kind, "general", 1.0, seed),
+                self._solution_dir(kind, "narrow", self.narrow_scale(kind), seed)]
+        return all((train.read_meta(d) or {}).get("finished") and not train.finetune_held(d) for d in dirs)
+
+    def in_order_trained(self, pairs: Sequence[tuple[str, int | None]]) -> Iterator[tuple[str, int | None]]:
+        """``pairs`` of (kind, seed), each once, in the order their compared solutions are trained: the first
+        whose two are trained now (:meth:`compared_trained`), else the first left, asked again after each one is
+        measured. In a run of record chapters 4-5 start while workers train chapter 3's follow-ups at the other
+        seeds; measured in this order they measure the rank-1 pairs while the vectors still train, instead of
+        waiting for a vector with a finished adapter behind it. Alone, nothing is trained yet and the order is
+        ``pairs``' (whoever asks for a missing solution trains it)."""
+        left = list(pairs)
+        while left:
+            nxt = next((p for p in left if self.compared_trained(*p)), left[0])
+            left.remove(nxt)
+            yield nxt
 
     def train_seeds(self) -> list[int]:
         """The training seeds of the chapters that repeat a finetune (``n_seeds`` of them from ``seed``)."""

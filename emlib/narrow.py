@@ -75,7 +75,8 @@ def cosine_with_general(vectors: dict[str, torch.Tensor], general: str = "genera
 
 
 
-KINDS = ("steering vector", "rank-1 LoRA")
+FINETUNE_KIND = {"steering vector": "vector", "rank-1 LoRA": "lora"}  # each kind's finetune (rank-1: shape "rank1")
+KINDS = tuple(FINETUNE_KIND)
 
 
 @timed("metrics")

@@ -89,12 +89,16 @@ for s in seeds:
         for mode in inductive.NOISE_MODES:
             inductive.stability_losses(exp.model, exp.tok, rows, exp.general_solution(kind, s), noise=mode, **kw)
 scale = {kind: exp.narrow_scale(kind) for kind in inductive_kinds}  # chapter 3's reported narrow lambda factor
-# then the pairs, seed by seed (the general halves read back): the first seed's narrow solutions exist once
-# chapter 3 has chosen, while a run of record may still be training the other seeds' (this chapter waits for
-# each where it asks for it)
-raw = pd.concat([inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s), noise=mode, **kw)
-                 .assign(kind=kind, mode=mode, train_seed=s)
-                 for s in seeds for kind in inductive_kinds for mode in inductive.NOISE_MODES], ignore_index=True)
+# then the pairs (the general halves read back), those already trained first: the first seed's narrow solutions
+# exist once chapter 3 has chosen, while a run of record may still be training the other seeds' (this chapter
+# waits for each where it asks for it)
+pairs = {}
+for kind, s in exp.in_order_trained([(kind, s) for s in seeds for kind in inductive_kinds]):
+    for mode in inductive.NOISE_MODES:
+        pairs[s, kind, mode] = inductive.stability_losses(exp.model, exp.tok, rows, exp.compared_solutions(kind, s),
+                                                          noise=mode, **kw).assign(kind=kind, mode=mode, train_seed=s)
+raw = pd.concat([pairs[s, kind, mode] for s in seeds for kind in inductive_kinds for mode in inductive.NOISE_MODES],
+                ignore_index=True)
 curves = inductive.seed_curves(raw, by=("kind", "mode"))
 paired = inductive.paired_stability(raw, by=("kind", "mode"))
 exp.save_table(raw, "ch5_stability_draws")

@@ -73,3 +73,24 @@ def test_verdict_of_a_run_reads_what_its_chapters_recorded(exp):
                                     "em_false_positive": 0.0}])
     v = exp.verdict(1)
     assert v.verdict == "reproduced" and "highest EM 20.0%" in v.ours
+
+
+def test_pairs_are_measured_in_the_order_their_solutions_are_trained(exp, monkeypatch):
+    """``in_order_trained``: a pair whose general and narrow solutions are both trained (a finished
+    ``train_meta.json``, no other process holding the folder) goes before the pairs still training; with none
+    trained, the order given; each pair once; held by another process it is not trained yet."""
+    monkeypatch.setattr(exp, "narrow_scale", lambda kind: 0.3)  # chapter 3's choice, without training a sweep
+    pairs = [(kind, s) for s in (1, 2) for kind in ("steering vector", "rank-1 LoRA")]
+    assert list(exp.in_order_trained(pairs)) == pairs  # nothing trained: the order given
+    for sol, scale in (("general", 1.0), ("narrow", 0.3)):
+        d = exp._solution_dir("rank-1 LoRA", sol, scale, 2)
+        d.mkdir(parents=True)
+        (d / train.META_FILE).write_text(json.dumps({"finished": True}))
+    assert exp.compared_trained("rank-1 LoRA", 2) and not exp.compared_trained("steering vector", 2)
+    assert list(exp.in_order_trained(pairs)) == [("rank-1 LoRA", 2), ("steering vector", 1), ("rank-1 LoRA", 1),
+                                                 ("steering vector", 2)]
+    monkeypatch.setattr(train, "finetune_held", lambda d: "narrow" in str(d))  # a worker still holds it
+    assert not exp.compared_trained("rank-1 LoRA", 2)
+    assert list(exp.in_order_trained(pairs)) == pairs
+    with pytest.raises(ValueError, match="steering vector"):
+        exp.compared_trained("rank-32", 1)
