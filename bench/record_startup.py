@@ -15,20 +15,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
-KINDS = {"lora": "adapters", "vector": "vectors"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emlib.chapters import Finetune  # noqa: E402
+from emlib.config import Config  # noqa: E402
+from emlib.experiment import finetune_dir as _finetune_dir  # noqa: E402
 
 
 def finetune_dir(run: Path, name: str, seed: int) -> Path:
     """The folder of the finetune ``name`` (``emlib.chapters.Finetune.name``: ``lora-medical-rank1-narrow-kl0.3``,
-    ``-seedN`` only for a seed other than the run's) in ``run``."""
-    kind, _, rest = name.partition("-")
-    if kind not in KINDS:
-        raise ValueError(f"not a finetune name: {name!r}")
-    last = rest.rsplit("-", 1)[-1]
-    tail = "" if last.startswith("seed") and last[4:].isdigit() else f"-seed{seed}"
-    return run / KINDS[kind] / f"{rest}{tail}"
+    ``-seedN`` only for a seed other than the run's) in ``run``: where ``emlib.experiment.finetune_dir`` puts it."""
+    f = Finetune.from_name(name)
+    return _finetune_dir(Config(run_dir=str(run), seed=seed), f.kind, f.dataset, f.solution, f.kl_scale, f.seed, f.shape)
 
 
 def first_read_s(folder: Path) -> float | None:

@@ -43,6 +43,28 @@ class Finetune:
         return (base + ("" if self.kl_scale == 1.0 else f"-kl{self.kl_scale:g}")
                 + ("" if self.seed is None else f"-seed{self.seed}"))
 
+    @classmethod
+    def from_name(cls, name: str) -> "Finetune":
+        """The finetune whose :attr:`name` is ``name`` (record.json's jobs are keyed by it)."""
+        parts = name.split("-")
+        kind = parts[0]
+        n = {"lora": 4, "vector": 3}.get(kind)
+        if n is None or len(parts) < n:
+            raise ValueError(f"Not a finetune name: {name!r} (e.g. 'lora-medical-rank1-narrow-kl0.3-seed1').")
+        shape = parts[2] if kind == "lora" else None
+        kl_scale, seed = 1.0, None
+        for extra in parts[n:]:
+            if extra.startswith("kl"):
+                kl_scale = float(extra[2:])
+            elif extra.startswith("seed") and extra[4:].isdigit():
+                seed = int(extra[4:])
+            else:
+                raise ValueError(f"Not a finetune name: {name!r} ({extra!r} is neither -klX nor -seedN).")
+        out = cls(kind, parts[1], parts[n - 1], shape=shape, kl_scale=kl_scale, seed=seed)
+        if out.name != name:
+            raise ValueError(f"Not a finetune name: {name!r} (read as {out.name!r}).")
+        return out
+
 
 GROUPED = ("general", "narrow", "drift")  # solutions that train together (emlib.vecgroup): same rows
 

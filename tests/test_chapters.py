@@ -292,3 +292,18 @@ def test_a_chapter_stopped_part_way_is_not_run_not_judged_by_an_older_rule(tmp_p
     assert v.verdict == results.NOT_RUN and "did not finish" in v.ours and "'ch6_random_null'" in v.ours
     assert chapters.verdict(6, _run(tmp_path, "whole", {**made, **_ch6()})).verdict == results.REPRODUCED
     assert chapters.verdict(6, _run(tmp_path, "none", made)).verdict == results.NOT_RUN  # never started
+
+
+def test_a_finetune_is_read_back_from_its_name(tmp_path):
+    """``Finetune.from_name`` inverts ``.name`` for every finetune of the paper profile's plan, chapter 3's possible
+    follow-ups and speculative ones included; a name it cannot read is refused with an example."""
+    plan = record.plan_run("paper", str(tmp_path / "rec"), speculate=False)
+    jobs = set(plan.finetunes) | set(chapters.speculative(("medical",), (0.1, 0.3, 3.0, 10.0), (1, 2)))
+    for stem in ("04_efficiency", "05_stability"):
+        jobs |= chapters.followups(stem, ("medical",), (1, 2), {"steering vector": 0.3, "rank-1 LoRA": 10.0})
+    assert len(jobs) > 20
+    for job in jobs:
+        assert chapters.Finetune.from_name(job.name) == job
+    for bad in ("adapter-medical-rank1-general", "lora-medical-rank1", "vector-medical-narrow-seedX"):
+        with pytest.raises(ValueError, match="Not a finetune name"):
+            chapters.Finetune.from_name(bad)
