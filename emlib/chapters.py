@@ -207,11 +207,12 @@ def wait_for_choice(run_dir: str | Path, poll_s: float = 0.5) -> float:
 def followups(stem: str, datasets: Sequence[str], seeds: Sequence[int], chosen: dict[str, float]) -> set[Finetune]:
     """The finetunes a chapter needs once chapter 3 has chosen its narrow lambdas (``chosen``: kind -> factor,
     :func:`emlib.narrow.narrow_scale`): chapters 4-5's narrow solutions at every extra seed, at that lambda only."""
+    from .narrow import FINETUNE_KIND
+
     if stem not in FOLLOW_CHAPTER_3:
         return set()
-    ds0 = datasets[0]
-    return ({Finetune("vector", ds0, "narrow", kl_scale=chosen["steering vector"], seed=s) for s in seeds}
-            | {Finetune("lora", ds0, "narrow", "rank1", kl_scale=chosen["rank-1 LoRA"], seed=s) for s in seeds})
+    return {Finetune(kind, datasets[0], "narrow", shape, kl_scale=chosen[name], seed=s)
+            for name, (kind, shape) in FINETUNE_KIND.items() for s in seeds}
 
 
 def speculative(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Sequence[int]) -> list[Finetune]:

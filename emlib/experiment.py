@@ -83,9 +83,9 @@ def parse_config(config: dict | str | None) -> dict:
     return dict(config)
 
 
-def _solution_kind(kind: str) -> str:
-    """"vector" or "lora" for a kind of :meth:`Experiment.compared_solutions` (:data:`emlib.narrow.KINDS`); one
-    clear message otherwise."""
+def _solution_kind(kind: str) -> tuple[str, str | None]:
+    """The finetune (kind, shape) of a kind of :meth:`Experiment.compared_solutions` (:data:`emlib.narrow.KINDS`):
+    ("vector", None) or ("lora", "rank1"); one clear message otherwise."""
     from .narrow import FINETUNE_KIND
 
     if kind not in FINETUNE_KIND:
@@ -319,16 +319,15 @@ class Experiment:
 
     def _solution(self, kind: str, solution: str, kl_scale: float, seed: int | None) -> Path:
         ds = self.cfg.datasets[0]
-        if _solution_kind(kind) == "vector":
+        ft, shape = _solution_kind(kind)
+        if ft == "vector":
             return self.vector_path(ds, solution, kl_scale=kl_scale, seed=seed)
-        return self.lora_path(ds, "rank1", solution, kl_scale=kl_scale, seed=seed)
+        return self.lora_path(ds, shape, solution, kl_scale=kl_scale, seed=seed)
 
     def _solution_dir(self, kind: str, solution: str, kl_scale: float, seed: int | None) -> Path:
         """The finetune folder :meth:`_solution` trains or loads (nothing trained here)."""
-        ds = self.cfg.datasets[0]
-        if _solution_kind(kind) == "vector":
-            return self.vector_dir(ds, solution, kl_scale, seed)
-        return self.adapter_dir(ds, "rank1", solution, kl_scale, seed)
+        ft, shape = _solution_kind(kind)
+        return finetune_dir(self.cfg, ft, self.cfg.datasets[0], solution, kl_scale, seed, shape)
 
     def compared_trained(self, kind: str, seed: int | None = None) -> bool:
         """Whether both of :meth:`compared_solutions` (``kind``, ``seed``) are trained now, and no other process

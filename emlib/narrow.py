@@ -75,7 +75,7 @@ def cosine_with_general(vectors: dict[str, torch.Tensor], general: str = "genera
 
 
 
-FINETUNE_KIND = {"steering vector": "vector", "rank-1 LoRA": "lora"}  # each kind's finetune (rank-1: shape "rank1")
+FINETUNE_KIND = {"steering vector": ("vector", None), "rank-1 LoRA": ("lora", "rank1")}  # each kind's (kind, shape)
 KINDS = tuple(FINETUNE_KIND)
 
 
