@@ -225,6 +225,46 @@ def speculative(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Seque
     return [Finetune("vector", ds0, "narrow", kl_scale=m, seed=s) for s in seeds for m in sweep_scales(kl_sweep)]
 
 
+# where a run lived and which device it named: the fields two runs of the same finetunes may differ in
+SETUP_IGNORED = ("run_dir", "device")
+
+
+def same_setup(cfg, stored: dict) -> bool:
+    """Whether a stored run's ``config.json`` (``stored``) trains the same finetunes as ``cfg``: every field equal
+    but :data:`SETUP_IGNORED`, the model compared by its file name (a GGUF's folder differs between machines)."""
+    def norm(d: dict) -> dict:
+        d = json.loads(json.dumps(d))  # tuples and lists alike
+        if d.get("model"):
+            d["model"] = Path(str(d["model"])).name
+        return {k: v for k, v in d.items() if k not in SETUP_IGNORED}
+
+    return norm(cfg.to_dict()) == norm(stored)
+
+
+def recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> tuple[dict[str, float], Path] | None:
+    """Chapter 3's choice (:func:`chosen_scales`) in the first of ``run_dirs`` (e.g. the committed runs of record,
+    ``emlib.results.RECORDS``) that trained the same finetunes as ``cfg`` (:func:`same_setup`), with that folder;
+    None when none did. A run of record trains chapters 4-5's follow-ups at it before its own chapter 3 chooses
+    (``emlib.record``, ``--speculate record``): a guess that decides only when they train, never what is measured."""
+    for d in map(Path, run_dirs):
+        try:
+            stored = json.loads((d / "config.json").read_text())
+            results = json.loads((d / "results.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a finished run
+        if isinstance(stored, dict) and same_setup(cfg, stored) and (chosen := chosen_scales(results)):
+            return chosen, d
+    return None
+
+
+def prior_followups(stems: Sequence[str], datasets: Sequence[str], seeds: Sequence[int],
+                    chosen: dict[str, float]) -> list[Finetune]:
+    """:func:`followups` of every chapter of ``stems`` at a guessed choice, each once, steering vectors first
+    (the slower) and by seed: what a run trains ahead when it expects chapter 3 to choose ``chosen``."""
+    jobs = set().union(*(followups(st, datasets, seeds, chosen) for st in stems)) if stems else set()
+    return sorted(jobs, key=lambda f: (f.kind != "vector", f.seed or 0, f.name))
+
+
 def chosen_scales(results: dict) -> dict[str, float] | None:
     """Chapter 3's chosen lambda factor per kind, from a run's results.json (None before chapter 3 has run)."""
     from .narrow import KINDS, narrow_scale

@@ -13,7 +13,9 @@
    A finetune that runs out of GPU memory (too many side by side: 11 Qwen-0.5B finetunes did not fit in
    80 GB) is retried once, alone, after the others have ended. Chapters 4-5 repeat chapter 3's chosen narrow
    solutions at extra seeds, trained once chapter 3 has chosen (``--speculate on``: the steering vectors at
-   every lambda up front instead, in one group per seed; slower on an H100). Each process gets
+   every lambda up front instead, in one group per seed; slower on an H100; ``--speculate record``: the
+   follow-ups at the lambdas the committed run of record of the same setup chose, up front, each in one group
+   with its seed's general solution; a wrong guess costs work, never a result). Each process gets
    ``cores // (workers + parallel chapters)`` CPU threads (at least 2 with a GPU, 1 without;
    ``OMP_NUM_THREADS`` set by the user wins).
 2. **Chapters**: each chapter is executed with papermill (:func:`emlib.runner.spawn`: its own process and
@@ -57,7 +59,7 @@ from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
 from .chapters import (EARLY_FOR_CHOICE, FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, clear_choice_pending,
-                       extra_seeds, followups, mark_choice_pending, speculative)
+                       extra_seeds, followups, mark_choice_pending, prior_followups, recorded_choice, speculative)
 from .chapters import train_groups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
@@ -105,6 +107,7 @@ class Plan:
     after: dict[str, frozenset[str]] = field(default_factory=dict)  # chapter stem -> chapters it waits for
     seeds: tuple[int, ...] = ()  # chapters 4-5's extra training seeds
     speculative: tuple[str, ...] = ()  # trained before chapter 3 chooses; the ones it does not choose go unused
+    speculative_from: str = ""  # with speculate="record": the run of record whose choice was guessed, or why none
 
     def chapter(self, stem: str) -> runner.Job:
         return next(j for j in self.chapters if j.chapter == stem)
@@ -112,14 +115,20 @@ class Plan:
 
 def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
              overrides: dict | None = None, chapters: list[str] | None = None,
-             speculate: bool | None = False) -> Plan:
+             speculate: bool | None | str = False) -> Plan:
     """Check every value and name (an error here writes nothing) and plan the finetunes the chapters need.
     ``params`` (``-p``) and ``overrides`` (``-c``) are both config fields (``params`` may also hold a chapter's
     own parameter, e.g. ``interactive``); ``params`` win where both set a field. ``speculate``: when chapters
     4-5 follow chapter 3 in this run, train the narrow steering vectors at the extra seeds at every lambda
     up front (:func:`emlib.chapters.speculative`); None: when this machine has a GPU (``nvidia-smi``, which
     leaves CUDA untouched before the MPS daemon starts). Off by default: on one H100 the same run took 635 s
-    with it and 598 s without (SmolLM2-135M `paper`, 2026-12-06, bench/README "Session 23")."""
+    with it and 598 s without (SmolLM2-135M `paper`, 2026-12-06, bench/README "Session 23").
+    ``speculate="record"``: instead, train up front chapters 4-5's follow-ups at the lambdas the committed run of
+    record of the same setup chose (:func:`emlib.chapters.recorded_choice` over ``emlib.results.RECORDS``; 34 of
+    34 SmolLM2 runs and 4 of 4 Qwen runs chose the same, bench/README "Session 42"): each trains in one group with
+    its seed's general solution, and nothing trains twice when chapter 3 chooses the same; when it chooses
+    otherwise, its own follow-ups train after the choice as without speculation and the guessed ones go unused.
+    A guess decides when finetunes train, never what a chapter measures."""
     from .config import FIELDS
 
     root = book.repo_root()
@@ -139,6 +148,7 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
     stems = [j.chapter for j in jobs]
     after: dict[str, frozenset[str]] = {}
     ahead: tuple[str, ...] = ()
+    ahead_from = ""
     follow = [st for st in stems if st in FOLLOW_CHAPTER_3] if seeds else []
     ch3 = next((st for st in stems if st.startswith("03")), None)
     recorded = chosen_scales(_results_of(run)) if follow and ch3 is None else None
@@ -146,11 +156,21 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
         after = {st: frozenset({ch3}) for st in follow}
         # chapter 6 reads the same choice: it waits for chapter 3's sweep instead of measuring it a second time
         after |= {st: frozenset({ch3}) for st in stems if st in READS_CHAPTER_3}
-        if follow and (bool(runner.visible_gpus()) if speculate is None else speculate):
-            have = {f.name for f in planned}
+        have = {f.name for f in planned}
+        if follow and speculate == SPECULATE_RECORD:
+            from .results import RECORDS
+
+            found = recorded_choice(cfg, [root / d for _, d, _ in RECORDS])
+            extra = [f for f in prior_followups(follow, cfg.datasets, seeds, found[0])
+                     if f.name not in have] if found else []
+            ahead_from = (f"{found[1].relative_to(root) if found[1].is_relative_to(root) else found[1]} chose "
+                          f"{found[0]}" if found else "no run of record of this setup: nothing trained ahead")
+        elif follow and (bool(runner.visible_gpus()) if speculate is None else speculate):
             extra = [f for f in speculative(cfg.datasets, cfg.kl_sweep, seeds) if f.name not in have]
-            planned += extra
-            ahead = tuple(f.name for f in extra)
+        else:
+            extra = []
+        planned += extra
+        ahead = tuple(f.name for f in extra)
     elif recorded is not None:  # chapter 3 ran before in this run directory: its choice is known now
         for st in follow:
             extra = [f for f in followups(st, cfg.datasets, seeds, recorded) if f.name not in needs[st]]
@@ -160,7 +180,7 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
         after = {follow[1]: frozenset({follow[0]})}
     return Plan(profile=profile, run=run, cfg=cfg, config=config, params=params, overrides=overrides,
                 chapters=tuple(jobs), finetunes=tuple(planned), needs={k: frozenset(v) for k, v in needs.items()},
-                after=after, seeds=seeds, speculative=ahead)
+                after=after, seeds=seeds, speculative=ahead, speculative_from=ahead_from)
 
 
 def _results_of(run: Path) -> dict:
@@ -991,6 +1011,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "pack": fused.pack_setting(),
                "vocab_loss": vocab_loss.vocab_loss_way("cuda" if torch.cuda.is_available() else "cpu"),
                "speculative": list(plan.speculative),
+               "speculative_from": plan.speculative_from,
                "admission": {"gib_per_process": state.admit.need_gib if state.admit.probe else None,
                              "chapter_shares": NEED_SHARE,
                              "ramp_s": state.admit.ramp_s, "deferred": state.admit.deferred,
@@ -1019,7 +1040,7 @@ def threads_for(processes: int, cores: int | None = None) -> int:
 def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | None = None,
         workers: int = 8, chapters: list[str] | None = None, max_parallel_chapters: int = 6,
         pack: str | None = None, overrides: dict | None = None, mps: bool = False,
-        speculate: bool | None = False, head_start: bool = False,
+        speculate: bool | None | str = False, head_start: bool = False,
         gib_per_process: float = GIB_PER_PROCESS, low_priority: bool = False,
         early_chapters: bool | None = None, favour: Sequence[str] | None = None,
         early_choice: bool | None = None) -> dict:
@@ -1052,6 +1073,9 @@ def run(profile: str = "paper", run_dir: str = "runs/record", params: dict | Non
     plan.cfg.save()
     print(f"[record] {len(plan.finetunes)} finetunes, {len(plan.chapters)} chapters, profile {profile}, "
           f"run dir {plan.run}", flush=True)
+    if plan.speculative_from:
+        print(f"[record] speculating: {plan.speculative_from}"
+              + (f"; trained ahead: {', '.join(plan.speculative)}" if plan.speculative else ""), flush=True)
     state = RunState.of(plan)
     state.t0 = t_start
     state.threads = threads_for(workers + max_parallel_chapters)
@@ -1260,9 +1284,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
     r.add_argument("--mps", action="store_true",
                    help="serve the GPU through an NVIDIA MPS daemon of this run's own (processes' kernels side by side)")
-    r.add_argument("--speculate", choices=("auto", "on", "off"), default="off",
+    r.add_argument("--speculate", choices=("auto", "on", "off", "record"), default="off",
                    help="train chapter 4-5's narrow steering vectors at every lambda before chapter 3 chooses "
-                        "(auto: on a GPU; off by default: slower on an H100, bench/README 'Session 23')")
+                        "(auto: on a GPU; off by default: slower on an H100, bench/README 'Session 23'); record: "
+                        "train chapters 4-5's follow-ups up front at the lambdas the committed run of record of "
+                        "the same setup chose (nothing when none matches)")
     r.add_argument("--head-start", choices=("on", "off"), default="off",
                    help="train the rank-32 adapters (all chapter 2 waits for) before the other finetunes")
     r.add_argument("--low-priority", action="store_true",
@@ -1322,6 +1348,7 @@ def favour_arg(words: Sequence[str]) -> tuple[str, ...] | None:
 
 # an --auto/on/off flag as run() takes it: None (decided where it runs), True, False
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+SPECULATE_RECORD = "record"  # --speculate record: train ahead at the choice of the committed run of record
 
 
 def _main(a) -> int:
@@ -1340,7 +1367,7 @@ def _main(a) -> int:
             params["model"] = a.model
         summary = run(a.profile, a.run_dir, params, a.workers, a.chapters, a.parallel_chapters, a.pack,
                       book._parse_params(a.config), mps=a.mps,
-                      speculate=AUTO_ON_OFF[a.speculate],
+                      speculate=AUTO_ON_OFF.get(a.speculate, a.speculate),
                       head_start=a.head_start == "on", gib_per_process=a.gib_per_process,
                       low_priority=a.low_priority, favour=favour_arg(a.favour),
                       early_chapters=AUTO_ON_OFF[a.early_chapters],

@@ -8,9 +8,10 @@
 # Usage: bash scripts/gpu_carry.sh   (from the repository root, after `make venv`)
 #        bash scripts/gpu_carry.sh plan   which folders to carry in which device call (each call <= 64 MiB);
 #                                         `plan qwen` adds the Qwen parts (.carry-qwenN, left out otherwise)
-#        bash scripts/gpu_carry.sh aside  move record/ (27 MiB of the 31 MiB working tree, which every call carries and a
-#                                         run on the GPU never reads) out of the checkout to ../record-aside, so that
-#                                         `plan` fits the model, wheels and data in 3 calls instead of 4
+#        bash scripts/gpu_carry.sh aside  move record/ (27 MiB of the 31 MiB working tree, which every call carries) out
+#                                         of the checkout to ../record-aside, so that `plan` fits the model, wheels and
+#                                         data in 3 calls instead of 4; each run of record's config.json and results.json
+#                                         (~0.3 MiB) stay: `record run --speculate record` reads chapter 3's choice there
 #        bash scripts/gpu_carry.sh back   put record/ back (from ../record-aside, else from git); run it once the
 #                                         GPU calls are done, before any commit
 #
@@ -46,11 +47,17 @@ if [ "${1:-}" = aside ]; then
   [ -d record ] || { echo "no record/ here (already aside in $ASIDE?)"; exit 1; }
   [ ! -e "$ASIDE" ] || { echo "$ASIDE exists: run \`bash scripts/gpu_carry.sh back\` first, or remove it"; exit 1; }
   [ -z "$(git status --porcelain -- record)" ] || { echo "record/ has uncommitted changes: commit them first"; exit 1; }
-  mv record "$ASIDE" && echo "record/ is in $ASIDE until \`bash scripts/gpu_carry.sh back\`"; exit 0
+  mv record "$ASIDE"
+  for f in "$ASIDE"/*/config.json "$ASIDE"/*/results.json; do  # what --speculate record reads stays in the tree
+    [ -f "$f" ] || continue; d=record/${f#"$ASIDE"/}; mkdir -p "$(dirname "$d")"; cp "$f" "$d"
+  done
+  echo "record/ is in $ASIDE until \`bash scripts/gpu_carry.sh back\` (its runs' config.json and results.json stay)"
+  exit 0
 fi
 if [ "${1:-}" = back ]; then
-  [ ! -e record ] || { echo "record/ is here already"; exit 0; }
-  if [ -d "$ASIDE" ]; then mv "$ASIDE" record; else git checkout -- record; fi
+  if [ -d "$ASIDE" ]; then rm -rf record && mv "$ASIDE" record
+  elif [ -n "$(git status --porcelain -- record)" ]; then git checkout -- record
+  else echo "record/ is here already"; exit 0; fi
   [ -z "$(git status --porcelain -- record)" ] && echo "record/ is back, as committed"; exit 0
 fi
 room_bytes() {  # what a call (64 MiB) leaves beside the working tree, with 1.5 MiB to spare for later commits
@@ -103,7 +110,7 @@ for i, c in enumerate(calls, 1):
     print(f"call {i}: carry {c!r} ({sum(size[n] for n in c) / 2**20:.1f} MiB) + `bash scripts/gpu_record.sh setup`")
 print(f"{len(calls)} calls; the working tree is {int(sys.argv[1]) / 2**20:.1f} MiB of each call's 64 MiB")
 PLAN
-  [ -d record ] || echo "record/ is aside in $ASIDE: \`bash scripts/gpu_carry.sh back\` once the GPU calls are done"
+  [ ! -d "$ASIDE" ] || echo "record/ is aside in $ASIDE: \`bash scripts/gpu_carry.sh back\` once the GPU calls are done"
   exit 0
 fi
 if [ "${1:-}" = qwen ]; then

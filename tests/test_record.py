@@ -14,7 +14,7 @@ import torch
 from run_tables import make_run
 
 from emlib.config import get_config
-from emlib import book, experiment, models, record, results, runner, verdicts
+from emlib import book, chapters, experiment, models, record, results, runner, verdicts
 
 
 def bench_module(root: Path, name: str):
@@ -709,6 +709,68 @@ def test_speculative_vectors_are_trained_up_front_and_not_again(root, tmp_path, 
     monkeypatch.setattr(record, "_run_chapter", lambda job, threads=None: started.append(job.chapter) or object())
     record.start_ready_chapters(plan, state, max_parallel=8)
     assert sorted(started) == ["04_efficiency", "05_stability"]
+
+
+def _sweep(choice: dict[str, float]) -> dict:
+    """A results.json whose lambda sweep chose ``choice`` (kind -> factor)."""
+    return {"ch3_lambda_sweep": [{"kind": k, "solution": "narrow", "kl_scale": m, "chosen": m == choice[k]}
+                                 for k in ("steering vector", "rank-1 LoRA") for m in (0.1, 0.3, 1.0, 3.0, 10.0)]}
+
+
+def test_speculating_the_run_of_records_choice(root, tmp_path, monkeypatch, capsys):
+    """``speculate="record"``: the committed SmolLM2 run of record (record/smollm2-135m) chose lambda x1 for
+    the vector and x0.3 for rank-1, so a run of the same setup plans chapters 4-5's four follow-ups up front,
+    each in one task with its seed's general solution, and nobody waits for them. When chapter 3 chooses the
+    same, nothing is queued again; when it chooses otherwise, its own follow-ups are queued as without
+    speculation (the guessed ones go unused). Another model: nothing is trained ahead, and the plan says why."""
+    run = tmp_path / "rec"
+    plan = record.plan_run("paper", str(run), {"model": "embedded"}, speculate="record")
+    off = record.plan_run("paper", str(run), {"model": "embedded"})
+    guessed = {"vector-medical-narrow-seed1", "vector-medical-narrow-seed2", "lora-medical-rank1-narrow-kl0.3-seed1",
+               "lora-medical-rank1-narrow-kl0.3-seed2"}
+    assert set(plan.speculative) == guessed == {f.name for f in plan.finetunes} - {f.name for f in off.finetunes}
+    assert plan.speculative_from == "record/smollm2-135m chose {'steering vector': 1.0, 'rank-1 LoRA': 0.3}"
+    assert plan.needs == off.needs  # nobody waits for a guess
+    tasks = {t[-1].name: {j.name for j in t} for t in record.pool_tasks(plan.finetunes) if t[-1].name in guessed}
+    assert tasks["vector-medical-narrow-seed1"] == {"vector-medical-general-seed1", "vector-medical-narrow-seed1"}
+    assert tasks["lora-medical-rank1-narrow-kl0.3-seed2"] == {"lora-medical-rank1-general-seed2",
+                                                             "lora-medical-rank1-narrow-kl0.3-seed2"}
+    run.mkdir(parents=True)
+    for choice, queued in (({"steering vector": 1.0, "rank-1 LoRA": 0.3}, []),
+                           ({"steering vector": 1.0, "rank-1 LoRA": 3.0},
+                            ["lora-medical-rank1-narrow-kl3-seed1", "lora-medical-rank1-narrow-kl3-seed2"])):
+        state = record.RunState.of(plan)
+        state.chapters["03_narrow_needs_kl"] = record.DONE
+        (run / "results.json").write_text(json.dumps(_sweep(choice)))
+        record.plan_followups(plan, state)
+        assert sorted(t[0].name for t in state.queue) == queued
+    assert "trained ahead: lora-medical-rank1-narrow-kl0.3-seed1" in capsys.readouterr().out
+    other = record.plan_run("paper", str(run), {"model": "HuggingFaceTB/SmolLM2-360M-Instruct"}, speculate="record")
+    assert other.speculative == () and other.speculative_from.startswith("no run of record of this setup")
+    seen = []
+    monkeypatch.setattr(record, "run", lambda *a, **k: seen.append(k["speculate"]) or {"failures": {}})
+    assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), "--speculate", "record"]) == 0
+    assert seen == ["record"]
+
+
+def test_a_run_of_the_same_setup_is_found_by_its_config(tmp_path):
+    """:func:`chapters.recorded_choice` takes the first finished run whose config trains the same finetunes: the
+    run folder, the device and the model's folder may differ (a GGUF lives elsewhere on each machine); any
+    other field differing, or a run without results, is skipped."""
+    cfg = get_config("smoke", model="/here/m.gguf", run_dir=str(tmp_path / "new"))
+    dirs = []
+    for name, change, choice in (("unfinished", {}, None), ("other-lambda", {"kl_lambda": 9.0}, 0.1),
+                                 ("same", {"model": "/elsewhere/m.gguf", "device": "cuda"}, 0.3)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg.to_dict() | {"run_dir": str(d)} | change))
+        if choice is not None:
+            (d / "results.json").write_text(json.dumps(_sweep({"steering vector": choice, "rank-1 LoRA": choice})))
+        dirs.append(d)
+    assert chapters.recorded_choice(cfg, dirs) == ({"steering vector": 0.3, "rank-1 LoRA": 0.3}, dirs[2])
+    assert chapters.recorded_choice(cfg, dirs[:2]) is None
+    assert chapters.same_setup(cfg, cfg.to_dict() | {"run_dir": "/x", "device": "cpu"})
+    assert not chapters.same_setup(cfg, cfg.to_dict() | {"model": "/here/other.gguf"})
 
 
 def test_each_process_gets_a_share_of_the_cores(monkeypatch):
