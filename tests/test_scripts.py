@@ -15,14 +15,17 @@ def _sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def repo(tmp_path):
-    """A git repository with the script, a committed record/ of 3 MiB and a carry folder of 30 MiB."""
+    """A git repository with the script, a committed record/ of 3 MiB (a run's tables; its config.json and
+    results.json are small) and a carry folder of 30 MiB."""
     if shutil.which("git") is None:
         pytest.skip("needs git")
     r = tmp_path / "checkout"
     (r / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "gpu_carry.sh", r / "scripts")
-    (r / "record" / "m").mkdir(parents=True)
-    (r / "record" / "m" / "results.json").write_bytes(b"x" * 3 * 2**20)
+    (r / "record" / "m" / "tables").mkdir(parents=True)
+    (r / "record" / "m" / "tables" / "answers.csv").write_bytes(b"x" * 3 * 2**20)
+    (r / "record" / "m" / "results.json").write_text('{"ch3_lambda_sweep": []}')
+    (r / "record" / "m" / "config.json").write_text('{"profile": "paper"}')
     (r / ".gitignore").write_text(".carry-*\n")
     (r / ".carry-a").mkdir()
     (r / ".carry-a" / "part").write_bytes(b"y" * 30 * 2**20)
@@ -33,19 +36,22 @@ def repo(tmp_path):
 
 
 def test_record_goes_aside_for_the_carry_and_comes_back(repo):
-    """``aside`` moves record/ out of the checkout (the plan then counts a smaller working tree), refuses to
-    do it twice, and ``back`` restores it exactly as committed."""
+    """``aside`` moves record/ out of the checkout (the plan then counts a smaller working tree) but for each
+    run's config.json and results.json (what ``record run --speculate record`` reads on the GPU), refuses to do
+    it twice, and ``back`` restores it exactly as committed."""
     before = _sh(repo, "plan").stdout
     assert "the working tree is 3.0 MiB" in before and "aside" not in before
     out = _sh(repo, "aside")
-    assert out.returncode == 0 and not (repo / "record").exists() and (repo.parent / "record-aside").is_dir()
+    assert out.returncode == 0 and (repo.parent / "record-aside").is_dir()
+    left = sorted(str(p.relative_to(repo)) for p in (repo / "record").rglob("*") if p.is_file())
+    assert left == ["record/m/config.json", "record/m/results.json"]
     plan = _sh(repo, "plan").stdout
     assert "the working tree is 0.0 MiB" in plan and "record/ is aside" in plan
     again = _sh(repo, "aside")
-    assert again.returncode != 0 and "no record/ here" in again.stdout
+    assert again.returncode != 0 and "record-aside exists" in again.stdout
     back = _sh(repo, "back")
     assert back.returncode == 0 and "as committed" in back.stdout
-    assert (repo / "record" / "m" / "results.json").stat().st_size == 3 * 2**20
+    assert (repo / "record" / "m" / "tables" / "answers.csv").stat().st_size == 3 * 2**20
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
 
 
