@@ -229,16 +229,39 @@ def speculative(datasets: Sequence[str], kl_sweep: Sequence[float], seeds: Seque
 SETUP_IGNORED = ("run_dir", "device")
 
 
-def same_setup(cfg, stored: dict) -> bool:
-    """Whether a stored run's ``config.json`` (``stored``) trains the same finetunes as ``cfg``: every field equal
-    but :data:`SETUP_IGNORED`, the model compared by its file name (a GGUF's folder differs between machines)."""
+def setup_differences(cfg, stored: dict) -> list[str]:
+    """The config fields in which a stored run's ``config.json`` (``stored``) differs from ``cfg``, sorted: all but
+    :data:`SETUP_IGNORED`, the model compared by its file name (a GGUF's folder differs between machines)."""
     def norm(d: dict) -> dict:
         d = json.loads(json.dumps(d))  # tuples and lists alike
         if d.get("model"):
             d["model"] = Path(str(d["model"])).name
         return {k: v for k, v in d.items() if k not in SETUP_IGNORED}
 
-    return norm(cfg.to_dict()) == norm(stored)
+    mine, theirs = norm(cfg.to_dict()), norm(stored)
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, object()) != theirs.get(k, object()))
+
+
+def same_setup(cfg, stored: dict) -> bool:
+    """Whether a stored run trained the same finetunes as ``cfg`` (no :func:`setup_differences`)."""
+    return not setup_differences(cfg, stored)
+
+
+def why_no_recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> str:
+    """Why :func:`recorded_choice` found nothing in ``run_dirs``: each folder's first differing fields, or that it
+    holds no finished run."""
+    parts = []
+    for d in map(Path, run_dirs):
+        try:
+            stored = json.loads((d / "config.json").read_text())
+            diff = setup_differences(cfg, stored) if isinstance(stored, dict) else ["config.json"]
+        except (OSError, ValueError):
+            parts.append(f"{d.name}: no config.json")
+            continue
+        parts.append(f"{d.name}: {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} "
+                     f"{'differs' if len(diff) == 1 else 'differ'}" if diff
+                     else f"{d.name}: no chapter 3 choice in its results.json")
+    return "; ".join(parts) or "no run folders"
 
 
 def recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> tuple[dict[str, float], Path] | None:

@@ -59,7 +59,8 @@ from .data import atomic_write_bytes
 
 from .chapters import Finetune as Job  # the finetune plan and each chapter's needs: emlib.chapters
 from .chapters import (EARLY_FOR_CHOICE, FOLLOW_CHAPTER_3, READS_CHAPTER_3, chosen_scales, clear_choice_pending,
-                       extra_seeds, followups, mark_choice_pending, prior_followups, recorded_choice, speculative)
+                       extra_seeds, followups, mark_choice_pending, prior_followups, recorded_choice, speculative,
+                       why_no_recorded_choice)
 from .chapters import train_groups
 from .chapters import finetunes as finetune_jobs
 from .chapters import finetunes_needed as chapter_needs
@@ -160,11 +161,13 @@ def plan_run(profile: str = "paper", run_dir: str = "runs/record", params: dict 
         if follow and speculate == SPECULATE_RECORD:
             from .results import RECORDS
 
-            found = recorded_choice(cfg, [root / d for _, d, _ in RECORDS])
+            dirs = [root / d for _, d, _ in RECORDS]
+            found = recorded_choice(cfg, dirs)
             extra = [f for f in prior_followups(follow, cfg.datasets, seeds, found[0])
                      if f.name not in have] if found else []
             ahead_from = (f"{found[1].relative_to(root) if found[1].is_relative_to(root) else found[1]} chose "
-                          f"{found[0]}" if found else "no run of record of this setup: nothing trained ahead")
+                          f"{found[0]}" if found else "no run of record of this setup, nothing trained ahead ("
+                          + why_no_recorded_choice(cfg, dirs) + ")")
         elif follow and (bool(runner.visible_gpus()) if speculate is None else speculate):
             extra = [f for f in speculative(cfg.datasets, cfg.kl_sweep, seeds) if f.name not in have]
         else:

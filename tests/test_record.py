@@ -747,6 +747,9 @@ def test_speculating_the_run_of_records_choice(root, tmp_path, monkeypatch, caps
     assert "trained ahead: lora-medical-rank1-narrow-kl0.3-seed1" in capsys.readouterr().out
     other = record.plan_run("paper", str(run), {"model": "HuggingFaceTB/SmolLM2-360M-Instruct"}, speculate="record")
     assert other.speculative == () and other.speculative_from.startswith("no run of record of this setup")
+    assert "smollm2-135m: model differs;" in other.speculative_from
+    lam = record.plan_run("paper", str(run), {"model": "embedded"}, {"kl_lambda": 3.0}, speculate="record")
+    assert lam.speculative == () and "smollm2-135m: kl_lambda differs;" in lam.speculative_from
     seen = []
     monkeypatch.setattr(record, "run", lambda *a, **k: seen.append(k["speculate"]) or {"failures": {}})
     assert record.main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "cli"), "--speculate", "record"]) == 0
@@ -770,6 +773,9 @@ def test_a_run_of_the_same_setup_is_found_by_its_config(tmp_path):
     assert chapters.recorded_choice(cfg, dirs) == ({"steering vector": 0.3, "rank-1 LoRA": 0.3}, dirs[2])
     assert chapters.recorded_choice(cfg, dirs[:2]) is None
     assert chapters.same_setup(cfg, cfg.to_dict() | {"run_dir": "/x", "device": "cpu"})
+    assert chapters.setup_differences(cfg, cfg.to_dict() | {"seed": 3, "lr": 1.0}) == ["lr", "seed"]
+    assert chapters.why_no_recorded_choice(cfg, dirs[:2]) == ("unfinished: no chapter 3 choice in its results.json; "
+                                                              "other-lambda: kl_lambda differs")
     assert not chapters.same_setup(cfg, cfg.to_dict() | {"model": "/here/other.gguf"})
 
 
