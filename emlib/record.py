@@ -1287,7 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pack", default=None, help="folder for record.tar.gz / cache.tar.gz")
     r.add_argument("--mps", action="store_true",
                    help="serve the GPU through an NVIDIA MPS daemon of this run's own (processes' kernels side by side)")
-    r.add_argument("--speculate", choices=("auto", "on", "off", "record"), default="off",
+    r.add_argument("--speculate", choices=(*AUTO_ON_OFF, SPECULATE_RECORD), default="off",
                    help="train chapter 4-5's narrow steering vectors at every lambda before chapter 3 chooses "
                         "(auto: on a GPU; off by default: slower on an H100, bench/README 'Session 23'); record: "
                         "train chapters 4-5's follow-ups up front at the lambdas the committed run of record of "
