@@ -247,21 +247,28 @@ def same_setup(cfg, stored: dict) -> bool:
     return not setup_differences(cfg, stored)
 
 
+def _stored_choice(cfg, run_dir: Path) -> tuple[dict[str, float] | None, str]:
+    """Chapter 3's choice in ``run_dir`` when that run trained the same finetunes as ``cfg``, else None with why
+    (the first fields that differ, or what is missing)."""
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, "no config.json"
+    diff = setup_differences(cfg, stored) if isinstance(stored, dict) else ["config.json"]
+    if diff:
+        return None, (f"{', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} "
+                      f"{'differs' if len(diff) == 1 else 'differ'}")
+    try:
+        chosen = chosen_scales(json.loads((run_dir / "results.json").read_text()))
+    except (OSError, ValueError):
+        chosen = None
+    return chosen, "" if chosen else "no chapter 3 choice in its results.json"
+
+
 def why_no_recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> str:
     """Why :func:`recorded_choice` found nothing in ``run_dirs``: each folder's first differing fields, or that it
     holds no finished run."""
-    parts = []
-    for d in map(Path, run_dirs):
-        try:
-            stored = json.loads((d / "config.json").read_text())
-            diff = setup_differences(cfg, stored) if isinstance(stored, dict) else ["config.json"]
-        except (OSError, ValueError):
-            parts.append(f"{d.name}: no config.json")
-            continue
-        parts.append(f"{d.name}: {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} "
-                     f"{'differs' if len(diff) == 1 else 'differ'}" if diff
-                     else f"{d.name}: no chapter 3 choice in its results.json")
-    return "; ".join(parts) or "no run folders"
+    return "; ".join(f"{d.name}: {_stored_choice(cfg, d)[1]}" for d in map(Path, run_dirs)) or "no run folders"
 
 
 def recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> tuple[dict[str, float], Path] | None:
@@ -270,12 +277,7 @@ def recorded_choice(cfg, run_dirs: Sequence[str | Path]) -> tuple[dict[str, floa
     None when none did. A run of record trains chapters 4-5's follow-ups at it before its own chapter 3 chooses
     (``emlib.record``, ``--speculate record``): a guess that decides only when they train, never what is measured."""
     for d in map(Path, run_dirs):
-        try:
-            stored = json.loads((d / "config.json").read_text())
-            results = json.loads((d / "results.json").read_text())
-        except (OSError, ValueError):
-            continue  # not a finished run
-        if isinstance(stored, dict) and same_setup(cfg, stored) and (chosen := chosen_scales(results)):
+        if (chosen := _stored_choice(cfg, d)[0]):
             return chosen, d
     return None
 
@@ -284,7 +286,7 @@ def prior_followups(stems: Sequence[str], datasets: Sequence[str], seeds: Sequen
                     chosen: dict[str, float]) -> list[Finetune]:
     """:func:`followups` of every chapter of ``stems`` at a guessed choice, each once, steering vectors first
     (the slower) and by seed: what a run trains ahead when it expects chapter 3 to choose ``chosen``."""
-    jobs = set().union(*(followups(st, datasets, seeds, chosen) for st in stems)) if stems else set()
+    jobs = set().union(*(followups(st, datasets, seeds, chosen) for st in stems))
     return sorted(jobs, key=lambda f: (f.kind != "vector", f.seed or 0, f.name))
 
 
