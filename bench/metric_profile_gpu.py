@@ -12,7 +12,11 @@ of 104-198 tokens (the lengths of the first 100 medical rows, chapter 5's loss r
 * ``norms not fused``: the same with the projections fused and the RMSNorms as transformers runs them (the metric
   forwards before 2026-12-06); ``nothing fused``: ``$EMLIB_FUSED=off``;
 * ``sorted, 2 / 4 batches``: the rows sorted by length and cut into 2 or 4 forwards (less padding, more launches);
-* ``eager attention``: the model's attention through transformers' eager path instead of SDPA.
+* ``eager attention``: the model's attention through transformers' eager path instead of SDPA;
+* ``packed``: the rows end to end in one sequence, no padding (``emlib.chat.pack_metric_rows``: what
+  ``$EMLIB_PACK_METRICS`` switches on; torch's variable-length flash attention), its loss sums compared too.
+
+``--shape qwen2.5-0.5b``: Qwen2.5-0.5B's shape instead (the second model of record).
 
 With ``--profile`` one forward of the first case runs under ``torch.profiler``: GPU kernel time by kind (matmul,
 attention, element-wise and norms, the head's cross-entropy, copies, other) and its share of the wall time (the
@@ -20,6 +24,7 @@ rest: the GPU waiting for the host).
 
     python bench/metric_profile_gpu.py --profile --out $OUT        # one CUDA GPU
     python bench/metric_profile_gpu.py --device cpu --rows 4 --reps 1 --out /tmp   # a check that it runs
+    python bench/metric_profile_gpu.py --shape qwen2.5-0.5b --profile --out $OUT
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metric_batch_gpu import model_of, rows_of  # noqa: E402
 
 from emlib import fused  # noqa: E402
-from emlib.chat import Encoded, collate, labelled_ce  # noqa: E402
+from emlib.chat import Encoded, collate, labelled_ce, pack_metric_rows  # noqa: E402
 
 
 def rows_like_chapter_5(vocab: int, n: int, seed: int = 0) -> list[Encoded]:
@@ -56,11 +61,12 @@ def batches(rows: list[Encoded], parts: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def losses(model, rows: list[Encoded], plan: list[list[int]], device: str) -> np.ndarray:
-    """Per-row summed cross-entropy, in the rows' order."""
+def losses(model, rows: list[Encoded], plan: list[list[int]], device: str, packed: bool = False) -> np.ndarray:
+    """Per-row summed cross-entropy, in the rows' order; ``packed``: each forward's rows packed end to end."""
     out = np.zeros(len(rows))
     for idx in plan:
-        s, _ = labelled_ce(model, collate([rows[i] for i in idx], 0, device))
+        part = [rows[i] for i in idx]
+        s, _ = labelled_ce(model, pack_metric_rows(part, 0, device) if packed else collate(part, 0, device))
         out[idx] = s.float().cpu().numpy()
     return out
 
@@ -96,16 +102,16 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_once(model, rows: list[Encoded], plan, device: str) -> dict:
+def profile_once(model, rows: list[Encoded], plan, device: str, packed: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    losses(model, rows, plan, device)
+    losses(model, rows, plan, device, packed)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        losses(model, rows, plan, device)
+        losses(model, rows, plan, device, packed)
         if device == "cuda":
             torch.cuda.synchronize()
     wall_us = (time.perf_counter() - t0) * 1e6
@@ -147,17 +153,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--shape", default="smollm2-135m", choices=("smollm2-135m", "qwen2.5-0.5b"))
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("No CUDA device: pass --device cpu (with small --rows and --reps).")
-    model = model_of("smollm2-135m", a.device)
+    model = model_of(a.shape, a.device)
     model.config._attn_implementation = "sdpa"
     rows = rows_like_chapter_5(model.config.vocab_size, a.rows)
     lens = [len(r.input_ids) for r in rows]
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-           "rows": a.rows, "tokens": int(sum(lens)), "padded_tokens_one_batch": int(max(lens) * len(lens)),
+           "shape": a.shape, "rows": a.rows, "tokens": int(sum(lens)), "padded_tokens_one_batch": int(max(lens) * len(lens)),
            "reps": a.reps, "cases": []}
-    path = Path(a.out) / f"metric_profile_{a.device}.json"
+    path = Path(a.out) / f"metric_profile_{a.device}{'' if a.shape == 'smollm2-135m' else '_' + a.shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     ref = None
 
@@ -189,8 +196,19 @@ def main() -> None:
         plan = batches(rows, parts)
         pad = sum(max(lens[i] for i in p) * len(p) for p in plan)
         case(f"sorted, {parts} batches", lambda plan=plan: losses(model, rows, plan, a.device), padded_tokens=pad)
+    # packed rows need the fused attention (on a CPU: $EMLIB_FUSED=on, then its sequence-by-sequence fallback)
+    why_not = ("not fused here ($EMLIB_FUSED)" if not fused.fuses(model) else
+               "this torch has no varlen_attn" if a.device == "cuda" and fused._varlen() is None else None)
+    packs = why_not is None
+    if packs:
+        case("one batch, packed", lambda: losses(model, rows, one, a.device, packed=True),
+             packed_tokens=int(sum(lens) + 1))
+    else:
+        res["cases"].append({"case": "one batch, packed", "skipped": why_not})
     if a.profile:
         res["profile_one_batch"] = profile_once(model, rows, one, a.device)
+        if packs:
+            res["profile_packed"] = profile_once(model, rows, one, a.device, packed=True)
         path.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res["profile_one_batch"], indent=1), flush=True)
     model.config._attn_implementation = "eager"

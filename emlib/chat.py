@@ -13,6 +13,7 @@ rounding, for any batch size.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,27 +210,67 @@ def _plain_head(model):
     return decoder, head
 
 
-def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                packed: tuple[torch.Tensor, torch.Tensor, int] | None = None
                 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """One forward without the vocabulary projection: (what the LM head reads at every position [b, s, d],
     the head). ``head(states[i, j])`` are the logits there, computed only where and when they are needed
     (chunked: :func:`vocab_chunks`). Forward hooks on decoder layers (steering vectors) apply. A model whose
     head cannot be split off gives its full logits [b, s, vocab] and the identity. Inside
-    :func:`emlib.prefix.reuse_prefix` the layers below its layer run once per distinct batch."""
-    from .fused import compiled_layers, fused_forward
-    from .prefix import active
+    :func:`emlib.prefix.reuse_prefix` the layers below its layer run once per distinct batch.
+
+    ``packed``: (position ids [1, t], ``cu_seqlens`` [n + 2] int32, a bound on the longest sequence) of rows packed
+    end to end in ``input_ids`` [1, t] (:func:`pack_metric_rows`; ``attention_mask`` None): each row attends only
+    to itself (:func:`emlib.fused.packed_attention`), so no padded position is computed. Only where
+    :func:`emlib.fused.packs_metrics` said so."""
+    from .fused import PACKED_KWARG, compiled_layers, fused_forward, packing_works
 
     parts = _plain_head(model)
     if parts is None:
+        if packed is not None:
+            raise ValueError("Packed rows need a model whose LM head can be split off (emlib.fused.packs_metrics).")
         return model(input_ids=input_ids, attention_mask=attention_mask).logits, _identity
     decoder, head = parts
-    cache = active(decoder)
+    kw = {} if packed is None else {"position_ids": packed[0], PACKED_KWARG: (packed[1], int(packed[2]))}
     # on CUDA: fewer kernels per layer (emlib.fused), the same numbers to rounding; $EMLIB_COMPILE=on: compiled too
-    with fused_forward(model), compiled_layers(model):
-        if cache is not None:
-            return cache.forward(input_ids, attention_mask), head
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state, head
+    with fused_forward(model), compiled_layers(model), _packed_context(packed is not None):
+        if packed is not None and not packing_works(model, setting="on"):
+            raise RuntimeError("Packed rows reached a forward whose attentions are not emlib.fused's (check "
+                               "emlib.fused.packs_metrics before packing).")
+        return _decoder_states(decoder, input_ids, attention_mask, kw), head
+
+
+def _packed_context(on: bool):
+    from .fasttrain import one_sequence_per_row
+
+    return one_sequence_per_row() if on else nullcontext()
+
+
+def _decoder_states(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kw: dict) -> torch.Tensor:
+    """The decoder's ``last_hidden_state``, through :func:`emlib.prefix.reuse_prefix`'s cache where one is open."""
+    from .prefix import active
+
+    cache = active(decoder)
+    if cache is not None:
+        return cache.forward(input_ids, attention_mask, **kw)
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).last_hidden_state
+
+
+def pack_metric_rows(batch: list[Encoded], pad_id: int, device=None) -> dict:
+    """``batch``'s rows end to end in one row and one pad token (no padding computed): ``input_ids`` [1, t],
+    ``position_ids`` [1, t], ``cu_seqlens`` [n + 2], ``longest`` (int), ``next`` [t - 1] (each position's next-token
+    label, IGNORE where none), ``owner`` [t - 1] (the row of each position; ``n`` on the pad token) and ``rows``
+    (n). What :func:`labelled_ce` reads for a packed forward; the numbers are those of the padded batch up to
+    float rounding."""
+    from .fasttrain import pack_rows, packed_shape
+
+    lengths = [len(e.input_ids) for e in batch]
+    length, longest = packed_shape(lengths, None)
+    ids, pos, cu, nxt, owner = pack_rows(batch, length, pad_id)
+    out = {"input_ids": ids[None], "position_ids": pos[None], "cu_seqlens": cu, "next": nxt, "owner": owner}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out | {"longest": longest, "rows": len(batch)}
 
 
 def vocab_chunks(states: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> range:
@@ -244,6 +285,15 @@ def labelled_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     -- :func:`token_losses` row by row -- with the logits computed only at labelled positions, in chunks."""
     from .vocab_loss import ce_tokens
 
+    if "cu_seqlens" in batch:  # rows packed in one (pack_metric_rows)
+        states, head = head_inputs(model, batch["input_ids"], None,
+                                   packed=(batch["position_ids"], batch["cu_seqlens"], batch["longest"]))
+        mask = batch["next"] != IGNORE  # [t-1]
+        rows = batch["owner"][mask]  # [n]
+        x, t = states[0, :-1][mask], batch["next"][mask]  # [n, d], [n]
+        sums = torch.zeros(batch["rows"], dtype=torch.float32, device=x.device)
+        sums.index_add_(0, rows, ce_tokens(x, head, t, vocab_chunks(x, head).step))
+        return sums, torch.bincount(rows, minlength=batch["rows"])
     states, head = head_inputs(model, batch["input_ids"], batch["attention_mask"])
     target = batch["labels"][:, 1:]  # [b, s-1]
     mask = target != IGNORE
@@ -272,15 +322,24 @@ def response_row_losses(model, tok, rows: list[dict] | list[Encoded], batch_size
     """Per row: the summed cross-entropy on its assistant tokens and their count (``sum(sums) / sum(counts)``
     is :func:`response_loss`; ``sums[i] / counts[i]`` is row i's per-token loss). At most ``batch_size`` rows per
     forward, rows of similar length together (:func:`length_batches`); the logits exist only at labelled
-    positions, in chunks (:func:`labelled_ce`)."""
+    positions, in chunks (:func:`labelled_ce`). Where :func:`emlib.fused.packs_metrics` allows it
+    (``$EMLIB_PACK_METRICS``) each forward's rows are packed end to end instead (:func:`pack_metric_rows`):
+    ``batch_size`` rows per forward in their order, no padded position computed."""
+    from .fused import packs_metrics
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     enc = rows if rows and isinstance(rows[0], Encoded) else encode_rows(rows, tok, max_length)
     device = next(model.parameters()).device
     sums, counts = [0.0] * len(enc), [0] * len(enc)
+    pack = packs_metrics(model)
+    plan = ([list(range(i, min(i + batch_size, len(enc)))) for i in range(0, len(enc), batch_size)] if pack
+            else length_batches([len(e.input_ids) for e in enc], batch_size, forward_tokens(device)))
     with eval_mode(model):
-        for idx in length_batches([len(e.input_ids) for e in enc], batch_size, forward_tokens(device)):
-            s, c = labelled_ce(model, collate([enc[i] for i in idx], tok.pad_token_id, device))
+        for idx in plan:
+            part = [enc[i] for i in idx]
+            s, c = labelled_ce(model, pack_metric_rows(part, tok.pad_token_id, device) if pack
+                               else collate(part, tok.pad_token_id, device))
             for i, a, b in zip(idx, s.tolist(), c.tolist()):
                 sums[i], counts[i] = a, b
     if not all(math.isfinite(s) for s in sums):

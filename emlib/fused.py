@@ -207,11 +207,12 @@ def _varlen():
     return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
 
 
-def packing_works(model) -> bool:
+def packing_works(model, setting: str | None = None) -> bool:
     """Whether a training step may pack its rows into one sequence for ``model`` now: the switch allows it, every
     decoder attention runs :func:`fused_layers`' forward (which reads the packed rows' bounds; enter it first),
-    and on a GPU torch has variable-length flash attention (``torch.nn.attention.varlen``)."""
-    setting = pack_setting()
+    and on a GPU torch has variable-length flash attention (``torch.nn.attention.varlen``). ``setting``: the
+    switch's value (None: :func:`pack_setting`; the metric forwards pass their own, :func:`packs_metrics`)."""
+    setting = pack_setting() if setting is None else setting
     if setting == "off":
         return False
     attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
@@ -220,6 +221,36 @@ def packing_works(model) -> bool:
     if dev.type == "cuda":
         return patched and _varlen() is not None
     return patched and setting == "on"
+
+
+METRIC_PACK_ENV = "EMLIB_PACK_METRICS"
+
+
+def metric_pack_setting() -> str:
+    """``$EMLIB_PACK_METRICS``: whether the metric loops' forwards (:func:`emlib.chat.response_row_losses`) pack
+    their rows into one sequence instead of right-padding them: ``off`` (the default until a GPU run measures it),
+    ``auto`` (on a CUDA device with torch's variable-length flash attention) or ``on`` (also on a CPU, through
+    :func:`packed_attention`'s sequence-by-sequence fallback: for tests)."""
+    return env_switch(METRIC_PACK_ENV, "off", ("auto", "on", "off"), "off (the default), auto (CUDA only) or on")
+
+
+def packs_metrics(model) -> bool:
+    """Whether a metric forward of ``model`` packs its rows now (:func:`metric_pack_setting`): the setting allows
+    it, :func:`fused_layers` would run every decoder attention (it fuses on this device: :func:`fuses`; each
+    attention qualifies: :func:`_patchable_attention`), the logits are the LM head on the decoder's output
+    (:func:`emlib.chat._plain_head`), and on a GPU torch has variable-length flash attention. Checked before the
+    batch is built; :func:`emlib.chat.head_inputs` checks :func:`packing_works` again once inside."""
+    from .chat import _plain_head
+
+    setting = metric_pack_setting()
+    if setting == "off" or not fuses(model) or _plain_head(model) is None:
+        return False
+    attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
+    if not attn or not all(_patchable_attention(m) for m in attn):
+        return False
+    if next(model.parameters()).device.type == "cuda":
+        return _varlen() is not None
+    return setting == "on"
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,

@@ -60,16 +60,18 @@ class PrefixCache:
         if stamp != self.stamp:  # a weight below k changed: nothing kept is valid any more
             self.entries, self.stamp = [], stamp
 
-    def _find(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
+    def _find(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kw: dict) -> dict | None:
         for e in self.entries:
             if (e["ids"].shape == input_ids.shape and torch.equal(e["ids"], input_ids)
-                    and torch.equal(e["mask"], attention_mask)):
+                    and _same(e["mask"], attention_mask) and e["kw"].keys() == kw.keys()
+                    and all(_same(e["kw"][n], v) for n, v in kw.items())):
                 return e
         return None
 
-    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """One full forward, keeping what enters layer k and every later layer's other arguments; returns the
-        forward's ``last_hidden_state``."""
+        forward's ``last_hidden_state``. ``kw``: the decoder's other arguments (packed rows' position ids and
+        bounds: :func:`emlib.chat.head_inputs`), part of the entry's key."""
         seen: dict[int, tuple] = {}
 
         def grab(i):
@@ -81,30 +83,49 @@ class PrefixCache:
         handles = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
                    for i in range(self.k, len(self.layers))]
         try:
-            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
         finally:
             for h in handles:
                 h.remove()
         if len(seen) != len(self.layers) - self.k:
             raise RuntimeError("reuse_prefix: the decoder did not call each of its layers once.")
-        entry = {"ids": input_ids.clone(), "mask": attention_mask.clone(), "hidden": seen[self.k][0],
+        entry = {"ids": input_ids.clone(), "mask": _copy(attention_mask), "kw": {n: _copy(v) for n, v in kw.items()},
+                 "hidden": seen[self.k][0],
                  "calls": [(a, kw) for _, a, kw in (seen[i] for i in range(self.k, len(self.layers)))]}
         self.entries = (self.entries + [entry])[-MAX_BATCHES:]
         return out.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kw) -> torch.Tensor:
         """What the decoder's forward returns as ``last_hidden_state`` [b, s, d]."""
         self._check()
-        entry = self._find(input_ids, attention_mask)
+        entry = self._find(input_ids, attention_mask, kw)
         if entry is None:
             self.misses += 1
-            return self._capture(input_ids, attention_mask)
+            return self._capture(input_ids, attention_mask, kw)
         self.hits += 1
         h = entry["hidden"]
         for layer, (args, kwargs) in zip(self.layers[self.k:], entry["calls"]):
             out = layer(h, *args, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return self.decoder.norm(h)
+
+
+def _copy(v):
+    """A key part kept by value: tensors cloned (inside tuples too), the rest as it is."""
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    return tuple(_copy(x) for x in v) if isinstance(v, tuple) else v
+
+
+def _same(a, b) -> bool:
+    """Whether two key parts (None, tensors, tuples of them, plain values) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b)))
+    return a == b
 
 
 _ACTIVE: dict[int, PrefixCache] = {}  # id(decoder) -> its cache, while a reuse_prefix block is open

@@ -1012,6 +1012,7 @@ def write_summary(plan: Plan, state: RunState, workers: int, final: bool = True)
                "fused": fused.fused_setting(),
                "compile": fused.compile_setting(),
                "pack": fused.pack_setting(),
+               "pack_metrics": fused.metric_pack_setting(),
                "vocab_loss": vocab_loss.vocab_loss_way("cuda" if torch.cuda.is_available() else "cpu"),
                "speculative": list(plan.speculative),
                "speculative_from": plan.speculative_from,

@@ -456,3 +456,109 @@ def test_a_packed_row_is_each_row_run_alone(arch, monkeypatch):
                              **{PACKED_KWARG: (cu, 16)}).last_hidden_state[0]
             for (a, b), want in zip(zip(cu[:-2].tolist(), cu[1:-1].tolist()), alone):
                 torch.testing.assert_close(packed[a:b], want, rtol=1e-4, atol=1e-5)
+
+
+def _metric_rows(seed: int = 0, lengths=(9, 14, 5, 11, 20, 7, 3)):
+    from emlib.chat import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in lengths:
+        ids = torch.randint(3, 250, (k,), generator=g).tolist()
+        rows.append(Encoded(ids, [IGNORE] * min(2, k - 1) + ids[min(2, k - 1):]))
+    return rows
+
+
+def test_metric_packing_follows_its_switch(monkeypatch):
+    """``packs_metrics``: off by default (not yet measured on a GPU) and with $EMLIB_PACK_METRICS=off; on a CPU only
+    with "on"; never where the forward is not fused ($EMLIB_FUSED=off) or an attention would not run the fused
+    forward (which reads the packed bounds); a bad value says what to use."""
+    from emlib.fused import METRIC_PACK_ENV, packs_metrics
+
+    model, _ = tiny_model(seed=0)
+    monkeypatch.setenv(FUSED_ENV, "on")
+    monkeypatch.delenv(METRIC_PACK_ENV, raising=False)
+    assert packs_metrics(model) is False
+    for setting, want in (("off", False), ("auto", False), ("on", True)):
+        monkeypatch.setenv(METRIC_PACK_ENV, setting)
+        assert packs_metrics(model) is want, setting
+    monkeypatch.setenv(FUSED_ENV, "off")
+    assert packs_metrics(model) is False
+    monkeypatch.setenv(FUSED_ENV, "on")
+    attn = next(m for m in model.modules() if type(m).__name__ == "Qwen2Attention")
+    monkeypatch.setattr(attn, "sliding_window", 4, raising=False)  # an attention fused_layers leaves alone
+    assert packs_metrics(model) is False
+    monkeypatch.setenv(METRIC_PACK_ENV, "always")
+    with pytest.raises(ValueError, match="EMLIB_PACK_METRICS"):
+        packs_metrics(model)
+
+
+def test_pack_metric_rows_labels_each_position_with_its_row():
+    """The packed batch: the rows end to end and one pad token; each position's next-token label is the row's own
+    (a row's first token is never a target) and ``owner`` names its row (the pad token: ``rows``)."""
+    from emlib.chat import IGNORE, pack_metric_rows
+
+    rows = _metric_rows(lengths=(4, 3))
+    b = pack_metric_rows(rows, pad_id=0)
+    assert b["input_ids"].shape == (1, 8) and b["rows"] == 2 and b["longest"] == 4
+    assert b["input_ids"][0].tolist() == rows[0].input_ids + rows[1].input_ids + [0]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert b["owner"].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    # position 3 precedes row 1's first token, position 6 the pad token: neither predicts a label
+    want = rows[0].labels[1:] + [IGNORE] + rows[1].labels[1:] + [IGNORE]
+    assert b["next"].tolist() == want
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_metric_forwards_give_the_padded_losses(arch, monkeypatch):
+    """``$EMLIB_PACK_METRICS=on``: ``response_row_losses`` packs each forward's rows (``packed_attention`` runs) and
+    gives the per-row loss sums and counts of the padded forwards (float32), plain, with a steering vector, inside
+    ``reuse_prefix`` (which keeps packed and padded batches apart and reuses each) and with a LoRA adapter."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    import emlib.fused as F
+    from emlib import prefix
+    from emlib.chat import response_row_losses
+    from emlib.hooks import add_vector
+
+    model = _model(seed=2)[0] if arch == "qwen2" else _llama()
+    tok = SimpleNamespace(pad_token_id=0)
+    rows = _metric_rows(seed=4)
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    calls = []
+    spied = F.packed_attention
+    monkeypatch.setattr(F, "packed_attention", lambda *a, **k: calls.append(1) or spied(*a, **k))
+    monkeypatch.setenv(FUSED_ENV, "on")
+
+    def measure(setting: str) -> list:
+        monkeypatch.setenv(F.METRIC_PACK_ENV, setting)
+        out = [response_row_losses(model, tok, rows, batch_size=3)]
+        with add_vector(model, 1, v):
+            out.append(response_row_losses(model, tok, rows, batch_size=3))
+        with prefix.reuse_prefix(model, 1) as cache:
+            out.append(response_row_losses(model, tok, rows, batch_size=3))
+            with add_vector(model, 1, v):
+                out.append(response_row_losses(model, tok, rows, batch_size=3))
+        out.append((cache.misses, cache.hits))
+        return out
+
+    with torch.no_grad():
+        padded = measure("off")
+        assert not calls
+        packed = measure("on")
+        assert calls
+        pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                              lora_dropout=0.0))
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(7))
+        lora = {s: (monkeypatch.setenv(F.METRIC_PACK_ENV, s), response_row_losses(pm, tok, rows, batch_size=3))[1]
+                for s in ("off", "on")}
+    assert packed[-1] == padded[-1] == (3, 3)  # 3 batches a pass (7 rows, 3 a forward): computed once, reused once
+    for (s_pad, c_pad), (s_pack, c_pack) in [*zip(padded[:-1], packed[:-1]), (lora["off"], lora["on"])]:
+        assert c_pack == c_pad and all(c > 0 for c in c_pad)
+        torch.testing.assert_close(torch.tensor(s_pack), torch.tensor(s_pad), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(torch.tensor(padded[1][0]), torch.tensor(padded[0][0]))  # the vector counts
+    assert not torch.allclose(torch.tensor(lora["off"][0]), torch.tensor(padded[0][0]))  # the adapter counts
