@@ -223,6 +223,7 @@ def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     end to end in ``input_ids`` [1, t] (:func:`pack_metric_rows`; ``attention_mask`` None): each row attends only
     to itself (:func:`emlib.fused.packed_attention`), so no padded position is computed. Only where
     :func:`emlib.fused.packs_metrics` said so."""
+    from .fasttrain import one_sequence_per_row
     from .fused import PACKED_KWARG, compiled_layers, fused_forward, packing_works
 
     parts = _plain_head(model)
@@ -233,17 +234,12 @@ def head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     decoder, head = parts
     kw = {} if packed is None else {"position_ids": packed[0], PACKED_KWARG: (packed[1], int(packed[2]))}
     # on CUDA: fewer kernels per layer (emlib.fused), the same numbers to rounding; $EMLIB_COMPILE=on: compiled too
-    with fused_forward(model), compiled_layers(model), _packed_context(packed is not None):
+    # packed: transformers must not read the position ids for packed sequences (fasttrain.one_sequence_per_row)
+    with fused_forward(model), compiled_layers(model), (one_sequence_per_row() if packed is not None else nullcontext()):
         if packed is not None and not packing_works(model, setting="on"):
             raise RuntimeError("Packed rows reached a forward whose attentions are not emlib.fused's (check "
                                "emlib.fused.packs_metrics before packing).")
         return _decoder_states(decoder, input_ids, attention_mask, kw), head
-
-
-def _packed_context(on: bool):
-    from .fasttrain import one_sequence_per_row
-
-    return one_sequence_per_row() if on else nullcontext()
 
 
 def _decoder_states(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kw: dict) -> torch.Tensor:
@@ -285,23 +281,21 @@ def labelled_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     -- :func:`token_losses` row by row -- with the logits computed only at labelled positions, in chunks."""
     from .vocab_loss import ce_tokens
 
-    if "cu_seqlens" in batch:  # rows packed in one (pack_metric_rows)
+    if "cu_seqlens" in batch:  # rows packed in one (pack_metric_rows): one row, each position's owner given
         states, head = head_inputs(model, batch["input_ids"], None,
                                    packed=(batch["position_ids"], batch["cu_seqlens"], batch["longest"]))
-        mask = batch["next"] != IGNORE  # [t-1]
-        rows = batch["owner"][mask]  # [n]
-        x, t = states[0, :-1][mask], batch["next"][mask]  # [n, d], [n]
-        sums = torch.zeros(batch["rows"], dtype=torch.float32, device=x.device)
-        sums.index_add_(0, rows, ce_tokens(x, head, t, vocab_chunks(x, head).step))
-        return sums, torch.bincount(rows, minlength=batch["rows"])
-    states, head = head_inputs(model, batch["input_ids"], batch["attention_mask"])
-    target = batch["labels"][:, 1:]  # [b, s-1]
-    mask = target != IGNORE
-    rows = mask.nonzero()[:, 0]  # [n]: the row of each labelled token
+        target, n_rows = batch["next"][None], batch["rows"]  # [1, t-1]
+        mask = target != IGNORE
+        rows = batch["owner"][None][mask]  # [n]: the row of each labelled token
+    else:
+        states, head = head_inputs(model, batch["input_ids"], batch["attention_mask"])
+        target, n_rows = batch["labels"][:, 1:], batch["labels"].shape[0]  # [b, s-1]
+        mask = target != IGNORE
+        rows = mask.nonzero()[:, 0]  # [n]: the row of each labelled token
     x, t = states[:, :-1][mask], target[mask]  # [n, d], [n]
-    sums = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
+    sums = torch.zeros(n_rows, dtype=torch.float32, device=target.device)
     sums.index_add_(0, rows, ce_tokens(x, head, t, vocab_chunks(x, head).step))  # the training step's loss
-    return sums, mask.sum(1)
+    return sums, torch.bincount(rows, minlength=n_rows)
 
 
 @torch.no_grad()

@@ -207,20 +207,27 @@ def _varlen():
     return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
 
 
+def _packs(model, setting: str, attention_ok: Callable[[torch.nn.Module], bool]) -> bool:
+    """The rule both packings follow (:func:`packing_works`, :func:`packs_metrics`): the switch is not off, the
+    model has decoder attentions and each passes ``attention_ok``, and on a GPU torch has variable-length flash
+    attention; on a CPU only with the switch ``on``."""
+    if setting == "off":
+        return False
+    attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
+    if not attn or not all(attention_ok(m) for m in attn):
+        return False
+    if next(model.parameters()).device.type == "cuda":
+        return _varlen() is not None
+    return setting == "on"
+
+
 def packing_works(model, setting: str | None = None) -> bool:
     """Whether a training step may pack its rows into one sequence for ``model`` now: the switch allows it, every
     decoder attention runs :func:`fused_layers`' forward (which reads the packed rows' bounds; enter it first),
     and on a GPU torch has variable-length flash attention (``torch.nn.attention.varlen``). ``setting``: the
     switch's value (None: :func:`pack_setting`; the metric forwards pass their own, :func:`packs_metrics`)."""
-    setting = pack_setting() if setting is None else setting
-    if setting == "off":
-        return False
-    attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
-    patched = bool(attn) and all(getattr(m.__dict__.get("forward"), "func", None) is _attention_forward for m in attn)
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        return patched and _varlen() is not None
-    return patched and setting == "on"
+    return _packs(model, pack_setting() if setting is None else setting,
+                  lambda m: getattr(m.__dict__.get("forward"), "func", None) is _attention_forward)
 
 
 METRIC_PACK_ENV = "EMLIB_PACK_METRICS"
@@ -245,12 +252,7 @@ def packs_metrics(model) -> bool:
     setting = metric_pack_setting()
     if setting == "off" or not fuses(model) or _plain_head(model) is None:
         return False
-    attn = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
-    if not attn or not all(_patchable_attention(m) for m in attn):
-        return False
-    if next(model.parameters()).device.type == "cuda":
-        return _varlen() is not None
-    return setting == "on"
+    return _packs(model, setting, _patchable_attention)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,
